@@ -1,0 +1,142 @@
+//! `region-sim`: a regional agent cluster in front of a simulated LLM
+//! provider, served over gRPC (`dispatch.v1.AgentCluster`), for tests, demos
+//! and benchmarks.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use dispatcher::config::{self, SimulateConfig};
+use dispatcher::core::{Accounting, ModelLimits};
+use dispatcher::sim::{self, SimSpec};
+use dispatcher::telemetry;
+
+/// Simulates one region. Either take a region from a dispatcher config
+/// (`--config` and `--region`), or describe it with `--region` and `--model`.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Address to serve on (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// The region's name.
+    #[arg(long)]
+    region: String,
+    /// A dispatcher.toml whose region of this name to simulate.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// NAME:TOKENS_PER_MINUTE:REQUESTS_PER_MINUTE[:admission|usage], repeatable.
+    #[arg(long = "model", value_parser = parse_model)]
+    models: Vec<(String, ModelLimits)>,
+    /// Burst of every model's token bucket (default: one minute's worth).
+    #[arg(long)]
+    burst_tokens: Option<u64>,
+    #[arg(long)]
+    ms_per_1k_tokens: Option<f64>,
+    #[arg(long)]
+    base_latency_ms: Option<f64>,
+    /// Fraction of requests that fail with UNAVAILABLE before running.
+    #[arg(long)]
+    failure_rate: Option<f64>,
+    #[arg(long)]
+    completion_min_fraction: Option<f64>,
+    /// Another consumer of the same provider account, tokens per minute.
+    #[arg(long)]
+    foreign_tokens_per_minute: Option<u64>,
+    /// Requests run at once; more wait in the cluster's queue.
+    #[arg(long)]
+    capacity: Option<u32>,
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+fn parse_model(s: &str) -> Result<(String, ModelLimits), String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    if !(3..=4).contains(&parts.len()) {
+        return Err(format!("{s:?}: expected NAME:TPM:RPM[:admission|usage]"));
+    }
+    let num = |p: &str, what: &str| -> Result<u64, String> {
+        p.parse::<u64>()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| format!("{s:?}: {what} must be a positive integer"))
+    };
+    let accounting = match parts.get(3) {
+        None | Some(&"admission") => Accounting::Admission,
+        Some(&"usage") => Accounting::Usage,
+        Some(other) => return Err(format!("{s:?}: unknown accounting {other:?}")),
+    };
+    Ok((
+        parts[0].to_string(),
+        ModelLimits {
+            tokens_per_minute: num(parts[1], "tokens per minute")?,
+            requests_per_minute: num(parts[2], "requests per minute")?,
+            burst_tokens: None,
+            burst_requests: None,
+            accounting,
+        },
+    ))
+}
+
+fn spec(args: &Args) -> anyhow::Result<SimSpec> {
+    let mut spec = match &args.config {
+        Some(path) => {
+            let config = config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let region = config
+                .region(&args.region)
+                .with_context(|| format!("{} has no region {:?}", path.display(), args.region))?;
+            SimSpec::from_region(region)
+        }
+        None => SimSpec {
+            region: args.region.clone(),
+            models: Vec::new(),
+            settings: SimulateConfig::default(),
+        },
+    };
+    if !args.models.is_empty() {
+        spec.models = args.models.clone();
+    }
+    if spec.models.is_empty() {
+        bail!("no models: give --model NAME:TPM:RPM or --config with the region");
+    }
+    for (_, limits) in &mut spec.models {
+        if args.burst_tokens.is_some() {
+            limits.burst_tokens = args.burst_tokens;
+        }
+    }
+    let s = &mut spec.settings;
+    s.ms_per_1k_tokens = args.ms_per_1k_tokens.unwrap_or(s.ms_per_1k_tokens);
+    s.base_latency_ms = args.base_latency_ms.unwrap_or(s.base_latency_ms);
+    s.failure_rate = args.failure_rate.unwrap_or(s.failure_rate);
+    s.completion_min_fraction = args.completion_min_fraction.unwrap_or(s.completion_min_fraction);
+    s.foreign_tokens_per_minute = args
+        .foreign_tokens_per_minute
+        .unwrap_or(s.foreign_tokens_per_minute);
+    s.capacity = args.capacity.unwrap_or(s.capacity);
+    s.seed = args.seed.unwrap_or(s.seed);
+    if !(0.0..=1.0).contains(&s.failure_rate) || !(0.0..=1.0).contains(&s.completion_min_fraction) {
+        bail!("--failure-rate and --completion-min-fraction must be within 0 and 1");
+    }
+    if s.capacity == 0 {
+        bail!("--capacity must be at least 1");
+    }
+    Ok(spec)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    telemetry::init();
+    let args = Args::parse();
+    let spec = spec(&args)?;
+    let region = spec.region.clone();
+    let handle = sim::spawn(spec, args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    println!("region-sim {region} listening on {}", handle.addr);
+    std::io::stdout().flush()?;
+    tokio::signal::ctrl_c().await?;
+    handle.stop().await;
+    Ok(())
+}

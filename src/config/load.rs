@@ -1,0 +1,136 @@
+//! Reading and parsing the files with the `config` crate (TOML, plus
+//! `DISPATCHER__SECTION__KEY` environment overrides for dispatcher.toml).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use config::{Environment, File, FileFormat};
+use serde::de::DeserializeOwned;
+
+use super::raw::{RawDispatcher, RawRegion};
+use super::validate::{validate_dispatcher, validate_region};
+use super::{Config, ConfigError, ConfigErrors, RegionConfig};
+use crate::core::ModelSpec;
+
+/// The prefix of environment overrides: `DISPATCHER__SERVER__LISTEN=...`.
+pub const ENV_PREFIX: &str = "DISPATCHER";
+
+/// Reads dispatcher.toml (with environment overrides) and every region file.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let text = read(path)?;
+    let mut config = parse_dispatcher(&text, path, None)?;
+    config.regions = load_regions(&config.server.regions_dir, &config.models)?;
+    Ok(config)
+}
+
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|e| ConfigError::new(path, "", format!("cannot read: {e}")))
+}
+
+/// Parses and validates dispatcher.toml. `env` replaces the process
+/// environment for overrides (tests); `None` reads the real one. The result
+/// has no regions yet.
+pub fn parse_dispatcher(
+    text: &str,
+    file: &Path,
+    env: Option<HashMap<String, String>>,
+) -> Result<Config, ConfigError> {
+    let environment = Environment::with_prefix(ENV_PREFIX)
+        .prefix_separator("__")
+        .separator("__")
+        .try_parsing(true)
+        .source(env);
+    let raw: RawDispatcher = deserialize(text, file, Some(environment))?;
+    validate_dispatcher(raw, file)
+}
+
+/// Parses and validates one region file against the declared models.
+pub fn parse_region(text: &str, file: &Path, models: &[ModelSpec]) -> Result<RegionConfig, ConfigError> {
+    let raw: RawRegion = deserialize(text, file, None)?;
+    validate_region(raw, file, models)
+}
+
+/// Every `*.toml` in `dir`, in name order; all problems reported together, and
+/// a region name used by two files is an error naming both.
+pub fn load_regions(dir: &Path, models: &[ModelSpec]) -> Result<Vec<RegionConfig>, ConfigErrors> {
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| ConfigError::new(dir, "", format!("cannot read the regions directory: {e}")))?;
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "toml") && p.is_file())
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(ConfigError::new(dir, "", "no region files (*.toml) in the regions directory").into());
+    }
+    let mut regions: Vec<RegionConfig> = Vec::new();
+    let mut errors = Vec::new();
+    for file in files {
+        match read(&file).and_then(|text| parse_region(&text, &file, models)) {
+            Ok(region) => {
+                if let Some(other) = regions.iter().find(|r| r.spec.name == region.spec.name) {
+                    errors.push(ConfigError::new(
+                        &file,
+                        "name",
+                        format!(
+                            "region {:?} is already defined in {}",
+                            region.spec.name,
+                            other.file.display()
+                        ),
+                    ));
+                } else {
+                    regions.push(region);
+                }
+            }
+            Err(e) => errors.push(e),
+        }
+    }
+    if errors.is_empty() {
+        Ok(regions)
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
+fn deserialize<T: DeserializeOwned>(
+    text: &str,
+    file: &Path,
+    env: Option<Environment>,
+) -> Result<T, ConfigError> {
+    let mut builder = config::Config::builder().add_source(File::from_str(text, FileFormat::Toml));
+    if let Some(env) = env {
+        builder = builder.add_source(env);
+    }
+    builder
+        .build()
+        .and_then(|c| c.try_deserialize())
+        .map_err(|e| from_config_error(file, e))
+}
+
+/// Pulls the key out of the `config` crate's error so the message reads
+/// "file: key: problem".
+fn from_config_error(file: &Path, e: config::ConfigError) -> ConfigError {
+    match e {
+        config::ConfigError::Type {
+            key,
+            unexpected,
+            expected,
+            ..
+        } => ConfigError::new(
+            file,
+            key.unwrap_or_default(),
+            format!("expected {expected}, found {unexpected}"),
+        ),
+        config::ConfigError::At { error, key, .. } => {
+            let mut inner = from_config_error(file, *error);
+            if inner.key.is_empty() {
+                inner.key = key.unwrap_or_default();
+            }
+            inner
+        }
+        config::ConfigError::FileParse { cause, .. } => {
+            ConfigError::new(file, "", format!("not valid TOML: {}", cause.to_string().trim()))
+        }
+        other => ConfigError::new(file, "", other.to_string()),
+    }
+}

@@ -1,0 +1,209 @@
+//! Configuration: `dispatcher.toml` (server, routing, models, request limits)
+//! plus one file per region in `regions/`. Read → parse(&str) → validate into
+//! the typed values below; every error names the file, the key and the problem.
+
+mod load;
+mod raw;
+mod validate;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::core::{ModelSpec, RegionSpec, RouterSpec, StrategyKind, StrategyParams};
+
+pub use load::{load, load_regions, parse_dispatcher, parse_region};
+
+/// A configuration problem, with where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    /// Dotted path of the offending key (`models[1].tokens_per_minute`);
+    /// empty when the problem is the file as a whole.
+    pub key: String,
+    pub problem: String,
+}
+
+impl ConfigError {
+    pub fn new(file: impl Into<PathBuf>, key: impl Into<String>, problem: impl Into<String>) -> Self {
+        Self {
+            file: file.into(),
+            key: key.into(),
+            problem: problem.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}: {}", self.file.display(), self.problem)
+        } else {
+            write!(f, "{}: {}: {}", self.file.display(), self.key, self.problem)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Several problems at once (every bad region file, not just the first).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl From<ConfigError> for ConfigErrors {
+    fn from(e: ConfigError) -> Self {
+        Self(vec![e])
+    }
+}
+
+/// The whole validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The dispatcher.toml it came from.
+    pub path: PathBuf,
+    pub server: ServerConfig,
+    pub routing: RoutingConfig,
+    pub limits: RequestLimits,
+    pub models: Vec<ModelSpec>,
+    pub regions: Vec<RegionConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    /// Resolved against the directory of dispatcher.toml.
+    pub regions_dir: PathBuf,
+    /// Regions tried per request, the first included.
+    pub max_attempts: u32,
+    /// Applies when the caller sets no deadline.
+    pub default_timeout: Duration,
+    /// How long in-flight work may take to finish on shutdown.
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoutingConfig {
+    pub strategy: StrategyKind,
+    pub params: StrategyParams,
+    pub seed: u64,
+    /// How long a request may wait for quota before RESOURCE_EXHAUSTED.
+    pub max_queue_wait: Duration,
+    /// How many requests may wait for quota at once.
+    pub max_queued: u32,
+}
+
+/// Bounds on what a client may send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestLimits {
+    pub max_payload_bytes: usize,
+    pub max_labels: usize,
+    pub max_label_bytes: usize,
+    pub max_request_id_bytes: usize,
+}
+
+impl Default for RequestLimits {
+    fn default() -> Self {
+        Self {
+            max_payload_bytes: 1 << 20,
+            max_labels: 32,
+            max_label_bytes: 256,
+            max_request_id_bytes: 128,
+        }
+    }
+}
+
+/// One region file, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RegionConfig {
+    pub file: PathBuf,
+    pub spec: RegionSpec,
+    /// The cluster's gRPC address; `None` with `simulate`: started in-process.
+    pub endpoint: Option<String>,
+    pub health: HealthConfig,
+    pub simulate: Option<SimulateConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HealthConfig {
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub unhealthy_threshold: u32,
+    pub healthy_threshold: u32,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(1),
+            unhealthy_threshold: 3,
+            healthy_threshold: 2,
+        }
+    }
+}
+
+/// `[simulate]`: how a simulated cluster behaves.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SimulateConfig {
+    pub ms_per_1k_tokens: f64,
+    pub base_latency_ms: f64,
+    pub failure_rate: f64,
+    /// Completion tokens are drawn uniformly from
+    /// [fraction × max_output_tokens, max_output_tokens].
+    pub completion_min_fraction: f64,
+    pub seed: u64,
+    /// Another consumer of the same provider account, in tokens a minute.
+    pub foreign_tokens_per_minute: u64,
+    /// Requests the cluster runs at once; more wait in its queue.
+    pub capacity: u32,
+}
+
+impl Default for SimulateConfig {
+    fn default() -> Self {
+        Self {
+            ms_per_1k_tokens: 50.0,
+            base_latency_ms: 2.0,
+            failure_rate: 0.0,
+            completion_min_fraction: 0.2,
+            seed: 1,
+            foreign_tokens_per_minute: 0,
+            capacity: 1024,
+        }
+    }
+}
+
+impl Config {
+    pub fn router_spec(&self) -> RouterSpec {
+        RouterSpec {
+            models: self.models.clone(),
+            regions: self.regions.iter().map(|r| r.spec.clone()).collect(),
+            strategy: self.routing.strategy,
+            params: self.routing.params,
+            seed: self.routing.seed,
+        }
+    }
+
+    pub fn region(&self, name: &str) -> Option<&RegionConfig> {
+        self.regions.iter().find(|r| r.spec.name == name)
+    }
+
+    /// The directory paths in this config are relative to.
+    pub fn base_dir(&self) -> &Path {
+        self.path.parent().unwrap_or(Path::new("."))
+    }
+}

@@ -1,0 +1,113 @@
+//! The files as written: serde types that accept what TOML can say and refuse
+//! unknown keys (a typo is an error, not a silently ignored setting).
+//! `validate` turns them into checked values.
+
+use serde::Deserialize;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDispatcher {
+    #[serde(default)]
+    pub server: RawServer,
+    #[serde(default)]
+    pub routing: RawRouting,
+    #[serde(default)]
+    pub limits: RawLimits,
+    #[serde(default)]
+    pub models: Vec<RawModel>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    pub listen: Option<String>,
+    pub regions_dir: Option<String>,
+    pub max_attempts: Option<u32>,
+    pub default_timeout: Option<String>,
+    pub shutdown_grace: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRouting {
+    pub strategy: Option<String>,
+    pub seed: Option<u64>,
+    pub max_queue_wait: Option<String>,
+    pub max_queued: Option<u32>,
+    #[serde(default)]
+    pub weighted_load: RawWeightedLoad,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWeightedLoad {
+    pub headroom_exponent: Option<f64>,
+    pub load_weight: Option<f64>,
+    pub latency_ref: Option<String>,
+    pub error_exponent: Option<f64>,
+    pub locality_bonus: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub max_payload_bytes: Option<u64>,
+    pub max_labels: Option<u32>,
+    pub max_label_bytes: Option<u32>,
+    pub max_request_id_bytes: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawModel {
+    pub name: String,
+    pub default_max_output_tokens: Option<u64>,
+    pub chars_per_token: Option<f64>,
+    pub max_request_tokens: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRegion {
+    pub name: Option<String>,
+    pub endpoint: Option<String>,
+    pub weight: Option<f64>,
+    pub max_concurrent: Option<u32>,
+    #[serde(default)]
+    pub models: Vec<RawRegionModel>,
+    #[serde(default)]
+    pub health: RawHealth,
+    pub simulate: Option<RawSimulate>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRegionModel {
+    pub name: String,
+    pub tokens_per_minute: u64,
+    pub requests_per_minute: u64,
+    pub burst_tokens: Option<u64>,
+    pub burst_requests: Option<u64>,
+    pub accounting: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealth {
+    pub interval: Option<String>,
+    pub timeout: Option<String>,
+    pub unhealthy_threshold: Option<u32>,
+    pub healthy_threshold: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSimulate {
+    pub ms_per_1k_tokens: Option<f64>,
+    pub base_latency_ms: Option<f64>,
+    pub failure_rate: Option<f64>,
+    pub completion_min_fraction: Option<f64>,
+    pub seed: Option<u64>,
+    pub foreign_tokens_per_minute: Option<u64>,
+    pub capacity: Option<u32>,
+}

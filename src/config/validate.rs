@@ -1,0 +1,445 @@
+//! Raw file contents → checked, typed values. Defaults are filled in here, in
+//! one place, and every refusal names its key.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use super::raw::{RawDispatcher, RawHealth, RawModel, RawRegion, RawRegionModel, RawSimulate};
+use super::{
+    Config, ConfigError, HealthConfig, RegionConfig, RequestLimits, RoutingConfig, ServerConfig,
+    SimulateConfig,
+};
+use crate::core::{
+    Accounting, ModelLimits, ModelSpec, RegionSpec, StrategyKind, StrategyParams, WeightedLoadParams,
+};
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+const MAX_NAME_LEN: usize = 64;
+
+struct Ctx<'a> {
+    file: &'a Path,
+}
+
+impl Ctx<'_> {
+    fn err(&self, key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+        ConfigError::new(self.file, key, problem)
+    }
+
+    fn duration(&self, key: &str, value: Option<&str>, default: Duration) -> Result<Duration, ConfigError> {
+        match value {
+            None => Ok(default),
+            Some(s) => humantime::parse_duration(s).map_err(|e| {
+                self.err(
+                    key,
+                    format!("{s:?} is not a duration like \"250ms\" or \"5s\": {e}"),
+                )
+            }),
+        }
+    }
+
+    fn number(
+        &self,
+        key: &str,
+        value: Option<f64>,
+        default: f64,
+        lo: f64,
+        hi: f64,
+    ) -> Result<f64, ConfigError> {
+        let v = value.unwrap_or(default);
+        if v.is_finite() && (lo..=hi).contains(&v) {
+            Ok(v)
+        } else {
+            Err(self.err(key, format!("{v} is out of range; expected {lo} to {hi}")))
+        }
+    }
+
+    fn at_least<T: PartialOrd + std::fmt::Display + Copy>(
+        &self,
+        key: &str,
+        value: Option<T>,
+        default: T,
+        min: T,
+    ) -> Result<T, ConfigError> {
+        let v = value.unwrap_or(default);
+        if v >= min {
+            Ok(v)
+        } else {
+            Err(self.err(key, format!("must be at least {min}, got {v}")))
+        }
+    }
+
+    fn name(&self, key: &str, name: &str) -> Result<(), ConfigError> {
+        let ok = !name.is_empty()
+            && name.len() <= MAX_NAME_LEN
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if ok {
+            Ok(())
+        } else {
+            Err(self.err(
+                key,
+                format!("{name:?} is not a valid name (1 to {MAX_NAME_LEN} of a-z, A-Z, 0-9, '-', '_', '.')"),
+            ))
+        }
+    }
+}
+
+pub fn validate_dispatcher(raw: RawDispatcher, file: &Path) -> Result<Config, ConfigError> {
+    let c = Ctx { file };
+    let s = raw.server;
+    let listen_text = s.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
+    let listen: SocketAddr = listen_text.parse().map_err(|_| {
+        c.err(
+            "server.listen",
+            format!("{listen_text:?} is not an address like \"127.0.0.1:50051\""),
+        )
+    })?;
+    let base = file.parent().unwrap_or(Path::new("."));
+    let regions_dir = base.join(s.regions_dir.as_deref().unwrap_or("regions"));
+    let server = ServerConfig {
+        listen,
+        regions_dir,
+        max_attempts: c.at_least("server.max_attempts", s.max_attempts, 3, 1)?,
+        default_timeout: c.duration(
+            "server.default_timeout",
+            s.default_timeout.as_deref(),
+            Duration::from_secs(60),
+        )?,
+        shutdown_grace: c.duration(
+            "server.shutdown_grace",
+            s.shutdown_grace.as_deref(),
+            Duration::from_secs(30),
+        )?,
+    };
+    if server.default_timeout.is_zero() {
+        return Err(c.err("server.default_timeout", "must be above zero"));
+    }
+
+    let r = raw.routing;
+    let strategy = match r.strategy.as_deref() {
+        None => StrategyKind::default(),
+        Some(s) => s.parse().map_err(|e: String| c.err("routing.strategy", e))?,
+    };
+    let w = r.weighted_load;
+    let defaults = WeightedLoadParams::default();
+    let latency_ref = c.duration(
+        "routing.weighted_load.latency_ref",
+        w.latency_ref.as_deref(),
+        Duration::from_secs_f64(defaults.latency_ref_ms / 1000.0),
+    )?;
+    if latency_ref.is_zero() {
+        return Err(c.err("routing.weighted_load.latency_ref", "must be above zero"));
+    }
+    let params = StrategyParams {
+        weighted_load: WeightedLoadParams {
+            headroom_exponent: c.number(
+                "routing.weighted_load.headroom_exponent",
+                w.headroom_exponent,
+                defaults.headroom_exponent,
+                0.0,
+                10.0,
+            )?,
+            load_weight: c.number(
+                "routing.weighted_load.load_weight",
+                w.load_weight,
+                defaults.load_weight,
+                0.0,
+                1.0,
+            )?,
+            latency_ref_ms: latency_ref.as_secs_f64() * 1000.0,
+            error_exponent: c.number(
+                "routing.weighted_load.error_exponent",
+                w.error_exponent,
+                defaults.error_exponent,
+                0.0,
+                10.0,
+            )?,
+            locality_bonus: c.number(
+                "routing.weighted_load.locality_bonus",
+                w.locality_bonus,
+                defaults.locality_bonus,
+                0.0,
+                10.0,
+            )?,
+        },
+    };
+    let routing = RoutingConfig {
+        strategy,
+        params,
+        seed: r.seed.unwrap_or(0),
+        max_queue_wait: c.duration(
+            "routing.max_queue_wait",
+            r.max_queue_wait.as_deref(),
+            Duration::from_secs(5),
+        )?,
+        max_queued: c.at_least("routing.max_queued", r.max_queued, 10_000, 1)?,
+    };
+
+    let l = raw.limits;
+    let d = RequestLimits::default();
+    let limits = RequestLimits {
+        max_payload_bytes: c.at_least(
+            "limits.max_payload_bytes",
+            l.max_payload_bytes,
+            d.max_payload_bytes as u64,
+            1,
+        )? as usize,
+        max_labels: c.at_least("limits.max_labels", l.max_labels, d.max_labels as u32, 0)? as usize,
+        max_label_bytes: c.at_least(
+            "limits.max_label_bytes",
+            l.max_label_bytes,
+            d.max_label_bytes as u32,
+            1,
+        )? as usize,
+        max_request_id_bytes: c.at_least(
+            "limits.max_request_id_bytes",
+            l.max_request_id_bytes,
+            d.max_request_id_bytes as u32,
+            1,
+        )? as usize,
+    };
+    if limits.max_payload_bytes > MAX_PAYLOAD_LIMIT {
+        return Err(c.err(
+            "limits.max_payload_bytes",
+            format!(
+                "{} is above the hard ceiling of {MAX_PAYLOAD_LIMIT} bytes",
+                limits.max_payload_bytes
+            ),
+        ));
+    }
+
+    if raw.models.is_empty() {
+        return Err(c.err("models", "declare at least one model ([[models]] with a name)"));
+    }
+    let mut models: Vec<ModelSpec> = Vec::new();
+    for (i, m) in raw.models.into_iter().enumerate() {
+        let model = validate_model(&c, i, m)?;
+        if models.iter().any(|x| x.name == model.name) {
+            return Err(c.err(
+                format!("models[{i}].name"),
+                format!("model {:?} is declared twice", model.name),
+            ));
+        }
+        models.push(model);
+    }
+    Ok(Config {
+        path: file.to_path_buf(),
+        server,
+        routing,
+        limits,
+        models,
+        regions: Vec::new(),
+    })
+}
+
+/// gRPC messages above this are refused by the transport before they reach us.
+pub const MAX_PAYLOAD_LIMIT: usize = 64 << 20;
+
+fn validate_model(c: &Ctx<'_>, i: usize, m: RawModel) -> Result<ModelSpec, ConfigError> {
+    let key = |k: &str| format!("models[{i}].{k}");
+    c.name(&key("name"), &m.name)?;
+    let default_max_output_tokens = c.at_least(
+        &key("default_max_output_tokens"),
+        m.default_max_output_tokens,
+        1024,
+        1,
+    )?;
+    let max_request_tokens = c.at_least(&key("max_request_tokens"), m.max_request_tokens, 200_000, 2)?;
+    if default_max_output_tokens >= max_request_tokens {
+        return Err(c.err(
+            key("default_max_output_tokens"),
+            format!("{default_max_output_tokens} leaves no room for a prompt within max_request_tokens ({max_request_tokens})"),
+        ));
+    }
+    Ok(ModelSpec {
+        chars_per_token: c.number(&key("chars_per_token"), m.chars_per_token, 4.0, 0.01, 1000.0)?,
+        name: m.name,
+        default_max_output_tokens,
+        max_request_tokens,
+    })
+}
+
+pub fn validate_region(
+    raw: RawRegion,
+    file: &Path,
+    models: &[ModelSpec],
+) -> Result<RegionConfig, ConfigError> {
+    let c = Ctx { file };
+    let stem = file.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
+    let name = raw.name.unwrap_or_else(|| stem.to_string());
+    c.name("name", &name)?;
+    let weight = c.number("weight", raw.weight, 1.0, 0.0, 1e6)?;
+    if weight <= 0.0 {
+        return Err(c.err(
+            "weight",
+            "must be above zero (drain a region to stop sending it work)",
+        ));
+    }
+    let max_concurrent = c.at_least("max_concurrent", raw.max_concurrent, 256, 1)?;
+    if raw.models.is_empty() {
+        return Err(c.err("models", "a region must serve at least one model ([[models]])"));
+    }
+    let mut limits: Vec<(String, ModelLimits)> = Vec::new();
+    for (i, m) in raw.models.into_iter().enumerate() {
+        let (model, l) = validate_region_model(&c, i, m, models)?;
+        if limits.iter().any(|(n, _)| *n == model) {
+            return Err(c.err(
+                format!("models[{i}].name"),
+                format!("model {model:?} is listed twice"),
+            ));
+        }
+        limits.push((model, l));
+    }
+    let endpoint = match raw.endpoint {
+        None => None,
+        Some(e) => Some(validate_endpoint(&c, e)?),
+    };
+    let simulate = raw.simulate.map(|s| validate_simulate(&c, s)).transpose()?;
+    if endpoint.is_none() && simulate.is_none() {
+        return Err(c.err(
+            "endpoint",
+            "missing: give the cluster's address (\"http://host:port\") or a [simulate] table",
+        ));
+    }
+    Ok(RegionConfig {
+        file: file.to_path_buf(),
+        spec: RegionSpec {
+            name,
+            weight,
+            max_concurrent,
+            models: limits,
+        },
+        endpoint,
+        health: validate_health(&c, raw.health)?,
+        simulate,
+    })
+}
+
+fn validate_region_model(
+    c: &Ctx<'_>,
+    i: usize,
+    m: RawRegionModel,
+    models: &[ModelSpec],
+) -> Result<(String, ModelLimits), ConfigError> {
+    let key = |k: &str| format!("models[{i}].{k}");
+    if !models.iter().any(|x| x.name == m.name) {
+        let known: Vec<_> = models.iter().map(|x| x.name.as_str()).collect();
+        return Err(c.err(
+            key("name"),
+            format!(
+                "unknown model {:?}; dispatcher.toml declares {}",
+                m.name,
+                known.join(", ")
+            ),
+        ));
+    }
+    let accounting = match m.accounting.as_deref() {
+        None | Some("admission") => Accounting::Admission,
+        Some("usage") => Accounting::Usage,
+        Some(other) => {
+            return Err(c.err(
+                key("accounting"),
+                format!("{other:?} is not an accounting mode; expected \"admission\" or \"usage\""),
+            ));
+        }
+    };
+    let positive = |k: &str, v: Option<u64>| -> Result<Option<u64>, ConfigError> {
+        match v {
+            Some(0) => Err(c.err(key(k), "must be at least 1")),
+            other => Ok(other),
+        }
+    };
+    let limits = ModelLimits {
+        tokens_per_minute: positive("tokens_per_minute", Some(m.tokens_per_minute))?.unwrap_or(1),
+        requests_per_minute: positive("requests_per_minute", Some(m.requests_per_minute))?.unwrap_or(1),
+        burst_tokens: positive("burst_tokens", m.burst_tokens)?,
+        burst_requests: positive("burst_requests", m.burst_requests)?,
+        accounting,
+    };
+    const MAX_RATE: u64 = 1 << 40;
+    if limits.tokens_per_minute > MAX_RATE || limits.burst_tokens.unwrap_or(0) > MAX_RATE {
+        return Err(c.err(
+            key("tokens_per_minute"),
+            format!("above the supported maximum of {MAX_RATE}"),
+        ));
+    }
+    if limits.requests_per_minute > MAX_RATE || limits.burst_requests.unwrap_or(0) > MAX_RATE {
+        return Err(c.err(
+            key("requests_per_minute"),
+            format!("above the supported maximum of {MAX_RATE}"),
+        ));
+    }
+    Ok((m.name, limits))
+}
+
+fn validate_endpoint(c: &Ctx<'_>, e: String) -> Result<String, ConfigError> {
+    let bad = |why: &str| c.err("endpoint", format!("{e:?} {why}; expected \"http://host:port\""));
+    let uri: tonic::transport::Uri = e.parse().map_err(|_| bad("is not a URI"))?;
+    if !matches!(uri.scheme_str(), Some("http") | Some("https")) {
+        return Err(bad("has no http or https scheme"));
+    }
+    if uri.host().is_none() {
+        return Err(bad("has no host"));
+    }
+    Ok(e)
+}
+
+fn validate_health(c: &Ctx<'_>, h: RawHealth) -> Result<HealthConfig, ConfigError> {
+    let d = HealthConfig::default();
+    let health = HealthConfig {
+        interval: c.duration("health.interval", h.interval.as_deref(), d.interval)?,
+        timeout: c.duration("health.timeout", h.timeout.as_deref(), d.timeout)?,
+        unhealthy_threshold: c.at_least(
+            "health.unhealthy_threshold",
+            h.unhealthy_threshold,
+            d.unhealthy_threshold,
+            1,
+        )?,
+        healthy_threshold: c.at_least(
+            "health.healthy_threshold",
+            h.healthy_threshold,
+            d.healthy_threshold,
+            1,
+        )?,
+    };
+    if health.interval < Duration::from_millis(50) {
+        return Err(c.err("health.interval", "must be at least 50ms"));
+    }
+    if health.timeout.is_zero() {
+        return Err(c.err("health.timeout", "must be above zero"));
+    }
+    Ok(health)
+}
+
+fn validate_simulate(c: &Ctx<'_>, s: RawSimulate) -> Result<SimulateConfig, ConfigError> {
+    let d = SimulateConfig::default();
+    Ok(SimulateConfig {
+        ms_per_1k_tokens: c.number(
+            "simulate.ms_per_1k_tokens",
+            s.ms_per_1k_tokens,
+            d.ms_per_1k_tokens,
+            0.0,
+            600_000.0,
+        )?,
+        base_latency_ms: c.number(
+            "simulate.base_latency_ms",
+            s.base_latency_ms,
+            d.base_latency_ms,
+            0.0,
+            600_000.0,
+        )?,
+        failure_rate: c.number("simulate.failure_rate", s.failure_rate, d.failure_rate, 0.0, 1.0)?,
+        completion_min_fraction: c.number(
+            "simulate.completion_min_fraction",
+            s.completion_min_fraction,
+            d.completion_min_fraction,
+            0.0,
+            1.0,
+        )?,
+        seed: s.seed.unwrap_or(d.seed),
+        foreign_tokens_per_minute: s.foreign_tokens_per_minute.unwrap_or(0),
+        capacity: c.at_least("simulate.capacity", s.capacity, d.capacity, 1)?,
+    })
+}

@@ -1,0 +1,23 @@
+//! The pure core: quota buckets, load state, strategies and the routing
+//! decision. No I/O, no async runtime, no clock: time and randomness come in
+//! as arguments, so every behaviour here is deterministic and testable on a
+//! virtual clock.
+
+pub mod load;
+pub mod model;
+pub mod model_quota;
+pub mod quota;
+pub mod region;
+pub mod router;
+pub mod strategy;
+
+pub use load::{LoadState, Outcome, ReportedLoad};
+pub use model::{ModelSpec, TokenEstimate};
+pub use model_quota::{Accounting, HintOutcome, Hold, ModelLimits, ModelQuota, ProviderHint, Settlement};
+pub use quota::{QuotaBucket, QuotaError, Shortfall};
+pub use region::{Exclusion, RegionSpec, RegionState};
+pub use router::{
+    CandidateReport, Completion, Reservation, RouteError, RoutePreview, RouteRequest, Router, RouterSpec,
+    Settled,
+};
+pub use strategy::{StrategyKind, StrategyParams, WeightedLoadParams};

@@ -1,0 +1,551 @@
+//! The quota of one (region, model): a token bucket and a request bucket that
+//! count the way the provider behind the region counts, plus what the provider
+//! last told us.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use super::quota::{QuotaBucket, QuotaError, Shortfall};
+
+/// How the provider behind a region charges its token limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Accounting {
+    /// Charged at admission from the request (prompt estimate + max output
+    /// tokens), never given back (OpenAI, Azure OpenAI).
+    #[default]
+    Admission,
+    /// Adjusted to the real usage when the request completes.
+    Usage,
+}
+
+impl Accounting {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Accounting::Admission => "admission",
+            Accounting::Usage => "usage",
+        }
+    }
+}
+
+/// Configured limits of one (region, model).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelLimits {
+    pub tokens_per_minute: u64,
+    pub requests_per_minute: u64,
+    pub burst_tokens: Option<u64>,
+    pub burst_requests: Option<u64>,
+    pub accounting: Accounting,
+}
+
+/// What the provider's rate-limit headers said, as the cluster relayed them.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct ProviderHint {
+    pub remaining_tokens: i64,
+    pub remaining_requests: i64,
+    pub reset_tokens: Duration,
+    pub reset_requests: Duration,
+}
+
+/// What became of a hint.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HintOutcome {
+    /// The hint was plausible; `lowered` says whether it cut our level.
+    Applied { lowered: bool },
+    /// The hint cannot be true (negative, above the configured limit) and was
+    /// not used. `first` is true the first time this bucket saw an absurd hint,
+    /// so the edge can log once.
+    Ignored { reason: String, first: bool },
+}
+
+/// How a forwarded request ended, for settlement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settlement {
+    /// The cluster never ran it (connection refused, refused at the door):
+    /// everything goes back.
+    NotRun,
+    /// It ran and the provider counted this usage.
+    Used { prompt: u64, completion: u64 },
+    /// It may have run and nobody said how much it used: keep the reservation.
+    Unknown,
+}
+
+/// Why a (region, model) cannot take a request now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaShortfall {
+    /// The provider refused recently and said when it resets.
+    ProviderExhausted {
+        until: Duration,
+    },
+    Tokens {
+        need: u64,
+        have: i64,
+        wait: Duration,
+    },
+    Requests {
+        wait: Duration,
+    },
+    /// The request is larger than the token bucket can ever hold.
+    TooLarge {
+        need: u64,
+        capacity: u64,
+    },
+}
+
+impl QuotaShortfall {
+    /// When the request could fit, if ever.
+    pub fn wait(&self) -> Option<Duration> {
+        match *self {
+            QuotaShortfall::ProviderExhausted { until } => Some(until),
+            QuotaShortfall::Tokens { wait, .. } | QuotaShortfall::Requests { wait } => Some(wait),
+            QuotaShortfall::TooLarge { .. } => None,
+        }
+    }
+}
+
+impl std::fmt::Display for QuotaShortfall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            QuotaShortfall::ProviderExhausted { until } => write!(
+                f,
+                "provider refused (rate limited); resets in {}",
+                fmt_duration(*until)
+            ),
+            QuotaShortfall::Tokens { need, have, wait } => write!(
+                f,
+                "token quota: needs {need}, {have} left; fits in {}",
+                fmt_duration(*wait)
+            ),
+            QuotaShortfall::Requests { wait } => write!(
+                f,
+                "request quota exhausted; next request fits in {}",
+                fmt_duration(*wait)
+            ),
+            QuotaShortfall::TooLarge { need, capacity } => {
+                write!(f, "needs {need} tokens, more than the bucket holds ({capacity})")
+            }
+        }
+    }
+}
+
+/// Milliseconds with one decimal: "12.5ms".
+pub fn fmt_duration(d: Duration) -> String {
+    format!("{:.1}ms", d.as_secs_f64() * 1000.0)
+}
+
+/// A ticket for tokens taken from one (region, model); settled exactly once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hold {
+    pub tokens: u64,
+    /// Orders reservations, so a provider hint can tell which of ours it may
+    /// not have seen yet.
+    pub seq: u64,
+}
+
+/// The last hint and when it arrived, for operators.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LastHint {
+    pub hint: ProviderHint,
+    pub at: Instant,
+}
+
+#[derive(Debug, Clone)]
+pub struct ModelQuota {
+    limits: ModelLimits,
+    tokens: QuotaBucket,
+    requests: QuotaBucket,
+    /// Reservations not yet settled, by sequence number → tokens.
+    in_flight: BTreeMap<u64, u64>,
+    in_flight_tokens: u64,
+    next_seq: u64,
+    blocked_until: Option<Instant>,
+    last_hint: Option<LastHint>,
+    warned_absurd: bool,
+}
+
+impl ModelQuota {
+    pub fn try_new(limits: ModelLimits, now: Instant) -> Result<Self, QuotaError> {
+        Ok(Self {
+            tokens: QuotaBucket::try_new(limits.tokens_per_minute, limits.burst_tokens, now)?,
+            requests: QuotaBucket::try_new(limits.requests_per_minute, limits.burst_requests, now)?,
+            limits,
+            in_flight: BTreeMap::new(),
+            in_flight_tokens: 0,
+            next_seq: 0,
+            blocked_until: None,
+            last_hint: None,
+            warned_absurd: false,
+        })
+    }
+
+    pub fn limits(&self) -> &ModelLimits {
+        &self.limits
+    }
+
+    pub fn tokens(&self) -> &QuotaBucket {
+        &self.tokens
+    }
+
+    pub fn requests(&self) -> &QuotaBucket {
+        &self.requests
+    }
+
+    pub fn in_flight_tokens(&self) -> u64 {
+        self.in_flight_tokens
+    }
+
+    pub fn in_flight_requests(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    pub fn last_hint(&self) -> Option<LastHint> {
+        self.last_hint
+    }
+
+    pub fn blocked_for(&self, now: Instant) -> Option<Duration> {
+        self.blocked_until
+            .filter(|until| *until > now)
+            .map(|until| until - now)
+    }
+
+    /// Can `tokens` (and one request) be taken now? Changes nothing.
+    pub fn check(&self, tokens: u64, now: Instant) -> Result<(), QuotaShortfall> {
+        if let Some(until) = self.blocked_for(now) {
+            return Err(QuotaShortfall::ProviderExhausted { until });
+        }
+        match self.tokens.time_until(tokens, now) {
+            Ok(Duration::ZERO) => {}
+            Ok(wait) | Err(Shortfall::Wait(wait)) => {
+                return Err(QuotaShortfall::Tokens {
+                    need: tokens,
+                    have: self.tokens.available(now),
+                    wait,
+                });
+            }
+            Err(Shortfall::TooLarge { capacity }) => {
+                return Err(QuotaShortfall::TooLarge {
+                    need: tokens,
+                    capacity,
+                });
+            }
+        }
+        match self.requests.time_until(1, now) {
+            Ok(Duration::ZERO) => Ok(()),
+            Ok(wait) | Err(Shortfall::Wait(wait)) => Err(QuotaShortfall::Requests { wait }),
+            // A request bucket holds at least one request (burst ≥ 1).
+            Err(Shortfall::TooLarge { .. }) => Err(QuotaShortfall::Requests { wait: Duration::MAX }),
+        }
+    }
+
+    /// Takes `tokens` and one request, both or neither.
+    pub fn reserve(&mut self, tokens: u64, now: Instant) -> Result<Hold, QuotaShortfall> {
+        self.check(tokens, now)?;
+        self.blocked_until = None;
+        // Both fit (checked above at the same `now`), so neither take fails.
+        let took_tokens = self.tokens.try_take(tokens, now).is_ok();
+        let took_request = self.requests.try_take(1, now).is_ok();
+        debug_assert!(took_tokens && took_request);
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.in_flight.insert(seq, tokens);
+        self.in_flight_tokens += tokens;
+        Ok(Hold { tokens, seq })
+    }
+
+    /// Settles a reservation the way the provider counts. Returns the tokens
+    /// finally charged for it. A hold this quota does not know (settled twice,
+    /// or reserved before a reload replaced the quota) changes nothing.
+    pub fn settle(&mut self, hold: Hold, outcome: Settlement, now: Instant) -> u64 {
+        if self.in_flight.remove(&hold.seq).is_none() {
+            return 0;
+        }
+        self.in_flight_tokens -= hold.tokens;
+        match outcome {
+            Settlement::NotRun => {
+                self.tokens.refund(hold.tokens, now);
+                self.requests.refund(1, now);
+                0
+            }
+            Settlement::Unknown => hold.tokens,
+            Settlement::Used { prompt, completion } => match self.limits.accounting {
+                Accounting::Admission => hold.tokens,
+                Accounting::Usage => {
+                    let used = prompt.saturating_add(completion);
+                    if used < hold.tokens {
+                        self.tokens.refund(hold.tokens - used, now);
+                    } else {
+                        self.tokens.charge(used - hold.tokens, now);
+                    }
+                    used
+                }
+            },
+        }
+    }
+
+    /// Takes the provider's word for how much is left, when it knows of less
+    /// than we do. Our own reservations made after `hold` and still in flight
+    /// may not have reached the provider yet, so they are counted against its
+    /// figure; earlier ones it has already admitted.
+    pub fn apply_hint(&mut self, hint: ProviderHint, after: Option<Hold>, now: Instant) -> HintOutcome {
+        if let Some(reason) = self.absurd(&hint) {
+            let first = !self.warned_absurd;
+            self.warned_absurd = true;
+            return HintOutcome::Ignored { reason, first };
+        }
+        self.last_hint = Some(LastHint { hint, at: now });
+        let (tokens_after, requests_after) = match after {
+            Some(h) => self
+                .in_flight
+                .range(h.seq + 1..)
+                .fold((0u64, 0i64), |(t, r), (_, tok)| (t + tok, r + 1)),
+            None => (self.in_flight_tokens, self.in_flight.len() as i64),
+        };
+        let lowered_tokens = self
+            .tokens
+            .lower_to(hint.remaining_tokens - tokens_after as i64, now);
+        let lowered_requests = self
+            .requests
+            .lower_to(hint.remaining_requests - requests_after, now);
+        HintOutcome::Applied {
+            lowered: lowered_tokens || lowered_requests,
+        }
+    }
+
+    fn absurd(&self, hint: &ProviderHint) -> Option<String> {
+        if hint.remaining_tokens < 0 || hint.remaining_requests < 0 {
+            return Some(format!(
+                "negative remaining (tokens {}, requests {})",
+                hint.remaining_tokens, hint.remaining_requests
+            ));
+        }
+        if hint.remaining_tokens as u64 > self.tokens.capacity() {
+            return Some(format!(
+                "remaining tokens {} above the configured limit {}",
+                hint.remaining_tokens,
+                self.tokens.capacity()
+            ));
+        }
+        if hint.remaining_requests as u64 > self.requests.capacity() {
+            return Some(format!(
+                "remaining requests {} above the configured limit {}",
+                hint.remaining_requests,
+                self.requests.capacity()
+            ));
+        }
+        None
+    }
+
+    /// The provider refused: nothing more goes here until `reset` has passed,
+    /// and the bucket is not full again before then.
+    pub fn mark_exhausted(&mut self, reset: Duration, now: Instant) {
+        self.blocked_until = Some(now + reset);
+        self.tokens.empty_for(reset, now);
+    }
+
+    /// Applies new limits live, keeping each bucket's fill fraction.
+    pub fn set_limits(&mut self, limits: ModelLimits, now: Instant) -> Result<(), QuotaError> {
+        let mut tokens = self.tokens.clone();
+        let mut requests = self.requests.clone();
+        tokens.set_limit(limits.tokens_per_minute, limits.burst_tokens, now)?;
+        requests.set_limit(limits.requests_per_minute, limits.burst_requests, now)?;
+        self.tokens = tokens;
+        self.requests = requests;
+        self.limits = limits;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(accounting: Accounting) -> ModelLimits {
+        ModelLimits {
+            tokens_per_minute: 6_000,
+            requests_per_minute: 60,
+            burst_tokens: None,
+            burst_requests: None,
+            accounting,
+        }
+    }
+
+    #[test]
+    fn usage_accounting_refunds_and_charges_the_difference() {
+        let t0 = Instant::now();
+        let mut q = ModelQuota::try_new(limits(Accounting::Usage), t0).unwrap();
+        let h = q.reserve(1000, t0).unwrap();
+        assert_eq!(q.tokens().available(t0), 5000);
+        let charged = q.settle(
+            h,
+            Settlement::Used {
+                prompt: 100,
+                completion: 300,
+            },
+            t0,
+        );
+        assert_eq!(charged, 400);
+        assert_eq!(q.tokens().available(t0), 5600);
+        let h = q.reserve(100, t0).unwrap();
+        q.settle(
+            h,
+            Settlement::Used {
+                prompt: 100,
+                completion: 400,
+            },
+            t0,
+        );
+        assert_eq!(q.tokens().available(t0), 5100, "overrun charged");
+    }
+
+    #[test]
+    fn admission_accounting_keeps_the_reservation() {
+        let t0 = Instant::now();
+        let mut q = ModelQuota::try_new(limits(Accounting::Admission), t0).unwrap();
+        let h = q.reserve(1000, t0).unwrap();
+        let charged = q.settle(
+            h,
+            Settlement::Used {
+                prompt: 10,
+                completion: 10,
+            },
+            t0,
+        );
+        assert_eq!(charged, 1000);
+        assert_eq!(q.tokens().available(t0), 5000);
+    }
+
+    #[test]
+    fn not_run_refunds_everything_and_settles_once() {
+        let t0 = Instant::now();
+        let mut q = ModelQuota::try_new(limits(Accounting::Admission), t0).unwrap();
+        let h = q.reserve(1000, t0).unwrap();
+        assert_eq!(q.requests().available(t0), 59);
+        q.settle(h, Settlement::NotRun, t0);
+        assert_eq!(q.tokens().available(t0), 6000);
+        assert_eq!(q.requests().available(t0), 60);
+        q.settle(h, Settlement::NotRun, t0);
+        assert_eq!(q.tokens().available(t0), 6000, "a second settle is a no-op");
+        assert_eq!(q.in_flight_tokens(), 0);
+    }
+
+    #[test]
+    fn reserve_is_all_or_nothing() {
+        let t0 = Instant::now();
+        let mut q = ModelQuota::try_new(
+            ModelLimits {
+                requests_per_minute: 1,
+                ..limits(Accounting::Usage)
+            },
+            t0,
+        )
+        .unwrap();
+        q.reserve(10, t0).unwrap();
+        let err = q.reserve(10, t0).unwrap_err();
+        assert!(matches!(err, QuotaShortfall::Requests { .. }), "{err:?}");
+        assert_eq!(
+            q.tokens().available(t0),
+            5990,
+            "no tokens taken on a refused reserve"
+        );
+        assert!(matches!(
+            q.check(7000, t0),
+            Err(QuotaShortfall::TooLarge {
+                need: 7000,
+                capacity: 6000
+            })
+        ));
+    }
+
+    #[test]
+    fn hint_counts_later_reservations_still_in_flight() {
+        let t0 = Instant::now();
+        let mut q = ModelQuota::try_new(limits(Accounting::Usage), t0).unwrap();
+        let first = q.reserve(1000, t0).unwrap();
+        let _second = q.reserve(500, t0).unwrap();
+        q.settle(
+            first,
+            Settlement::Used {
+                prompt: 500,
+                completion: 500,
+            },
+            t0,
+        );
+        // We think 4500 are left. The provider (shared with someone else) says
+        // 3000, and has not seen `second` yet.
+        let out = q.apply_hint(
+            ProviderHint {
+                remaining_tokens: 3000,
+                remaining_requests: 50,
+                ..Default::default()
+            },
+            Some(first),
+            t0,
+        );
+        assert_eq!(out, HintOutcome::Applied { lowered: true });
+        assert_eq!(q.tokens().available(t0), 2500);
+        // A provider that knows of more than we do changes nothing.
+        let out = q.apply_hint(
+            ProviderHint {
+                remaining_tokens: 6000,
+                remaining_requests: 60,
+                ..Default::default()
+            },
+            None,
+            t0,
+        );
+        assert_eq!(out, HintOutcome::Applied { lowered: false });
+        assert_eq!(q.tokens().available(t0), 2500);
+    }
+
+    #[test]
+    fn absurd_hints_are_ignored_and_reported_once() {
+        let t0 = Instant::now();
+        let mut q = ModelQuota::try_new(limits(Accounting::Usage), t0).unwrap();
+        let neg = ProviderHint {
+            remaining_tokens: -5,
+            ..Default::default()
+        };
+        let big = ProviderHint {
+            remaining_tokens: 1_000_000,
+            ..Default::default()
+        };
+        assert!(matches!(
+            q.apply_hint(neg, None, t0),
+            HintOutcome::Ignored { first: true, .. }
+        ));
+        assert!(matches!(
+            q.apply_hint(big, None, t0),
+            HintOutcome::Ignored { first: false, .. }
+        ));
+        assert_eq!(q.tokens().available(t0), 6000);
+        assert!(q.last_hint().is_none());
+    }
+
+    #[test]
+    fn provider_refusal_blocks_until_reset() {
+        let t0 = Instant::now();
+        let mut q = ModelQuota::try_new(limits(Accounting::Usage), t0).unwrap();
+        q.mark_exhausted(Duration::from_secs(2), t0);
+        assert!(matches!(
+            q.check(1, t0 + Duration::from_secs(1)),
+            Err(QuotaShortfall::ProviderExhausted { .. })
+        ));
+        // After the reset the bucket has refilled for 2 s at 100 tokens/s.
+        assert!(q.check(150, t0 + Duration::from_secs(2)).is_ok());
+    }
+
+    #[test]
+    fn limit_change_keeps_fill_fraction_of_both_buckets() {
+        let t0 = Instant::now();
+        let mut q = ModelQuota::try_new(limits(Accounting::Usage), t0).unwrap();
+        q.reserve(3000, t0).unwrap();
+        q.set_limits(
+            ModelLimits {
+                tokens_per_minute: 2000,
+                ..limits(Accounting::Usage)
+            },
+            t0,
+        )
+        .unwrap();
+        assert_eq!(q.tokens().available(t0), 1000);
+    }
+}

@@ -1,0 +1,351 @@
+//! A token bucket that can reserve, refund, charge and be told by the provider
+//! that it is emptier than it looks.
+//!
+//! `governor` cannot give tokens back or change a limit live, and an LLM quota
+//! needs both, so this small type is our own. The level is kept in exact integer
+//! units (a token is `NANOS_PER_MINUTE` units and a nanosecond of refill adds
+//! `per_minute` units), so no sequence of operations drifts by rounding: the
+//! envelope "capacity + rate × t" holds to the unit.
+
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+const NANOS_PER_MINUTE: i128 = 60_000_000_000;
+
+/// Rejected bucket parameters.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum QuotaError {
+    #[error("the per-minute limit must be at least 1")]
+    ZeroRate,
+    #[error("the burst must be at least 1")]
+    ZeroBurst,
+}
+
+/// Why `n` tokens cannot be taken now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shortfall {
+    /// They will fit after this long, if nothing else is taken meanwhile.
+    Wait(Duration),
+    /// They never fit: `n` is larger than the bucket's capacity.
+    TooLarge { capacity: u64 },
+}
+
+/// A continuously refilled bucket: `per_minute` tokens a minute, holding at most
+/// `capacity` (the burst). The level may go below zero after an over-charge;
+/// reservations then wait until it has recovered.
+#[derive(Debug, Clone)]
+pub struct QuotaBucket {
+    per_minute: u64,
+    capacity: u64,
+    /// Tokens × `NANOS_PER_MINUTE`.
+    level: i128,
+    updated: Instant,
+}
+
+impl QuotaBucket {
+    /// A full bucket. `burst` defaults to one minute's worth.
+    pub fn try_new(per_minute: u64, burst: Option<u64>, now: Instant) -> Result<Self, QuotaError> {
+        let capacity = Self::check(per_minute, burst)?;
+        Ok(Self {
+            per_minute,
+            capacity,
+            level: capacity as i128 * NANOS_PER_MINUTE,
+            updated: now,
+        })
+    }
+
+    fn check(per_minute: u64, burst: Option<u64>) -> Result<u64, QuotaError> {
+        if per_minute == 0 {
+            return Err(QuotaError::ZeroRate);
+        }
+        match burst {
+            Some(0) => Err(QuotaError::ZeroBurst),
+            Some(b) => Ok(b),
+            None => Ok(per_minute),
+        }
+    }
+
+    pub fn per_minute(&self) -> u64 {
+        self.per_minute
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    fn full(&self) -> i128 {
+        self.capacity as i128 * NANOS_PER_MINUTE
+    }
+
+    /// The level at `now` in scaled units, without changing anything.
+    fn level_at(&self, now: Instant) -> i128 {
+        let elapsed = now.saturating_duration_since(self.updated).as_nanos() as i128;
+        if self.level >= self.full() {
+            return self.level;
+        }
+        (self.level + elapsed * self.per_minute as i128).min(self.full())
+    }
+
+    fn refill(&mut self, now: Instant) {
+        self.level = self.level_at(now);
+        if now > self.updated {
+            self.updated = now;
+        }
+    }
+
+    /// Whole tokens available at `now` (negative while recovering from an over-charge).
+    pub fn available(&self, now: Instant) -> i64 {
+        let level = self.level_at(now);
+        clamp_i64(level.div_euclid(NANOS_PER_MINUTE))
+    }
+
+    /// The fill fraction at `now`, in [.., 1] (below zero after an over-charge).
+    pub fn fill(&self, now: Instant) -> f64 {
+        self.level_at(now) as f64 / self.full() as f64
+    }
+
+    /// How long until `n` tokens fit, `Ok(ZERO)` if they fit now.
+    pub fn time_until(&self, n: u64, now: Instant) -> Result<Duration, Shortfall> {
+        if n > self.capacity {
+            return Err(Shortfall::TooLarge {
+                capacity: self.capacity,
+            });
+        }
+        let need = n as i128 * NANOS_PER_MINUTE - self.level_at(now);
+        if need <= 0 {
+            return Ok(Duration::ZERO);
+        }
+        let rate = self.per_minute as i128;
+        let nanos = (need + rate - 1) / rate;
+        Ok(Duration::from_nanos(nanos.min(u64::MAX as i128) as u64))
+    }
+
+    /// Takes `n` tokens if they fit now; otherwise takes nothing and says why.
+    pub fn try_take(&mut self, n: u64, now: Instant) -> Result<(), Shortfall> {
+        match self.time_until(n, now)? {
+            Duration::ZERO => {
+                self.refill(now);
+                self.level -= n as i128 * NANOS_PER_MINUTE;
+                Ok(())
+            }
+            wait => Err(Shortfall::Wait(wait)),
+        }
+    }
+
+    /// Gives `n` unused tokens back, never above capacity.
+    pub fn refund(&mut self, n: u64, now: Instant) {
+        self.refill(now);
+        self.level = (self.level + n as i128 * NANOS_PER_MINUTE).min(self.full());
+    }
+
+    /// Takes `n` tokens whether or not they are there (usage above the
+    /// reservation): the level may go negative.
+    pub fn charge(&mut self, n: u64, now: Instant) {
+        self.refill(now);
+        self.level -= n as i128 * NANOS_PER_MINUTE;
+    }
+
+    /// Lowers the level to `tokens` if it is above (a provider knows of less).
+    /// Returns whether it changed anything.
+    pub fn lower_to(&mut self, tokens: i64, now: Instant) -> bool {
+        self.refill(now);
+        let target = tokens as i128 * NANOS_PER_MINUTE;
+        if target < self.level {
+            self.level = target;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Empties the bucket so that it is full again only after `reset`
+    /// (a provider refused: trust its reset time over our refill rate).
+    /// Never raises the level.
+    pub fn empty_for(&mut self, reset: Duration, now: Instant) {
+        self.refill(now);
+        let refill_in_reset = reset.as_nanos() as i128 * self.per_minute as i128;
+        let target = (self.full() - refill_in_reset).min(0);
+        self.level = self.level.min(target);
+    }
+
+    /// Changes the limit, keeping the fill fraction (a half-full bucket stays
+    /// half full), so a live edit neither grants a burst nor strands quota.
+    pub fn set_limit(&mut self, per_minute: u64, burst: Option<u64>, now: Instant) -> Result<(), QuotaError> {
+        let capacity = Self::check(per_minute, burst)?;
+        self.refill(now);
+        let new_full = capacity as i128 * NANOS_PER_MINUTE;
+        // level / old_full == new_level / new_full, in exact integers.
+        self.level = self.level * capacity as i128 / self.capacity as i128;
+        self.level = self.level.min(new_full);
+        self.per_minute = per_minute;
+        self.capacity = capacity;
+        Ok(())
+    }
+
+    /// Time until the bucket is full again.
+    pub fn time_to_full(&self, now: Instant) -> Duration {
+        self.time_until(self.capacity, now).unwrap_or(Duration::ZERO)
+    }
+}
+
+fn clamp_i64(v: i128) -> i64 {
+    v.clamp(i64::MIN as i128, i64::MAX as i128) as i64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn secs(s: f64) -> Duration {
+        Duration::from_secs_f64(s)
+    }
+
+    #[test]
+    fn rejects_zero_limits() {
+        let now = Instant::now();
+        assert_eq!(
+            QuotaBucket::try_new(0, None, now).unwrap_err(),
+            QuotaError::ZeroRate
+        );
+        assert_eq!(
+            QuotaBucket::try_new(10, Some(0), now).unwrap_err(),
+            QuotaError::ZeroBurst
+        );
+    }
+
+    #[test]
+    fn starts_full_and_refills_at_rate() {
+        let t0 = Instant::now();
+        let mut b = QuotaBucket::try_new(600, None, t0).unwrap();
+        assert_eq!(b.available(t0), 600);
+        b.try_take(600, t0).unwrap();
+        assert_eq!(b.available(t0), 0);
+        // 600/min = 10/s
+        assert_eq!(b.available(t0 + secs(1.0)), 10);
+        assert_eq!(b.time_until(25, t0), Ok(secs(2.5)));
+        assert_eq!(b.try_take(25, t0 + secs(2.0)), Err(Shortfall::Wait(secs(0.5))));
+        b.try_take(25, t0 + secs(2.5)).unwrap();
+        assert_eq!(b.available(t0 + secs(2.5)), 0);
+    }
+
+    #[test]
+    fn never_exceeds_capacity() {
+        let t0 = Instant::now();
+        let b = QuotaBucket::try_new(600, Some(100), t0).unwrap();
+        assert_eq!(b.available(t0 + secs(3600.0)), 100);
+        assert_eq!(b.time_until(101, t0), Err(Shortfall::TooLarge { capacity: 100 }));
+    }
+
+    #[test]
+    fn refund_returns_capacity_and_charge_can_go_negative() {
+        let t0 = Instant::now();
+        let mut b = QuotaBucket::try_new(60, None, t0).unwrap();
+        b.try_take(50, t0).unwrap();
+        b.refund(30, t0);
+        assert_eq!(b.available(t0), 40);
+        b.refund(1000, t0);
+        assert_eq!(b.available(t0), 60, "refund is capped at capacity");
+        b.charge(100, t0);
+        assert_eq!(b.available(t0), -40);
+        // 1 token/s: 41 s until one token fits.
+        assert_eq!(b.time_until(1, t0), Ok(secs(41.0)));
+    }
+
+    #[test]
+    fn limit_change_keeps_fill_fraction() {
+        let t0 = Instant::now();
+        let mut b = QuotaBucket::try_new(1000, None, t0).unwrap();
+        b.try_take(750, t0).unwrap();
+        b.set_limit(400, None, t0).unwrap();
+        assert_eq!(b.available(t0), 100);
+        assert_eq!(b.capacity(), 400);
+        b.set_limit(2000, None, t0).unwrap();
+        assert_eq!(b.available(t0), 500);
+        assert!(b.set_limit(0, None, t0).is_err());
+    }
+
+    #[test]
+    fn provider_hint_only_lowers() {
+        let t0 = Instant::now();
+        let mut b = QuotaBucket::try_new(1000, None, t0).unwrap();
+        assert!(b.lower_to(300, t0));
+        assert_eq!(b.available(t0), 300);
+        assert!(!b.lower_to(900, t0));
+        assert_eq!(b.available(t0), 300);
+    }
+
+    #[test]
+    fn empty_for_reset_means_full_only_after_reset() {
+        let t0 = Instant::now();
+        let mut b = QuotaBucket::try_new(600, None, t0).unwrap();
+        b.empty_for(secs(120.0), t0);
+        assert_eq!(b.time_to_full(t0), secs(120.0));
+        let mut c = QuotaBucket::try_new(600, None, t0).unwrap();
+        c.empty_for(secs(3.0), t0);
+        assert_eq!(c.available(t0), 0, "a refusal leaves nothing to take now");
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Take(u64),
+        Refund(u64),
+        Charge(u64),
+        Advance(u64),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (1u64..400).prop_map(Op::Take),
+            (0u64..400).prop_map(Op::Refund),
+            (0u64..200).prop_map(Op::Charge),
+            (0u64..3_000_000_000).prop_map(Op::Advance),
+        ]
+    }
+
+    proptest! {
+        /// No interleaving of take / refund / charge lets the tokens taken over
+        /// any window [a, b] exceed capacity + rate × (b − a) + what was given
+        /// back and charged within the window's past.
+        #[test]
+        fn taken_tokens_stay_within_envelope(
+            per_minute in 60u64..100_000,
+            burst in proptest::option::of(1u64..5_000),
+            ops in proptest::collection::vec(op(), 1..200),
+        ) {
+            let t0 = Instant::now();
+            let mut b = QuotaBucket::try_new(per_minute, burst, t0).unwrap();
+            let cap = b.capacity() as i128;
+            let mut now = t0;
+            // (ns since t0, taken, refunded) per op
+            let mut log: Vec<(i128, i128, i128)> = Vec::new();
+            for op in ops {
+                let mut entry = (now.duration_since(t0).as_nanos() as i128, 0, 0);
+                match op {
+                    Op::Take(n) => if b.try_take(n, now).is_ok() { entry.1 = n as i128 },
+                    Op::Refund(n) => { b.refund(n, now); entry.2 = n as i128 },
+                    Op::Charge(n) => b.charge(n, now),
+                    Op::Advance(ns) => now += Duration::from_nanos(ns),
+                }
+                log.push(entry);
+                prop_assert!(b.available(now) as i128 <= cap);
+            }
+            // For every window [i, j]: what was taken within it fits in a full
+            // bucket plus the refill over the window plus what was refunded in it.
+            for i in 0..log.len() {
+                let (mut taken, mut refunded) = (0i128, 0i128);
+                for j in i..log.len() {
+                    taken += log[j].1;
+                    refunded += log[j].2;
+                    let span = log[j].0 - log[i].0;
+                    prop_assert!(
+                        taken * NANOS_PER_MINUTE
+                            <= (cap + refunded) * NANOS_PER_MINUTE + span * per_minute as i128,
+                        "window {i}..={j}: took {taken}, capacity {cap}, refunded {refunded}"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! One region as the router sees it: its settings, its quotas per model, its
+//! load, and whether it may take work at all.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::load::LoadState;
+use super::model_quota::{ModelLimits, ModelQuota, QuotaShortfall};
+use super::quota::QuotaError;
+
+/// A region's settings, validated (one file in `regions/`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RegionSpec {
+    pub name: String,
+    pub weight: f64,
+    pub max_concurrent: u32,
+    /// Model name → limits.
+    pub models: Vec<(String, ModelLimits)>,
+}
+
+/// Why a region cannot take a request now.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Exclusion {
+    ModelNotServed,
+    Drained,
+    Unhealthy,
+    AtCapacity {
+        in_flight: u32,
+        max: u32,
+    },
+    Quota(QuotaShortfall),
+    /// Tried already for this request (failover goes elsewhere).
+    AlreadyTried,
+}
+
+impl Exclusion {
+    /// When the region could take the request, if waiting would help.
+    pub fn wait(&self) -> Option<Duration> {
+        match self {
+            Exclusion::Quota(q) => q.wait(),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Exclusion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Exclusion::ModelNotServed => f.write_str("does not serve this model"),
+            Exclusion::Drained => f.write_str("drained by an operator"),
+            Exclusion::Unhealthy => f.write_str("unhealthy"),
+            Exclusion::AtCapacity { in_flight, max } => {
+                write!(f, "at max_concurrent ({in_flight}/{max} in flight)")
+            }
+            Exclusion::Quota(q) => q.fmt(f),
+            Exclusion::AlreadyTried => f.write_str("already tried for this request"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RegionState {
+    pub(super) name: Arc<str>,
+    pub(super) weight: f64,
+    pub(super) weight_override: Option<f64>,
+    pub(super) drained: bool,
+    pub(super) healthy: bool,
+    pub(super) load: LoadState,
+    /// By model id (the router's model order); `None` where not served.
+    pub(super) quotas: Vec<Option<ModelQuota>>,
+}
+
+impl RegionState {
+    pub(super) fn try_new(
+        spec: &RegionSpec,
+        model_ids: &dyn Fn(&str) -> Option<usize>,
+        models: usize,
+        now: Instant,
+    ) -> Result<Self, QuotaError> {
+        let mut quotas = vec![None; models];
+        for (model, limits) in &spec.models {
+            if let Some(id) = model_ids(model) {
+                quotas[id] = Some(ModelQuota::try_new(limits.clone(), now)?);
+            }
+        }
+        Ok(Self {
+            name: spec.name.as_str().into(),
+            weight: spec.weight,
+            weight_override: None,
+            drained: false,
+            healthy: true,
+            load: LoadState::new(spec.max_concurrent),
+            quotas,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn weight(&self) -> f64 {
+        self.weight_override.unwrap_or(self.weight)
+    }
+
+    pub fn configured_weight(&self) -> f64 {
+        self.weight
+    }
+
+    pub fn weight_override(&self) -> Option<f64> {
+        self.weight_override
+    }
+
+    pub fn drained(&self) -> bool {
+        self.drained
+    }
+
+    pub fn healthy(&self) -> bool {
+        self.healthy
+    }
+
+    pub fn load(&self) -> &LoadState {
+        &self.load
+    }
+
+    pub fn quota(&self, model: usize) -> Option<&ModelQuota> {
+        self.quotas.get(model).and_then(Option::as_ref)
+    }
+
+    pub(super) fn quota_mut(&mut self, model: usize) -> Option<&mut ModelQuota> {
+        self.quotas.get_mut(model).and_then(Option::as_mut)
+    }
+
+    /// Whether this region could take `tokens` of `model` now, and if so how
+    /// much headroom it would have left (the lesser of tokens and requests, as
+    /// a fraction of each bucket).
+    pub fn admit(&self, model: usize, tokens: u64, now: Instant) -> Result<f64, Exclusion> {
+        let quota = self.quota(model).ok_or(Exclusion::ModelNotServed)?;
+        if self.drained {
+            return Err(Exclusion::Drained);
+        }
+        if !self.healthy {
+            return Err(Exclusion::Unhealthy);
+        }
+        if !self.load.has_room() {
+            return Err(Exclusion::AtCapacity {
+                in_flight: self.load.in_flight(),
+                max: self.load.capacity(),
+            });
+        }
+        quota.check(tokens, now).map_err(Exclusion::Quota)?;
+        let t = quota.tokens();
+        let r = quota.requests();
+        let token_room = (t.available(now) as f64 - tokens as f64) / t.capacity() as f64;
+        let request_room = (r.available(now) as f64 - 1.0) / r.capacity() as f64;
+        Ok(token_room.min(request_room).clamp(0.0, 1.0))
+    }
+}

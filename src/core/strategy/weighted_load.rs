@@ -1,0 +1,140 @@
+//! The default strategy: quota headroom, load, latency, errors, weight and
+//! locality multiplied into one score, each factor in [0, 1] (locality a bonus).
+
+use super::{CandidateView, Factors, Score, Strategy, StrategyKind};
+
+/// `routing.weighted_load` in the config.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct WeightedLoadParams {
+    /// `a`: how strongly a full bucket is preferred over a nearly empty one.
+    pub headroom_exponent: f64,
+    /// How much utilisation counts, in [0, 1]; 1 makes a saturated region score 0.
+    pub load_weight: f64,
+    /// The latency (ms per 1,000 tokens) that halves the latency factor.
+    pub latency_ref_ms: f64,
+    /// `b`: how strongly errors count.
+    pub error_exponent: f64,
+    /// Extra score for the caller's own region (0.2 = 20 %).
+    pub locality_bonus: f64,
+}
+
+impl Default for WeightedLoadParams {
+    fn default() -> Self {
+        Self {
+            headroom_exponent: 1.0,
+            load_weight: 0.8,
+            latency_ref_ms: 500.0,
+            error_exponent: 2.0,
+            locality_bonus: 0.1,
+        }
+    }
+}
+
+/// ```text
+/// score = weight × headroom^a × (1 − load_weight × utilization)
+///       × 1 / (1 + latency / latency_ref) × (1 − error_rate)^b × (origin ? 1 + bonus : 1)
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct WeightedLoad {
+    p: WeightedLoadParams,
+}
+
+impl WeightedLoad {
+    pub fn new(p: WeightedLoadParams) -> Self {
+        Self { p }
+    }
+}
+
+impl Strategy for WeightedLoad {
+    fn kind(&self) -> StrategyKind {
+        StrategyKind::WeightedLoad
+    }
+
+    fn score(&self, c: &CandidateView<'_>) -> Score {
+        let p = &self.p;
+        let headroom = c.headroom.clamp(0.0, 1.0).powf(p.headroom_exponent);
+        let load = 1.0 - p.load_weight * c.utilization.clamp(0.0, 1.0);
+        let latency_ms = c.latency_per_1k_ms.unwrap_or(0.0);
+        let latency = 1.0 / (1.0 + latency_ms / p.latency_ref_ms.max(f64::MIN_POSITIVE));
+        let errors = (1.0 - c.error_rate).clamp(0.0, 1.0).powf(p.error_exponent);
+        let locality = if c.is_origin { 1.0 + p.locality_bonus } else { 1.0 };
+        Score::new(
+            c.weight * headroom * load * latency * errors * locality,
+            Factors::new()
+                .with("weight", c.weight)
+                .with("headroom", headroom)
+                .with("load", load)
+                .with("latency", latency)
+                .with("errors", errors)
+                .with("locality", locality)
+                .with("utilization", c.utilization)
+                .with("latency_ms_per_1k", latency_ms),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::{run, view};
+    use super::*;
+    use rand::SeedableRng;
+    use rand::rngs::SmallRng;
+
+    fn params() -> WeightedLoadParams {
+        WeightedLoadParams {
+            headroom_exponent: 1.0,
+            load_weight: 0.5,
+            latency_ref_ms: 100.0,
+            error_exponent: 2.0,
+            locality_bonus: 0.2,
+        }
+    }
+
+    #[test]
+    fn score_is_the_product_of_its_factors() {
+        let mut c = view("a", 0);
+        c.weight = 2.0;
+        c.headroom = 0.5;
+        c.utilization = 0.4;
+        c.latency_per_1k_ms = Some(100.0);
+        c.error_rate = 0.1;
+        c.is_origin = true;
+        let s = WeightedLoad::new(params()).score(&c);
+        let expected = 2.0 * 0.5 * (1.0 - 0.5 * 0.4) * 0.5 * 0.81 * 1.2;
+        assert!((s.value - expected).abs() < 1e-12, "{} vs {expected}", s.value);
+        assert_eq!(s.factors.get("headroom"), Some(0.5));
+        assert_eq!(s.factors.get("locality"), Some(1.2));
+    }
+
+    #[test]
+    fn prefers_headroom_then_breaks_ties_on_name() {
+        let mut views = [view("a", 0), view("b", 1), view("c", 2)];
+        views[0].headroom = 0.2;
+        views[1].headroom = 0.9;
+        views[2].headroom = 0.9;
+        let mut s = WeightedLoad::new(params());
+        let mut rng = SmallRng::seed_from_u64(1);
+        assert_eq!(run(&mut s, &views, 1, &mut rng), ["b"]);
+    }
+
+    #[test]
+    fn locality_bonus_wins_a_close_call() {
+        let mut views = [view("a", 0), view("b", 1)];
+        views[0].headroom = 1.0;
+        views[1].headroom = 0.9;
+        views[1].is_origin = true;
+        let mut rng = SmallRng::seed_from_u64(1);
+        assert_eq!(run(&mut WeightedLoad::new(params()), &views, 1, &mut rng), ["b"]);
+    }
+
+    #[test]
+    fn every_factor_stays_in_range_for_wild_inputs() {
+        let mut c = view("a", 0);
+        c.headroom = 7.0;
+        c.utilization = -3.0;
+        c.error_rate = 2.0;
+        c.latency_per_1k_ms = Some(f64::INFINITY);
+        let s = WeightedLoad::new(params()).score(&c);
+        assert!(s.value.is_finite() && s.value >= 0.0, "{s:?}");
+    }
+}

@@ -1,0 +1,64 @@
+//! Everything a dispatch can end in other than a reply. One conversion to a
+//! gRPC status lives in `server::status`.
+
+use std::time::Duration;
+
+use thiserror::Error;
+
+use crate::core::RouteError;
+
+/// One bad field of a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    pub field: &'static str,
+    pub description: String,
+}
+
+impl Violation {
+    pub fn new(field: &'static str, description: impl Into<String>) -> Self {
+        Self {
+            field,
+            description: description.into(),
+        }
+    }
+}
+
+fn list(violations: &[Violation]) -> String {
+    violations
+        .iter()
+        .map(|v| format!("{}: {}", v.field, v.description))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[derive(Debug, Clone, PartialEq, Error)]
+pub enum DispatchError {
+    #[error("invalid request: {}", list(.0))]
+    InvalidArgument(Vec<Violation>),
+    #[error(transparent)]
+    Route(#[from] RouteError),
+    /// Waited for quota as long as allowed; `retry_after` is the earliest refill.
+    #[error("no region had quota within the {waited:?} the request could wait: {summary}")]
+    QueueTimeout {
+        waited: Duration,
+        retry_after: Option<Duration>,
+        summary: String,
+    },
+    /// Too many requests are already waiting for quota.
+    #[error("{queued} requests are already waiting for quota (routing.max_queued)")]
+    QueueFull { queued: usize, retry_after: Duration },
+    #[error("deadline exceeded {0}")]
+    DeadlineExceeded(String),
+    /// A region refused or failed in a way that must not be retried elsewhere.
+    #[error("region {region} failed: {message}")]
+    Upstream {
+        region: String,
+        code: tonic::Code,
+        message: String,
+    },
+    /// Every attempt failed with a retryable error.
+    #[error("all {attempts} attempts failed; last: {last}")]
+    AttemptsExhausted { attempts: u32, last: String },
+    #[error("the dispatcher is shutting down")]
+    ShuttingDown,
+}

@@ -1,0 +1,21 @@
+//! dispatcher: routes LLM agent work across regions by quota and load.
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod config;
+pub mod core;
+pub mod dispatch;
+pub mod forward;
+pub mod grpc;
+pub mod server;
+pub mod sim;
+pub mod telemetry;
+
+/// Generated protobuf and gRPC code for `dispatch.v1`.
+pub mod pb {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("dispatch.v1");
+
+    /// Descriptor set of `dispatch.v1`, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("dispatch_descriptor");
+}

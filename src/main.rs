@@ -1,0 +1,85 @@
+//! `dispatcher`: loads the config, starts simulated regions where asked,
+//! serves gRPC until SIGTERM or Ctrl-C.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use dispatcher::app::SimulatedRegions;
+use dispatcher::dispatch::Engine;
+use dispatcher::pb::dispatcher_server::DispatcherServer;
+use dispatcher::server::DispatcherService;
+use dispatcher::{config, grpc, server, telemetry};
+use std::io::Write;
+
+/// Routes LLM agent work across regions by quota and load.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// dispatcher.toml; region files are read from its `server.regions_dir`.
+    #[arg(long, default_value = "dispatcher.toml")]
+    config: PathBuf,
+    /// Overrides `server.listen` (port 0 picks a free port).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    telemetry::init();
+    let args = Args::parse();
+    let mut config = match config::load(&args.config) {
+        Ok(c) => c,
+        Err(errors) => {
+            eprintln!("dispatcher: invalid configuration:\n{errors}");
+            std::process::exit(2);
+        }
+    };
+    if let Some(listen) = args.listen {
+        config.server.listen = listen;
+    }
+    let mut sims = SimulatedRegions::new();
+    sims.sync(&config).await.context("starting simulated regions")?;
+    let engine = Arc::new(Engine::new(&config, &sims.endpoints(&config)).map_err(anyhow::Error::msg)?);
+    let (incoming, addr) =
+        grpc::bind(config.server.listen).with_context(|| format!("binding {}", config.server.listen))?;
+    let regions: Vec<_> = config.regions.iter().map(|r| r.spec.name.as_str()).collect();
+    tracing::info!(%addr, regions = ?regions, strategy = %config.routing.strategy, "dispatcher serving");
+    // Tests and scripts read the address from this line.
+    println!("dispatcher listening on {addr}");
+    std::io::stdout().flush()?;
+
+    let (reporter, health) = tonic_health::server::health_reporter();
+    let shutdown_engine = engine.clone();
+    let shutdown_reporter = reporter.clone();
+    let shutdown = async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down: refusing new work, finishing what is in flight");
+        shutdown_reporter
+            .set_not_serving::<DispatcherServer<DispatcherService>>()
+            .await;
+        shutdown_engine.begin_shutdown();
+    };
+    server::serve(engine, incoming, (reporter, health), shutdown)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    sims.stop().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}

@@ -1,0 +1,98 @@
+//! `dispatch.v1.Dispatcher`: wire types in, engine call, wire types out.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use super::status::to_status;
+use crate::core::RoutePreview;
+use crate::dispatch::{Dispatched, Engine};
+use crate::pb;
+use crate::pb::dispatcher_server::Dispatcher;
+
+pub struct DispatcherService {
+    engine: Arc<Engine>,
+}
+
+impl DispatcherService {
+    pub fn new(engine: Arc<Engine>) -> Self {
+        Self { engine }
+    }
+}
+
+fn duration(d: std::time::Duration) -> Option<prost_types::Duration> {
+    prost_types::Duration::try_from(d).ok()
+}
+
+fn reply(d: Dispatched) -> pb::DispatchReply {
+    pb::DispatchReply {
+        request_id: d.request_id,
+        region: d.region,
+        output: d.output,
+        usage: Some(d.usage),
+        attempts: d.attempts,
+        queue_wait: duration(d.queue_wait),
+    }
+}
+
+fn decision(p: RoutePreview) -> pb::RouteDecision {
+    let retry_after = match &p.error {
+        Some(crate::core::RouteError::NoCapacity { retry_after, .. }) => retry_after.and_then(duration),
+        _ => None,
+    };
+    pb::RouteDecision {
+        region: p.chosen.unwrap_or_default(),
+        candidates: p
+            .candidates
+            .into_iter()
+            .map(|c| pb::Candidate {
+                region: c.region,
+                eligible: c.eligible,
+                excluded_reason: c.excluded.unwrap_or_default(),
+                score: c.score,
+                factors: c.factors.iter().map(|(k, v)| (k.to_string(), v)).collect(),
+            })
+            .collect(),
+        retry_after,
+        strategy: p.strategy.to_string(),
+        estimated_tokens: p.tokens,
+    }
+}
+
+#[tonic::async_trait]
+impl Dispatcher for DispatcherService {
+    async fn dispatch(
+        &self,
+        request: Request<pb::DispatchRequest>,
+    ) -> Result<Response<pb::DispatchReply>, Status> {
+        let timeout = crate::grpc::grpc_timeout(request.metadata());
+        let r = request.into_inner();
+        self.engine
+            .dispatch(r, timeout)
+            .await
+            .map(|d| Response::new(reply(d)))
+            .map_err(|e| to_status(&e))
+    }
+
+    type DispatchStreamStream = Pin<Box<dyn Stream<Item = Result<pb::DispatchChunk, Status>> + Send>>;
+
+    async fn dispatch_stream(
+        &self,
+        _request: Request<pb::DispatchRequest>,
+    ) -> Result<Response<Self::DispatchStreamStream>, Status> {
+        Err(Status::unimplemented("DispatchStream is not available yet"))
+    }
+
+    async fn route(
+        &self,
+        request: Request<pb::DispatchRequest>,
+    ) -> Result<Response<pb::RouteDecision>, Status> {
+        let r = request.into_inner();
+        self.engine
+            .route(&r)
+            .map(|p| Response::new(decision(p)))
+            .map_err(|e| to_status(&e))
+    }
+}

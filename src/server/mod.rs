@@ -1,0 +1,50 @@
+//! The dispatcher's gRPC server: `Dispatcher`, health and reflection.
+//! Services convert between wire types and the engine; nothing else.
+
+mod dispatcher;
+mod status;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tonic::transport::server::TcpIncoming;
+use tonic_health::server::HealthReporter;
+
+pub use dispatcher::DispatcherService;
+pub use status::to_status;
+
+use crate::dispatch::Engine;
+use crate::pb::dispatcher_server::DispatcherServer;
+
+/// Headroom over the payload limit for the rest of a request message.
+const MESSAGE_OVERHEAD: usize = 64 << 10;
+
+/// Serves until `shutdown` resolves; in-flight calls then finish.
+pub async fn serve(
+    engine: Arc<Engine>,
+    incoming: TcpIncoming,
+    health: (
+        HealthReporter,
+        tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+    ),
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let (reporter, health_service) = health;
+    let max_message = engine.settings().limits.max_payload_bytes + MESSAGE_OVERHEAD;
+    reporter
+        .set_serving::<DispatcherServer<DispatcherService>>()
+        .await;
+    let mut routes = tonic::service::RoutesBuilder::default();
+    routes.add_service(health_service).add_service(
+        DispatcherServer::new(DispatcherService::new(engine)).max_decoding_message_size(max_message),
+    );
+    crate::grpc::add_reflection(
+        &mut routes,
+        &[crate::grpc::HEALTH_SERVICE, "dispatch.v1.Dispatcher"],
+    )?;
+    tonic::transport::Server::builder()
+        .add_routes(routes.routes())
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,82 @@
+//! `region-sim`: a regional agent cluster in front of a simulated LLM
+//! provider, served over real gRPC. The `region-sim` binary runs one as a
+//! process; the dispatcher starts one in-process for each region file with a
+//! `[simulate]` table and no endpoint, on its own loopback port, so the request
+//! path is the same as with a real cluster.
+
+mod provider;
+mod service;
+
+use std::net::SocketAddr;
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{RegionConfig, SimulateConfig};
+use crate::core::ModelLimits;
+
+pub use provider::{ModelCounters, Provider, Refusal};
+pub use service::SimService;
+
+/// What a simulated cluster is: its region, the provider limits per model
+/// (by default the region's configured ones) and how it behaves.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SimSpec {
+    pub region: String,
+    pub models: Vec<(String, ModelLimits)>,
+    pub settings: SimulateConfig,
+}
+
+impl SimSpec {
+    /// The simulation a region file describes: provider limits equal to the
+    /// configured ones, behaviour from `[simulate]` (defaults without one).
+    pub fn from_region(r: &RegionConfig) -> Self {
+        Self {
+            region: r.spec.name.clone(),
+            models: r.spec.models.clone(),
+            settings: r.simulate.unwrap_or_default(),
+        }
+    }
+}
+
+/// A simulated cluster serving in the background.
+#[derive(Debug)]
+pub struct SimHandle {
+    pub addr: SocketAddr,
+    cancel: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl SimHandle {
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops serving and waits for the server to finish.
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// Binds `addr` (port 0 picks one) and serves `spec` until stopped.
+pub async fn spawn(spec: SimSpec, addr: SocketAddr) -> std::io::Result<SimHandle> {
+    let (incoming, local) = crate::grpc::bind(addr)?;
+    let cancel = CancellationToken::new();
+    let routes = service::routes(spec).await.map_err(std::io::Error::other)?;
+    let token = cancel.clone();
+    let task = tokio::spawn(async move {
+        let served = tonic::transport::Server::builder()
+            .add_routes(routes)
+            .serve_with_incoming_shutdown(incoming, token.cancelled())
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "simulated region stopped serving");
+        }
+    });
+    Ok(SimHandle {
+        addr: local,
+        cancel,
+        task,
+    })
+}

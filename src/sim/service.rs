@@ -1,0 +1,432 @@
+//! The simulated cluster's gRPC services: `AgentCluster` (the work),
+//! `RegionSimControl` (stats and knobs for tests), health and reflection.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Request, Response, Status};
+use tonic_health::server::HealthReporter;
+use tonic_types::{ErrorDetails, StatusExt};
+
+use super::SimSpec;
+use super::provider::{Admission, Provider};
+use crate::config::SimulateConfig;
+use crate::pb;
+use crate::pb::agent_cluster_server::{AgentCluster, AgentClusterServer};
+use crate::pb::region_sim_control_server::{RegionSimControl, RegionSimControlServer};
+
+/// Tokens per streamed chunk.
+const CHUNK_TOKENS: u64 = 32;
+
+#[derive(Debug, Clone, Copy)]
+struct Knobs {
+    ms_per_1k_tokens: f64,
+    failure_rate: f64,
+    healthy: bool,
+    extra_latency_ms: u64,
+}
+
+struct Inner {
+    region: String,
+    settings: SimulateConfig,
+    knobs: Mutex<Knobs>,
+    provider: Mutex<Provider>,
+    rng: Mutex<SmallRng>,
+    slots: Semaphore,
+    in_flight: AtomicU32,
+    queued: AtomicU32,
+    failed: AtomicU64,
+    cancelled: AtomicU64,
+    health: HealthReporter,
+}
+
+/// The simulated cluster; cheap to clone (shared state).
+#[derive(Clone)]
+pub struct SimService {
+    inner: Arc<Inner>,
+}
+
+/// Builds every service a simulated cluster serves.
+pub async fn routes(spec: SimSpec) -> Result<tonic::service::Routes, tonic_reflection::server::Error> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_serving::<AgentClusterServer<SimService>>().await;
+    let sim = SimService::new(spec, reporter);
+    let mut routes = tonic::service::RoutesBuilder::default();
+    routes
+        .add_service(health)
+        .add_service(AgentClusterServer::new(sim.clone()))
+        .add_service(RegionSimControlServer::new(sim));
+    crate::grpc::add_reflection(
+        &mut routes,
+        &[
+            crate::grpc::HEALTH_SERVICE,
+            "dispatch.v1.AgentCluster",
+            "dispatch.v1.RegionSimControl",
+        ],
+    )?;
+    Ok(routes.routes())
+}
+
+/// Counts one in a gauge until dropped, on every way out, cancellation included.
+struct Gauge<'a>(&'a AtomicU32);
+
+impl<'a> Gauge<'a> {
+    fn enter(gauge: &'a AtomicU32) -> Self {
+        gauge.fetch_add(1, Ordering::Relaxed);
+        Self(gauge)
+    }
+}
+
+impl Drop for Gauge<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl SimService {
+    pub fn new(spec: SimSpec, health: HealthReporter) -> Self {
+        let now = Instant::now();
+        let s = spec.settings;
+        Self {
+            inner: Arc::new(Inner {
+                region: spec.region,
+                knobs: Mutex::new(Knobs {
+                    ms_per_1k_tokens: s.ms_per_1k_tokens,
+                    failure_rate: s.failure_rate,
+                    healthy: true,
+                    extra_latency_ms: 0,
+                }),
+                provider: Mutex::new(Provider::new(&spec.models, s.foreign_tokens_per_minute, now)),
+                rng: Mutex::new(SmallRng::seed_from_u64(s.seed)),
+                slots: Semaphore::new(s.capacity as usize),
+                in_flight: AtomicU32::new(0),
+                queued: AtomicU32::new(0),
+                failed: AtomicU64::new(0),
+                cancelled: AtomicU64::new(0),
+                settings: s,
+                health,
+            }),
+        }
+    }
+
+    fn load(&self) -> pb::LoadReport {
+        let in_flight = self.inner.in_flight.load(Ordering::Relaxed);
+        let capacity = self.inner.settings.capacity;
+        pb::LoadReport {
+            in_flight,
+            queued: self.inner.queued.load(Ordering::Relaxed),
+            capacity,
+            utilization: (in_flight as f64 / capacity as f64).min(1.0),
+        }
+    }
+
+    fn hint(&self, model: &str) -> Option<pb::ProviderQuota> {
+        let h = self.inner.provider.lock().hint(model, Instant::now())?;
+        Some(pb::ProviderQuota {
+            remaining_tokens: h.remaining_tokens,
+            remaining_requests: h.remaining_requests,
+            reset_tokens: prost_types::Duration::try_from(h.reset_tokens).ok(),
+            reset_requests: prost_types::Duration::try_from(h.reset_requests).ok(),
+        })
+    }
+
+    /// Everything before the work runs: checks, the failure draw, a slot, the
+    /// provider's admission. Returns the admission and the completion tokens
+    /// this run will produce.
+    async fn admit(&self, r: &pb::ExecuteRequest) -> Result<(Admission, u64, Knobs), Status> {
+        if r.model.is_empty() {
+            return Err(Status::with_error_details(
+                Code::InvalidArgument,
+                "model is required",
+                ErrorDetails::with_bad_request_violation("model", "empty"),
+            ));
+        }
+        if !self.inner.provider.lock().serves(&r.model) {
+            return Err(Status::with_error_details(
+                Code::InvalidArgument,
+                format!("region {} does not serve model {:?}", self.inner.region, r.model),
+                ErrorDetails::with_bad_request_violation("model", "not served here"),
+            ));
+        }
+        let knobs = *self.inner.knobs.lock();
+        if !knobs.healthy {
+            return Err(Status::unavailable(format!(
+                "region {} is unhealthy",
+                self.inner.region
+            )));
+        }
+        let (fail, fraction) = {
+            let mut rng = self.inner.rng.lock();
+            let fail = knobs.failure_rate > 0.0 && rng.random::<f64>() < knobs.failure_rate;
+            let lo = self.inner.settings.completion_min_fraction;
+            (fail, lo + (1.0 - lo) * rng.random::<f64>())
+        };
+        if fail {
+            self.inner.failed.fetch_add(1, Ordering::Relaxed);
+            return Err(Status::unavailable(format!(
+                "region {}: simulated failure",
+                self.inner.region
+            )));
+        }
+        let queued = Gauge::enter(&self.inner.queued);
+        let permit = self.inner.slots.acquire().await;
+        drop(queued);
+        let permit = permit.map_err(|_| Status::unavailable("shutting down"))?;
+        permit.forget();
+        let admission =
+            self.inner
+                .provider
+                .lock()
+                .admit(&r.model, r.prompt_tokens, r.max_output_tokens, Instant::now());
+        let admission = match admission {
+            Ok(a) => a,
+            Err(refusal) => {
+                self.inner.slots.add_permits(1);
+                let retry = refusal.retry_after.min(Duration::from_secs(3600));
+                return Err(Status::with_error_details(
+                    Code::ResourceExhausted,
+                    format!("region {}: {}", self.inner.region, refusal.message),
+                    ErrorDetails::with_retry_info(Some(retry)),
+                ));
+            }
+        };
+        let completion = if r.max_output_tokens == 0 {
+            0
+        } else {
+            ((r.max_output_tokens as f64 * fraction).round() as u64).clamp(1, r.max_output_tokens)
+        };
+        Ok((admission, completion, knobs))
+    }
+
+    fn latency(&self, knobs: &Knobs, tokens: u64) -> Duration {
+        let ms = self.inner.settings.base_latency_ms
+            + knobs.ms_per_1k_tokens * tokens as f64 / 1000.0
+            + knobs.extra_latency_ms as f64;
+        Duration::from_secs_f64(ms.max(0.0) / 1000.0)
+    }
+
+    fn finish(&self, admission: Admission, prompt: u64, completion: u64) {
+        self.inner.slots.add_permits(1);
+        self.inner
+            .provider
+            .lock()
+            .complete(admission, prompt, completion, Instant::now());
+    }
+}
+
+#[tonic::async_trait]
+impl AgentCluster for SimService {
+    async fn execute(
+        &self,
+        request: Request<pb::ExecuteRequest>,
+    ) -> Result<Response<pb::ExecuteReply>, Status> {
+        let r = request.into_inner();
+        let (admission, completion, knobs) = self.admit(&r).await?;
+        let _in_flight = Gauge::enter(&self.inner.in_flight);
+        // If the caller goes away during the work, this future is dropped; the
+        // provider had started generating and counts the whole completion.
+        let mut guard = Cancelled {
+            sim: self,
+            admission: Some(admission),
+            prompt: r.prompt_tokens,
+            produced: completion,
+        };
+        tokio::time::sleep(self.latency(&knobs, r.prompt_tokens + completion)).await;
+        guard.admission = None;
+        self.finish(admission, r.prompt_tokens, completion);
+        let output = format!(
+            "[{}] {} completed {} tokens for a {}-byte payload",
+            self.inner.region,
+            r.model,
+            completion,
+            r.payload.len()
+        );
+        Ok(Response::new(pb::ExecuteReply {
+            output: Bytes::from(output),
+            usage: Some(pb::Usage {
+                prompt_tokens: r.prompt_tokens,
+                completion_tokens: completion,
+            }),
+            provider_quota: self.hint(&r.model),
+            load: Some(self.load()),
+        }))
+    }
+
+    type ExecuteStreamStream = Pin<Box<dyn Stream<Item = Result<pb::ExecuteChunk, Status>> + Send>>;
+
+    async fn execute_stream(
+        &self,
+        request: Request<pb::ExecuteRequest>,
+    ) -> Result<Response<Self::ExecuteStreamStream>, Status> {
+        let r = request.into_inner();
+        let (admission, completion, knobs) = self.admit(&r).await?;
+        let (tx, rx) = mpsc::channel(4);
+        let sim = self.clone();
+        tokio::spawn(async move {
+            let _in_flight = Gauge::enter(&sim.inner.in_flight);
+            // Time to first token: the prompt.
+            tokio::time::sleep(sim.latency(&knobs, r.prompt_tokens)).await;
+            let mut produced = 0;
+            while produced < completion {
+                let n = CHUNK_TOKENS.min(completion - produced);
+                tokio::time::sleep(sim.latency(
+                    &Knobs {
+                        extra_latency_ms: 0,
+                        ..knobs
+                    },
+                    n,
+                ))
+                .await;
+                let chunk = pb::ExecuteChunk {
+                    output: Bytes::from(format!(
+                        "[{}] tokens {}..{}\n",
+                        sim.inner.region,
+                        produced,
+                        produced + n
+                    )),
+                    usage: Some(pb::Usage {
+                        prompt_tokens: r.prompt_tokens,
+                        completion_tokens: produced + n,
+                    }),
+                    ..Default::default()
+                };
+                if tx.send(Ok(chunk)).await.is_err() {
+                    // The caller went away: the provider stops generating and
+                    // counts only what it produced.
+                    sim.inner.cancelled.fetch_add(1, Ordering::Relaxed);
+                    sim.finish(admission, r.prompt_tokens, produced);
+                    return;
+                }
+                produced += n;
+            }
+            sim.finish(admission, r.prompt_tokens, produced);
+            let last = pb::ExecuteChunk {
+                output: Bytes::new(),
+                usage: Some(pb::Usage {
+                    prompt_tokens: r.prompt_tokens,
+                    completion_tokens: produced,
+                }),
+                done: true,
+                provider_quota: sim.hint(&r.model),
+                load: Some(sim.load()),
+            };
+            let _ = tx.send(Ok(last)).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Settles a unary call that was dropped mid-work.
+struct Cancelled<'a> {
+    sim: &'a SimService,
+    admission: Option<Admission>,
+    prompt: u64,
+    produced: u64,
+}
+
+impl Drop for Cancelled<'_> {
+    fn drop(&mut self) {
+        if let Some(a) = self.admission.take() {
+            self.sim.inner.cancelled.fetch_add(1, Ordering::Relaxed);
+            self.sim.finish(a, self.prompt, self.produced);
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl RegionSimControl for SimService {
+    async fn get_stats(&self, _: Request<pb::GetStatsRequest>) -> Result<Response<pb::SimStats>, Status> {
+        Ok(Response::new(self.stats()))
+    }
+
+    async fn configure(&self, request: Request<pb::SimSettings>) -> Result<Response<pb::SimStats>, Status> {
+        let s = request.into_inner();
+        if let Some(f) = s.failure_rate
+            && !(0.0..=1.0).contains(&f)
+        {
+            return Err(Status::invalid_argument("failure_rate must be within 0 and 1"));
+        }
+        if let Some(ms) = s.ms_per_1k_tokens
+            && !(ms.is_finite() && ms >= 0.0)
+        {
+            return Err(Status::invalid_argument(
+                "ms_per_1k_tokens must be a non-negative number",
+            ));
+        }
+        let healthy = {
+            let mut k = self.inner.knobs.lock();
+            if let Some(v) = s.ms_per_1k_tokens {
+                k.ms_per_1k_tokens = v;
+            }
+            if let Some(v) = s.failure_rate {
+                k.failure_rate = v;
+            }
+            if let Some(v) = s.extra_latency_ms {
+                k.extra_latency_ms = v;
+            }
+            if let Some(v) = s.healthy {
+                k.healthy = v;
+            }
+            k.healthy
+        };
+        if healthy {
+            self.inner
+                .health
+                .set_serving::<AgentClusterServer<SimService>>()
+                .await;
+            self.inner
+                .health
+                .set_service_status("", tonic_health::ServingStatus::Serving)
+                .await;
+        } else {
+            self.inner
+                .health
+                .set_not_serving::<AgentClusterServer<SimService>>()
+                .await;
+            self.inner
+                .health
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
+        }
+        Ok(Response::new(self.stats()))
+    }
+}
+
+impl SimService {
+    pub fn stats(&self) -> pb::SimStats {
+        let models = self
+            .inner
+            .provider
+            .lock()
+            .counters(Instant::now())
+            .into_iter()
+            .map(|(model, c, remaining)| pb::ModelStats {
+                model,
+                accepted: c.accepted,
+                rejected: c.rejected,
+                rejected_after_hint: c.rejected_after_hint,
+                prompt_tokens: c.prompt_tokens,
+                completion_tokens: c.completion_tokens,
+                charged_tokens: c.charged_tokens,
+                remaining_tokens: remaining,
+            })
+            .collect();
+        pb::SimStats {
+            region: self.inner.region.clone(),
+            models,
+            failed: self.inner.failed.load(Ordering::Relaxed),
+            in_flight: self.inner.in_flight.load(Ordering::Relaxed),
+            healthy: self.inner.knobs.lock().healthy,
+            cancelled: self.inner.cancelled.load(Ordering::Relaxed),
+        }
+    }
+}
