@@ -118,19 +118,50 @@ fn from_config_error(file: &Path, e: config::ConfigError) -> ConfigError {
             ..
         } => ConfigError::new(
             file,
-            key.unwrap_or_default(),
+            normalize_key(&key.unwrap_or_default()),
             format!("expected {expected}, found {unexpected}"),
         ),
         config::ConfigError::At { error, key, .. } => {
             let mut inner = from_config_error(file, *error);
             if inner.key.is_empty() {
-                inner.key = key.unwrap_or_default();
+                inner.key = normalize_key(&key.unwrap_or_default());
             }
             inner
+        }
+        config::ConfigError::NotFound(key) => {
+            ConfigError::new(file, normalize_key(&key), "missing (required)")
         }
         config::ConfigError::FileParse { cause, .. } => {
             ConfigError::new(file, "", format!("not valid TOML: {}", cause.to_string().trim()))
         }
         other => ConfigError::new(file, "", other.to_string()),
+    }
+}
+
+/// The `config` crate writes `models[0]tokens_per_minute`; operators read
+/// `models[0].tokens_per_minute`.
+fn normalize_key(key: &str) -> String {
+    let mut out = String::with_capacity(key.len() + 4);
+    let mut after_index = false;
+    for c in key.chars() {
+        if after_index && c != '.' && c != '[' {
+            out.push('.');
+        }
+        after_index = c == ']';
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn normalizes_indexed_keys() {
+        assert_eq!(
+            super::normalize_key("models[0]tokens_per_minute"),
+            "models[0].tokens_per_minute"
+        );
+        assert_eq!(super::normalize_key("a.b[1][2]c"), "a.b[1][2].c");
+        assert_eq!(super::normalize_key("server.listen"), "server.listen");
     }
 }

@@ -9,6 +9,8 @@ pub mod model_quota;
 pub mod quota;
 pub mod region;
 pub mod router;
+#[cfg(test)]
+mod router_tests;
 pub mod strategy;
 
 pub use load::{LoadState, Outcome, ReportedLoad};

@@ -1,0 +1,237 @@
+//! Shared by the end-to-end tests: real processes on loopback (the
+//! `dispatcher` and `region-sim` binaries Cargo built for this test run),
+//! their config files, and gRPC clients.
+#![allow(dead_code)]
+
+pub mod tools;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use dispatcher::pb;
+use dispatcher::pb::dispatcher_client::DispatcherClient;
+use dispatcher::pb::region_sim_control_client::RegionSimControlClient;
+use tonic::transport::Channel;
+
+/// A child process that is killed when dropped; its stderr goes to a file
+/// that is printed if the test fails.
+pub struct Proc {
+    pub name: String,
+    pub addr: SocketAddr,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    /// Starts `bin` with `args` and waits for its "listening on ADDR" line.
+    pub fn start(bin: &str, args: &[&str], log_dir: &Path, name: &str) -> Proc {
+        let log = log_dir.join(format!("{name}.log"));
+        let stderr = std::fs::File::create(&log).expect("creating a log file");
+        let mut child = Command::new(bin)
+            .args(args)
+            .env(
+                "RUST_LOG",
+                std::env::var("TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {bin}: {e}"));
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line
+                    .rsplit("listening on ")
+                    .next()
+                    .and_then(|a| a.trim().parse().ok())
+                {
+                    let _ = tx.send(addr);
+                }
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(addr) => addr,
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "{name} did not report its address; its log:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+        };
+        Proc {
+            name: name.to_string(),
+            addr,
+            child,
+            log,
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for the process to exit on its own.
+    pub fn wait(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            let logs = self.logs();
+            let tail: Vec<&str> = logs.lines().rev().take(60).collect();
+            eprintln!("---- last lines of {} ----", self.name);
+            for line in tail.into_iter().rev() {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
+pub fn region_sim(dir: &Path, region: &str, args: &[&str]) -> Proc {
+    let mut all = vec!["--listen", "127.0.0.1:0", "--region", region];
+    all.extend_from_slice(args);
+    Proc::start(
+        env!("CARGO_BIN_EXE_region-sim"),
+        &all,
+        dir,
+        &format!("region-sim-{region}"),
+    )
+}
+
+pub fn dispatcher(config: &Path) -> Proc {
+    let dir = config.parent().unwrap();
+    Proc::start(
+        env!("CARGO_BIN_EXE_dispatcher"),
+        &["--config", config.to_str().unwrap(), "--listen", "127.0.0.1:0"],
+        dir,
+        "dispatcher",
+    )
+}
+
+/// A temporary directory holding dispatcher.toml and regions/.
+pub struct ConfigDir {
+    pub dir: tempfile::TempDir,
+}
+
+impl ConfigDir {
+    pub fn new(dispatcher_toml: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("regions")).unwrap();
+        std::fs::write(dir.path().join("dispatcher.toml"), dispatcher_toml).unwrap();
+        Self { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn config(&self) -> PathBuf {
+        self.dir.path().join("dispatcher.toml")
+    }
+
+    pub fn region_file(&self, name: &str) -> PathBuf {
+        self.dir.path().join("regions").join(format!("{name}.toml"))
+    }
+
+    pub fn write_region(&self, name: &str, text: &str) {
+        // Write then rename, as an editor would, so a watcher never reads half a file.
+        let tmp = self.dir.path().join(format!(".{name}.toml.tmp"));
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, self.region_file(name)).unwrap();
+    }
+}
+
+/// A region file pointing at `endpoint`, one line per model:
+/// `(model, tokens_per_minute, requests_per_minute, accounting)`.
+pub fn region_toml(
+    name: &str,
+    endpoint: &str,
+    max_concurrent: u32,
+    models: &[(&str, u64, u64, &str)],
+) -> String {
+    let mut s = format!("name = \"{name}\"\nendpoint = \"{endpoint}\"\nmax_concurrent = {max_concurrent}\n");
+    for (model, tpm, rpm, accounting) in models {
+        s += &format!(
+            "[[models]]\nname = \"{model}\"\ntokens_per_minute = {tpm}\nrequests_per_minute = {rpm}\naccounting = \"{accounting}\"\n"
+        );
+    }
+    s
+}
+
+pub async fn client(addr: SocketAddr) -> DispatcherClient<Channel> {
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .expect("connecting to the dispatcher");
+    DispatcherClient::new(channel)
+}
+
+pub async fn sim_stats(addr: SocketAddr) -> pb::SimStats {
+    let mut c = RegionSimControlClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    c.get_stats(pb::GetStatsRequest {}).await.unwrap().into_inner()
+}
+
+pub async fn sim_configure(addr: SocketAddr, settings: pb::SimSettings) -> pb::SimStats {
+    let mut c = RegionSimControlClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    c.configure(settings).await.unwrap().into_inner()
+}
+
+/// A small deterministic generator for test workloads (no shared state
+/// with the code under test).
+pub struct Lcg(pub u64);
+
+impl Lcg {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.0 >> 11
+    }
+
+    /// Uniform in [0, 1).
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() as f64) / ((1u64 << 53) as f64)
+    }
+
+    /// Pareto-distributed with shape `alpha`, at least `min`, capped at `max`:
+    /// most requests small, a few very large.
+    pub fn heavy_tail(&mut self, min: f64, alpha: f64, max: f64) -> u64 {
+        let u = 1.0 - self.unit();
+        (min / u.powf(1.0 / alpha)).min(max) as u64
+    }
+}

