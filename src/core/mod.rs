@@ -6,20 +6,24 @@
 pub mod load;
 pub mod model;
 pub mod model_quota;
+pub mod queue;
 pub mod quota;
 pub mod region;
 pub mod router;
 #[cfg(test)]
 mod router_tests;
+pub mod scheduler;
 pub mod strategy;
 
 pub use load::{LoadState, Outcome, ReportedLoad};
 pub use model::{ModelSpec, TokenEstimate};
 pub use model_quota::{Accounting, HintOutcome, Hold, ModelLimits, ModelQuota, ProviderHint, Settlement};
+pub use queue::{Discipline, Fifo, WaitQueue, Waiter};
 pub use quota::{QuotaBucket, QuotaError, Shortfall};
 pub use region::{Exclusion, RegionSpec, RegionState};
 pub use router::{
     CandidateReport, Completion, Reservation, RouteError, RoutePreview, RouteRequest, Router, RouterSpec,
-    Settled,
+    Settled, Supply,
 };
+pub use scheduler::{Released, Scheduler, Submission, SubmitError, Submitted};
 pub use strategy::{StrategyKind, StrategyParams, WeightedLoadParams};

@@ -107,6 +107,13 @@ pub struct Settled {
     pub found: bool,
 }
 
+/// The quota a model can draw on, summed over the regions serving it.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Supply {
+    pub tokens_per_sec: f64,
+    pub available: i64,
+}
+
 /// One region in a dry run.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CandidateReport {
@@ -202,6 +209,20 @@ impl Router {
 
     pub fn region(&self, name: &str) -> Option<&RegionState> {
         self.region_id(name).map(|i| &self.regions[i])
+    }
+
+    /// How fast quota for `model` comes back, in tokens a second, and how
+    /// much is there now, over the regions that could take work for it.
+    pub fn supply(&self, model: &str, now: Instant) -> Option<Supply> {
+        let id = self.model_id(model)?;
+        let mut supply = Supply::default();
+        for r in self.regions.iter().filter(|r| !r.drained && r.healthy) {
+            if let Some(q) = r.quota(id) {
+                supply.tokens_per_sec += q.tokens().per_minute() as f64 / 60.0;
+                supply.available += q.tokens().available(now).max(0);
+            }
+        }
+        (supply.tokens_per_sec > 0.0).then_some(supply)
     }
 
     fn model_id(&self, name: &str) -> Option<usize> {

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{RegionConfig, SimulateConfig};
 use crate::core::ModelLimits;
 
-pub use provider::{ModelCounters, Provider, Refusal};
+pub use provider::{Admission, ModelCounters, Provider, Refusal};
 pub use service::SimService;
 
 /// What a simulated cluster is: its region, the provider limits per model

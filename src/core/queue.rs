@@ -1,0 +1,271 @@
+//! Requests waiting for quota. One queue per model (every region serving a
+//! model draws from the same pool of waiters); the order within it is a
+//! `Discipline`, so tenant fairness can replace first-come-first-served
+//! without touching the scheduler.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// One request waiting for quota, with the caller's `ticket` (how to hand
+/// it its reservation; the core never looks inside).
+#[derive(Debug)]
+pub struct Waiter<T> {
+    pub id: u64,
+    pub model: Arc<str>,
+    pub tokens: u64,
+    pub origin: Option<Arc<str>>,
+    pub tenant: Arc<str>,
+    /// Regions already tried for this request (failover).
+    pub tried: Vec<Arc<str>>,
+    pub enqueued: Instant,
+    /// Past this it is dropped from the queue.
+    pub deadline: Instant,
+    /// When it could next fit, as last computed while it was at the head.
+    pub retry_at: Option<Instant>,
+    pub ticket: T,
+}
+
+/// The order in which one model's waiters are served. The head is the one
+/// the refill is held for: nobody behind it is served before it.
+pub trait Discipline<T>: Send {
+    fn push(&mut self, w: Waiter<T>);
+    fn head(&self) -> Option<&Waiter<T>>;
+    fn head_mut(&mut self) -> Option<&mut Waiter<T>>;
+    fn pop(&mut self) -> Option<Waiter<T>>;
+    /// Removes and returns every waiter for which `drop` is true.
+    fn remove_where(&mut self, drop: &mut dyn FnMut(&Waiter<T>) -> bool) -> Vec<Waiter<T>>;
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// First come, first served.
+#[derive(Debug)]
+pub struct Fifo<T> {
+    waiters: VecDeque<Waiter<T>>,
+}
+
+impl<T> Default for Fifo<T> {
+    fn default() -> Self {
+        Self {
+            waiters: VecDeque::new(),
+        }
+    }
+}
+
+impl<T: Send> Discipline<T> for Fifo<T> {
+    fn push(&mut self, w: Waiter<T>) {
+        self.waiters.push_back(w);
+    }
+
+    fn head(&self) -> Option<&Waiter<T>> {
+        self.waiters.front()
+    }
+
+    fn head_mut(&mut self) -> Option<&mut Waiter<T>> {
+        self.waiters.front_mut()
+    }
+
+    fn pop(&mut self) -> Option<Waiter<T>> {
+        self.waiters.pop_front()
+    }
+
+    fn remove_where(&mut self, drop: &mut dyn FnMut(&Waiter<T>) -> bool) -> Vec<Waiter<T>> {
+        if !self.waiters.iter().any(&mut *drop) {
+            return Vec::new();
+        }
+        let mut removed = Vec::new();
+        let mut kept = VecDeque::with_capacity(self.waiters.len());
+        for w in self.waiters.drain(..) {
+            if drop(&w) {
+                removed.push(w);
+            } else {
+                kept.push_back(w);
+            }
+        }
+        self.waiters = kept;
+        removed
+    }
+
+    fn len(&self) -> usize {
+        self.waiters.len()
+    }
+}
+
+/// Makes an empty discipline for a model that gets its first waiter.
+pub type DisciplineFactory<T> = Box<dyn Fn() -> Box<dyn Discipline<T>> + Send>;
+
+/// Every model's waiters.
+pub struct WaitQueue<T> {
+    /// Per model: its waiters and the tokens they ask for in all.
+    queues: Vec<(Arc<str>, Box<dyn Discipline<T>>, u64)>,
+    factory: DisciplineFactory<T>,
+    len: usize,
+}
+
+impl<T: Send + 'static> WaitQueue<T> {
+    pub fn fifo() -> Self {
+        Self::new(Box::new(|| Box::new(Fifo::default())))
+    }
+}
+
+impl<T> WaitQueue<T> {
+    pub fn new(factory: DisciplineFactory<T>) -> Self {
+        Self {
+            queues: Vec::new(),
+            factory,
+            len: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Whether anyone waits for `model` (then newcomers queue behind them).
+    pub fn is_waiting(&self, model: &str) -> bool {
+        self.queue(model).is_some_and(|q| !q.is_empty())
+    }
+
+    pub fn waiting(&self, model: &str) -> usize {
+        self.queue(model).map_or(0, |q| q.len())
+    }
+
+    fn queue(&self, model: &str) -> Option<&dyn Discipline<T>> {
+        self.queues
+            .iter()
+            .find(|(m, _, _)| **m == *model)
+            .map(|(_, q, _)| q.as_ref())
+    }
+
+    /// Tokens asked for by everyone waiting for `model`.
+    pub fn queued_tokens(&self, model: &str) -> u64 {
+        self.queues
+            .iter()
+            .find(|(m, _, _)| **m == *model)
+            .map_or(0, |(_, _, t)| *t)
+    }
+
+    pub fn push(&mut self, w: Waiter<T>) {
+        self.len += 1;
+        if let Some((_, q, tokens)) = self.queues.iter_mut().find(|(m, _, _)| *m == w.model) {
+            *tokens += w.tokens;
+            q.push(w);
+        } else {
+            let mut q = (self.factory)();
+            let model = w.model.clone();
+            let tokens = w.tokens;
+            q.push(w);
+            self.queues.push((model, q, tokens));
+        }
+    }
+
+    /// The models with waiters.
+    pub fn models(&self) -> Vec<Arc<str>> {
+        self.queues
+            .iter()
+            .filter(|(_, q, _)| !q.is_empty())
+            .map(|(m, _, _)| m.clone())
+            .collect()
+    }
+
+    pub fn head(&self, model: &str) -> Option<&Waiter<T>> {
+        self.queue(model).and_then(|q| q.head())
+    }
+
+    pub fn head_mut(&mut self, model: &str) -> Option<&mut Waiter<T>> {
+        self.queues
+            .iter_mut()
+            .find(|(m, _, _)| **m == *model)
+            .and_then(|(_, q, _)| q.head_mut())
+    }
+
+    pub fn pop(&mut self, model: &str) -> Option<Waiter<T>> {
+        let (_, q, tokens) = self.queues.iter_mut().find(|(m, _, _)| **m == *model)?;
+        let w = q.pop()?;
+        *tokens -= w.tokens;
+        self.len -= 1;
+        Some(w)
+    }
+
+    /// Removes every waiter (of any model) for which `drop` is true.
+    pub fn remove_where(&mut self, mut drop: impl FnMut(&Waiter<T>) -> bool) -> Vec<Waiter<T>> {
+        let mut removed = Vec::new();
+        for (_, q, tokens) in &mut self.queues {
+            let gone = q.remove_where(&mut drop);
+            *tokens -= gone.iter().map(|w| w.tokens).sum::<u64>();
+            removed.extend(gone);
+        }
+        self.len -= removed.len();
+        removed
+    }
+
+    /// Earliest time any head could fit.
+    pub fn earliest_retry(&self) -> Option<Instant> {
+        self.queues
+            .iter()
+            .filter_map(|(_, q, _)| q.head().and_then(|h| h.retry_at))
+            .min()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn waiter(id: u64, model: &str, t0: Instant) -> Waiter<u64> {
+        Waiter {
+            id,
+            model: model.into(),
+            tokens: 10,
+            origin: None,
+            tenant: "t".into(),
+            tried: Vec::new(),
+            enqueued: t0,
+            deadline: t0 + Duration::from_secs(1),
+            retry_at: None,
+            ticket: id,
+        }
+    }
+
+    #[test]
+    fn fifo_per_model() {
+        let t0 = Instant::now();
+        let mut q = WaitQueue::fifo();
+        q.push(waiter(1, "a", t0));
+        q.push(waiter(2, "b", t0));
+        q.push(waiter(3, "a", t0));
+        assert_eq!(q.len(), 3);
+        assert_eq!(q.queued_tokens("a"), 20);
+        assert!(q.is_waiting("a") && q.is_waiting("b") && !q.is_waiting("c"));
+        assert_eq!(q.head("a").unwrap().id, 1);
+        assert_eq!(q.pop("a").unwrap().id, 1);
+        assert_eq!(q.pop("a").unwrap().id, 3);
+        assert!(q.pop("a").is_none());
+        assert_eq!(q.len(), 1);
+        assert_eq!(q.models().len(), 1);
+    }
+
+    #[test]
+    fn remove_where_keeps_order_and_count() {
+        let t0 = Instant::now();
+        let mut q = WaitQueue::fifo();
+        for i in 0..6 {
+            q.push(waiter(i, "a", t0));
+        }
+        let gone = q.remove_where(|w| w.id % 2 == 0);
+        assert_eq!(gone.iter().map(|w| w.id).collect::<Vec<_>>(), [0, 2, 4]);
+        assert_eq!(q.len(), 3);
+        assert_eq!(q.queued_tokens("a"), 30);
+        assert_eq!(q.pop("a").unwrap().id, 1);
+        assert_eq!(q.pop("a").unwrap().id, 3);
+        assert_eq!(q.queued_tokens("a"), 10);
+    }
+}

@@ -1,0 +1,483 @@
+//! Reserve now or wait for quota: the router plus the queue of requests
+//! waiting for a refill. A request is reserved at once only if nobody waits
+//! for its model (newcomers never jump the queue); otherwise it waits, and the
+//! refill is held for the head of its model's queue, so a large request is
+//! not starved by small ones that would fit sooner.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+use super::queue::{DisciplineFactory, WaitQueue, Waiter};
+use super::router::{Reservation, RouteError, RouteRequest, Router};
+
+/// How often queued waiters whose caller went away or whose wait ran out
+/// are swept out (heads are checked on every release).
+pub const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
+
+/// The part of a request's wait kept for its own refill once it is at the
+/// head: a request is queued only if the quota queued ahead of it comes back
+/// within the rest.
+pub const HEAD_ROOM: f64 = 0.2;
+
+/// A request as the scheduler takes it.
+#[derive(Debug, Clone)]
+pub struct Submission {
+    pub model: Arc<str>,
+    pub tokens: u64,
+    pub origin: Option<Arc<str>>,
+    pub tenant: Arc<str>,
+    pub tried: Vec<Arc<str>>,
+    /// It may wait for quota until then (its deadline and the configured max wait).
+    pub wait_until: Instant,
+}
+
+#[derive(Debug, Clone, PartialEq, Error)]
+pub enum SubmitError {
+    #[error(transparent)]
+    Route(RouteError),
+    /// The quota queued ahead of it will not come back before it must stop
+    /// waiting: refused now rather than after waiting in vain.
+    #[error(
+        "{model} quota for this request would come back in about {projected:.1?} ({queued_tokens} tokens queued ahead, refilling at {tokens_per_sec:.0} tokens/s), past the {may_wait:.1?} it may wait"
+    )]
+    WouldExpire {
+        model: String,
+        projected: Duration,
+        may_wait: Duration,
+        queued_tokens: u64,
+        tokens_per_sec: f64,
+    },
+    #[error("{queued} requests are already waiting for quota")]
+    QueueFull {
+        queued: usize,
+        /// When the earliest waiter could be served.
+        retry_after: Option<Duration>,
+    },
+}
+
+#[derive(Debug)]
+pub enum Submitted {
+    Reserved(Reservation),
+    /// Waiting; the ticket comes back through `release`.
+    Queued {
+        id: u64,
+    },
+}
+
+/// What became of a waiter.
+#[derive(Debug)]
+pub enum Released<T> {
+    Granted(Waiter<T>, Reservation),
+    /// Its wait ran out; `retry_after` is when it could have fit.
+    Expired(Waiter<T>, Option<Duration>),
+    /// Its caller went away; nothing was consumed for it.
+    Gone(Waiter<T>),
+    /// Waiting stopped making sense (every region drained, model removed).
+    Failed(Waiter<T>, RouteError),
+}
+
+pub struct Scheduler<T> {
+    router: Router,
+    queue: WaitQueue<T>,
+    max_queued: usize,
+    next_id: u64,
+    next_sweep: Option<Instant>,
+}
+
+impl<T: Send + 'static> Scheduler<T> {
+    pub fn fifo(router: Router, max_queued: usize) -> Self {
+        Self::new(
+            router,
+            max_queued,
+            Box::new(|| Box::new(super::queue::Fifo::default())),
+        )
+    }
+}
+
+impl<T> Scheduler<T> {
+    pub fn new(router: Router, max_queued: usize, discipline: DisciplineFactory<T>) -> Self {
+        Self {
+            router,
+            queue: WaitQueue::new(discipline),
+            max_queued,
+            next_id: 1,
+            next_sweep: None,
+        }
+    }
+
+    pub fn router(&self) -> &Router {
+        &self.router
+    }
+
+    pub fn router_mut(&mut self) -> &mut Router {
+        &mut self.router
+    }
+
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    pub fn queued_for(&self, model: &str) -> usize {
+        self.queue.waiting(model)
+    }
+
+    pub fn set_max_queued(&mut self, max_queued: usize) {
+        self.max_queued = max_queued;
+    }
+
+    /// Reserves at once if nobody waits for the model and a region has room;
+    /// otherwise queues the request (with the ticket `make_ticket` gives)
+    /// when waiting could help and it may wait at all.
+    pub fn submit(
+        &mut self,
+        s: Submission,
+        now: Instant,
+        make_ticket: impl FnOnce() -> T,
+    ) -> Result<Submitted, SubmitError> {
+        let req = RouteRequest {
+            model: &s.model,
+            tokens: s.tokens,
+            origin: s.origin.as_deref(),
+        };
+        let error = if self.queue.is_waiting(&s.model) {
+            // Behind others: only the router's verdict on whether it could
+            // ever fit matters (a too-large request must not wait for nothing).
+            match self.router.preview(&req, now) {
+                Ok(p) => match p.error {
+                    None => RouteError::NoCapacity {
+                        retry_after: None,
+                        summary: "others are waiting for this model's quota".into(),
+                    },
+                    Some(e) => e,
+                },
+                Err(e) => e,
+            }
+        } else {
+            match self.router.reserve(&req, &s.tried, now) {
+                Ok(r) => return Ok(Submitted::Reserved(r)),
+                Err(e) => e,
+            }
+        };
+        let RouteError::NoCapacity { retry_after, .. } = &error else {
+            return Err(SubmitError::Route(error));
+        };
+        if s.wait_until <= now {
+            return Err(SubmitError::Route(error));
+        }
+        if let Some(supply) = self.router.supply(&s.model, now) {
+            // When will the quota queued ahead have come back? The estimate
+            // is blind to the request's own size on purpose: under overload the
+            // backlog settles at whatever the admission test allows, and a
+            // size-dependent test would then admit only the smallest requests.
+            // The request's own share of the refill is covered by keeping
+            // `HEAD_ROOM` of its wait in reserve.
+            let queued_tokens = self.queue.queued_tokens(&s.model);
+            let short = queued_tokens as f64 - supply.available as f64;
+            let projected = Duration::from_secs_f64((short / supply.tokens_per_sec).max(0.0));
+            let may_wait = s.wait_until.saturating_duration_since(now);
+            if projected > may_wait.mul_f64(1.0 - HEAD_ROOM) {
+                return Err(SubmitError::WouldExpire {
+                    model: s.model.to_string(),
+                    projected,
+                    may_wait,
+                    queued_tokens,
+                    tokens_per_sec: supply.tokens_per_sec,
+                });
+            }
+        }
+        if self.queue.len() >= self.max_queued {
+            return Err(SubmitError::QueueFull {
+                queued: self.queue.len(),
+                retry_after: self
+                    .queue
+                    .earliest_retry()
+                    .map(|t| t.saturating_duration_since(now))
+                    .or(*retry_after),
+            });
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.queue.push(Waiter {
+            id,
+            model: s.model,
+            tokens: s.tokens,
+            origin: s.origin,
+            tenant: s.tenant,
+            tried: s.tried,
+            enqueued: now,
+            deadline: s.wait_until,
+            retry_at: retry_after.map(|d| now + d),
+            ticket: make_ticket(),
+        });
+        Ok(Submitted::Queued { id })
+    }
+
+    /// Serves every queue head that fits now, in order, and drops waiters
+    /// that expired or whose caller is `gone`. Call it whenever quota may
+    /// have come back (a settlement, a refill time, a config change).
+    pub fn release(&mut self, now: Instant, mut gone: impl FnMut(&T) -> bool) -> Vec<Released<T>> {
+        let mut out = Vec::new();
+        if self.next_sweep.is_none_or(|t| t <= now) {
+            // Heads are checked below on every call; the rest only now and
+            // then, so a long queue costs nothing per settlement.
+            for w in self.queue.remove_where(|w| gone(&w.ticket) || w.deadline <= now) {
+                if w.deadline <= now {
+                    out.push(Released::Expired(w, None));
+                } else {
+                    out.push(Released::Gone(w));
+                }
+            }
+            self.next_sweep = Some(now + SWEEP_INTERVAL);
+        }
+        for model in self.queue.models() {
+            loop {
+                let Some(head) = self.queue.head(&model) else {
+                    break;
+                };
+                if gone(&head.ticket) {
+                    let w = self.queue.pop(&model).expect("head exists");
+                    out.push(Released::Gone(w));
+                    continue;
+                }
+                let req = RouteRequest {
+                    model: &head.model,
+                    tokens: head.tokens,
+                    origin: head.origin.as_deref(),
+                };
+                match self.router.reserve(&req, &head.tried, now) {
+                    Ok(r) => {
+                        let w = self.queue.pop(&model).expect("head exists");
+                        out.push(Released::Granted(w, r));
+                    }
+                    Err(RouteError::NoCapacity { retry_after, .. }) => {
+                        let head = self.queue.head_mut(&model).expect("head exists");
+                        if head.deadline <= now {
+                            let w = self.queue.pop(&model).expect("head exists");
+                            out.push(Released::Expired(w, retry_after));
+                            continue;
+                        }
+                        head.retry_at = retry_after.map(|d| now + d);
+                        break;
+                    }
+                    Err(e) => {
+                        let w = self.queue.pop(&model).expect("head exists");
+                        out.push(Released::Failed(w, e));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// When `release` should run next if nothing else happens: the earliest
+    /// refill or deadline a head waits for. `None`: only an event (a
+    /// settlement) can help. Callers with waiters also wake every
+    /// `SWEEP_INTERVAL` so that gone callers are reclaimed.
+    pub fn next_wake(&self) -> Option<Instant> {
+        self.queue
+            .models()
+            .iter()
+            .filter_map(|m| self.queue.head(m))
+            .flat_map(|h| [h.retry_at, Some(h.deadline)])
+            .flatten()
+            .min()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::{
+        Accounting, Completion, ModelLimits, ModelSpec, RegionSpec, RouterSpec, StrategyKind, StrategyParams,
+    };
+
+    /// One region, 600 tokens a minute (10 a second), burst 600.
+    fn scheduler() -> (Scheduler<u32>, Instant) {
+        let t0 = Instant::now();
+        let spec = RouterSpec {
+            models: vec![ModelSpec {
+                name: "m".into(),
+                default_max_output_tokens: 1,
+                chars_per_token: 1.0,
+                max_request_tokens: 10_000,
+            }],
+            regions: vec![RegionSpec {
+                name: "r".into(),
+                weight: 1.0,
+                max_concurrent: 100,
+                models: vec![(
+                    "m".into(),
+                    ModelLimits {
+                        tokens_per_minute: 600,
+                        requests_per_minute: 6000,
+                        burst_tokens: None,
+                        burst_requests: None,
+                        accounting: Accounting::Usage,
+                    },
+                )],
+            }],
+            strategy: StrategyKind::WeightedLoad,
+            params: StrategyParams::default(),
+            seed: 0,
+        };
+        (Scheduler::fifo(Router::try_new(spec, t0).unwrap(), 3), t0)
+    }
+
+    fn sub(tokens: u64, wait_until: Instant) -> Submission {
+        Submission {
+            model: "m".into(),
+            tokens,
+            origin: None,
+            tenant: "t".into(),
+            tried: Vec::new(),
+            wait_until,
+        }
+    }
+
+    fn secs(s: u64) -> Duration {
+        Duration::from_secs(s)
+    }
+
+    #[test]
+    fn reserves_at_once_when_it_fits_and_nobody_waits() {
+        let (mut s, t0) = scheduler();
+        assert!(matches!(
+            s.submit(sub(500, t0), t0, || 0),
+            Ok(Submitted::Reserved(_))
+        ));
+        // Does not fit and may not wait: NoCapacity with the refill time.
+        match s.submit(sub(500, t0), t0, || 0) {
+            Err(SubmitError::Route(RouteError::NoCapacity { retry_after, .. })) => {
+                assert_eq!(retry_after, Some(secs(40)))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_large_head_is_not_starved_by_small_requests() {
+        let (mut s, t0) = scheduler();
+        let Ok(Submitted::Reserved(_)) = s.submit(sub(600, t0), t0, || 0) else {
+            panic!()
+        };
+        // Empty bucket. A large request waits for 500 tokens (50 s) ...
+        assert!(matches!(
+            s.submit(sub(500, t0 + secs(100)), t0, || 1),
+            Ok(Submitted::Queued { .. })
+        ));
+        // ... and a small one that would fit in 1 s queues behind it.
+        assert!(matches!(
+            s.submit(sub(10, t0 + secs(100)), t0 + secs(1), || 2),
+            Ok(Submitted::Queued { .. })
+        ));
+        assert!(
+            s.release(t0 + secs(2), |_| false).is_empty(),
+            "nobody jumps the head"
+        );
+        assert_eq!(s.next_wake(), Some(t0 + secs(50)));
+        let out = s.release(t0 + secs(50), |_| false);
+        let tickets: Vec<u32> = out
+            .iter()
+            .map(|r| match r {
+                Released::Granted(w, _) => w.ticket,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            tickets,
+            [1],
+            "the head goes first; the small one needs 10 more tokens"
+        );
+        let out = s.release(t0 + secs(51), |_| false);
+        assert!(matches!(&out[..], [Released::Granted(w, _)] if w.ticket == 2));
+    }
+
+    #[test]
+    fn waiters_expire_and_gone_callers_consume_nothing() {
+        let (mut s, t0) = scheduler();
+        let Ok(Submitted::Reserved(first)) = s.submit(sub(600, t0), t0, || 0) else {
+            panic!()
+        };
+        s.submit(sub(100, t0 + secs(15)), t0, || 1).unwrap();
+        s.submit(sub(100, t0 + secs(30)), t0, || 2).unwrap();
+        // The provider refuses and says it resets in a minute: the waiters'
+        // refill does not come when they were told.
+        s.router_mut().settle(
+            &first,
+            Completion {
+                provider_refused: Some(secs(60)),
+                ..Completion::abandoned()
+            },
+            t0 + secs(1),
+        );
+        let out = s.release(t0 + secs(15), |_| false);
+        assert!(
+            matches!(&out[..], [Released::Expired(w, _)] if w.ticket == 1),
+            "{out:?}"
+        );
+        // Ticket 2's caller goes away: dropped, nothing reserved for it.
+        let out = s.release(t0 + secs(16), |t| *t == 2);
+        assert!(
+            matches!(&out[..], [Released::Gone(w)] if w.ticket == 2),
+            "{out:?}"
+        );
+        assert_eq!(s.queued(), 0);
+        let r = s.router().region("r").unwrap();
+        assert_eq!(r.quota(0).unwrap().tokens().available(t0 + secs(16)), 150);
+    }
+
+    #[test]
+    fn a_request_that_would_wait_in_vain_is_refused_at_once() {
+        let (mut s, t0) = scheduler();
+        s.submit(sub(600, t0), t0, || 0).unwrap();
+        // 300 tokens queued ahead at 10 tokens/s: 30 s before they are
+        // covered; a request must be able to wait that plus a fifth.
+        s.submit(sub(300, t0 + secs(60)), t0, || 1).unwrap();
+        match s.submit(sub(100, t0 + secs(37)), t0, || 2) {
+            Err(e @ SubmitError::WouldExpire { .. }) => {
+                let SubmitError::WouldExpire { projected, .. } = &e else {
+                    unreachable!()
+                };
+                assert_eq!(*projected, secs(30));
+                assert!(e.to_string().contains("300 tokens queued ahead"), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            s.submit(sub(1, t0 + secs(38)), t0, || 3),
+            Ok(Submitted::Queued { .. })
+        ));
+    }
+
+    #[test]
+    fn the_queue_is_bounded() {
+        let (mut s, t0) = scheduler();
+        s.submit(sub(600, t0), t0, || 0).unwrap();
+        for i in 1..=3 {
+            assert!(matches!(
+                s.submit(sub(10, t0 + secs(60)), t0, || i),
+                Ok(Submitted::Queued { .. })
+            ));
+        }
+        match s.submit(sub(10, t0 + secs(60)), t0, || 4) {
+            Err(SubmitError::QueueFull {
+                queued: 3,
+                retry_after,
+            }) => assert_eq!(retry_after, Some(secs(1))),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn requests_that_can_never_fit_do_not_wait() {
+        let (mut s, t0) = scheduler();
+        s.submit(sub(600, t0), t0, || 0).unwrap();
+        s.submit(sub(10, t0 + secs(60)), t0, || 1).unwrap();
+        assert!(matches!(
+            s.submit(sub(700, t0 + secs(60)), t0, || 2),
+            Err(SubmitError::Route(RouteError::TooLarge { .. }))
+        ));
+    }
+}
