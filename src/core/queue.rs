@@ -97,10 +97,16 @@ impl<T: Send> Discipline<T> for Fifo<T> {
 /// Makes an empty discipline for a model that gets its first waiter.
 pub type DisciplineFactory<T> = Box<dyn Fn() -> Box<dyn Discipline<T>> + Send>;
 
+/// One model's waiters and the tokens they ask for in all.
+struct ModelQueue<T> {
+    model: Arc<str>,
+    waiters: Box<dyn Discipline<T>>,
+    tokens: u64,
+}
+
 /// Every model's waiters.
 pub struct WaitQueue<T> {
-    /// Per model: its waiters and the tokens they ask for in all.
-    queues: Vec<(Arc<str>, Box<dyn Discipline<T>>, u64)>,
+    queues: Vec<ModelQueue<T>>,
     factory: DisciplineFactory<T>,
     len: usize,
 }
@@ -137,32 +143,38 @@ impl<T> WaitQueue<T> {
         self.queue(model).map_or(0, |q| q.len())
     }
 
+    fn find(&self, model: &str) -> Option<&ModelQueue<T>> {
+        self.queues.iter().find(|q| *q.model == *model)
+    }
+
+    fn find_mut(&mut self, model: &str) -> Option<&mut ModelQueue<T>> {
+        self.queues.iter_mut().find(|q| *q.model == *model)
+    }
+
     fn queue(&self, model: &str) -> Option<&dyn Discipline<T>> {
-        self.queues
-            .iter()
-            .find(|(m, _, _)| **m == *model)
-            .map(|(_, q, _)| q.as_ref())
+        self.find(model).map(|q| q.waiters.as_ref())
     }
 
     /// Tokens asked for by everyone waiting for `model`.
     pub fn queued_tokens(&self, model: &str) -> u64 {
-        self.queues
-            .iter()
-            .find(|(m, _, _)| **m == *model)
-            .map_or(0, |(_, _, t)| *t)
+        self.find(model).map_or(0, |q| q.tokens)
     }
 
     pub fn push(&mut self, w: Waiter<T>) {
         self.len += 1;
-        if let Some((_, q, tokens)) = self.queues.iter_mut().find(|(m, _, _)| *m == w.model) {
-            *tokens += w.tokens;
-            q.push(w);
+        if let Some(q) = self.find_mut(&w.model) {
+            q.tokens += w.tokens;
+            q.waiters.push(w);
         } else {
-            let mut q = (self.factory)();
+            let mut waiters = (self.factory)();
             let model = w.model.clone();
             let tokens = w.tokens;
-            q.push(w);
-            self.queues.push((model, q, tokens));
+            waiters.push(w);
+            self.queues.push(ModelQueue {
+                model,
+                waiters,
+                tokens,
+            });
         }
     }
 
@@ -170,8 +182,8 @@ impl<T> WaitQueue<T> {
     pub fn models(&self) -> Vec<Arc<str>> {
         self.queues
             .iter()
-            .filter(|(_, q, _)| !q.is_empty())
-            .map(|(m, _, _)| m.clone())
+            .filter(|q| !q.waiters.is_empty())
+            .map(|q| q.model.clone())
             .collect()
     }
 
@@ -180,16 +192,13 @@ impl<T> WaitQueue<T> {
     }
 
     pub fn head_mut(&mut self, model: &str) -> Option<&mut Waiter<T>> {
-        self.queues
-            .iter_mut()
-            .find(|(m, _, _)| **m == *model)
-            .and_then(|(_, q, _)| q.head_mut())
+        self.find_mut(model).and_then(|q| q.waiters.head_mut())
     }
 
     pub fn pop(&mut self, model: &str) -> Option<Waiter<T>> {
-        let (_, q, tokens) = self.queues.iter_mut().find(|(m, _, _)| **m == *model)?;
-        let w = q.pop()?;
-        *tokens -= w.tokens;
+        let q = self.find_mut(model)?;
+        let w = q.waiters.pop()?;
+        q.tokens -= w.tokens;
         self.len -= 1;
         Some(w)
     }
@@ -197,9 +206,9 @@ impl<T> WaitQueue<T> {
     /// Removes every waiter (of any model) for which `drop` is true.
     pub fn remove_where(&mut self, mut drop: impl FnMut(&Waiter<T>) -> bool) -> Vec<Waiter<T>> {
         let mut removed = Vec::new();
-        for (_, q, tokens) in &mut self.queues {
-            let gone = q.remove_where(&mut drop);
-            *tokens -= gone.iter().map(|w| w.tokens).sum::<u64>();
+        for q in &mut self.queues {
+            let gone = q.waiters.remove_where(&mut drop);
+            q.tokens -= gone.iter().map(|w| w.tokens).sum::<u64>();
             removed.extend(gone);
         }
         self.len -= removed.len();
@@ -210,7 +219,7 @@ impl<T> WaitQueue<T> {
     pub fn earliest_retry(&self) -> Option<Instant> {
         self.queues
             .iter()
-            .filter_map(|(_, q, _)| q.head().and_then(|h| h.retry_at))
+            .filter_map(|q| q.waiters.head().and_then(|h| h.retry_at))
             .min()
     }
 }

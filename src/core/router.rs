@@ -64,7 +64,8 @@ pub struct Reservation {
     pub region: Arc<str>,
     pub model: Arc<str>,
     pub hold: Hold,
-    pub score: Score,
+    /// The chosen region's score, for logs and traces.
+    pub score: f64,
     region_index: usize,
     model_index: usize,
     generation: u64,
@@ -294,8 +295,8 @@ impl Router {
             return Err(self.no_region(model, req, &eval));
         }
         let pick = self.strategy.pick(&eval.scored, &mut self.rng);
-        let (view, score) = eval.scored[pick];
-        let index = view.index;
+        let index = eval.scored[pick].0.index;
+        let score = eval.scored[pick].1.value;
         // The strategy's memory (round robin's turn) moves only on a real pick.
         self.strategy.commit(pick, &eval.scored);
         drop(eval);

@@ -232,10 +232,7 @@ impl<T> Scheduler<T> {
             self.next_sweep = Some(now + SWEEP_INTERVAL);
         }
         for model in self.queue.models() {
-            loop {
-                let Some(head) = self.queue.head(&model) else {
-                    break;
-                };
+            while let Some(head) = self.queue.head(&model) {
                 if gone(&head.ticket) {
                     let w = self.queue.pop(&model).expect("head exists");
                     out.push(Released::Gone(w));
