@@ -72,3 +72,106 @@ impl SimulatedRegions {
         }
     }
 }
+
+/// What a running dispatcher is made of, and how it takes a new config: the
+/// last good configuration, the simulated regions and the engine.
+pub struct Runtime {
+    pub config: Config,
+    pub sims: SimulatedRegions,
+    pub engine: std::sync::Arc<crate::dispatch::Engine>,
+}
+
+/// How often the regions directory is checked for edits.
+pub const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
+
+impl Runtime {
+    /// Starts the simulated regions and the engine for `config`.
+    pub async fn start(config: Config) -> Result<Self, String> {
+        let mut sims = SimulatedRegions::new();
+        sims.sync(&config)
+            .await
+            .map_err(|e| format!("starting simulated regions: {e}"))?;
+        let engine = crate::dispatch::Engine::new(&config, &sims.endpoints(&config))?;
+        Ok(Self { config, sims, engine })
+    }
+
+    /// Re-reads the region files and applies them if they are all valid; the
+    /// last good config stays in force otherwise. Returns what changed.
+    pub async fn reload_regions(
+        &mut self,
+    ) -> Result<Vec<crate::config::Change>, crate::config::ConfigErrors> {
+        let regions = crate::config::load_regions(&self.config.server.regions_dir, &self.config.models)?;
+        let mut next = self.config.clone();
+        next.regions = regions;
+        self.apply(next).await
+    }
+
+    /// Applies a validated configuration: simulations started or stopped,
+    /// then the engine (all or nothing).
+    pub async fn apply(
+        &mut self,
+        next: Config,
+    ) -> Result<Vec<crate::config::Change>, crate::config::ConfigErrors> {
+        let changes = crate::config::region_changes(&self.config, &next);
+        if changes.is_empty() && next == self.config {
+            return Ok(changes);
+        }
+        let fail = |problem: String| {
+            crate::config::ConfigErrors::from(crate::config::ConfigError::new(
+                &next.server.regions_dir,
+                "",
+                problem,
+            ))
+        };
+        self.sims
+            .sync(&next)
+            .await
+            .map_err(|e| fail(format!("starting simulated regions: {e}")))?;
+        self.engine
+            .apply(&next, &self.sims.endpoints(&next))
+            .map_err(fail)?;
+        self.config = next;
+        Ok(changes)
+    }
+}
+
+/// Polls the regions directory and applies valid edits live; logs refused
+/// ones with file, key and problem. Runs until `cancel` fires.
+pub fn spawn_region_watch(
+    runtime: std::sync::Arc<tokio::sync::Mutex<Runtime>>,
+    cancel: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let dir = runtime.lock().await.config.server.regions_dir.clone();
+        let mut last = crate::config::watch::fingerprint(&dir).ok();
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(WATCH_INTERVAL) => {}
+            }
+            let now = crate::config::watch::fingerprint(&dir).ok();
+            if now == last {
+                continue;
+            }
+            last = now;
+            match runtime.lock().await.reload_regions().await {
+                Ok(changes) if changes.is_empty() => {}
+                Ok(changes) => {
+                    for c in changes {
+                        tracing::info!(change = %c, "applied region config change");
+                    }
+                }
+                Err(errors) => {
+                    for e in errors.0 {
+                        tracing::error!(
+                            file = %e.file.display(),
+                            key = %e.key,
+                            problem = %e.problem,
+                            "refused region config change ({e}); the last good config stays in force"
+                        );
+                    }
+                }
+            }
+        }
+    })
+}

@@ -1,18 +1,18 @@
 //! `dispatcher`: loads the config, starts simulated regions where asked,
-//! serves gRPC until SIGTERM or Ctrl-C.
+//! serves gRPC until SIGTERM or Ctrl-C, and applies edits to `regions/` live.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use dispatcher::app::SimulatedRegions;
-use dispatcher::dispatch::Engine;
+use dispatcher::app::{self, Runtime};
 use dispatcher::pb::dispatcher_server::DispatcherServer;
 use dispatcher::server::DispatcherService;
 use dispatcher::{config, grpc, server, telemetry};
-use std::io::Write;
+use tokio_util::sync::CancellationToken;
 
 /// Routes LLM agent work across regions by quota and load.
 #[derive(Debug, Parser)]
@@ -40,13 +40,18 @@ async fn main() -> anyhow::Result<()> {
     if let Some(listen) = args.listen {
         config.server.listen = listen;
     }
-    let mut sims = SimulatedRegions::new();
-    sims.sync(&config).await.context("starting simulated regions")?;
-    let engine = Arc::new(Engine::new(&config, &sims.endpoints(&config)).map_err(anyhow::Error::msg)?);
-    let (incoming, addr) =
-        grpc::bind(config.server.listen).with_context(|| format!("binding {}", config.server.listen))?;
-    let regions: Vec<_> = config.regions.iter().map(|r| r.spec.name.as_str()).collect();
-    tracing::info!(%addr, regions = ?regions, strategy = %config.routing.strategy, "dispatcher serving");
+    let listen = config.server.listen;
+    let regions: Vec<String> = config.regions.iter().map(|r| r.spec.name.clone()).collect();
+    let strategy = config.routing.strategy;
+    let runtime = Runtime::start(config).await.map_err(anyhow::Error::msg)?;
+    let engine = runtime.engine.clone();
+    let stop = CancellationToken::new();
+    let pump = engine.spawn_pump(stop.clone());
+    let runtime = Arc::new(tokio::sync::Mutex::new(runtime));
+    let watch = app::spawn_region_watch(runtime.clone(), stop.clone());
+
+    let (incoming, addr) = grpc::bind(listen).with_context(|| format!("binding {listen}"))?;
+    tracing::info!(%addr, ?regions, %strategy, "dispatcher serving");
     // Tests and scripts read the address from this line.
     println!("dispatcher listening on {addr}");
     std::io::stdout().flush()?;
@@ -65,7 +70,12 @@ async fn main() -> anyhow::Result<()> {
     server::serve(engine, incoming, (reporter, health), shutdown)
         .await
         .map_err(|e| anyhow::anyhow!(e))?;
-    sims.stop().await;
+    stop.cancel();
+    let _ = pump.await;
+    let _ = watch.await;
+    if let Ok(runtime) = Arc::try_unwrap(runtime) {
+        runtime.into_inner().sims.stop().await;
+    }
     tracing::info!("stopped");
     Ok(())
 }

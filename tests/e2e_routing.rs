@@ -21,6 +21,7 @@ const DISPATCHER_TOML: &str = r#"
 max_attempts = 3
 [routing]
 strategy = "weighted_load"
+max_queue_wait = "2s"
 [[models]]
 name = "gpt-4o"
 max_request_tokens = 20000
@@ -77,10 +78,12 @@ async fn never_overshoots_a_provider_quota_and_splits_by_quota() {
     let mut tasks = Vec::new();
     for c in 0..CLIENTS {
         let tally = tally.clone();
-        let mut grpc = client(d.addr).await;
+        let grpc = client(d.addr).await;
         tasks.push(tokio::spawn(async move {
             let mut rng = Lcg(c as u64 + 1);
             let mut tick = tokio::time::interval(INTERVAL);
+            // Open loop: requests go out on the clock, whatever the replies do.
+            let mut calls = tokio::task::JoinSet::new();
             for _ in 0..PER_CLIENT {
                 tick.tick().await;
                 let prompt = rng.heavy_tail(100.0, 1.2, 8_000.0);
@@ -94,31 +97,36 @@ async fn never_overshoots_a_provider_quota_and_splits_by_quota() {
                 };
                 let mut call = tonic::Request::new(req);
                 call.set_timeout(Duration::from_secs(10));
-                let result = grpc.dispatch(call).await;
-                let mut t = tally.lock().await;
-                t.sent_tokens += prompt + output;
-                match result {
-                    Ok(reply) => {
-                        let r = reply.into_inner();
-                        let u = r.usage.unwrap();
-                        assert!(!r.output.is_empty());
-                        assert!(u.completion_tokens <= output);
-                        t.ok += 1;
-                        *t.tokens_by_region.entry(r.region).or_default() +=
-                            u.prompt_tokens + u.completion_tokens;
-                    }
-                    Err(status) => {
-                        *t.by_code.entry(format!("{:?}", status.code())).or_default() += 1;
-                        let clear = status.code() == Code::ResourceExhausted
-                            && status.get_details_retry_info().is_some()
-                            && status.message().contains("no region can take the request now");
-                        if !clear {
-                            t.unclear
-                                .push(format!("{:?}: {}", status.code(), status.message()));
+                let mut grpc = grpc.clone();
+                let tally = tally.clone();
+                calls.spawn(async move {
+                    let result = grpc.dispatch(call).await;
+                    let mut t = tally.lock().await;
+                    t.sent_tokens += prompt + output;
+                    match result {
+                        Ok(reply) => {
+                            let r = reply.into_inner();
+                            let u = r.usage.unwrap();
+                            assert!(!r.output.is_empty());
+                            assert!(u.completion_tokens <= output);
+                            t.ok += 1;
+                            *t.tokens_by_region.entry(r.region).or_default() +=
+                                u.prompt_tokens + u.completion_tokens;
+                        }
+                        Err(status) => {
+                            *t.by_code.entry(format!("{:?}", status.code())).or_default() += 1;
+                            let clear = status.code() == Code::ResourceExhausted
+                                && status.get_details_retry_info().is_some()
+                                && status.message().contains("no region");
+                            if !clear {
+                                t.unclear
+                                    .push(format!("{:?}: {}", status.code(), status.message()));
+                            }
                         }
                     }
-                }
+                });
             }
+            while calls.join_next().await.is_some() {}
         }));
     }
     for t in tasks {

@@ -2,9 +2,11 @@
 //! plus one file per region in `regions/`. Read → parse(&str) → validate into
 //! the typed values below; every error names the file, the key and the problem.
 
+mod diff;
 mod load;
 mod raw;
 mod validate;
+pub mod watch;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -13,6 +15,7 @@ use std::time::Duration;
 
 use crate::core::{ModelSpec, RegionSpec, RouterSpec, StrategyKind, StrategyParams};
 
+pub use diff::{Change, ChangeKind, region_changes};
 pub use load::{load, load_regions, parse_dispatcher, parse_region};
 
 /// A configuration problem, with where it is.

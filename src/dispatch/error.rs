@@ -37,13 +37,16 @@ pub enum DispatchError {
     InvalidArgument(Vec<Violation>),
     #[error(transparent)]
     Route(#[from] RouteError),
-    /// Waited for quota as long as allowed; `retry_after` is the earliest refill.
-    #[error("no region had quota within the {waited:?} the request could wait: {summary}")]
+    /// Waited for quota as long as allowed.
+    #[error("no region had quota for the request within the {waited:.1?} it could wait")]
     QueueTimeout {
         waited: Duration,
         retry_after: Option<Duration>,
-        summary: String,
     },
+    /// Refused without waiting: the quota queued ahead would not come back
+    /// in time.
+    #[error("no region can take the request within the time it may wait: {message}")]
+    WouldWaitInVain { message: String, retry_after: Duration },
     /// Too many requests are already waiting for quota.
     #[error("{queued} requests are already waiting for quota (routing.max_queued)")]
     QueueFull { queued: usize, retry_after: Duration },

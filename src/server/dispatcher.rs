@@ -3,12 +3,12 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use tokio_stream::Stream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 use super::status::to_status;
 use crate::core::RoutePreview;
-use crate::dispatch::{Dispatched, Engine};
+use crate::dispatch::{Dispatched, Engine, StreamChunk};
 use crate::pb;
 use crate::pb::dispatcher_server::Dispatcher;
 
@@ -34,6 +34,18 @@ fn reply(d: Dispatched) -> pb::DispatchReply {
         usage: Some(d.usage),
         attempts: d.attempts,
         queue_wait: duration(d.queue_wait),
+    }
+}
+
+fn chunk(c: StreamChunk) -> pb::DispatchChunk {
+    pb::DispatchChunk {
+        request_id: c.request_id,
+        region: c.region,
+        output: c.output,
+        usage: Some(c.usage),
+        done: c.done,
+        attempts: c.attempts,
+        queue_wait: duration(c.queue_wait),
     }
 }
 
@@ -80,9 +92,17 @@ impl Dispatcher for DispatcherService {
 
     async fn dispatch_stream(
         &self,
-        _request: Request<pb::DispatchRequest>,
+        request: Request<pb::DispatchRequest>,
     ) -> Result<Response<Self::DispatchStreamStream>, Status> {
-        Err(Status::unimplemented("DispatchStream is not available yet"))
+        let timeout = crate::grpc::grpc_timeout(request.metadata());
+        let r = request.into_inner();
+        let chunks = self
+            .engine
+            .dispatch_stream(r, timeout)
+            .await
+            .map_err(|e| to_status(&e))?;
+        let out = chunks.map(|c| c.map(chunk).map_err(|e| to_status(&e)));
+        Ok(Response::new(Box::pin(out)))
     }
 
     async fn route(

@@ -41,6 +41,7 @@ pub fn to_status(e: &DispatchError) -> Status {
             RouteError::Unavailable { .. } => Status::unavailable(message),
         },
         DispatchError::QueueTimeout { retry_after, .. } => exhausted(message, *retry_after),
+        DispatchError::WouldWaitInVain { retry_after, .. } => exhausted(message, Some(*retry_after)),
         DispatchError::QueueFull { retry_after, .. } => exhausted(message, Some(*retry_after)),
         DispatchError::DeadlineExceeded(_) => Status::deadline_exceeded(message),
         DispatchError::Upstream { code, .. } => {

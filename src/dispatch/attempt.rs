@@ -1,0 +1,196 @@
+//! One request's way to a region: get a reservation (now or after waiting),
+//! call the cluster, and on a failure that left the work undone try the next
+//! region, within the attempts and the caller's deadline.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tonic::Status;
+
+use super::held::Held;
+use super::{DispatchError, Engine};
+use crate::core::{Completion, Outcome, Settlement, Submission, TokenEstimate};
+use crate::forward::{ClusterClient, FailureKind, classify};
+use crate::pb;
+
+/// A validated request, ready to be forwarded.
+pub(super) struct Prepared {
+    pub request_id: String,
+    pub exec: pb::ExecuteRequest,
+    pub estimate: TokenEstimate,
+    pub origin: Option<Arc<str>>,
+    pub tenant: Arc<str>,
+    pub start: Instant,
+    pub deadline: Instant,
+}
+
+/// The cluster accepted the work.
+pub(super) struct Forwarded<T> {
+    pub value: T,
+    pub held: Held,
+    pub region: Arc<str>,
+    pub attempts: u32,
+    pub queue_wait: Duration,
+    pub sent: Instant,
+}
+
+impl Engine {
+    /// Validates `r` and fixes its id, estimate and deadline.
+    pub(super) fn prepare(
+        &self,
+        r: pb::DispatchRequest,
+        timeout: Option<Duration>,
+    ) -> Result<Prepared, DispatchError> {
+        if self.shutting_down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(DispatchError::ShuttingDown);
+        }
+        let start = Instant::now();
+        let estimate = self.check(&r)?;
+        let request_id = if r.request_id.is_empty() {
+            self.new_id()
+        } else {
+            r.request_id
+        };
+        let deadline = start + timeout.unwrap_or(self.settings().default_timeout);
+        Ok(Prepared {
+            origin: (!r.origin_region.is_empty()).then(|| Arc::from(r.origin_region.as_str())),
+            tenant: Arc::from(r.tenant.as_str()),
+            exec: pb::ExecuteRequest {
+                request_id: request_id.clone(),
+                tenant: r.tenant,
+                model: r.model,
+                payload: r.payload,
+                prompt_tokens: estimate.prompt,
+                max_output_tokens: estimate.max_output,
+                labels: r.labels,
+            },
+            request_id,
+            estimate,
+            start,
+            deadline,
+        })
+    }
+
+    /// Reserves, calls the cluster with `call`, fails over on retryable
+    /// errors. On success the reservation comes back held, for the caller to
+    /// settle with what the cluster reports.
+    pub(super) async fn forward<T, F, Fut>(
+        self: &Arc<Self>,
+        p: &Prepared,
+        mut call: F,
+    ) -> Result<Forwarded<T>, DispatchError>
+    where
+        F: FnMut(ClusterClient, tonic::Request<pb::ExecuteRequest>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let settings = self.settings();
+        let model: Arc<str> = Arc::from(p.exec.model.as_str());
+        let mut tried: Vec<Arc<str>> = Vec::new();
+        let mut last_failure: Option<String> = None;
+        let mut queue_wait = Duration::ZERO;
+        for attempt in 1..=settings.max_attempts {
+            let now = Instant::now();
+            if now >= p.deadline {
+                return Err(DispatchError::DeadlineExceeded(format!(
+                    "after {} attempts and {:?}",
+                    attempt - 1,
+                    now - p.start
+                )));
+            }
+            let submission = Submission {
+                model: model.clone(),
+                tokens: p.estimate.total(),
+                origin: p.origin.clone(),
+                tenant: p.tenant.clone(),
+                tried: tried.clone(),
+                wait_until: p.deadline.min(now + settings.max_queue_wait),
+            };
+            let (mut held, waited) = match self.acquire(submission).await {
+                Ok(x) => x,
+                Err(e) => {
+                    return Err(match last_failure {
+                        Some(last) => DispatchError::AttemptsExhausted {
+                            attempts: attempt - 1,
+                            last: format!("{last}; no other region could take it: {e}"),
+                        },
+                        None => e,
+                    });
+                }
+            };
+            queue_wait += waited;
+            let region = held.reservation().region.clone();
+            let Some(client) = self.pool.get(&region) else {
+                held.settle(Completion::abandoned());
+                last_failure = Some(format!("region {region} has no endpoint"));
+                tried.push(region);
+                continue;
+            };
+            let remaining = p.deadline.saturating_duration_since(Instant::now());
+            let mut request = tonic::Request::new(p.exec.clone());
+            request.set_timeout(remaining);
+            held.mark_sent();
+            let sent = Instant::now();
+            match tokio::time::timeout(remaining, call(client, request)).await {
+                Ok(Ok(response)) => {
+                    return Ok(Forwarded {
+                        value: response.into_inner(),
+                        held,
+                        region,
+                        attempts: attempt,
+                        queue_wait,
+                        sent,
+                    });
+                }
+                Ok(Err(status)) => {
+                    let kind = classify(&status);
+                    held.settle(failure_completion(kind, sent.elapsed()));
+                    let message = format!("region {region}: {} ({:?})", status.message(), status.code());
+                    match kind {
+                        FailureKind::NotRun | FailureKind::ProviderRefused { .. } => {
+                            tracing::debug!(%region, attempt, error = %message, "retryable failure; failing over");
+                            last_failure = Some(message);
+                            tried.push(region);
+                        }
+                        FailureKind::Rejected | FailureKind::MayHaveRun => {
+                            return Err(DispatchError::Upstream {
+                                region: region.to_string(),
+                                code: status.code(),
+                                message: status.message().to_string(),
+                            });
+                        }
+                    }
+                }
+                Err(_elapsed) => {
+                    held.settle(failure_completion(FailureKind::MayHaveRun, sent.elapsed()));
+                    return Err(DispatchError::DeadlineExceeded(format!(
+                        "waiting for region {region} after {:?}",
+                        p.start.elapsed()
+                    )));
+                }
+            }
+        }
+        Err(DispatchError::AttemptsExhausted {
+            attempts: settings.max_attempts,
+            last: last_failure.unwrap_or_default(),
+        })
+    }
+}
+
+pub(super) fn failure_completion(kind: FailureKind, latency: Duration) -> Completion {
+    let (settlement, outcome, provider_refused) = match kind {
+        FailureKind::NotRun => (Settlement::NotRun, Some(Outcome::Failure), None),
+        // A provider saying "not now" is about quota, not the region's health.
+        FailureKind::ProviderRefused { reset } => (Settlement::NotRun, None, Some(reset)),
+        FailureKind::Rejected => (Settlement::NotRun, None, None),
+        FailureKind::MayHaveRun => (Settlement::Unknown, Some(Outcome::Failure), None),
+    };
+    Completion {
+        settlement,
+        outcome,
+        latency,
+        hint: None,
+        load: None,
+        provider_refused,
+    }
+}

@@ -1,0 +1,134 @@
+//! Waiting for quota at the edge: a request that cannot be reserved now is
+//! queued in the core's scheduler with a oneshot ticket; the pump task hands
+//! out reservations whenever quota may have come back (a settlement, a
+//! refill time, a config change) and drops waiters whose caller has gone.
+
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+use super::held::Held;
+use super::{DispatchError, Engine};
+use crate::core::scheduler::SWEEP_INTERVAL;
+use crate::core::{Released, RouteError, Submission, SubmitError, Submitted};
+
+/// What the pump hands a waiting request.
+#[derive(Debug)]
+pub enum Grant {
+    Reserved(Held),
+    Expired(Option<Duration>),
+    Failed(RouteError),
+}
+
+pub type Ticket = oneshot::Sender<Grant>;
+
+impl Engine {
+    /// A reservation for `s`, now or after waiting for quota until
+    /// `s.wait_until`. Returns it with the time spent waiting.
+    pub(super) async fn acquire(self: &Arc<Self>, s: Submission) -> Result<(Held, Duration), DispatchError> {
+        let start = Instant::now();
+        let wait_until = s.wait_until;
+        let mut receiver = None;
+        let submitted = self.state.lock().submit(s, start, || {
+            let (tx, rx) = oneshot::channel();
+            receiver = Some(rx);
+            tx
+        });
+        let mut rx = match submitted {
+            Ok(Submitted::Reserved(r)) => return Ok((Held::new(self.clone(), r), Duration::ZERO)),
+            Ok(Submitted::Queued { .. }) => {
+                self.wake_pump();
+                receiver.expect("a queued request has a ticket")
+            }
+            Err(SubmitError::Route(e)) => return Err(e.into()),
+            Err(e @ SubmitError::WouldExpire { projected, .. }) => {
+                return Err(DispatchError::WouldWaitInVain {
+                    message: e.to_string(),
+                    retry_after: projected,
+                });
+            }
+            Err(SubmitError::QueueFull { queued, retry_after }) => {
+                return Err(DispatchError::QueueFull {
+                    queued,
+                    retry_after: retry_after.unwrap_or(Duration::from_millis(100)),
+                });
+            }
+        };
+        let grant = tokio::select! {
+            g = &mut rx => g.ok(),
+            _ = tokio::time::sleep_until(wait_until.into()) => {
+                // The pump may have granted it at the last moment.
+                rx.close();
+                rx.try_recv().ok()
+            }
+        };
+        match grant {
+            Some(Grant::Reserved(held)) => Ok((held, start.elapsed())),
+            Some(Grant::Failed(e)) => Err(e.into()),
+            Some(Grant::Expired(retry)) => Err(self.queue_timeout(start, retry)),
+            None => Err(self.queue_timeout(start, None)),
+        }
+    }
+
+    fn queue_timeout(&self, start: Instant, retry_after: Option<Duration>) -> DispatchError {
+        DispatchError::QueueTimeout {
+            waited: start.elapsed(),
+            retry_after,
+        }
+    }
+
+    pub(super) fn wake_pump(&self) {
+        self.pump_wake.notify_one();
+    }
+
+    /// Runs the pump until `cancel` fires or the engine is dropped.
+    pub fn spawn_pump(self: &Arc<Self>, cancel: CancellationToken) -> tokio::task::JoinHandle<()> {
+        let engine = Arc::downgrade(self);
+        tokio::spawn(pump(engine, cancel))
+    }
+}
+
+async fn pump(engine: Weak<Engine>, cancel: CancellationToken) {
+    loop {
+        let Some(e) = engine.upgrade() else { return };
+        let now = Instant::now();
+        let (released, wake, queued) = {
+            let mut state = e.state.lock();
+            let released = state.release(now, |t: &Ticket| t.is_closed());
+            (released, state.next_wake(), state.queued())
+        };
+        // Reservations are wrapped (and possibly dropped, which settles them)
+        // only after the lock is released.
+        for r in released {
+            match r {
+                Released::Granted(w, reservation) => {
+                    let held = Held::new(e.clone(), reservation);
+                    // A caller gone at this very moment drops the grant,
+                    // which refunds it.
+                    let _ = w.ticket.send(Grant::Reserved(held));
+                }
+                Released::Expired(w, retry) => {
+                    let _ = w.ticket.send(Grant::Expired(retry));
+                }
+                Released::Failed(w, err) => {
+                    let _ = w.ticket.send(Grant::Failed(err));
+                }
+                Released::Gone(_) => {}
+            }
+        }
+        let notified = e.pump_wake.clone();
+        drop(e);
+        let sleep_until = match (wake, queued) {
+            (Some(w), _) => w.min(now + SWEEP_INTERVAL),
+            (None, 0) => now + Duration::from_secs(3600),
+            (None, _) => now + SWEEP_INTERVAL,
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = notified.notified() => {}
+            _ = tokio::time::sleep_until(sleep_until.into()) => {}
+        }
+    }
+}
