@@ -111,6 +111,11 @@ impl Engine {
         Ok(())
     }
 
+    /// Read access to the router and the queue together, for operators' views.
+    pub fn with_scheduler<T>(&self, f: impl FnOnce(&Scheduler<Ticket>) -> T) -> T {
+        f(&self.state.lock())
+    }
+
     /// Read access to the router, for operators' views and tests.
     pub fn with_router<T>(&self, f: impl FnOnce(&Router) -> T) -> T {
         f(self.state.lock().router())

@@ -1,6 +1,7 @@
 //! The dispatcher's gRPC server: `Dispatcher`, health and reflection.
 //! Services convert between wire types and the engine; nothing else.
 
+mod admin;
 mod dispatcher;
 mod status;
 
@@ -10,10 +11,12 @@ use std::sync::Arc;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::server::HealthReporter;
 
+pub use admin::AdminService;
 pub use dispatcher::DispatcherService;
 pub use status::to_status;
 
 use crate::dispatch::Engine;
+use crate::pb::admin_server::AdminServer;
 use crate::pb::dispatcher_server::DispatcherServer;
 
 /// Headroom over the payload limit for the rest of a request message.
@@ -35,12 +38,20 @@ pub async fn serve(
         .set_serving::<DispatcherServer<DispatcherService>>()
         .await;
     let mut routes = tonic::service::RoutesBuilder::default();
-    routes.add_service(health_service).add_service(
-        DispatcherServer::new(DispatcherService::new(engine)).max_decoding_message_size(max_message),
-    );
+    routes
+        .add_service(health_service)
+        .add_service(
+            DispatcherServer::new(DispatcherService::new(engine.clone()))
+                .max_decoding_message_size(max_message),
+        )
+        .add_service(AdminServer::new(AdminService::new(engine)));
     crate::grpc::add_reflection(
         &mut routes,
-        &[crate::grpc::HEALTH_SERVICE, "dispatch.v1.Dispatcher"],
+        &[
+            crate::grpc::HEALTH_SERVICE,
+            "dispatch.v1.Dispatcher",
+            "dispatch.v1.Admin",
+        ],
     )?;
     tonic::transport::Server::builder()
         .add_routes(routes.routes())

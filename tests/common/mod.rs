@@ -235,3 +235,36 @@ impl Lcg {
         (min / u.powf(1.0 / alpha)).min(max) as u64
     }
 }
+
+pub async fn admin(addr: SocketAddr) -> pb::admin_client::AdminClient<Channel> {
+    pb::admin_client::AdminClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap()
+}
+
+pub async fn region_status(addr: SocketAddr, region: &str) -> Result<pb::RegionStatus, tonic::Status> {
+    admin(addr)
+        .await
+        .get_region(pb::GetRegionRequest {
+            region: region.into(),
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// Polls `check` every 50 ms until it is true or `timeout` passes; returns
+/// how long it took.
+pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> Option<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = std::time::Instant::now();
+    while start.elapsed() < timeout {
+        if check().await {
+            return Some(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
