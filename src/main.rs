@@ -24,12 +24,30 @@ struct Args {
     /// Overrides `server.listen` (port 0 picks a free port).
     #[arg(long)]
     listen: Option<SocketAddr>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Prints the `sha256:...` form of an API key read from standard input,
+    /// for a tenant's `keys` in dispatcher.toml (the key itself is never stored).
+    HashKey,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    telemetry::init();
     let args = Args::parse();
+    if let Some(Command::HashKey) = args.command {
+        let mut key = String::new();
+        std::io::stdin().read_line(&mut key)?;
+        println!(
+            "{}",
+            dispatcher::dispatch::hash_key(key.trim_end_matches(['\r', '\n']))
+        );
+        return Ok(());
+    }
+    telemetry::init();
     let mut config = match config::load(&args.config) {
         Ok(c) => c,
         Err(errors) => {
@@ -39,6 +57,12 @@ async fn main() -> anyhow::Result<()> {
     };
     if let Some(listen) = args.listen {
         config.server.listen = listen;
+    }
+    if config.auth.allow_anonymous {
+        tracing::warn!(
+            tenant = %config.auth.anonymous_tenant,
+            "anonymous use is on (auth.allow_anonymous): callers without a key count as this tenant; turn it off outside demos"
+        );
     }
     let listen = config.server.listen;
     let regions: Vec<String> = config.regions.iter().map(|r| r.spec.name.clone()).collect();

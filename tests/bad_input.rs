@@ -9,6 +9,8 @@ use tonic::Code;
 use tonic_types::StatusExt;
 
 const DISPATCHER_TOML: &str = r#"
+[auth]
+allow_anonymous = true
 [limits]
 max_payload_bytes = 65536
 max_labels = 4

@@ -8,6 +8,8 @@ use dispatcher::config::{self, ConfigError};
 use dispatcher::core::{Accounting, ModelSpec, StrategyKind};
 
 const DISPATCHER: &str = r#"
+[auth]
+allow_anonymous = true
 [server]
 listen = "127.0.0.1:0"
 [[models]]
@@ -245,7 +247,7 @@ fn dispatcher_errors_name_their_keys() {
     );
     let e = dispatcher_err(&format!("{DISPATCHER}[routing]\nmax_queue_wait = \"soon\"\n"));
     assert_names(&e, "dispatcher.toml", "routing.max_queue_wait", "not a duration");
-    let e = dispatcher_err("[server]\n");
+    let e = dispatcher_err("[auth]\nallow_anonymous = true\n");
     assert_names(&e, "dispatcher.toml", "models", "at least one model");
     let e = dispatcher_err(&DISPATCHER.replace("name = \"mini\"", "name = \"gpt-4o\""));
     assert_names(&e, "dispatcher.toml", "models[1].name", "declared twice");
@@ -306,4 +308,58 @@ fn regions_directory_problems_are_all_reported_and_duplicates_named() {
     let empty = tempfile::tempdir().unwrap();
     let errors = config::load_regions(empty.path(), &models()).unwrap_err();
     assert!(errors.to_string().contains("no region files"), "{errors}");
+}
+
+const KEY_HASH: &str = "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+
+#[test]
+fn tenants_parse_with_keys_and_limits() {
+    let text = format!(
+        "{DISPATCHER}[[tenants]]\nname = \"team-a\"\nweight = 3\nrequests_per_second = 5\ntokens_per_minute = 1000\nmax_concurrent = 4\ndaily_token_budget = 100000\nmodels = [\"gpt-4o\"]\nkeys = [\"{KEY_HASH}\"]\n"
+    );
+    let c = config::parse_dispatcher(&text, Path::new("dispatcher.toml"), Some(HashMap::new())).unwrap();
+    let t = &c.tenants[0];
+    assert_eq!(t.spec.name, "team-a");
+    assert_eq!(t.spec.weight, 3.0);
+    assert_eq!(t.spec.requests_per_second, Some(5));
+    assert_eq!(t.key_hashes.len(), 1);
+    assert!(
+        c.tenants.iter().any(|t| t.spec.name == "anonymous"),
+        "anonymous use is on"
+    );
+}
+
+#[test]
+fn tenant_errors_name_their_keys() {
+    let tenant = |body: &str| format!("{DISPATCHER}[[tenants]]\nname = \"team-a\"\n{body}\n");
+    let e = dispatcher_err(&tenant("keys = [\"my-secret-key\"]"));
+    assert_names(&e, "dispatcher.toml", "tenants[0].keys[0]", "SHA-256 of the key");
+    assert!(
+        !e.to_string().contains("my-secret-key"),
+        "a key that looks raw is not echoed: {e}"
+    );
+    let e = dispatcher_err(&tenant("models = [\"gpt-9\"]"));
+    assert_names(&e, "dispatcher.toml", "tenants[0].models[0]", "unknown model");
+    let e = dispatcher_err(&tenant("weight = 0"));
+    assert_names(&e, "dispatcher.toml", "tenants[0].weight", "above zero");
+    let e = dispatcher_err(&tenant("requests_per_second = 0"));
+    assert_names(
+        &e,
+        "dispatcher.toml",
+        "tenants[0].requests_per_second",
+        "at least 1",
+    );
+    let e = dispatcher_err(&format!(
+        "{}[[tenants]]\nname = \"team-b\"\nkeys = [\"{KEY_HASH}\"]\n",
+        tenant(&format!("keys = [\"{KEY_HASH}\"]"))
+    ));
+    assert_names(
+        &e,
+        "dispatcher.toml",
+        "tenants[1].keys[0]",
+        "already given to tenant \"team-a\"",
+    );
+    let closed = DISPATCHER.replace("allow_anonymous = true", "allow_anonymous = false");
+    let e = dispatcher_err(&closed);
+    assert_names(&e, "dispatcher.toml", "tenants", "nobody could call");
 }

@@ -18,6 +18,8 @@ use tonic::Code;
 use tonic_types::StatusExt;
 
 const DISPATCHER_TOML: &str = r#"
+[auth]
+allow_anonymous = true
 [routing]
 max_queue_wait = "1s"
 [[models]]

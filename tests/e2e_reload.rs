@@ -13,6 +13,8 @@ use common::{ConfigDir, admin, client, dispatcher, eventually, region_sim, regio
 use dispatcher::pb;
 
 const DISPATCHER_TOML: &str = r#"
+[auth]
+allow_anonymous = true
 [[models]]
 name = "gpt-4o"
 max_request_tokens = 100000

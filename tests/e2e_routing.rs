@@ -17,6 +17,8 @@ use tonic::Code;
 use tonic_types::StatusExt;
 
 const DISPATCHER_TOML: &str = r#"
+[auth]
+allow_anonymous = true
 [server]
 max_attempts = 3
 [routing]

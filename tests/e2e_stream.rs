@@ -10,6 +10,8 @@ use common::{ConfigDir, client, dispatcher, eventually, region_sim, region_statu
 use dispatcher::pb;
 
 const DISPATCHER_TOML: &str = r#"
+[auth]
+allow_anonymous = true
 [[models]]
 name = "gpt-4o"
 max_request_tokens = 20000

@@ -168,6 +168,7 @@ fn simulate(accounting: Accounting) -> Report {
                     tenant: "t".into(),
                     tried: Vec::new(),
                     wait_until: at(now + MAX_WAIT),
+                    tenant_max_queued: usize::MAX,
                 };
                 match sched.submit(sub, at(now), || i) {
                     Ok(Submitted::Reserved(res)) => granted.push((i, res)),
@@ -175,7 +176,9 @@ fn simulate(accounting: Accounting) -> Report {
                     Err(e) => {
                         let why = match e {
                             SubmitError::WouldExpire { .. } => "refused at once: would wait in vain",
-                            SubmitError::QueueFull { .. } => "refused at once: queue full",
+                            SubmitError::QueueFull { .. } | SubmitError::TenantQueueFull { .. } => {
+                                "refused at once: queue full"
+                            }
                             SubmitError::Route(_) => "refused at once: no region",
                         };
                         *failures.entry(why).or_default() += 1;

@@ -13,10 +13,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::core::{ModelSpec, RegionSpec, RouterSpec, StrategyKind, StrategyParams};
+use crate::core::{ModelSpec, RegionSpec, RouterSpec, StrategyKind, StrategyParams, TenantSpec};
 
 pub use diff::{Change, ChangeKind, region_changes};
 pub use load::{load, load_regions, parse_dispatcher, parse_region};
+pub use validate::parse_key_hash as validate_key_hash;
 
 /// A configuration problem, with where it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,7 +84,24 @@ pub struct Config {
     pub routing: RoutingConfig,
     pub limits: RequestLimits,
     pub models: Vec<ModelSpec>,
+    pub auth: AuthConfig,
+    pub tenants: Vec<TenantConfig>,
     pub regions: Vec<RegionConfig>,
+}
+
+/// Who may call: tenants by API key, and anonymous callers if allowed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthConfig {
+    pub allow_anonymous: bool,
+    /// The tenant anonymous callers count as.
+    pub anonymous_tenant: String,
+}
+
+/// A tenant and the SHA-256 hashes of its API keys.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TenantConfig {
+    pub spec: TenantSpec,
+    pub key_hashes: Vec<[u8; 32]>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -199,6 +217,10 @@ impl Config {
             params: self.routing.params,
             seed: self.routing.seed,
         }
+    }
+
+    pub fn tenant_specs(&self) -> Vec<TenantSpec> {
+        self.tenants.iter().map(|t| t.spec.clone()).collect()
     }
 
     pub fn region(&self, name: &str) -> Option<&RegionConfig> {

@@ -15,6 +15,32 @@ pub struct RawDispatcher {
     pub limits: RawLimits,
     #[serde(default)]
     pub models: Vec<RawModel>,
+    #[serde(default)]
+    pub auth: RawAuth,
+    #[serde(default)]
+    pub tenants: Vec<RawTenant>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuth {
+    pub allow_anonymous: Option<bool>,
+    pub anonymous_tenant: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTenant {
+    pub name: String,
+    pub weight: Option<f64>,
+    pub requests_per_second: Option<u32>,
+    pub tokens_per_minute: Option<u64>,
+    pub max_concurrent: Option<u32>,
+    pub daily_token_budget: Option<u64>,
+    pub models: Option<Vec<String>>,
+    pub max_queued: Option<u32>,
+    #[serde(default)]
+    pub keys: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

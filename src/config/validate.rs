@@ -5,13 +5,16 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use super::raw::{RawDispatcher, RawHealth, RawModel, RawRegion, RawRegionModel, RawSimulate};
+use super::raw::{
+    RawAuth, RawDispatcher, RawHealth, RawModel, RawRegion, RawRegionModel, RawSimulate, RawTenant,
+};
 use super::{
-    Config, ConfigError, HealthConfig, RegionConfig, RequestLimits, RoutingConfig, ServerConfig,
-    SimulateConfig,
+    AuthConfig, Config, ConfigError, HealthConfig, RegionConfig, RequestLimits, RoutingConfig, ServerConfig,
+    SimulateConfig, TenantConfig,
 };
 use crate::core::{
-    Accounting, ModelLimits, ModelSpec, RegionSpec, StrategyKind, StrategyParams, WeightedLoadParams,
+    Accounting, ModelLimits, ModelSpec, RegionSpec, StrategyKind, StrategyParams, TenantSpec,
+    WeightedLoadParams,
 };
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
@@ -224,14 +227,127 @@ pub fn validate_dispatcher(raw: RawDispatcher, file: &Path) -> Result<Config, Co
         }
         models.push(model);
     }
+    let (auth, tenants) = validate_tenants(&c, raw.auth, raw.tenants, &models)?;
     Ok(Config {
         path: file.to_path_buf(),
         server,
         routing,
         limits,
         models,
+        auth,
+        tenants,
         regions: Vec::new(),
     })
+}
+
+pub const DEFAULT_TENANT_MAX_QUEUED: u32 = 1000;
+
+fn validate_tenants(
+    c: &Ctx<'_>,
+    auth: RawAuth,
+    raw: Vec<RawTenant>,
+    models: &[ModelSpec],
+) -> Result<(AuthConfig, Vec<TenantConfig>), ConfigError> {
+    let auth = AuthConfig {
+        allow_anonymous: auth.allow_anonymous.unwrap_or(false),
+        anonymous_tenant: auth.anonymous_tenant.unwrap_or_else(|| "anonymous".into()),
+    };
+    c.name("auth.anonymous_tenant", &auth.anonymous_tenant)?;
+    let mut tenants: Vec<TenantConfig> = Vec::new();
+    for (i, t) in raw.into_iter().enumerate() {
+        let key = |k: &str| format!("tenants[{i}].{k}");
+        c.name(&key("name"), &t.name)?;
+        if tenants.iter().any(|x| x.spec.name == t.name) {
+            return Err(c.err(key("name"), format!("tenant {:?} is declared twice", t.name)));
+        }
+        let weight = c.number(&key("weight"), t.weight, 1.0, 0.0, 1e6)?;
+        if weight <= 0.0 {
+            return Err(c.err(key("weight"), "must be above zero"));
+        }
+        let positive = |k: &str, v: Option<u64>| -> Result<Option<u64>, ConfigError> {
+            match v {
+                Some(0) => Err(c.err(key(k), "must be at least 1 (leave it out for no limit)")),
+                other => Ok(other),
+            }
+        };
+        if let Some(allowed) = &t.models {
+            for (j, m) in allowed.iter().enumerate() {
+                if !models.iter().any(|x| x.name == *m) {
+                    return Err(c.err(
+                        format!("tenants[{i}].models[{j}]"),
+                        format!("unknown model {m:?}"),
+                    ));
+                }
+            }
+        }
+        let mut key_hashes = Vec::new();
+        for (j, k) in t.keys.iter().enumerate() {
+            let hash = parse_key_hash(k).ok_or_else(|| {
+                c.err(
+                    format!("tenants[{i}].keys[{j}]"),
+                    "must be \"sha256:\" and 64 hex digits, the SHA-256 of the key (never the key itself); \
+                     `dispatcher hash-key` prints it",
+                )
+            })?;
+            if let Some(other) = tenants.iter().find(|x| x.key_hashes.contains(&hash)) {
+                return Err(c.err(
+                    format!("tenants[{i}].keys[{j}]"),
+                    format!("the same key is already given to tenant {:?}", other.spec.name),
+                ));
+            }
+            key_hashes.push(hash);
+        }
+        tenants.push(TenantConfig {
+            spec: TenantSpec {
+                weight,
+                requests_per_second: positive("requests_per_second", t.requests_per_second.map(u64::from))?
+                    .map(|v| v as u32),
+                tokens_per_minute: positive("tokens_per_minute", t.tokens_per_minute)?,
+                max_concurrent: positive("max_concurrent", t.max_concurrent.map(u64::from))?
+                    .map(|v| v as u32),
+                daily_token_budget: positive("daily_token_budget", t.daily_token_budget)?,
+                models: t.models,
+                max_queued: t.max_queued.unwrap_or(DEFAULT_TENANT_MAX_QUEUED),
+                name: t.name,
+            },
+            key_hashes,
+        });
+    }
+    if auth.allow_anonymous && !tenants.iter().any(|t| t.spec.name == auth.anonymous_tenant) {
+        tenants.push(TenantConfig {
+            spec: TenantSpec {
+                name: auth.anonymous_tenant.clone(),
+                weight: 1.0,
+                requests_per_second: None,
+                tokens_per_minute: None,
+                max_concurrent: None,
+                daily_token_budget: None,
+                models: None,
+                max_queued: DEFAULT_TENANT_MAX_QUEUED,
+            },
+            key_hashes: Vec::new(),
+        });
+    }
+    if !auth.allow_anonymous && tenants.iter().all(|t| t.key_hashes.is_empty()) {
+        return Err(c.err(
+            "tenants",
+            "no tenant has a key and anonymous use is off: nobody could call; add keys or set auth.allow_anonymous = true",
+        ));
+    }
+    Ok((auth, tenants))
+}
+
+/// `sha256:<64 hex digits>` → the 32 bytes.
+pub fn parse_key_hash(text: &str) -> Option<[u8; 32]> {
+    let hex = text.strip_prefix("sha256:")?;
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
 }
 
 /// gRPC messages above this are refused by the transport before they reach us.

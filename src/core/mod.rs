@@ -3,6 +3,7 @@
 //! as arguments, so every behaviour here is deterministic and testable on a
 //! virtual clock.
 
+pub mod fair;
 pub mod load;
 pub mod model;
 pub mod model_quota;
@@ -14,7 +15,9 @@ pub mod router;
 mod router_tests;
 pub mod scheduler;
 pub mod strategy;
+pub mod tenant;
 
+pub use fair::{FairQueue, Weights};
 pub use load::{LoadState, Outcome, ReportedLoad};
 pub use model::{ModelSpec, TokenEstimate};
 pub use model_quota::{Accounting, HintOutcome, Hold, ModelLimits, ModelQuota, ProviderHint, Settlement};
@@ -27,3 +30,4 @@ pub use router::{
 };
 pub use scheduler::{Released, Scheduler, Submission, SubmitError, Submitted};
 pub use strategy::{StrategyKind, StrategyParams, WeightedLoadParams};
+pub use tenant::{Day, TenantHold, TenantRefusal, TenantReport, TenantSpec, Tenants};

@@ -39,24 +39,35 @@ pub trait Discipline<T>: Send {
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// Tokens a new request from `tenant` would wait behind.
+    fn tokens_ahead(&self, tenant: &str) -> u64;
+    /// Waiters of `tenant`.
+    fn queued_for(&self, tenant: &str) -> usize;
+    /// New tenant weights (after a reload); disciplines without weights ignore them.
+    fn set_weights(&mut self, weights: Arc<super::fair::Weights>) {
+        let _ = weights;
+    }
 }
 
 /// First come, first served.
 #[derive(Debug)]
 pub struct Fifo<T> {
     waiters: VecDeque<Waiter<T>>,
+    tokens: u64,
 }
 
 impl<T> Default for Fifo<T> {
     fn default() -> Self {
         Self {
             waiters: VecDeque::new(),
+            tokens: 0,
         }
     }
 }
 
 impl<T: Send> Discipline<T> for Fifo<T> {
     fn push(&mut self, w: Waiter<T>) {
+        self.tokens += w.tokens;
         self.waiters.push_back(w);
     }
 
@@ -69,7 +80,9 @@ impl<T: Send> Discipline<T> for Fifo<T> {
     }
 
     fn pop(&mut self) -> Option<Waiter<T>> {
-        self.waiters.pop_front()
+        let w = self.waiters.pop_front()?;
+        self.tokens -= w.tokens;
+        Some(w)
     }
 
     fn remove_where(&mut self, drop: &mut dyn FnMut(&Waiter<T>) -> bool) -> Vec<Waiter<T>> {
@@ -80,6 +93,7 @@ impl<T: Send> Discipline<T> for Fifo<T> {
         let mut kept = VecDeque::with_capacity(self.waiters.len());
         for w in self.waiters.drain(..) {
             if drop(&w) {
+                self.tokens -= w.tokens;
                 removed.push(w);
             } else {
                 kept.push_back(w);
@@ -92,22 +106,30 @@ impl<T: Send> Discipline<T> for Fifo<T> {
     fn len(&self) -> usize {
         self.waiters.len()
     }
+
+    fn tokens_ahead(&self, _tenant: &str) -> u64 {
+        self.tokens
+    }
+
+    fn queued_for(&self, tenant: &str) -> usize {
+        self.waiters.iter().filter(|w| *w.tenant == *tenant).count()
+    }
 }
 
 /// Makes an empty discipline for a model that gets its first waiter.
 pub type DisciplineFactory<T> = Box<dyn Fn() -> Box<dyn Discipline<T>> + Send>;
 
-/// One model's waiters and the tokens they ask for in all.
+/// One model's waiters.
 struct ModelQueue<T> {
     model: Arc<str>,
     waiters: Box<dyn Discipline<T>>,
-    tokens: u64,
 }
 
 /// Every model's waiters.
 pub struct WaitQueue<T> {
     queues: Vec<ModelQueue<T>>,
     factory: DisciplineFactory<T>,
+    weights: Option<Arc<super::fair::Weights>>,
     len: usize,
 }
 
@@ -122,6 +144,7 @@ impl<T> WaitQueue<T> {
         Self {
             queues: Vec::new(),
             factory,
+            weights: None,
             len: 0,
         }
     }
@@ -155,26 +178,37 @@ impl<T> WaitQueue<T> {
         self.find(model).map(|q| q.waiters.as_ref())
     }
 
-    /// Tokens asked for by everyone waiting for `model`.
-    pub fn queued_tokens(&self, model: &str) -> u64 {
-        self.find(model).map_or(0, |q| q.tokens)
+    /// Tokens a new request of `tenant` for `model` would wait behind.
+    pub fn tokens_ahead(&self, model: &str, tenant: &str) -> u64 {
+        self.find(model).map_or(0, |q| q.waiters.tokens_ahead(tenant))
+    }
+
+    /// Waiters of `tenant`, over every model.
+    pub fn queued_for_tenant(&self, tenant: &str) -> usize {
+        self.queues.iter().map(|q| q.waiters.queued_for(tenant)).sum()
+    }
+
+    /// Tenant weights for every model's discipline, now and for models
+    /// that get their first waiter later.
+    pub fn set_weights(&mut self, weights: Arc<super::fair::Weights>) {
+        for q in &mut self.queues {
+            q.waiters.set_weights(weights.clone());
+        }
+        self.weights = Some(weights);
     }
 
     pub fn push(&mut self, w: Waiter<T>) {
         self.len += 1;
         if let Some(q) = self.find_mut(&w.model) {
-            q.tokens += w.tokens;
             q.waiters.push(w);
         } else {
             let mut waiters = (self.factory)();
+            if let Some(weights) = &self.weights {
+                waiters.set_weights(weights.clone());
+            }
             let model = w.model.clone();
-            let tokens = w.tokens;
             waiters.push(w);
-            self.queues.push(ModelQueue {
-                model,
-                waiters,
-                tokens,
-            });
+            self.queues.push(ModelQueue { model, waiters });
         }
     }
 
@@ -196,9 +230,7 @@ impl<T> WaitQueue<T> {
     }
 
     pub fn pop(&mut self, model: &str) -> Option<Waiter<T>> {
-        let q = self.find_mut(model)?;
-        let w = q.waiters.pop()?;
-        q.tokens -= w.tokens;
+        let w = self.find_mut(model)?.waiters.pop()?;
         self.len -= 1;
         Some(w)
     }
@@ -207,9 +239,7 @@ impl<T> WaitQueue<T> {
     pub fn remove_where(&mut self, mut drop: impl FnMut(&Waiter<T>) -> bool) -> Vec<Waiter<T>> {
         let mut removed = Vec::new();
         for q in &mut self.queues {
-            let gone = q.waiters.remove_where(&mut drop);
-            q.tokens -= gone.iter().map(|w| w.tokens).sum::<u64>();
-            removed.extend(gone);
+            removed.extend(q.waiters.remove_where(&mut drop));
         }
         self.len -= removed.len();
         removed
@@ -252,7 +282,7 @@ mod tests {
         q.push(waiter(2, "b", t0));
         q.push(waiter(3, "a", t0));
         assert_eq!(q.len(), 3);
-        assert_eq!(q.queued_tokens("a"), 20);
+        assert_eq!(q.tokens_ahead("a", "t"), 20);
         assert!(q.is_waiting("a") && q.is_waiting("b") && !q.is_waiting("c"));
         assert_eq!(q.head("a").unwrap().id, 1);
         assert_eq!(q.pop("a").unwrap().id, 1);
@@ -272,9 +302,9 @@ mod tests {
         let gone = q.remove_where(|w| w.id % 2 == 0);
         assert_eq!(gone.iter().map(|w| w.id).collect::<Vec<_>>(), [0, 2, 4]);
         assert_eq!(q.len(), 3);
-        assert_eq!(q.queued_tokens("a"), 30);
+        assert_eq!(q.tokens_ahead("a", "t"), 30);
         assert_eq!(q.pop("a").unwrap().id, 1);
         assert_eq!(q.pop("a").unwrap().id, 3);
-        assert_eq!(q.queued_tokens("a"), 10);
+        assert_eq!(q.tokens_ahead("a", "t"), 10);
     }
 }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
+use super::fair::{FairQueue, Weights};
 use super::queue::{DisciplineFactory, WaitQueue, Waiter};
 use super::router::{Reservation, RouteError, RouteRequest, Router};
 
@@ -31,6 +32,8 @@ pub struct Submission {
     pub tried: Vec<Arc<str>>,
     /// It may wait for quota until then (its deadline and the configured max wait).
     pub wait_until: Instant,
+    /// How many of its tenant's requests may wait at once.
+    pub tenant_max_queued: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Error)]
@@ -48,6 +51,12 @@ pub enum SubmitError {
         may_wait: Duration,
         queued_tokens: u64,
         tokens_per_sec: f64,
+    },
+    #[error("{queued} requests of tenant {tenant} are already waiting for quota (its max_queued)")]
+    TenantQueueFull {
+        tenant: String,
+        queued: usize,
+        retry_after: Option<Duration>,
     },
     #[error("{queued} requests are already waiting for quota")]
     QueueFull {
@@ -94,6 +103,18 @@ impl<T: Send + 'static> Scheduler<T> {
             Box::new(|| Box::new(super::queue::Fifo::default())),
         )
     }
+
+    /// Weighted fair queuing across tenants on token cost; `weights` can be
+    /// replaced later with `set_weights`.
+    pub fn fair(router: Router, max_queued: usize, weights: Arc<Weights>) -> Self {
+        let mut s = Self::new(
+            router,
+            max_queued,
+            Box::new(|| Box::new(FairQueue::new(Arc::new(Weights::default())))),
+        );
+        s.set_weights(weights);
+        s
+    }
 }
 
 impl<T> Scheduler<T> {
@@ -125,6 +146,15 @@ impl<T> Scheduler<T> {
 
     pub fn set_max_queued(&mut self, max_queued: usize) {
         self.max_queued = max_queued;
+    }
+
+    /// Tenant weights for the fair queue (after a reload).
+    pub fn set_weights(&mut self, weights: Arc<Weights>) {
+        self.queue.set_weights(weights);
+    }
+
+    pub fn queued_for_tenant(&self, tenant: &str) -> usize {
+        self.queue.queued_for_tenant(tenant)
     }
 
     /// Reserves at once if nobody waits for the model and a region has room;
@@ -173,7 +203,7 @@ impl<T> Scheduler<T> {
             // size-dependent test would then admit only the smallest requests.
             // The request's own share of the refill is covered by keeping
             // `HEAD_ROOM` of its wait in reserve.
-            let queued_tokens = self.queue.queued_tokens(&s.model);
+            let queued_tokens = self.queue.tokens_ahead(&s.model, &s.tenant);
             let short = queued_tokens as f64 - supply.available as f64;
             let projected = Duration::from_secs_f64((short / supply.tokens_per_sec).max(0.0));
             let may_wait = s.wait_until.saturating_duration_since(now);
@@ -186,6 +216,14 @@ impl<T> Scheduler<T> {
                     tokens_per_sec: supply.tokens_per_sec,
                 });
             }
+        }
+        let tenant_queued = self.queue.queued_for_tenant(&s.tenant);
+        if tenant_queued >= s.tenant_max_queued {
+            return Err(SubmitError::TenantQueueFull {
+                tenant: s.tenant.to_string(),
+                queued: tenant_queued,
+                retry_after: *retry_after,
+            });
         }
         if self.queue.len() >= self.max_queued {
             return Err(SubmitError::QueueFull {
@@ -330,6 +368,7 @@ mod tests {
             tenant: "t".into(),
             tried: Vec::new(),
             wait_until,
+            tenant_max_queued: usize::MAX,
         }
     }
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use tonic::Status;
 
-use super::held::Held;
+use super::held::{Held, TenantCharge};
 use super::{DispatchError, Engine};
 use crate::core::{Completion, Outcome, Settlement, Submission, TokenEstimate};
 use crate::forward::{ClusterClient, FailureKind, classify};
@@ -21,6 +21,7 @@ pub(super) struct Prepared {
     pub estimate: TokenEstimate,
     pub origin: Option<Arc<str>>,
     pub tenant: Arc<str>,
+    pub tenant_max_queued: usize,
     pub start: Instant,
     pub deadline: Instant,
 }
@@ -36,40 +37,55 @@ pub(super) struct Forwarded<T> {
 }
 
 impl Engine {
-    /// Validates `r` and fixes its id, estimate and deadline.
+    /// Authenticates the caller, applies its tenant's limits, validates `r`
+    /// and fixes its id, estimate and deadline. The tenant's hold comes back
+    /// with it, to be settled with what the regions charge.
     pub(super) fn prepare(
-        &self,
+        self: &Arc<Self>,
         r: pb::DispatchRequest,
         timeout: Option<Duration>,
-    ) -> Result<Prepared, DispatchError> {
+        authorization: Option<&str>,
+    ) -> Result<(Prepared, TenantCharge), DispatchError> {
         if self.shutting_down.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(DispatchError::ShuttingDown);
         }
         let start = Instant::now();
+        let tenant = self.authenticate(authorization)?;
+        self.check_tenant_field(&r.tenant, &tenant)?;
+        self.check_rate(&tenant)?;
         let estimate = self.check(&r)?;
+        let hold = self.admit_tenant(&tenant, &r.model, estimate.total())?;
+        let charge = TenantCharge::new(self.clone(), hold);
+        let tenant_max_queued = self
+            .tenants
+            .lock()
+            .spec(&tenant)
+            .map_or(usize::MAX, |s| s.max_queued as usize);
         let request_id = if r.request_id.is_empty() {
             self.new_id()
         } else {
             r.request_id
         };
         let deadline = start + timeout.unwrap_or(self.settings().default_timeout);
-        Ok(Prepared {
+        let prepared = Prepared {
             origin: (!r.origin_region.is_empty()).then(|| Arc::from(r.origin_region.as_str())),
-            tenant: Arc::from(r.tenant.as_str()),
             exec: pb::ExecuteRequest {
                 request_id: request_id.clone(),
-                tenant: r.tenant,
+                tenant: tenant.to_string(),
                 model: r.model,
                 payload: r.payload,
                 prompt_tokens: estimate.prompt,
                 max_output_tokens: estimate.max_output,
                 labels: r.labels,
             },
+            tenant,
+            tenant_max_queued,
             request_id,
             estimate,
             start,
             deadline,
-        })
+        };
+        Ok((prepared, charge))
     }
 
     /// Reserves, calls the cluster with `call`, fails over on retryable
@@ -78,6 +94,7 @@ impl Engine {
     pub(super) async fn forward<T, F, Fut>(
         self: &Arc<Self>,
         p: &Prepared,
+        charge: &mut TenantCharge,
         mut call: F,
     ) -> Result<Forwarded<T>, DispatchError>
     where
@@ -105,6 +122,7 @@ impl Engine {
                 tenant: p.tenant.clone(),
                 tried: tried.clone(),
                 wait_until: p.deadline.min(now + settings.max_queue_wait),
+                tenant_max_queued: p.tenant_max_queued,
             };
             let (mut held, waited) = match self.acquire(submission).await {
                 Ok(x) => x,
@@ -130,6 +148,7 @@ impl Engine {
             let mut request = tonic::Request::new(p.exec.clone());
             request.set_timeout(remaining);
             held.mark_sent();
+            charge.sending();
             let sent = Instant::now();
             match tokio::time::timeout(remaining, call(client, request)).await {
                 Ok(Ok(response)) => {
@@ -144,7 +163,7 @@ impl Engine {
                 }
                 Ok(Err(status)) => {
                     let kind = classify(&status);
-                    held.settle(failure_completion(kind, sent.elapsed()));
+                    charge.settled(held.settle(failure_completion(kind, sent.elapsed())));
                     let message = format!("region {region}: {} ({:?})", status.message(), status.code());
                     match kind {
                         FailureKind::NotRun | FailureKind::ProviderRefused { .. } => {
@@ -162,7 +181,7 @@ impl Engine {
                     }
                 }
                 Err(_elapsed) => {
-                    held.settle(failure_completion(FailureKind::MayHaveRun, sent.elapsed()));
+                    charge.settled(held.settle(failure_completion(FailureKind::MayHaveRun, sent.elapsed())));
                     return Err(DispatchError::DeadlineExceeded(format!(
                         "waiting for region {region} after {:?}",
                         p.start.elapsed()

@@ -64,4 +64,16 @@ pub enum DispatchError {
     AttemptsExhausted { attempts: u32, last: String },
     #[error("the dispatcher is shutting down")]
     ShuttingDown,
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    /// A tenant's hard limit.
+    #[error("tenant {tenant} is over its {limit}: {message}")]
+    TenantLimit {
+        tenant: String,
+        limit: &'static str,
+        message: String,
+        retry_after: Option<Duration>,
+    },
 }

@@ -4,9 +4,11 @@
 //! passed into the core.
 
 mod attempt;
+mod auth;
 mod error;
 mod held;
 mod queue;
+mod rates;
 mod stream;
 mod unary;
 mod validate;
@@ -18,17 +20,20 @@ use std::time::{Duration, Instant};
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::Notify;
 
+pub use auth::{AuthError, hash_key};
 pub use error::{DispatchError, Violation};
 pub use queue::{Grant, Ticket};
 pub use stream::{ChunkStream, StreamChunk};
 
 use crate::config::{Config, RequestLimits};
 use crate::core::{
-    Completion, HintOutcome, ProviderHint, ReportedLoad, Reservation, RoutePreview, RouteRequest, Router,
-    Scheduler, TokenEstimate,
+    Completion, Day, HintOutcome, ProviderHint, ReportedLoad, Reservation, RoutePreview, RouteRequest,
+    Router, Scheduler, TenantHold, TenantRefusal, TenantReport, Tenants, TokenEstimate,
 };
 use crate::forward::ClusterPool;
 use crate::pb;
+use auth::Auth;
+use rates::TenantRates;
 
 /// Settings the request path reads on every request; swapped whole on reload.
 #[derive(Debug, Clone, PartialEq)]
@@ -63,6 +68,9 @@ pub struct Dispatched {
 
 pub struct Engine {
     state: Mutex<Scheduler<Ticket>>,
+    tenants: Mutex<Tenants>,
+    auth: RwLock<Arc<Auth>>,
+    rates: RwLock<Arc<TenantRates>>,
     pool: ClusterPool,
     settings: RwLock<Arc<Settings>>,
     pump_wake: Arc<Notify>,
@@ -76,14 +84,23 @@ impl Engine {
     /// regions already started by the caller). Start the queue pump with
     /// `spawn_pump` once a runtime is running.
     pub fn new(config: &Config, endpoints: &[(String, String)]) -> Result<Arc<Self>, String> {
-        let router = Router::try_new(config.router_spec(), Instant::now()).map_err(|e| e.to_string())?;
+        let now = Instant::now();
+        let router = Router::try_new(config.router_spec(), now).map_err(|e| e.to_string())?;
+        let tenants = Tenants::try_new(&config.tenant_specs(), now).map_err(|e| e.to_string())?;
         let pool = ClusterPool::new();
         pool.set(endpoints)?;
         let started = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         Ok(Arc::new(Self {
-            state: Mutex::new(Scheduler::fifo(router, config.routing.max_queued as usize)),
+            state: Mutex::new(Scheduler::fair(
+                router,
+                config.routing.max_queued as usize,
+                tenants.weights(),
+            )),
+            auth: RwLock::new(Arc::new(Auth::from_config(config))),
+            rates: RwLock::new(Arc::new(TenantRates::from_config(config))),
+            tenants: Mutex::new(tenants),
             pool,
             settings: RwLock::new(Arc::new(Settings::from_config(config))),
             pump_wake: Arc::new(Notify::new()),
@@ -96,14 +113,26 @@ impl Engine {
     /// Applies a new configuration live (all or nothing).
     pub fn apply(&self, config: &Config, endpoints: &[(String, String)]) -> Result<(), String> {
         {
+            let now = Instant::now();
             let mut state = self.state.lock();
-            // Check the endpoints before touching the router, so a bad one changes nothing.
+            let mut tenants = self.tenants.lock();
+            // Build everything that can fail before changing anything.
+            let mut next_tenants = tenants.clone();
+            next_tenants
+                .apply(&config.tenant_specs(), now)
+                .map_err(|e| e.to_string())?;
             self.pool.set(endpoints)?;
+            // All or nothing by itself; fails only on limits validation has
+            // already refused.
             state
                 .router_mut()
-                .apply(config.router_spec(), Instant::now())
+                .apply(config.router_spec(), now)
                 .map_err(|e| e.to_string())?;
+            state.set_weights(next_tenants.weights());
             state.set_max_queued(config.routing.max_queued as usize);
+            *tenants = next_tenants;
+            *self.auth.write() = Arc::new(Auth::from_config(config));
+            *self.rates.write() = Arc::new(TenantRates::from_config(config));
             *self.settings.write() = Arc::new(Settings::from_config(config));
         }
         // Limits may have grown: let waiters through.
@@ -178,7 +207,13 @@ impl Engine {
     }
 
     /// The dry run behind `Route`: consumes nothing.
-    pub fn route(&self, r: &pb::DispatchRequest) -> Result<RoutePreview, DispatchError> {
+    pub fn route(
+        &self,
+        r: &pb::DispatchRequest,
+        authorization: Option<&str>,
+    ) -> Result<RoutePreview, DispatchError> {
+        let tenant = self.authenticate(authorization)?;
+        self.check_tenant_field(&r.tenant, &tenant)?;
         let estimate = self.check(r)?;
         let req = RouteRequest {
             model: &r.model,
@@ -188,7 +223,74 @@ impl Engine {
         Ok(self.state.lock().router().preview(&req, Instant::now())?)
     }
 
-    fn settle(&self, r: &Reservation, c: Completion) {
+    /// Each tenant's limits and use, for operators.
+    pub fn tenant_report(&self) -> Vec<TenantReport> {
+        self.tenants.lock().report(Instant::now())
+    }
+
+    /// The tenant behind an `authorization` header (or none).
+    pub fn authenticate(&self, authorization: Option<&str>) -> Result<Arc<str>, DispatchError> {
+        let auth = self.auth.read().clone();
+        auth.authenticate(authorization)
+            .map_err(|e| DispatchError::Unauthenticated(e.to_string()))
+    }
+
+    /// Checks a request's claimed tenant against the authenticated one.
+    fn check_tenant_field(&self, claimed: &str, tenant: &str) -> Result<(), DispatchError> {
+        if claimed.is_empty() || claimed == tenant {
+            Ok(())
+        } else {
+            Err(DispatchError::PermissionDenied(format!(
+                "the request names tenant {claimed:?} but the credential is tenant {tenant:?}"
+            )))
+        }
+    }
+
+    /// The tenant's requests-per-second limit (governor).
+    fn check_rate(&self, tenant: &Arc<str>) -> Result<(), DispatchError> {
+        let rates = self.rates.read().clone();
+        rates
+            .check(tenant)
+            .map_err(|(retry_after, limit)| DispatchError::TenantLimit {
+                tenant: tenant.to_string(),
+                limit: "requests_per_second",
+                message: format!("requests_per_second limit {limit} reached"),
+                retry_after: Some(retry_after),
+            })
+    }
+
+    /// Holds `tokens` against the tenant's hard limits.
+    fn admit_tenant(&self, tenant: &str, model: &str, tokens: u64) -> Result<TenantHold, DispatchError> {
+        let now = Instant::now();
+        self.tenants
+            .lock()
+            .admit(tenant, model, tokens, now, today())
+            .map_err(|refusal| match refusal {
+                TenantRefusal::ModelNotAllowed { .. } => {
+                    DispatchError::PermissionDenied(format!("tenant {tenant:?}: {refusal}"))
+                }
+                TenantRefusal::Unknown => {
+                    DispatchError::Unauthenticated(format!("tenant {tenant:?} is not configured"))
+                }
+                other => DispatchError::TenantLimit {
+                    tenant: tenant.to_string(),
+                    limit: other.limit(),
+                    message: other.to_string(),
+                    retry_after: other.retry_after(),
+                },
+            })
+    }
+
+    fn settle_tenant(&self, hold: TenantHold, charged: u64) {
+        self.tenants.lock().settle(hold, charged, Instant::now());
+    }
+
+    /// Reclaims rate-limiter state of idle tenants.
+    pub fn sweep_idle(&self) {
+        self.rates.read().retain_recent();
+    }
+
+    fn settle(&self, r: &Reservation, c: Completion) -> u64 {
         let settled = self.state.lock().router_mut().settle(r, c, Instant::now());
         self.wake_pump();
         if let Some(HintOutcome::Ignored { reason, first: true }) = &settled.hint {
@@ -197,6 +299,20 @@ impl Engine {
         if !settled.found {
             tracing::info!(region = %r.region, model = %r.model, "settled work on a region or model removed by a reload");
         }
+        settled.charged
+    }
+}
+
+/// Today as UTC days since the epoch, for daily budgets.
+fn today() -> Day {
+    const DAY: u64 = 86_400;
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = since_epoch.as_secs();
+    Day {
+        number: secs / DAY,
+        next_in: Duration::from_secs(DAY - secs % DAY),
     }
 }
 

@@ -49,6 +49,18 @@ impl Engine {
                     retry_after: projected,
                 });
             }
+            Err(SubmitError::TenantQueueFull {
+                tenant,
+                queued,
+                retry_after,
+            }) => {
+                return Err(DispatchError::TenantLimit {
+                    message: format!("max_queued limit reached ({queued} of its requests wait for quota)"),
+                    tenant,
+                    limit: "max_queued",
+                    retry_after: Some(retry_after.unwrap_or(Duration::from_millis(100))),
+                });
+            }
             Err(SubmitError::QueueFull { queued, retry_after }) => {
                 return Err(DispatchError::QueueFull {
                     queued,
@@ -90,7 +102,11 @@ impl Engine {
     }
 }
 
+/// How often idle tenants' rate-limiter state is reclaimed.
+const IDLE_SWEEP: Duration = Duration::from_secs(10);
+
 async fn pump(engine: Weak<Engine>, cancel: CancellationToken) {
+    let mut next_idle_sweep = Instant::now() + IDLE_SWEEP;
     loop {
         let Some(e) = engine.upgrade() else { return };
         let now = Instant::now();
@@ -118,11 +134,15 @@ async fn pump(engine: Weak<Engine>, cancel: CancellationToken) {
                 Released::Gone(_) => {}
             }
         }
+        if now >= next_idle_sweep {
+            e.sweep_idle();
+            next_idle_sweep = now + IDLE_SWEEP;
+        }
         let notified = e.pump_wake.clone();
         drop(e);
         let sleep_until = match (wake, queued) {
             (Some(w), _) => w.min(now + SWEEP_INTERVAL),
-            (None, 0) => now + Duration::from_secs(3600),
+            (None, 0) => next_idle_sweep,
             (None, _) => now + SWEEP_INTERVAL,
         };
         tokio::select! {

@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::held::Held;
+use super::held::{Held, TenantCharge};
 use super::{DispatchError, Engine, hint_from_pb, load_from_pb};
 use crate::core::{Completion, Outcome, Settlement};
 use crate::pb;
@@ -35,6 +35,7 @@ const BUFFER: usize = 16;
 
 struct Relay {
     held: Held,
+    charge: TenantCharge,
     upstream: tonic::Streaming<pb::ExecuteChunk>,
     tx: mpsc::Sender<Result<StreamChunk, DispatchError>>,
     template: StreamChunk,
@@ -50,16 +51,18 @@ impl Engine {
         self: &Arc<Self>,
         r: pb::DispatchRequest,
         timeout: Option<Duration>,
+        authorization: Option<&str>,
     ) -> Result<ChunkStream, DispatchError> {
-        let p = self.prepare(r, timeout)?;
+        let (p, mut charge) = self.prepare(r, timeout, authorization)?;
         let f = self
-            .forward(&p, |mut client, request| async move {
+            .forward(&p, &mut charge, |mut client, request| async move {
                 client.execute_stream(request).await
             })
             .await?;
         let (tx, rx) = mpsc::channel(BUFFER);
         let relay = Relay {
             held: f.held,
+            charge,
             upstream: f.value,
             tx,
             template: StreamChunk {
@@ -98,13 +101,14 @@ impl Relay {
     fn cut(self, produced: u64, outcome: Option<Outcome>) {
         let Relay {
             held,
+            mut charge,
             upstream,
             prompt,
             sent,
             ..
         } = self;
         drop(upstream);
-        held.settle(Completion {
+        charge.settled(held.settle(Completion {
             settlement: Settlement::Used {
                 prompt,
                 completion: produced,
@@ -112,7 +116,8 @@ impl Relay {
             outcome,
             latency: sent.elapsed(),
             ..Completion::abandoned()
-        });
+        }));
+        charge.finish();
     }
 
     async fn run(mut self) {
@@ -140,8 +145,14 @@ impl Relay {
                     produced = produced.max(usage.completion_tokens);
                     if c.done {
                         let last = self.chunk(c.output, usage, true);
-                        let Relay { held, tx, sent, .. } = self;
-                        held.settle(Completion {
+                        let Relay {
+                            held,
+                            mut charge,
+                            tx,
+                            sent,
+                            ..
+                        } = self;
+                        charge.settled(held.settle(Completion {
                             settlement: Settlement::Used {
                                 prompt: usage.prompt_tokens,
                                 completion: usage.completion_tokens,
@@ -151,7 +162,8 @@ impl Relay {
                             hint: c.provider_quota.map(hint_from_pb),
                             load: c.load.map(load_from_pb),
                             provider_refused: None,
-                        });
+                        }));
+                        charge.finish();
                         let _ = tx.send(Ok(last)).await;
                         return;
                     }
@@ -176,13 +188,20 @@ impl Relay {
                     // Failed midway: it ran, and how much the provider counted
                     // is unknown, so the reservation stays charged.
                     let region = self.template.region.clone();
-                    let Relay { held, tx, sent, .. } = self;
-                    held.settle(Completion {
+                    let Relay {
+                        held,
+                        mut charge,
+                        tx,
+                        sent,
+                        ..
+                    } = self;
+                    charge.settled(held.settle(Completion {
                         settlement: Settlement::Unknown,
                         outcome: Some(Outcome::Failure),
                         latency: sent.elapsed(),
                         ..Completion::abandoned()
-                    });
+                    }));
+                    charge.finish();
                     let _ = tx
                         .send(Err(DispatchError::Upstream {
                             region,

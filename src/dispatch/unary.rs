@@ -8,23 +8,24 @@ use crate::core::{Completion, Outcome, Settlement};
 use crate::pb;
 
 impl Engine {
-    /// Routes, forwards and settles one unit of work. `timeout` is the
-    /// caller's deadline (the configured default when it set none).
+    /// Authenticates, routes, forwards and settles one unit of work.
+    /// `timeout` is the caller's deadline (the configured default when it
+    /// set none); `authorization` the caller's header.
     pub async fn dispatch(
         self: &Arc<Self>,
         r: pb::DispatchRequest,
         timeout: Option<Duration>,
+        authorization: Option<&str>,
     ) -> Result<Dispatched, DispatchError> {
-        let p = self.prepare(r, timeout)?;
+        let (p, mut charge) = self.prepare(r, timeout, authorization)?;
         let f = self
-            .forward(
-                &p,
-                |mut client, request| async move { client.execute(request).await },
-            )
+            .forward(&p, &mut charge, |mut client, request| async move {
+                client.execute(request).await
+            })
             .await?;
         let reply = f.value;
         let usage = reply.usage.unwrap_or_default();
-        f.held.settle(Completion {
+        let charged = f.held.settle(Completion {
             settlement: Settlement::Used {
                 prompt: usage.prompt_tokens,
                 completion: usage.completion_tokens,
@@ -35,6 +36,8 @@ impl Engine {
             load: reply.load.map(load_from_pb),
             provider_refused: None,
         });
+        charge.settled(charged);
+        charge.finish();
         Ok(Dispatched {
             request_id: p.request_id,
             region: f.region.to_string(),

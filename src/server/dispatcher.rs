@@ -22,6 +22,15 @@ impl DispatcherService {
     }
 }
 
+/// The `authorization` header, if any. Its value is never logged.
+fn authorization<T>(request: &Request<T>) -> Option<String> {
+    request.metadata().get("authorization").map(|v| {
+        v.to_str()
+            .map(str::to_string)
+            .unwrap_or_else(|_| "invalid".into())
+    })
+}
+
 fn duration(d: std::time::Duration) -> Option<prost_types::Duration> {
     prost_types::Duration::try_from(d).ok()
 }
@@ -80,9 +89,10 @@ impl Dispatcher for DispatcherService {
         request: Request<pb::DispatchRequest>,
     ) -> Result<Response<pb::DispatchReply>, Status> {
         let timeout = crate::grpc::grpc_timeout(request.metadata());
+        let authorization = authorization(&request);
         let r = request.into_inner();
         self.engine
-            .dispatch(r, timeout)
+            .dispatch(r, timeout, authorization.as_deref())
             .await
             .map(|d| Response::new(reply(d)))
             .map_err(|e| to_status(&e))
@@ -95,10 +105,11 @@ impl Dispatcher for DispatcherService {
         request: Request<pb::DispatchRequest>,
     ) -> Result<Response<Self::DispatchStreamStream>, Status> {
         let timeout = crate::grpc::grpc_timeout(request.metadata());
+        let authorization = authorization(&request);
         let r = request.into_inner();
         let chunks = self
             .engine
-            .dispatch_stream(r, timeout)
+            .dispatch_stream(r, timeout, authorization.as_deref())
             .await
             .map_err(|e| to_status(&e))?;
         let out = chunks.map(|c| c.map(chunk).map_err(|e| to_status(&e)));
@@ -109,9 +120,10 @@ impl Dispatcher for DispatcherService {
         &self,
         request: Request<pb::DispatchRequest>,
     ) -> Result<Response<pb::RouteDecision>, Status> {
+        let authorization = authorization(&request);
         let r = request.into_inner();
         self.engine
-            .route(&r)
+            .route(&r, authorization.as_deref())
             .map(|p| Response::new(decision(p)))
             .map_err(|e| to_status(&e))
     }

@@ -56,6 +56,19 @@ pub fn to_status(e: &DispatchError) -> Status {
             Status::new(code, message)
         }
         DispatchError::AttemptsExhausted { .. } | DispatchError::ShuttingDown => Status::unavailable(message),
+        DispatchError::Unauthenticated(_) => Status::unauthenticated(message),
+        DispatchError::PermissionDenied(_) => Status::permission_denied(message),
+        DispatchError::TenantLimit {
+            tenant,
+            message: what,
+            retry_after,
+            ..
+        } => {
+            let mut details =
+                ErrorDetails::with_quota_failure_violation(format!("tenant:{tenant}"), what.clone());
+            details.set_retry_info(Some(retry_after.unwrap_or(DEFAULT_RETRY)));
+            Status::with_error_details(Code::ResourceExhausted, message, details)
+        }
     }
 }
 

@@ -1,0 +1,471 @@
+//! Tenants' hard limits (tokens a minute, requests in flight, a daily token
+//! budget, allowed models) and what they used, for fair-share reports.
+//! Requests-per-second limits are the edge's (governor); the rest is here,
+//! pure, with the time and the day passed in.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::fair::Weights;
+use super::quota::{QuotaBucket, QuotaError, Shortfall};
+
+/// A tenant's settings, validated (`[[tenants]]` in dispatcher.toml).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TenantSpec {
+    pub name: String,
+    pub weight: f64,
+    pub requests_per_second: Option<u32>,
+    pub tokens_per_minute: Option<u64>,
+    pub max_concurrent: Option<u32>,
+    pub daily_token_budget: Option<u64>,
+    /// Models it may use; `None`: every model.
+    pub models: Option<Vec<String>>,
+    /// Its requests waiting for quota at most.
+    pub max_queued: u32,
+}
+
+/// The day as the edge counts it (UTC days since the epoch), and when the
+/// next one starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Day {
+    pub number: u64,
+    pub next_in: Duration,
+}
+
+/// Which hard limit refused a request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TenantRefusal {
+    Unknown,
+    ModelNotAllowed {
+        allowed: Vec<String>,
+    },
+    TokensPerMinute {
+        limit: u64,
+        need: u64,
+        retry_after: Option<Duration>,
+    },
+    Concurrency {
+        limit: u32,
+    },
+    DailyBudget {
+        budget: u64,
+        committed: u64,
+        retry_after: Duration,
+    },
+}
+
+impl TenantRefusal {
+    /// The limit's name, as configured.
+    pub fn limit(&self) -> &'static str {
+        match self {
+            TenantRefusal::Unknown => "tenant",
+            TenantRefusal::ModelNotAllowed { .. } => "models",
+            TenantRefusal::TokensPerMinute { .. } => "tokens_per_minute",
+            TenantRefusal::Concurrency { .. } => "max_concurrent",
+            TenantRefusal::DailyBudget { .. } => "daily_token_budget",
+        }
+    }
+
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            TenantRefusal::TokensPerMinute { retry_after, .. } => *retry_after,
+            TenantRefusal::Concurrency { .. } => Some(Duration::from_millis(100)),
+            TenantRefusal::DailyBudget { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for TenantRefusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TenantRefusal::Unknown => f.write_str("unknown tenant"),
+            TenantRefusal::ModelNotAllowed { allowed } => {
+                write!(
+                    f,
+                    "model not allowed for this tenant (allowed: {})",
+                    allowed.join(", ")
+                )
+            }
+            TenantRefusal::TokensPerMinute { limit, need, .. } => {
+                write!(
+                    f,
+                    "tokens_per_minute limit {limit} reached (this request needs {need})"
+                )
+            }
+            TenantRefusal::Concurrency { limit } => write!(f, "max_concurrent limit {limit} reached"),
+            TenantRefusal::DailyBudget {
+                budget, committed, ..
+            } => {
+                write!(
+                    f,
+                    "daily_token_budget {budget} reached ({committed} used or reserved today)"
+                )
+            }
+        }
+    }
+}
+
+/// Tokens held against a tenant's limits for one request; settle it once.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TenantHold {
+    pub tenant: Arc<str>,
+    pub tokens: u64,
+    day: u64,
+}
+
+const WINDOW_SECS: usize = 60;
+
+/// Tokens and requests per second over the last minute.
+#[derive(Debug, Clone)]
+struct UsageWindow {
+    /// (second, tokens, requests) by `second % 60`.
+    slots: [(u64, u64, u64); WINDOW_SECS],
+}
+
+impl UsageWindow {
+    fn new() -> Self {
+        Self {
+            slots: [(u64::MAX, 0, 0); WINDOW_SECS],
+        }
+    }
+
+    fn add(&mut self, second: u64, tokens: u64) {
+        let slot = &mut self.slots[second as usize % WINDOW_SECS];
+        if slot.0 != second {
+            *slot = (second, 0, 0);
+        }
+        slot.1 += tokens;
+        slot.2 += 1;
+    }
+
+    fn last_minute(&self, second: u64) -> (u64, u64) {
+        self.slots
+            .iter()
+            .filter(|(s, _, _)| *s != u64::MAX && *s + WINDOW_SECS as u64 > second && *s <= second)
+            .fold((0, 0), |(t, r), (_, tokens, requests)| (t + tokens, r + requests))
+    }
+}
+
+#[derive(Debug, Clone)]
+struct TenantState {
+    name: Arc<str>,
+    spec: TenantSpec,
+    tokens: Option<QuotaBucket>,
+    in_flight: u32,
+    day: u64,
+    used_today: u64,
+    reserved: u64,
+    usage: UsageWindow,
+}
+
+/// A tenant as operators see it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TenantReport {
+    pub spec: TenantSpec,
+    pub tokens_last_minute: u64,
+    pub requests_last_minute: u64,
+    /// Its part of all tokens dispatched in the last minute.
+    pub share: f64,
+    /// `weight / Σ weights` of the tenants active in the last minute (its
+    /// own included).
+    pub entitlement: f64,
+    pub in_flight: u32,
+    pub tokens_available: Option<i64>,
+    pub used_today: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Tenants {
+    states: BTreeMap<Arc<str>, TenantState>,
+    weights: Arc<Weights>,
+    epoch: Instant,
+}
+
+impl Tenants {
+    pub fn try_new(specs: &[TenantSpec], now: Instant) -> Result<Self, QuotaError> {
+        let mut t = Self {
+            states: BTreeMap::new(),
+            weights: Arc::new(Weights::default()),
+            epoch: now,
+        };
+        t.apply(specs, now)?;
+        Ok(t)
+    }
+
+    /// New settings live: tenants that stay keep their buckets (fill
+    /// fraction kept), counters and usage.
+    pub fn apply(&mut self, specs: &[TenantSpec], now: Instant) -> Result<(), QuotaError> {
+        let mut next = BTreeMap::new();
+        for spec in specs {
+            let old = self.states.get(spec.name.as_str());
+            let tokens = match (spec.tokens_per_minute, old.and_then(|o| o.tokens.clone())) {
+                (None, _) => None,
+                (Some(tpm), Some(mut bucket)) => {
+                    bucket.set_limit(tpm, None, now)?;
+                    Some(bucket)
+                }
+                (Some(tpm), None) => Some(QuotaBucket::try_new(tpm, None, now)?),
+            };
+            let name: Arc<str> = Arc::from(spec.name.as_str());
+            let state = TenantState {
+                name: name.clone(),
+                spec: spec.clone(),
+                tokens,
+                in_flight: old.map_or(0, |o| o.in_flight),
+                day: old.map_or(0, |o| o.day),
+                used_today: old.map_or(0, |o| o.used_today),
+                reserved: old.map_or(0, |o| o.reserved),
+                usage: old.map_or_else(UsageWindow::new, |o| o.usage.clone()),
+            };
+            next.insert(name, state);
+        }
+        self.weights = Arc::new(Weights {
+            by_tenant: next.iter().map(|(n, s)| (n.clone(), s.spec.weight)).collect(),
+            default: 1.0,
+        });
+        self.states = next;
+        Ok(())
+    }
+
+    pub fn weights(&self) -> Arc<Weights> {
+        self.weights.clone()
+    }
+
+    pub fn spec(&self, tenant: &str) -> Option<&TenantSpec> {
+        self.states.get(tenant).map(|s| &s.spec)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &Arc<str>> {
+        self.states.keys()
+    }
+
+    /// Holds `tokens` of `model` against the tenant's limits, or says which
+    /// limit refuses.
+    pub fn admit(
+        &mut self,
+        tenant: &str,
+        model: &str,
+        tokens: u64,
+        now: Instant,
+        day: Day,
+    ) -> Result<TenantHold, TenantRefusal> {
+        let s = self.states.get_mut(tenant).ok_or(TenantRefusal::Unknown)?;
+        if let Some(allowed) = &s.spec.models
+            && !allowed.iter().any(|m| m == model)
+        {
+            return Err(TenantRefusal::ModelNotAllowed {
+                allowed: allowed.clone(),
+            });
+        }
+        if let Some(limit) = s.spec.max_concurrent
+            && s.in_flight >= limit
+        {
+            return Err(TenantRefusal::Concurrency { limit });
+        }
+        if s.day != day.number {
+            s.day = day.number;
+            s.used_today = 0;
+        }
+        if let Some(budget) = s.spec.daily_token_budget {
+            let committed = s.used_today + s.reserved;
+            if committed + tokens > budget {
+                return Err(TenantRefusal::DailyBudget {
+                    budget,
+                    committed,
+                    retry_after: day.next_in,
+                });
+            }
+        }
+        if let Some(bucket) = &mut s.tokens {
+            bucket
+                .try_take(tokens, now)
+                .map_err(|why| TenantRefusal::TokensPerMinute {
+                    limit: bucket.per_minute(),
+                    need: tokens,
+                    retry_after: match why {
+                        Shortfall::Wait(w) => Some(w),
+                        Shortfall::TooLarge { .. } => None,
+                    },
+                })?;
+        }
+        s.in_flight += 1;
+        s.reserved += tokens;
+        Ok(TenantHold {
+            tenant: s.name.clone(),
+            tokens,
+            day: day.number,
+        })
+    }
+
+    /// Settles a hold with the tokens finally charged for the request.
+    pub fn settle(&mut self, hold: TenantHold, charged: u64, now: Instant) {
+        let second = now.saturating_duration_since(self.epoch).as_secs();
+        let Some(s) = self.states.get_mut(&hold.tenant) else {
+            return;
+        };
+        s.in_flight = s.in_flight.saturating_sub(1);
+        s.reserved = s.reserved.saturating_sub(hold.tokens);
+        if s.day == hold.day {
+            s.used_today += charged;
+        }
+        if let Some(bucket) = &mut s.tokens {
+            if charged < hold.tokens {
+                bucket.refund(hold.tokens - charged, now);
+            } else {
+                bucket.charge(charged - hold.tokens, now);
+            }
+        }
+        if charged > 0 {
+            s.usage.add(second, charged);
+        }
+    }
+
+    pub fn report(&self, now: Instant) -> Vec<TenantReport> {
+        let second = now.saturating_duration_since(self.epoch).as_secs();
+        let usage: Vec<(u64, u64)> = self
+            .states
+            .values()
+            .map(|s| s.usage.last_minute(second))
+            .collect();
+        let total: u64 = usage.iter().map(|(t, _)| t).sum();
+        let active_weight: f64 = self
+            .states
+            .values()
+            .zip(&usage)
+            .filter(|(s, (t, _))| *t > 0 || s.in_flight > 0)
+            .map(|(s, _)| s.spec.weight)
+            .sum();
+        self.states
+            .values()
+            .zip(usage)
+            .map(|(s, (tokens, requests))| {
+                let active = tokens > 0 || s.in_flight > 0;
+                let weight_pool = if active {
+                    active_weight
+                } else {
+                    active_weight + s.spec.weight
+                };
+                TenantReport {
+                    spec: s.spec.clone(),
+                    tokens_last_minute: tokens,
+                    requests_last_minute: requests,
+                    share: if total > 0 {
+                        tokens as f64 / total as f64
+                    } else {
+                        0.0
+                    },
+                    entitlement: if weight_pool > 0.0 {
+                        s.spec.weight / weight_pool
+                    } else {
+                        0.0
+                    },
+                    in_flight: s.in_flight,
+                    tokens_available: s.tokens.as_ref().map(|b| b.available(now)),
+                    used_today: s.used_today,
+                }
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str) -> TenantSpec {
+        TenantSpec {
+            name: name.into(),
+            weight: 1.0,
+            requests_per_second: None,
+            tokens_per_minute: Some(600),
+            max_concurrent: Some(2),
+            daily_token_budget: Some(1000),
+            models: Some(vec!["m".into()]),
+            max_queued: 10,
+        }
+    }
+
+    const DAY: Day = Day {
+        number: 1,
+        next_in: Duration::from_secs(3600),
+    };
+
+    #[test]
+    fn each_limit_refuses_with_its_name() {
+        let t0 = Instant::now();
+        let mut t = Tenants::try_new(&[spec("a")], t0).unwrap();
+        assert_eq!(t.admit("x", "m", 1, t0, DAY), Err(TenantRefusal::Unknown));
+        assert_eq!(t.admit("a", "other", 1, t0, DAY).unwrap_err().limit(), "models");
+        let h1 = t.admit("a", "m", 300, t0, DAY).unwrap();
+        let _h2 = t.admit("a", "m", 100, t0, DAY).unwrap();
+        let e = t.admit("a", "m", 100, t0, DAY).unwrap_err();
+        assert_eq!(e.limit(), "max_concurrent");
+        t.settle(h1, 300, t0);
+        let e = t.admit("a", "m", 300, t0, DAY).unwrap_err();
+        assert_eq!(e.limit(), "tokens_per_minute");
+        assert_eq!(
+            e.retry_after(),
+            Some(Duration::from_secs(10)),
+            "100 short at 10 tokens/s"
+        );
+        assert!(e.to_string().contains("tokens_per_minute limit 600"), "{e}");
+    }
+
+    #[test]
+    fn daily_budget_counts_used_and_reserved_and_resets_next_day() {
+        let t0 = Instant::now();
+        let mut s = spec("a");
+        s.tokens_per_minute = None;
+        s.max_concurrent = None;
+        let mut t = Tenants::try_new(&[s], t0).unwrap();
+        let h = t.admit("a", "m", 600, t0, DAY).unwrap();
+        t.settle(h, 500, t0);
+        let _held = t.admit("a", "m", 400, t0, DAY).unwrap();
+        let e = t.admit("a", "m", 101, t0, DAY).unwrap_err();
+        assert_eq!(
+            e,
+            TenantRefusal::DailyBudget {
+                budget: 1000,
+                committed: 900,
+                retry_after: Duration::from_secs(3600)
+            }
+        );
+        let tomorrow = Day { number: 2, ..DAY };
+        assert!(t.admit("a", "m", 500, t0, tomorrow).is_ok());
+    }
+
+    #[test]
+    fn settlement_refunds_the_token_bucket_and_records_usage() {
+        let t0 = Instant::now();
+        let mut t = Tenants::try_new(&[spec("a"), spec("b")], t0).unwrap();
+        let h = t.admit("a", "m", 500, t0, DAY).unwrap();
+        t.settle(h, 200, t0 + Duration::from_secs(1));
+        let r = t.report(t0 + Duration::from_secs(1));
+        assert_eq!(r[0].tokens_last_minute, 200);
+        assert_eq!(r[0].requests_last_minute, 1);
+        assert_eq!(r[0].share, 1.0);
+        assert_eq!(r[0].entitlement, 1.0, "b is idle");
+        assert_eq!(r[1].entitlement, 0.5, "b would get half if it came back");
+        assert_eq!(r[0].tokens_available, Some(410));
+        let later = t.report(t0 + Duration::from_secs(120));
+        assert_eq!(later[0].tokens_last_minute, 0, "the window forgets");
+    }
+
+    #[test]
+    fn reload_keeps_counters() {
+        let t0 = Instant::now();
+        let mut t = Tenants::try_new(&[spec("a")], t0).unwrap();
+        let _h = t.admit("a", "m", 300, t0, DAY).unwrap();
+        let mut s = spec("a");
+        s.weight = 3.0;
+        s.tokens_per_minute = Some(1200);
+        t.apply(&[s], t0).unwrap();
+        assert_eq!(t.weights().of("a"), 3.0);
+        let r = t.report(t0);
+        assert_eq!(r[0].in_flight, 1);
+        assert_eq!(r[0].tokens_available, Some(600), "half full stays half full");
+    }
+}
