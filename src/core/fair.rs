@@ -196,6 +196,55 @@ impl<T: Send> Discipline<T> for FairQueue<T> {
         own + others as u64
     }
 
+    /// `w / (w + Σ weights of the other tenants with work waiting)`.
+    fn share(&self, tenant: &str) -> f64 {
+        let own = self.weights.of(tenant);
+        let others: f64 = self
+            .tenants
+            .iter()
+            .filter(|(name, q)| name.as_ref() != tenant && !q.waiters.is_empty())
+            .map(|(name, _)| self.weights.of(name))
+            .sum();
+        own / (own + others)
+    }
+
+    /// Each tenant's head, by tag.
+    fn candidates(&self, n: usize) -> Vec<u64> {
+        let mut heads: Vec<(f64, &Arc<str>, u64)> = self
+            .tenants
+            .iter()
+            .filter_map(|(name, q)| q.waiters.front().map(|w| (q.head_tag, name, w.id)))
+            .collect();
+        heads.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(b.1)));
+        heads.into_iter().take(n).map(|(_, _, id)| id).collect()
+    }
+
+    fn get(&self, id: u64) -> Option<&Waiter<T>> {
+        self.tenants
+            .values()
+            .find_map(|q| q.waiters.iter().find(|w| w.id == id))
+    }
+
+    /// The tenant pays for it as if served in turn (its finish tag moves);
+    /// virtual time stays with the head, which is still waiting.
+    fn take(&mut self, id: u64) -> Option<Waiter<T>> {
+        let tenant = self
+            .tenants
+            .iter()
+            .find(|(_, q)| q.waiters.iter().any(|w| w.id == id))
+            .map(|(name, _)| name.clone())?;
+        let q = self.tenants.get_mut(&tenant)?;
+        let i = q.waiters.iter().position(|w| w.id == id)?;
+        let w = q.waiters.remove(i)?;
+        q.tokens -= w.tokens;
+        self.len -= 1;
+        if i == 0 {
+            q.last_finish = q.head_tag;
+            self.retag_head(&tenant);
+        }
+        Some(w)
+    }
+
     fn queued_for(&self, tenant: &str) -> usize {
         self.tenants.get(tenant).map_or(0, |q| q.waiters.len())
     }

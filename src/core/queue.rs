@@ -41,6 +41,17 @@ pub trait Discipline<T>: Send {
     }
     /// Tokens a new request from `tenant` would wait behind.
     fn tokens_ahead(&self, tenant: &str) -> u64;
+    /// The part of the model's refill `tenant` would get while it waits.
+    fn share(&self, tenant: &str) -> f64 {
+        let _ = tenant;
+        1.0
+    }
+    /// Up to `n` waiters that may be served next, in order, the head first.
+    fn candidates(&self, n: usize) -> Vec<u64>;
+    fn get(&self, id: u64) -> Option<&Waiter<T>>;
+    /// Serves waiter `id` out of turn (backfill from a region the head does
+    /// not wait for).
+    fn take(&mut self, id: u64) -> Option<Waiter<T>>;
     /// Waiters of `tenant`.
     fn queued_for(&self, tenant: &str) -> usize;
     /// New tenant weights (after a reload); disciplines without weights ignore them.
@@ -109,6 +120,21 @@ impl<T: Send> Discipline<T> for Fifo<T> {
 
     fn tokens_ahead(&self, _tenant: &str) -> u64 {
         self.tokens
+    }
+
+    fn candidates(&self, n: usize) -> Vec<u64> {
+        self.waiters.iter().take(n).map(|w| w.id).collect()
+    }
+
+    fn get(&self, id: u64) -> Option<&Waiter<T>> {
+        self.waiters.iter().find(|w| w.id == id)
+    }
+
+    fn take(&mut self, id: u64) -> Option<Waiter<T>> {
+        let i = self.waiters.iter().position(|w| w.id == id)?;
+        let w = self.waiters.remove(i)?;
+        self.tokens -= w.tokens;
+        Some(w)
     }
 
     fn queued_for(&self, tenant: &str) -> usize {
@@ -181,6 +207,26 @@ impl<T> WaitQueue<T> {
     /// Tokens a new request of `tenant` for `model` would wait behind.
     pub fn tokens_ahead(&self, model: &str, tenant: &str) -> u64 {
         self.find(model).map_or(0, |q| q.waiters.tokens_ahead(tenant))
+    }
+
+    /// The part of `model`'s refill `tenant` would get while it waits.
+    pub fn share(&self, model: &str, tenant: &str) -> f64 {
+        self.find(model).map_or(1.0, |q| q.waiters.share(tenant))
+    }
+
+    pub fn candidates(&self, model: &str, n: usize) -> Vec<u64> {
+        self.find(model)
+            .map_or_else(Vec::new, |q| q.waiters.candidates(n))
+    }
+
+    pub fn get(&self, model: &str, id: u64) -> Option<&Waiter<T>> {
+        self.find(model)?.waiters.get(id)
+    }
+
+    pub fn take(&mut self, model: &str, id: u64) -> Option<Waiter<T>> {
+        let w = self.find_mut(model)?.waiters.take(id)?;
+        self.len -= 1;
+        Some(w)
     }
 
     /// Waiters of `tenant`, over every model.

@@ -212,6 +212,25 @@ impl Router {
         self.region_id(name).map(|i| &self.regions[i])
     }
 
+    /// The region `req` would fit in soonest (now, or after a refill), not
+    /// counting `tried`: the one a waiting head holds the refill of.
+    pub fn earliest_fit(
+        &self,
+        req: &RouteRequest<'_>,
+        tried: &[Arc<str>],
+        now: Instant,
+    ) -> Option<(Arc<str>, Duration)> {
+        let model = self.model_id(req.model)?;
+        self.regions
+            .iter()
+            .filter(|r| r.quota(model).is_some() && !tried.iter().any(|t| **t == *r.name))
+            .filter_map(|r| match r.admit(model, req.tokens, now) {
+                Ok(_) => Some((r.name.clone(), Duration::ZERO)),
+                Err(why) => why.wait().map(|w| (r.name.clone(), w)),
+            })
+            .min_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(&b.0)))
+    }
+
     /// How fast quota for `model` comes back, in tokens a second, and how
     /// much is there now, over the regions that could take work for it.
     pub fn supply(&self, model: &str, now: Instant) -> Option<Supply> {

@@ -22,6 +22,10 @@ pub const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
 /// within the rest.
 pub const HEAD_ROOM: f64 = 0.2;
 
+/// How many waiters behind a held head are tried for regions it does not
+/// hold, per model and release.
+pub const BACKFILL: usize = 32;
+
 /// A request as the scheduler takes it.
 #[derive(Debug, Clone)]
 pub struct Submission {
@@ -207,7 +211,11 @@ impl<T> Scheduler<T> {
             let short = queued_tokens as f64 - supply.available as f64;
             let projected = Duration::from_secs_f64((short / supply.tokens_per_sec).max(0.0));
             let may_wait = s.wait_until.saturating_duration_since(now);
-            if projected > may_wait.mul_f64(1.0 - HEAD_ROOM) {
+            // Its own refill at the tenant's share: beyond the head room this
+            // request would expire in the queue whatever the backlog does.
+            let share = self.queue.share(&s.model, &s.tenant).max(f64::MIN_POSITIVE);
+            let own = Duration::from_secs_f64(s.tokens as f64 / (supply.tokens_per_sec * share));
+            if projected > may_wait.mul_f64(1.0 - HEAD_ROOM) || projected + own > may_wait {
                 return Err(SubmitError::WouldExpire {
                     model: s.model.to_string(),
                     projected,
@@ -287,6 +295,10 @@ impl<T> Scheduler<T> {
                         out.push(Released::Granted(w, r));
                     }
                     Err(RouteError::NoCapacity { retry_after, .. }) => {
+                        let held = self
+                            .router
+                            .earliest_fit(&req, &head.tried, now)
+                            .map(|(region, _)| region);
                         let head = self.queue.head_mut(&model).expect("head exists");
                         if head.deadline <= now {
                             let w = self.queue.pop(&model).expect("head exists");
@@ -294,6 +306,9 @@ impl<T> Scheduler<T> {
                             continue;
                         }
                         head.retry_at = retry_after.map(|d| now + d);
+                        if let Some(held) = held {
+                            self.backfill(&model, held, now, &mut out);
+                        }
                         break;
                     }
                     Err(e) => {
@@ -304,6 +319,41 @@ impl<T> Scheduler<T> {
             }
         }
         out
+    }
+
+    /// The head holds the refill of region `held`. The requests next in
+    /// line, in order, take what fits now in a region nobody ahead of them
+    /// holds; one that does not fit holds the region it will fit in first.
+    /// So nobody is overtaken on the refill it waits for, and no refill
+    /// lies idle while someone could use it.
+    fn backfill(&mut self, model: &Arc<str>, held: Arc<str>, now: Instant, out: &mut Vec<Released<T>>) {
+        let mut held = vec![held];
+        for id in self.queue.candidates(model, BACKFILL).into_iter().skip(1) {
+            let Some(w) = self.queue.get(model, id) else {
+                continue;
+            };
+            if w.deadline <= now {
+                continue;
+            }
+            let mut excluded = w.tried.clone();
+            excluded.extend(held.iter().cloned());
+            let req = RouteRequest {
+                model: &w.model,
+                tokens: w.tokens,
+                origin: w.origin.as_deref(),
+            };
+            match self.router.reserve(&req, &excluded, now) {
+                Ok(r) => {
+                    let w = self.queue.take(model, id).expect("candidate exists");
+                    out.push(Released::Granted(w, r));
+                }
+                Err(_) => match self.router.earliest_fit(&req, &excluded, now) {
+                    Some((region, _)) => held.push(region),
+                    // Every region is held by someone ahead: nothing more fits.
+                    None => break,
+                },
+            }
+        }
     }
 
     /// When `release` should run next if nothing else happens: the earliest

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod tools;
+pub mod vsim;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
