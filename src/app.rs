@@ -79,6 +79,19 @@ pub struct Runtime {
     pub config: Config,
     pub sims: SimulatedRegions,
     pub engine: std::sync::Arc<crate::dispatch::Engine>,
+    /// The settings read at start-up that a reload cannot change (the
+    /// listen address as dispatcher.toml gave it, telemetry).
+    started: (std::net::SocketAddr, crate::config::TelemetryConfig),
+}
+
+/// What `ReloadConfig` found and did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reload {
+    pub dry_run: bool,
+    pub applied: bool,
+    pub changes: Vec<crate::config::Change>,
+    pub errors: Vec<crate::config::ConfigError>,
+    pub needs_restart: Vec<String>,
 }
 
 /// How often the regions directory is checked for edits.
@@ -92,7 +105,70 @@ impl Runtime {
             .await
             .map_err(|e| format!("starting simulated regions: {e}"))?;
         let engine = crate::dispatch::Engine::new(&config, &sims.endpoints(&config))?;
-        Ok(Self { config, sims, engine })
+        Ok(Self {
+            started: (config.server.listen, config.telemetry.clone()),
+            config,
+            sims,
+            engine,
+        })
+    }
+
+    /// `--listen` given on the command line: a reload keeps it.
+    pub fn set_listen(&mut self, listen: std::net::SocketAddr) {
+        self.config.server.listen = listen;
+    }
+
+    /// Re-reads dispatcher.toml and every region file. With `dry_run`, or
+    /// when anything is invalid, nothing changes.
+    pub async fn reload_all(&mut self, dry_run: bool) -> Reload {
+        let mut next = match crate::config::load(&self.config.path) {
+            Ok(c) => c,
+            Err(errors) => {
+                return Reload {
+                    dry_run,
+                    applied: false,
+                    changes: Vec::new(),
+                    errors: errors.0,
+                    needs_restart: Vec::new(),
+                };
+            }
+        };
+        let mut needs_restart = Vec::new();
+        if next.server.listen != self.started.0 {
+            needs_restart.push(format!("server.listen: {} → {}", self.started.0, next.server.listen));
+        }
+        if next.telemetry != self.started.1 {
+            needs_restart.push("telemetry".into());
+        }
+        // What cannot change live keeps its running value.
+        next.server.listen = self.config.server.listen;
+        next.telemetry = self.config.telemetry.clone();
+        let changes = crate::config::changes(&self.config, &next);
+        if dry_run {
+            return Reload {
+                dry_run,
+                applied: false,
+                changes,
+                errors: Vec::new(),
+                needs_restart,
+            };
+        }
+        match self.apply(next).await {
+            Ok(_) => Reload {
+                dry_run,
+                applied: true,
+                changes,
+                errors: Vec::new(),
+                needs_restart,
+            },
+            Err(errors) => Reload {
+                dry_run,
+                applied: false,
+                changes,
+                errors: errors.0,
+                needs_restart,
+            },
+        }
     }
 
     /// Re-reads the region files and applies them if they are all valid; the
@@ -112,7 +188,7 @@ impl Runtime {
         &mut self,
         next: Config,
     ) -> Result<Vec<crate::config::Change>, crate::config::ConfigErrors> {
-        let changes = crate::config::region_changes(&self.config, &next);
+        let changes = crate::config::changes(&self.config, &next);
         if changes.is_empty() && next == self.config {
             return Ok(changes);
         }

@@ -47,33 +47,43 @@ async fn main() -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    telemetry::init();
-    let mut config = match config::load(&args.config) {
+    let config = match config::load(&args.config) {
         Ok(c) => c,
         Err(errors) => {
             eprintln!("dispatcher: invalid configuration:\n{errors}");
             std::process::exit(2);
         }
     };
-    if let Some(listen) = args.listen {
-        config.server.listen = listen;
-    }
+    let telemetry = telemetry::init_with_otlp(
+        &config.telemetry.service_name,
+        config.telemetry.otlp_endpoint.as_deref(),
+    )
+    .map_err(anyhow::Error::msg)?;
     if config.auth.allow_anonymous {
         tracing::warn!(
             tenant = %config.auth.anonymous_tenant,
             "anonymous use is on (auth.allow_anonymous): callers without a key count as this tenant; turn it off outside demos"
         );
     }
-    let listen = config.server.listen;
+    let listen = args.listen.unwrap_or(config.server.listen);
     let regions: Vec<String> = config.regions.iter().map(|r| r.spec.name.clone()).collect();
     let strategy = config.routing.strategy;
-    let runtime = Runtime::start(config).await.map_err(anyhow::Error::msg)?;
+    let mut runtime = Runtime::start(config).await.map_err(anyhow::Error::msg)?;
+    runtime.set_listen(listen);
     let engine = runtime.engine.clone();
     let stop = CancellationToken::new();
     let pump = engine.spawn_pump(stop.clone());
     let runtime = Arc::new(tokio::sync::Mutex::new(runtime));
     let watch = app::spawn_region_watch(runtime.clone(), stop.clone());
 
+    let metrics_listen = runtime.lock().await.config.telemetry.metrics_listen;
+    if let Some(m) = metrics_listen {
+        let bound = dispatcher::metrics::serve(m, engine.clone(), stop.clone())
+            .await
+            .with_context(|| format!("binding the metrics listener {m}"))?;
+        tracing::info!(addr = %bound, "serving Prometheus metrics at /metrics");
+        println!("metrics listening on {bound}");
+    }
     let (incoming, addr) = grpc::bind(listen).with_context(|| format!("binding {listen}"))?;
     tracing::info!(%addr, ?regions, %strategy, "dispatcher serving");
     // Tests and scripts read the address from this line.
@@ -91,7 +101,7 @@ async fn main() -> anyhow::Result<()> {
             .await;
         shutdown_engine.begin_shutdown();
     };
-    server::serve(engine, incoming, (reporter, health), shutdown)
+    server::serve(engine, Some(runtime.clone()), incoming, (reporter, health), shutdown)
         .await
         .map_err(|e| anyhow::anyhow!(e))?;
     stop.cancel();
@@ -101,6 +111,7 @@ async fn main() -> anyhow::Result<()> {
         runtime.into_inner().sims.stop().await;
     }
     tracing::info!("stopped");
+    telemetry.shutdown().await;
     Ok(())
 }
 

@@ -1,15 +1,152 @@
-//! Logging set-up: `tracing` to stderr, filtered by `RUST_LOG` (default info).
+//! Logs and traces: `tracing` to stderr (filtered by `RUST_LOG`, default
+//! info) and, when an OTLP endpoint is configured (or
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` is set), spans exported over OTLP/gRPC with
+//! W3C trace context carried in gRPC metadata.
 
 use std::io::IsTerminal;
 
-use tracing_subscriber::EnvFilter;
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
+use tracing::Span;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
+/// The standard variable naming the OTLP collector.
+pub const OTLP_ENV: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
+
+/// Keeps the exporter alive; flush it with `shutdown` before exiting.
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+/// Logging only (for tools and before a config is read).
 pub fn init() {
+    let _ = tracing_subscriber::registry().with(fmt_layer()).try_init();
+}
+
+fn fmt_layer<S>() -> impl Layer<S>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         // Colour codes only for a person at a terminal, not in log files.
         .with_ansi(std::io::stderr().is_terminal())
-        .try_init();
+        .with_filter(filter)
+}
+
+/// Logging, plus OTLP export of spans when `endpoint` (or the standard
+/// environment variable) names a collector. Must run inside a tokio runtime.
+pub fn init_with_otlp(service_name: &str, endpoint: Option<&str>) -> Result<Telemetry, String> {
+    let endpoint = endpoint
+        .map(str::to_string)
+        .or_else(|| std::env::var(OTLP_ENV).ok().filter(|e| !e.is_empty()));
+    let Some(endpoint) = endpoint else {
+        init();
+        return Ok(Telemetry { provider: None });
+    };
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .with_endpoint(endpoint.clone())
+        .build()
+        .map_err(|e| format!("OTLP exporter for {endpoint}: {e}"))?;
+    let provider = SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(
+            opentelemetry_sdk::Resource::builder()
+                .with_service_name(service_name.to_string())
+                .build(),
+        )
+        .build();
+    let tracer = provider.tracer("dispatcher");
+    // The exporter's own gRPC client must not trace itself.
+    let otel_filter = EnvFilter::new("info,tonic=off,h2=off,hyper=off,hyper_util=off,tower=off,opentelemetry=off");
+    let otel = tracing_opentelemetry::layer().with_tracer(tracer).with_filter(otel_filter);
+    let _ = tracing_subscriber::registry().with(fmt_layer()).with(otel).try_init();
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    tracing::info!(%endpoint, service = service_name, "exporting traces over OTLP");
+    Ok(Telemetry {
+        provider: Some(provider),
+    })
+}
+
+impl Telemetry {
+    /// Flushes and stops the exporter. The SDK's shutdown blocks, so it runs
+    /// on a blocking thread (on a current-thread runtime it would time out
+    /// and lose the last spans).
+    pub async fn shutdown(self) {
+        if let Some(provider) = self.provider {
+            let done = tokio::task::spawn_blocking(move || provider.shutdown()).await;
+            if let Ok(Err(e)) = done {
+                eprintln!("flushing traces: {e}");
+            }
+        }
+    }
+}
+
+struct MetadataReader<'a>(&'a MetadataMap);
+
+impl Extractor for MetadataReader<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0
+            .keys()
+            .filter_map(|k| match k {
+                tonic::metadata::KeyRef::Ascii(k) => Some(k.as_str()),
+                tonic::metadata::KeyRef::Binary(_) => None,
+            })
+            .collect()
+    }
+}
+
+struct MetadataWriter<'a>(&'a mut MetadataMap);
+
+impl Injector for MetadataWriter<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(k), Ok(v)) = (MetadataKey::from_bytes(key.as_bytes()), MetadataValue::try_from(value.as_str())) {
+            self.0.insert(k, v);
+        }
+    }
+}
+
+/// Continues the caller's trace (W3C `traceparent` in the metadata) in `span`.
+pub fn continue_trace(span: &Span, metadata: &MetadataMap) {
+    let parent = TraceContextPropagator::new().extract(&MetadataReader(metadata));
+    let _ = span.set_parent(parent);
+}
+
+/// Puts `span`'s trace context into outgoing metadata.
+pub fn inject_trace(span: &Span, metadata: &mut MetadataMap) {
+    TraceContextPropagator::new().inject_context(&span.context(), &mut MetadataWriter(metadata));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trace_context_round_trips_through_metadata() {
+        let mut m = MetadataMap::new();
+        m.insert(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".parse().unwrap(),
+        );
+        let cx = TraceContextPropagator::new().extract(&MetadataReader(&m));
+        let mut out = MetadataMap::new();
+        TraceContextPropagator::new().inject_context(&cx, &mut MetadataWriter(&mut out));
+        assert_eq!(
+            out.get("traceparent").unwrap(),
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        );
+    }
 }

@@ -50,6 +50,9 @@ struct Args {
     capacity: Option<u32>,
     #[arg(long)]
     seed: Option<u64>,
+    /// OTLP/gRPC collector for traces (default: $OTEL_EXPORTER_OTLP_ENDPOINT; none: no export).
+    #[arg(long)]
+    otlp_endpoint: Option<String>,
 }
 
 fn parse_model(s: &str) -> Result<(String, ModelLimits), String> {
@@ -127,8 +130,8 @@ fn spec(args: &Args) -> anyhow::Result<SimSpec> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    telemetry::init();
     let args = Args::parse();
+    let telemetry = telemetry::init_with_otlp("region-sim", args.otlp_endpoint.as_deref()).map_err(anyhow::Error::msg)?;
     let spec = spec(&args)?;
     let region = spec.region.clone();
     let handle = sim::spawn(spec, args.listen)
@@ -136,7 +139,22 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", args.listen))?;
     println!("region-sim {region} listening on {}", handle.addr);
     std::io::stdout().flush()?;
-    tokio::signal::ctrl_c().await?;
+    wait_for_signal().await;
     handle.stop().await;
+    telemetry.shutdown().await;
     Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
 }

@@ -132,3 +132,99 @@ pub fn region_changes(old: &Config, new: &Config) -> Vec<Change> {
     changes.sort_by(|a, b| a.subject.cmp(&b.subject));
     changes
 }
+
+fn changed(subject: &str, details: Vec<String>) -> Option<Change> {
+    (!details.is_empty()).then(|| Change {
+        kind: ChangeKind::Changed,
+        subject: subject.to_string(),
+        details,
+    })
+}
+
+/// Every change between `old` and `new`: server, routing, limits, models,
+/// auth, tenants and regions. Secrets are reported as changed, never shown.
+pub fn changes(old: &Config, new: &Config) -> Vec<Change> {
+    let mut out = Vec::new();
+    let mut d = Vec::new();
+    field(&mut d, "listen", &old.server.listen, &new.server.listen);
+    field(&mut d, "max_attempts", &old.server.max_attempts, &new.server.max_attempts);
+    field(&mut d, "default_timeout", &old.server.default_timeout, &new.server.default_timeout);
+    field(&mut d, "shutdown_grace", &old.server.shutdown_grace, &new.server.shutdown_grace);
+    field(&mut d, "regions_dir", &old.server.regions_dir, &new.server.regions_dir);
+    out.extend(changed("server", d));
+    let mut d = Vec::new();
+    field(&mut d, "strategy", &old.routing.strategy, &new.routing.strategy);
+    field(&mut d, "params", &old.routing.params, &new.routing.params);
+    field(&mut d, "seed", &old.routing.seed, &new.routing.seed);
+    field(&mut d, "max_queue_wait", &old.routing.max_queue_wait, &new.routing.max_queue_wait);
+    field(&mut d, "max_queued", &old.routing.max_queued, &new.routing.max_queued);
+    out.extend(changed("routing", d));
+    let mut d = Vec::new();
+    field(&mut d, "limits", &old.limits, &new.limits);
+    out.extend(changed("limits", d));
+    let mut d = Vec::new();
+    field(&mut d, "allow_anonymous", &old.auth.allow_anonymous, &new.auth.allow_anonymous);
+    field(&mut d, "anonymous_tenant", &old.auth.anonymous_tenant, &new.auth.anonymous_tenant);
+    if old.admin_token != new.admin_token {
+        d.push("admin token changed".into());
+    }
+    out.extend(changed("auth", d));
+    let mut d = Vec::new();
+    field(&mut d, "telemetry", &old.telemetry, &new.telemetry);
+    out.extend(changed("telemetry", d));
+    for m in &new.models {
+        match old.models.iter().find(|o| o.name == m.name) {
+            None => out.push(Change {
+                kind: ChangeKind::Added,
+                subject: format!("model {}", m.name),
+                details: Vec::new(),
+            }),
+            Some(o) if o != m => out.extend(changed(&format!("model {}", m.name), vec![format!("{o:?} → {m:?}")])),
+            Some(_) => {}
+        }
+    }
+    for o in &old.models {
+        if !new.models.iter().any(|m| m.name == o.name) {
+            out.push(Change {
+                kind: ChangeKind::Removed,
+                subject: format!("model {}", o.name),
+                details: Vec::new(),
+            });
+        }
+    }
+    for t in &new.tenants {
+        match old.tenants.iter().find(|o| o.spec.name == t.spec.name) {
+            None => out.push(Change {
+                kind: ChangeKind::Added,
+                subject: format!("tenant {}", t.spec.name),
+                details: Vec::new(),
+            }),
+            Some(o) => {
+                let (a, b) = (&o.spec, &t.spec);
+                let mut d = Vec::new();
+                field(&mut d, "weight", &a.weight, &b.weight);
+                field(&mut d, "requests_per_second", &a.requests_per_second, &b.requests_per_second);
+                field(&mut d, "tokens_per_minute", &a.tokens_per_minute, &b.tokens_per_minute);
+                field(&mut d, "max_concurrent", &a.max_concurrent, &b.max_concurrent);
+                field(&mut d, "daily_token_budget", &a.daily_token_budget, &b.daily_token_budget);
+                field(&mut d, "models", &a.models, &b.models);
+                field(&mut d, "max_queued", &a.max_queued, &b.max_queued);
+                if o.key_hashes != t.key_hashes {
+                    d.push(format!("keys: {} → {}", o.key_hashes.len(), t.key_hashes.len()));
+                }
+                out.extend(changed(&format!("tenant {}", t.spec.name), d));
+            }
+        }
+    }
+    for o in &old.tenants {
+        if !new.tenants.iter().any(|t| t.spec.name == o.spec.name) {
+            out.push(Change {
+                kind: ChangeKind::Removed,
+                subject: format!("tenant {}", o.spec.name),
+                details: Vec::new(),
+            });
+        }
+    }
+    out.extend(region_changes(old, new));
+    out
+}

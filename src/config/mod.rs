@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use crate::core::{ModelSpec, RegionSpec, RouterSpec, StrategyKind, StrategyParams, TenantSpec};
 
-pub use diff::{Change, ChangeKind, region_changes};
+pub use diff::{Change, ChangeKind, changes, region_changes};
 pub use load::{load, load_regions, parse_dispatcher, parse_region};
 pub use validate::parse_key_hash as validate_key_hash;
 
@@ -86,7 +86,21 @@ pub struct Config {
     pub models: Vec<ModelSpec>,
     pub auth: AuthConfig,
     pub tenants: Vec<TenantConfig>,
+    /// SHA-256 of the admin token; `None`: the Admin API is open.
+    pub admin_token: Option<[u8; 32]>,
+    pub telemetry: TelemetryConfig,
     pub regions: Vec<RegionConfig>,
+}
+
+/// Traces and metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TelemetryConfig {
+    /// OTLP/gRPC collector (Jaeger all-in-one listens on :4317); `None`: no
+    /// export, unless `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
+    pub otlp_endpoint: Option<String>,
+    pub service_name: String,
+    /// Prometheus `/metrics` on its own port; `None`: off.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Who may call: tenants by API key, and anonymous callers if allowed.

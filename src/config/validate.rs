@@ -10,7 +10,7 @@ use super::raw::{
 };
 use super::{
     AuthConfig, Config, ConfigError, HealthConfig, RegionConfig, RequestLimits, RoutingConfig, ServerConfig,
-    SimulateConfig, TenantConfig,
+    SimulateConfig, TelemetryConfig, TenantConfig,
 };
 use crate::core::{
     Accounting, ModelLimits, ModelSpec, RegionSpec, StrategyKind, StrategyParams, TenantSpec,
@@ -228,6 +228,42 @@ pub fn validate_dispatcher(raw: RawDispatcher, file: &Path) -> Result<Config, Co
         models.push(model);
     }
     let (auth, tenants) = validate_tenants(&c, raw.auth, raw.tenants, &models)?;
+    let admin_token = match raw.admin.token {
+        None => None,
+        Some(t) => Some(parse_key_hash(&t).ok_or_else(|| {
+            c.err(
+                "admin.token",
+                "must be \"sha256:\" and 64 hex digits, the SHA-256 of the token (never the token itself); \
+                 `dispatcher hash-key` prints it",
+            )
+        })?),
+    };
+    if admin_token.is_some_and(|h| tenants.iter().any(|t| t.key_hashes.contains(&h))) {
+        return Err(c.err("admin.token", "is also a tenant's key; use a separate token"));
+    }
+    let t = raw.telemetry;
+    let otlp_endpoint = match t.otlp_endpoint {
+        None => None,
+        Some(e) if e.is_empty() => None,
+        Some(e) => {
+            let uri: tonic::transport::Uri = e
+                .parse()
+                .map_err(|_| c.err("telemetry.otlp_endpoint", format!("{e:?} is not a URI like \"http://127.0.0.1:4317\"")))?;
+            if !matches!(uri.scheme_str(), Some("http") | Some("https")) {
+                return Err(c.err("telemetry.otlp_endpoint", format!("{e:?} has no http or https scheme")));
+            }
+            Some(e)
+        }
+    };
+    let metrics_listen = match t.metrics_listen {
+        None => None,
+        Some(m) if m.is_empty() => None,
+        Some(m) => Some(m.parse().map_err(|_| {
+            c.err("telemetry.metrics_listen", format!("{m:?} is not an address like \"127.0.0.1:9090\""))
+        })?),
+    };
+    let service_name = t.service_name.unwrap_or_else(|| "dispatcher".into());
+    c.name("telemetry.service_name", &service_name)?;
     Ok(Config {
         path: file.to_path_buf(),
         server,
@@ -236,6 +272,12 @@ pub fn validate_dispatcher(raw: RawDispatcher, file: &Path) -> Result<Config, Co
         models,
         auth,
         tenants,
+        admin_token,
+        telemetry: TelemetryConfig {
+            otlp_endpoint,
+            service_name,
+            metrics_listen,
+        },
         regions: Vec::new(),
     })
 }

@@ -7,12 +7,40 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tonic::Status;
+use tracing::Instrument;
 
 use super::held::{Held, TenantCharge};
 use super::{DispatchError, Engine};
 use crate::core::{Completion, Outcome, Settlement, Submission, TokenEstimate};
 use crate::forward::{ClusterClient, FailureKind, classify};
 use crate::pb;
+
+/// What is known of a request so far, for its metrics and span: the tenant
+/// once authenticated, the model once validated, the region once reached.
+#[derive(Debug, Default)]
+pub(super) struct Labels {
+    pub tenant: Option<Arc<str>>,
+    pub model: Option<String>,
+    pub region: Option<Arc<str>>,
+}
+
+impl Labels {
+    /// Records the finished request's outcome.
+    pub fn finish(&self, result: Result<(), &DispatchError>, start: Instant) {
+        let outcome = super::observe::outcome(&result);
+        tracing::Span::current().record("outcome", outcome);
+        if let Err(e) = result {
+            tracing::Span::current().record("error", tracing::field::display(e));
+        }
+        super::observe::request(
+            self.model.as_deref().unwrap_or(""),
+            self.tenant.as_deref().unwrap_or(""),
+            self.region.as_deref().unwrap_or(""),
+            outcome,
+            start.elapsed(),
+        );
+    }
+}
 
 /// A validated request, ready to be forwarded.
 pub(super) struct Prepared {
@@ -45,15 +73,21 @@ impl Engine {
         r: pb::DispatchRequest,
         timeout: Option<Duration>,
         authorization: Option<&str>,
+        labels: &mut Labels,
     ) -> Result<(Prepared, TenantCharge), DispatchError> {
         if self.shutting_down.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(DispatchError::ShuttingDown);
         }
         let start = Instant::now();
-        let tenant = self.authenticate(authorization)?;
+        let span = tracing::Span::current();
+        let tenant = tracing::info_span!("authenticate").in_scope(|| self.authenticate(authorization))?;
+        span.record("tenant", &*tenant);
+        labels.tenant = Some(tenant.clone());
         self.check_tenant_field(&r.tenant, &tenant)?;
         self.check_rate(&tenant)?;
         let estimate = self.check(&r)?;
+        labels.model = Some(r.model.clone());
+        span.record("model", r.model.as_str());
         let hold = self.admit_tenant(&tenant, &r.model, estimate.total())?;
         let charge = TenantCharge::new(self.clone(), hold);
         let tenant_max_queued = self
@@ -66,6 +100,7 @@ impl Engine {
         } else {
             r.request_id
         };
+        span.record("request_id", request_id.as_str());
         let deadline = start + timeout.unwrap_or(self.settings().default_timeout);
         let prepared = Prepared {
             origin: (!r.origin_region.is_empty()).then(|| Arc::from(r.origin_region.as_str())),
@@ -124,7 +159,8 @@ impl Engine {
                 wait_until: p.deadline.min(now + settings.max_queue_wait),
                 tenant_max_queued: p.tenant_max_queued,
             };
-            let (mut held, waited) = match self.acquire(submission).await {
+            let queue_span = tracing::info_span!("queue", model = %model, tokens = p.estimate.total(), attempt);
+            let (mut held, waited) = match self.acquire(submission).instrument(queue_span).await {
                 Ok(x) => x,
                 Err(e) => {
                     return Err(match last_failure {
@@ -138,6 +174,16 @@ impl Engine {
             };
             queue_wait += waited;
             let region = held.reservation().region.clone();
+            super::observe::reserved(&region, &model, held.reservation().hold.tokens);
+            let span = tracing::info_span!(
+                "forward",
+                otel.kind = "client",
+                region = %region,
+                attempt,
+                score = held.reservation().score,
+                reserved_tokens = held.reservation().hold.tokens,
+                queue_wait_ms = waited.as_secs_f64() * 1000.0,
+            );
             let Some(client) = self.pool.get(&region) else {
                 held.settle(Completion::abandoned());
                 last_failure = Some(format!("region {region} has no endpoint"));
@@ -147,11 +193,16 @@ impl Engine {
             let remaining = p.deadline.saturating_duration_since(Instant::now());
             let mut request = tonic::Request::new(p.exec.clone());
             request.set_timeout(remaining);
+            crate::telemetry::inject_trace(&span, request.metadata_mut());
             held.mark_sent();
             charge.sending();
             let sent = Instant::now();
-            match tokio::time::timeout(remaining, call(client, request)).await {
+            let result = tokio::time::timeout(remaining, call(client, request))
+                .instrument(span)
+                .await;
+            match result {
                 Ok(Ok(response)) => {
+                    super::observe::attempt(&region, None, false);
                     return Ok(Forwarded {
                         value: response.into_inner(),
                         held,
@@ -163,6 +214,7 @@ impl Engine {
                 }
                 Ok(Err(status)) => {
                     let kind = classify(&status);
+                    super::observe::attempt(&region, Some(kind), false);
                     charge.settled(held.settle(failure_completion(kind, sent.elapsed())));
                     let message = format!("region {region}: {} ({:?})", status.message(), status.code());
                     match kind {
@@ -181,6 +233,7 @@ impl Engine {
                     }
                 }
                 Err(_elapsed) => {
+                    super::observe::attempt(&region, None, true);
                     charge.settled(held.settle(failure_completion(FailureKind::MayHaveRun, sent.elapsed())));
                     return Err(DispatchError::DeadlineExceeded(format!(
                         "waiting for region {region} after {:?}",

@@ -31,6 +31,15 @@ pub fn hash_key(key: &str) -> String {
     format!("sha256:{hex}")
 }
 
+/// Whether `Bearer <key>` hashes to `expected`, in constant time.
+pub fn bearer_matches(header: Option<&str>, expected: &[u8; 32]) -> bool {
+    let Some((scheme, key)) = header.and_then(|h| h.trim().split_once(' ')) else {
+        return false;
+    };
+    let presented: [u8; 32] = Sha256::digest(key.trim().as_bytes()).into();
+    scheme.eq_ignore_ascii_case("bearer") && bool::from(expected.ct_eq(&presented))
+}
+
 impl Auth {
     pub fn from_config(c: &Config) -> Self {
         Self {

@@ -7,6 +7,7 @@ mod attempt;
 mod auth;
 mod error;
 mod held;
+mod observe;
 mod queue;
 mod rates;
 mod stream;
@@ -70,6 +71,7 @@ pub struct Engine {
     state: Mutex<Scheduler<Ticket>>,
     tenants: Mutex<Tenants>,
     auth: RwLock<Arc<Auth>>,
+    admin_token: RwLock<Option<[u8; 32]>>,
     rates: RwLock<Arc<TenantRates>>,
     pool: ClusterPool,
     settings: RwLock<Arc<Settings>>,
@@ -99,6 +101,7 @@ impl Engine {
                 tenants.weights(),
             )),
             auth: RwLock::new(Arc::new(Auth::from_config(config))),
+            admin_token: RwLock::new(config.admin_token),
             rates: RwLock::new(Arc::new(TenantRates::from_config(config))),
             tenants: Mutex::new(tenants),
             pool,
@@ -132,6 +135,7 @@ impl Engine {
             state.set_max_queued(config.routing.max_queued as usize);
             *tenants = next_tenants;
             *self.auth.write() = Arc::new(Auth::from_config(config));
+            *self.admin_token.write() = config.admin_token;
             *self.rates.write() = Arc::new(TenantRates::from_config(config));
             *self.settings.write() = Arc::new(Settings::from_config(config));
         }
@@ -235,6 +239,15 @@ impl Engine {
             .map_err(|e| DispatchError::Unauthenticated(e.to_string()))
     }
 
+    /// Whether an `authorization` header carries the admin token (always
+    /// true when none is configured). Compared in constant time.
+    pub fn admin_allowed(&self, authorization: Option<&str>) -> bool {
+        let Some(expected) = *self.admin_token.read() else {
+            return true;
+        };
+        auth::bearer_matches(authorization, &expected)
+    }
+
     /// Checks a request's claimed tenant against the authenticated one.
     fn check_tenant_field(&self, claimed: &str, tenant: &str) -> Result<(), DispatchError> {
         if claimed.is_empty() || claimed == tenant {
@@ -292,6 +305,7 @@ impl Engine {
 
     fn settle(&self, r: &Reservation, c: Completion) -> u64 {
         let settled = self.state.lock().router_mut().settle(r, c, Instant::now());
+        observe::settled(&r.region, &r.model, r.hold.tokens, settled.charged, settled.hint.as_ref());
         self.wake_pump();
         if let Some(HintOutcome::Ignored { reason, first: true }) = &settled.hint {
             tracing::warn!(region = %r.region, model = %r.model, %reason, "ignoring an impossible provider quota hint (logged once per region and model)");

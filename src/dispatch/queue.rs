@@ -30,14 +30,19 @@ impl Engine {
     pub(super) async fn acquire(self: &Arc<Self>, s: Submission) -> Result<(Held, Duration), DispatchError> {
         let start = Instant::now();
         let wait_until = s.wait_until;
+        let s_model = s.model.clone();
         let mut receiver = None;
         let submitted = self.state.lock().submit(s, start, || {
             let (tx, rx) = oneshot::channel();
             receiver = Some(rx);
             tx
         });
+        let model = s_model;
         let mut rx = match submitted {
-            Ok(Submitted::Reserved(r)) => return Ok((Held::new(self.clone(), r), Duration::ZERO)),
+            Ok(Submitted::Reserved(r)) => {
+                super::observe::queue_wait(&model, Duration::ZERO);
+                return Ok((Held::new(self.clone(), r), Duration::ZERO));
+            }
             Ok(Submitted::Queued { .. }) => {
                 self.wake_pump();
                 receiver.expect("a queued request has a ticket")
@@ -77,7 +82,10 @@ impl Engine {
             }
         };
         match grant {
-            Some(Grant::Reserved(held)) => Ok((held, start.elapsed())),
+            Some(Grant::Reserved(held)) => {
+                super::observe::queue_wait(&model, start.elapsed());
+                Ok((held, start.elapsed()))
+            }
             Some(Grant::Failed(e)) => Err(e.into()),
             Some(Grant::Expired(retry)) => Err(self.queue_timeout(start, retry)),
             None => Err(self.queue_timeout(start, None)),

@@ -53,12 +53,30 @@ impl Engine {
         timeout: Option<Duration>,
         authorization: Option<&str>,
     ) -> Result<ChunkStream, DispatchError> {
-        let (p, mut charge) = self.prepare(r, timeout, authorization)?;
-        let f = self
+        let start = std::time::Instant::now();
+        let mut labels = super::attempt::Labels::default();
+        let prepared = self.prepare(r, timeout, authorization, &mut labels);
+        let (p, mut charge) = match prepared {
+            Ok(x) => x,
+            Err(e) => {
+                labels.finish(Err(&e), start);
+                return Err(e);
+            }
+        };
+        let forwarded = self
             .forward(&p, &mut charge, |mut client, request| async move {
                 client.execute_stream(request).await
             })
-            .await?;
+            .await;
+        let f = match forwarded {
+            Ok(f) => f,
+            Err(e) => {
+                labels.finish(Err(&e), start);
+                return Err(e);
+            }
+        };
+        labels.region = Some(f.region.clone());
+        labels.finish(Ok(()), start);
         let (tx, rx) = mpsc::channel(BUFFER);
         let relay = Relay {
             held: f.held,

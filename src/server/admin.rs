@@ -7,6 +7,7 @@ use std::time::Instant;
 use tonic::{Request, Response, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
+use crate::app::Runtime;
 use crate::core::{RegionState, Router, Scheduler};
 use crate::dispatch::{Engine, Ticket};
 use crate::pb;
@@ -14,11 +15,28 @@ use crate::pb::admin_server::Admin;
 
 pub struct AdminService {
     engine: Arc<Engine>,
+    runtime: Option<Arc<tokio::sync::Mutex<Runtime>>>,
+}
+
+/// Refuses Admin calls without the admin token, when one is configured.
+pub fn admin_guard(engine: Arc<Engine>) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
+    move |request: Request<()>| {
+        let header = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
+        if engine.admin_allowed(header) {
+            Ok(request)
+        } else {
+            Err(Status::unauthenticated(
+                "the Admin API needs `authorization: Bearer <admin token>` (admin.token in dispatcher.toml)",
+            ))
+        }
+    }
 }
 
 impl AdminService {
-    pub fn new(engine: Arc<Engine>) -> Self {
-        Self { engine }
+    /// `runtime` lets `ReloadConfig` re-read the files; without it the call
+    /// is refused.
+    pub fn new(engine: Arc<Engine>, runtime: Option<Arc<tokio::sync::Mutex<Runtime>>>) -> Self {
+        Self { engine, runtime }
     }
 
     fn status(&self, sched: &Scheduler<Ticket>, r: &RegionState, now: Instant) -> pb::RegionStatus {
@@ -151,6 +169,82 @@ impl Admin for AdminService {
             tracing::info!(region = %name, "region resumed by an operator");
         }
         self.region(&name).map(Response::new)
+    }
+
+    async fn list_tenants(&self, _: Request<pb::ListTenantsRequest>) -> Result<Response<pb::ListTenantsReply>, Status> {
+        let report = self.engine.tenant_report();
+        let tenants = report
+            .into_iter()
+            .map(|t| {
+                let queued = self.engine.with_scheduler(|s| s.queued_for_tenant(&t.spec.name)) as u32;
+                pb::TenantStatus {
+                    name: t.spec.name.clone(),
+                    weight: t.spec.weight,
+                    requests_per_second: t.spec.requests_per_second.unwrap_or(0),
+                    tokens_per_minute: t.spec.tokens_per_minute.unwrap_or(0),
+                    max_concurrent: t.spec.max_concurrent.unwrap_or(0),
+                    daily_token_budget: t.spec.daily_token_budget.unwrap_or(0),
+                    models: t.spec.models.clone().unwrap_or_default(),
+                    max_queued: t.spec.max_queued,
+                    tokens_last_minute: t.tokens_last_minute,
+                    requests_last_minute: t.requests_last_minute,
+                    share: t.share,
+                    entitlement: t.entitlement,
+                    queued,
+                    in_flight: t.in_flight,
+                    tokens_available: t.tokens_available,
+                    used_today: t.used_today,
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::ListTenantsReply { tenants }))
+    }
+
+    async fn reload_config(
+        &self,
+        request: Request<pb::ReloadConfigRequest>,
+    ) -> Result<Response<pb::ReloadConfigReply>, Status> {
+        let dry_run = request.into_inner().dry_run;
+        let Some(runtime) = &self.runtime else {
+            return Err(Status::failed_precondition("this server cannot reload its configuration"));
+        };
+        let r = runtime.lock().await.reload_all(dry_run).await;
+        if r.applied {
+            for c in &r.changes {
+                tracing::info!(change = %c, "applied config change (ReloadConfig)");
+            }
+        }
+        for e in &r.errors {
+            tracing::error!(file = %e.file.display(), key = %e.key, problem = %e.problem, "ReloadConfig refused: {e}");
+        }
+        Ok(Response::new(pb::ReloadConfigReply {
+            dry_run: r.dry_run,
+            applied: r.applied,
+            changes: r
+                .changes
+                .into_iter()
+                .map(|c| pb::ConfigChange {
+                    kind: match c.kind {
+                        crate::config::ChangeKind::Added => "added",
+                        crate::config::ChangeKind::Removed => "removed",
+                        crate::config::ChangeKind::Changed => "changed",
+                    }
+                    .into(),
+                    subject: c.subject,
+                    details: c.details,
+                })
+                .collect(),
+            errors: r
+                .errors
+                .into_iter()
+                .map(|e| pb::ConfigProblem {
+                    file: e.file.display().to_string(),
+                    key: e.key,
+                    problem: e.problem,
+                })
+                .collect(),
+            needs_restart: r.needs_restart,
+        }))
     }
 
     async fn set_region_weight(

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use super::status::to_status;
 use crate::core::RoutePreview;
@@ -20,6 +21,25 @@ impl DispatcherService {
     pub fn new(engine: Arc<Engine>) -> Self {
         Self { engine }
     }
+}
+
+/// The span of one request. Never the key or the payload: only what an
+/// operator needs to follow it.
+fn request_span(rpc: &'static str) -> tracing::Span {
+    tracing::info_span!(
+        "dispatch",
+        otel.kind = "server",
+        rpc,
+        request_id = tracing::field::Empty,
+        tenant = tracing::field::Empty,
+        model = tracing::field::Empty,
+        region = tracing::field::Empty,
+        prompt_tokens = tracing::field::Empty,
+        completion_tokens = tracing::field::Empty,
+        attempts = tracing::field::Empty,
+        outcome = tracing::field::Empty,
+        error = tracing::field::Empty,
+    )
 }
 
 /// The `authorization` header, if any. Its value is never logged.
@@ -106,10 +126,13 @@ impl Dispatcher for DispatcherService {
     ) -> Result<Response<Self::DispatchStreamStream>, Status> {
         let timeout = crate::grpc::grpc_timeout(request.metadata());
         let authorization = authorization(&request);
+        let span = request_span("DispatchStream");
+        crate::telemetry::continue_trace(&span, request.metadata());
         let r = request.into_inner();
         let chunks = self
             .engine
             .dispatch_stream(r, timeout, authorization.as_deref())
+            .instrument(span)
             .await
             .map_err(|e| to_status(&e))?;
         let out = chunks.map(|c| c.map(chunk).map_err(|e| to_status(&e)));

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::server::HealthReporter;
 
-pub use admin::AdminService;
+pub use admin::{AdminService, admin_guard};
 pub use dispatcher::DispatcherService;
 pub use status::to_status;
 
@@ -22,9 +22,11 @@ use crate::pb::dispatcher_server::DispatcherServer;
 /// Headroom over the payload limit for the rest of a request message.
 const MESSAGE_OVERHEAD: usize = 64 << 10;
 
-/// Serves until `shutdown` resolves; in-flight calls then finish.
+/// Serves until `shutdown` resolves; in-flight calls then finish. `runtime`
+/// lets the Admin API reload the configuration.
 pub async fn serve(
     engine: Arc<Engine>,
+    runtime: Option<Arc<tokio::sync::Mutex<crate::app::Runtime>>>,
     incoming: TcpIncoming,
     health: (
         HealthReporter,
@@ -44,7 +46,10 @@ pub async fn serve(
             DispatcherServer::new(DispatcherService::new(engine.clone()))
                 .max_decoding_message_size(max_message),
         )
-        .add_service(AdminServer::new(AdminService::new(engine)));
+        .add_service(AdminServer::with_interceptor(
+            AdminService::new(engine.clone(), runtime),
+            admin_guard(engine),
+        ));
     crate::grpc::add_reflection(
         &mut routes,
         &[

@@ -16,6 +16,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status};
 use tonic_health::server::HealthReporter;
 use tonic_types::{ErrorDetails, StatusExt};
+use tracing::Instrument;
 
 use super::SimSpec;
 use super::provider::{Admission, Provider};
@@ -225,12 +226,46 @@ impl SimService {
 
 #[tonic::async_trait]
 impl AgentCluster for SimService {
-    async fn execute(
+    async fn execute(&self, request: Request<pb::ExecuteRequest>) -> Result<Response<pb::ExecuteReply>, Status> {
+        let span = self.span(&request, "Execute");
+        let r = request.into_inner();
+        self.execute_traced(r).instrument(span).await
+    }
+
+    type ExecuteStreamStream = Pin<Box<dyn Stream<Item = Result<pb::ExecuteChunk, Status>> + Send>>;
+
+    async fn execute_stream(
         &self,
         request: Request<pb::ExecuteRequest>,
-    ) -> Result<Response<pb::ExecuteReply>, Status> {
+    ) -> Result<Response<Self::ExecuteStreamStream>, Status> {
+        let span = self.span(&request, "ExecuteStream");
         let r = request.into_inner();
+        self.execute_stream_traced(r).instrument(span).await
+    }
+}
+
+impl SimService {
+    /// A span continuing the dispatcher's trace. Never the payload.
+    fn span<T>(&self, request: &Request<T>, rpc: &'static str) -> tracing::Span {
+        let span = tracing::info_span!(
+            "execute",
+            otel.kind = "server",
+            rpc,
+            region = %self.inner.region,
+            model = tracing::field::Empty,
+            prompt_tokens = tracing::field::Empty,
+            completion_tokens = tracing::field::Empty,
+        );
+        crate::telemetry::continue_trace(&span, request.metadata());
+        span
+    }
+
+    async fn execute_traced(&self, r: pb::ExecuteRequest) -> Result<Response<pb::ExecuteReply>, Status> {
+        let span = tracing::Span::current();
+        span.record("model", r.model.as_str());
+        span.record("prompt_tokens", r.prompt_tokens);
         let (admission, completion, knobs) = self.admit(&r).await?;
+        span.record("completion_tokens", completion);
         let _in_flight = Gauge::enter(&self.inner.in_flight);
         // If the caller goes away during the work, this future is dropped; the
         // provider had started generating and counts the whole completion.
@@ -261,14 +296,15 @@ impl AgentCluster for SimService {
         }))
     }
 
-    type ExecuteStreamStream = Pin<Box<dyn Stream<Item = Result<pb::ExecuteChunk, Status>> + Send>>;
-
-    async fn execute_stream(
+    async fn execute_stream_traced(
         &self,
-        request: Request<pb::ExecuteRequest>,
-    ) -> Result<Response<Self::ExecuteStreamStream>, Status> {
-        let r = request.into_inner();
+        r: pb::ExecuteRequest,
+    ) -> Result<Response<<Self as AgentCluster>::ExecuteStreamStream>, Status> {
+        let span = tracing::Span::current();
+        span.record("model", r.model.as_str());
+        span.record("prompt_tokens", r.prompt_tokens);
         let (admission, completion, knobs) = self.admit(&r).await?;
+        span.record("completion_tokens", completion);
         let (tx, rx) = mpsc::channel(4);
         let sim = self.clone();
         tokio::spawn(async move {

@@ -1,0 +1,152 @@
+//! Prometheus metrics: recorded with the `metrics` crate where things
+//! happen, rendered by metrics-exporter-prometheus, served as text at
+//! `/metrics` on their own port. Gauges of the router's state (bucket levels,
+//! in flight, queue depth) are sampled once a second.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Request, Response, StatusCode};
+use metrics::{describe_counter, describe_gauge, describe_histogram, gauge};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio_util::sync::CancellationToken;
+
+use crate::dispatch::Engine;
+
+/// Latency buckets, in seconds: 1 ms to 2 minutes.
+const SECONDS: [f64; 16] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
+
+fn describe() {
+    describe_counter!(
+        "dispatcher_requests_total",
+        "Requests answered, by model, tenant, region (empty when none was reached) and outcome"
+    );
+    describe_histogram!(
+        "dispatcher_request_duration_seconds",
+        metrics::Unit::Seconds,
+        "Time from receiving a request to answering it"
+    );
+    describe_counter!(
+        "dispatcher_attempts_total",
+        "Forwarding attempts to a region, by result (ok, not_run, provider_refused, rejected, may_have_run, timeout)"
+    );
+    describe_counter!("dispatcher_tokens_reserved_total", "Tokens reserved in a region's bucket before forwarding");
+    describe_counter!("dispatcher_tokens_charged_total", "Tokens finally charged to a region's bucket at settlement");
+    describe_counter!("dispatcher_tokens_refunded_total", "Reserved tokens given back at settlement");
+    describe_counter!(
+        "dispatcher_provider_hints_total",
+        "Provider rate-limit hints received, by result (applied, lowered, ignored)"
+    );
+    describe_histogram!(
+        "dispatcher_queue_wait_seconds",
+        metrics::Unit::Seconds,
+        "Time requests waited for quota before being reserved"
+    );
+    describe_gauge!("dispatcher_bucket_tokens_available", "Tokens left in a region model's bucket");
+    describe_gauge!("dispatcher_bucket_tokens_reserved", "Tokens reserved by requests in flight in a region model");
+    describe_gauge!("dispatcher_bucket_requests_available", "Requests left in a region model's request bucket");
+    describe_gauge!("dispatcher_region_in_flight", "Our requests in flight in a region");
+    describe_gauge!("dispatcher_region_utilization", "max(in flight / max_concurrent, reported utilisation)");
+    describe_gauge!("dispatcher_region_drained", "1 when an operator drained the region");
+    describe_gauge!("dispatcher_region_healthy", "1 when the region passes its health checks");
+    describe_gauge!("dispatcher_queue_depth", "Requests waiting for quota, by model");
+    describe_gauge!("dispatcher_tenant_in_flight", "A tenant's requests in flight");
+}
+
+/// Installs the global recorder (once per process) and serves `/metrics`
+/// on `listen`. Returns the bound address.
+pub async fn serve(listen: SocketAddr, engine: Arc<Engine>, cancel: CancellationToken) -> std::io::Result<SocketAddr> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &SECONDS)
+        .map_err(std::io::Error::other)?
+        .install_recorder()
+        .map_err(std::io::Error::other)?;
+    describe();
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(sample(engine, handle.clone(), cancel.clone()));
+    tokio::spawn(async move {
+        loop {
+            let stream = tokio::select! {
+                _ = cancel.cancelled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "metrics listener: accept failed");
+                        continue;
+                    }
+                },
+            };
+            let handle = handle.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |r: Request<hyper::body::Incoming>| {
+                    let handle = handle.clone();
+                    async move { Ok::<_, Infallible>(respond(&r, &handle)) }
+                });
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+fn respond<B>(r: &Request<B>, handle: &PrometheusHandle) -> Response<Full<Bytes>> {
+    let mut response = if r.uri().path() == "/metrics" {
+        Response::new(Full::new(Bytes::from(handle.render())))
+    } else {
+        let mut not_found = Response::new(Full::new(Bytes::from_static(b"not found: try /metrics\n")));
+        *not_found.status_mut() = StatusCode::NOT_FOUND;
+        not_found
+    };
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    response
+}
+
+/// Samples the router's state into gauges once a second.
+async fn sample(engine: Arc<Engine>, handle: PrometheusHandle, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = Instant::now();
+        engine.with_scheduler(|s| {
+            let router = s.router();
+            for region in router.regions() {
+                let r = region.name().to_string();
+                let load = region.load();
+                gauge!("dispatcher_region_in_flight", "region" => r.clone()).set(load.in_flight() as f64);
+                gauge!("dispatcher_region_utilization", "region" => r.clone()).set(load.utilization(now));
+                gauge!("dispatcher_region_drained", "region" => r.clone()).set(region.drained() as u8 as f64);
+                gauge!("dispatcher_region_healthy", "region" => r.clone()).set(region.healthy() as u8 as f64);
+                for (id, model) in router.models().iter().enumerate() {
+                    if let Some(q) = region.quota(id) {
+                        let labels = [("region", r.clone()), ("model", model.name.clone())];
+                        gauge!("dispatcher_bucket_tokens_available", &labels).set(q.tokens().available(now) as f64);
+                        gauge!("dispatcher_bucket_tokens_reserved", &labels).set(q.in_flight_tokens() as f64);
+                        gauge!("dispatcher_bucket_requests_available", &labels)
+                            .set(q.requests().available(now) as f64);
+                    }
+                }
+            }
+            for model in router.models() {
+                gauge!("dispatcher_queue_depth", "model" => model.name.clone()).set(s.queued_for(&model.name) as f64);
+            }
+        });
+        for t in engine.tenant_report() {
+            gauge!("dispatcher_tenant_in_flight", "tenant" => t.spec.name.clone()).set(t.in_flight as f64);
+        }
+        handle.run_upkeep();
+    }
+}
