@@ -135,7 +135,10 @@ impl Runtime {
         };
         let mut needs_restart = Vec::new();
         if next.server.listen != self.started.0 {
-            needs_restart.push(format!("server.listen: {} → {}", self.started.0, next.server.listen));
+            needs_restart.push(format!(
+                "server.listen: {} → {}",
+                self.started.0, next.server.listen
+            ));
         }
         if next.telemetry != self.started.1 {
             needs_restart.push("telemetry".into());

@@ -65,6 +65,11 @@ async fn main() -> anyhow::Result<()> {
             "anonymous use is on (auth.allow_anonymous): callers without a key count as this tenant; turn it off outside demos"
         );
     }
+    if config.admin_token.is_none() {
+        tracing::warn!(
+            "the Admin API is open (no admin.token): anyone who can reach the port can drain regions and reload the config"
+        );
+    }
     let listen = args.listen.unwrap_or(config.server.listen);
     let regions: Vec<String> = config.regions.iter().map(|r| r.spec.name.clone()).collect();
     let strategy = config.routing.strategy;
@@ -101,9 +106,15 @@ async fn main() -> anyhow::Result<()> {
             .await;
         shutdown_engine.begin_shutdown();
     };
-    server::serve(engine, Some(runtime.clone()), incoming, (reporter, health), shutdown)
-        .await
-        .map_err(|e| anyhow::anyhow!(e))?;
+    server::serve(
+        engine,
+        Some(runtime.clone()),
+        incoming,
+        (reporter, health),
+        shutdown,
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!(e))?;
     stop.cancel();
     let _ = pump.await;
     let _ = watch.await;

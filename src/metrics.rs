@@ -36,9 +36,18 @@ fn describe() {
         "dispatcher_attempts_total",
         "Forwarding attempts to a region, by result (ok, not_run, provider_refused, rejected, may_have_run, timeout)"
     );
-    describe_counter!("dispatcher_tokens_reserved_total", "Tokens reserved in a region's bucket before forwarding");
-    describe_counter!("dispatcher_tokens_charged_total", "Tokens finally charged to a region's bucket at settlement");
-    describe_counter!("dispatcher_tokens_refunded_total", "Reserved tokens given back at settlement");
+    describe_counter!(
+        "dispatcher_tokens_reserved_total",
+        "Tokens reserved in a region's bucket before forwarding"
+    );
+    describe_counter!(
+        "dispatcher_tokens_charged_total",
+        "Tokens finally charged to a region's bucket at settlement"
+    );
+    describe_counter!(
+        "dispatcher_tokens_refunded_total",
+        "Reserved tokens given back at settlement"
+    );
     describe_counter!(
         "dispatcher_provider_hints_total",
         "Provider rate-limit hints received, by result (applied, lowered, ignored)"
@@ -48,20 +57,45 @@ fn describe() {
         metrics::Unit::Seconds,
         "Time requests waited for quota before being reserved"
     );
-    describe_gauge!("dispatcher_bucket_tokens_available", "Tokens left in a region model's bucket");
-    describe_gauge!("dispatcher_bucket_tokens_reserved", "Tokens reserved by requests in flight in a region model");
-    describe_gauge!("dispatcher_bucket_requests_available", "Requests left in a region model's request bucket");
-    describe_gauge!("dispatcher_region_in_flight", "Our requests in flight in a region");
-    describe_gauge!("dispatcher_region_utilization", "max(in flight / max_concurrent, reported utilisation)");
-    describe_gauge!("dispatcher_region_drained", "1 when an operator drained the region");
-    describe_gauge!("dispatcher_region_healthy", "1 when the region passes its health checks");
+    describe_gauge!(
+        "dispatcher_bucket_tokens_available",
+        "Tokens left in a region model's bucket"
+    );
+    describe_gauge!(
+        "dispatcher_bucket_tokens_reserved",
+        "Tokens reserved by requests in flight in a region model"
+    );
+    describe_gauge!(
+        "dispatcher_bucket_requests_available",
+        "Requests left in a region model's request bucket"
+    );
+    describe_gauge!(
+        "dispatcher_region_in_flight",
+        "Our requests in flight in a region"
+    );
+    describe_gauge!(
+        "dispatcher_region_utilization",
+        "max(in flight / max_concurrent, reported utilisation)"
+    );
+    describe_gauge!(
+        "dispatcher_region_drained",
+        "1 when an operator drained the region"
+    );
+    describe_gauge!(
+        "dispatcher_region_healthy",
+        "1 when the region passes its health checks"
+    );
     describe_gauge!("dispatcher_queue_depth", "Requests waiting for quota, by model");
     describe_gauge!("dispatcher_tenant_in_flight", "A tenant's requests in flight");
 }
 
 /// Installs the global recorder (once per process) and serves `/metrics`
 /// on `listen`. Returns the bound address.
-pub async fn serve(listen: SocketAddr, engine: Arc<Engine>, cancel: CancellationToken) -> std::io::Result<SocketAddr> {
+pub async fn serve(
+    listen: SocketAddr,
+    engine: Arc<Engine>,
+    cancel: CancellationToken,
+) -> std::io::Result<SocketAddr> {
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &SECONDS)
         .map_err(std::io::Error::other)?
@@ -90,7 +124,9 @@ pub async fn serve(listen: SocketAddr, engine: Arc<Engine>, cancel: Cancellation
                     async move { Ok::<_, Infallible>(respond(&r, &handle)) }
                 });
                 let io = hyper_util::rt::TokioIo::new(stream);
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, service)
+                    .await;
             });
         }
     });
@@ -133,7 +169,8 @@ async fn sample(engine: Arc<Engine>, handle: PrometheusHandle, cancel: Cancellat
                 for (id, model) in router.models().iter().enumerate() {
                     if let Some(q) = region.quota(id) {
                         let labels = [("region", r.clone()), ("model", model.name.clone())];
-                        gauge!("dispatcher_bucket_tokens_available", &labels).set(q.tokens().available(now) as f64);
+                        gauge!("dispatcher_bucket_tokens_available", &labels)
+                            .set(q.tokens().available(now) as f64);
                         gauge!("dispatcher_bucket_tokens_reserved", &labels).set(q.in_flight_tokens() as f64);
                         gauge!("dispatcher_bucket_requests_available", &labels)
                             .set(q.requests().available(now) as f64);
@@ -141,7 +178,8 @@ async fn sample(engine: Arc<Engine>, handle: PrometheusHandle, cancel: Cancellat
                 }
             }
             for model in router.models() {
-                gauge!("dispatcher_queue_depth", "model" => model.name.clone()).set(s.queued_for(&model.name) as f64);
+                gauge!("dispatcher_queue_depth", "model" => model.name.clone())
+                    .set(s.queued_for(&model.name) as f64);
             }
         });
         for t in engine.tenant_report() {

@@ -67,9 +67,15 @@ pub fn init_with_otlp(service_name: &str, endpoint: Option<&str>) -> Result<Tele
         .build();
     let tracer = provider.tracer("dispatcher");
     // The exporter's own gRPC client must not trace itself.
-    let otel_filter = EnvFilter::new("info,tonic=off,h2=off,hyper=off,hyper_util=off,tower=off,opentelemetry=off");
-    let otel = tracing_opentelemetry::layer().with_tracer(tracer).with_filter(otel_filter);
-    let _ = tracing_subscriber::registry().with(fmt_layer()).with(otel).try_init();
+    let otel_filter =
+        EnvFilter::new("info,tonic=off,h2=off,hyper=off,hyper_util=off,tower=off,opentelemetry=off");
+    let otel = tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_filter(otel_filter);
+    let _ = tracing_subscriber::registry()
+        .with(fmt_layer())
+        .with(otel)
+        .try_init();
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     tracing::info!(%endpoint, service = service_name, "exporting traces over OTLP");
     Ok(Telemetry {
@@ -113,7 +119,10 @@ struct MetadataWriter<'a>(&'a mut MetadataMap);
 
 impl Injector for MetadataWriter<'_> {
     fn set(&mut self, key: &str, value: String) {
-        if let (Ok(k), Ok(v)) = (MetadataKey::from_bytes(key.as_bytes()), MetadataValue::try_from(value.as_str())) {
+        if let (Ok(k), Ok(v)) = (
+            MetadataKey::from_bytes(key.as_bytes()),
+            MetadataValue::try_from(value.as_str()),
+        ) {
             self.0.insert(k, v);
         }
     }
@@ -122,6 +131,7 @@ impl Injector for MetadataWriter<'_> {
 /// Continues the caller's trace (W3C `traceparent` in the metadata) in `span`.
 pub fn continue_trace(span: &Span, metadata: &MetadataMap) {
     let parent = TraceContextPropagator::new().extract(&MetadataReader(metadata));
+    // Fails only when tracing is off for the span: nothing to continue then.
     let _ = span.set_parent(parent);
 }
 
@@ -139,7 +149,9 @@ mod tests {
         let mut m = MetadataMap::new();
         m.insert(
             "traceparent",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".parse().unwrap(),
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+                .parse()
+                .unwrap(),
         );
         let cx = TraceContextPropagator::new().extract(&MetadataReader(&m));
         let mut out = MetadataMap::new();

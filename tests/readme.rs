@@ -10,11 +10,16 @@ use common::{Proc, tools};
 
 /// The `grpcurl` lines of the walk-through section's `sh` blocks.
 fn walkthrough_commands() -> Vec<String> {
+    commands("Walk-through")
+}
+
+/// The `grpcurl` lines of the `sh` blocks of the README section `title`.
+fn commands(title: &str) -> Vec<String> {
     let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
     let section = readme
         .split("\n## ")
-        .find(|s| s.starts_with("Walk-through"))
-        .expect("README has a walk-through section");
+        .find(|s| s.starts_with(title))
+        .unwrap_or_else(|| panic!("README has a section {title:?}"));
     let mut commands = Vec::new();
     let mut in_sh = false;
     for line in section.lines() {
@@ -119,6 +124,47 @@ fn readme_walkthrough_works_as_written() {
             assert!(r.out.contains("\"status\": \"SERVING\""), "{}", r.out);
         } else {
             panic!("no check for README command {command}");
+        }
+    }
+}
+
+#[test]
+fn readme_admin_commands_work_as_written() {
+    let commands = commands("Operating it");
+    assert_eq!(
+        commands.len(),
+        10,
+        "the operations section's commands changed: {commands:#?}"
+    );
+    let logs = tempfile::tempdir().unwrap();
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/dispatcher.toml");
+    let d = Proc::start(
+        env!("CARGO_BIN_EXE_dispatcher"),
+        &["--config", config, "--listen", "127.0.0.1:0"],
+        logs.path(),
+        "dispatcher",
+    );
+    let addr = d.addr.to_string();
+    for command in &commands {
+        let r = run(command, &addr);
+        println!("$ {command}\n{}", r.out);
+        assert!(r.ok, "{command}: {}", r.out);
+        if command.contains("describe") {
+            assert!(r.out.contains("rpc ReloadConfig"), "{}", r.out);
+            continue;
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(&r.out).unwrap_or_else(|e| panic!("{command}: {e}: {}", r.out));
+        let rpc = command.rsplit('/').next().unwrap();
+        match rpc {
+            "ListRegions" => assert_eq!(v["regions"].as_array().unwrap().len(), 3),
+            "GetRegion" | "ResumeRegion" => assert_eq!(v["name"], "eu-west-1"),
+            "DrainRegion" => assert_eq!(v["drained"], true),
+            "SetRegionWeight" if command.contains("clear") => assert_eq!(v["weight"], 1.0),
+            "SetRegionWeight" => assert_eq!(v["weight"], 2.5),
+            "ListTenants" => assert!(v["tenants"].as_array().unwrap().len() >= 3),
+            "ReloadConfig" => assert!(v.get("errors").is_none(), "{v}"),
+            other => panic!("no check for {other}"),
         }
     }
 }

@@ -131,7 +131,8 @@ fn spec(args: &Args) -> anyhow::Result<SimSpec> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let telemetry = telemetry::init_with_otlp("region-sim", args.otlp_endpoint.as_deref()).map_err(anyhow::Error::msg)?;
+    let telemetry =
+        telemetry::init_with_otlp("region-sim", args.otlp_endpoint.as_deref()).map_err(anyhow::Error::msg)?;
     let spec = spec(&args)?;
     let region = spec.region.clone();
     let handle = sim::spawn(spec, args.listen)

@@ -147,24 +147,64 @@ pub fn changes(old: &Config, new: &Config) -> Vec<Change> {
     let mut out = Vec::new();
     let mut d = Vec::new();
     field(&mut d, "listen", &old.server.listen, &new.server.listen);
-    field(&mut d, "max_attempts", &old.server.max_attempts, &new.server.max_attempts);
-    field(&mut d, "default_timeout", &old.server.default_timeout, &new.server.default_timeout);
-    field(&mut d, "shutdown_grace", &old.server.shutdown_grace, &new.server.shutdown_grace);
-    field(&mut d, "regions_dir", &old.server.regions_dir, &new.server.regions_dir);
+    field(
+        &mut d,
+        "max_attempts",
+        &old.server.max_attempts,
+        &new.server.max_attempts,
+    );
+    field(
+        &mut d,
+        "default_timeout",
+        &old.server.default_timeout,
+        &new.server.default_timeout,
+    );
+    field(
+        &mut d,
+        "shutdown_grace",
+        &old.server.shutdown_grace,
+        &new.server.shutdown_grace,
+    );
+    field(
+        &mut d,
+        "regions_dir",
+        &old.server.regions_dir,
+        &new.server.regions_dir,
+    );
     out.extend(changed("server", d));
     let mut d = Vec::new();
     field(&mut d, "strategy", &old.routing.strategy, &new.routing.strategy);
     field(&mut d, "params", &old.routing.params, &new.routing.params);
     field(&mut d, "seed", &old.routing.seed, &new.routing.seed);
-    field(&mut d, "max_queue_wait", &old.routing.max_queue_wait, &new.routing.max_queue_wait);
-    field(&mut d, "max_queued", &old.routing.max_queued, &new.routing.max_queued);
+    field(
+        &mut d,
+        "max_queue_wait",
+        &old.routing.max_queue_wait,
+        &new.routing.max_queue_wait,
+    );
+    field(
+        &mut d,
+        "max_queued",
+        &old.routing.max_queued,
+        &new.routing.max_queued,
+    );
     out.extend(changed("routing", d));
     let mut d = Vec::new();
     field(&mut d, "limits", &old.limits, &new.limits);
     out.extend(changed("limits", d));
     let mut d = Vec::new();
-    field(&mut d, "allow_anonymous", &old.auth.allow_anonymous, &new.auth.allow_anonymous);
-    field(&mut d, "anonymous_tenant", &old.auth.anonymous_tenant, &new.auth.anonymous_tenant);
+    field(
+        &mut d,
+        "allow_anonymous",
+        &old.auth.allow_anonymous,
+        &new.auth.allow_anonymous,
+    );
+    field(
+        &mut d,
+        "anonymous_tenant",
+        &old.auth.anonymous_tenant,
+        &new.auth.anonymous_tenant,
+    );
     if old.admin_token != new.admin_token {
         d.push("admin token changed".into());
     }
@@ -179,7 +219,10 @@ pub fn changes(old: &Config, new: &Config) -> Vec<Change> {
                 subject: format!("model {}", m.name),
                 details: Vec::new(),
             }),
-            Some(o) if o != m => out.extend(changed(&format!("model {}", m.name), vec![format!("{o:?} → {m:?}")])),
+            Some(o) if o != m => out.extend(changed(
+                &format!("model {}", m.name),
+                vec![format!("{o:?} → {m:?}")],
+            )),
             Some(_) => {}
         }
     }
@@ -203,10 +246,25 @@ pub fn changes(old: &Config, new: &Config) -> Vec<Change> {
                 let (a, b) = (&o.spec, &t.spec);
                 let mut d = Vec::new();
                 field(&mut d, "weight", &a.weight, &b.weight);
-                field(&mut d, "requests_per_second", &a.requests_per_second, &b.requests_per_second);
-                field(&mut d, "tokens_per_minute", &a.tokens_per_minute, &b.tokens_per_minute);
+                field(
+                    &mut d,
+                    "requests_per_second",
+                    &a.requests_per_second,
+                    &b.requests_per_second,
+                );
+                field(
+                    &mut d,
+                    "tokens_per_minute",
+                    &a.tokens_per_minute,
+                    &b.tokens_per_minute,
+                );
                 field(&mut d, "max_concurrent", &a.max_concurrent, &b.max_concurrent);
-                field(&mut d, "daily_token_budget", &a.daily_token_budget, &b.daily_token_budget);
+                field(
+                    &mut d,
+                    "daily_token_budget",
+                    &a.daily_token_budget,
+                    &b.daily_token_budget,
+                );
                 field(&mut d, "models", &a.models, &b.models);
                 field(&mut d, "max_queued", &a.max_queued, &b.max_queued);
                 if o.key_hashes != t.key_hashes {

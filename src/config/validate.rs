@@ -246,11 +246,17 @@ pub fn validate_dispatcher(raw: RawDispatcher, file: &Path) -> Result<Config, Co
         None => None,
         Some(e) if e.is_empty() => None,
         Some(e) => {
-            let uri: tonic::transport::Uri = e
-                .parse()
-                .map_err(|_| c.err("telemetry.otlp_endpoint", format!("{e:?} is not a URI like \"http://127.0.0.1:4317\"")))?;
+            let uri: tonic::transport::Uri = e.parse().map_err(|_| {
+                c.err(
+                    "telemetry.otlp_endpoint",
+                    format!("{e:?} is not a URI like \"http://127.0.0.1:4317\""),
+                )
+            })?;
             if !matches!(uri.scheme_str(), Some("http") | Some("https")) {
-                return Err(c.err("telemetry.otlp_endpoint", format!("{e:?} has no http or https scheme")));
+                return Err(c.err(
+                    "telemetry.otlp_endpoint",
+                    format!("{e:?} has no http or https scheme"),
+                ));
             }
             Some(e)
         }
@@ -259,7 +265,10 @@ pub fn validate_dispatcher(raw: RawDispatcher, file: &Path) -> Result<Config, Co
         None => None,
         Some(m) if m.is_empty() => None,
         Some(m) => Some(m.parse().map_err(|_| {
-            c.err("telemetry.metrics_listen", format!("{m:?} is not an address like \"127.0.0.1:9090\""))
+            c.err(
+                "telemetry.metrics_listen",
+                format!("{m:?} is not an address like \"127.0.0.1:9090\""),
+            )
         })?),
     };
     let service_name = t.service_name.unwrap_or_else(|| "dispatcher".into());

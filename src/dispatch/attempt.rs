@@ -159,7 +159,8 @@ impl Engine {
                 wait_until: p.deadline.min(now + settings.max_queue_wait),
                 tenant_max_queued: p.tenant_max_queued,
             };
-            let queue_span = tracing::info_span!("queue", model = %model, tokens = p.estimate.total(), attempt);
+            let queue_span =
+                tracing::info_span!("queue", model = %model, tokens = p.estimate.total(), attempt);
             let (mut held, waited) = match self.acquire(submission).instrument(queue_span).await {
                 Ok(x) => x,
                 Err(e) => {

@@ -305,7 +305,13 @@ impl Engine {
 
     fn settle(&self, r: &Reservation, c: Completion) -> u64 {
         let settled = self.state.lock().router_mut().settle(r, c, Instant::now());
-        observe::settled(&r.region, &r.model, r.hold.tokens, settled.charged, settled.hint.as_ref());
+        observe::settled(
+            &r.region,
+            &r.model,
+            r.hold.tokens,
+            settled.charged,
+            settled.hint.as_ref(),
+        );
         self.wake_pump();
         if let Some(HintOutcome::Ignored { reason, first: true }) = &settled.hint {
             tracing::warn!(region = %r.region, model = %r.model, %reason, "ignoring an impossible provider quota hint (logged once per region and model)");

@@ -15,9 +15,9 @@ pub fn outcome(result: &Result<(), &DispatchError>) -> &'static str {
         Ok(()) => "ok",
         Err(e) => match e {
             DispatchError::InvalidArgument(_) => "invalid_argument",
-            DispatchError::Route(crate::core::RouteError::UnknownModel { .. } | crate::core::RouteError::TooLarge { .. }) => {
-                "invalid_argument"
-            }
+            DispatchError::Route(
+                crate::core::RouteError::UnknownModel { .. } | crate::core::RouteError::TooLarge { .. },
+            ) => "invalid_argument",
             DispatchError::Route(crate::core::RouteError::Unavailable { .. })
             | DispatchError::AttemptsExhausted { .. }
             | DispatchError::ShuttingDown => "unavailable",

@@ -21,7 +21,10 @@ pub struct AdminService {
 /// Refuses Admin calls without the admin token, when one is configured.
 pub fn admin_guard(engine: Arc<Engine>) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
     move |request: Request<()>| {
-        let header = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
+        let header = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
         if engine.admin_allowed(header) {
             Ok(request)
         } else {
@@ -171,7 +174,10 @@ impl Admin for AdminService {
         self.region(&name).map(Response::new)
     }
 
-    async fn list_tenants(&self, _: Request<pb::ListTenantsRequest>) -> Result<Response<pb::ListTenantsReply>, Status> {
+    async fn list_tenants(
+        &self,
+        _: Request<pb::ListTenantsRequest>,
+    ) -> Result<Response<pb::ListTenantsReply>, Status> {
         let report = self.engine.tenant_report();
         let tenants = report
             .into_iter()
@@ -206,7 +212,9 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::ReloadConfigReply>, Status> {
         let dry_run = request.into_inner().dry_run;
         let Some(runtime) = &self.runtime else {
-            return Err(Status::failed_precondition("this server cannot reload its configuration"));
+            return Err(Status::failed_precondition(
+                "this server cannot reload its configuration",
+            ));
         };
         let r = runtime.lock().await.reload_all(dry_run).await;
         if r.applied {

@@ -110,9 +110,12 @@ impl Dispatcher for DispatcherService {
     ) -> Result<Response<pb::DispatchReply>, Status> {
         let timeout = crate::grpc::grpc_timeout(request.metadata());
         let authorization = authorization(&request);
+        let span = request_span("Dispatch");
+        crate::telemetry::continue_trace(&span, request.metadata());
         let r = request.into_inner();
         self.engine
             .dispatch(r, timeout, authorization.as_deref())
+            .instrument(span)
             .await
             .map(|d| Response::new(reply(d)))
             .map_err(|e| to_status(&e))

@@ -226,7 +226,10 @@ impl SimService {
 
 #[tonic::async_trait]
 impl AgentCluster for SimService {
-    async fn execute(&self, request: Request<pb::ExecuteRequest>) -> Result<Response<pb::ExecuteReply>, Status> {
+    async fn execute(
+        &self,
+        request: Request<pb::ExecuteRequest>,
+    ) -> Result<Response<pb::ExecuteReply>, Status> {
         let span = self.span(&request, "Execute");
         let r = request.into_inner();
         self.execute_traced(r).instrument(span).await

@@ -23,6 +23,8 @@ use tonic::transport::Channel;
 pub struct Proc {
     pub name: String,
     pub addr: SocketAddr,
+    /// Every "<what> listening on ADDR" line printed before `addr`'s.
+    pub listening: Vec<(String, SocketAddr)>,
     child: Child,
     log: PathBuf,
 }
@@ -30,10 +32,22 @@ pub struct Proc {
 impl Proc {
     /// Starts `bin` with `args` and waits for its "listening on ADDR" line.
     pub fn start(bin: &str, args: &[&str], log_dir: &Path, name: &str) -> Proc {
+        Self::start_with_env(bin, args, &[], log_dir, name)
+    }
+
+    /// Like `start`, with extra environment variables.
+    pub fn start_with_env(
+        bin: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        log_dir: &Path,
+        name: &str,
+    ) -> Proc {
         let log = log_dir.join(format!("{name}.log"));
         let stderr = std::fs::File::create(&log).expect("creating a log file");
         let mut child = Command::new(bin)
             .args(args)
+            .envs(env.iter().copied())
             .env(
                 "RUST_LOG",
                 std::env::var("TEST_LOG").unwrap_or_else(|_| "info".into()),
@@ -46,28 +60,33 @@ impl Proc {
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(addr) = line
-                    .rsplit("listening on ")
-                    .next()
-                    .and_then(|a| a.trim().parse().ok())
+                if let Some((what, addr)) = line.split_once(" listening on ")
+                    && let Ok(addr) = addr.trim().parse::<SocketAddr>()
                 {
-                    let _ = tx.send(addr);
+                    let _ = tx.send((what.to_string(), addr));
                 }
             }
         });
-        let addr = match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(addr) => addr,
-            Err(_) => {
-                let _ = child.kill();
-                panic!(
-                    "{name} did not report its address; its log:\n{}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                );
+        // The process's own address is on the line that names the binary.
+        let own = Path::new(bin).file_stem().unwrap().to_string_lossy().to_string();
+        let mut listening = Vec::new();
+        let addr = loop {
+            match rx.recv_timeout(Duration::from_secs(60)) {
+                Ok((what, addr)) if what.starts_with(&own) => break addr,
+                Ok(other) => listening.push(other),
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!(
+                        "{name} did not report its address; its log:\n{}",
+                        std::fs::read_to_string(&log).unwrap_or_default()
+                    );
+                }
             }
         };
         Proc {
             name: name.to_string(),
             addr,
+            listening,
             child,
             log,
         }
@@ -95,6 +114,13 @@ impl Proc {
             std::thread::sleep(Duration::from_millis(20));
         }
         None
+    }
+
+    /// Asks the process to stop (SIGTERM), as an orchestrator would.
+    pub fn terminate(&self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
     }
 
     pub fn kill(&mut self) {

@@ -44,3 +44,31 @@ pub fn grpcurl() -> PathBuf {
     })
     .clone()
 }
+
+/// Prometheus' promtool, from Debian's `prometheus` package.
+pub fn promtool() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        if works("promtool", "--version") {
+            return PathBuf::from("promtool");
+        }
+        let install = || {
+            Command::new("apt-get")
+                .args(["install", "-y", "-q", "prometheus"])
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false)
+        };
+        if !install() {
+            let _ = Command::new("apt-get").args(["update", "-q"]).status();
+            assert!(install(), "apt-get install prometheus (for promtool) failed");
+        }
+        assert!(
+            works("promtool", "--version"),
+            "promtool was installed but does not run"
+        );
+        PathBuf::from("promtool")
+    })
+    .clone()
+}
