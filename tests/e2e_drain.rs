@@ -19,6 +19,9 @@ strategy = "round_robin"
 name = "gpt-4o"
 "#;
 
+/// When a request was sent, and the region that answered it (or the error).
+type Sent = (Instant, Result<String, String>);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drained_region_gets_no_new_work_and_finishes_its_own() {
     let cfg = ConfigDir::new(DISPATCHER_TOML);
@@ -50,8 +53,7 @@ async fn drained_region_gets_no_new_work_and_finishes_its_own() {
     }
     let d = dispatcher(&cfg.config());
     let grpc = client(d.addr).await;
-    // (sent at, reply region or error)
-    let results: Arc<Mutex<Vec<(Instant, Result<String, String>)>>> = Arc::default();
+    let results: Arc<Mutex<Vec<Sent>>> = Arc::default();
     let start = Instant::now();
     let mut calls = tokio::task::JoinSet::new();
     let mut drained_at = None;
