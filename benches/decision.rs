@@ -38,6 +38,7 @@ fn spec(regions: usize, strategy: StrategyKind) -> RouterSpec {
         strategy,
         params: StrategyParams::default(),
         seed: 1,
+        breaker: dispatcher::core::BreakerConfig::default(),
     }
 }
 

@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::core::{ModelSpec, RegionSpec, RouterSpec, StrategyKind, StrategyParams, TenantSpec};
+use crate::core::{BreakerConfig, ModelSpec, RegionSpec, RouterSpec, StrategyKind, StrategyParams, TenantSpec};
 
 pub use diff::{Change, ChangeKind, changes, region_changes};
 pub use load::{load, load_regions, parse_dispatcher, parse_region};
@@ -140,6 +140,27 @@ pub struct RoutingConfig {
     pub max_queue_wait: Duration,
     /// How many requests may wait for quota at once.
     pub max_queued: u32,
+    pub breaker: BreakerConfig,
+    pub retry_budget: RetryBudgetConfig,
+}
+
+/// `[routing.retry_budget]`: failover retries are at most `ratio` of recent
+/// requests plus `min_per_second`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryBudgetConfig {
+    pub ratio: f64,
+    pub min_per_second: f64,
+    pub window: Duration,
+}
+
+impl Default for RetryBudgetConfig {
+    fn default() -> Self {
+        Self {
+            ratio: 0.2,
+            min_per_second: 5.0,
+            window: Duration::from_secs(10),
+        }
+    }
 }
 
 /// Bounds on what a client may send.
@@ -230,6 +251,7 @@ impl Config {
             strategy: self.routing.strategy,
             params: self.routing.params,
             seed: self.routing.seed,
+            breaker: self.routing.breaker,
         }
     }
 

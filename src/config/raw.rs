@@ -80,6 +80,29 @@ pub struct RawRouting {
     pub max_queued: Option<u32>,
     #[serde(default)]
     pub weighted_load: RawWeightedLoad,
+    #[serde(default)]
+    pub breaker: RawBreaker,
+    #[serde(default)]
+    pub retry_budget: RawRetryBudget,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBreaker {
+    pub error_threshold: Option<f64>,
+    pub min_requests: Option<u32>,
+    pub window: Option<String>,
+    pub consecutive_failures: Option<u32>,
+    pub cool_down: Option<String>,
+    pub half_open_trials: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetryBudget {
+    pub ratio: Option<f64>,
+    pub min_per_second: Option<f64>,
+    pub window: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -9,11 +9,11 @@ use super::raw::{
     RawAuth, RawDispatcher, RawHealth, RawModel, RawRegion, RawRegionModel, RawSimulate, RawTenant,
 };
 use super::{
-    AuthConfig, Config, ConfigError, HealthConfig, RegionConfig, RequestLimits, RoutingConfig, ServerConfig,
-    SimulateConfig, TelemetryConfig, TenantConfig,
+    AuthConfig, Config, ConfigError, HealthConfig, RegionConfig, RequestLimits, RetryBudgetConfig, RoutingConfig,
+    ServerConfig, SimulateConfig, TelemetryConfig, TenantConfig,
 };
 use crate::core::{
-    Accounting, ModelLimits, ModelSpec, RegionSpec, StrategyKind, StrategyParams, TenantSpec,
+    Accounting, BreakerConfig, ModelLimits, ModelSpec, RegionSpec, StrategyKind, StrategyParams, TenantSpec,
     WeightedLoadParams,
 };
 
@@ -178,6 +178,8 @@ pub fn validate_dispatcher(raw: RawDispatcher, file: &Path) -> Result<Config, Co
             Duration::from_secs(5),
         )?,
         max_queued: c.at_least("routing.max_queued", r.max_queued, 10_000, 1)?,
+        breaker: validate_breaker(&c, r.breaker)?,
+        retry_budget: validate_retry_budget(&c, r.retry_budget)?,
     };
 
     let l = raw.limits;
@@ -403,6 +405,35 @@ pub fn parse_key_hash(text: &str) -> Option<[u8; 32]> {
 
 /// gRPC messages above this are refused by the transport before they reach us.
 pub const MAX_PAYLOAD_LIMIT: usize = 64 << 20;
+
+fn validate_breaker(c: &Ctx<'_>, b: super::raw::RawBreaker) -> Result<BreakerConfig, ConfigError> {
+    let d = BreakerConfig::default();
+    let config = BreakerConfig {
+        error_threshold: c.number("routing.breaker.error_threshold", b.error_threshold, d.error_threshold, 0.0, 1.0)?,
+        min_requests: c.at_least("routing.breaker.min_requests", b.min_requests, d.min_requests, 1)?,
+        window: c.duration("routing.breaker.window", b.window.as_deref(), d.window)?,
+        consecutive_failures: c.at_least("routing.breaker.consecutive_failures", b.consecutive_failures, d.consecutive_failures, 1)?,
+        cool_down: c.duration("routing.breaker.cool_down", b.cool_down.as_deref(), d.cool_down)?,
+        half_open_trials: c.at_least("routing.breaker.half_open_trials", b.half_open_trials, d.half_open_trials, 1)?,
+    };
+    if config.window < Duration::from_millis(10) {
+        return Err(c.err("routing.breaker.window", "must be at least 10ms"));
+    }
+    Ok(config)
+}
+
+fn validate_retry_budget(c: &Ctx<'_>, b: super::raw::RawRetryBudget) -> Result<RetryBudgetConfig, ConfigError> {
+    let d = RetryBudgetConfig::default();
+    let config = RetryBudgetConfig {
+        ratio: c.number("routing.retry_budget.ratio", b.ratio, d.ratio, 0.0, 10.0)?,
+        min_per_second: c.number("routing.retry_budget.min_per_second", b.min_per_second, d.min_per_second, 0.0, 1e6)?,
+        window: c.duration("routing.retry_budget.window", b.window.as_deref(), d.window)?,
+    };
+    if config.window.is_zero() {
+        return Err(c.err("routing.retry_budget.window", "must be above zero"));
+    }
+    Ok(config)
+}
 
 fn validate_model(c: &Ctx<'_>, i: usize, m: RawModel) -> Result<ModelSpec, ConfigError> {
     let key = |k: &str| format!("models[{i}].{k}");

@@ -49,6 +49,9 @@ pub enum Outcome {
     Failure,
 }
 
+/// What a failure counts as in the latency average, at least (ms per 1k tokens).
+pub const FAILURE_PENALTY_MS: f64 = 1000.0;
+
 /// A cluster report older than this no longer says anything about now.
 pub const REPORT_TTL: Duration = Duration::from_secs(5);
 
@@ -111,6 +114,10 @@ impl LoadState {
             Outcome::Failure => {
                 self.failed += 1;
                 self.error_rate.observe(1.0);
+                // A fast failure must not make the region look quick: it
+                // counts as at least twice the smoothed latency.
+                let penalty = self.latency_per_1k.get().map_or(FAILURE_PENALTY_MS, |l| (2.0 * l).max(FAILURE_PENALTY_MS));
+                self.latency_per_1k.observe(penalty);
             }
         }
     }
@@ -192,14 +199,14 @@ mod tests {
     }
 
     #[test]
-    fn latency_is_normalised_per_1k_tokens_and_failures_do_not_count() {
+    fn latency_is_normalised_per_1k_tokens_and_fast_failures_are_penalised() {
         let mut l = LoadState::new(4);
         l.start();
         l.finish(Outcome::Success, Duration::from_millis(600), 2000);
         assert_eq!(l.latency_per_1k_ms(), Some(300.0));
         l.start();
         l.finish(Outcome::Failure, Duration::from_millis(1), 2000);
-        assert_eq!(l.latency_per_1k_ms(), Some(300.0));
+        assert!(l.latency_per_1k_ms().unwrap() > 300.0, "a 1 ms failure made the region look slower, not faster");
         assert!(l.error_rate() > 0.0);
         assert_eq!(l.in_flight(), 0);
     }

@@ -3,6 +3,7 @@
 //! as arguments, so every behaviour here is deterministic and testable on a
 //! virtual clock.
 
+pub mod breaker;
 pub mod fair;
 pub mod load;
 pub mod model;
@@ -31,3 +32,4 @@ pub use router::{
 pub use scheduler::{Released, Scheduler, Submission, SubmitError, Submitted};
 pub use strategy::{StrategyKind, StrategyParams, WeightedLoadParams};
 pub use tenant::{Day, TenantHold, TenantRefusal, TenantReport, TenantSpec, Tenants};
+pub use breaker::{BreakerConfig, CircuitBreaker, CircuitState, HealthTracker, RetryBudget, Transition};

@@ -5,6 +5,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::breaker::{BreakerConfig, CircuitBreaker, CircuitState};
 use super::load::LoadState;
 use super::model_quota::{ModelLimits, ModelQuota, QuotaShortfall};
 use super::quota::QuotaError;
@@ -25,6 +26,8 @@ pub enum Exclusion {
     ModelNotServed,
     Drained,
     Unhealthy,
+    /// The circuit breaker is open; the region gets work again after `until`.
+    CircuitOpen { until: Duration },
     AtCapacity {
         in_flight: u32,
         max: u32,
@@ -49,7 +52,12 @@ impl fmt::Display for Exclusion {
         match self {
             Exclusion::ModelNotServed => f.write_str("does not serve this model"),
             Exclusion::Drained => f.write_str("drained by an operator"),
-            Exclusion::Unhealthy => f.write_str("unhealthy"),
+            Exclusion::Unhealthy => f.write_str("unhealthy (failing its health checks)"),
+            Exclusion::CircuitOpen { until } => write!(
+                f,
+                "circuit open (too many errors); trial requests in {}",
+                super::model_quota::fmt_duration(*until)
+            ),
             Exclusion::AtCapacity { in_flight, max } => {
                 write!(f, "at max_concurrent ({in_flight}/{max} in flight)")
             }
@@ -66,6 +74,7 @@ pub struct RegionState {
     pub(super) weight_override: Option<f64>,
     pub(super) drained: bool,
     pub(super) healthy: bool,
+    pub(super) breaker: CircuitBreaker,
     pub(super) load: LoadState,
     /// By model id (the router's model order); `None` where not served.
     pub(super) quotas: Vec<Option<ModelQuota>>,
@@ -76,6 +85,7 @@ impl RegionState {
         spec: &RegionSpec,
         model_ids: &dyn Fn(&str) -> Option<usize>,
         models: usize,
+        breaker: BreakerConfig,
         now: Instant,
     ) -> Result<Self, QuotaError> {
         let mut quotas = vec![None; models];
@@ -90,6 +100,7 @@ impl RegionState {
             weight_override: None,
             drained: false,
             healthy: true,
+            breaker: CircuitBreaker::new(breaker, now),
             load: LoadState::new(spec.max_concurrent),
             quotas,
         })
@@ -119,6 +130,10 @@ impl RegionState {
         self.healthy
     }
 
+    pub fn circuit(&self, now: Instant) -> CircuitState {
+        self.breaker.state(now)
+    }
+
     pub fn load(&self) -> &LoadState {
         &self.load
     }
@@ -141,6 +156,13 @@ impl RegionState {
         }
         if !self.healthy {
             return Err(Exclusion::Unhealthy);
+        }
+        if !self.breaker.allows(now) {
+            let until = match self.breaker.state(now) {
+                CircuitState::Open { until } => until.saturating_duration_since(now),
+                _ => Duration::ZERO,
+            };
+            return Err(Exclusion::CircuitOpen { until });
         }
         if !self.load.has_room() {
             return Err(Exclusion::AtCapacity {

@@ -10,6 +10,7 @@ use rand::SeedableRng;
 use rand::rngs::SmallRng;
 use thiserror::Error;
 
+use super::breaker::{BreakerConfig, Transition};
 use super::load::{Outcome, ReportedLoad};
 use super::model::ModelSpec;
 use super::model_quota::{HintOutcome, Hold, ProviderHint, QuotaShortfall, Settlement};
@@ -26,6 +27,7 @@ pub struct RouterSpec {
     pub params: StrategyParams,
     /// Seeds the random strategies, so a run can be replayed.
     pub seed: u64,
+    pub breaker: BreakerConfig,
 }
 
 /// A request as routing sees it.
@@ -104,6 +106,8 @@ impl Completion {
 pub struct Settled {
     pub charged: u64,
     pub hint: Option<HintOutcome>,
+    /// The region's circuit breaker changed state.
+    pub transition: Option<Transition>,
     /// False when a reload removed the region or model meanwhile.
     pub found: bool,
 }
@@ -177,7 +181,7 @@ impl Router {
         let mut regions = spec
             .regions
             .iter()
-            .map(|r| RegionState::try_new(r, &id, model_names.len(), now))
+            .map(|r| RegionState::try_new(r, &id, model_names.len(), spec.breaker, now))
             .collect::<Result<Vec<_>, _>>()?;
         regions.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(Self {
@@ -321,6 +325,7 @@ impl Router {
         drop(eval);
 
         let region = &mut self.regions[index];
+        region.breaker.on_send(now);
         let hold = region
             .quota_mut(model)
             .expect("an eligible region serves the model")
@@ -395,14 +400,22 @@ impl Router {
             return Settled {
                 charged: 0,
                 hint: None,
+                transition: None,
                 found: false,
             };
         };
         let region = &mut self.regions[region];
-        match c.outcome {
-            Some(outcome) => region.load.finish(outcome, c.latency, r.hold.tokens),
-            None => region.load.abandon(),
-        }
+        let transition = match c.outcome {
+            Some(outcome) => {
+                region.load.finish(outcome, c.latency, r.hold.tokens);
+                region.breaker.on_result(outcome == Outcome::Success, now)
+            }
+            None => {
+                region.load.abandon();
+                region.breaker.on_abandon(now);
+                None
+            }
+        };
         if let Some(load) = c.load {
             region.load.report(load, now);
         }
@@ -410,6 +423,7 @@ impl Router {
             return Settled {
                 charged: 0,
                 hint: None,
+                transition,
                 found: false,
             };
         };
@@ -421,6 +435,7 @@ impl Router {
         Settled {
             charged,
             hint,
+            transition,
             found: true,
         }
     }
@@ -444,6 +459,8 @@ impl Router {
             );
             region.drained = old.drained;
             region.healthy = old.healthy;
+            region.breaker = old.breaker.clone();
+            region.breaker.set_config(spec.breaker);
             for (model, quota) in region.quotas.iter_mut().enumerate() {
                 let Some(quota) = quota else { continue };
                 let Some(old_quota) = self.model_id(&next.model_names[model]).and_then(|m| old.quota(m))

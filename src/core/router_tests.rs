@@ -56,6 +56,7 @@ fn spec(strategy: StrategyKind) -> RouterSpec {
         strategy,
         params: StrategyParams::default(),
         seed: 7,
+        breaker: crate::core::BreakerConfig::default(),
     }
 }
 
@@ -346,4 +347,42 @@ fn locality_prefers_the_callers_region() {
         origin: Some("b"),
     };
     assert_eq!(&*r.reserve(&from_b, &[], t0).unwrap().region, "b");
+}
+
+#[test]
+fn an_open_circuit_takes_a_region_out_until_its_cool_down() {
+    let t0 = Instant::now();
+    let mut s = spec(StrategyKind::RoundRobin);
+    s.regions.truncate(2); // c, a
+    let mut r = Router::try_new(s, t0).unwrap();
+    let failed = Completion {
+        settlement: Settlement::NotRun,
+        outcome: Some(Outcome::Failure),
+        ..Completion::abandoned()
+    };
+    // Five failures in a row on a open the circuit (the default threshold).
+    let mut opened = None;
+    for _ in 0..5 {
+        let res = r.reserve(&req("small", 1), &["c".into()], t0).unwrap();
+        assert_eq!(&*res.region, "a");
+        opened = r.settle(&res, failed, t0).transition.or(opened);
+    }
+    assert_eq!(opened.map(|t| t.to), Some("open"));
+    for _ in 0..3 {
+        assert_eq!(&*r.reserve(&req("small", 1), &[], t0).unwrap().region, "c");
+    }
+    let p = r.preview(&req("small", 1), t0).unwrap();
+    assert!(p.candidates[0].excluded.as_deref().unwrap().starts_with("circuit open"), "{p:?}");
+    // After the cool-down a trial goes through; a success closes it again.
+    let t1 = t0 + Duration::from_secs(5);
+    let trial = r.reserve(&req("small", 1), &["c".into()], t1).unwrap();
+    assert_eq!(&*trial.region, "a");
+    let mut closed = r.settle(&trial, used(1, 0), t1).transition.map(|t| t.to);
+    assert_eq!(closed, None, "one of three trials");
+    assert_eq!(r.region("a").unwrap().circuit(t1).name(), "half_open");
+    for _ in 0..2 {
+        let trial = r.reserve(&req("small", 1), &["c".into()], t1).unwrap();
+        closed = r.settle(&trial, used(1, 0), t1).transition.map(|t| t.to).or(closed);
+    }
+    assert_eq!(closed, Some("closed"), "three good trials close it");
 }

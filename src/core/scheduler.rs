@@ -406,6 +406,7 @@ mod tests {
             strategy: StrategyKind::WeightedLoad,
             params: StrategyParams::default(),
             seed: 0,
+            breaker: crate::core::BreakerConfig::default(),
         };
         (Scheduler::fifo(Router::try_new(spec, t0).unwrap(), 3), t0)
     }

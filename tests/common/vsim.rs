@@ -182,6 +182,7 @@ impl World {
             strategy: StrategyKind::WeightedLoad,
             params: StrategyParams::default(),
             seed: 1,
+            breaker: dispatcher::core::BreakerConfig::default(),
         };
         let weights = Arc::new(Weights {
             by_tenant: self.tenants.iter().map(|(n, w)| (Arc::from(*n), *w)).collect(),
