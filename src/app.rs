@@ -79,6 +79,7 @@ pub struct Runtime {
     pub config: Config,
     pub sims: SimulatedRegions,
     pub engine: std::sync::Arc<crate::dispatch::Engine>,
+    pub health: crate::health::HealthChecks,
     /// The settings read at start-up that a reload cannot change (the
     /// listen address as dispatcher.toml gave it, telemetry).
     started: (std::net::SocketAddr, crate::config::TelemetryConfig),
@@ -104,12 +105,16 @@ impl Runtime {
         sims.sync(&config)
             .await
             .map_err(|e| format!("starting simulated regions: {e}"))?;
-        let engine = crate::dispatch::Engine::new(&config, &sims.endpoints(&config))?;
+        let endpoints = sims.endpoints(&config);
+        let engine = crate::dispatch::Engine::new(&config, &endpoints)?;
+        let mut health = crate::health::HealthChecks::new(engine.clone());
+        health.sync(&config, &endpoints);
         Ok(Self {
             started: (config.server.listen, config.telemetry.clone()),
             config,
             sims,
             engine,
+            health,
         })
     }
 

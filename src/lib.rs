@@ -7,6 +7,7 @@ pub mod core;
 pub mod dispatch;
 pub mod forward;
 pub mod grpc;
+pub mod health;
 pub mod metrics;
 pub mod server;
 pub mod sim;

@@ -96,30 +96,46 @@ async fn main() -> anyhow::Result<()> {
     std::io::stdout().flush()?;
 
     let (reporter, health) = tonic_health::server::health_reporter();
-    let shutdown_engine = engine.clone();
-    let shutdown_reporter = reporter.clone();
-    let shutdown = async move {
-        wait_for_signal().await;
-        tracing::info!("shutting down: refusing new work, finishing what is in flight");
-        shutdown_reporter
-            .set_not_serving::<DispatcherServer<DispatcherService>>()
-            .await;
-        shutdown_engine.begin_shutdown();
-    };
-    server::serve(
-        engine,
+    runtime.lock().await.health.watch_panic(reporter.clone());
+    let grace = runtime.lock().await.config.server.shutdown_grace;
+    let (begin_stop, stopping) = tokio::sync::oneshot::channel::<()>();
+    let serve = server::serve(
+        engine.clone(),
         Some(runtime.clone()),
         incoming,
-        (reporter, health),
-        shutdown,
-    )
-    .await
-    .map_err(|e| anyhow::anyhow!(e))?;
+        (reporter.clone(), health),
+        async move {
+            let _ = stopping.await;
+        },
+    );
+    tokio::pin!(serve);
+    let served = tokio::select! {
+        served = &mut serve => served,
+        _ = wait_for_signal() => {
+            // Health first, so balancers stop sending; then refuse new work
+            // (UNAVAILABLE) and let what is in flight finish, for at most the grace.
+            tracing::info!(grace = ?grace, "shutting down: health NOT_SERVING, refusing new work, finishing what is in flight");
+            reporter.set_not_serving::<DispatcherServer<DispatcherService>>().await;
+            reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+            engine.begin_shutdown();
+            let _ = begin_stop.send(());
+            match tokio::time::timeout(grace, &mut serve).await {
+                Ok(served) => served,
+                Err(_) => {
+                    tracing::warn!("shutdown grace ({grace:?}) over with work still in flight; stopping anyway");
+                    Ok(())
+                }
+            }
+        }
+    };
+    served.map_err(|e| anyhow::anyhow!(e))?;
     stop.cancel();
     let _ = pump.await;
     let _ = watch.await;
-    if let Ok(runtime) = Arc::try_unwrap(runtime) {
-        runtime.into_inner().sims.stop().await;
+    {
+        let mut runtime = runtime.lock().await;
+        runtime.health.stop();
+        std::mem::take(&mut runtime.sims).stop().await;
     }
     tracing::info!("stopped");
     telemetry.shutdown().await;

@@ -87,6 +87,14 @@ fn describe() {
     );
     describe_gauge!("dispatcher_queue_depth", "Requests waiting for quota, by model");
     describe_gauge!("dispatcher_tenant_in_flight", "A tenant's requests in flight");
+    describe_gauge!(
+        "dispatcher_circuit_state",
+        "A region's circuit breaker: 0 closed, 1 half-open, 2 open"
+    );
+    describe_gauge!(
+        "dispatcher_panic_mode",
+        "1 while most regions are unhealthy or have their circuit open"
+    );
 }
 
 /// Installs the global recorder (once per process) and serves `/metrics`

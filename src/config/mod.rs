@@ -13,7 +13,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::core::{BreakerConfig, ModelSpec, RegionSpec, RouterSpec, StrategyKind, StrategyParams, TenantSpec};
+use crate::core::{
+    BreakerConfig, ModelSpec, RegionSpec, RouterSpec, StrategyKind, StrategyParams, TenantSpec,
+};
 
 pub use diff::{Change, ChangeKind, changes, region_changes};
 pub use load::{load, load_regions, parse_dispatcher, parse_region};
@@ -129,6 +131,10 @@ pub struct ServerConfig {
     pub default_timeout: Duration,
     /// How long in-flight work may take to finish on shutdown.
     pub shutdown_grace: Duration,
+    /// How long the reply to a request_id is remembered.
+    pub idempotency_window: Duration,
+    /// How many request_ids are remembered at most.
+    pub idempotency_capacity: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -69,6 +69,8 @@ pub struct RawServer {
     pub max_attempts: Option<u32>,
     pub default_timeout: Option<String>,
     pub shutdown_grace: Option<String>,
+    pub idempotency_window: Option<String>,
+    pub idempotency_capacity: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -9,8 +9,8 @@ use super::raw::{
     RawAuth, RawDispatcher, RawHealth, RawModel, RawRegion, RawRegionModel, RawSimulate, RawTenant,
 };
 use super::{
-    AuthConfig, Config, ConfigError, HealthConfig, RegionConfig, RequestLimits, RetryBudgetConfig, RoutingConfig,
-    ServerConfig, SimulateConfig, TelemetryConfig, TenantConfig,
+    AuthConfig, Config, ConfigError, HealthConfig, RegionConfig, RequestLimits, RetryBudgetConfig,
+    RoutingConfig, ServerConfig, SimulateConfig, TelemetryConfig, TenantConfig,
 };
 use crate::core::{
     Accounting, BreakerConfig, ModelLimits, ModelSpec, RegionSpec, StrategyKind, StrategyParams, TenantSpec,
@@ -115,6 +115,13 @@ pub fn validate_dispatcher(raw: RawDispatcher, file: &Path) -> Result<Config, Co
             s.shutdown_grace.as_deref(),
             Duration::from_secs(30),
         )?,
+        idempotency_window: c.duration(
+            "server.idempotency_window",
+            s.idempotency_window.as_deref(),
+            Duration::from_secs(600),
+        )?,
+        idempotency_capacity: c.at_least("server.idempotency_capacity", s.idempotency_capacity, 100_000, 1)?
+            as usize,
     };
     if server.default_timeout.is_zero() {
         return Err(c.err("server.default_timeout", "must be above zero"));
@@ -409,12 +416,28 @@ pub const MAX_PAYLOAD_LIMIT: usize = 64 << 20;
 fn validate_breaker(c: &Ctx<'_>, b: super::raw::RawBreaker) -> Result<BreakerConfig, ConfigError> {
     let d = BreakerConfig::default();
     let config = BreakerConfig {
-        error_threshold: c.number("routing.breaker.error_threshold", b.error_threshold, d.error_threshold, 0.0, 1.0)?,
+        error_threshold: c.number(
+            "routing.breaker.error_threshold",
+            b.error_threshold,
+            d.error_threshold,
+            0.0,
+            1.0,
+        )?,
         min_requests: c.at_least("routing.breaker.min_requests", b.min_requests, d.min_requests, 1)?,
         window: c.duration("routing.breaker.window", b.window.as_deref(), d.window)?,
-        consecutive_failures: c.at_least("routing.breaker.consecutive_failures", b.consecutive_failures, d.consecutive_failures, 1)?,
+        consecutive_failures: c.at_least(
+            "routing.breaker.consecutive_failures",
+            b.consecutive_failures,
+            d.consecutive_failures,
+            1,
+        )?,
         cool_down: c.duration("routing.breaker.cool_down", b.cool_down.as_deref(), d.cool_down)?,
-        half_open_trials: c.at_least("routing.breaker.half_open_trials", b.half_open_trials, d.half_open_trials, 1)?,
+        half_open_trials: c.at_least(
+            "routing.breaker.half_open_trials",
+            b.half_open_trials,
+            d.half_open_trials,
+            1,
+        )?,
     };
     if config.window < Duration::from_millis(10) {
         return Err(c.err("routing.breaker.window", "must be at least 10ms"));
@@ -422,11 +445,20 @@ fn validate_breaker(c: &Ctx<'_>, b: super::raw::RawBreaker) -> Result<BreakerCon
     Ok(config)
 }
 
-fn validate_retry_budget(c: &Ctx<'_>, b: super::raw::RawRetryBudget) -> Result<RetryBudgetConfig, ConfigError> {
+fn validate_retry_budget(
+    c: &Ctx<'_>,
+    b: super::raw::RawRetryBudget,
+) -> Result<RetryBudgetConfig, ConfigError> {
     let d = RetryBudgetConfig::default();
     let config = RetryBudgetConfig {
         ratio: c.number("routing.retry_budget.ratio", b.ratio, d.ratio, 0.0, 10.0)?,
-        min_per_second: c.number("routing.retry_budget.min_per_second", b.min_per_second, d.min_per_second, 0.0, 1e6)?,
+        min_per_second: c.number(
+            "routing.retry_budget.min_per_second",
+            b.min_per_second,
+            d.min_per_second,
+            0.0,
+            1e6,
+        )?,
         window: c.duration("routing.retry_budget.window", b.window.as_deref(), d.window)?,
     };
     if config.window.is_zero() {

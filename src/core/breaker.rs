@@ -38,9 +38,14 @@ impl Default for BreakerConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CircuitState {
     Closed,
-    Open { until: Instant },
+    Open {
+        until: Instant,
+    },
     /// Trials sent and successes seen so far.
-    HalfOpen { sent: u32, succeeded: u32 },
+    HalfOpen {
+        sent: u32,
+        succeeded: u32,
+    },
 }
 
 impl CircuitState {
@@ -130,7 +135,10 @@ impl CircuitBreaker {
 
     pub fn state(&self, now: Instant) -> CircuitState {
         match self.state {
-            CircuitState::Open { until } if now >= until => CircuitState::HalfOpen { sent: 0, succeeded: 0 },
+            CircuitState::Open { until } if now >= until => CircuitState::HalfOpen {
+                sent: 0,
+                succeeded: 0,
+            },
             s => s,
         }
     }
@@ -375,17 +383,35 @@ mod tests {
         b.on_result(false, t0);
         assert_eq!(b.state(t0), CircuitState::Closed, "1 of 10 is not above 10 %");
         let t = b.on_result(false, t0);
-        assert_eq!(t, Some(Transition { from: "closed", to: "open" }));
+        assert_eq!(
+            t,
+            Some(Transition {
+                from: "closed",
+                to: "open"
+            })
+        );
         assert!(!b.allows(t0 + ms(4999)));
         // Cool-down over: half-open, two trials allowed.
         let t1 = t0 + Duration::from_secs(5);
-        assert_eq!(b.state(t1), CircuitState::HalfOpen { sent: 0, succeeded: 0 });
+        assert_eq!(
+            b.state(t1),
+            CircuitState::HalfOpen {
+                sent: 0,
+                succeeded: 0
+            }
+        );
         assert!(b.allows(t1));
         b.on_send(t1);
         b.on_send(t1);
         assert!(!b.allows(t1), "only two trials");
         assert_eq!(b.on_result(true, t1), None);
-        assert_eq!(b.on_result(true, t1), Some(Transition { from: "half_open", to: "closed" }));
+        assert_eq!(
+            b.on_result(true, t1),
+            Some(Transition {
+                from: "half_open",
+                to: "closed"
+            })
+        );
         assert!(b.allows(t1));
     }
 
@@ -396,7 +422,13 @@ mod tests {
         b.on_result(false, t0);
         b.on_result(false, t0);
         assert!(b.allows(t0));
-        assert_eq!(b.on_result(false, t0), Some(Transition { from: "closed", to: "open" }));
+        assert_eq!(
+            b.on_result(false, t0),
+            Some(Transition {
+                from: "closed",
+                to: "open"
+            })
+        );
     }
 
     #[test]
@@ -408,7 +440,13 @@ mod tests {
         }
         let t1 = t0 + Duration::from_secs(5);
         b.on_send(t1);
-        assert_eq!(b.on_result(false, t1), Some(Transition { from: "half_open", to: "open" }));
+        assert_eq!(
+            b.on_result(false, t1),
+            Some(Transition {
+                from: "half_open",
+                to: "open"
+            })
+        );
         assert!(!b.allows(t1 + ms(4999)));
         assert!(b.allows(t1 + Duration::from_secs(5)));
     }
@@ -458,7 +496,12 @@ mod tests {
         for _ in 0..5 {
             b.deposit(t0 + Duration::from_secs(60));
         }
-        assert_eq!((0..10).filter(|_| b.try_withdraw(t0 + Duration::from_secs(60))).count(), 1);
+        assert_eq!(
+            (0..10)
+                .filter(|_| b.try_withdraw(t0 + Duration::from_secs(60)))
+                .count(),
+            1
+        );
     }
 
     #[test]

@@ -116,7 +116,10 @@ impl LoadState {
                 self.error_rate.observe(1.0);
                 // A fast failure must not make the region look quick: it
                 // counts as at least twice the smoothed latency.
-                let penalty = self.latency_per_1k.get().map_or(FAILURE_PENALTY_MS, |l| (2.0 * l).max(FAILURE_PENALTY_MS));
+                let penalty = self
+                    .latency_per_1k
+                    .get()
+                    .map_or(FAILURE_PENALTY_MS, |l| (2.0 * l).max(FAILURE_PENALTY_MS));
                 self.latency_per_1k.observe(penalty);
             }
         }
@@ -206,7 +209,10 @@ mod tests {
         assert_eq!(l.latency_per_1k_ms(), Some(300.0));
         l.start();
         l.finish(Outcome::Failure, Duration::from_millis(1), 2000);
-        assert!(l.latency_per_1k_ms().unwrap() > 300.0, "a 1 ms failure made the region look slower, not faster");
+        assert!(
+            l.latency_per_1k_ms().unwrap() > 300.0,
+            "a 1 ms failure made the region look slower, not faster"
+        );
         assert!(l.error_rate() > 0.0);
         assert_eq!(l.in_flight(), 0);
     }

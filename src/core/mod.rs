@@ -18,6 +18,7 @@ pub mod scheduler;
 pub mod strategy;
 pub mod tenant;
 
+pub use breaker::{BreakerConfig, CircuitBreaker, CircuitState, HealthTracker, RetryBudget, Transition};
 pub use fair::{FairQueue, Weights};
 pub use load::{LoadState, Outcome, ReportedLoad};
 pub use model::{ModelSpec, TokenEstimate};
@@ -32,4 +33,3 @@ pub use router::{
 pub use scheduler::{Released, Scheduler, Submission, SubmitError, Submitted};
 pub use strategy::{StrategyKind, StrategyParams, WeightedLoadParams};
 pub use tenant::{Day, TenantHold, TenantRefusal, TenantReport, TenantSpec, Tenants};
-pub use breaker::{BreakerConfig, CircuitBreaker, CircuitState, HealthTracker, RetryBudget, Transition};

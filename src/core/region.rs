@@ -27,7 +27,9 @@ pub enum Exclusion {
     Drained,
     Unhealthy,
     /// The circuit breaker is open; the region gets work again after `until`.
-    CircuitOpen { until: Duration },
+    CircuitOpen {
+        until: Duration,
+    },
     AtCapacity {
         in_flight: u32,
         max: u32,

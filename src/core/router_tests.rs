@@ -372,7 +372,14 @@ fn an_open_circuit_takes_a_region_out_until_its_cool_down() {
         assert_eq!(&*r.reserve(&req("small", 1), &[], t0).unwrap().region, "c");
     }
     let p = r.preview(&req("small", 1), t0).unwrap();
-    assert!(p.candidates[0].excluded.as_deref().unwrap().starts_with("circuit open"), "{p:?}");
+    assert!(
+        p.candidates[0]
+            .excluded
+            .as_deref()
+            .unwrap()
+            .starts_with("circuit open"),
+        "{p:?}"
+    );
     // After the cool-down a trial goes through; a success closes it again.
     let t1 = t0 + Duration::from_secs(5);
     let trial = r.reserve(&req("small", 1), &["c".into()], t1).unwrap();
@@ -382,7 +389,11 @@ fn an_open_circuit_takes_a_region_out_until_its_cool_down() {
     assert_eq!(r.region("a").unwrap().circuit(t1).name(), "half_open");
     for _ in 0..2 {
         let trial = r.reserve(&req("small", 1), &["c".into()], t1).unwrap();
-        closed = r.settle(&trial, used(1, 0), t1).transition.map(|t| t.to).or(closed);
+        closed = r
+            .settle(&trial, used(1, 0), t1)
+            .transition
+            .map(|t| t.to)
+            .or(closed);
     }
     assert_eq!(closed, Some("closed"), "three good trials close it");
 }

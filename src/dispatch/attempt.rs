@@ -52,6 +52,9 @@ pub(super) struct Prepared {
     pub tenant_max_queued: usize,
     pub start: Instant,
     pub deadline: Instant,
+    /// The caller gave a request_id: work that may have run elsewhere can
+    /// be retried, because a repeat of the id is answered once.
+    pub retry_may_have_run: bool,
 }
 
 /// The cluster accepted the work.
@@ -95,6 +98,7 @@ impl Engine {
             .lock()
             .spec(&tenant)
             .map_or(usize::MAX, |s| s.max_queued as usize);
+        let retry_may_have_run = !r.request_id.is_empty();
         let request_id = if r.request_id.is_empty() {
             self.new_id()
         } else {
@@ -119,6 +123,7 @@ impl Engine {
             estimate,
             start,
             deadline,
+            retry_may_have_run,
         };
         Ok((prepared, charge))
     }
@@ -150,6 +155,26 @@ impl Engine {
                     now - p.start
                 )));
             }
+            // Retries are paid for by first attempts, so an outage cannot
+            // multiply the load on the regions that are left.
+            let budget_ok = {
+                let mut budget = self.retry_budget.lock();
+                if attempt == 1 {
+                    budget.deposit(now);
+                    true
+                } else {
+                    budget.try_withdraw(now)
+                }
+            };
+            if !budget_ok {
+                return Err(DispatchError::AttemptsExhausted {
+                    attempts: attempt - 1,
+                    last: format!(
+                        "{}; no retry: the retry budget is spent (routing.retry_budget)",
+                        last_failure.unwrap_or_default()
+                    ),
+                });
+            }
             let submission = Submission {
                 model: model.clone(),
                 tokens: p.estimate.total(),
@@ -174,6 +199,13 @@ impl Engine {
                 }
             };
             queue_wait += waited;
+            if Instant::now() >= p.deadline {
+                // Granted too late: nothing was sent, everything goes back.
+                held.settle(Completion::abandoned());
+                return Err(DispatchError::DeadlineExceeded(format!(
+                    "while waiting {waited:?} for quota"
+                )));
+            }
             let region = held.reservation().region.clone();
             super::observe::reserved(&region, &model, held.reservation().hold.tokens);
             let span = tracing::info_span!(
@@ -218,13 +250,18 @@ impl Engine {
                     super::observe::attempt(&region, Some(kind), false);
                     charge.settled(held.settle(failure_completion(kind, sent.elapsed())));
                     let message = format!("region {region}: {} ({:?})", status.message(), status.code());
-                    match kind {
-                        FailureKind::NotRun | FailureKind::ProviderRefused { .. } => {
+                    let may_retry = match kind {
+                        FailureKind::NotRun | FailureKind::ProviderRefused { .. } => true,
+                        FailureKind::MayHaveRun => p.retry_may_have_run,
+                        FailureKind::Rejected => false,
+                    };
+                    match may_retry {
+                        true => {
                             tracing::debug!(%region, attempt, error = %message, "retryable failure; failing over");
                             last_failure = Some(message);
                             tried.push(region);
                         }
-                        FailureKind::Rejected | FailureKind::MayHaveRun => {
+                        false => {
                             return Err(DispatchError::Upstream {
                                 region: region.to_string(),
                                 code: status.code(),

@@ -64,6 +64,9 @@ pub enum DispatchError {
     AttemptsExhausted { attempts: u32, last: String },
     #[error("the dispatcher is shutting down")]
     ShuttingDown,
+    /// Too many requests with a request_id are running to track another.
+    #[error("{capacity} requests with a request_id are already running (server.idempotency_capacity)")]
+    IdempotencyFull { capacity: usize },
     #[error("unauthenticated: {0}")]
     Unauthenticated(String),
     #[error("permission denied: {0}")]

@@ -7,6 +7,7 @@ mod attempt;
 mod auth;
 mod error;
 mod held;
+mod idempotency;
 mod observe;
 mod queue;
 mod rates;
@@ -27,6 +28,7 @@ pub use queue::{Grant, Ticket};
 pub use stream::{ChunkStream, StreamChunk};
 
 use crate::config::{Config, RequestLimits};
+use crate::core::RetryBudget;
 use crate::core::{
     Completion, Day, HintOutcome, ProviderHint, ReportedLoad, Reservation, RoutePreview, RouteRequest,
     Router, Scheduler, TenantHold, TenantRefusal, TenantReport, Tenants, TokenEstimate,
@@ -43,6 +45,7 @@ pub struct Settings {
     pub max_attempts: u32,
     pub default_timeout: Duration,
     pub max_queue_wait: Duration,
+    pub idempotency_capacity: usize,
 }
 
 impl Settings {
@@ -52,6 +55,7 @@ impl Settings {
             max_attempts: c.server.max_attempts,
             default_timeout: c.server.default_timeout,
             max_queue_wait: c.routing.max_queue_wait,
+            idempotency_capacity: c.server.idempotency_capacity,
         }
     }
 }
@@ -76,6 +80,8 @@ pub struct Engine {
     pool: ClusterPool,
     settings: RwLock<Arc<Settings>>,
     pump_wake: Arc<Notify>,
+    idempotency: idempotency::Idempotency,
+    retry_budget: Mutex<RetryBudget>,
     next_id: AtomicU64,
     id_prefix: String,
     shutting_down: AtomicBool,
@@ -107,6 +113,16 @@ impl Engine {
             pool,
             settings: RwLock::new(Arc::new(Settings::from_config(config))),
             pump_wake: Arc::new(Notify::new()),
+            idempotency: idempotency::Idempotency::new(
+                config.server.idempotency_window,
+                config.server.idempotency_capacity,
+            ),
+            retry_budget: Mutex::new(RetryBudget::new(
+                config.routing.retry_budget.ratio,
+                config.routing.retry_budget.min_per_second,
+                config.routing.retry_budget.window,
+                now,
+            )),
             next_id: AtomicU64::new(1),
             id_prefix: format!("{started:x}"),
             shutting_down: AtomicBool::new(false),
@@ -138,6 +154,8 @@ impl Engine {
             *self.admin_token.write() = config.admin_token;
             *self.rates.write() = Arc::new(TenantRates::from_config(config));
             *self.settings.write() = Arc::new(Settings::from_config(config));
+            let b = config.routing.retry_budget;
+            self.retry_budget.lock().set_limits(b.ratio, b.min_per_second);
         }
         // Limits may have grown: let waiters through.
         self.wake_pump();
@@ -312,6 +330,14 @@ impl Engine {
             settled.charged,
             settled.hint.as_ref(),
         );
+        if let Some(t) = settled.transition {
+            observe::circuit(&r.region, t.to);
+            if t.to == "open" {
+                tracing::warn!(region = %r.region, from = t.from, "circuit opened: too many errors; no work goes there until the cool-down");
+            } else {
+                tracing::info!(region = %r.region, from = t.from, to = t.to, "circuit changed");
+            }
+        }
         self.wake_pump();
         if let Some(HintOutcome::Ignored { reason, first: true }) = &settled.hint {
             tracing::warn!(region = %r.region, model = %r.model, %reason, "ignoring an impossible provider quota hint (logged once per region and model)");

@@ -25,6 +25,7 @@ pub fn outcome(result: &Result<(), &DispatchError>) -> &'static str {
             | DispatchError::QueueTimeout { .. }
             | DispatchError::WouldWaitInVain { .. }
             | DispatchError::QueueFull { .. } => "no_quota",
+            DispatchError::IdempotencyFull { .. } => "overloaded",
             DispatchError::DeadlineExceeded(_) => "deadline_exceeded",
             DispatchError::Upstream { .. } => "upstream_error",
             DispatchError::Unauthenticated(_) => "unauthenticated",
@@ -79,4 +80,14 @@ pub fn settled(region: &str, model: &str, reserved: u64, charged: u64, hint: Opt
 
 pub fn queue_wait(model: &str, waited: Duration) {
     histogram!("dispatcher_queue_wait_seconds", "model" => model.to_string()).record(waited.as_secs_f64());
+}
+
+/// 0 closed, 1 half-open, 2 open.
+pub fn circuit(region: &str, state: &str) {
+    let value = match state {
+        "closed" => 0.0,
+        "half_open" => 1.0,
+        _ => 2.0,
+    };
+    metrics::gauge!("dispatcher_circuit_state", "region" => region.to_string()).set(value);
 }

@@ -3,7 +3,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tracing::Span;
+use tracing::{Instrument, Span};
+
+use super::idempotency::Begin;
 
 use super::attempt::Labels;
 use super::{DispatchError, Dispatched, Engine, hint_from_pb, load_from_pb};
@@ -16,6 +18,68 @@ impl Engine {
     /// set none); `authorization` the caller's header. Runs in the caller's
     /// span, whose request fields it records.
     pub async fn dispatch(
+        self: &Arc<Self>,
+        r: pb::DispatchRequest,
+        timeout: Option<Duration>,
+        authorization: Option<&str>,
+    ) -> Result<Dispatched, DispatchError> {
+        if r.request_id.is_empty() || r.request_id.len() > self.settings().limits.max_request_id_bytes {
+            return self.dispatch_once(r, timeout, authorization).await;
+        }
+        // A request_id is answered once per tenant: the first runs it (to
+        // the end, even if its caller leaves), the others wait or replay.
+        let tenant = match self.authenticate(authorization) {
+            Ok(t) => t,
+            Err(_) => return self.dispatch_once(r, timeout, authorization).await,
+        };
+        let id = r.request_id.clone();
+        match self.idempotency.begin(&tenant, &id, Instant::now()) {
+            Begin::Replay(reply) => {
+                tracing::debug!(request_id = %id, "replaying the answer to a repeated request_id");
+                Ok(reply)
+            }
+            Begin::Full => Err(DispatchError::IdempotencyFull {
+                capacity: self.settings().idempotency_capacity,
+            }),
+            Begin::Wait(mut rx) => {
+                let wait = timeout.unwrap_or(self.settings().default_timeout);
+                let answered = tokio::time::timeout(wait, rx.wait_for(|a| a.is_some())).await;
+                match answered {
+                    Ok(Ok(answer)) => answer.clone().expect("waited for an answer"),
+                    Ok(Err(_)) => Err(DispatchError::Upstream {
+                        region: String::new(),
+                        code: tonic::Code::Internal,
+                        message: format!("the first request with id {id:?} ended without an answer"),
+                    }),
+                    Err(_) => Err(DispatchError::DeadlineExceeded(format!(
+                        "waiting for the first request with id {id:?}"
+                    ))),
+                }
+            }
+            Begin::Lead => {
+                let engine = self.clone();
+                let authorization = authorization.map(str::to_string);
+                let span = Span::current();
+                let run = tokio::spawn(async move {
+                    let answer = engine
+                        .dispatch_once(r, timeout, authorization.as_deref())
+                        .instrument(span)
+                        .await;
+                    engine.idempotency.finish(&tenant, &id, &answer, Instant::now());
+                    answer
+                });
+                run.await.unwrap_or_else(|e| {
+                    Err(DispatchError::Upstream {
+                        region: String::new(),
+                        code: tonic::Code::Internal,
+                        message: format!("dispatch task failed: {e}"),
+                    })
+                })
+            }
+        }
+    }
+
+    async fn dispatch_once(
         self: &Arc<Self>,
         r: pb::DispatchRequest,
         timeout: Option<Duration>,

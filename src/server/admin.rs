@@ -94,6 +94,7 @@ impl AdminService {
             completed: load.completed(),
             failed: load.failed(),
             models,
+            circuit: r.circuit(now).name().to_string(),
         }
     }
 

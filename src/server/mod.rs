@@ -19,6 +19,11 @@ use crate::dispatch::Engine;
 use crate::pb::admin_server::AdminServer;
 use crate::pb::dispatcher_server::DispatcherServer;
 
+/// Concurrent requests one HTTP/2 connection may have open.
+const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
+/// Metadata (headers) of one request, at most.
+const MAX_HEADER_LIST_BYTES: u32 = 64 << 10;
+
 /// Headroom over the payload limit for the rest of a request message.
 const MESSAGE_OVERHEAD: usize = 64 << 10;
 
@@ -59,6 +64,10 @@ pub async fn serve(
         ],
     )?;
     tonic::transport::Server::builder()
+        // Bounds on what one client can make the server hold.
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+        .http2_max_pending_accept_reset_streams(Some(100))
         .add_routes(routes.routes())
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;

@@ -1,0 +1,214 @@
+//! Active health checks: `grpc.health.v1.Health/Check` against each
+//! region's cluster at its configured interval; the core's `HealthTracker`
+//! decides when a region turns unhealthy or healthy again. Also "panic
+//! mode": when most regions are unhealthy or have their circuit open, it is
+//! said loudly (log, health status, metric) instead of quietly piling all
+//! traffic onto the last ones.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Endpoint;
+use tonic_health::ServingStatus;
+use tonic_health::pb::health_check_response::ServingStatus as Status;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::server::HealthReporter;
+
+use crate::config::{Config, HealthConfig};
+use crate::core::{CircuitState, HealthTracker};
+use crate::dispatch::Engine;
+
+/// The health service name that reports whether enough regions are up.
+pub const REGIONS_SERVICE: &str = "dispatcher.regions";
+
+struct Check {
+    endpoint: String,
+    config: HealthConfig,
+    cancel: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+pub struct HealthChecks {
+    engine: Arc<Engine>,
+    checks: HashMap<String, Check>,
+    panic_task: Option<(CancellationToken, JoinHandle<()>)>,
+}
+
+impl HealthChecks {
+    pub fn new(engine: Arc<Engine>) -> Self {
+        Self {
+            engine,
+            checks: HashMap::new(),
+            panic_task: None,
+        }
+    }
+
+    /// Checks exactly the regions of `config` at these endpoints; a region
+    /// whose endpoint or settings changed gets a fresh checker.
+    pub fn sync(&mut self, config: &Config, endpoints: &[(String, String)]) {
+        let wanted: HashMap<&str, (&str, HealthConfig)> = endpoints
+            .iter()
+            .filter_map(|(region, endpoint)| {
+                let r = config.region(region)?;
+                Some((region.as_str(), (endpoint.as_str(), r.health)))
+            })
+            .collect();
+        let stale: Vec<String> = self
+            .checks
+            .iter()
+            .filter(|(name, c)| {
+                wanted
+                    .get(name.as_str())
+                    .is_none_or(|(e, h)| *e != c.endpoint || *h != c.config)
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in stale {
+            if let Some(c) = self.checks.remove(&name) {
+                c.cancel.cancel();
+                c.task.abort();
+            }
+        }
+        for (region, (endpoint, health)) in wanted {
+            if self.checks.contains_key(region) {
+                continue;
+            }
+            let cancel = CancellationToken::new();
+            let task = tokio::spawn(check_loop(
+                self.engine.clone(),
+                region.to_string(),
+                endpoint.to_string(),
+                health,
+                cancel.clone(),
+            ));
+            self.checks.insert(
+                region.to_string(),
+                Check {
+                    endpoint: endpoint.to_string(),
+                    config: health,
+                    cancel,
+                    task,
+                },
+            );
+        }
+    }
+
+    /// Watches for panic mode once a second, reporting it on `reporter`.
+    pub fn watch_panic(&mut self, reporter: HealthReporter) {
+        if self.panic_task.is_some() {
+            return;
+        }
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(panic_loop(self.engine.clone(), reporter, cancel.clone()));
+        self.panic_task = Some((cancel, task));
+    }
+
+    pub fn stop(&mut self) {
+        for (_, c) in self.checks.drain() {
+            c.cancel.cancel();
+            c.task.abort();
+        }
+        if let Some((cancel, task)) = self.panic_task.take() {
+            cancel.cancel();
+            task.abort();
+        }
+    }
+}
+
+impl Drop for HealthChecks {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn check_loop(
+    engine: Arc<Engine>,
+    region: String,
+    endpoint: String,
+    config: HealthConfig,
+    cancel: CancellationToken,
+) {
+    let channel = match Endpoint::from_shared(endpoint.clone()) {
+        Ok(e) => e
+            .connect_timeout(config.timeout)
+            .timeout(config.timeout)
+            .connect_lazy(),
+        Err(e) => {
+            tracing::error!(%region, %endpoint, error = %e, "cannot health-check this endpoint");
+            return;
+        }
+    };
+    let mut client = HealthClient::new(channel);
+    let mut tracker = HealthTracker::new(config.healthy_threshold, config.unhealthy_threshold);
+    let mut tick = tokio::time::interval(config.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let check = client.check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        });
+        let passed = match tokio::time::timeout(config.timeout, check).await {
+            Ok(Ok(r)) => r.into_inner().status == Status::Serving as i32,
+            Ok(Err(_)) | Err(_) => false,
+        };
+        if let Some(healthy) = tracker.record(passed) {
+            engine.with_router_mut(|r| r.set_healthy(&region, healthy));
+            metrics::gauge!("dispatcher_region_healthy", "region" => region.clone())
+                .set(healthy as u8 as f64);
+            if healthy {
+                tracing::info!(%region, "region healthy again ({} checks passed)", config.healthy_threshold);
+            } else {
+                tracing::warn!(%region, "region unhealthy ({} health checks failed in a row)", config.unhealthy_threshold);
+            }
+        }
+    }
+}
+
+async fn panic_loop(engine: Arc<Engine>, reporter: HealthReporter, cancel: CancellationToken) {
+    let mut in_panic = false;
+    reporter
+        .set_service_status(REGIONS_SERVICE, ServingStatus::Serving)
+        .await;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = Instant::now();
+        let (down, total) = engine.with_router(|r| {
+            let down = r
+                .regions()
+                .iter()
+                .filter(|g| !g.healthy() || matches!(g.circuit(now), CircuitState::Open { .. }))
+                .count();
+            (down, r.regions().len())
+        });
+        let panic = total > 0 && down * 2 > total;
+        metrics::gauge!("dispatcher_panic_mode").set(panic as u8 as f64);
+        if panic != in_panic {
+            in_panic = panic;
+            if panic {
+                tracing::error!(
+                    down,
+                    total,
+                    "PANIC MODE: most regions are unhealthy or have their circuit open; the rest take work only up to their own capacity and the excess is refused"
+                );
+                reporter
+                    .set_service_status(REGIONS_SERVICE, ServingStatus::NotServing)
+                    .await;
+            } else {
+                tracing::warn!(down, total, "panic mode over: most regions are up again");
+                reporter
+                    .set_service_status(REGIONS_SERVICE, ServingStatus::Serving)
+                    .await;
+            }
+        }
+    }
+}
