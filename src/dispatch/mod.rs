@@ -16,7 +16,7 @@ mod unary;
 mod validate;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
@@ -85,6 +85,27 @@ pub struct Engine {
     next_id: AtomicU64,
     id_prefix: String,
     shutting_down: AtomicBool,
+    /// Dispatches running (streams until their relay ends), for draining.
+    running: AtomicUsize,
+    idle: Notify,
+}
+
+/// Counts one running dispatch until dropped.
+pub(crate) struct Running(Arc<Engine>);
+
+impl Running {
+    fn enter(engine: &Arc<Engine>) -> Self {
+        engine.running.fetch_add(1, Ordering::SeqCst);
+        Self(engine.clone())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if self.0.running.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
 }
 
 impl Engine {
@@ -126,6 +147,8 @@ impl Engine {
             next_id: AtomicU64::new(1),
             id_prefix: format!("{started:x}"),
             shutting_down: AtomicBool::new(false),
+            running: AtomicUsize::new(0),
+            idle: Notify::new(),
         }))
     }
 
@@ -199,6 +222,27 @@ impl Engine {
     /// New requests are refused from now on.
     pub fn begin_shutdown(&self) {
         self.shutting_down.store(true, Ordering::SeqCst);
+    }
+
+    /// Dispatches running now.
+    pub fn running(&self) -> usize {
+        self.running.load(Ordering::SeqCst)
+    }
+
+    /// Waits until no dispatch is running (after `begin_shutdown`, nothing
+    /// new starts).
+    pub async fn drained(&self) {
+        loop {
+            let idle = self.idle.notified();
+            if self.running() == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+
+    pub(crate) fn enter(self: &Arc<Self>) -> Running {
+        Running::enter(self)
     }
 
     fn new_id(&self) -> String {

@@ -34,6 +34,7 @@ pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<StreamChunk, DispatchErr
 const BUFFER: usize = 16;
 
 struct Relay {
+    _running: super::Running,
     held: Held,
     charge: TenantCharge,
     upstream: tonic::Streaming<pb::ExecuteChunk>,
@@ -54,6 +55,7 @@ impl Engine {
         authorization: Option<&str>,
     ) -> Result<ChunkStream, DispatchError> {
         let start = std::time::Instant::now();
+        let running = self.enter();
         let mut labels = super::attempt::Labels::default();
         let prepared = self.prepare(r, timeout, authorization, &mut labels);
         let (p, mut charge) = match prepared {
@@ -79,6 +81,7 @@ impl Engine {
         labels.finish(Ok(()), start);
         let (tx, rx) = mpsc::channel(BUFFER);
         let relay = Relay {
+            _running: running,
             held: f.held,
             charge,
             upstream: f.value,

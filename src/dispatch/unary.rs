@@ -23,6 +23,7 @@ impl Engine {
         timeout: Option<Duration>,
         authorization: Option<&str>,
     ) -> Result<Dispatched, DispatchError> {
+        let _running = self.enter();
         if r.request_id.is_empty() || r.request_id.len() > self.settings().limits.max_request_id_bytes {
             return self.dispatch_once(r, timeout, authorization).await;
         }

@@ -144,7 +144,12 @@ impl Drop for Proc {
 }
 
 pub fn region_sim(dir: &Path, region: &str, args: &[&str]) -> Proc {
-    let mut all = vec!["--listen", "127.0.0.1:0", "--region", region];
+    region_sim_at(dir, region, "127.0.0.1:0", args)
+}
+
+/// A region-sim on a given address (to restart one where it was).
+pub fn region_sim_at(dir: &Path, region: &str, listen: &str, args: &[&str]) -> Proc {
+    let mut all = vec!["--listen", listen, "--region", region];
     all.extend_from_slice(args);
     Proc::start(
         env!("CARGO_BIN_EXE_region-sim"),
