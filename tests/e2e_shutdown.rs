@@ -21,6 +21,9 @@ shutdown_grace = "5s"
 name = "gpt-4o"
 "#;
 
+/// When a request was sent and how it ended.
+type Sent = (Instant, Result<(), Code>);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_work_and_exits_zero() {
     let cfg = ConfigDir::new(DISPATCHER_TOML);
@@ -48,8 +51,7 @@ async fn sigterm_drains_in_flight_work_and_exits_zero() {
     );
     let mut d = dispatcher(&cfg.config());
     let grpc = client(d.addr).await;
-    // (sent, result code) of every request
-    let results: Arc<Mutex<Vec<(Instant, Result<(), Code>)>>> = Arc::default();
+    let results: Arc<Mutex<Vec<Sent>>> = Arc::default();
     let mut calls = tokio::task::JoinSet::new();
     let mut tick = tokio::time::interval(Duration::from_millis(20));
     let start = Instant::now();
