@@ -143,8 +143,13 @@ impl LoadState {
 
     /// `max(in_flight / capacity, reported utilisation)`, in [0, 1].
     pub fn utilization(&self, now: Instant) -> f64 {
+        self.utilization_with(self.reported(now))
+    }
+
+    /// `utilization` with the fresh report already looked up.
+    pub fn utilization_with(&self, reported: Option<ReportedLoad>) -> f64 {
         let ours = self.in_flight as f64 / self.capacity as f64;
-        let theirs = self.reported(now).map_or(0.0, |r| r.utilization);
+        let theirs = reported.map_or(0.0, |r| r.utilization);
         ours.max(theirs).clamp(0.0, 1.0)
     }
 

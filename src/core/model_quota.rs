@@ -2,7 +2,7 @@
 //! count the way the provider behind the region counts, plus what the provider
 //! last told us.
 
-use std::collections::BTreeMap;
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use super::quota::{QuotaBucket, QuotaError, Shortfall};
@@ -148,14 +148,56 @@ pub struct LastHint {
     pub at: Instant,
 }
 
+/// Reservations not yet settled, in the order they were made. Settled ones
+/// are tombstoned and dropped from the front, so reserve and settle cost
+/// O(log n) without allocating per request.
+#[derive(Debug, Clone, Default)]
+struct InFlight {
+    /// (sequence number, tokens; `None` once settled), sequence ascending.
+    holds: VecDeque<(u64, Option<u64>)>,
+    live: usize,
+    tokens: u64,
+}
+
+impl InFlight {
+    fn push(&mut self, seq: u64, tokens: u64) {
+        self.holds.push_back((seq, Some(tokens)));
+        self.live += 1;
+        self.tokens += tokens;
+    }
+
+    /// Removes `seq`; false if it is not in flight.
+    fn remove(&mut self, seq: u64) -> bool {
+        let Ok(i) = self.holds.binary_search_by_key(&seq, |(s, _)| *s) else {
+            return false;
+        };
+        let Some(tokens) = self.holds[i].1.take() else {
+            return false;
+        };
+        self.live -= 1;
+        self.tokens -= tokens;
+        while matches!(self.holds.front(), Some((_, None))) {
+            self.holds.pop_front();
+        }
+        true
+    }
+
+    /// Tokens and count of the reservations made after `seq`.
+    fn after(&self, seq: u64) -> (u64, i64) {
+        let start = self.holds.partition_point(|(s, _)| *s <= seq);
+        self.holds
+            .range(start..)
+            .filter_map(|(_, t)| *t)
+            .fold((0, 0), |(t, n), tok| (t + tok, n + 1))
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ModelQuota {
     limits: ModelLimits,
     tokens: QuotaBucket,
     requests: QuotaBucket,
-    /// Reservations not yet settled, by sequence number → tokens.
-    in_flight: BTreeMap<u64, u64>,
-    in_flight_tokens: u64,
+    in_flight: InFlight,
     next_seq: u64,
     blocked_until: Option<Instant>,
     last_hint: Option<LastHint>,
@@ -168,8 +210,7 @@ impl ModelQuota {
             tokens: QuotaBucket::try_new(limits.tokens_per_minute, limits.burst_tokens, now)?,
             requests: QuotaBucket::try_new(limits.requests_per_minute, limits.burst_requests, now)?,
             limits,
-            in_flight: BTreeMap::new(),
-            in_flight_tokens: 0,
+            in_flight: InFlight::default(),
             next_seq: 0,
             blocked_until: None,
             last_hint: None,
@@ -190,11 +231,11 @@ impl ModelQuota {
     }
 
     pub fn in_flight_tokens(&self) -> u64 {
-        self.in_flight_tokens
+        self.in_flight.tokens
     }
 
     pub fn in_flight_requests(&self) -> usize {
-        self.in_flight.len()
+        self.in_flight.live
     }
 
     pub fn last_hint(&self) -> Option<LastHint> {
@@ -205,6 +246,31 @@ impl ModelQuota {
         self.blocked_until
             .filter(|until| *until > now)
             .map(|until| until - now)
+    }
+
+    /// Whether `tokens` (and one request) fit now, and if so the headroom
+    /// left after them: the lesser fraction of the two buckets. Changes
+    /// nothing; the decision path's one look at the buckets.
+    pub fn headroom(&self, tokens: u64, now: Instant) -> Result<f64, QuotaShortfall> {
+        if let Some(until) = self.blocked_for(now) {
+            return Err(QuotaShortfall::ProviderExhausted { until });
+        }
+        let token_room = self.tokens.fit(tokens, now).map_err(|why| match why {
+            Shortfall::Wait(wait) => QuotaShortfall::Tokens {
+                need: tokens,
+                have: self.tokens.available(now),
+                wait,
+            },
+            Shortfall::TooLarge { capacity } => QuotaShortfall::TooLarge {
+                need: tokens,
+                capacity,
+            },
+        })?;
+        let request_room = self.requests.fit(1, now).map_err(|why| match why {
+            Shortfall::Wait(wait) => QuotaShortfall::Requests { wait },
+            Shortfall::TooLarge { .. } => QuotaShortfall::Requests { wait: Duration::MAX },
+        })?;
+        Ok(token_room.min(request_room))
     }
 
     /// Can `tokens` (and one request) be taken now? Changes nothing.
@@ -246,8 +312,7 @@ impl ModelQuota {
         debug_assert!(took_tokens && took_request);
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.in_flight.insert(seq, tokens);
-        self.in_flight_tokens += tokens;
+        self.in_flight.push(seq, tokens);
         Ok(Hold { tokens, seq })
     }
 
@@ -255,10 +320,9 @@ impl ModelQuota {
     /// finally charged for it. A hold this quota does not know (settled twice,
     /// or reserved before a reload replaced the quota) changes nothing.
     pub fn settle(&mut self, hold: Hold, outcome: Settlement, now: Instant) -> u64 {
-        if self.in_flight.remove(&hold.seq).is_none() {
+        if !self.in_flight.remove(hold.seq) {
             return 0;
         }
-        self.in_flight_tokens -= hold.tokens;
         match outcome {
             Settlement::NotRun => {
                 self.tokens.refund(hold.tokens, now);
@@ -293,11 +357,8 @@ impl ModelQuota {
         }
         self.last_hint = Some(LastHint { hint, at: now });
         let (tokens_after, requests_after) = match after {
-            Some(h) => self
-                .in_flight
-                .range(h.seq + 1..)
-                .fold((0u64, 0i64), |(t, r), (_, tok)| (t + tok, r + 1)),
-            None => (self.in_flight_tokens, self.in_flight.len() as i64),
+            Some(h) => self.in_flight.after(h.seq),
+            None => (self.in_flight.tokens, self.in_flight.live as i64),
         };
         let lowered_tokens = self
             .tokens

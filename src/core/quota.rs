@@ -78,13 +78,19 @@ impl QuotaBucket {
         self.capacity as i128 * NANOS_PER_MINUTE
     }
 
+    fn inverse_full(&self) -> f64 {
+        1.0 / (self.capacity as f64 * NANOS_PER_MINUTE as f64)
+    }
+
     /// The level at `now` in scaled units, without changing anything.
     fn level_at(&self, now: Instant) -> i128 {
-        let elapsed = now.saturating_duration_since(self.updated).as_nanos() as i128;
-        if self.level >= self.full() {
+        let full = self.full();
+        // A full bucket stays full: no clock arithmetic needed.
+        if self.level >= full {
             return self.level;
         }
-        (self.level + elapsed * self.per_minute as i128).min(self.full())
+        let elapsed = now.saturating_duration_since(self.updated).as_nanos() as i128;
+        (self.level + elapsed * self.per_minute as i128).min(full)
     }
 
     fn refill(&mut self, now: Instant) {
@@ -119,6 +125,28 @@ impl QuotaBucket {
         let rate = self.per_minute as i128;
         let nanos = (need + rate - 1) / rate;
         Ok(Duration::from_nanos(nanos.min(u64::MAX as i128) as u64))
+    }
+
+    /// Whether `n` tokens fit now, and if so the fraction of the bucket left
+    /// after them. One read of the level and no integer division: this runs
+    /// for every region on every decision.
+    pub fn fit(&self, n: u64, now: Instant) -> Result<f64, Shortfall> {
+        if n > self.capacity {
+            return Err(Shortfall::TooLarge {
+                capacity: self.capacity,
+            });
+        }
+        let level = self.level_at(now);
+        let need = n as i128 * NANOS_PER_MINUTE;
+        if level >= need {
+            Ok((to_f64(level - need) * self.inverse_full()).min(1.0))
+        } else {
+            let rate = self.per_minute as i128;
+            let nanos = (need - level + rate - 1) / rate;
+            Err(Shortfall::Wait(Duration::from_nanos(
+                nanos.min(u64::MAX as i128) as u64
+            )))
+        }
     }
 
     /// Takes `n` tokens if they fit now; otherwise takes nothing and says why.
@@ -186,6 +214,16 @@ impl QuotaBucket {
     /// Time until the bucket is full again.
     pub fn time_to_full(&self, now: Instant) -> Duration {
         self.time_until(self.capacity, now).unwrap_or(Duration::ZERO)
+    }
+}
+
+/// i128 → f64 is a slow library call; this is two instructions, exact for
+/// anything that fits an i64 and within 2^-31 of it beyond (capacities above
+/// about 150 million tokens), which a fraction of a bucket does not notice.
+fn to_f64(v: i128) -> f64 {
+    match i64::try_from(v) {
+        Ok(v) => v as f64,
+        Err(_) => ((v >> 32) as i64) as f64 * 4_294_967_296.0,
     }
 }
 
@@ -264,6 +302,26 @@ mod tests {
         b.set_limit(2000, None, t0).unwrap();
         assert_eq!(b.available(t0), 500);
         assert!(b.set_limit(0, None, t0).is_err());
+    }
+
+    #[test]
+    fn fit_says_what_is_left_or_how_long_to_wait() {
+        let t0 = Instant::now();
+        let mut b = QuotaBucket::try_new(600, None, t0).unwrap();
+        assert_eq!(b.fit(150, t0), Ok(0.75));
+        b.try_take(600, t0).unwrap();
+        assert_eq!(b.fit(25, t0), Err(Shortfall::Wait(secs(2.5))));
+        assert_eq!(b.fit(601, t0), Err(Shortfall::TooLarge { capacity: 600 }));
+        assert_eq!(b.fit(10, t0 + secs(1.0)), Ok(0.0));
+    }
+
+    #[test]
+    fn headroom_fractions_stay_exact_enough_for_huge_buckets() {
+        let t0 = Instant::now();
+        let mut b = QuotaBucket::try_new(1 << 39, None, t0).unwrap();
+        b.try_take(1 << 38, t0).unwrap();
+        let f = b.fit(1 << 37, t0).unwrap();
+        assert!((f - 0.25).abs() < 1e-9, "{f}");
     }
 
     #[test]

@@ -172,11 +172,6 @@ impl RegionState {
                 max: self.load.capacity(),
             });
         }
-        quota.check(tokens, now).map_err(Exclusion::Quota)?;
-        let t = quota.tokens();
-        let r = quota.requests();
-        let token_room = (t.available(now) as f64 - tokens as f64) / t.capacity() as f64;
-        let request_room = (r.available(now) as f64 - 1.0) / r.capacity() as f64;
-        Ok(token_room.min(request_room).clamp(0.0, 1.0))
+        quota.headroom(tokens, now).map_err(Exclusion::Quota)
     }
 }

@@ -16,7 +16,7 @@ use super::model::ModelSpec;
 use super::model_quota::{HintOutcome, Hold, ProviderHint, QuotaShortfall, Settlement};
 use super::quota::QuotaError;
 use super::region::{Exclusion, RegionSpec, RegionState};
-use super::strategy::{self, CandidateView, Factors, Score, Strategy, StrategyKind, StrategyParams};
+use super::strategy::{self, CandidateView, Factors, Score, Scored, Strategy, StrategyKind, StrategyParams};
 
 /// Everything the router is built from (validated config).
 #[derive(Debug, Clone, PartialEq)]
@@ -149,6 +149,8 @@ pub struct Router {
     strategy: Box<dyn Strategy>,
     rng: SmallRng,
     generation: u64,
+    /// Reused by every decision, so deciding does not allocate.
+    scratch: Vec<Scored>,
 }
 
 impl std::fmt::Debug for Router {
@@ -164,7 +166,8 @@ impl std::fmt::Debug for Router {
     }
 }
 
-/// Scored eligible candidates and the excluded ones of one evaluation.
+/// Every region's verdict for one request, with factors: the slow path
+/// behind `Route` and behind the error when nothing is eligible.
 struct Evaluation<'a> {
     scored: Vec<(CandidateView<'a>, Score)>,
     excluded: Vec<(usize, Exclusion)>,
@@ -191,6 +194,7 @@ impl Router {
             rng: SmallRng::seed_from_u64(spec.seed),
             models,
             model_names,
+            scratch: Vec::with_capacity(regions.len()),
             regions,
             generation: 0,
         })
@@ -313,16 +317,26 @@ impl Router {
         let model = self
             .model_id(req.model)
             .ok_or_else(|| self.unknown_model(req.model))?;
-        let eval = evaluate(&self.regions, self.strategy.as_ref(), model, req, tried, now);
-        if eval.scored.is_empty() {
+        let strategy = self.strategy.as_ref();
+        let scratch = &mut self.scratch;
+        scratch.clear();
+        scan(&self.regions, model, req, tried, now, |view| {
+            scratch.push(Scored {
+                index: view.index,
+                weight: view.weight,
+                value: strategy.value(view),
+                regions: view.regions,
+            })
+        });
+        if self.scratch.is_empty() {
+            let eval = evaluate(&self.regions, self.strategy.as_ref(), model, req, tried, now);
             return Err(self.no_region(model, req, &eval));
         }
-        let pick = self.strategy.pick(&eval.scored, &mut self.rng);
-        let index = eval.scored[pick].0.index;
-        let score = eval.scored[pick].1.value;
+        let pick = self.strategy.pick(&self.scratch, &mut self.rng);
+        let index = self.scratch[pick].index;
+        let score = self.scratch[pick].value;
         // The strategy's memory (round robin's turn) moves only on a real pick.
-        self.strategy.commit(pick, &eval.scored);
-        drop(eval);
+        self.strategy.commit(pick, &self.scratch);
 
         let region = &mut self.regions[index];
         region.breaker.on_send(now);
@@ -373,8 +387,18 @@ impl Router {
         let (chosen, error) = if eval.scored.is_empty() {
             (None, Some(self.no_region(model, req, &eval)))
         } else {
+            let scored: Vec<Scored> = eval
+                .scored
+                .iter()
+                .map(|(v, s)| Scored {
+                    index: v.index,
+                    weight: v.weight,
+                    value: s.value,
+                    regions: v.regions,
+                })
+                .collect();
             let mut rng = self.rng.clone();
-            let pick = self.strategy.pick(&eval.scored, &mut rng);
+            let pick = self.strategy.pick(&scored, &mut rng);
             (Some(eval.scored[pick].0.name.to_string()), None)
         };
         Ok(RoutePreview {
@@ -509,9 +533,57 @@ impl Router {
     }
 }
 
-/// Filters and scores every region for one request. A free function over the
-/// fields it reads, so the caller may still use the strategy's memory and the
-/// random source while the evaluation borrows the regions.
+/// What a strategy sees of `region` for `req`, given its headroom.
+fn view<'a>(
+    regions: &'a [RegionState],
+    index: usize,
+    headroom: f64,
+    req: &RouteRequest<'_>,
+    now: Instant,
+) -> CandidateView<'a> {
+    let region = &regions[index];
+    let load = region.load();
+    let reported = load.reported(now);
+    CandidateView {
+        name: region.name(),
+        index,
+        regions: regions.len(),
+        weight: region.weight(),
+        headroom,
+        utilization: load.utilization_with(reported),
+        in_flight: load.in_flight(),
+        capacity: load.capacity(),
+        queued: reported.map_or(0, |r| r.queued),
+        latency_per_1k_ms: load.latency_per_1k_ms(),
+        error_rate: load.error_rate(),
+        is_origin: req.origin.is_some_and(|o| o == region.name()),
+        request_tokens: req.tokens,
+    }
+}
+
+/// Calls `eligible` with the view of every region that can take `req` now:
+/// the decision path. A free function over the fields it reads, so the
+/// caller can fill its scratch buffer while the regions are borrowed.
+fn scan<'a>(
+    regions: &'a [RegionState],
+    model: usize,
+    req: &RouteRequest<'_>,
+    tried: &[Arc<str>],
+    now: Instant,
+    mut eligible: impl FnMut(&CandidateView<'a>),
+) {
+    for (index, region) in regions.iter().enumerate() {
+        if !tried.is_empty() && tried.iter().any(|t| **t == *region.name) {
+            continue;
+        }
+        if let Ok(headroom) = region.admit(model, req.tokens, now) {
+            eligible(&view(regions, index, headroom, req, now));
+        }
+    }
+}
+
+/// Every region's verdict for `req`, with the strategy's factors: for
+/// `Route` and for explaining why nothing was eligible.
 fn evaluate<'a>(
     regions: &'a [RegionState],
     strategy: &dyn Strategy,
@@ -538,22 +610,7 @@ fn evaluate<'a>(
         };
         match admitted {
             Ok(headroom) => {
-                let load = region.load();
-                let view = CandidateView {
-                    name: region.name(),
-                    index,
-                    regions: regions.len(),
-                    weight: region.weight(),
-                    headroom,
-                    utilization: load.utilization(now),
-                    in_flight: load.in_flight(),
-                    capacity: load.capacity(),
-                    queued: load.reported(now).map_or(0, |r| r.queued),
-                    latency_per_1k_ms: load.latency_per_1k_ms(),
-                    error_rate: load.error_rate(),
-                    is_origin: req.origin.is_some_and(|o| o == region.name()),
-                    request_tokens: req.tokens,
-                };
+                let view = view(regions, index, headroom, req, now);
                 let score = strategy.score(&view);
                 eval.scored.push((view, score));
             }

@@ -4,7 +4,7 @@
 
 use rand::{Rng, RngCore};
 
-use super::{CandidateView, Factors, Score, Strategy, StrategyKind};
+use super::{CandidateView, Factors, Score, Scored, Strategy, StrategyKind};
 
 fn outstanding_score(c: &CandidateView<'_>) -> Score {
     Score::new(
@@ -42,7 +42,7 @@ impl Strategy for PowerOfTwo {
         outstanding_score(c)
     }
 
-    fn pick(&self, scored: &[(CandidateView<'_>, Score)], rng: &mut dyn RngCore) -> usize {
+    fn pick(&self, scored: &[Scored], rng: &mut dyn RngCore) -> usize {
         let n = scored.len();
         if n < 2 {
             return 0;
@@ -50,7 +50,7 @@ impl Strategy for PowerOfTwo {
         let a = rng.random_range(0..n);
         let b = (a + rng.random_range(1..n)) % n;
         let (lo, hi) = (a.min(b), a.max(b));
-        if scored[hi].1.value > scored[lo].1.value {
+        if scored[hi].value > scored[lo].value {
             hi
         } else {
             lo

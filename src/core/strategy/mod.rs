@@ -109,24 +109,42 @@ impl Score {
     }
 }
 
+/// An eligible candidate once scored: all `pick` and `commit` need, small
+/// enough to keep the decision path free of allocation and copies.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Scored {
+    /// Position among all configured regions (name order).
+    pub index: usize,
+    pub weight: f64,
+    pub value: f64,
+    /// How many regions are configured.
+    pub regions: usize,
+}
+
 /// One routing strategy.
 pub trait Strategy: Send + Sync + fmt::Debug {
     fn kind(&self) -> StrategyKind;
 
-    /// Scores one eligible candidate. Pure: changes nothing.
+    /// Scores one eligible candidate, with the factors `Route` shows. Pure.
     fn score(&self, candidate: &CandidateView<'_>) -> Score;
+
+    /// The score alone, for the decision path (no factor table to fill).
+    /// Must equal `score(candidate).value`.
+    fn value(&self, candidate: &CandidateView<'_>) -> f64 {
+        self.score(candidate).value
+    }
 
     /// Picks one of `scored` (eligible candidates in name order, never empty).
     /// The default takes the highest score; ties go to the first name.
-    fn pick(&self, scored: &[(CandidateView<'_>, Score)], rng: &mut dyn RngCore) -> usize {
+    fn pick(&self, scored: &[Scored], rng: &mut dyn RngCore) -> usize {
         let _ = rng;
-        best_index(scored.iter().map(|(_, s)| s.value))
+        best_index(scored.iter().map(|s| s.value))
     }
 
     /// Called once the pick has been reserved, for strategies with a memory
     /// (round robin's turn). A dry run never calls it.
     /// `chosen` indexes `scored`, as returned by `pick`.
-    fn commit(&mut self, chosen: usize, scored: &[(CandidateView<'_>, Score)]) {
+    fn commit(&mut self, chosen: usize, scored: &[Scored]) {
         let _ = (chosen, scored);
     }
 }
@@ -247,7 +265,19 @@ pub(crate) mod test_support {
     ) -> Vec<&'static str> {
         (0..n)
             .map(|_| {
-                let scored: Vec<_> = views.iter().map(|v| (*v, s.score(v))).collect();
+                let scored: Vec<Scored> = views
+                    .iter()
+                    .map(|v| {
+                        let value = s.value(v);
+                        assert_eq!(value, s.score(v).value, "value() and score() agree");
+                        Scored {
+                            index: v.index,
+                            weight: v.weight,
+                            value,
+                            regions: v.regions,
+                        }
+                    })
+                    .collect();
                 let i = s.pick(&scored, rng);
                 s.commit(i, &scored);
                 views[i].name

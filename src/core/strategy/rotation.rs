@@ -1,6 +1,6 @@
 //! Strategies that take turns: plain and smooth weighted round robin.
 
-use super::{CandidateView, Factors, Score, Strategy, StrategyKind};
+use super::{CandidateView, Factors, Score, Scored, Strategy, StrategyKind};
 
 /// Each region in turn, in name order, skipping the ones that cannot take the
 /// request now.
@@ -26,8 +26,8 @@ impl Strategy for RoundRobin {
         )
     }
 
-    fn commit(&mut self, chosen: usize, scored: &[(CandidateView<'_>, Score)]) {
-        self.last = Some(scored[chosen].0.index);
+    fn commit(&mut self, chosen: usize, scored: &[Scored]) {
+        self.last = Some(scored[chosen].index);
     }
 }
 
@@ -59,17 +59,17 @@ impl Strategy for WeightedRoundRobin {
         )
     }
 
-    fn commit(&mut self, chosen: usize, scored: &[(CandidateView<'_>, Score)]) {
-        let regions = scored.iter().map(|(c, _)| c.regions).max().unwrap_or(0);
+    fn commit(&mut self, chosen: usize, scored: &[Scored]) {
+        let regions = scored.iter().map(|c| c.regions).max().unwrap_or(0);
         if self.credit.len() < regions {
             self.credit.resize(regions, 0.0);
         }
         let mut total = 0.0;
-        for (c, _) in scored {
+        for c in scored {
             self.credit[c.index] += c.weight;
             total += c.weight;
         }
-        self.credit[scored[chosen].0.index] -= total;
+        self.credit[scored[chosen].index] -= total;
     }
 }
 

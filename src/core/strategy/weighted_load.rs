@@ -30,6 +30,39 @@ impl Default for WeightedLoadParams {
     }
 }
 
+/// `x^e`, without `powf` for the common exponents (the decision path runs
+/// this for every region).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Power {
+    Zero,
+    One,
+    Two,
+    Any(f64),
+}
+
+impl Power {
+    fn new(e: f64) -> Self {
+        if e == 0.0 {
+            Power::Zero
+        } else if e == 1.0 {
+            Power::One
+        } else if e == 2.0 {
+            Power::Two
+        } else {
+            Power::Any(e)
+        }
+    }
+
+    fn of(self, x: f64) -> f64 {
+        match self {
+            Power::Zero => 1.0,
+            Power::One => x,
+            Power::Two => x * x,
+            Power::Any(e) => x.powf(e),
+        }
+    }
+}
+
 /// ```text
 /// score = weight × headroom^a × (1 − load_weight × utilization)
 ///       × 1 / (1 + latency / latency_ref) × (1 − error_rate)^b × (origin ? 1 + bonus : 1)
@@ -37,11 +70,45 @@ impl Default for WeightedLoadParams {
 #[derive(Debug, Clone, Copy)]
 pub struct WeightedLoad {
     p: WeightedLoadParams,
+    headroom_power: Power,
+    error_power: Power,
+    inverse_latency_ref: f64,
+}
+
+/// The factors of one score, each in [0, 1] (locality a bonus).
+struct Parts {
+    headroom: f64,
+    load: f64,
+    latency_ms: f64,
+    latency: f64,
+    errors: f64,
+    locality: f64,
 }
 
 impl WeightedLoad {
     pub fn new(p: WeightedLoadParams) -> Self {
-        Self { p }
+        Self {
+            headroom_power: Power::new(p.headroom_exponent),
+            error_power: Power::new(p.error_exponent),
+            inverse_latency_ref: 1.0 / p.latency_ref_ms.max(f64::MIN_POSITIVE),
+            p,
+        }
+    }
+
+    fn parts(&self, c: &CandidateView<'_>) -> Parts {
+        let latency_ms = c.latency_per_1k_ms.unwrap_or(0.0);
+        Parts {
+            headroom: self.headroom_power.of(c.headroom.clamp(0.0, 1.0)),
+            load: 1.0 - self.p.load_weight * c.utilization.clamp(0.0, 1.0),
+            latency_ms,
+            latency: 1.0 / (1.0 + latency_ms * self.inverse_latency_ref),
+            errors: self.error_power.of((1.0 - c.error_rate).clamp(0.0, 1.0)),
+            locality: if c.is_origin {
+                1.0 + self.p.locality_bonus
+            } else {
+                1.0
+            },
+        }
     }
 }
 
@@ -51,25 +118,25 @@ impl Strategy for WeightedLoad {
     }
 
     fn score(&self, c: &CandidateView<'_>) -> Score {
-        let p = &self.p;
-        let headroom = c.headroom.clamp(0.0, 1.0).powf(p.headroom_exponent);
-        let load = 1.0 - p.load_weight * c.utilization.clamp(0.0, 1.0);
-        let latency_ms = c.latency_per_1k_ms.unwrap_or(0.0);
-        let latency = 1.0 / (1.0 + latency_ms / p.latency_ref_ms.max(f64::MIN_POSITIVE));
-        let errors = (1.0 - c.error_rate).clamp(0.0, 1.0).powf(p.error_exponent);
-        let locality = if c.is_origin { 1.0 + p.locality_bonus } else { 1.0 };
+        let f = self.parts(c);
         Score::new(
-            c.weight * headroom * load * latency * errors * locality,
+            c.weight * f.headroom * f.load * f.latency * f.errors * f.locality,
             Factors::new()
                 .with("weight", c.weight)
-                .with("headroom", headroom)
-                .with("load", load)
-                .with("latency", latency)
-                .with("errors", errors)
-                .with("locality", locality)
+                .with("headroom", f.headroom)
+                .with("load", f.load)
+                .with("latency", f.latency)
+                .with("errors", f.errors)
+                .with("locality", f.locality)
                 .with("utilization", c.utilization)
-                .with("latency_ms_per_1k", latency_ms),
+                .with("latency_ms_per_1k", f.latency_ms),
         )
+    }
+
+    fn value(&self, c: &CandidateView<'_>) -> f64 {
+        let f = self.parts(c);
+        let v = c.weight * f.headroom * f.load * f.latency * f.errors * f.locality;
+        if v.is_nan() { 0.0 } else { v }
     }
 }
 
