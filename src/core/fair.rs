@@ -7,7 +7,7 @@
 //! queued` of the tokens; heavy requests pay for their size; a tenant that
 //! was idle comes back at `V`, with neither a penalty nor hoarded credit.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
 use super::queue::{Discipline, Waiter};
@@ -46,11 +46,44 @@ struct TenantQueue<T> {
     /// Tag of this tenant's last served request.
     last_finish: f64,
     tokens: u64,
+    /// The tenant's weight, looked up once (and again on new weights).
+    weight: f64,
 }
 
+/// A head tag in the order the heads are served: by tag, ties by tenant.
+#[derive(Debug, Clone)]
+struct HeadKey(f64, Arc<str>);
+
+impl PartialEq for HeadKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other).is_eq()
+    }
+}
+impl Eq for HeadKey {}
+impl PartialOrd for HeadKey {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for HeadKey {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.total_cmp(&other.0).then_with(|| self.1.cmp(&other.1))
+    }
+}
+
+/// Every operation but `tokens_ahead` and `remove_where` costs O(log
+/// tenants): the heads are kept ordered by tag, the weights of the tenants
+/// with work waiting are summed as they come and go, and each waiter's
+/// tenant is indexed by id (benches/fair_queue.rs, docs/PERFORMANCE.md).
 #[derive(Debug)]
 pub struct FairQueue<T> {
-    tenants: BTreeMap<Arc<str>, TenantQueue<T>>,
+    tenants: HashMap<Arc<str>, TenantQueue<T>>,
+    /// `(head tag, tenant)` of every tenant with work waiting.
+    heads: BTreeSet<HeadKey>,
+    /// Σ weights of the tenants in `heads`.
+    active_weight: f64,
+    /// Each waiter's tenant, by waiter id.
+    owner: HashMap<u64, Arc<str>>,
     weights: Arc<Weights>,
     /// Virtual time: the tag of the last request served.
     virtual_time: f64,
@@ -60,61 +93,89 @@ pub struct FairQueue<T> {
 impl<T> FairQueue<T> {
     pub fn new(weights: Arc<Weights>) -> Self {
         Self {
-            tenants: BTreeMap::new(),
+            tenants: HashMap::new(),
+            heads: BTreeSet::new(),
+            active_weight: 0.0,
+            owner: HashMap::new(),
             weights,
             virtual_time: 0.0,
             len: 0,
         }
     }
 
-    fn tag(&self, tenant: &str, last_finish: f64, tokens: u64) -> f64 {
-        self.virtual_time.max(last_finish) + tokens as f64 / self.weights.of(tenant)
-    }
-
     /// The tenant whose head goes next (smallest tag; ties by name).
     fn next_tenant(&self) -> Option<&Arc<str>> {
-        let mut best: Option<(&Arc<str>, f64)> = None;
-        for (name, q) in &self.tenants {
-            if q.waiters.is_empty() {
-                continue;
-            }
-            if best.is_none_or(|(_, tag)| q.head_tag < tag) {
-                best = Some((name, q.head_tag));
-            }
-        }
-        best.map(|(n, _)| n)
+        self.heads.first().map(|k| &k.1)
     }
 
+    /// Takes `tenant` out of the head index (before its head changes).
+    fn unindex(&mut self, tenant: &Arc<str>) {
+        if let Some(q) = self.tenants.get(tenant)
+            && !q.waiters.is_empty()
+            && self.heads.remove(&HeadKey(q.head_tag, tenant.clone()))
+        {
+            self.active_weight -= q.weight;
+        }
+    }
+
+    /// Puts `tenant` back in the head index if it has work waiting.
+    fn index(&mut self, tenant: &Arc<str>) {
+        if let Some(q) = self.tenants.get(tenant)
+            && !q.waiters.is_empty()
+            && self.heads.insert(HeadKey(q.head_tag, tenant.clone()))
+        {
+            self.active_weight += q.weight;
+        }
+        if self.heads.is_empty() {
+            // No drift survives an empty queue.
+            self.active_weight = 0.0;
+        }
+    }
+
+    /// Gives `tenant`'s (new) head its tag; call between unindex and index.
     fn retag_head(&mut self, tenant: &Arc<str>) {
         let v = self.virtual_time;
-        let weight = self.weights.of(tenant);
         if let Some(q) = self.tenants.get_mut(tenant)
             && let Some(h) = q.waiters.front()
         {
-            q.head_tag = v.max(q.last_finish) + h.tokens as f64 / weight;
+            q.head_tag = v.max(q.last_finish) + h.tokens as f64 / q.weight;
         }
+    }
+
+    /// Removes waiter `i` of `tenant`, which must be out of the index.
+    fn remove_at(&mut self, tenant: &Arc<str>, i: usize) -> Option<Waiter<T>> {
+        let q = self.tenants.get_mut(tenant)?;
+        let w = q.waiters.remove(i)?;
+        q.tokens -= w.tokens;
+        self.len -= 1;
+        self.owner.remove(&w.id);
+        Some(w)
     }
 }
 
 impl<T: Send> Discipline<T> for FairQueue<T> {
     fn push(&mut self, w: Waiter<T>) {
-        self.len += 1;
         let tenant = w.tenant.clone();
-        let tokens = w.tokens;
-        let was_empty = self.tenants.get(&tenant).is_none_or(|q| q.waiters.is_empty());
-        let last_finish = self.tenants.get(&tenant).map_or(0.0, |q| q.last_finish);
-        let tag = self.tag(&tenant, last_finish, tokens);
-        let q = self.tenants.entry(tenant).or_insert_with(|| TenantQueue {
+        let weight = self.weights.of(&tenant);
+        let v = self.virtual_time;
+        let q = self.tenants.entry(tenant.clone()).or_insert_with(|| TenantQueue {
             waiters: VecDeque::new(),
             head_tag: 0.0,
             last_finish: 0.0,
             tokens: 0,
+            weight,
         });
+        let was_empty = q.waiters.is_empty();
         if was_empty {
-            q.head_tag = tag;
+            q.head_tag = v.max(q.last_finish) + w.tokens as f64 / q.weight;
         }
-        q.tokens += tokens;
+        q.tokens += w.tokens;
+        self.len += 1;
+        self.owner.insert(w.id, tenant.clone());
         q.waiters.push_back(w);
+        if was_empty {
+            self.index(&tenant);
+        }
     }
 
     fn head(&self) -> Option<&Waiter<T>> {
@@ -129,31 +190,36 @@ impl<T: Send> Discipline<T> for FairQueue<T> {
 
     fn pop(&mut self) -> Option<Waiter<T>> {
         let t = self.next_tenant()?.clone();
+        self.unindex(&t);
+        let w = self.remove_at(&t, 0)?;
         let q = self.tenants.get_mut(&t)?;
-        let w = q.waiters.pop_front()?;
-        q.tokens -= w.tokens;
         q.last_finish = q.head_tag;
         self.virtual_time = self.virtual_time.max(q.head_tag);
-        self.len -= 1;
         if q.waiters.is_empty() {
             // Its last finish is now the virtual time, which a returning
             // tenant starts from anyway: nothing to remember.
             self.tenants.remove(&t);
         } else {
             self.retag_head(&t);
+            self.index(&t);
         }
         Some(w)
     }
 
     fn remove_where(&mut self, drop: &mut dyn FnMut(&Waiter<T>) -> bool) -> Vec<Waiter<T>> {
         let mut removed = Vec::new();
-        let mut retag = Vec::new();
-        for (name, q) in &mut self.tenants {
-            if !q.waiters.iter().any(&mut *drop) {
-                continue;
-            }
+        let hit: Vec<Arc<str>> = self
+            .tenants
+            .iter()
+            .filter(|(_, q)| q.waiters.iter().any(&mut *drop))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in hit {
+            self.unindex(&name);
+            let q = self.tenants.get_mut(&name).expect("listed above");
             let head_id = q.waiters.front().map(|w| w.id);
             let mut kept = VecDeque::with_capacity(q.waiters.len());
+            let before = removed.len();
             for w in q.waiters.drain(..) {
                 if drop(&w) {
                     q.tokens -= w.tokens;
@@ -164,16 +230,18 @@ impl<T: Send> Discipline<T> for FairQueue<T> {
             }
             q.waiters = kept;
             if q.waiters.front().map(|w| w.id) != head_id {
-                retag.push(name.clone());
+                self.retag_head(&name);
             }
-        }
-        for t in retag {
-            self.retag_head(&t);
+            for w in &removed[before..] {
+                self.owner.remove(&w.id);
+            }
+            self.index(&name);
         }
         let v = self.virtual_time;
         self.tenants
             .retain(|_, q| !q.waiters.is_empty() || q.last_finish > v);
         self.len -= removed.len();
+        removed.sort_by_key(|w| w.id);
         removed
     }
 
@@ -183,66 +251,67 @@ impl<T: Send> Discipline<T> for FairQueue<T> {
 
     /// What a new request from `tenant` waits behind: its own queued tokens,
     /// plus from every other tenant at most what that tenant's weight entitles
-    /// it to while `tenant` works through its own backlog.
+    /// it to while `tenant` works through its own backlog. A tenant with
+    /// nothing queued waits behind nothing (and costs no scan).
     fn tokens_ahead(&self, tenant: &str) -> u64 {
-        let own = self.tenants.get(tenant).map_or(0, |q| q.tokens);
-        let own_weight = self.weights.of(tenant);
-        let others: f64 = self
+        let Some(mine) = self.tenants.get(tenant).filter(|q| q.tokens > 0) else {
+            return 0;
+        };
+        // The sum over everyone counts `tenant` itself exactly once, at its
+        // own tokens (min(own, own / w · w)): no name compare per tenant.
+        let per_weight = mine.tokens as f64 / mine.weight;
+        let everyone: f64 = self
             .tenants
-            .iter()
-            .filter(|(name, _)| name.as_ref() != tenant)
-            .map(|(name, q)| (q.tokens as f64).min(own as f64 * self.weights.of(name) / own_weight))
+            .values()
+            .map(|q| (q.tokens as f64).min(per_weight * q.weight))
             .sum();
-        own + others as u64
+        (everyone.round() as u64).max(mine.tokens)
     }
 
     /// `w / (w + Σ weights of the other tenants with work waiting)`.
     fn share(&self, tenant: &str) -> f64 {
-        let own = self.weights.of(tenant);
-        let others: f64 = self
-            .tenants
-            .iter()
-            .filter(|(name, q)| name.as_ref() != tenant && !q.waiters.is_empty())
-            .map(|(name, _)| self.weights.of(name))
-            .sum();
+        let (own, active) = match self.tenants.get(tenant) {
+            Some(q) => (q.weight, !q.waiters.is_empty()),
+            None => (self.weights.of(tenant), false),
+        };
+        let others = (self.active_weight - if active { own } else { 0.0 }).max(0.0);
         own / (own + others)
     }
 
     /// Each tenant's head, by tag.
     fn candidates(&self, n: usize) -> Vec<u64> {
-        let mut heads: Vec<(f64, &Arc<str>, u64)> = self
-            .tenants
+        self.heads
             .iter()
-            .filter_map(|(name, q)| q.waiters.front().map(|w| (q.head_tag, name, w.id)))
-            .collect();
-        heads.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(b.1)));
-        heads.into_iter().take(n).map(|(_, _, id)| id).collect()
+            .take(n)
+            .filter_map(|k| self.tenants[&k.1].waiters.front().map(|w| w.id))
+            .collect()
     }
 
     fn get(&self, id: u64) -> Option<&Waiter<T>> {
-        self.tenants
-            .values()
-            .find_map(|q| q.waiters.iter().find(|w| w.id == id))
+        let tenant = self.owner.get(&id)?;
+        self.tenants.get(tenant)?.waiters.iter().find(|w| w.id == id)
     }
 
     /// The tenant pays for it as if served in turn (its finish tag moves);
     /// virtual time stays with the head, which is still waiting.
     fn take(&mut self, id: u64) -> Option<Waiter<T>> {
-        let tenant = self
+        let tenant = self.owner.get(&id)?.clone();
+        let i = self
             .tenants
+            .get(&tenant)?
+            .waiters
             .iter()
-            .find(|(_, q)| q.waiters.iter().any(|w| w.id == id))
-            .map(|(name, _)| name.clone())?;
-        let q = self.tenants.get_mut(&tenant)?;
-        let i = q.waiters.iter().position(|w| w.id == id)?;
-        let w = q.waiters.remove(i)?;
-        q.tokens -= w.tokens;
-        self.len -= 1;
-        if i == 0 {
+            .position(|w| w.id == id)?;
+        self.unindex(&tenant);
+        let w = self.remove_at(&tenant, i);
+        if i == 0
+            && let Some(q) = self.tenants.get_mut(&tenant)
+        {
             q.last_finish = q.head_tag;
             self.retag_head(&tenant);
         }
-        Some(w)
+        self.index(&tenant);
+        w
     }
 
     fn queued_for(&self, tenant: &str) -> usize {
@@ -250,6 +319,10 @@ impl<T: Send> Discipline<T> for FairQueue<T> {
     }
 
     fn set_weights(&mut self, weights: Arc<Weights>) {
+        for (name, q) in &mut self.tenants {
+            q.weight = weights.of(name);
+        }
+        self.active_weight = self.heads.iter().map(|k| self.tenants[&k.1].weight).sum();
         self.weights = weights;
     }
 }
@@ -347,6 +420,71 @@ mod tests {
         assert_eq!(q.tokens_ahead("polite"), 1000);
         assert_eq!(q.tokens_ahead("flood"), 100_500);
         assert_eq!(q.queued_for("flood"), 100);
+    }
+
+    /// The indexes agree with a plain scan of the tenants.
+    fn check(q: &FairQueue<u64>) {
+        let scanned = q
+            .tenants
+            .iter()
+            .filter(|(_, t)| !t.waiters.is_empty())
+            .map(|(name, t)| HeadKey(t.head_tag, name.clone()))
+            .min();
+        assert_eq!(q.heads.first(), scanned.as_ref(), "head index");
+        let active: usize = q.tenants.values().filter(|t| !t.waiters.is_empty()).count();
+        assert_eq!(q.heads.len(), active);
+        let weight: f64 = q
+            .tenants
+            .iter()
+            .filter(|(_, t)| !t.waiters.is_empty())
+            .map(|(name, _)| q.weights.of(name))
+            .sum();
+        assert!(
+            (q.active_weight - weight).abs() < 1e-9,
+            "{} vs {weight}",
+            q.active_weight
+        );
+        let waiting: usize = q.tenants.values().map(|t| t.waiters.len()).sum();
+        assert_eq!((q.len, q.owner.len()), (waiting, waiting));
+        for (name, t) in &q.tenants {
+            for w in &t.waiters {
+                assert_eq!(q.owner.get(&w.id), Some(name));
+            }
+        }
+    }
+
+    #[test]
+    fn indexes_follow_every_operation() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
+        let names = ["a", "b", "c", "d", "e"];
+        let mut q = FairQueue::new(weights(&[("a", 2.0), ("b", 0.5)]));
+        let mut id = 0;
+        for step in 0..5000 {
+            match rng.random_range(0..10) {
+                0..=4 => {
+                    id += 1;
+                    let t = names[rng.random_range(0..names.len())];
+                    q.push(waiter(id, t, rng.random_range(1..1000)));
+                }
+                5..=6 => {
+                    q.pop();
+                }
+                7 => {
+                    if let Some(&c) = q.candidates(3).last() {
+                        assert!(q.get(c).is_some());
+                        assert_eq!(q.take(c).map(|w| w.id), Some(c));
+                    }
+                }
+                8 => {
+                    let cut = rng.random_range(0..=id.max(1));
+                    let gone = q.remove_where(&mut |w| w.id % 7 == cut % 7);
+                    assert!(gone.iter().all(|w| w.id % 7 == cut % 7));
+                }
+                _ => q.set_weights(weights(&[("a", 1.0 + (step % 3) as f64), ("c", 3.0)])),
+            }
+            check(&q);
+        }
     }
 
     #[test]
