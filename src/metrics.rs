@@ -6,6 +6,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use http_body_util::Full;
@@ -16,6 +17,13 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 
 use crate::dispatch::Engine;
+
+static ENABLED: AtomicBool = AtomicBool::new(false);
+
+/// Whether metrics are served; when not, the request path records nothing.
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
 
 /// Latency buckets, in seconds: 1 ms to 2 minutes.
 const SECONDS: [f64; 16] = [
@@ -110,6 +118,7 @@ pub async fn serve(
         .install_recorder()
         .map_err(std::io::Error::other)?;
     describe();
+    ENABLED.store(true, Ordering::Relaxed);
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
     tokio::spawn(sample(engine, handle.clone(), cancel.clone()));

@@ -34,8 +34,8 @@ impl Labels {
         }
         super::observe::request(
             self.model.as_deref().unwrap_or(""),
-            self.tenant.as_deref().unwrap_or(""),
-            self.region.as_deref().unwrap_or(""),
+            self.tenant.as_ref(),
+            self.region.as_ref(),
             outcome,
             start.elapsed(),
         );
@@ -83,7 +83,7 @@ impl Engine {
         }
         let start = Instant::now();
         let span = tracing::Span::current();
-        let tenant = tracing::info_span!("authenticate").in_scope(|| self.authenticate(authorization))?;
+        let tenant = tracing::debug_span!("authenticate").in_scope(|| self.authenticate(authorization))?;
         span.record("tenant", &*tenant);
         labels.tenant = Some(tenant.clone());
         self.check_tenant_field(&r.tenant, &tenant)?;
@@ -185,7 +185,7 @@ impl Engine {
                 tenant_max_queued: p.tenant_max_queued,
             };
             let queue_span =
-                tracing::info_span!("queue", model = %model, tokens = p.estimate.total(), attempt);
+                tracing::debug_span!("queue", model = %model, tokens = p.estimate.total(), attempt);
             let (mut held, waited) = match self.acquire(submission).instrument(queue_span).await {
                 Ok(x) => x,
                 Err(e) => {
@@ -208,7 +208,7 @@ impl Engine {
             }
             let region = held.reservation().region.clone();
             super::observe::reserved(&region, &model, held.reservation().hold.tokens);
-            let span = tracing::info_span!(
+            let span = tracing::debug_span!(
                 "forward",
                 otel.kind = "client",
                 region = %region,

@@ -1,13 +1,28 @@
 //! What the request path tells metrics, in one place: request outcomes,
 //! attempts, tokens reserved / charged / refunded, hints, queue waits.
+//! Nothing is built (not even a label) unless metrics are served; labels
+//! share the names the router already holds instead of copying them.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use metrics::{counter, histogram};
+use metrics::{Label, SharedString, counter, gauge, histogram};
 
 use super::DispatchError;
 use crate::core::HintOutcome;
 use crate::forward::FailureKind;
+
+fn on() -> bool {
+    crate::metrics::enabled()
+}
+
+fn shared(s: &Arc<str>) -> SharedString {
+    SharedString::from_shared(s.clone())
+}
+
+fn owned(s: &str) -> SharedString {
+    SharedString::from_owned(s.to_string())
+}
 
 /// The `outcome` label of a finished request.
 pub fn outcome(result: &Result<(), &DispatchError>) -> &'static str {
@@ -35,18 +50,30 @@ pub fn outcome(result: &Result<(), &DispatchError>) -> &'static str {
     }
 }
 
-pub fn request(model: &str, tenant: &str, region: &str, outcome: &'static str, took: Duration) {
+pub fn request(
+    model: &str,
+    tenant: Option<&Arc<str>>,
+    region: Option<&Arc<str>>,
+    outcome: &'static str,
+    took: Duration,
+) {
+    if !on() {
+        return;
+    }
     let labels = [
-        ("model", model.to_string()),
-        ("tenant", tenant.to_string()),
-        ("region", region.to_string()),
-        ("outcome", outcome.to_string()),
+        Label::new("model", owned(model)),
+        Label::new("tenant", tenant.map_or(SharedString::const_str(""), shared)),
+        Label::new("region", region.map_or(SharedString::const_str(""), shared)),
+        Label::new("outcome", outcome),
     ];
-    counter!("dispatcher_requests_total", &labels).increment(1);
-    histogram!("dispatcher_request_duration_seconds", &labels).record(took.as_secs_f64());
+    counter!("dispatcher_requests_total", labels.iter()).increment(1);
+    histogram!("dispatcher_request_duration_seconds", labels.iter()).record(took.as_secs_f64());
 }
 
-pub fn attempt(region: &str, result: Option<FailureKind>, timed_out: bool) {
+pub fn attempt(region: &Arc<str>, result: Option<FailureKind>, timed_out: bool) {
+    if !on() {
+        return;
+    }
     let result = match (result, timed_out) {
         (_, true) => "timeout",
         (None, _) => "ok",
@@ -55,39 +82,54 @@ pub fn attempt(region: &str, result: Option<FailureKind>, timed_out: bool) {
         (Some(FailureKind::Rejected), _) => "rejected",
         (Some(FailureKind::MayHaveRun), _) => "may_have_run",
     };
-    counter!("dispatcher_attempts_total", "region" => region.to_string(), "result" => result).increment(1);
+    counter!("dispatcher_attempts_total", "region" => shared(region), "result" => result).increment(1);
 }
 
-pub fn reserved(region: &str, model: &str, tokens: u64) {
-    counter!("dispatcher_tokens_reserved_total", "region" => region.to_string(), "model" => model.to_string())
+pub fn reserved(region: &Arc<str>, model: &Arc<str>, tokens: u64) {
+    if !on() {
+        return;
+    }
+    counter!("dispatcher_tokens_reserved_total", "region" => shared(region), "model" => shared(model))
         .increment(tokens);
 }
 
-pub fn settled(region: &str, model: &str, reserved: u64, charged: u64, hint: Option<&HintOutcome>) {
-    let labels = [("region", region.to_string()), ("model", model.to_string())];
-    counter!("dispatcher_tokens_charged_total", &labels).increment(charged);
-    counter!("dispatcher_tokens_refunded_total", &labels).increment(reserved.saturating_sub(charged));
+pub fn settled(region: &Arc<str>, model: &Arc<str>, reserved: u64, charged: u64, hint: Option<&HintOutcome>) {
+    if !on() {
+        return;
+    }
+    let labels = [
+        Label::new("region", shared(region)),
+        Label::new("model", shared(model)),
+    ];
+    counter!("dispatcher_tokens_charged_total", labels.iter()).increment(charged);
+    counter!("dispatcher_tokens_refunded_total", labels.iter()).increment(reserved.saturating_sub(charged));
     if let Some(h) = hint {
         let result = match h {
             HintOutcome::Applied { lowered: true } => "lowered",
             HintOutcome::Applied { lowered: false } => "applied",
             HintOutcome::Ignored { .. } => "ignored",
         };
-        counter!("dispatcher_provider_hints_total", "region" => region.to_string(), "model" => model.to_string(), "result" => result)
+        counter!("dispatcher_provider_hints_total", "region" => shared(region), "model" => shared(model), "result" => result)
             .increment(1);
     }
 }
 
-pub fn queue_wait(model: &str, waited: Duration) {
-    histogram!("dispatcher_queue_wait_seconds", "model" => model.to_string()).record(waited.as_secs_f64());
+pub fn queue_wait(model: &Arc<str>, waited: Duration) {
+    if !on() {
+        return;
+    }
+    histogram!("dispatcher_queue_wait_seconds", "model" => shared(model)).record(waited.as_secs_f64());
 }
 
 /// 0 closed, 1 half-open, 2 open.
-pub fn circuit(region: &str, state: &str) {
+pub fn circuit(region: &Arc<str>, state: &str) {
+    if !on() {
+        return;
+    }
     let value = match state {
         "closed" => 0.0,
         "half_open" => 1.0,
         _ => 2.0,
     };
-    metrics::gauge!("dispatcher_circuit_state", "region" => region.to_string()).set(value);
+    gauge!("dispatcher_circuit_state", "region" => shared(region)).set(value);
 }

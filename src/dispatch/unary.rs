@@ -110,7 +110,7 @@ impl Engine {
         Span::current().record("region", &*f.region);
         let reply = f.value;
         let usage = reply.usage.unwrap_or_default();
-        let settle = tracing::info_span!(
+        let settle = tracing::debug_span!(
             "settle",
             region = %f.region,
             prompt_tokens = usage.prompt_tokens,

@@ -26,7 +26,7 @@ impl DispatcherService {
 /// The span of one request. Never the key or the payload: only what an
 /// operator needs to follow it.
 fn request_span(rpc: &'static str) -> tracing::Span {
-    tracing::info_span!(
+    tracing::debug_span!(
         "dispatch",
         otel.kind = "server",
         rpc,

@@ -250,7 +250,7 @@ impl AgentCluster for SimService {
 impl SimService {
     /// A span continuing the dispatcher's trace. Never the payload.
     fn span<T>(&self, request: &Request<T>, rpc: &'static str) -> tracing::Span {
-        let span = tracing::info_span!(
+        let span = tracing::debug_span!(
             "execute",
             otel.kind = "server",
             rpc,
@@ -278,7 +278,11 @@ impl SimService {
             prompt: r.prompt_tokens,
             produced: completion,
         };
-        tokio::time::sleep(self.latency(&knobs, r.prompt_tokens + completion)).await;
+        let latency = self.latency(&knobs, r.prompt_tokens + completion);
+        // A zero latency must not wait for the next timer tick (a millisecond).
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
         guard.admission = None;
         self.finish(admission, r.prompt_tokens, completion);
         let output = format!(
