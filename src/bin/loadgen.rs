@@ -1,0 +1,568 @@
+//! `loadgen`: a gRPC load generator for the dispatcher (or, for baselines,
+//! a regional cluster directly or through a proxy).
+//!
+//! Open loop by default: requests leave on a fixed schedule whatever the
+//! replies do, and each latency is measured from the moment the request was
+//! *due*, so a stalled server cannot hide its stall (no coordinated
+//! omission). `--concurrency N` switches to a closed loop of N workers, to
+//! find the saturation throughput.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Parser, ValueEnum};
+use dispatcher::pb;
+use dispatcher::pb::agent_cluster_client::AgentClusterClient;
+use dispatcher::pb::dispatcher_client::DispatcherClient;
+use parking_lot::Mutex;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use tonic::transport::{Channel, Endpoint};
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Mode {
+    /// dispatch.v1.Dispatcher/Dispatch (the dispatcher).
+    Dispatcher,
+    /// dispatch.v1.AgentCluster/Execute (a region-sim, or a proxy in front of one).
+    Cluster,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Sizes {
+    /// Simple, moderate and complex requests, weighted 10 : 5 : 2.
+    Mix,
+    /// Prompt and output drawn from Pareto distributions.
+    Heavy,
+    /// 50 prompt tokens, 50 output tokens.
+    Tiny,
+}
+
+/// Sends gRPC load at a fixed rate and reports throughput, latency
+/// percentiles, status codes and the split by region and tenant.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// The server, e.g. http://127.0.0.1:50051.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    target: String,
+    #[arg(long, value_enum, default_value = "dispatcher")]
+    mode: Mode,
+    /// Requests a second (open loop).
+    #[arg(long, default_value_t = 100.0)]
+    rate: f64,
+    /// Closed loop with this many workers instead of a fixed rate.
+    #[arg(long)]
+    concurrency: Option<usize>,
+    /// How long to send for.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Stop after this many requests.
+    #[arg(long)]
+    requests: Option<u64>,
+    /// Leading time whose requests are not counted.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    warmup: Duration,
+    /// HTTP/2 connections, used in turn.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// NAME:KEY:WEIGHT (repeatable); requests go out with the key, tenants
+    /// chosen by weight. None: no key.
+    #[arg(long = "tenant", value_parser = parse_tenant)]
+    tenants: Vec<(String, String, f64)>,
+    #[arg(long, default_value = "gpt-4o")]
+    model: String,
+    #[arg(long, value_enum, default_value = "mix")]
+    sizes: Sizes,
+    /// Per-request deadline.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+    /// Requests allowed in flight at once (open loop); beyond it the
+    /// request is counted as dropped by the client rather than queued.
+    #[arg(long, default_value_t = 20_000)]
+    max_in_flight: u64,
+    /// Sample this process's resident memory every second.
+    #[arg(long)]
+    watch_pid: Option<u32>,
+    /// Write the report as JSON here ("-" for stdout).
+    #[arg(long)]
+    json: Option<String>,
+    /// No live progress line.
+    #[arg(long)]
+    quiet: bool,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+fn parse_tenant(s: &str) -> Result<(String, String, f64), String> {
+    let mut parts = s.splitn(3, ':');
+    let (Some(name), Some(key), Some(weight)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(format!("{s:?}: expected NAME:KEY:WEIGHT"));
+    };
+    let weight: f64 = weight
+        .parse()
+        .map_err(|_| format!("{s:?}: weight is not a number"))?;
+    if !(weight > 0.0 && weight.is_finite()) {
+        return Err(format!("{s:?}: weight must be above zero"));
+    }
+    Ok((name.to_string(), key.to_string(), weight))
+}
+
+#[derive(Default)]
+struct Tally {
+    latencies_us: Vec<u32>,
+    codes: BTreeMap<String, u64>,
+    regions: BTreeMap<String, (u64, u64)>,
+    tenants: BTreeMap<String, (u64, u64)>,
+}
+
+#[derive(Serialize)]
+struct Percentiles {
+    p50_ms: f64,
+    p90_ms: f64,
+    p99_ms: f64,
+    p999_ms: f64,
+    max_ms: f64,
+}
+
+#[derive(Serialize)]
+struct Split {
+    requests: u64,
+    tokens: u64,
+    share_of_tokens: f64,
+}
+
+#[derive(Serialize)]
+struct Report {
+    target: String,
+    mode: String,
+    offered_rate: Option<f64>,
+    concurrency: Option<usize>,
+    measured_seconds: f64,
+    sent: u64,
+    ok: u64,
+    dropped_by_client: u64,
+    throughput_ok_per_sec: f64,
+    latency: Percentiles,
+    status_codes: BTreeMap<String, u64>,
+    regions: BTreeMap<String, Split>,
+    tenants: BTreeMap<String, Split>,
+    rss_kib: Vec<u64>,
+}
+
+enum Client {
+    Dispatcher(DispatcherClient<Channel>),
+    Cluster(AgentClusterClient<Channel>),
+}
+
+struct Work {
+    prompt: u64,
+    max_output: u64,
+    tenant: Option<usize>,
+}
+
+struct Shared {
+    args: Args,
+    clients: Vec<Client>,
+    tally: Mutex<Tally>,
+    sent: AtomicU64,
+    ok: AtomicU64,
+    failed: AtomicU64,
+    in_flight: AtomicU64,
+    dropped: AtomicU64,
+    start: Instant,
+}
+
+impl Shared {
+    fn draw(&self, rng: &mut SmallRng) -> Work {
+        let (prompt, max_output) = match self.args.sizes {
+            Sizes::Tiny => (50, 50),
+            Sizes::Heavy => {
+                let pareto = |rng: &mut SmallRng, min: f64, alpha: f64, max: f64| {
+                    (min / (1.0 - rng.random::<f64>()).powf(1.0 / alpha)).min(max) as u64
+                };
+                (pareto(rng, 100.0, 1.3, 8_000.0), pareto(rng, 50.0, 1.5, 2_000.0))
+            }
+            Sizes::Mix => match rng.random_range(0..17) {
+                0..10 => (300, 150),
+                10..15 => (1_500, 500),
+                _ => (6_000, 1_500),
+            },
+        };
+        let tenant = if self.args.tenants.is_empty() {
+            None
+        } else {
+            let total: f64 = self.args.tenants.iter().map(|t| t.2).sum();
+            let mut x = rng.random::<f64>() * total;
+            let mut pick = self.args.tenants.len() - 1;
+            for (i, t) in self.args.tenants.iter().enumerate() {
+                if x < t.2 {
+                    pick = i;
+                    break;
+                }
+                x -= t.2;
+            }
+            Some(pick)
+        };
+        Work {
+            prompt,
+            max_output,
+            tenant,
+        }
+    }
+
+    /// Sends one request due at `due` and records it (if past the warm-up).
+    async fn send(&self, n: u64, work: Work, due: Instant) {
+        let timeout = self.args.timeout;
+        let key = work.tenant.map(|t| self.args.tenants[t].1.clone());
+        let result: Result<(String, u64), tonic::Status> =
+            match &self.clients[n as usize % self.clients.len()] {
+                Client::Dispatcher(c) => {
+                    let mut req = tonic::Request::new(pb::DispatchRequest {
+                        model: self.args.model.clone(),
+                        payload: bytes::Bytes::from_static(b"loadgen"),
+                        prompt_tokens: work.prompt,
+                        max_output_tokens: work.max_output,
+                        ..Default::default()
+                    });
+                    req.set_timeout(timeout);
+                    if let Some(k) = &key {
+                        req.metadata_mut().insert(
+                            "authorization",
+                            format!("Bearer {k}").parse().expect("an ASCII key"),
+                        );
+                    }
+                    c.clone().dispatch(req).await.map(|r| {
+                        let r = r.into_inner();
+                        let u = r.usage.unwrap_or_default();
+                        (r.region, u.prompt_tokens + u.completion_tokens)
+                    })
+                }
+                Client::Cluster(c) => {
+                    let mut req = tonic::Request::new(pb::ExecuteRequest {
+                        model: self.args.model.clone(),
+                        payload: bytes::Bytes::from_static(b"loadgen"),
+                        prompt_tokens: work.prompt,
+                        max_output_tokens: work.max_output,
+                        ..Default::default()
+                    });
+                    req.set_timeout(timeout);
+                    c.clone().execute(req).await.map(|r| {
+                        let u = r.into_inner().usage.unwrap_or_default();
+                        (String::new(), u.prompt_tokens + u.completion_tokens)
+                    })
+                }
+            };
+        let latency = due.elapsed();
+        let counted = due >= self.start + self.args.warmup;
+        match &result {
+            Ok(_) => self.ok.fetch_add(1, Ordering::Relaxed),
+            Err(_) => self.failed.fetch_add(1, Ordering::Relaxed),
+        };
+        if !counted {
+            return;
+        }
+        let mut t = self.tally.lock();
+        t.latencies_us
+            .push(latency.as_micros().min(u32::MAX as u128) as u32);
+        let code = match &result {
+            Ok(_) => "Ok".to_string(),
+            Err(s) => format!("{:?}", s.code()),
+        };
+        *t.codes.entry(code).or_default() += 1;
+        if let Ok((region, tokens)) = result {
+            if !region.is_empty() {
+                let e = t.regions.entry(region).or_default();
+                e.0 += 1;
+                e.1 += tokens;
+            }
+            if let Some(i) = work.tenant {
+                let e = t.tenants.entry(self.args.tenants[i].0.clone()).or_default();
+                e.0 += 1;
+                e.1 += tokens;
+            }
+        }
+    }
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+fn percentile(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i] as f64 / 1000.0
+}
+
+fn splits(m: &BTreeMap<String, (u64, u64)>) -> BTreeMap<String, Split> {
+    let total: u64 = m.values().map(|v| v.1).sum();
+    m.iter()
+        .map(|(k, (n, t))| {
+            (
+                k.clone(),
+                Split {
+                    requests: *n,
+                    tokens: *t,
+                    share_of_tokens: if total > 0 { *t as f64 / total as f64 } else { 0.0 },
+                },
+            )
+        })
+        .collect()
+}
+
+async fn connect(args: &Args) -> anyhow::Result<Vec<Client>> {
+    let mut clients = Vec::new();
+    for _ in 0..args.connections {
+        // One endpoint per connection: each is its own HTTP/2 connection.
+        let channel = Endpoint::from_shared(args.target.clone())?
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .with_context(|| format!("connecting to {}", args.target))?;
+        clients.push(match args.mode {
+            Mode::Dispatcher => Client::Dispatcher(DispatcherClient::new(channel)),
+            Mode::Cluster => Client::Cluster(AgentClusterClient::new(channel)),
+        });
+    }
+    Ok(clients)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if args.concurrency.is_none() && !(args.rate > 0.0 && args.rate.is_finite()) {
+        bail!("--rate must be a number above zero (or give --concurrency)");
+    }
+    if args.concurrency == Some(0) {
+        bail!("--concurrency must be at least 1");
+    }
+    if args.connections == 0 {
+        bail!("--connections must be at least 1");
+    }
+    if args.warmup >= args.duration {
+        bail!(
+            "--warmup ({}) must be shorter than --duration ({})",
+            humantime::format_duration(args.warmup),
+            humantime::format_duration(args.duration)
+        );
+    }
+    let clients = connect(&args).await?;
+    let shared = Arc::new(Shared {
+        clients,
+        tally: Mutex::new(Tally::default()),
+        sent: AtomicU64::new(0),
+        ok: AtomicU64::new(0),
+        failed: AtomicU64::new(0),
+        in_flight: AtomicU64::new(0),
+        dropped: AtomicU64::new(0),
+        start: Instant::now(),
+        args,
+    });
+    let limit = shared.args.requests.unwrap_or(u64::MAX);
+    let end = shared.start + shared.args.duration;
+    let rss = Arc::new(Mutex::new(Vec::new()));
+    let progress = {
+        let shared = shared.clone();
+        let rss = rss.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.tick().await;
+            let mut last = 0;
+            loop {
+                tick.tick().await;
+                if let Some(pid) = shared.args.watch_pid
+                    && let Some(kib) = rss_kib(pid)
+                {
+                    rss.lock().push(kib);
+                }
+                if shared.args.quiet {
+                    continue;
+                }
+                let ok = shared.ok.load(Ordering::Relaxed);
+                eprint!(
+                    "\r{:>5.0}s  sent {:>8}  ok {:>8}  failed {:>6}  in flight {:>5}  {:>7} ok/s   ",
+                    shared.start.elapsed().as_secs_f64(),
+                    shared.sent.load(Ordering::Relaxed),
+                    ok,
+                    shared.failed.load(Ordering::Relaxed),
+                    shared.in_flight.load(Ordering::Relaxed),
+                    ok - last
+                );
+                let _ = std::io::stderr().flush();
+                last = ok;
+            }
+        })
+    };
+
+    let mut rng = SmallRng::seed_from_u64(shared.args.seed);
+    let mut tasks = tokio::task::JoinSet::new();
+    if let Some(workers) = shared.args.concurrency {
+        for w in 0..workers {
+            let shared = shared.clone();
+            let mut rng = SmallRng::seed_from_u64(shared.args.seed + w as u64 + 1);
+            tasks.spawn(async move {
+                while Instant::now() < end {
+                    let n = shared.sent.fetch_add(1, Ordering::Relaxed);
+                    if n >= limit {
+                        break;
+                    }
+                    let work = shared.draw(&mut rng);
+                    shared.send(n, work, Instant::now()).await;
+                }
+            });
+        }
+    } else {
+        // The schedule is kept by a dedicated thread: tokio's timer ticks in
+        // milliseconds, which at 1,000 requests a second would add up to a
+        // millisecond of generator lag to every latency. Requests are
+        // spawned onto the runtime as they fall due.
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u64, Instant)>();
+        let interval = Duration::from_secs_f64(1.0 / shared.args.rate);
+        let start = shared.start;
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            loop {
+                let due = start + interval.mul_f64(n as f64);
+                if due >= end || n >= limit {
+                    return;
+                }
+                let now = Instant::now();
+                if due > now {
+                    std::thread::sleep(due - now);
+                }
+                if tx.send((n, due)).is_err() {
+                    return;
+                }
+                n += 1;
+            }
+        });
+        while let Some((n, due)) = rx.recv().await {
+            shared.sent.fetch_add(1, Ordering::Relaxed);
+            if shared.in_flight.load(Ordering::Relaxed) >= shared.args.max_in_flight {
+                shared.dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let work = shared.draw(&mut rng);
+            let s = shared.clone();
+            s.in_flight.fetch_add(1, Ordering::Relaxed);
+            tasks.spawn(async move {
+                s.send(n, work, due).await;
+                s.in_flight.fetch_sub(1, Ordering::Relaxed);
+            });
+            // Reap finished tasks as we go, so their results do not pile up.
+            while tasks.try_join_next().is_some() {}
+        }
+    }
+    while tasks.join_next().await.is_some() {}
+    progress.abort();
+    if !shared.args.quiet {
+        eprintln!();
+    }
+
+    let measured = (shared
+        .start
+        .elapsed()
+        .min(shared.args.duration + shared.args.timeout))
+    .saturating_sub(shared.args.warmup)
+    .as_secs_f64();
+    let mut t = std::mem::take(&mut *shared.tally.lock());
+    t.latencies_us.sort_unstable();
+    let ok = t.codes.get("Ok").copied().unwrap_or(0);
+    let report = Report {
+        target: shared.args.target.clone(),
+        mode: format!("{:?}", shared.args.mode).to_lowercase(),
+        offered_rate: shared.args.concurrency.is_none().then_some(shared.args.rate),
+        concurrency: shared.args.concurrency,
+        measured_seconds: measured,
+        sent: shared.sent.load(Ordering::Relaxed).min(limit),
+        ok,
+        dropped_by_client: shared.dropped.load(Ordering::Relaxed),
+        throughput_ok_per_sec: ok as f64
+            / shared
+                .args
+                .duration
+                .saturating_sub(shared.args.warmup)
+                .as_secs_f64(),
+        latency: Percentiles {
+            p50_ms: percentile(&t.latencies_us, 0.50),
+            p90_ms: percentile(&t.latencies_us, 0.90),
+            p99_ms: percentile(&t.latencies_us, 0.99),
+            p999_ms: percentile(&t.latencies_us, 0.999),
+            max_ms: t.latencies_us.last().map_or(0.0, |v| *v as f64 / 1000.0),
+        },
+        status_codes: t.codes,
+        regions: splits(&t.regions),
+        tenants: splits(&t.tenants),
+        rss_kib: std::mem::take(&mut *rss.lock()),
+    };
+    // With the JSON on stdout, the report for people goes to stderr.
+    if shared.args.json.as_deref() == Some("-") {
+        print_report(&mut std::io::stderr(), &report)?;
+    } else {
+        print_report(&mut std::io::stdout(), &report)?;
+    }
+    if let Some(path) = &shared.args.json {
+        let text = serde_json::to_string_pretty(&report)?;
+        if path == "-" {
+            println!("{text}");
+        } else {
+            std::fs::write(path, text).with_context(|| format!("writing {path}"))?;
+        }
+    }
+    Ok(())
+}
+
+fn print_report(out: &mut dyn Write, r: &Report) -> std::io::Result<()> {
+    let load = match (r.offered_rate, r.concurrency) {
+        (_, Some(c)) => format!("closed loop, {c} workers"),
+        (Some(rate), None) => format!("open loop, {rate:.0} requests/s offered"),
+        _ => String::new(),
+    };
+    writeln!(out, "target      {} ({}, {load})", r.target, r.mode)?;
+    writeln!(
+        out,
+        "requests    {} sent, {} ok, {} dropped by the client; {:.1} ok/s over {:.1} s",
+        r.sent, r.ok, r.dropped_by_client, r.throughput_ok_per_sec, r.measured_seconds
+    )?;
+    writeln!(
+        out,
+        "latency     p50 {:.3} ms  p90 {:.3} ms  p99 {:.3} ms  p99.9 {:.3} ms  max {:.3} ms",
+        r.latency.p50_ms, r.latency.p90_ms, r.latency.p99_ms, r.latency.p999_ms, r.latency.max_ms
+    )?;
+    writeln!(out, "status      {:?}", r.status_codes)?;
+    for (name, splits) in [("region", &r.regions), ("tenant", &r.tenants)] {
+        for (k, s) in splits {
+            writeln!(
+                out,
+                "{name:<11} {k:<16} {:>8} requests {:>12} tokens {:>6.1} %",
+                s.requests,
+                s.tokens,
+                100.0 * s.share_of_tokens
+            )?;
+        }
+    }
+    if let (Some(first), Some(max), Some(min)) =
+        (r.rss_kib.first(), r.rss_kib.iter().max(), r.rss_kib.iter().min())
+    {
+        writeln!(
+            out,
+            "rss         first {first} KiB, min {min} KiB, max {max} KiB over {} samples",
+            r.rss_kib.len()
+        )?;
+    }
+    Ok(())
+}
