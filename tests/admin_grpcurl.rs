@@ -186,24 +186,42 @@ fn every_admin_call_works_from_grpcurl() {
     assert!(tenants.iter().any(|t| t["name"] == "anonymous"));
 
     // ReloadConfig: a dry run shows the diff and changes nothing; a real
-    // one applies it; a broken file is reported and nothing applies.
-    cfg.write_region("west", &REGION.replace("NAME", "west").replace("TPM", "150000"));
-    cfg.write_region("south", &REGION.replace("NAME", "south").replace("TPM", "60000"));
+    // one applies it; a broken file is reported and nothing applies. The dry
+    // run uses a dispatcher.toml edit: only ReloadConfig reads that file,
+    // while the region watcher may apply a region edit at any moment.
+    std::fs::write(cfg.config(), config().replace("weight = 2", "weight = 3")).unwrap();
     let v = g.json(r#"{"dry_run": true}"#, "dispatch.v1.Admin/ReloadConfig");
     assert_eq!(v["dryRun"], true);
     assert!(v.get("applied").is_none() || v["applied"] == false);
-    let changes = v["changes"].as_array().unwrap();
-    let text = serde_json::to_string(changes).unwrap();
-    assert!(text.contains("region south") && text.contains("added"), "{text}");
+    let text = serde_json::to_string(&v["changes"]).unwrap();
+    assert!(text.contains("weight: 2.0 → 3.0"), "{text}");
+    let v = g.json("{}", "dispatch.v1.Admin/ListTenants");
+    let weight = |v: &serde_json::Value| {
+        v["tenants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["name"] == "team-a")
+            .unwrap()["weight"]
+            .clone()
+    };
+    assert_eq!(weight(&v), 2.0, "a dry run changes nothing");
+    std::fs::write(cfg.config(), config()).unwrap();
+    // Region edits: the watcher or ReloadConfig applies them, whichever comes
+    // first; after ReloadConfig answers, the files are in force either way.
+    cfg.write_region("west", &REGION.replace("NAME", "west").replace("TPM", "150000"));
+    cfg.write_region("south", &REGION.replace("NAME", "south").replace("TPM", "60000"));
+    let v = g.json("{}", "dispatch.v1.Admin/ReloadConfig");
+    let applied = serde_json::to_string(&v["changes"]).unwrap() + &d.logs();
+    assert!(applied.contains("region south"), "{applied}");
     assert!(
-        text.contains("gpt-4o.tokens_per_minute: 300000 → 150000"),
-        "{text}"
+        applied.contains("gpt-4o.tokens_per_minute: 300000 → 150000"),
+        "{applied}"
     );
-    // The region watcher may have applied the edit already; ReloadConfig then
-    // has nothing left to change. Either way the new limit ends up in force.
-    let _ = g.json("{}", "dispatch.v1.Admin/ReloadConfig");
     let v = g.json(r#"{"region": "west"}"#, "dispatch.v1.Admin/GetRegion");
     assert_eq!(v["models"][0]["tokensPerMinute"], "150000");
+    let v = g.json(r#"{"region": "south"}"#, "dispatch.v1.Admin/GetRegion");
+    assert_eq!(v["models"][0]["tokensPerMinute"], "60000");
     let broken = config().replace("weight = 2", "weight = \"heavy\"");
     std::fs::write(cfg.config(), broken).unwrap();
     let v = g.json("{}", "dispatch.v1.Admin/ReloadConfig");
