@@ -41,6 +41,8 @@ pub struct QuotaBucket {
     /// Tokens × `NANOS_PER_MINUTE`.
     level: i128,
     updated: Instant,
+    /// `1 / full()`, kept so the decision path multiplies instead of divides.
+    inverse_full: f64,
 }
 
 impl QuotaBucket {
@@ -52,6 +54,7 @@ impl QuotaBucket {
             capacity,
             level: capacity as i128 * NANOS_PER_MINUTE,
             updated: now,
+            inverse_full: Self::inverse(capacity),
         })
     }
 
@@ -78,8 +81,8 @@ impl QuotaBucket {
         self.capacity as i128 * NANOS_PER_MINUTE
     }
 
-    fn inverse_full(&self) -> f64 {
-        1.0 / (self.capacity as f64 * NANOS_PER_MINUTE as f64)
+    fn inverse(capacity: u64) -> f64 {
+        1.0 / (capacity as f64 * NANOS_PER_MINUTE as f64)
     }
 
     /// The level at `now` in scaled units, without changing anything.
@@ -139,7 +142,7 @@ impl QuotaBucket {
         let level = self.level_at(now);
         let need = n as i128 * NANOS_PER_MINUTE;
         if level >= need {
-            Ok((to_f64(level - need) * self.inverse_full()).min(1.0))
+            Ok((to_f64(level - need) * self.inverse_full).min(1.0))
         } else {
             let rate = self.per_minute as i128;
             let nanos = (need - level + rate - 1) / rate;
@@ -208,6 +211,7 @@ impl QuotaBucket {
         self.level = self.level.min(new_full);
         self.per_minute = per_minute;
         self.capacity = capacity;
+        self.inverse_full = Self::inverse(capacity);
         Ok(())
     }
 
