@@ -366,7 +366,14 @@ impl Engine {
     }
 
     fn settle(&self, r: &Reservation, c: Completion) -> u64 {
-        let settled = self.state.lock().router_mut().settle(r, c, Instant::now());
+        // Whether anyone waits is read under the same lock as the settlement:
+        // a request queued after it wakes the pump itself. Waking the pump
+        // for every settlement cost two context switches per request.
+        let (settled, waiting) = {
+            let mut state = self.state.lock();
+            let settled = state.router_mut().settle(r, c, Instant::now());
+            (settled, state.queued() > 0)
+        };
         observe::settled(
             &r.region,
             &r.model,
@@ -382,7 +389,9 @@ impl Engine {
                 tracing::info!(region = %r.region, from = t.from, to = t.to, "circuit changed");
             }
         }
-        self.wake_pump();
+        if waiting {
+            self.wake_pump();
+        }
         if let Some(HintOutcome::Ignored { reason, first: true }) = &settled.hint {
             tracing::warn!(region = %r.region, model = %r.model, %reason, "ignoring an impossible provider quota hint (logged once per region and model)");
         }
