@@ -12,8 +12,9 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -38,7 +39,20 @@ pub struct Connection {
 struct ConnectionState {
     /// host:port
     authority: String,
-    sender: tokio::sync::Mutex<Option<SendRequest<Body>>>,
+    link: tokio::sync::Mutex<Link>,
+    /// Connection attempts made, for tests and logs.
+    connects: AtomicU64,
+}
+
+/// The connection, or how the last attempt to open one failed.
+#[derive(Default)]
+struct Link {
+    sender: Option<SendRequest<Body>>,
+    /// When the last attempt failed, and why: callers that were already
+    /// waiting for that attempt share its answer instead of each trying
+    /// again in turn (against a black-holed region, one connect timeout
+    /// each, one after another).
+    failed: Option<(Instant, String)>,
 }
 
 impl Connection {
@@ -50,43 +64,73 @@ impl Connection {
         Ok(Self {
             shared: Arc::new(ConnectionState {
                 authority,
-                sender: tokio::sync::Mutex::new(None),
+                link: tokio::sync::Mutex::new(Link::default()),
+                connects: AtomicU64::new(0),
             }),
         })
     }
 
     /// The open connection, or a new one if it closed (or never opened).
+    /// One attempt at a time; those who waited for a failed attempt get its
+    /// error at once.
     async fn sender(&self) -> Result<SendRequest<Body>, tonic::Status> {
-        let mut current = self.shared.sender.lock().await;
-        if let Some(s) = current.as_ref()
+        let asked = Instant::now();
+        let unavailable =
+            |e: &str| tonic::Status::unavailable(format!("connecting to {}: {e}", self.shared.authority));
+        let mut link = self.shared.link.lock().await;
+        if let Some(s) = link.sender.as_ref()
             && !s.is_closed()
         {
             return Ok(s.clone());
         }
-        let unavailable =
-            |e: String| tonic::Status::unavailable(format!("connecting to {}: {e}", self.shared.authority));
+        if let Some((at, why)) = &link.failed
+            && *at >= asked
+        {
+            return Err(unavailable(why));
+        }
+        self.shared.connects.fetch_add(1, Ordering::Relaxed);
+        match self.open().await {
+            Ok(sender) => {
+                *link = Link {
+                    sender: Some(sender.clone()),
+                    failed: None,
+                };
+                Ok(sender)
+            }
+            Err(why) => {
+                let status = unavailable(&why);
+                *link = Link {
+                    sender: None,
+                    failed: Some((Instant::now(), why)),
+                };
+                Err(status)
+            }
+        }
+    }
+
+    /// Opens a new HTTP/2 connection and starts its task.
+    async fn open(&self) -> Result<SendRequest<Body>, String> {
         let stream = tokio::time::timeout(
             CONNECT_TIMEOUT,
             tokio::net::TcpStream::connect(&self.shared.authority),
         )
         .await
-        .map_err(|_| unavailable(format!("no answer within {CONNECT_TIMEOUT:?}")))?
-        .map_err(|e| unavailable(e.to_string()))?;
-        stream.set_nodelay(true).map_err(|e| unavailable(e.to_string()))?;
+        .map_err(|_| format!("no answer within {CONNECT_TIMEOUT:?}"))?
+        .map_err(|e| e.to_string())?;
+        stream.set_nodelay(true).map_err(|e| e.to_string())?;
         let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(30))
             .keep_alive_while_idle(true)
             .handshake(TokioIo::new(stream))
             .await
-            .map_err(|e| unavailable(e.to_string()))?;
+            .map_err(|e| e.to_string())?;
         let authority = self.shared.authority.clone();
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(%authority, error = %e, "cluster connection closed");
             }
         });
-        *current = Some(sender.clone());
         Ok(sender)
     }
 }
@@ -235,6 +279,52 @@ mod tests {
             FailureKind::MayHaveRun
         );
         assert_eq!(classify(&tonic::Status::internal("x")), FailureKind::MayHaveRun);
+    }
+
+    /// A listener whose accept queue is full: the kernel drops further SYNs,
+    /// so a connect to it hangs as one to a black-holed host does.
+    async fn black_hole() -> (tokio::net::TcpListener, Vec<tokio::net::TcpStream>) {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(1).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut fillers = Vec::new();
+        for _ in 0..16 {
+            match tokio::time::timeout(Duration::from_millis(300), tokio::net::TcpStream::connect(addr)).await
+            {
+                Ok(Ok(s)) => fillers.push(s),
+                _ => return (listener, fillers),
+            }
+        }
+        panic!("the accept queue of {addr} never filled");
+    }
+
+    #[tokio::test]
+    async fn callers_waiting_on_a_failed_connect_share_its_error() {
+        let (listener, _fillers) = black_hole().await;
+        let uri: Uri = format!("http://{}", listener.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        let connection = Connection::new(&uri).unwrap();
+        let callers: Vec<_> = (0..4)
+            .map(|_| {
+                let c = connection.clone();
+                tokio::spawn(async move { c.sender().await.map(|_| ()) })
+            })
+            .collect();
+        for caller in callers {
+            let err = caller.await.unwrap().unwrap_err();
+            assert_eq!(err.code(), Code::Unavailable);
+            assert!(err.message().contains("no answer within"), "{}", err.message());
+        }
+        assert_eq!(
+            connection.shared.connects.load(Ordering::Relaxed),
+            1,
+            "one attempt, its failure shared by everyone who waited for it"
+        );
+        // A caller arriving after the failure tries again.
+        assert!(connection.sender().await.is_err());
+        assert_eq!(connection.shared.connects.load(Ordering::Relaxed), 2);
     }
 
     #[tokio::test]
