@@ -12,6 +12,8 @@ pub mod metrics;
 pub mod server;
 pub mod sim;
 pub mod telemetry;
+#[cfg(test)]
+mod testing;
 
 /// Generated protobuf and gRPC code for `dispatch.v1`.
 pub mod pb {

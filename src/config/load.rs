@@ -8,7 +8,8 @@ use config::{Environment, File, FileFormat};
 use serde::de::DeserializeOwned;
 
 use super::raw::{RawDispatcher, RawRegion};
-use super::validate::{validate_dispatcher, validate_region};
+use super::validate::validate_dispatcher;
+use super::validate_region::validate_region;
 use super::{Config, ConfigError, ConfigErrors, RegionConfig};
 use crate::core::ModelSpec;
 

@@ -6,6 +6,7 @@ mod diff;
 mod load;
 mod raw;
 mod validate;
+mod validate_region;
 pub mod watch;
 
 use std::fmt;

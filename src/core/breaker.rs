@@ -356,7 +356,7 @@ mod tests {
 
     #[test]
     fn stays_closed_below_the_threshold_or_the_minimum() {
-        let t0 = Instant::now();
+        let t0 = crate::testing::epoch();
         let mut b = CircuitBreaker::new(config(), t0);
         // 2 failures out of 5: above 10 %, but fewer than min_requests.
         for i in 0..5 {
@@ -375,7 +375,7 @@ mod tests {
 
     #[test]
     fn opens_on_error_rate_then_half_opens_then_closes() {
-        let t0 = Instant::now();
+        let t0 = crate::testing::epoch();
         let mut b = CircuitBreaker::new(config(), t0);
         for _ in 0..9 {
             b.on_result(true, t0);
@@ -417,7 +417,7 @@ mod tests {
 
     #[test]
     fn consecutive_failures_open_it_at_once() {
-        let t0 = Instant::now();
+        let t0 = crate::testing::epoch();
         let mut b = CircuitBreaker::new(config(), t0);
         b.on_result(false, t0);
         b.on_result(false, t0);
@@ -433,7 +433,7 @@ mod tests {
 
     #[test]
     fn a_failed_trial_opens_it_again_for_a_full_cool_down() {
-        let t0 = Instant::now();
+        let t0 = crate::testing::epoch();
         let mut b = CircuitBreaker::new(config(), t0);
         for _ in 0..3 {
             b.on_result(false, t0);
@@ -453,7 +453,7 @@ mod tests {
 
     #[test]
     fn old_failures_leave_the_window() {
-        let t0 = Instant::now();
+        let t0 = crate::testing::epoch();
         let mut c = config();
         c.consecutive_failures = 100;
         let mut b = CircuitBreaker::new(c, t0);
@@ -485,7 +485,7 @@ mod tests {
 
     #[test]
     fn retry_budget_is_a_fraction_of_recent_requests() {
-        let t0 = Instant::now();
+        let t0 = crate::testing::epoch();
         let mut b = RetryBudget::new(0.2, 0.0, Duration::from_secs(10), t0);
         for _ in 0..100 {
             b.deposit(t0);
@@ -506,7 +506,7 @@ mod tests {
 
     #[test]
     fn retry_budget_has_a_floor_per_second() {
-        let t0 = Instant::now();
+        let t0 = crate::testing::epoch();
         let mut b = RetryBudget::new(0.0, 2.0, Duration::from_secs(10), t0);
         assert!(!b.try_withdraw(t0));
         let t1 = t0 + Duration::from_secs(1);

@@ -330,10 +330,10 @@ impl<T: Send> Discipline<T> for FairQueue<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     fn waiter(id: u64, tenant: &str, tokens: u64) -> Waiter<u64> {
-        let t0 = Instant::now();
+        let t0 = crate::testing::epoch();
         Waiter {
             id,
             model: "m".into(),

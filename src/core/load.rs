@@ -187,7 +187,7 @@ mod tests {
 
     #[test]
     fn utilization_is_the_larger_of_ours_and_reported() {
-        let t0 = Instant::now();
+        let t0 = crate::testing::epoch();
         let mut l = LoadState::new(4);
         l.start();
         assert_eq!(l.utilization(t0), 0.25);

@@ -4,6 +4,7 @@
 //! virtual clock.
 
 pub mod breaker;
+mod candidates;
 pub mod fair;
 pub mod load;
 pub mod model;

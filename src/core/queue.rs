@@ -322,7 +322,7 @@ mod tests {
 
     #[test]
     fn fifo_per_model() {
-        let t0 = Instant::now();
+        let t0 = crate::testing::epoch();
         let mut q = WaitQueue::fifo();
         q.push(waiter(1, "a", t0));
         q.push(waiter(2, "b", t0));
@@ -340,7 +340,7 @@ mod tests {
 
     #[test]
     fn remove_where_keeps_order_and_count() {
-        let t0 = Instant::now();
+        let t0 = crate::testing::epoch();
         let mut q = WaitQueue::fifo();
         for i in 0..6 {
             q.push(waiter(i, "a", t0));

@@ -246,7 +246,7 @@ mod tests {
 
     #[test]
     fn rejects_zero_limits() {
-        let now = Instant::now();
+        let now = crate::testing::epoch();
         assert_eq!(
             QuotaBucket::try_new(0, None, now).unwrap_err(),
             QuotaError::ZeroRate
@@ -259,7 +259,7 @@ mod tests {
 
     #[test]
     fn starts_full_and_refills_at_rate() {
-        let t0 = Instant::now();
+        let t0 = crate::testing::epoch();
         let mut b = QuotaBucket::try_new(600, None, t0).unwrap();
         assert_eq!(b.available(t0), 600);
         b.try_take(600, t0).unwrap();
@@ -274,7 +274,7 @@ mod tests {
 
     #[test]
     fn never_exceeds_capacity() {
-        let t0 = Instant::now();
+        let t0 = crate::testing::epoch();
         let b = QuotaBucket::try_new(600, Some(100), t0).unwrap();
         assert_eq!(b.available(t0 + secs(3600.0)), 100);
         assert_eq!(b.time_until(101, t0), Err(Shortfall::TooLarge { capacity: 100 }));
@@ -282,7 +282,7 @@ mod tests {
 
     #[test]
     fn refund_returns_capacity_and_charge_can_go_negative() {
-        let t0 = Instant::now();
+        let t0 = crate::testing::epoch();
         let mut b = QuotaBucket::try_new(60, None, t0).unwrap();
         b.try_take(50, t0).unwrap();
         b.refund(30, t0);
@@ -297,7 +297,7 @@ mod tests {
 
     #[test]
     fn limit_change_keeps_fill_fraction() {
-        let t0 = Instant::now();
+        let t0 = crate::testing::epoch();
         let mut b = QuotaBucket::try_new(1000, None, t0).unwrap();
         b.try_take(750, t0).unwrap();
         b.set_limit(400, None, t0).unwrap();
@@ -310,7 +310,7 @@ mod tests {
 
     #[test]
     fn fit_says_what_is_left_or_how_long_to_wait() {
-        let t0 = Instant::now();
+        let t0 = crate::testing::epoch();
         let mut b = QuotaBucket::try_new(600, None, t0).unwrap();
         assert_eq!(b.fit(150, t0), Ok(0.75));
         b.try_take(600, t0).unwrap();
@@ -321,7 +321,7 @@ mod tests {
 
     #[test]
     fn headroom_fractions_stay_exact_enough_for_huge_buckets() {
-        let t0 = Instant::now();
+        let t0 = crate::testing::epoch();
         let mut b = QuotaBucket::try_new(1 << 39, None, t0).unwrap();
         b.try_take(1 << 38, t0).unwrap();
         let f = b.fit(1 << 37, t0).unwrap();
@@ -330,7 +330,7 @@ mod tests {
 
     #[test]
     fn provider_hint_only_lowers() {
-        let t0 = Instant::now();
+        let t0 = crate::testing::epoch();
         let mut b = QuotaBucket::try_new(1000, None, t0).unwrap();
         assert!(b.lower_to(300, t0));
         assert_eq!(b.available(t0), 300);
@@ -340,7 +340,7 @@ mod tests {
 
     #[test]
     fn empty_for_reset_means_full_only_after_reset() {
-        let t0 = Instant::now();
+        let t0 = crate::testing::epoch();
         let mut b = QuotaBucket::try_new(600, None, t0).unwrap();
         b.empty_for(secs(120.0), t0);
         assert_eq!(b.time_to_full(t0), secs(120.0));
@@ -376,7 +376,7 @@ mod tests {
             burst in proptest::option::of(1u64..5_000),
             ops in proptest::collection::vec(op(), 1..200),
         ) {
-            let t0 = Instant::now();
+            let t0 = crate::testing::epoch();
             let mut b = QuotaBucket::try_new(per_minute, burst, t0).unwrap();
             let cap = b.capacity() as i128;
             let mut now = t0;

@@ -11,12 +11,13 @@ use rand::rngs::SmallRng;
 use thiserror::Error;
 
 use super::breaker::{BreakerConfig, Transition};
+use super::candidates::{Evaluation, evaluate, scan};
 use super::load::{Outcome, ReportedLoad};
 use super::model::ModelSpec;
 use super::model_quota::{HintOutcome, Hold, ProviderHint, QuotaShortfall, Settlement};
 use super::quota::QuotaError;
 use super::region::{Exclusion, RegionSpec, RegionState};
-use super::strategy::{self, CandidateView, Factors, Score, Scored, Strategy, StrategyKind, StrategyParams};
+use super::strategy::{self, Factors, Scored, Strategy, StrategyKind, StrategyParams};
 
 /// Everything the router is built from (validated config).
 #[derive(Debug, Clone, PartialEq)]
@@ -164,15 +165,6 @@ impl std::fmt::Debug for Router {
             .field("strategy", &self.strategy_kind)
             .finish()
     }
-}
-
-/// Every region's verdict for one request, with factors: the slow path
-/// behind `Route` and behind the error when nothing is eligible.
-struct Evaluation<'a> {
-    scored: Vec<(CandidateView<'a>, Score)>,
-    excluded: Vec<(usize, Exclusion)>,
-    serving: usize,
-    largest: u64,
 }
 
 impl Router {
@@ -531,91 +523,4 @@ impl Router {
             .map(|i| self.regions[i].healthy = healthy)
             .is_some()
     }
-}
-
-/// What a strategy sees of `region` for `req`, given its headroom.
-fn view<'a>(
-    regions: &'a [RegionState],
-    index: usize,
-    headroom: f64,
-    req: &RouteRequest<'_>,
-    now: Instant,
-) -> CandidateView<'a> {
-    let region = &regions[index];
-    let load = region.load();
-    let reported = load.reported(now);
-    CandidateView {
-        name: region.name(),
-        index,
-        regions: regions.len(),
-        weight: region.weight(),
-        headroom,
-        utilization: load.utilization_with(reported),
-        in_flight: load.in_flight(),
-        capacity: load.capacity(),
-        queued: reported.map_or(0, |r| r.queued),
-        latency_per_1k_ms: load.latency_per_1k_ms(),
-        error_rate: load.error_rate(),
-        is_origin: req.origin.is_some_and(|o| o == region.name()),
-        request_tokens: req.tokens,
-    }
-}
-
-/// Calls `eligible` with the view of every region that can take `req` now:
-/// the decision path. A free function over the fields it reads, so the
-/// caller can fill its scratch buffer while the regions are borrowed.
-fn scan<'a>(
-    regions: &'a [RegionState],
-    model: usize,
-    req: &RouteRequest<'_>,
-    tried: &[Arc<str>],
-    now: Instant,
-    mut eligible: impl FnMut(&CandidateView<'a>),
-) {
-    for (index, region) in regions.iter().enumerate() {
-        if !tried.is_empty() && tried.iter().any(|t| **t == *region.name) {
-            continue;
-        }
-        if let Ok(headroom) = region.admit(model, req.tokens, now) {
-            eligible(&view(regions, index, headroom, req, now));
-        }
-    }
-}
-
-/// Every region's verdict for `req`, with the strategy's factors: for
-/// `Route` and for explaining why nothing was eligible.
-fn evaluate<'a>(
-    regions: &'a [RegionState],
-    strategy: &dyn Strategy,
-    model: usize,
-    req: &RouteRequest<'_>,
-    tried: &[Arc<str>],
-    now: Instant,
-) -> Evaluation<'a> {
-    let mut eval = Evaluation {
-        scored: Vec::with_capacity(regions.len()),
-        excluded: Vec::new(),
-        serving: 0,
-        largest: 0,
-    };
-    for (index, region) in regions.iter().enumerate() {
-        if let Some(q) = region.quota(model) {
-            eval.serving += 1;
-            eval.largest = eval.largest.max(q.tokens().capacity());
-        }
-        let admitted = if region.quota(model).is_some() && tried.iter().any(|t| **t == *region.name) {
-            Err(Exclusion::AlreadyTried)
-        } else {
-            region.admit(model, req.tokens, now)
-        };
-        match admitted {
-            Ok(headroom) => {
-                let view = view(regions, index, headroom, req, now);
-                let score = strategy.score(&view);
-                eval.scored.push((view, score));
-            }
-            Err(why) => eval.excluded.push((index, why)),
-        }
-    }
-    eval
 }

@@ -1,7 +1,7 @@
 //! The routing decision, on a virtual clock.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::load::Outcome;
 use super::model::ModelSpec;
@@ -81,14 +81,14 @@ fn used(prompt: u64, completion: u64) -> Completion {
 
 #[test]
 fn regions_are_kept_in_name_order() {
-    let r = Router::try_new(spec(StrategyKind::RoundRobin), Instant::now()).unwrap();
+    let r = Router::try_new(spec(StrategyKind::RoundRobin), crate::testing::epoch()).unwrap();
     let names: Vec<_> = r.regions().iter().map(|r| r.name()).collect();
     assert_eq!(names, ["a", "b", "c"]);
 }
 
 #[test]
 fn only_regions_serving_the_model_are_candidates() {
-    let t0 = Instant::now();
+    let t0 = crate::testing::epoch();
     let mut r = Router::try_new(spec(StrategyKind::RoundRobin), t0).unwrap();
     for _ in 0..3 {
         assert_eq!(&*r.reserve(&req("big", 10), &[], t0).unwrap().region, "a");
@@ -102,7 +102,7 @@ fn only_regions_serving_the_model_are_candidates() {
 
 #[test]
 fn unknown_model_and_oversized_requests_are_refused_with_reasons() {
-    let t0 = Instant::now();
+    let t0 = crate::testing::epoch();
     let mut r = Router::try_new(spec(StrategyKind::WeightedLoad), t0).unwrap();
     match r.reserve(&req("gpt-9", 1), &[], t0) {
         Err(RouteError::UnknownModel { known, .. }) => assert_eq!(known, "big, small"),
@@ -120,7 +120,7 @@ fn unknown_model_and_oversized_requests_are_refused_with_reasons() {
 
 #[test]
 fn a_region_without_quota_is_skipped_and_the_earliest_refill_is_reported() {
-    let t0 = Instant::now();
+    let t0 = crate::testing::epoch();
     let mut r = Router::try_new(spec(StrategyKind::RoundRobin), t0).unwrap();
     // 6,000 tokens/min in c: 100/s. Take all of c, then everything elsewhere.
     let mut seen = std::collections::BTreeMap::new();
@@ -149,7 +149,7 @@ fn a_region_without_quota_is_skipped_and_the_earliest_refill_is_reported() {
 
 #[test]
 fn max_concurrent_caps_a_region() {
-    let t0 = Instant::now();
+    let t0 = crate::testing::epoch();
     let mut s = spec(StrategyKind::LeastOutstanding);
     s.regions = vec![region("a", &[("small", 600_000)])];
     s.regions[0].max_concurrent = 2;
@@ -171,7 +171,7 @@ fn max_concurrent_caps_a_region() {
 
 #[test]
 fn preview_consumes_nothing() {
-    let t0 = Instant::now();
+    let t0 = crate::testing::epoch();
     for kind in StrategyKind::ALL {
         let mut a = Router::try_new(spec(kind), t0).unwrap();
         let mut b = Router::try_new(spec(kind), t0).unwrap();
@@ -201,7 +201,7 @@ fn preview_consumes_nothing() {
 
 #[test]
 fn preview_explains_every_region() {
-    let t0 = Instant::now();
+    let t0 = crate::testing::epoch();
     let mut r = Router::try_new(spec(StrategyKind::WeightedLoad), t0).unwrap();
     r.set_drained("b", true);
     let p = r.preview(&req("big", 10), t0).unwrap();
@@ -219,7 +219,7 @@ fn preview_explains_every_region() {
 
 #[test]
 fn failover_skips_tried_regions_and_reports_unavailable_when_none_left() {
-    let t0 = Instant::now();
+    let t0 = crate::testing::epoch();
     let mut r = Router::try_new(spec(StrategyKind::RoundRobin), t0).unwrap();
     let tried: Vec<Arc<str>> = vec!["a".into(), "b".into(), "c".into()];
     assert!(matches!(
@@ -232,7 +232,7 @@ fn failover_skips_tried_regions_and_reports_unavailable_when_none_left() {
 
 #[test]
 fn settle_refunds_under_usage_accounting_and_feeds_the_load_state() {
-    let t0 = Instant::now();
+    let t0 = crate::testing::epoch();
     let mut r = Router::try_new(spec(StrategyKind::RoundRobin), t0).unwrap();
     let res = r.reserve(&req("big", 1_000), &[], t0).unwrap();
     let q = |r: &Router| r.region("a").unwrap().quota(0).unwrap().tokens().available(t0);
@@ -251,7 +251,7 @@ fn settle_refunds_under_usage_accounting_and_feeds_the_load_state() {
 
 #[test]
 fn provider_refusal_takes_the_region_out_until_reset() {
-    let t0 = Instant::now();
+    let t0 = crate::testing::epoch();
     let mut s = spec(StrategyKind::RoundRobin);
     s.regions.truncate(2); // c, a
     let mut r = Router::try_new(s, t0).unwrap();
@@ -282,7 +282,7 @@ fn provider_refusal_takes_the_region_out_until_reset() {
 
 #[test]
 fn hints_from_the_provider_lower_the_level() {
-    let t0 = Instant::now();
+    let t0 = crate::testing::epoch();
     let mut r = Router::try_new(spec(StrategyKind::RoundRobin), t0).unwrap();
     let res = r.reserve(&req("big", 1_000), &[], t0).unwrap();
     let mut c = used(1_000, 0);
@@ -300,7 +300,7 @@ fn hints_from_the_provider_lower_the_level() {
 
 #[test]
 fn reload_keeps_fill_fraction_and_load_and_drops_removed_regions() {
-    let t0 = Instant::now();
+    let t0 = crate::testing::epoch();
     let mut r = Router::try_new(spec(StrategyKind::RoundRobin), t0).unwrap();
     let on_c = {
         let mut res;
@@ -328,7 +328,7 @@ fn reload_keeps_fill_fraction_and_load_and_drops_removed_regions() {
 
 #[test]
 fn work_on_a_removed_region_settles_into_nothing() {
-    let t0 = Instant::now();
+    let t0 = crate::testing::epoch();
     let mut r = Router::try_new(spec(StrategyKind::RoundRobin), t0).unwrap();
     let on_a = r.reserve(&req("small", 10), &[], t0).unwrap();
     let mut next = spec(StrategyKind::RoundRobin);
@@ -339,7 +339,7 @@ fn work_on_a_removed_region_settles_into_nothing() {
 
 #[test]
 fn locality_prefers_the_callers_region() {
-    let t0 = Instant::now();
+    let t0 = crate::testing::epoch();
     let mut r = Router::try_new(spec(StrategyKind::WeightedLoad), t0).unwrap();
     let from_b = RouteRequest {
         model: "small",
@@ -351,7 +351,7 @@ fn locality_prefers_the_callers_region() {
 
 #[test]
 fn an_open_circuit_takes_a_region_out_until_its_cool_down() {
-    let t0 = Instant::now();
+    let t0 = crate::testing::epoch();
     let mut s = spec(StrategyKind::RoundRobin);
     s.regions.truncate(2); // c, a
     let mut r = Router::try_new(s, t0).unwrap();

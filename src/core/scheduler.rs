@@ -380,7 +380,7 @@ mod tests {
 
     /// One region, 600 tokens a minute (10 a second), burst 600.
     fn scheduler() -> (Scheduler<u32>, Instant) {
-        let t0 = Instant::now();
+        let t0 = crate::testing::epoch();
         let spec = RouterSpec {
             models: vec![ModelSpec {
                 name: "m".into(),

@@ -395,7 +395,7 @@ mod tests {
 
     #[test]
     fn each_limit_refuses_with_its_name() {
-        let t0 = Instant::now();
+        let t0 = crate::testing::epoch();
         let mut t = Tenants::try_new(&[spec("a")], t0).unwrap();
         assert_eq!(t.admit("x", "m", 1, t0, DAY), Err(TenantRefusal::Unknown));
         assert_eq!(t.admit("a", "other", 1, t0, DAY).unwrap_err().limit(), "models");
@@ -416,7 +416,7 @@ mod tests {
 
     #[test]
     fn daily_budget_counts_used_and_reserved_and_resets_next_day() {
-        let t0 = Instant::now();
+        let t0 = crate::testing::epoch();
         let mut s = spec("a");
         s.tokens_per_minute = None;
         s.max_concurrent = None;
@@ -439,7 +439,7 @@ mod tests {
 
     #[test]
     fn settlement_refunds_the_token_bucket_and_records_usage() {
-        let t0 = Instant::now();
+        let t0 = crate::testing::epoch();
         let mut t = Tenants::try_new(&[spec("a"), spec("b")], t0).unwrap();
         let h = t.admit("a", "m", 500, t0, DAY).unwrap();
         t.settle(h, 200, t0 + Duration::from_secs(1));
@@ -456,7 +456,7 @@ mod tests {
 
     #[test]
     fn reload_keeps_counters() {
-        let t0 = Instant::now();
+        let t0 = crate::testing::epoch();
         let mut t = Tenants::try_new(&[spec("a")], t0).unwrap();
         let _h = t.admit("a", "m", 300, t0, DAY).unwrap();
         let mut s = spec("a");

@@ -1,0 +1,106 @@
+//! Which regions can take a request and what a strategy sees of each: the
+//! fast scan behind every decision, and the full evaluation (with every
+//! exclusion and factor) behind `Route` and "no region" errors.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::region::{Exclusion, RegionState};
+use super::router::RouteRequest;
+use super::strategy::{CandidateView, Score, Strategy};
+
+/// Every region's verdict for one request, with factors: the slow path
+/// behind `Route` and behind the error when nothing is eligible.
+pub(super) struct Evaluation<'a> {
+    pub scored: Vec<(CandidateView<'a>, Score)>,
+    pub excluded: Vec<(usize, Exclusion)>,
+    pub serving: usize,
+    pub largest: u64,
+}
+
+/// What a strategy sees of `region` for `req`, given its headroom.
+pub(super) fn view<'a>(
+    regions: &'a [RegionState],
+    index: usize,
+    headroom: f64,
+    req: &RouteRequest<'_>,
+    now: Instant,
+) -> CandidateView<'a> {
+    let region = &regions[index];
+    let load = region.load();
+    let reported = load.reported(now);
+    CandidateView {
+        name: region.name(),
+        index,
+        regions: regions.len(),
+        weight: region.weight(),
+        headroom,
+        utilization: load.utilization_with(reported),
+        in_flight: load.in_flight(),
+        capacity: load.capacity(),
+        queued: reported.map_or(0, |r| r.queued),
+        latency_per_1k_ms: load.latency_per_1k_ms(),
+        error_rate: load.error_rate(),
+        is_origin: req.origin.is_some_and(|o| o == region.name()),
+        request_tokens: req.tokens,
+    }
+}
+
+/// Calls `eligible` with the view of every region that can take `req` now:
+/// the decision path. A free function over the fields it reads, so the
+/// caller can fill its scratch buffer while the regions are borrowed.
+pub(super) fn scan<'a>(
+    regions: &'a [RegionState],
+    model: usize,
+    req: &RouteRequest<'_>,
+    tried: &[Arc<str>],
+    now: Instant,
+    mut eligible: impl FnMut(&CandidateView<'a>),
+) {
+    for (index, region) in regions.iter().enumerate() {
+        if !tried.is_empty() && tried.iter().any(|t| **t == *region.name) {
+            continue;
+        }
+        if let Ok(headroom) = region.admit(model, req.tokens, now) {
+            eligible(&view(regions, index, headroom, req, now));
+        }
+    }
+}
+
+/// Every region's verdict for `req`, with the strategy's factors: for
+/// `Route` and for explaining why nothing was eligible.
+pub(super) fn evaluate<'a>(
+    regions: &'a [RegionState],
+    strategy: &dyn Strategy,
+    model: usize,
+    req: &RouteRequest<'_>,
+    tried: &[Arc<str>],
+    now: Instant,
+) -> Evaluation<'a> {
+    let mut eval = Evaluation {
+        scored: Vec::with_capacity(regions.len()),
+        excluded: Vec::new(),
+        serving: 0,
+        largest: 0,
+    };
+    for (index, region) in regions.iter().enumerate() {
+        if let Some(q) = region.quota(model) {
+            eval.serving += 1;
+            eval.largest = eval.largest.max(q.tokens().capacity());
+        }
+        let admitted = if region.quota(model).is_some() && tried.iter().any(|t| **t == *region.name) {
+            Err(Exclusion::AlreadyTried)
+        } else {
+            region.admit(model, req.tokens, now)
+        };
+        match admitted {
+            Ok(headroom) => {
+                let view = view(regions, index, headroom, req, now);
+                let score = strategy.score(&view);
+                eval.scored.push((view, score));
+            }
+            Err(why) => eval.excluded.push((index, why)),
+        }
+    }
+    eval
+}

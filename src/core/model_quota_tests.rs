@@ -1,0 +1,194 @@
+//! Tests of `ModelQuota`: accounting modes, settlement, provider hints.
+
+use super::*;
+
+fn limits(accounting: Accounting) -> ModelLimits {
+    ModelLimits {
+        tokens_per_minute: 6_000,
+        requests_per_minute: 60,
+        burst_tokens: None,
+        burst_requests: None,
+        accounting,
+    }
+}
+
+#[test]
+fn usage_accounting_refunds_and_charges_the_difference() {
+    let t0 = crate::testing::epoch();
+    let mut q = ModelQuota::try_new(limits(Accounting::Usage), t0).unwrap();
+    let h = q.reserve(1000, t0).unwrap();
+    assert_eq!(q.tokens().available(t0), 5000);
+    let charged = q.settle(
+        h,
+        Settlement::Used {
+            prompt: 100,
+            completion: 300,
+        },
+        t0,
+    );
+    assert_eq!(charged, 400);
+    assert_eq!(q.tokens().available(t0), 5600);
+    let h = q.reserve(100, t0).unwrap();
+    q.settle(
+        h,
+        Settlement::Used {
+            prompt: 100,
+            completion: 400,
+        },
+        t0,
+    );
+    assert_eq!(q.tokens().available(t0), 5100, "overrun charged");
+}
+
+#[test]
+fn admission_accounting_keeps_the_reservation() {
+    let t0 = crate::testing::epoch();
+    let mut q = ModelQuota::try_new(limits(Accounting::Admission), t0).unwrap();
+    let h = q.reserve(1000, t0).unwrap();
+    let charged = q.settle(
+        h,
+        Settlement::Used {
+            prompt: 10,
+            completion: 10,
+        },
+        t0,
+    );
+    assert_eq!(charged, 1000);
+    assert_eq!(q.tokens().available(t0), 5000);
+}
+
+#[test]
+fn not_run_refunds_everything_and_settles_once() {
+    let t0 = crate::testing::epoch();
+    let mut q = ModelQuota::try_new(limits(Accounting::Admission), t0).unwrap();
+    let h = q.reserve(1000, t0).unwrap();
+    assert_eq!(q.requests().available(t0), 59);
+    q.settle(h, Settlement::NotRun, t0);
+    assert_eq!(q.tokens().available(t0), 6000);
+    assert_eq!(q.requests().available(t0), 60);
+    q.settle(h, Settlement::NotRun, t0);
+    assert_eq!(q.tokens().available(t0), 6000, "a second settle is a no-op");
+    assert_eq!(q.in_flight_tokens(), 0);
+}
+
+#[test]
+fn reserve_is_all_or_nothing() {
+    let t0 = crate::testing::epoch();
+    let mut q = ModelQuota::try_new(
+        ModelLimits {
+            requests_per_minute: 1,
+            ..limits(Accounting::Usage)
+        },
+        t0,
+    )
+    .unwrap();
+    q.reserve(10, t0).unwrap();
+    let err = q.reserve(10, t0).unwrap_err();
+    assert!(matches!(err, QuotaShortfall::Requests { .. }), "{err:?}");
+    assert_eq!(
+        q.tokens().available(t0),
+        5990,
+        "no tokens taken on a refused reserve"
+    );
+    assert!(matches!(
+        q.check(7000, t0),
+        Err(QuotaShortfall::TooLarge {
+            need: 7000,
+            capacity: 6000
+        })
+    ));
+}
+
+#[test]
+fn hint_counts_later_reservations_still_in_flight() {
+    let t0 = crate::testing::epoch();
+    let mut q = ModelQuota::try_new(limits(Accounting::Usage), t0).unwrap();
+    let first = q.reserve(1000, t0).unwrap();
+    let _second = q.reserve(500, t0).unwrap();
+    q.settle(
+        first,
+        Settlement::Used {
+            prompt: 500,
+            completion: 500,
+        },
+        t0,
+    );
+    // We think 4500 are left. The provider (shared with someone else) says
+    // 3000, and has not seen `second` yet.
+    let out = q.apply_hint(
+        ProviderHint {
+            remaining_tokens: 3000,
+            remaining_requests: 50,
+            ..Default::default()
+        },
+        Some(first),
+        t0,
+    );
+    assert_eq!(out, HintOutcome::Applied { lowered: true });
+    assert_eq!(q.tokens().available(t0), 2500);
+    // A provider that knows of more than we do changes nothing.
+    let out = q.apply_hint(
+        ProviderHint {
+            remaining_tokens: 6000,
+            remaining_requests: 60,
+            ..Default::default()
+        },
+        None,
+        t0,
+    );
+    assert_eq!(out, HintOutcome::Applied { lowered: false });
+    assert_eq!(q.tokens().available(t0), 2500);
+}
+
+#[test]
+fn absurd_hints_are_ignored_and_reported_once() {
+    let t0 = crate::testing::epoch();
+    let mut q = ModelQuota::try_new(limits(Accounting::Usage), t0).unwrap();
+    let neg = ProviderHint {
+        remaining_tokens: -5,
+        ..Default::default()
+    };
+    let big = ProviderHint {
+        remaining_tokens: 1_000_000,
+        ..Default::default()
+    };
+    assert!(matches!(
+        q.apply_hint(neg, None, t0),
+        HintOutcome::Ignored { first: true, .. }
+    ));
+    assert!(matches!(
+        q.apply_hint(big, None, t0),
+        HintOutcome::Ignored { first: false, .. }
+    ));
+    assert_eq!(q.tokens().available(t0), 6000);
+    assert!(q.last_hint().is_none());
+}
+
+#[test]
+fn provider_refusal_blocks_until_reset() {
+    let t0 = crate::testing::epoch();
+    let mut q = ModelQuota::try_new(limits(Accounting::Usage), t0).unwrap();
+    q.mark_exhausted(Duration::from_secs(2), t0);
+    assert!(matches!(
+        q.check(1, t0 + Duration::from_secs(1)),
+        Err(QuotaShortfall::ProviderExhausted { .. })
+    ));
+    // After the reset the bucket has refilled for 2 s at 100 tokens/s.
+    assert!(q.check(150, t0 + Duration::from_secs(2)).is_ok());
+}
+
+#[test]
+fn limit_change_keeps_fill_fraction_of_both_buckets() {
+    let t0 = crate::testing::epoch();
+    let mut q = ModelQuota::try_new(limits(Accounting::Usage), t0).unwrap();
+    q.reserve(3000, t0).unwrap();
+    q.set_limits(
+        ModelLimits {
+            tokens_per_minute: 2000,
+            ..limits(Accounting::Usage)
+        },
+        t0,
+    )
+    .unwrap();
+    assert_eq!(q.tokens().available(t0), 1000);
+}
