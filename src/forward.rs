@@ -12,7 +12,6 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -40,8 +39,9 @@ struct ConnectionState {
     /// host:port
     authority: String,
     link: tokio::sync::Mutex<Link>,
-    /// Connection attempts made, for tests and logs.
-    connects: AtomicU64,
+    /// Connection attempts made, for the tests.
+    #[cfg(test)]
+    connects: std::sync::atomic::AtomicU64,
 }
 
 /// The connection, or how the last attempt to open one failed.
@@ -65,7 +65,8 @@ impl Connection {
             shared: Arc::new(ConnectionState {
                 authority,
                 link: tokio::sync::Mutex::new(Link::default()),
-                connects: AtomicU64::new(0),
+                #[cfg(test)]
+                connects: Default::default(),
             }),
         })
     }
@@ -88,7 +89,10 @@ impl Connection {
         {
             return Err(unavailable(why));
         }
-        self.shared.connects.fetch_add(1, Ordering::Relaxed);
+        #[cfg(test)]
+        self.shared
+            .connects
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match self.open().await {
             Ok(sender) => {
                 *link = Link {
@@ -318,13 +322,22 @@ mod tests {
             assert!(err.message().contains("no answer within"), "{}", err.message());
         }
         assert_eq!(
-            connection.shared.connects.load(Ordering::Relaxed),
+            connection
+                .shared
+                .connects
+                .load(std::sync::atomic::Ordering::Relaxed),
             1,
             "one attempt, its failure shared by everyone who waited for it"
         );
         // A caller arriving after the failure tries again.
         assert!(connection.sender().await.is_err());
-        assert_eq!(connection.shared.connects.load(Ordering::Relaxed), 2);
+        assert_eq!(
+            connection
+                .shared
+                .connects
+                .load(std::sync::atomic::Ordering::Relaxed),
+            2
+        );
     }
 
     #[tokio::test]
