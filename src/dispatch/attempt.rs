@@ -91,13 +91,8 @@ impl Engine {
         let estimate = self.check(&r)?;
         labels.model = Some(r.model.clone());
         span.record("model", r.model.as_str());
-        let hold = self.admit_tenant(&tenant, &r.model, estimate.total())?;
+        let (hold, tenant_max_queued) = self.admit_tenant(&tenant, &r.model, estimate.total())?;
         let charge = TenantCharge::new(self.clone(), hold);
-        let tenant_max_queued = self
-            .tenants
-            .lock()
-            .spec(&tenant)
-            .map_or(usize::MAX, |s| s.max_queued as usize);
         let retry_may_have_run = !r.request_id.is_empty();
         let request_id = if r.request_id.is_empty() {
             self.new_id()

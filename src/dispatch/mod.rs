@@ -335,10 +335,17 @@ impl Engine {
     }
 
     /// Holds `tokens` against the tenant's hard limits.
-    fn admit_tenant(&self, tenant: &str, model: &str, tokens: u64) -> Result<TenantHold, DispatchError> {
+    /// Admits the request against its tenant's limits; returns the hold and
+    /// the tenant's `max_queued`, read under the same lock.
+    fn admit_tenant(
+        &self,
+        tenant: &str,
+        model: &str,
+        tokens: u64,
+    ) -> Result<(TenantHold, usize), DispatchError> {
         let now = Instant::now();
-        self.tenants
-            .lock()
+        let mut tenants = self.tenants.lock();
+        let hold = tenants
             .admit(tenant, model, tokens, now, today())
             .map_err(|refusal| match refusal {
                 TenantRefusal::ModelNotAllowed { .. } => {
@@ -353,7 +360,9 @@ impl Engine {
                     message: other.to_string(),
                     retry_after: other.retry_after(),
                 },
-            })
+            })?;
+        let max_queued = tenants.spec(tenant).map_or(usize::MAX, |s| s.max_queued as usize);
+        Ok((hold, max_queued))
     }
 
     fn settle_tenant(&self, hold: TenantHold, charged: u64) {
