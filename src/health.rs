@@ -145,6 +145,7 @@ async fn check_loop(
     let mut tracker = HealthTracker::new(config.healthy_threshold, config.unhealthy_threshold);
     let mut tick = tokio::time::interval(config.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut told_no_health_service = false;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -153,9 +154,26 @@ async fn check_loop(
         let check = client.check(tonic_health::pb::HealthCheckRequest {
             service: String::new(),
         });
-        let passed = match tokio::time::timeout(config.timeout, check).await {
-            Ok(Ok(r)) => r.into_inner().status == Status::Serving as i32,
-            Ok(Err(_)) | Err(_) => false,
+        let answer = tokio::time::timeout(config.timeout, check)
+            .await
+            .map(|r| r.map(|r| r.into_inner().status));
+        let passed = match verdict(answer) {
+            Verdict::Passed => true,
+            Verdict::NoHealthService => {
+                if !told_no_health_service {
+                    told_no_health_service = true;
+                    tracing::warn!(
+                        %region,
+                        %endpoint,
+                        "the cluster serves no grpc.health.v1 (UNIMPLEMENTED): health checks only see whether it answers; its errors still open the breaker"
+                    );
+                }
+                true
+            }
+            Verdict::Failed(why) => {
+                tracing::debug!(%region, %why, "health check failed");
+                false
+            }
         };
         if let Some(healthy) = tracker.record(passed) {
             engine.with_router_mut(|r| r.set_healthy(&region, healthy));
@@ -167,6 +185,32 @@ async fn check_loop(
                 tracing::warn!(%region, "region unhealthy ({} health checks failed in a row)", config.unhealthy_threshold);
             }
         }
+    }
+}
+
+/// What one health check says about a region.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    Passed,
+    /// The cluster answers gRPC but implements no health service: it is
+    /// up as far as a check can tell. Counting this as a failure would
+    /// take a working region out of service for good.
+    NoHealthService,
+    Failed(String),
+}
+
+/// Reads a check's answer: a serving status, an error status, or no
+/// answer within the timeout.
+fn verdict(answer: Result<Result<i32, tonic::Status>, tokio::time::error::Elapsed>) -> Verdict {
+    match answer {
+        Ok(Ok(status)) if status == Status::Serving as i32 => Verdict::Passed,
+        Ok(Ok(status)) => Verdict::Failed(format!(
+            "the cluster says {}",
+            Status::try_from(status).map_or("an unknown status", |s| s.as_str_name())
+        )),
+        Ok(Err(e)) if e.code() == tonic::Code::Unimplemented => Verdict::NoHealthService,
+        Ok(Err(e)) => Verdict::Failed(format!("{:?}: {}", e.code(), e.message())),
+        Err(_) => Verdict::Failed("no answer within the timeout".into()),
     }
 }
 
@@ -210,5 +254,34 @@ async fn panic_loop(engine: Arc<Engine>, reporter: HealthReporter, cancel: Cance
                     .await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn elapsed() -> tokio::time::error::Elapsed {
+        tokio::time::timeout(Duration::ZERO, std::future::pending::<()>())
+            .await
+            .unwrap_err()
+    }
+
+    #[tokio::test]
+    async fn reads_check_answers() {
+        assert_eq!(verdict(Ok(Ok(Status::Serving as i32))), Verdict::Passed);
+        assert_eq!(
+            verdict(Ok(Ok(Status::NotServing as i32))),
+            Verdict::Failed("the cluster says NOT_SERVING".into())
+        );
+        assert_eq!(
+            verdict(Ok(Err(tonic::Status::unimplemented("no health")))),
+            Verdict::NoHealthService
+        );
+        assert!(matches!(
+            verdict(Ok(Err(tonic::Status::unavailable("refused")))),
+            Verdict::Failed(why) if why.contains("Unavailable")
+        ));
+        assert!(matches!(verdict(Err(elapsed().await)), Verdict::Failed(_)));
     }
 }
