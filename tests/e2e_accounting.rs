@@ -11,7 +11,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{ConfigDir, Lcg, client, dispatcher, region_sim, region_status, region_toml, sim_stats};
+use common::{
+    ConfigDir, Lcg, SimRegion, client, dispatcher, region_sim, region_status, region_toml, sim_stats,
+};
 use dispatcher::pb;
 use tokio::sync::Mutex;
 use tonic::Code;
@@ -79,29 +81,16 @@ async fn above_total_quota(accounting: &str) {
     let regions = [("r1", 120_000u64), ("r2", 60_000)];
     let mut sims = Vec::new();
     for (name, tpm) in regions {
-        let model = format!("gpt-4o:{tpm}:100000:{accounting}");
-        let sim = region_sim(
-            cfg.path(),
+        let sim = cfg.start_region(SimRegion {
             name,
-            &[
-                "--model",
-                &model,
-                "--burst-tokens",
-                "20000",
-                "--ms-per-1k-tokens",
-                "20",
-                "--base-latency-ms",
-                "2",
-            ],
-        );
-        let mut text = region_toml(
-            name,
-            &sim.endpoint(),
-            512,
-            &[("gpt-4o", tpm, 100_000, accounting)],
-        );
-        text = text.replace("accounting", "burst_tokens = 20000\naccounting");
-        cfg.write_region(name, &text);
+            tokens_per_minute: tpm,
+            requests_per_minute: 100_000,
+            burst_tokens: Some(20_000),
+            accounting,
+            max_concurrent: 512,
+            sim_args: &["--ms-per-1k-tokens", "20", "--base-latency-ms", "2"],
+            ..Default::default()
+        });
         sims.push(sim);
     }
     let d = dispatcher(&cfg.config());

@@ -6,7 +6,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{ConfigDir, admin, client, dispatcher, region_sim, region_status, region_toml};
+use common::{ConfigDir, SimRegion, admin, client, dispatcher, region_status};
 use dispatcher::pb;
 use tokio::sync::Mutex;
 
@@ -28,27 +28,13 @@ async fn drained_region_gets_no_new_work_and_finishes_its_own() {
     let mut sims = Vec::new();
     for name in ["east", "west"] {
         // 300 ms a request: plenty in flight at any moment.
-        let sim = region_sim(
-            cfg.path(),
+        let sim = cfg.start_region(SimRegion {
             name,
-            &[
-                "--model",
-                "gpt-4o:10000000:1000000",
-                "--base-latency-ms",
-                "300",
-                "--ms-per-1k-tokens",
-                "0",
-            ],
-        );
-        cfg.write_region(
-            name,
-            &region_toml(
-                name,
-                &sim.endpoint(),
-                256,
-                &[("gpt-4o", 10_000_000, 1_000_000, "admission")],
-            ),
-        );
+            tokens_per_minute: 10_000_000,
+            requests_per_minute: 1_000_000,
+            sim_args: &["--base-latency-ms", "300", "--ms-per-1k-tokens", "0"],
+            ..Default::default()
+        });
         sims.push(sim);
     }
     let d = dispatcher(&cfg.config());

@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    ConfigDir, client, dispatcher, eventually, region_sim, region_status, region_toml, sim_configure,
+    ConfigDir, SimRegion, client, dispatcher, eventually, region_status, region_toml, sim_configure,
 };
 use dispatcher::config::SimulateConfig;
 use dispatcher::core::{Accounting, ModelLimits};
@@ -63,15 +63,16 @@ async fn cluster_without_health() -> std::net::SocketAddr {
 async fn a_cluster_without_a_health_service_stays_in_service() {
     let cfg = ConfigDir::new(DISPATCHER_TOML);
     let plain = cluster_without_health().await;
-    let checked = region_sim(cfg.path(), "checked", &["--model", "gpt-4o:100000000:10000000"]);
+    let checked = cfg.start_region(SimRegion {
+        name: "checked",
+        max_concurrent: 64,
+        extra_toml: HEALTH,
+        ..Default::default()
+    });
     let models = [("gpt-4o", 100_000_000, 10_000_000, "admission")];
     cfg.write_region(
         "plain",
         &(region_toml("plain", &format!("http://{plain}"), 64, &models) + HEALTH),
-    );
-    cfg.write_region(
-        "checked",
-        &(region_toml("checked", &checked.endpoint(), 64, &models) + HEALTH),
     );
     let d = dispatcher(&cfg.config());
 

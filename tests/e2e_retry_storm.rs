@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{ConfigDir, client, dispatcher, region_sim, region_toml, sim_stats};
+use common::{ConfigDir, SimRegion, client, dispatcher, sim_stats};
 use dispatcher::pb;
 use tonic::Code;
 
@@ -33,20 +33,12 @@ async fn retries_stay_within_the_budget_when_everything_fails() {
     let cfg = ConfigDir::new(DISPATCHER_TOML);
     let mut sims = Vec::new();
     for name in ["a", "b", "c"] {
-        let sim = region_sim(
-            cfg.path(),
+        let sim = cfg.start_region(SimRegion {
             name,
-            &["--model", "gpt-4o:100000000:10000000", "--failure-rate", "1"],
-        );
-        cfg.write_region(
-            name,
-            &region_toml(
-                name,
-                &sim.endpoint(),
-                1024,
-                &[("gpt-4o", 100_000_000, 10_000_000, "admission")],
-            ),
-        );
+            max_concurrent: 1024,
+            sim_args: &["--failure-rate", "1"],
+            ..Default::default()
+        });
         sims.push(sim);
     }
     let d = dispatcher(&cfg.config());

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{ConfigDir, Lcg, client, dispatcher, region_sim, region_toml, sim_stats};
+use common::{ConfigDir, Lcg, SimRegion, client, dispatcher, sim_stats};
 use dispatcher::pb;
 use tokio::sync::Mutex;
 use tonic::Code;
@@ -50,28 +50,14 @@ async fn never_overshoots_a_provider_quota_and_splits_by_quota() {
     let cfg = ConfigDir::new(DISPATCHER_TOML);
     let mut sims = Vec::new();
     for (name, tpm) in REGIONS {
-        let model = format!("gpt-4o:{tpm}:100000:admission");
-        let sim = region_sim(
-            cfg.path(),
+        let sim = cfg.start_region(SimRegion {
             name,
-            &[
-                "--model",
-                &model,
-                "--ms-per-1k-tokens",
-                "2",
-                "--base-latency-ms",
-                "1",
-            ],
-        );
-        cfg.write_region(
-            name,
-            &region_toml(
-                name,
-                &sim.endpoint(),
-                512,
-                &[("gpt-4o", tpm, 100_000, "admission")],
-            ),
-        );
+            tokens_per_minute: tpm,
+            requests_per_minute: 100_000,
+            max_concurrent: 512,
+            sim_args: &["--ms-per-1k-tokens", "2", "--base-latency-ms", "1"],
+            ..Default::default()
+        });
         sims.push(sim);
     }
     let d = dispatcher(&cfg.config());

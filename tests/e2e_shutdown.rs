@@ -7,7 +7,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{ConfigDir, client, dispatcher, region_sim, region_toml};
+use common::{ConfigDir, SimRegion, client, dispatcher};
 use dispatcher::pb;
 use tokio::sync::Mutex;
 use tonic::Code;
@@ -28,27 +28,12 @@ type Sent = (Instant, Result<(), Code>);
 async fn sigterm_drains_in_flight_work_and_exits_zero() {
     let cfg = ConfigDir::new(DISPATCHER_TOML);
     // A second a request: plenty in flight when the signal comes.
-    let sim = region_sim(
-        cfg.path(),
-        "slow",
-        &[
-            "--model",
-            "gpt-4o:100000000:10000000",
-            "--base-latency-ms",
-            "1000",
-            "--ms-per-1k-tokens",
-            "0",
-        ],
-    );
-    cfg.write_region(
-        "slow",
-        &region_toml(
-            "slow",
-            &sim.endpoint(),
-            1024,
-            &[("gpt-4o", 100_000_000, 10_000_000, "admission")],
-        ),
-    );
+    let sim = cfg.start_region(SimRegion {
+        name: "slow",
+        max_concurrent: 1024,
+        sim_args: &["--base-latency-ms", "1000", "--ms-per-1k-tokens", "0"],
+        ..Default::default()
+    });
     let mut d = dispatcher(&cfg.config());
     let grpc = client(d.addr).await;
     let results: Arc<Mutex<Vec<Sent>>> = Arc::default();

@@ -6,7 +6,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{ConfigDir, client, dispatcher, region_sim, region_toml, sim_configure};
+use common::{ConfigDir, SimRegion, client, dispatcher, sim_configure};
 use dispatcher::pb;
 use tokio::sync::Mutex;
 
@@ -22,27 +22,11 @@ async fn traffic_moves_off_a_slow_region() {
     let cfg = ConfigDir::new(DISPATCHER_TOML);
     let mut sims = Vec::new();
     for name in ["a", "b", "c"] {
-        let sim = region_sim(
-            cfg.path(),
+        let sim = cfg.start_region(SimRegion {
             name,
-            &[
-                "--model",
-                "gpt-4o:100000000:10000000",
-                "--base-latency-ms",
-                "10",
-                "--ms-per-1k-tokens",
-                "1000",
-            ],
-        );
-        cfg.write_region(
-            name,
-            &region_toml(
-                name,
-                &sim.endpoint(),
-                256,
-                &[("gpt-4o", 100_000_000, 10_000_000, "admission")],
-            ),
-        );
+            sim_args: &["--base-latency-ms", "10", "--ms-per-1k-tokens", "1000"],
+            ..Default::default()
+        });
         sims.push(sim);
     }
     let d = dispatcher(&cfg.config());

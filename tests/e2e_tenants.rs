@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::{ConfigDir, Lcg, client, dispatcher, region_sim, region_toml, tools};
+use common::{ConfigDir, Lcg, SimRegion, client, dispatcher, tools};
 use dispatcher::dispatch::hash_key;
 use dispatcher::pb;
 use tonic::Code;
@@ -110,26 +110,16 @@ async fn tenants_share_by_weight_and_limits_are_enforced() {
     let cfg = ConfigDir::new(&config());
     let mut sims = Vec::new();
     for name in ["r1", "r2"] {
-        let sim = region_sim(
-            cfg.path(),
+        let sim = cfg.start_region(SimRegion {
             name,
-            &[
-                "--model",
-                "gpt-4o:120000:100000:usage",
-                "--burst-tokens",
-                "10000",
-                "--ms-per-1k-tokens",
-                "10",
-            ],
-        );
-        let text = region_toml(
-            name,
-            &sim.endpoint(),
-            512,
-            &[("gpt-4o", 120_000, 100_000, "usage")],
-        )
-        .replace("accounting", "burst_tokens = 10000\naccounting");
-        cfg.write_region(name, &text);
+            tokens_per_minute: 120_000,
+            requests_per_minute: 100_000,
+            burst_tokens: Some(10_000),
+            accounting: "usage",
+            max_concurrent: 512,
+            sim_args: &["--ms-per-1k-tokens", "10"],
+            ..Default::default()
+        });
         sims.push(sim);
     }
     let d = dispatcher(&cfg.config());

@@ -7,7 +7,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{ConfigDir, dispatcher, region_sim, region_toml};
+use common::{ConfigDir, SimRegion, dispatcher};
 use dispatcher::dispatch::hash_key;
 use serde_json::Value;
 
@@ -59,28 +59,15 @@ fn reports_what_it_sent_and_how_it_split() {
     let cfg = ConfigDir::new(&config());
     let mut sims = Vec::new();
     for (name, tpm) in [("east", 60_000_000u64), ("west", 30_000_000)] {
-        let model = format!("gpt-4o:{tpm}:1000000");
-        let sim = region_sim(
-            cfg.path(),
+        let sim = cfg.start_region(SimRegion {
             name,
-            &[
-                "--model",
-                &model,
-                "--ms-per-1k-tokens",
-                "0",
-                "--base-latency-ms",
-                "1",
-            ],
-        );
-        cfg.write_region(
-            name,
-            &region_toml(
-                name,
-                &sim.endpoint(),
-                1000,
-                &[("gpt-4o", tpm, 1_000_000, "usage")],
-            ),
-        );
+            tokens_per_minute: tpm,
+            requests_per_minute: 1_000_000,
+            accounting: "usage",
+            max_concurrent: 1000,
+            sim_args: &["--ms-per-1k-tokens", "0", "--base-latency-ms", "1"],
+            ..Default::default()
+        });
         sims.push(sim);
     }
     let d = dispatcher(&cfg.config());

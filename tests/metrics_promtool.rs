@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{ConfigDir, Proc, region_sim, region_toml, tools};
+use common::{ConfigDir, Proc, SimRegion, tools};
 use dispatcher::dispatch::hash_key;
 use dispatcher::pb;
 
@@ -57,25 +57,14 @@ async fn metrics_pass_promtool_and_agree_with_replies() {
     ));
     let mut sims = Vec::new();
     for (name, tpm) in [("east", 600_000u64), ("west", 300_000)] {
-        let sim = region_sim(
-            cfg.path(),
+        let sim = cfg.start_region(SimRegion {
             name,
-            &[
-                "--model",
-                &format!("gpt-4o:{tpm}:100000"),
-                "--ms-per-1k-tokens",
-                "200",
-            ],
-        );
-        cfg.write_region(
-            name,
-            &region_toml(
-                name,
-                &sim.endpoint(),
-                64,
-                &[("gpt-4o", tpm, 100_000, "admission")],
-            ),
-        );
+            tokens_per_minute: tpm,
+            requests_per_minute: 100_000,
+            max_concurrent: 64,
+            sim_args: &["--ms-per-1k-tokens", "200"],
+            ..Default::default()
+        });
         sims.push(sim);
     }
     let d = Proc::start(

@@ -202,6 +202,67 @@ impl ConfigDir {
     }
 }
 
+/// A region served by a region-sim process of its own: one model, gpt-4o,
+/// whose provider limits (and accounting) are the ones the region file
+/// configures. Tests that want the two to differ write the file themselves.
+pub struct SimRegion<'a> {
+    pub name: &'a str,
+    pub tokens_per_minute: u64,
+    pub requests_per_minute: u64,
+    /// Token burst on both sides (default: a minute's worth).
+    pub burst_tokens: Option<u64>,
+    pub accounting: &'a str,
+    pub max_concurrent: u32,
+    /// region-sim's behaviour: latency, failures, ...
+    pub sim_args: &'a [&'a str],
+    /// Appended to the region file (`[health]`, ...).
+    pub extra_toml: &'a str,
+}
+
+impl Default for SimRegion<'_> {
+    fn default() -> Self {
+        Self {
+            name: "",
+            tokens_per_minute: 100_000_000,
+            requests_per_minute: 10_000_000,
+            burst_tokens: None,
+            accounting: "admission",
+            max_concurrent: 256,
+            sim_args: &[],
+            extra_toml: "",
+        }
+    }
+}
+
+impl ConfigDir {
+    /// Starts `r`'s region-sim and writes its region file pointing at it.
+    pub fn start_region(&self, r: SimRegion) -> Proc {
+        let model = format!(
+            "gpt-4o:{}:{}:{}",
+            r.tokens_per_minute, r.requests_per_minute, r.accounting
+        );
+        let burst = r.burst_tokens.map(|b| b.to_string());
+        let mut args = vec!["--model", &model];
+        if let Some(b) = &burst {
+            args.extend(["--burst-tokens", b]);
+        }
+        args.extend_from_slice(r.sim_args);
+        let sim = region_sim(self.path(), r.name, &args);
+        let mut text = region_toml(
+            r.name,
+            &sim.endpoint(),
+            r.max_concurrent,
+            &[("gpt-4o", r.tokens_per_minute, r.requests_per_minute, r.accounting)],
+        );
+        if let Some(b) = r.burst_tokens {
+            text += &format!("burst_tokens = {b}\n");
+        }
+        text += r.extra_toml;
+        self.write_region(r.name, &text);
+        sim
+    }
+}
+
 /// A region file pointing at `endpoint`, one line per model:
 /// `(model, tokens_per_minute, requests_per_minute, accounting)`.
 pub fn region_toml(
