@@ -175,6 +175,8 @@ fn refuses_bad_arguments_with_a_reason() {
     for (args, says) in [
         (&["--tenant", "only-a-name"][..], "expected NAME:KEY:WEIGHT"),
         (&["--tenant", "a:k:0"][..], "weight must be above zero"),
+        (&["--tenant", "a:clé:1"][..], "printable ASCII"),
+        (&["--tenant", "a:k y:1"][..], "printable ASCII"),
         (&["--rate", "0"][..], "--rate must be a number above zero"),
         (&["--connections", "0"][..], "--connections must be at least 1"),
         (

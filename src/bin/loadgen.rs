@@ -19,9 +19,12 @@ use dispatcher::pb;
 use dispatcher::pb::agent_cluster_client::AgentClusterClient;
 use dispatcher::pb::dispatcher_client::DispatcherClient;
 use parking_lot::Mutex;
+use rand::distr::Distribution;
+use rand::distr::weighted::WeightedIndex;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -73,7 +76,7 @@ struct Args {
     /// NAME:KEY:WEIGHT (repeatable); requests go out with the key, tenants
     /// chosen by weight. None: no key.
     #[arg(long = "tenant", value_parser = parse_tenant)]
-    tenants: Vec<(String, String, f64)>,
+    tenants: Vec<Tenant>,
     #[arg(long, default_value = "gpt-4o")]
     model: String,
     #[arg(long, value_enum, default_value = "mix")]
@@ -98,7 +101,15 @@ struct Args {
     seed: u64,
 }
 
-fn parse_tenant(s: &str) -> Result<(String, String, f64), String> {
+/// A `--tenant`: its requests carry `authorization`, built once here.
+#[derive(Debug, Clone)]
+struct Tenant {
+    name: String,
+    authorization: MetadataValue<Ascii>,
+    weight: f64,
+}
+
+fn parse_tenant(s: &str) -> Result<Tenant, String> {
     let mut parts = s.splitn(3, ':');
     let (Some(name), Some(key), Some(weight)) = (parts.next(), parts.next(), parts.next()) else {
         return Err(format!("{s:?}: expected NAME:KEY:WEIGHT"));
@@ -109,7 +120,16 @@ fn parse_tenant(s: &str) -> Result<(String, String, f64), String> {
     if !(weight > 0.0 && weight.is_finite()) {
         return Err(format!("{s:?}: weight must be above zero"));
     }
-    Ok((name.to_string(), key.to_string(), weight))
+    let bad_key = || format!("{s:?}: the key must be printable ASCII without spaces (it goes in a header)");
+    if !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(bad_key());
+    }
+    let authorization = format!("Bearer {key}").parse().map_err(|_| bad_key())?;
+    Ok(Tenant {
+        name: name.to_string(),
+        authorization,
+        weight,
+    })
 }
 
 #[derive(Default)]
@@ -168,6 +188,8 @@ struct Work {
 struct Shared {
     args: Args,
     clients: Vec<Client>,
+    /// Picks a tenant by weight (none without `--tenant`).
+    tenant_pick: Option<WeightedIndex<f64>>,
     tally: Mutex<Tally>,
     sent: AtomicU64,
     ok: AtomicU64,
@@ -193,21 +215,7 @@ impl Shared {
                 _ => (6_000, 1_500),
             },
         };
-        let tenant = if self.args.tenants.is_empty() {
-            None
-        } else {
-            let total: f64 = self.args.tenants.iter().map(|t| t.2).sum();
-            let mut x = rng.random::<f64>() * total;
-            let mut pick = self.args.tenants.len() - 1;
-            for (i, t) in self.args.tenants.iter().enumerate() {
-                if x < t.2 {
-                    pick = i;
-                    break;
-                }
-                x -= t.2;
-            }
-            Some(pick)
-        };
+        let tenant = self.tenant_pick.as_ref().map(|w| w.sample(rng));
         Work {
             prompt,
             max_output,
@@ -218,7 +226,6 @@ impl Shared {
     /// Sends one request due at `due` and records it (if past the warm-up).
     async fn send(&self, n: u64, work: Work, due: Instant) {
         let timeout = self.args.timeout;
-        let key = work.tenant.map(|t| self.args.tenants[t].1.clone());
         let result: Result<(String, u64), tonic::Status> =
             match &self.clients[n as usize % self.clients.len()] {
                 Client::Dispatcher(c) => {
@@ -230,11 +237,9 @@ impl Shared {
                         ..Default::default()
                     });
                     req.set_timeout(timeout);
-                    if let Some(k) = &key {
-                        req.metadata_mut().insert(
-                            "authorization",
-                            format!("Bearer {k}").parse().expect("an ASCII key"),
-                        );
+                    if let Some(t) = work.tenant {
+                        req.metadata_mut()
+                            .insert("authorization", self.args.tenants[t].authorization.clone());
                     }
                     c.clone().dispatch(req).await.map(|r| {
                         let r = r.into_inner();
@@ -281,7 +286,7 @@ impl Shared {
                 e.1 += tokens;
             }
             if let Some(i) = work.tenant {
-                let e = t.tenants.entry(self.args.tenants[i].0.clone()).or_default();
+                let e = t.tenants.entry(self.args.tenants[i].name.clone()).or_default();
                 e.0 += 1;
                 e.1 += tokens;
             }
@@ -361,8 +366,13 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     let clients = connect(&args).await?;
+    let tenant_pick = (!args.tenants.is_empty())
+        .then(|| WeightedIndex::new(args.tenants.iter().map(|t| t.weight)))
+        .transpose()
+        .context("tenant weights")?;
     let shared = Arc::new(Shared {
         clients,
+        tenant_pick,
         tally: Mutex::new(Tally::default()),
         sent: AtomicU64::new(0),
         ok: AtomicU64::new(0),
