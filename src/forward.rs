@@ -38,7 +38,10 @@ pub struct Connection {
 struct ConnectionState {
     /// host:port
     authority: String,
-    link: tokio::sync::Mutex<Link>,
+    /// Read on every request, under a lock never held across an await.
+    link: parking_lot::Mutex<Link>,
+    /// Held while a connection is being opened: one attempt at a time.
+    connecting: tokio::sync::Mutex<()>,
     /// Connection attempts made, for the tests.
     #[cfg(test)]
     connects: std::sync::atomic::AtomicU64,
@@ -55,6 +58,13 @@ struct Link {
     failed: Option<(Instant, String)>,
 }
 
+impl Link {
+    /// The connection, if it is still open.
+    fn open(&self) -> Option<SendRequest<Body>> {
+        self.sender.as_ref().filter(|s| !s.is_closed()).cloned()
+    }
+}
+
 impl Connection {
     fn new(uri: &Uri) -> Result<Self, String> {
         let authority = uri.authority().ok_or("no host:port")?.to_string();
@@ -64,7 +74,8 @@ impl Connection {
         Ok(Self {
             shared: Arc::new(ConnectionState {
                 authority,
-                link: tokio::sync::Mutex::new(Link::default()),
+                link: parking_lot::Mutex::new(Link::default()),
+                connecting: tokio::sync::Mutex::new(()),
                 #[cfg(test)]
                 connects: Default::default(),
             }),
@@ -75,19 +86,23 @@ impl Connection {
     /// One attempt at a time; those who waited for a failed attempt get its
     /// error at once.
     async fn sender(&self) -> Result<SendRequest<Body>, tonic::Status> {
+        if let Some(s) = self.shared.link.lock().open() {
+            return Ok(s);
+        }
         let asked = Instant::now();
         let unavailable =
             |e: &str| tonic::Status::unavailable(format!("connecting to {}: {e}", self.shared.authority));
-        let mut link = self.shared.link.lock().await;
-        if let Some(s) = link.sender.as_ref()
-            && !s.is_closed()
+        let _turn = self.shared.connecting.lock().await;
         {
-            return Ok(s.clone());
-        }
-        if let Some((at, why)) = &link.failed
-            && *at >= asked
-        {
-            return Err(unavailable(why));
+            let link = self.shared.link.lock();
+            if let Some(s) = link.open() {
+                return Ok(s);
+            }
+            if let Some((at, why)) = &link.failed
+                && *at >= asked
+            {
+                return Err(unavailable(why));
+            }
         }
         #[cfg(test)]
         self.shared
@@ -95,7 +110,7 @@ impl Connection {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match self.open().await {
             Ok(sender) => {
-                *link = Link {
+                *self.shared.link.lock() = Link {
                     sender: Some(sender.clone()),
                     failed: None,
                 };
@@ -103,7 +118,7 @@ impl Connection {
             }
             Err(why) => {
                 let status = unavailable(&why);
-                *link = Link {
+                *self.shared.link.lock() = Link {
                     sender: None,
                     failed: Some((Instant::now(), why)),
                 };
