@@ -29,24 +29,31 @@ pub struct Telemetry {
 /// stack's trace events, the request spans at debug) is decided once and
 /// then costs nothing.
 pub fn init() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_env_filter(log_filter())
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
+        .with_ansi(colour())
         .try_init();
+}
+
+/// `RUST_LOG`, or info.
+fn log_filter() -> EnvFilter {
+    EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"))
+}
+
+/// Colour codes only for a person at a terminal, not in log files.
+fn colour() -> bool {
+    std::io::stderr().is_terminal()
 }
 
 fn fmt_layer<S>() -> impl Layer<S>
 where
     S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
 {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        // Colour codes only for a person at a terminal, not in log files.
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_filter(filter)
+        .with_ansi(colour())
+        .with_filter(log_filter())
         // Log lines are events. Spans (one set per request) are for the
         // trace exporter; formatting their fields for a log nobody reads
         // cost a tenth of the CPU at saturation.
