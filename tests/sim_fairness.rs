@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::Lcg;
-use common::vsim::{Arrival, World, jain, percentile, poisson};
+use common::vsim::{Arrival, Replies, World, jain, percentile, poisson};
 use dispatcher::core::Accounting;
 
 fn world(tenants: Vec<(&'static str, f64)>) -> World {
@@ -18,6 +18,8 @@ fn world(tenants: Vec<(&'static str, f64)>) -> World {
         tenants,
         max_wait: Duration::from_secs(10),
         ms_per_1k: 200.0,
+        replies: Replies::Proportional,
+        foreign_share: 0.0,
     }
 }
 

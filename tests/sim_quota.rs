@@ -10,7 +10,7 @@ mod common;
 use std::time::Duration;
 
 use common::Lcg;
-use common::vsim::{Arrival, World, percentile, poisson};
+use common::vsim::{Arrival, Replies, World, percentile, poisson};
 use dispatcher::core::Accounting;
 
 const RUN: Duration = Duration::from_secs(600);
@@ -37,6 +37,8 @@ fn check(accounting: Accounting) {
         tenants: vec![("t", 1.0)],
         max_wait: Duration::from_secs(10),
         ms_per_1k: 200.0,
+        replies: Replies::Proportional,
+        foreign_share: 0.0,
     };
     // Sized so the offered tokens are twice the total quota on average,
     // alternating 15 s at 3x and 15 s at 1x the base rate.

@@ -7,6 +7,10 @@ use std::time::{Duration, Instant};
 
 use super::quota::{QuotaBucket, QuotaError, Shortfall};
 
+/// How long hints are taken without crediting the provider's refill after
+/// one showed that someone we do not see spends from the same quota.
+pub const UNSEEN_MEMORY: Duration = Duration::from_secs(60);
+
 /// How the provider behind a region charges its token limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Accounting {
@@ -72,10 +76,6 @@ pub enum Settlement {
 /// Why a (region, model) cannot take a request now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QuotaShortfall {
-    /// The provider refused recently and said when it resets.
-    ProviderExhausted {
-        until: Duration,
-    },
     Tokens {
         need: u64,
         have: i64,
@@ -95,7 +95,6 @@ impl QuotaShortfall {
     /// When the request could fit, if ever.
     pub fn wait(&self) -> Option<Duration> {
         match *self {
-            QuotaShortfall::ProviderExhausted { until } => Some(until),
             QuotaShortfall::Tokens { wait, .. } | QuotaShortfall::Requests { wait } => Some(wait),
             QuotaShortfall::TooLarge { .. } => None,
         }
@@ -105,11 +104,6 @@ impl QuotaShortfall {
 impl std::fmt::Display for QuotaShortfall {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            QuotaShortfall::ProviderExhausted { until } => write!(
-                f,
-                "provider refused (rate limited); resets in {}",
-                fmt_duration(*until)
-            ),
             QuotaShortfall::Tokens { need, have, wait } => write!(
                 f,
                 "token quota: needs {need}, {have} left; fits in {}",
@@ -139,6 +133,9 @@ pub struct Hold {
     /// Orders reservations, so a provider hint can tell which of ours it may
     /// not have seen yet.
     pub seq: u64,
+    /// When the tokens were taken; the request leaves right after, so a
+    /// provider's answer to it describes its quota as of about then.
+    pub at: Instant,
 }
 
 /// The last hint and when it arrived, for operators.
@@ -148,47 +145,67 @@ pub struct LastHint {
     pub at: Instant,
 }
 
-/// Reservations not yet settled, in the order they were made. Settled ones
-/// are tombstoned and dropped from the front, so reserve and settle cost
+/// A reservation as `InFlight` keeps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Entry {
+    /// Not settled: the tokens reserved.
+    Live(u64),
+    /// Settled: the tokens the provider kept (0 for work that never ran).
+    Settled(u64),
+}
+
+/// Reservations in the order they were made. Settled ones are kept, with
+/// what they were charged, until every earlier one is settled too (then
+/// dropped from the front): a hint answering an older request must count
+/// what was spent after it, settled or not. Reserve and settle cost
 /// O(log n) without allocating per request.
 #[derive(Debug, Clone, Default)]
 struct InFlight {
-    /// (sequence number, tokens; `None` once settled), sequence ascending.
-    holds: VecDeque<(u64, Option<u64>)>,
+    /// (sequence number, entry), sequence ascending.
+    holds: VecDeque<(u64, Entry)>,
     live: usize,
     tokens: u64,
 }
 
 impl InFlight {
     fn push(&mut self, seq: u64, tokens: u64) {
-        self.holds.push_back((seq, Some(tokens)));
+        self.holds.push_back((seq, Entry::Live(tokens)));
         self.live += 1;
         self.tokens += tokens;
     }
 
-    /// Removes `seq`; false if it is not in flight.
-    fn remove(&mut self, seq: u64) -> bool {
+    /// Settles `seq` at `charged` tokens; false if it is not in flight.
+    fn remove(&mut self, seq: u64, charged: u64) -> bool {
         let Ok(i) = self.holds.binary_search_by_key(&seq, |(s, _)| *s) else {
             return false;
         };
-        let Some(tokens) = self.holds[i].1.take() else {
+        let Entry::Live(tokens) = self.holds[i].1 else {
             return false;
         };
+        self.holds[i].1 = Entry::Settled(charged);
         self.live -= 1;
         self.tokens -= tokens;
-        while matches!(self.holds.front(), Some((_, None))) {
+        while matches!(self.holds.front(), Some((_, Entry::Settled(_)))) {
             self.holds.pop_front();
         }
         true
     }
 
-    /// Tokens and count of the reservations made after `seq`.
-    fn after(&self, seq: u64) -> (u64, i64) {
-        let start = self.holds.partition_point(|(s, _)| *s <= seq);
+    fn contains(&self, seq: u64) -> bool {
         self.holds
-            .range(start..)
-            .filter_map(|(_, t)| *t)
-            .fold((0, 0), |(t, n), tok| (t + tok, n + 1))
+            .binary_search_by_key(&seq, |(s, _)| *s)
+            .is_ok_and(|i| matches!(self.holds[i].1, Entry::Live(_)))
+    }
+
+    /// Tokens spent by the reservations made after `seq` (reserved while
+    /// in flight, charged once settled), and how many of them ran or may.
+    fn after(&self, seq: u64) -> (u64, u64) {
+        let start = self.holds.partition_point(|(s, _)| *s <= seq);
+        self.holds.range(start..).fold((0, 0), |(t, n), (_, e)| match *e {
+            Entry::Live(tok) => (t + tok, n + 1),
+            Entry::Settled(0) => (t, n),
+            Entry::Settled(tok) => (t + tok, n + 1),
+        })
     }
 }
 
@@ -199,7 +216,12 @@ pub struct ModelQuota {
     requests: QuotaBucket,
     in_flight: InFlight,
     next_seq: u64,
+    /// When the last provider refusal said its request would fit; for
+    /// operators (admission goes by the buckets, which the refusal lowered).
     blocked_until: Option<Instant>,
+    /// Until then hints are taken without crediting the provider's refill:
+    /// one showed a consumer or limit we do not see.
+    unseen_until: Option<Instant>,
     last_hint: Option<LastHint>,
     warned_absurd: bool,
 }
@@ -213,6 +235,7 @@ impl ModelQuota {
             in_flight: InFlight::default(),
             next_seq: 0,
             blocked_until: None,
+            unseen_until: None,
             last_hint: None,
             warned_absurd: false,
         })
@@ -252,9 +275,6 @@ impl ModelQuota {
     /// left after them: the lesser fraction of the two buckets. Changes
     /// nothing; the decision path's one look at the buckets.
     pub fn headroom(&self, tokens: u64, now: Instant) -> Result<f64, QuotaShortfall> {
-        if let Some(until) = self.blocked_for(now) {
-            return Err(QuotaShortfall::ProviderExhausted { until });
-        }
         let token_room = self.tokens.fit(tokens, now).map_err(|why| match why {
             Shortfall::Wait(wait) => QuotaShortfall::Tokens {
                 need: tokens,
@@ -275,9 +295,6 @@ impl ModelQuota {
 
     /// Can `tokens` (and one request) be taken now? Changes nothing.
     pub fn check(&self, tokens: u64, now: Instant) -> Result<(), QuotaShortfall> {
-        if let Some(until) = self.blocked_for(now) {
-            return Err(QuotaShortfall::ProviderExhausted { until });
-        }
         match self.tokens.time_until(tokens, now) {
             Ok(Duration::ZERO) => {}
             Ok(wait) | Err(Shortfall::Wait(wait)) => {
@@ -305,7 +322,6 @@ impl ModelQuota {
     /// Takes `tokens` and one request, both or neither.
     pub fn reserve(&mut self, tokens: u64, now: Instant) -> Result<Hold, QuotaShortfall> {
         self.check(tokens, now)?;
-        self.blocked_until = None;
         // Both fit (checked above at the same `now`), so neither take fails.
         let took_tokens = self.tokens.try_take(tokens, now).is_ok();
         let took_request = self.requests.try_take(1, now).is_ok();
@@ -313,16 +329,22 @@ impl ModelQuota {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.in_flight.push(seq, tokens);
-        Ok(Hold { tokens, seq })
+        Ok(Hold { tokens, seq, at: now })
     }
 
     /// Settles a reservation the way the provider counts. Returns the tokens
     /// finally charged for it. A hold this quota does not know (settled twice,
     /// or reserved before a reload replaced the quota) changes nothing.
     pub fn settle(&mut self, hold: Hold, outcome: Settlement, now: Instant) -> u64 {
-        if !self.in_flight.remove(hold.seq) {
+        if !self.in_flight.contains(hold.seq) {
             return 0;
         }
+        let charged = self.charge_for(hold, outcome, now);
+        self.in_flight.remove(hold.seq, charged);
+        charged
+    }
+
+    fn charge_for(&mut self, hold: Hold, outcome: Settlement, now: Instant) -> u64 {
         match outcome {
             Settlement::NotRun => {
                 self.tokens.refund(hold.tokens, now);
@@ -346,9 +368,18 @@ impl ModelQuota {
     }
 
     /// Takes the provider's word for how much is left, when it knows of less
-    /// than we do. Our own reservations made after `hold` and still in flight
-    /// may not have reached the provider yet, so they are counted against its
-    /// figure; earlier ones it has already admitted.
+    /// than we do. The figure answers the request of `after` and is as of
+    /// when that request left (`after.at`); what our later reservations
+    /// spent since (in flight: reserved; settled: charged) counts against it.
+    ///
+    /// A provider in step with our accounting (its figure plus its refill
+    /// since, less what we spent since, is not below our level) changes
+    /// nothing: a late reply must not cut a correct level. One that knows of
+    /// less has someone we do not see (another consumer, a smaller limit)
+    /// taking part of its refill, so its figure is taken without the refill,
+    /// and so are the next hints for `UNSEEN_MEMORY`: after an unseen
+    /// consumer showed itself, crediting the refill would overshoot.
+    /// Call it before settling `after`.
     pub fn apply_hint(&mut self, hint: ProviderHint, after: Option<Hold>, now: Instant) -> HintOutcome {
         if let Some(reason) = self.absurd(&hint) {
             let first = !self.warned_absurd;
@@ -356,16 +387,30 @@ impl ModelQuota {
             return HintOutcome::Ignored { reason, first };
         }
         self.last_hint = Some(LastHint { hint, at: now });
-        let (tokens_after, requests_after) = match after {
-            Some(h) => self.in_flight.after(h.seq),
-            None => (self.in_flight.tokens, self.in_flight.live as i64),
+        let (age, (tokens_after, requests_after)) = match after {
+            Some(h) => (now.saturating_duration_since(h.at), self.in_flight.after(h.seq)),
+            None => (
+                Duration::ZERO,
+                (self.in_flight.tokens, self.in_flight.live as u64),
+            ),
         };
-        let lowered_tokens = self
-            .tokens
-            .lower_to(hint.remaining_tokens - tokens_after as i64, now);
-        let lowered_requests = self
-            .requests
-            .lower_to(hint.remaining_requests - requests_after, now);
+        let trusted = self.unseen_until.is_none_or(|until| until <= now);
+        let tokens_in_step = trusted && self.tokens.in_step(hint.remaining_tokens, age, tokens_after, now);
+        let requests_in_step = trusted
+            && self
+                .requests
+                .in_step(hint.remaining_requests, age, requests_after, now);
+        let lowered_tokens = !tokens_in_step
+            && self
+                .tokens
+                .lower_to(hint.remaining_tokens - tokens_after as i64, now);
+        let lowered_requests = !requests_in_step
+            && self
+                .requests
+                .lower_to(hint.remaining_requests - requests_after as i64, now);
+        if lowered_tokens || lowered_requests {
+            self.unseen_until = Some(now + UNSEEN_MEMORY);
+        }
         HintOutcome::Applied {
             lowered: lowered_tokens || lowered_requests,
         }
@@ -395,11 +440,19 @@ impl ModelQuota {
         None
     }
 
-    /// The provider refused: nothing more goes here until `reset` has passed,
-    /// and the bucket is not full again before then.
-    pub fn mark_exhausted(&mut self, reset: Duration, now: Instant) {
+    /// The provider refused a request of `tokens` and said it would fit
+    /// after `reset`. That is all it says: the provider has `tokens` less
+    /// `reset`'s refill now, so smaller requests fit sooner and the
+    /// region-model is not closed for everyone. A reset within one
+    /// request's refill may be the request limit instead (the refusal does
+    /// not say which): the next request then waits until `reset` too, which
+    /// costs at most that one interval if it was the token limit.
+    pub fn mark_refused(&mut self, tokens: u64, reset: Duration, now: Instant) {
+        self.tokens.lower_until_fits(tokens, reset, now);
+        if reset <= self.requests.refill_time(1) {
+            self.requests.lower_until_fits(1, reset, now);
+        }
         self.blocked_until = Some(now + reset);
-        self.tokens.empty_for(reset, now);
     }
 
     /// Applies new limits live, keeping each bucket's fill fraction.

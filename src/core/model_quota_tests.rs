@@ -164,17 +164,85 @@ fn absurd_hints_are_ignored_and_reported_once() {
     assert!(q.last_hint().is_none());
 }
 
+/// A provider's remaining figure is as of when it admitted the request; the
+/// reply brings it seconds later. A provider in step with our accounting
+/// (its figure plus its refill since, less our reservations since) lowers
+/// nothing; one that knows of less is believed without the refill.
 #[test]
-fn provider_refusal_blocks_until_reset() {
+fn a_late_hint_is_judged_as_of_when_the_request_was_sent() {
+    let secs = Duration::from_secs;
     let t0 = crate::testing::epoch();
-    let mut q = ModelQuota::try_new(limits(Accounting::Usage), t0).unwrap();
-    q.mark_exhausted(Duration::from_secs(2), t0);
+    let mut q = ModelQuota::try_new(limits(Accounting::Admission), t0).unwrap();
+    let first = q.reserve(1000, t0).unwrap();
+    // Sent after `first`: the provider had not seen them when it answered.
+    let second = q.reserve(400, t0 + secs(1)).unwrap();
+    let _third = q.reserve(200, t0 + secs(2)).unwrap();
+    q.settle(
+        second,
+        Settlement::Used {
+            prompt: 400,
+            completion: 0,
+        },
+        t0 + secs(3),
+    );
+    // 5000 - 600 + 500 refilled (100 tokens/s); requests 60 - 3 + 5.
+    let now = t0 + secs(5);
+    assert_eq!(q.tokens().available(now), 4900);
+    assert_eq!(q.requests().available(now), 60);
+    // The provider had exactly our 5000 and 59 when it admitted `first`.
+    let in_step = ProviderHint {
+        remaining_tokens: 5000,
+        remaining_requests: 59,
+        ..Default::default()
+    };
+    assert_eq!(
+        q.apply_hint(in_step, Some(first), now),
+        HintOutcome::Applied { lowered: false }
+    );
+    assert_eq!(q.tokens().available(now), 4900);
+    // Another consumer had taken 2000 before: 3000 left then, less our 600.
+    let less = ProviderHint {
+        remaining_tokens: 3000,
+        ..in_step
+    };
+    assert_eq!(
+        q.apply_hint(less, Some(first), now),
+        HintOutcome::Applied { lowered: true }
+    );
+    assert_eq!(q.tokens().available(now), 2400);
+    assert_eq!(q.requests().available(now), 60, "requests were in step");
+}
+
+/// A refusal says when a request of *that* size fits: smaller ones fit
+/// sooner, and the rest of the region-model is not blocked.
+#[test]
+fn a_provider_refusal_says_when_that_request_fits() {
+    let secs = Duration::from_secs;
+    let t0 = crate::testing::epoch();
+    let mut q = ModelQuota::try_new(limits(Accounting::Admission), t0).unwrap();
+    let h = q.reserve(4000, t0).unwrap();
+    q.settle(h, Settlement::NotRun, t0);
+    // 4000 tokens fit in 10 s at 100 a second: the provider has 3000 now.
+    q.mark_refused(4000, secs(10), t0);
+    assert!(q.check(3000, t0).is_ok(), "{:?}", q.check(3000, t0));
+    assert!(q.check(3001, t0).is_err());
+    assert!(q.check(4000, t0 + secs(9)).is_err());
+    assert!(q.check(4000, t0 + secs(10)).is_ok());
+}
+
+/// A refusal that resets within one request's refill may be the request
+/// limit: the next request waits that long, whatever its size.
+#[test]
+fn a_short_refusal_may_be_the_request_limit() {
+    let t0 = crate::testing::epoch();
+    let mut q = ModelQuota::try_new(limits(Accounting::Admission), t0).unwrap();
+    q.mark_refused(10, Duration::from_millis(400), t0);
+    // One token would fit after 310 ms; one request only after 400.
     assert!(matches!(
-        q.check(1, t0 + Duration::from_secs(1)),
-        Err(QuotaShortfall::ProviderExhausted { .. })
+        q.check(1, t0 + Duration::from_millis(350)),
+        Err(QuotaShortfall::Requests { .. })
     ));
-    // After the reset the bucket has refilled for 2 s at 100 tokens/s.
-    assert!(q.check(150, t0 + Duration::from_secs(2)).is_ok());
+    assert!(q.check(10, t0 + Duration::from_millis(400)).is_ok());
 }
 
 #[test]

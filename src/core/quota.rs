@@ -181,23 +181,7 @@ impl QuotaBucket {
     /// Returns whether it changed anything.
     pub fn lower_to(&mut self, tokens: i64, now: Instant) -> bool {
         self.refill(now);
-        let target = tokens as i128 * NANOS_PER_MINUTE;
-        if target < self.level {
-            self.level = target;
-            true
-        } else {
-            false
-        }
-    }
-
-    /// Empties the bucket so that it is full again only after `reset`
-    /// (a provider refused: trust its reset time over our refill rate).
-    /// Never raises the level.
-    pub fn empty_for(&mut self, reset: Duration, now: Instant) {
-        self.refill(now);
-        let refill_in_reset = reset.as_nanos() as i128 * self.per_minute as i128;
-        let target = (self.full() - refill_in_reset).min(0);
-        self.level = self.level.min(target);
+        self.lower_scaled(tokens as i128 * NANOS_PER_MINUTE)
     }
 
     /// Changes the limit, keeping the fill fraction (a half-full bucket stays
@@ -213,6 +197,42 @@ impl QuotaBucket {
         self.capacity = capacity;
         self.inverse_full = Self::inverse(capacity);
         Ok(())
+    }
+
+    /// Whether a provider that had `remaining` tokens `age` ago, with
+    /// `spent` taken by us since, can still be in step with this bucket: at
+    /// most that plus its refill since (and at most its capacity) is not
+    /// below our level. Applying its figure as of now, without the refill,
+    /// would cut a correct level with every late reply.
+    pub fn in_step(&self, remaining: i64, age: Duration, spent: u64, now: Instant) -> bool {
+        let then = remaining as i128 * NANOS_PER_MINUTE;
+        let spent = spent as i128 * NANOS_PER_MINUTE;
+        let most = (then + age.as_nanos() as i128 * self.per_minute as i128 - spent).min(self.full());
+        // A provider's figure is a whole number, rounded down.
+        most + NANOS_PER_MINUTE > self.level_at(now)
+    }
+
+    /// Lowers the level so that `n` tokens fit only after `after` (a
+    /// provider refused them and said when they would fit).
+    pub fn lower_until_fits(&mut self, n: u64, after: Duration, now: Instant) -> bool {
+        self.refill(now);
+        self.lower_scaled(n as i128 * NANOS_PER_MINUTE - after.as_nanos() as i128 * self.per_minute as i128)
+    }
+
+    fn lower_scaled(&mut self, target: i128) -> bool {
+        if target < self.level {
+            self.level = target;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// How long the refill takes to add `n` tokens.
+    pub fn refill_time(&self, n: u64) -> Duration {
+        let rate = self.per_minute as i128;
+        let nanos = (n as i128 * NANOS_PER_MINUTE + rate - 1) / rate;
+        Duration::from_nanos(nanos.min(u64::MAX as i128) as u64)
     }
 
     /// Time until the bucket is full again.
@@ -339,14 +359,28 @@ mod tests {
     }
 
     #[test]
-    fn empty_for_reset_means_full_only_after_reset() {
+    fn judging_a_late_figure_and_lowering_until_a_fit() {
         let t0 = crate::testing::epoch();
+        // 10 tokens a second.
         let mut b = QuotaBucket::try_new(600, None, t0).unwrap();
-        b.empty_for(secs(120.0), t0);
-        assert_eq!(b.time_to_full(t0), secs(120.0));
-        let mut c = QuotaBucket::try_new(600, None, t0).unwrap();
-        c.empty_for(secs(3.0), t0);
-        assert_eq!(c.available(t0), 0, "a refusal leaves nothing to take now");
+        assert_eq!(b.refill_time(15), secs(1.5));
+        b.try_take(500, t0).unwrap();
+        // In step: 100 left 1.5 s ago, 20 spent since, 15 refilled: 95.
+        let later = t0 + secs(1.5);
+        b.try_take(20, later).unwrap();
+        assert_eq!(b.available(later), 95);
+        assert!(b.in_step(100, secs(1.5), 20, later));
+        assert!(!b.in_step(99, secs(1.5), 20, later));
+        // A figure from now, with nothing spent since: plainly below.
+        let c = QuotaBucket::try_new(600, None, t0).unwrap();
+        assert!(c.in_step(600, Duration::ZERO, 0, t0));
+        assert!(!c.in_step(590, Duration::ZERO, 0, t0));
+        assert!(c.in_step(590, secs(1.0), 0, t0), "10 refilled since");
+        // 30 tokens fit only in 2.5 s.
+        let mut d = QuotaBucket::try_new(600, None, t0).unwrap();
+        assert!(d.lower_until_fits(30, secs(2.5), t0));
+        assert_eq!(d.time_until(30, t0), Ok(secs(2.5)));
+        assert!(!d.lower_until_fits(30, secs(1.0), t0), "never raises");
     }
 
     #[derive(Debug, Clone)]

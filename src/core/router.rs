@@ -443,11 +443,13 @@ impl Router {
                 found: false,
             };
         };
+        // The hint answers this very request: applied while it still counts
+        // as in flight, so the reservations made after it can be told apart.
+        let hint = c.hint.map(|h| quota.apply_hint(h, Some(r.hold), now));
         let charged = quota.settle(r.hold, c.settlement, now);
         if let Some(reset) = c.provider_refused {
-            quota.mark_exhausted(reset, now);
+            quota.mark_refused(r.hold.tokens, reset, now);
         }
-        let hint = c.hint.map(|h| quota.apply_hint(h, Some(r.hold), now));
         Settled {
             charged,
             hint,

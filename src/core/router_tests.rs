@@ -250,7 +250,7 @@ fn settle_refunds_under_usage_accounting_and_feeds_the_load_state() {
 }
 
 #[test]
-fn provider_refusal_takes_the_region_out_until_reset() {
+fn provider_refusal_takes_the_region_out_until_that_request_fits() {
     let t0 = crate::testing::epoch();
     let mut s = spec(StrategyKind::RoundRobin);
     s.regions.truncate(2); // c, a
@@ -271,13 +271,10 @@ fn provider_refusal_takes_the_region_out_until_reset() {
         assert_eq!(&*r.reserve(&req("small", 10), &[], t0).unwrap().region, "c");
     }
     let p = r.preview(&req("small", 10), t0).unwrap();
-    assert!(
-        p.candidates[0]
-            .excluded
-            .as_deref()
-            .unwrap()
-            .starts_with("provider refused")
-    );
+    let why = p.candidates[0].excluded.as_deref().unwrap();
+    assert!(why.ends_with("fits in 2000.0ms"), "{why}");
+    let later = t0 + Duration::from_secs(2);
+    assert!(r.preview(&req("small", 10), later).unwrap().candidates[0].eligible);
 }
 
 #[test]

@@ -489,12 +489,13 @@ mod tests {
         };
         s.submit(sub(100, t0 + secs(15)), t0, || 1).unwrap();
         s.submit(sub(100, t0 + secs(30)), t0, || 2).unwrap();
-        // The provider refuses and says it resets in a minute: the waiters'
-        // refill does not come when they were told.
+        // The provider refuses and says those 600 tokens fit only in 100 s
+        // (it has 400 fewer than nothing): the waiters' refill does not come
+        // when they were told.
         s.router_mut().settle(
             &first,
             Completion {
-                provider_refused: Some(secs(60)),
+                provider_refused: Some(secs(100)),
                 ..Completion::abandoned()
             },
             t0 + secs(1),
@@ -512,7 +513,7 @@ mod tests {
         );
         assert_eq!(s.queued(), 0);
         let r = s.router().region("r").unwrap();
-        assert_eq!(r.quota(0).unwrap().tokens().available(t0 + secs(16)), 150);
+        assert_eq!(r.quota(0).unwrap().tokens().available(t0 + secs(16)), -250);
     }
 
     #[test]

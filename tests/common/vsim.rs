@@ -28,6 +28,25 @@ pub struct World {
     pub tenants: Vec<(&'static str, f64)>,
     pub max_wait: Duration,
     pub ms_per_1k: f64,
+    /// How replies come back. `Proportional`: after a latency proportional
+    /// to the tokens, with the provider's hint as of the reply. `Delayed`:
+    /// after a delay drawn uniformly from the range, carrying the hint the
+    /// provider computed when it admitted the request (as a real provider's
+    /// rate-limit headers do).
+    pub replies: Replies,
+    /// The part of each provider's limit another consumer, unseen by the
+    /// dispatcher, takes as it refills (0: none).
+    pub foreign_share: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum Replies {
+    #[default]
+    Proportional,
+    Delayed {
+        min: Duration,
+        max: Duration,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -56,6 +75,8 @@ pub struct Run {
     pub arrivals: Vec<Arrival>,
     pub fates: Vec<Fate>,
     pub overruns: u64,
+    /// When each provider refusal happened.
+    pub overrun_times: Vec<Duration>,
     /// Tokens the providers charged, and what they could have at most.
     pub used: u64,
     pub capacity: u64,
@@ -141,6 +162,8 @@ struct Flight {
     region: usize,
     admission: Admission,
     completion: u64,
+    /// The hint the provider gave at admission (`Replies::Delayed`).
+    hint: Option<dispatcher::core::ProviderHint>,
 }
 
 impl World {
@@ -193,7 +216,10 @@ impl World {
         let mut providers: Vec<Provider> = self
             .regions
             .iter()
-            .map(|(_, tpm)| Provider::new(&[("m".to_string(), self.limits(*tpm))], 0, t0))
+            .map(|(_, tpm)| {
+                let foreign = (*tpm as f64 * self.foreign_share) as u64;
+                Provider::new(&[("m".to_string(), self.limits(*tpm))], foreign, t0)
+            })
             .collect();
         let region_index: HashMap<&str, usize> = self
             .regions
@@ -215,6 +241,7 @@ impl World {
         let mut fates = vec![Fate::default(); arrivals.len()];
         let mut flights: HashMap<usize, Flight> = HashMap::new();
         let mut overruns = 0;
+        let mut overrun_times = Vec::new();
         let mut refusals: BTreeMap<&'static str, u64> = BTreeMap::new();
         let mut completions = Lcg(99);
         let mut scheduled_wake: Option<Duration> = None;
@@ -257,7 +284,10 @@ impl World {
                     let a = &arrivals[i];
                     let p = &mut providers[f.region];
                     p.complete(f.admission, a.prompt, f.completion, at(now));
-                    let hint = p.hint("m", at(now));
+                    let hint = match self.replies {
+                        Replies::Proportional => p.hint("m", at(now)),
+                        Replies::Delayed { .. } => f.hint,
+                    };
                     sched.router_mut().settle(
                         &f.reservation,
                         Completion {
@@ -294,11 +324,14 @@ impl World {
                     Ok(admission) => {
                         let completion =
                             ((a.max_output as f64) * (0.2 + 0.8 * completions.unit())).ceil() as u64;
-                        push(
-                            &mut events,
-                            now + self.latency(a.prompt + completion),
-                            Event::Complete(i),
-                        );
+                        let (delay, hint) = match self.replies {
+                            Replies::Proportional => (self.latency(a.prompt + completion), None),
+                            Replies::Delayed { min, max } => (
+                                min + (max - min).mul_f64(completions.unit()),
+                                providers[region].hint("m", at(now)),
+                            ),
+                        };
+                        push(&mut events, now + delay, Event::Complete(i));
                         fates[i].granted = Some(now);
                         flights.insert(
                             i,
@@ -307,11 +340,13 @@ impl World {
                                 region,
                                 admission,
                                 completion,
+                                hint,
                             },
                         );
                     }
                     Err(refusal) => {
                         overruns += 1;
+                        overrun_times.push(now);
                         fates[i].why_not = Some("provider refused");
                         sched.router_mut().settle(
                             &res,
@@ -337,20 +372,26 @@ impl World {
             .iter_mut()
             .map(|p| p.counters(at(now))[0].1.charged_tokens)
             .sum();
-        let capacity: u64 = self
-            .regions
-            .iter()
-            .map(|(_, tpm)| tpm + (*tpm as f64 * now.as_secs_f64() / 60.0) as u64)
-            .sum();
+        let capacity = self.capacity(now);
         Run {
             arrivals,
             fates,
             overruns,
+            overrun_times,
             used,
             capacity,
             end: now,
             refusals,
         }
+    }
+
+    /// The most the providers could admit over `span`: a full bucket each
+    /// (one minute's worth) plus the refill.
+    pub fn capacity(&self, span: Duration) -> u64 {
+        self.regions
+            .iter()
+            .map(|(_, tpm)| tpm + (*tpm as f64 * span.as_secs_f64() / 60.0) as u64)
+            .sum()
     }
 
     /// Tokens a second the regions refill, all together.
