@@ -268,6 +268,21 @@ impl<T: Send> Discipline<T> for FairQueue<T> {
         (everyone.round() as u64).max(mine.tokens)
     }
 
+    /// As `tokens_ahead`, counted in requests.
+    fn requests_ahead(&self, tenant: &str) -> u64 {
+        let Some(mine) = self.tenants.get(tenant).filter(|q| !q.waiters.is_empty()) else {
+            return 0;
+        };
+        let own = mine.waiters.len() as f64;
+        let per_weight = own / mine.weight;
+        let everyone: f64 = self
+            .tenants
+            .values()
+            .map(|q| (q.waiters.len() as f64).min(per_weight * q.weight))
+            .sum();
+        (everyone.round() as u64).max(own as u64)
+    }
+
     /// `w / (w + Σ weights of the other tenants with work waiting)`.
     fn share(&self, tenant: &str) -> f64 {
         let (own, active) = match self.tenants.get(tenant) {
@@ -419,6 +434,8 @@ mod tests {
         q.push(waiter(1000, "polite", 500));
         assert_eq!(q.tokens_ahead("polite"), 1000);
         assert_eq!(q.tokens_ahead("flood"), 100_500);
+        assert_eq!(q.requests_ahead("polite"), 2);
+        assert_eq!(q.requests_ahead("flood"), 101);
         assert_eq!(q.queued_for("flood"), 100);
     }
 

@@ -41,6 +41,9 @@ pub trait Discipline<T>: Send {
     }
     /// Tokens a new request from `tenant` would wait behind.
     fn tokens_ahead(&self, tenant: &str) -> u64;
+    /// Requests a new request from `tenant` would wait behind (for request
+    /// limits, as `tokens_ahead` is for token limits).
+    fn requests_ahead(&self, tenant: &str) -> u64;
     /// The part of the model's refill `tenant` would get while it waits.
     fn share(&self, tenant: &str) -> f64 {
         let _ = tenant;
@@ -120,6 +123,10 @@ impl<T: Send> Discipline<T> for Fifo<T> {
 
     fn tokens_ahead(&self, _tenant: &str) -> u64 {
         self.tokens
+    }
+
+    fn requests_ahead(&self, _tenant: &str) -> u64 {
+        self.waiters.len() as u64
     }
 
     fn candidates(&self, n: usize) -> Vec<u64> {
@@ -207,6 +214,11 @@ impl<T> WaitQueue<T> {
     /// Tokens a new request of `tenant` for `model` would wait behind.
     pub fn tokens_ahead(&self, model: &str, tenant: &str) -> u64 {
         self.find(model).map_or(0, |q| q.waiters.tokens_ahead(tenant))
+    }
+
+    /// Requests a new request of `tenant` for `model` would wait behind.
+    pub fn requests_ahead(&self, model: &str, tenant: &str) -> u64 {
+        self.find(model).map_or(0, |q| q.waiters.requests_ahead(tenant))
     }
 
     /// The part of `model`'s refill `tenant` would get while it waits.

@@ -113,11 +113,18 @@ pub struct Settled {
     pub found: bool,
 }
 
-/// The quota a model can draw on, summed over the regions serving it.
+/// The quota a model can draw on, summed over the regions serving it, and
+/// how soon one request of a given size could come out of its refill.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Supply {
     pub tokens_per_sec: f64,
     pub available: i64,
+    pub requests_per_sec: f64,
+    pub requests_available: i64,
+    /// The shortest time any one region takes to refill the request's
+    /// tokens and one request from empty: a request fits in one region, so
+    /// the regions' refills do not add up for it.
+    pub own_refill: Duration,
 }
 
 /// One region in a dry run.
@@ -231,15 +238,23 @@ impl Router {
             .min_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(&b.0)))
     }
 
-    /// How fast quota for `model` comes back, in tokens a second, and how
-    /// much is there now, over the regions that could take work for it.
-    pub fn supply(&self, model: &str, now: Instant) -> Option<Supply> {
+    /// How fast quota for `model` comes back, in tokens and requests a
+    /// second, how much is there now, over the regions that could take work
+    /// for it, and how soon one region could refill a request of `tokens`.
+    pub fn supply(&self, model: &str, tokens: u64, now: Instant) -> Option<Supply> {
         let id = self.model_id(model)?;
-        let mut supply = Supply::default();
+        let mut supply = Supply {
+            own_refill: Duration::MAX,
+            ..Supply::default()
+        };
         for r in self.regions.iter().filter(|r| !r.drained && r.healthy) {
             if let Some(q) = r.quota(id) {
                 supply.tokens_per_sec += q.tokens().per_minute() as f64 / 60.0;
                 supply.available += q.tokens().available(now).max(0);
+                supply.requests_per_sec += q.requests().per_minute() as f64 / 60.0;
+                supply.requests_available += q.requests().available(now).max(0);
+                let own = q.tokens().refill_time(tokens).max(q.requests().refill_time(1));
+                supply.own_refill = supply.own_refill.min(own);
             }
         }
         (supply.tokens_per_sec > 0.0).then_some(supply)

@@ -47,13 +47,14 @@ pub enum SubmitError {
     /// The quota queued ahead of it will not come back before it must stop
     /// waiting: refused now rather than after waiting in vain.
     #[error(
-        "{model} quota for this request would come back in about {projected:.1?} ({queued_tokens} tokens queued ahead, refilling at {tokens_per_sec:.0} tokens/s), past the {may_wait:.1?} it may wait"
+        "{model} quota for this request would come back in about {projected:.1?} ({queued_tokens} tokens and {queued_requests} requests queued ahead, refilling at {tokens_per_sec:.0} tokens/s in all; then its own refill in one region), past the {may_wait:.1?} it may wait"
     )]
     WouldExpire {
         model: String,
         projected: Duration,
         may_wait: Duration,
         queued_tokens: u64,
+        queued_requests: u64,
         tokens_per_sec: f64,
     },
     #[error("{queued} requests of tenant {tenant} are already waiting for quota (its max_queued)")]
@@ -200,27 +201,44 @@ impl<T> Scheduler<T> {
         if s.wait_until <= now {
             return Err(SubmitError::Route(error));
         }
-        if let Some(supply) = self.router.supply(&s.model, now) {
-            // When will the quota queued ahead have come back? The estimate
-            // is blind to the request's own size on purpose: under overload the
-            // backlog settles at whatever the admission test allows, and a
-            // size-dependent test would then admit only the smallest requests.
-            // The request's own share of the refill is covered by keeping
-            // `HEAD_ROOM` of its wait in reserve.
+        if let Some(supply) = self.router.supply(&s.model, s.tokens, now) {
+            // When will the quota queued ahead have come back, in tokens and
+            // in requests (either limit may bind)? The estimate is blind to
+            // the request's own size on purpose: under overload the backlog
+            // settles at whatever the admission test allows, and a
+            // size-dependent test would then admit only the smallest
+            // requests. The request's own share of the refill is covered by
+            // keeping `HEAD_ROOM` of its wait in reserve.
             let queued_tokens = self.queue.tokens_ahead(&s.model, &s.tenant);
-            let short = queued_tokens as f64 - supply.available as f64;
-            let projected = Duration::from_secs_f64((short / supply.tokens_per_sec).max(0.0));
+            let queued_requests = self.queue.requests_ahead(&s.model, &s.tenant);
+            let drain = |queued: u64, available: i64, per_sec: f64| {
+                Duration::from_secs_f64(((queued as f64 - available as f64) / per_sec).max(0.0))
+            };
+            let projected = drain(queued_tokens, supply.available, supply.tokens_per_sec).max(drain(
+                queued_requests,
+                supply.requests_available,
+                supply.requests_per_sec,
+            ));
             let may_wait = s.wait_until.saturating_duration_since(now);
-            // Its own refill at the tenant's share: beyond the head room this
+            // Its own refill, in one region: with nobody ahead, exactly when
+            // it fits first; behind others, the fastest region's refill of
+            // its size at the tenant's share. Beyond the head room this
             // request would expire in the queue whatever the backlog does.
-            let share = self.queue.share(&s.model, &s.tenant).max(f64::MIN_POSITIVE);
-            let own = Duration::from_secs_f64(s.tokens as f64 / (supply.tokens_per_sec * share));
-            if projected > may_wait.mul_f64(1.0 - HEAD_ROOM) || projected + own > may_wait {
+            let own = if queued_tokens == 0 && queued_requests == 0 {
+                self.router
+                    .earliest_fit(&req, &s.tried, now)
+                    .map_or(Duration::ZERO, |(_, wait)| wait)
+            } else {
+                let share = self.queue.share(&s.model, &s.tenant).max(f64::MIN_POSITIVE);
+                Duration::try_from_secs_f64(supply.own_refill.as_secs_f64() / share).unwrap_or(Duration::MAX)
+            };
+            if projected > may_wait.mul_f64(1.0 - HEAD_ROOM) || projected.saturating_add(own) > may_wait {
                 return Err(SubmitError::WouldExpire {
                     model: s.model.to_string(),
-                    projected,
+                    projected: projected.saturating_add(own),
                     may_wait,
                     queued_tokens,
+                    queued_requests,
                     tokens_per_sec: supply.tokens_per_sec,
                 });
             }
@@ -411,6 +429,37 @@ mod tests {
         (Scheduler::fifo(Router::try_new(spec, t0).unwrap(), 3), t0)
     }
 
+    /// Regions of (name, tokens a minute, requests a minute) for model "m".
+    fn scheduler_with(regions: &[(&str, u64, u64)]) -> (Scheduler<u32>, Instant) {
+        let (s, t0) = scheduler();
+        let mut spec = RouterSpec {
+            models: s.router().models().to_vec(),
+            regions: Vec::new(),
+            strategy: StrategyKind::WeightedLoad,
+            params: StrategyParams::default(),
+            seed: 0,
+            breaker: crate::core::BreakerConfig::default(),
+        };
+        for (name, tpm, rpm) in regions {
+            spec.regions.push(RegionSpec {
+                name: name.to_string(),
+                weight: 1.0,
+                max_concurrent: 1000,
+                models: vec![(
+                    "m".into(),
+                    ModelLimits {
+                        tokens_per_minute: *tpm,
+                        requests_per_minute: *rpm,
+                        burst_tokens: None,
+                        burst_requests: None,
+                        accounting: Accounting::Admission,
+                    },
+                )],
+            });
+        }
+        (Scheduler::fifo(Router::try_new(spec, t0).unwrap(), 1000), t0)
+    }
+
     fn sub(tokens: u64, wait_until: Instant) -> Submission {
         Submission {
             model: "m".into(),
@@ -528,8 +577,12 @@ mod tests {
                 let SubmitError::WouldExpire { projected, .. } = &e else {
                     unreachable!()
                 };
-                assert_eq!(*projected, secs(30));
-                assert!(e.to_string().contains("300 tokens queued ahead"), "{e}");
+                // 30 s for the queue ahead, then 10 s for its own 100.
+                assert_eq!(*projected, secs(40));
+                assert!(
+                    e.to_string().contains("300 tokens and 1 requests queued ahead"),
+                    "{e}"
+                );
             }
             other => panic!("{other:?}"),
         }
@@ -537,6 +590,58 @@ mod tests {
             s.submit(sub(1, t0 + secs(38)), t0, || 3),
             Ok(Submitted::Queued { .. })
         ));
+    }
+
+    /// A request must fit in one region: two empty regions refilling 100
+    /// tokens a second each cannot give 150 tokens within a second, though
+    /// together they refill 200.
+    #[test]
+    fn the_wait_is_estimated_per_region() {
+        let (mut s, t0) = scheduler_with(&[("a", 6_000, 6_000), ("b", 6_000, 6_000)]);
+        for _ in 0..2 {
+            let Ok(Submitted::Reserved(_)) = s.submit(sub(6_000, t0), t0, || 0) else {
+                panic!("empties a region")
+            };
+        }
+        match s.submit(sub(150, t0 + secs(1)), t0, || 1) {
+            Err(SubmitError::WouldExpire { projected, .. }) => {
+                assert_eq!(projected, Duration::from_millis(1500))
+            }
+            other => panic!("waited in vain: {other:?}"),
+        }
+        // One region refilling 200 a second: served after 0.75 s.
+        let (mut s, t0) = scheduler_with(&[("a", 12_000, 6_000)]);
+        let Ok(Submitted::Reserved(_)) = s.submit(sub(12_000, t0), t0, || 0) else {
+            panic!()
+        };
+        assert!(matches!(
+            s.submit(sub(150, t0 + secs(1)), t0, || 1),
+            Ok(Submitted::Queued { .. })
+        ));
+    }
+
+    /// When requests a minute bind, the queue ahead is counted in requests:
+    /// one a second here, so with two ahead a request that may wait 2 s is
+    /// refused at once, told when it would have fit.
+    #[test]
+    fn the_request_limit_counts_in_the_estimate() {
+        let (mut s, t0) = scheduler_with(&[("a", 6_000_000, 60)]);
+        for _ in 0..60 {
+            let Ok(Submitted::Reserved(_)) = s.submit(sub(1, t0), t0, || 0) else {
+                panic!("takes every request")
+            };
+        }
+        for i in 1..=2 {
+            assert!(matches!(
+                s.submit(sub(1, t0 + secs(3)), t0, || i),
+                Ok(Submitted::Queued { .. })
+            ));
+        }
+        match s.submit(sub(1, t0 + secs(2)), t0, || 3) {
+            // Two ahead, then its own: the third second.
+            Err(SubmitError::WouldExpire { projected, .. }) => assert_eq!(projected, secs(3)),
+            other => panic!("waited in vain: {other:?}"),
+        }
     }
 
     #[test]
