@@ -194,3 +194,55 @@ async fn a_provider_with_less_than_configured_loses_traffic_before_refusing() {
         "traffic did not shift away from shared"
     );
 }
+
+/// When the provider behind every region refuses the request for quota,
+/// the caller hears RESOURCE_EXHAUSTED with when to retry, not UNAVAILABLE
+/// as in an outage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_by_every_provider_is_resource_exhausted_with_a_retry_hint() {
+    let cfg = ConfigDir::new(DISPATCHER_TOML);
+    // Configured for 100,000 requests a minute; the providers take one.
+    let mut sims = Vec::new();
+    for name in ["p1", "p2"] {
+        let sim = region_sim(
+            cfg.path(),
+            name,
+            &["--model", "gpt-4o:240000:1:admission", "--ms-per-1k-tokens", "1"],
+        );
+        cfg.write_region(
+            name,
+            &region_toml(
+                name,
+                &sim.endpoint(),
+                64,
+                &[("gpt-4o", 240_000, 100_000, "admission")],
+            ),
+        );
+        sims.push(sim);
+    }
+    let d = dispatcher(&cfg.config());
+    let mut grpc = client(d.addr).await;
+    let req = pb::DispatchRequest {
+        model: "gpt-4o".into(),
+        payload: "work".into(),
+        max_output_tokens: 10,
+        ..Default::default()
+    };
+    for _ in 0..2 {
+        grpc.dispatch(req.clone()).await.expect("each provider takes one");
+    }
+    let status = grpc.dispatch(req).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    let retry = status.get_details_retry_info().expect("RetryInfo");
+    let delay = retry.retry_delay.expect("a delay");
+    assert!(
+        delay > Duration::from_secs(30) && delay <= Duration::from_secs(60),
+        "{delay:?}"
+    );
+    assert!(status.message().contains("refused"), "{}", status.message());
+    let mut rejected = 0;
+    for sim in &sims {
+        rejected += sim_stats(sim.addr).await.models[0].rejected;
+    }
+    assert!(rejected >= 1, "the providers refused");
+}

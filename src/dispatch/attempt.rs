@@ -139,7 +139,7 @@ impl Engine {
         let settings = self.settings();
         let model: Arc<str> = Arc::from(p.exec.model.as_str());
         let mut tried: Vec<Arc<str>> = Vec::new();
-        let mut last_failure: Option<String> = None;
+        let mut failures = Failures::default();
         let mut queue_wait = Duration::ZERO;
         for attempt in 1..=settings.max_attempts {
             let now = Instant::now();
@@ -162,13 +162,11 @@ impl Engine {
                 }
             };
             if !budget_ok {
-                return Err(DispatchError::AttemptsExhausted {
-                    attempts: attempt - 1,
-                    last: format!(
-                        "{}; no retry: the retry budget is spent (routing.retry_budget)",
-                        last_failure.unwrap_or_default()
-                    ),
-                });
+                return Err(failures.exhausted(
+                    attempt - 1,
+                    "no retry: the retry budget is spent (routing.retry_budget)",
+                    None,
+                ));
             }
             let submission = Submission {
                 model: model.clone(),
@@ -183,14 +181,10 @@ impl Engine {
                 tracing::debug_span!("queue", model = %model, tokens = p.estimate.total(), attempt);
             let (mut held, waited) = match self.acquire(submission).instrument(queue_span).await {
                 Ok(x) => x,
+                Err(e) if attempt == 1 => return Err(e),
                 Err(e) => {
-                    return Err(match last_failure {
-                        Some(last) => DispatchError::AttemptsExhausted {
-                            attempts: attempt - 1,
-                            last: format!("{last}; no other region could take it: {e}"),
-                        },
-                        None => e,
-                    });
+                    let why = format!("no other region could take it: {e}");
+                    return Err(failures.exhausted(attempt - 1, &why, e.retry_after()));
                 }
             };
             queue_wait += waited;
@@ -214,7 +208,7 @@ impl Engine {
             );
             let Some(client) = self.pool.get(&region) else {
                 held.settle(Completion::abandoned());
-                last_failure = Some(format!("region {region} has no endpoint"));
+                failures.record(FailureKind::NotRun, format!("region {region} has no endpoint"));
                 tried.push(region);
                 continue;
             };
@@ -253,7 +247,7 @@ impl Engine {
                     match may_retry {
                         true => {
                             tracing::debug!(%region, attempt, error = %message, "retryable failure; failing over");
-                            last_failure = Some(message);
+                            failures.record(kind, message);
                             tried.push(region);
                         }
                         false => {
@@ -275,10 +269,48 @@ impl Engine {
                 }
             }
         }
-        Err(DispatchError::AttemptsExhausted {
-            attempts: settings.max_attempts,
-            last: last_failure.unwrap_or_default(),
-        })
+        Err(failures.exhausted(settings.max_attempts, "", None))
+    }
+}
+
+/// The failed attempts of one request so far, for the error it ends in.
+#[derive(Debug, Default)]
+struct Failures {
+    last: Option<String>,
+    /// The earliest reset the providers named, while every failure so far
+    /// was a provider refusal.
+    refused_reset: Option<Duration>,
+    other: bool,
+}
+
+impl Failures {
+    fn record(&mut self, kind: FailureKind, message: String) {
+        match kind {
+            FailureKind::ProviderRefused { reset } => {
+                self.refused_reset = Some(self.refused_reset.map_or(reset, |r| r.min(reset)));
+            }
+            _ => self.other = true,
+        }
+        self.last = Some(message);
+    }
+
+    /// No attempt is left (`why`). When every attempt was refused by a
+    /// provider for quota, the caller is told so, with when to retry (the
+    /// earliest reset, or `retry_after` if sooner): that is not an outage.
+    fn exhausted(self, attempts: u32, why: &str, retry_after: Option<Duration>) -> DispatchError {
+        let last = match (self.last, why) {
+            (Some(last), "") => last,
+            (Some(last), why) => format!("{last}; {why}"),
+            (None, why) => why.to_string(),
+        };
+        match self.refused_reset {
+            Some(reset) if !self.other => DispatchError::ProvidersRefused {
+                attempts,
+                retry_after: retry_after.map_or(reset, |r| r.min(reset)),
+                last,
+            },
+            _ => DispatchError::AttemptsExhausted { attempts, last },
+        }
     }
 }
 

@@ -62,6 +62,14 @@ pub enum DispatchError {
     /// Every attempt failed with a retryable error.
     #[error("all {attempts} attempts failed; last: {last}")]
     AttemptsExhausted { attempts: u32, last: String },
+    /// Every attempt was refused by the provider behind its region for
+    /// quota (rate limited): the request may fit after `retry_after`.
+    #[error("the providers refused all {attempts} attempts for quota (rate limited); last: {last}")]
+    ProvidersRefused {
+        attempts: u32,
+        retry_after: Duration,
+        last: String,
+    },
     #[error("the dispatcher is shutting down")]
     ShuttingDown,
     /// Too many requests with a request_id are running to track another.
@@ -79,4 +87,19 @@ pub enum DispatchError {
         message: String,
         retry_after: Option<Duration>,
     },
+}
+
+impl DispatchError {
+    /// When the request might succeed if sent again, where the error says.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            DispatchError::Route(RouteError::NoCapacity { retry_after, .. })
+            | DispatchError::QueueTimeout { retry_after, .. }
+            | DispatchError::TenantLimit { retry_after, .. } => *retry_after,
+            DispatchError::WouldWaitInVain { retry_after, .. }
+            | DispatchError::QueueFull { retry_after, .. }
+            | DispatchError::ProvidersRefused { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        }
+    }
 }

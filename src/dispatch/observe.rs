@@ -39,7 +39,8 @@ pub fn outcome(result: &Result<(), &DispatchError>) -> &'static str {
             DispatchError::Route(crate::core::RouteError::NoCapacity { .. })
             | DispatchError::QueueTimeout { .. }
             | DispatchError::WouldWaitInVain { .. }
-            | DispatchError::QueueFull { .. } => "no_quota",
+            | DispatchError::QueueFull { .. }
+            | DispatchError::ProvidersRefused { .. } => "no_quota",
             DispatchError::IdempotencyFull { .. } => "overloaded",
             DispatchError::DeadlineExceeded(_) => "deadline_exceeded",
             DispatchError::Upstream { .. } => "upstream_error",

@@ -42,6 +42,7 @@ pub fn to_status(e: &DispatchError) -> Status {
         },
         DispatchError::QueueTimeout { retry_after, .. } => exhausted(message, *retry_after),
         DispatchError::WouldWaitInVain { retry_after, .. } => exhausted(message, Some(*retry_after)),
+        DispatchError::ProvidersRefused { retry_after, .. } => exhausted(message, Some(*retry_after)),
         DispatchError::QueueFull { retry_after, .. } => exhausted(message, Some(*retry_after)),
         DispatchError::IdempotencyFull { .. } => exhausted(message, Some(Duration::from_secs(1))),
         DispatchError::DeadlineExceeded(_) => Status::deadline_exceeded(message),
