@@ -246,6 +246,13 @@ impl HealthTracker {
         }
     }
 
+    /// Starts from a verdict already reached (a checker replaced for new
+    /// settings at the same address carries on from where the old one was).
+    pub fn starting_at(mut self, healthy: bool) -> Self {
+        self.healthy = healthy;
+        self
+    }
+
     pub fn healthy(&self) -> bool {
         self.healthy
     }
@@ -480,6 +487,9 @@ mod tests {
         assert_eq!(h.record(false), Some(false));
         assert!(!h.healthy());
         assert_eq!(h.record(true), None);
+        assert_eq!(h.record(true), Some(true));
+        // Carrying on from an unhealthy verdict: passes can turn it.
+        let mut h = HealthTracker::new(1, 1).starting_at(false);
         assert_eq!(h.record(true), Some(true));
     }
 
