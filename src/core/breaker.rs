@@ -152,6 +152,14 @@ impl CircuitBreaker {
         }
     }
 
+    /// Half-open with a trial slot free: the router sends the region its
+    /// next request on purpose, whatever its score. Left to the score, a
+    /// region just back from failing (its averages still poor) would never
+    /// be picked, never get its trials, and stay half-open for good.
+    pub fn wants_trial(&self, now: Instant) -> bool {
+        matches!(self.state(now), CircuitState::HalfOpen { sent, .. } if sent < self.config.half_open_trials)
+    }
+
     /// A request was sent (counts half-open trials).
     pub fn on_send(&mut self, now: Instant) {
         if let CircuitState::HalfOpen { sent, succeeded } = self.state(now) {
@@ -407,10 +415,11 @@ mod tests {
                 succeeded: 0
             }
         );
-        assert!(b.allows(t1));
+        assert!(b.allows(t1) && b.wants_trial(t1));
         b.on_send(t1);
         b.on_send(t1);
         assert!(!b.allows(t1), "only two trials");
+        assert!(!b.wants_trial(t1));
         assert_eq!(b.on_result(true, t1), None);
         assert_eq!(
             b.on_result(true, t1),

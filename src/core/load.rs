@@ -4,31 +4,59 @@
 
 use std::time::{Duration, Instant};
 
-/// An exponentially weighted moving average over samples.
+/// How fast a region's error rate and latency averages forget while no
+/// replies come (`routing.load_half_life`): the default.
+pub const DEFAULT_HALF_LIFE: Duration = Duration::from_secs(5);
+
+/// An exponentially weighted moving average over samples that also forgets
+/// with time: between samples it relaxes toward zero, halving every
+/// `half_life` (tower's peak-EWMA decays toward zero the same way). Without
+/// that, a region that stopped getting work after a bad minute would be
+/// judged by that minute for ever, since only new samples could move it.
+/// Zero is what a region nobody has heard from looks like (no errors, no
+/// latency known), so an idle region drifts back toward a new one's score,
+/// draws work again and is judged afresh by real replies. A region sampled
+/// only every few seconds looks a little better than its average too; that
+/// is deliberate, for the same reason. Time is passed in.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Ewma {
     alpha: f64,
-    value: Option<f64>,
+    half_life: Duration,
+    /// The value and when it was last updated.
+    value: Option<(f64, Instant)>,
 }
 
 impl Ewma {
-    /// `alpha` is the weight of each new sample, in (0, 1].
-    pub fn new(alpha: f64) -> Self {
+    /// `alpha` is the weight of each new sample, in (0, 1]; a zero
+    /// `half_life` means no decay.
+    pub fn new(alpha: f64, half_life: Duration) -> Self {
         Self {
             alpha: alpha.clamp(f64::MIN_POSITIVE, 1.0),
+            half_life,
             value: None,
         }
     }
 
-    pub fn observe(&mut self, sample: f64) {
-        self.value = Some(match self.value {
-            None => sample,
-            Some(v) => v + self.alpha * (sample - v),
-        });
+    pub fn set_half_life(&mut self, half_life: Duration) {
+        self.half_life = half_life;
     }
 
-    pub fn get(&self) -> Option<f64> {
-        self.value
+    pub fn observe(&mut self, sample: f64, now: Instant) {
+        let value = match self.get(now) {
+            None => sample,
+            Some(v) => v + self.alpha * (sample - v),
+        };
+        self.value = Some((value, now));
+    }
+
+    /// The average as of `now`: decayed for the time since the last sample.
+    pub fn get(&self, now: Instant) -> Option<f64> {
+        let (v, at) = self.value?;
+        if self.half_life.is_zero() {
+            return Some(v);
+        }
+        let halvings = now.saturating_duration_since(at).as_secs_f64() / self.half_life.as_secs_f64();
+        Some(v * (-halvings).exp2())
     }
 }
 
@@ -61,6 +89,11 @@ pub struct LoadState {
     capacity: u32,
     /// Milliseconds per 1,000 tokens, so a big request does not make a region look slow.
     latency_per_1k: Ewma,
+    /// The same over successes only: what a failure's penalty is twice of.
+    /// (Twice the average with penalties in it would compound: a hundred
+    /// failures in a row made it 1.1^99 times the first penalty, which no
+    /// decay brings back in reasonable time.)
+    success_latency_per_1k: Ewma,
     error_rate: Ewma,
     reported: Option<(ReportedLoad, Instant)>,
     completed: u64,
@@ -68,12 +101,15 @@ pub struct LoadState {
 }
 
 impl LoadState {
-    pub fn new(capacity: u32) -> Self {
+    /// `half_life`: how fast the error and latency averages forget while no
+    /// replies come (see `Ewma`).
+    pub fn new(capacity: u32, half_life: Duration) -> Self {
         Self {
             in_flight: 0,
             capacity: capacity.max(1),
-            latency_per_1k: Ewma::new(0.1),
-            error_rate: Ewma::new(0.05),
+            latency_per_1k: Ewma::new(0.1, half_life),
+            success_latency_per_1k: Ewma::new(0.1, half_life),
+            error_rate: Ewma::new(0.05, half_life),
             reported: None,
             completed: 0,
             failed: 0,
@@ -86,6 +122,12 @@ impl LoadState {
 
     pub fn capacity(&self) -> u32 {
         self.capacity
+    }
+
+    pub fn set_half_life(&mut self, half_life: Duration) {
+        self.latency_per_1k.set_half_life(half_life);
+        self.success_latency_per_1k.set_half_life(half_life);
+        self.error_rate.set_half_life(half_life);
     }
 
     pub fn in_flight(&self) -> u32 {
@@ -102,25 +144,26 @@ impl LoadState {
 
     /// Ends a request started with `start`. `latency` is only fed to the
     /// average for successes: a fast failure must not make a region look quick.
-    pub fn finish(&mut self, outcome: Outcome, latency: Duration, tokens: u64) {
+    pub fn finish(&mut self, outcome: Outcome, latency: Duration, tokens: u64, now: Instant) {
         self.in_flight = self.in_flight.saturating_sub(1);
         match outcome {
             Outcome::Success => {
                 self.completed += 1;
-                self.error_rate.observe(0.0);
+                self.error_rate.observe(0.0, now);
                 let per_1k = latency.as_secs_f64() * 1000.0 * 1000.0 / tokens.max(1) as f64;
-                self.latency_per_1k.observe(per_1k);
+                self.latency_per_1k.observe(per_1k, now);
+                self.success_latency_per_1k.observe(per_1k, now);
             }
             Outcome::Failure => {
                 self.failed += 1;
-                self.error_rate.observe(1.0);
+                self.error_rate.observe(1.0, now);
                 // A fast failure must not make the region look quick: it
-                // counts as at least twice the smoothed latency.
+                // counts as at least twice the smoothed latency of successes.
                 let penalty = self
-                    .latency_per_1k
-                    .get()
+                    .success_latency_per_1k
+                    .get(now)
                     .map_or(FAILURE_PENALTY_MS, |l| (2.0 * l).max(FAILURE_PENALTY_MS));
-                self.latency_per_1k.observe(penalty);
+                self.latency_per_1k.observe(penalty, now);
             }
         }
     }
@@ -153,13 +196,15 @@ impl LoadState {
         ours.max(theirs).clamp(0.0, 1.0)
     }
 
-    /// Smoothed milliseconds per 1,000 tokens; `None` before the first success.
-    pub fn latency_per_1k_ms(&self) -> Option<f64> {
-        self.latency_per_1k.get()
+    /// Smoothed milliseconds per 1,000 tokens as of `now`; `None` before
+    /// the first reply.
+    pub fn latency_per_1k_ms(&self, now: Instant) -> Option<f64> {
+        self.latency_per_1k.get(now)
     }
 
-    pub fn error_rate(&self) -> f64 {
-        self.error_rate.get().unwrap_or(0.0)
+    /// Smoothed share of failed replies as of `now`, in [0, 1].
+    pub fn error_rate(&self, now: Instant) -> f64 {
+        self.error_rate.get(now).unwrap_or(0.0)
     }
 
     pub fn completed(&self) -> u64 {
@@ -177,18 +222,36 @@ mod tests {
 
     #[test]
     fn ewma_moves_toward_samples() {
-        let mut e = Ewma::new(0.5);
-        assert_eq!(e.get(), None);
-        e.observe(10.0);
-        assert_eq!(e.get(), Some(10.0));
-        e.observe(20.0);
-        assert_eq!(e.get(), Some(15.0));
+        let t0 = crate::testing::epoch();
+        let mut e = Ewma::new(0.5, DEFAULT_HALF_LIFE);
+        assert_eq!(e.get(t0), None);
+        e.observe(10.0, t0);
+        assert_eq!(e.get(t0), Some(10.0));
+        e.observe(20.0, t0);
+        assert_eq!(e.get(t0), Some(15.0));
+    }
+
+    #[test]
+    fn ewma_halves_toward_zero_every_half_life_without_samples() {
+        let t0 = crate::testing::epoch();
+        let h = Duration::from_secs(4);
+        let mut e = Ewma::new(0.5, h);
+        e.observe(8.0, t0);
+        assert_eq!(e.get(t0 + h), Some(4.0));
+        assert_eq!(e.get(t0 + 3 * h), Some(1.0));
+        // A sample blends with the decayed value, not the stale one.
+        e.observe(0.0, t0 + h);
+        assert_eq!(e.get(t0 + h), Some(2.0));
+        // A zero half-life keeps the value.
+        let mut e = Ewma::new(0.5, Duration::ZERO);
+        e.observe(8.0, t0);
+        assert_eq!(e.get(t0 + Duration::from_secs(3600)), Some(8.0));
     }
 
     #[test]
     fn utilization_is_the_larger_of_ours_and_reported() {
         let t0 = crate::testing::epoch();
-        let mut l = LoadState::new(4);
+        let mut l = LoadState::new(4, DEFAULT_HALF_LIFE);
         l.start();
         assert_eq!(l.utilization(t0), 0.25);
         l.report(
@@ -208,17 +271,27 @@ mod tests {
 
     #[test]
     fn latency_is_normalised_per_1k_tokens_and_fast_failures_are_penalised() {
-        let mut l = LoadState::new(4);
+        let t0 = crate::testing::epoch();
+        let mut l = LoadState::new(4, DEFAULT_HALF_LIFE);
         l.start();
-        l.finish(Outcome::Success, Duration::from_millis(600), 2000);
-        assert_eq!(l.latency_per_1k_ms(), Some(300.0));
+        l.finish(Outcome::Success, Duration::from_millis(600), 2000, t0);
+        assert_eq!(l.latency_per_1k_ms(t0), Some(300.0));
         l.start();
-        l.finish(Outcome::Failure, Duration::from_millis(1), 2000);
+        l.finish(Outcome::Failure, Duration::from_millis(1), 2000, t0);
         assert!(
-            l.latency_per_1k_ms().unwrap() > 300.0,
+            l.latency_per_1k_ms(t0).unwrap() > 300.0,
             "a 1 ms failure made the region look slower, not faster"
         );
-        assert!(l.error_rate() > 0.0);
+        assert!(l.error_rate(t0) > 0.0);
         assert_eq!(l.in_flight(), 0);
+        // Penalties do not compound: however many failures, the average
+        // stays within twice the successes' latency (or the floor).
+        for _ in 0..1000 {
+            l.start();
+            l.finish(Outcome::Failure, Duration::from_millis(1), 2000, t0);
+        }
+        let worst = l.latency_per_1k_ms(t0).unwrap();
+        assert!(worst <= FAILURE_PENALTY_MS + 1e-6, "{worst}");
+        assert!(l.error_rate(t0) > 0.999);
     }
 }
