@@ -1,7 +1,7 @@
 //! How a region comes back after failing, on a virtual clock: half-open
-//! trials are really sent, and the error and latency averages of a region
-//! nobody sends to decay, so its score (and its share) return in a stated
-//! time.
+//! trials are really sent, and the error and latency averages of an idle
+//! region decay, so its score (and its share) return in a stated time
+//! (six half-lives of `routing.load_half_life`, 30 s by default).
 
 use std::time::{Duration, Instant};
 
@@ -247,9 +247,9 @@ fn a_region_that_recovered_closes_on_its_trials_and_earns_its_share_back() {
     assert!(closed <= opened + breaker.cool_down + step * breaker.half_open_trials + reply);
     assert!(half_open <= breaker.half_open_trials + (reply.as_millis() / step.as_millis()) as u32 + 1);
     // Its share back (half, before the errors): within six half-lives of
-    // the errors stopping, b takes at least 40 % of the work again. (It
-    // does after about two here: the open time counts, and a faster-looking
-    // region draws work early.)
+    // the errors stopping, b takes at least 40 % of the work again. (Here
+    // after about three: the open time counts, idle, and a region that
+    // looks faster than its peer draws work before it is fully back.)
     let back = secs(2.0) + half_life * 6;
     let after = share(back, back + secs(10.0));
     println!("b's share from {back:?} for 10 s: {after:.2}");

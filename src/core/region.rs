@@ -104,7 +104,7 @@ impl RegionState {
             drained: false,
             healthy: true,
             breaker: CircuitBreaker::new(breaker, now),
-            load: LoadState::new(spec.max_concurrent, load_half_life),
+            load: LoadState::new(spec.max_concurrent, load_half_life, now),
             quotas,
         })
     }

@@ -348,7 +348,7 @@ impl Router {
             .expect("an eligible region serves the model")
             .reserve(req.tokens, now)
             .expect("an eligible region has the quota (checked at the same instant)");
-        region.load.start();
+        region.load.start(now);
         Ok(Reservation {
             region: region.name.clone(),
             model: self.model_names[model].clone(),
@@ -439,7 +439,7 @@ impl Router {
                 region.breaker.on_result(outcome == Outcome::Success, now)
             }
             None => {
-                region.load.abandon();
+                region.load.abandon(now);
                 region.breaker.on_abandon(now);
                 None
             }

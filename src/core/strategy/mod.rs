@@ -219,12 +219,12 @@ impl FromStr for StrategyKind {
 pub struct StrategyParams {
     pub weighted_load: WeightedLoadParams,
     /// How fast a region's error rate and latency averages relax toward a
-    /// new region's (zero) while no replies come: they halve every
-    /// `load_half_life` (`routing.load_half_life`, 5 s by default). From the
-    /// worst (every request failed, latency at the failure penalty) an idle
-    /// region's `weighted_load` score is within 10 % of an equally fast
-    /// healthy peer's after six half-lives (30 s by default); see
-    /// `core::recovery_tests`.
+    /// new region's (zero) while it is idle (nothing of ours in flight
+    /// there): they halve every `load_half_life` (`routing.load_half_life`,
+    /// 5 s by default). From the worst (every request failed, latency at the
+    /// failure penalty) an idle region's `weighted_load` score is within
+    /// 10 % of an equally fast healthy peer's after six half-lives (30 s by
+    /// default); see `core::recovery_tests`.
     pub load_half_life: std::time::Duration,
 }
 
