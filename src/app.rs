@@ -108,7 +108,7 @@ impl Runtime {
         let endpoints = sims.endpoints(&config);
         let engine = crate::dispatch::Engine::new(&config, &endpoints)?;
         let mut health = crate::health::HealthChecks::new(engine.clone());
-        health.sync(&config, &endpoints);
+        health.sync(&config, &endpoints).await;
         Ok(Self {
             started: (config.server.listen, config.telemetry.clone()),
             config,
@@ -191,7 +191,8 @@ impl Runtime {
     }
 
     /// Applies a validated configuration: simulations started or stopped,
-    /// then the engine (all or nothing).
+    /// then the engine (all or nothing), then the health checks (started
+    /// for added regions, stopped for removed ones, re-pointed at moved ones).
     pub async fn apply(
         &mut self,
         next: Config,
@@ -211,9 +212,9 @@ impl Runtime {
             .sync(&next)
             .await
             .map_err(|e| fail(format!("starting simulated regions: {e}")))?;
-        self.engine
-            .apply(&next, &self.sims.endpoints(&next))
-            .map_err(fail)?;
+        let endpoints = self.sims.endpoints(&next);
+        self.engine.apply(&next, &endpoints).map_err(fail)?;
+        self.health.sync(&next, &endpoints).await;
         self.config = next;
         Ok(changes)
     }

@@ -46,9 +46,21 @@ impl HealthChecks {
         }
     }
 
-    /// Checks exactly the regions of `config` at these endpoints; a region
-    /// whose endpoint or settings changed gets a fresh checker.
-    pub fn sync(&mut self, config: &Config, endpoints: &[(String, String)]) {
+    /// Checks exactly the regions of `config` at these endpoints: called at
+    /// start-up and after every applied reload, so an added region is
+    /// checked, a removed one no longer is, and a region whose endpoint or
+    /// `[health]` settings changed gets a fresh checker.
+    ///
+    /// What a replaced checker starts from: with the same endpoint (only the
+    /// settings changed) the verdict so far carries over, since it is about
+    /// the same cluster. With a new endpoint the old verdict said nothing
+    /// about the new address, so the region is presumed healthy again, as
+    /// at start-up and as a newly added region is, and the new checker
+    /// (whose first check runs at once) decides from there; the circuit
+    /// breaker still guards against a new address that fails requests.
+    /// The old checker is stopped and awaited first, so a check of the old
+    /// address that was under way cannot overwrite the fresh verdict.
+    pub async fn sync(&mut self, config: &Config, endpoints: &[(String, String)]) {
         let wanted: HashMap<&str, (&str, HealthConfig)> = endpoints
             .iter()
             .filter_map(|(region, endpoint)| {
@@ -66,22 +78,42 @@ impl HealthChecks {
             })
             .map(|(name, _)| name.clone())
             .collect();
+        // Region → the endpoint its stopped checker was judging.
+        let mut replaced: HashMap<String, String> = HashMap::new();
         for name in stale {
             if let Some(c) = self.checks.remove(&name) {
                 c.cancel.cancel();
                 c.task.abort();
+                let _ = c.task.await;
+                replaced.insert(name, c.endpoint);
             }
         }
         for (region, (endpoint, health)) in wanted {
             if self.checks.contains_key(region) {
                 continue;
             }
+            let moved = replaced.get(region).is_some_and(|old| old != endpoint);
+            let healthy = if moved {
+                self.engine.with_router_mut(|r| r.set_healthy(region, true));
+                metrics::gauge!("dispatcher_region_healthy", "region" => region.to_string()).set(1.0);
+                tracing::info!(
+                    %region,
+                    old = replaced.get(region).map_or("", String::as_str),
+                    new = %endpoint,
+                    "region endpoint changed: presumed healthy, its health checks now judge the new endpoint"
+                );
+                true
+            } else {
+                self.engine
+                    .with_router(|r| r.region(region).is_none_or(|g| g.healthy()))
+            };
             let cancel = CancellationToken::new();
             let task = tokio::spawn(check_loop(
                 self.engine.clone(),
                 region.to_string(),
                 endpoint.to_string(),
                 health,
+                healthy,
                 cancel.clone(),
             ));
             self.checks.insert(
@@ -129,6 +161,7 @@ async fn check_loop(
     region: String,
     endpoint: String,
     config: HealthConfig,
+    healthy: bool,
     cancel: CancellationToken,
 ) {
     let channel = match Endpoint::from_shared(endpoint.clone()) {
@@ -142,7 +175,8 @@ async fn check_loop(
         }
     };
     let mut client = HealthClient::new(channel);
-    let mut tracker = HealthTracker::new(config.healthy_threshold, config.unhealthy_threshold);
+    let mut tracker =
+        HealthTracker::new(config.healthy_threshold, config.unhealthy_threshold).starting_at(healthy);
     let mut tick = tokio::time::interval(config.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut told_no_health_service = false;

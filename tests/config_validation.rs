@@ -247,6 +247,8 @@ fn dispatcher_errors_name_their_keys() {
     );
     let e = dispatcher_err(&format!("{DISPATCHER}[routing]\nmax_queue_wait = \"soon\"\n"));
     assert_names(&e, "dispatcher.toml", "routing.max_queue_wait", "not a duration");
+    let e = dispatcher_err(&format!("{DISPATCHER}[routing]\nload_half_life = \"0s\"\n"));
+    assert_names(&e, "dispatcher.toml", "routing.load_half_life", "above zero");
     let e = dispatcher_err("[auth]\nallow_anonymous = true\n");
     assert_names(&e, "dispatcher.toml", "models", "at least one model");
     let e = dispatcher_err(&DISPATCHER.replace("name = \"mini\"", "name = \"gpt-4o\""));

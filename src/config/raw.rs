@@ -80,6 +80,7 @@ pub struct RawRouting {
     pub seed: Option<u64>,
     pub max_queue_wait: Option<String>,
     pub max_queued: Option<u32>,
+    pub load_half_life: Option<String>,
     #[serde(default)]
     pub weighted_load: RawWeightedLoad,
     #[serde(default)]

@@ -142,7 +142,19 @@ pub fn validate_dispatcher(raw: RawDispatcher, file: &Path) -> Result<Config, Co
     if latency_ref.is_zero() {
         return Err(c.err("routing.weighted_load.latency_ref", "must be above zero"));
     }
+    let load_half_life = c.duration(
+        "routing.load_half_life",
+        r.load_half_life.as_deref(),
+        StrategyParams::default().load_half_life,
+    )?;
+    if load_half_life.is_zero() || load_half_life > Duration::from_secs(3600) {
+        return Err(c.err(
+            "routing.load_half_life",
+            "must be above zero and at most 1h (without decay a region that failed for a while is judged by it for good)",
+        ));
+    }
     let params = StrategyParams {
+        load_half_life,
         weighted_load: WeightedLoadParams {
             headroom_exponent: c.number(
                 "routing.weighted_load.headroom_exponent",

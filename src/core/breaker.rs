@@ -152,6 +152,14 @@ impl CircuitBreaker {
         }
     }
 
+    /// Half-open with a trial slot free: the router sends the region its
+    /// next request on purpose, whatever its score. Left to the score, a
+    /// region just back from failing (its averages still poor) would never
+    /// be picked, never get its trials, and stay half-open for good.
+    pub fn wants_trial(&self, now: Instant) -> bool {
+        matches!(self.state(now), CircuitState::HalfOpen { sent, .. } if sent < self.config.half_open_trials)
+    }
+
     /// A request was sent (counts half-open trials).
     pub fn on_send(&mut self, now: Instant) {
         if let CircuitState::HalfOpen { sent, succeeded } = self.state(now) {
@@ -244,6 +252,13 @@ impl HealthTracker {
             healthy_threshold: healthy_threshold.max(1),
             unhealthy_threshold: unhealthy_threshold.max(1),
         }
+    }
+
+    /// Starts from a verdict already reached (a checker replaced for new
+    /// settings at the same address carries on from where the old one was).
+    pub fn starting_at(mut self, healthy: bool) -> Self {
+        self.healthy = healthy;
+        self
     }
 
     pub fn healthy(&self) -> bool {
@@ -400,10 +415,11 @@ mod tests {
                 succeeded: 0
             }
         );
-        assert!(b.allows(t1));
+        assert!(b.allows(t1) && b.wants_trial(t1));
         b.on_send(t1);
         b.on_send(t1);
         assert!(!b.allows(t1), "only two trials");
+        assert!(!b.wants_trial(t1));
         assert_eq!(b.on_result(true, t1), None);
         assert_eq!(
             b.on_result(true, t1),
@@ -480,6 +496,9 @@ mod tests {
         assert_eq!(h.record(false), Some(false));
         assert!(!h.healthy());
         assert_eq!(h.record(true), None);
+        assert_eq!(h.record(true), Some(true));
+        // Carrying on from an unhealthy verdict: passes can turn it.
+        let mut h = HealthTracker::new(1, 1).starting_at(false);
         assert_eq!(h.record(true), Some(true));
     }
 

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use super::region::{Exclusion, RegionState};
 use super::router::RouteRequest;
-use super::strategy::{CandidateView, Score, Strategy};
+use super::strategy::{CandidateView, Score, Scored, Strategy};
 
 /// Every region's verdict for one request, with factors: the slow path
 /// behind `Route` and behind the error when nothing is eligible.
@@ -39,8 +39,8 @@ pub(super) fn view<'a>(
         in_flight: load.in_flight(),
         capacity: load.capacity(),
         queued: reported.map_or(0, |r| r.queued),
-        latency_per_1k_ms: load.latency_per_1k_ms(),
-        error_rate: load.error_rate(),
+        latency_per_1k_ms: load.latency_per_1k_ms(now),
+        error_rate: load.error_rate(now),
         is_origin: req.origin.is_some_and(|o| o == region.name()),
         request_tokens: req.tokens,
     }
@@ -103,4 +103,22 @@ pub(super) fn evaluate<'a>(
         }
     }
     eval
+}
+
+/// The candidate (index into `scored`) to send a half-open trial to, if any:
+/// a region whose circuit is half-open with a trial slot free takes the
+/// request whatever its score, so trials are really sent (at most
+/// `half_open_trials` at once, as the breaker counts them). Among several,
+/// the best score, then the first name.
+pub(super) fn trial(regions: &[RegionState], scored: &[Scored], now: Instant) -> Option<usize> {
+    // A fold, not a collect: the decision path does not allocate.
+    scored
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| regions[s.index].breaker.wants_trial(now))
+        .fold(None, |best: Option<(usize, f64)>, (i, s)| match best {
+            Some((_, v)) if v >= s.value => best,
+            _ => Some((i, s.value)),
+        })
+        .map(|(i, _)| i)
 }

@@ -4,6 +4,10 @@
 
 use std::time::{Duration, Instant};
 
+/// How fast an idle region's error rate and latency averages forget
+/// (`routing.load_half_life`): the default.
+pub const DEFAULT_HALF_LIFE: Duration = Duration::from_secs(5);
+
 /// An exponentially weighted moving average over samples.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Ewma {
@@ -30,6 +34,13 @@ impl Ewma {
     pub fn get(&self) -> Option<f64> {
         self.value
     }
+
+    /// Moves the average toward zero by `factor` (1 keeps it).
+    pub fn scale(&mut self, factor: f64) {
+        if let Some(v) = &mut self.value {
+            *v *= factor;
+        }
+    }
 }
 
 /// What the cluster said about its own load.
@@ -55,25 +66,49 @@ pub const FAILURE_PENALTY_MS: f64 = 1000.0;
 /// A cluster report older than this no longer says anything about now.
 pub const REPORT_TTL: Duration = Duration::from_secs(5);
 
+/// The averages forget while the region is idle: with nothing of ours in
+/// flight there they relax toward zero, halving every `half_life` (tower's
+/// peak-EWMA decays toward zero the same way). Without that, a region that
+/// stopped getting work after a bad minute would be judged by that minute
+/// for ever, since only new replies could move it. Zero is what a region
+/// nobody has heard from looks like (no errors, no latency known), so an
+/// idle region drifts back toward a new one's score, draws work again and
+/// is judged afresh by real replies. Only idle time counts: a region whose
+/// requests have not answered yet is silent, not recovered (a region that
+/// turned slow would otherwise look better the longer it keeps us waiting).
 #[derive(Debug, Clone)]
 pub struct LoadState {
     in_flight: u32,
     capacity: u32,
     /// Milliseconds per 1,000 tokens, so a big request does not make a region look slow.
     latency_per_1k: Ewma,
+    /// The same over successes only: what a failure's penalty is twice of.
+    /// (Twice the average with penalties in it would compound: a hundred
+    /// failures in a row made it 1.1^99 times the first penalty, which no
+    /// decay brings back in reasonable time.)
+    success_latency_per_1k: Ewma,
     error_rate: Ewma,
+    half_life: Duration,
+    /// The averages are decayed up to this instant; idle time after it
+    /// (while nothing is in flight) is still to be applied.
+    decayed_to: Instant,
     reported: Option<(ReportedLoad, Instant)>,
     completed: u64,
     failed: u64,
 }
 
 impl LoadState {
-    pub fn new(capacity: u32) -> Self {
+    /// `half_life`: how fast the averages forget while the region is idle;
+    /// zero keeps them.
+    pub fn new(capacity: u32, half_life: Duration, now: Instant) -> Self {
         Self {
             in_flight: 0,
             capacity: capacity.max(1),
             latency_per_1k: Ewma::new(0.1),
+            success_latency_per_1k: Ewma::new(0.1),
             error_rate: Ewma::new(0.05),
+            half_life,
+            decayed_to: now,
             reported: None,
             completed: 0,
             failed: 0,
@@ -88,6 +123,31 @@ impl LoadState {
         self.capacity
     }
 
+    pub fn set_half_life(&mut self, half_life: Duration) {
+        self.half_life = half_life;
+    }
+
+    /// How much of the averages is left at `now` after the idle time not
+    /// yet applied: 1 while anything is in flight.
+    fn idle_factor(&self, now: Instant) -> f64 {
+        if self.in_flight > 0 || self.half_life.is_zero() {
+            return 1.0;
+        }
+        let idle = now.saturating_duration_since(self.decayed_to);
+        (-idle.as_secs_f64() / self.half_life.as_secs_f64()).exp2()
+    }
+
+    /// Applies the idle time up to `now`; call before `in_flight` changes.
+    fn catch_up(&mut self, now: Instant) {
+        let factor = self.idle_factor(now);
+        if factor < 1.0 {
+            self.latency_per_1k.scale(factor);
+            self.success_latency_per_1k.scale(factor);
+            self.error_rate.scale(factor);
+        }
+        self.decayed_to = self.decayed_to.max(now);
+    }
+
     pub fn in_flight(&self) -> u32 {
         self.in_flight
     }
@@ -96,13 +156,15 @@ impl LoadState {
         self.in_flight < self.capacity
     }
 
-    pub fn start(&mut self) {
+    pub fn start(&mut self, now: Instant) {
+        self.catch_up(now);
         self.in_flight += 1;
     }
 
     /// Ends a request started with `start`. `latency` is only fed to the
     /// average for successes: a fast failure must not make a region look quick.
-    pub fn finish(&mut self, outcome: Outcome, latency: Duration, tokens: u64) {
+    pub fn finish(&mut self, outcome: Outcome, latency: Duration, tokens: u64, now: Instant) {
+        self.catch_up(now);
         self.in_flight = self.in_flight.saturating_sub(1);
         match outcome {
             Outcome::Success => {
@@ -110,14 +172,15 @@ impl LoadState {
                 self.error_rate.observe(0.0);
                 let per_1k = latency.as_secs_f64() * 1000.0 * 1000.0 / tokens.max(1) as f64;
                 self.latency_per_1k.observe(per_1k);
+                self.success_latency_per_1k.observe(per_1k);
             }
             Outcome::Failure => {
                 self.failed += 1;
                 self.error_rate.observe(1.0);
                 // A fast failure must not make the region look quick: it
-                // counts as at least twice the smoothed latency.
+                // counts as at least twice the smoothed latency of successes.
                 let penalty = self
-                    .latency_per_1k
+                    .success_latency_per_1k
                     .get()
                     .map_or(FAILURE_PENALTY_MS, |l| (2.0 * l).max(FAILURE_PENALTY_MS));
                 self.latency_per_1k.observe(penalty);
@@ -127,7 +190,8 @@ impl LoadState {
 
     /// Ends a request started with `start` that never reached the cluster's
     /// judgement (the caller went away, a reload removed it): no sample.
-    pub fn abandon(&mut self) {
+    pub fn abandon(&mut self, now: Instant) {
+        self.catch_up(now);
         self.in_flight = self.in_flight.saturating_sub(1);
     }
 
@@ -153,13 +217,15 @@ impl LoadState {
         ours.max(theirs).clamp(0.0, 1.0)
     }
 
-    /// Smoothed milliseconds per 1,000 tokens; `None` before the first success.
-    pub fn latency_per_1k_ms(&self) -> Option<f64> {
-        self.latency_per_1k.get()
+    /// Smoothed milliseconds per 1,000 tokens as of `now`; `None` before
+    /// the first reply.
+    pub fn latency_per_1k_ms(&self, now: Instant) -> Option<f64> {
+        self.latency_per_1k.get().map(|l| l * self.idle_factor(now))
     }
 
-    pub fn error_rate(&self) -> f64 {
-        self.error_rate.get().unwrap_or(0.0)
+    /// Smoothed share of failed replies as of `now`, in [0, 1].
+    pub fn error_rate(&self, now: Instant) -> f64 {
+        self.error_rate.get().map_or(0.0, |e| e * self.idle_factor(now))
     }
 
     pub fn completed(&self) -> u64 {
@@ -186,10 +252,35 @@ mod tests {
     }
 
     #[test]
+    fn averages_halve_every_half_life_while_idle_and_only_then() {
+        let t0 = crate::testing::epoch();
+        let h = Duration::from_secs(4);
+        let mut l = LoadState::new(4, h, t0);
+        l.start(t0);
+        l.finish(Outcome::Failure, Duration::from_millis(1), 1000, t0);
+        assert_eq!(l.error_rate(t0), 1.0);
+        assert_eq!(l.latency_per_1k_ms(t0), Some(FAILURE_PENALTY_MS));
+        assert_eq!(l.error_rate(t0 + h), 0.5);
+        assert_eq!(l.latency_per_1k_ms(t0 + 2 * h), Some(FAILURE_PENALTY_MS / 4.0));
+        // Waiting on a request is not idleness: nothing decays meanwhile.
+        l.start(t0 + h);
+        assert_eq!(l.error_rate(t0 + 3 * h), 0.5);
+        // A reply blends with the decayed value, not the stale one.
+        l.finish(Outcome::Success, Duration::from_millis(100), 1000, t0 + 3 * h);
+        assert_eq!(l.error_rate(t0 + 3 * h), 0.475);
+        assert_eq!(l.error_rate(t0 + 4 * h), 0.2375);
+        // A zero half-life keeps them.
+        let mut l = LoadState::new(4, Duration::ZERO, t0);
+        l.start(t0);
+        l.finish(Outcome::Failure, Duration::from_millis(1), 1000, t0);
+        assert_eq!(l.error_rate(t0 + Duration::from_secs(3600)), 1.0);
+    }
+
+    #[test]
     fn utilization_is_the_larger_of_ours_and_reported() {
         let t0 = crate::testing::epoch();
-        let mut l = LoadState::new(4);
-        l.start();
+        let mut l = LoadState::new(4, DEFAULT_HALF_LIFE, t0);
+        l.start(t0);
         assert_eq!(l.utilization(t0), 0.25);
         l.report(
             ReportedLoad {
@@ -208,17 +299,27 @@ mod tests {
 
     #[test]
     fn latency_is_normalised_per_1k_tokens_and_fast_failures_are_penalised() {
-        let mut l = LoadState::new(4);
-        l.start();
-        l.finish(Outcome::Success, Duration::from_millis(600), 2000);
-        assert_eq!(l.latency_per_1k_ms(), Some(300.0));
-        l.start();
-        l.finish(Outcome::Failure, Duration::from_millis(1), 2000);
+        let t0 = crate::testing::epoch();
+        let mut l = LoadState::new(4, DEFAULT_HALF_LIFE, t0);
+        l.start(t0);
+        l.finish(Outcome::Success, Duration::from_millis(600), 2000, t0);
+        assert_eq!(l.latency_per_1k_ms(t0), Some(300.0));
+        l.start(t0);
+        l.finish(Outcome::Failure, Duration::from_millis(1), 2000, t0);
         assert!(
-            l.latency_per_1k_ms().unwrap() > 300.0,
+            l.latency_per_1k_ms(t0).unwrap() > 300.0,
             "a 1 ms failure made the region look slower, not faster"
         );
-        assert!(l.error_rate() > 0.0);
+        assert!(l.error_rate(t0) > 0.0);
         assert_eq!(l.in_flight(), 0);
+        // Penalties do not compound: however many failures, the average
+        // stays within twice the successes' latency (or the floor).
+        for _ in 0..1000 {
+            l.start(t0);
+            l.finish(Outcome::Failure, Duration::from_millis(1), 2000, t0);
+        }
+        let worst = l.latency_per_1k_ms(t0).unwrap();
+        assert!(worst <= FAILURE_PENALTY_MS + 1e-6, "{worst}");
+        assert!(l.error_rate(t0) > 0.999);
     }
 }

@@ -11,6 +11,8 @@ pub mod model;
 pub mod model_quota;
 pub mod queue;
 pub mod quota;
+#[cfg(test)]
+mod recovery_tests;
 pub mod region;
 pub mod router;
 #[cfg(test)]

@@ -88,6 +88,7 @@ impl RegionState {
         model_ids: &dyn Fn(&str) -> Option<usize>,
         models: usize,
         breaker: BreakerConfig,
+        load_half_life: Duration,
         now: Instant,
     ) -> Result<Self, QuotaError> {
         let mut quotas = vec![None; models];
@@ -103,7 +104,7 @@ impl RegionState {
             drained: false,
             healthy: true,
             breaker: CircuitBreaker::new(breaker, now),
-            load: LoadState::new(spec.max_concurrent),
+            load: LoadState::new(spec.max_concurrent, load_half_life, now),
             quotas,
         })
     }

@@ -11,7 +11,7 @@ use rand::rngs::SmallRng;
 use thiserror::Error;
 
 use super::breaker::{BreakerConfig, Transition};
-use super::candidates::{Evaluation, evaluate, scan};
+use super::candidates::{Evaluation, evaluate, scan, trial};
 use super::load::{Outcome, ReportedLoad};
 use super::model::ModelSpec;
 use super::model_quota::{HintOutcome, Hold, ProviderHint, QuotaShortfall, Settlement};
@@ -183,7 +183,10 @@ impl Router {
         let mut regions = spec
             .regions
             .iter()
-            .map(|r| RegionState::try_new(r, &id, model_names.len(), spec.breaker, now))
+            .map(|r| {
+                let half_life = spec.params.load_half_life;
+                RegionState::try_new(r, &id, model_names.len(), spec.breaker, half_life, now)
+            })
             .collect::<Result<Vec<_>, _>>()?;
         regions.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(Self {
@@ -339,11 +342,19 @@ impl Router {
             let eval = evaluate(&self.regions, self.strategy.as_ref(), model, req, tried, now);
             return Err(self.no_region(model, req, &eval));
         }
-        let pick = self.strategy.pick(&self.scratch, &mut self.rng);
+        // A half-open region's trial is sent on purpose, outside the
+        // strategy (whose memory, round robin's turn, does not move).
+        let pick = match trial(&self.regions, &self.scratch, now) {
+            Some(pick) => pick,
+            None => {
+                let pick = self.strategy.pick(&self.scratch, &mut self.rng);
+                // The strategy's memory moves only on a real pick.
+                self.strategy.commit(pick, &self.scratch);
+                pick
+            }
+        };
         let index = self.scratch[pick].index;
         let score = self.scratch[pick].value;
-        // The strategy's memory (round robin's turn) moves only on a real pick.
-        self.strategy.commit(pick, &self.scratch);
 
         let region = &mut self.regions[index];
         region.breaker.on_send(now);
@@ -352,7 +363,7 @@ impl Router {
             .expect("an eligible region serves the model")
             .reserve(req.tokens, now)
             .expect("an eligible region has the quota (checked at the same instant)");
-        region.load.start();
+        region.load.start(now);
         Ok(Reservation {
             region: region.name.clone(),
             model: self.model_names[model].clone(),
@@ -405,7 +416,8 @@ impl Router {
                 })
                 .collect();
             let mut rng = self.rng.clone();
-            let pick = self.strategy.pick(&scored, &mut rng);
+            let pick =
+                trial(&self.regions, &scored, now).unwrap_or_else(|| self.strategy.pick(&scored, &mut rng));
             (Some(eval.scored[pick].0.name.to_string()), None)
         };
         Ok(RoutePreview {
@@ -438,11 +450,11 @@ impl Router {
         let region = &mut self.regions[region];
         let transition = match c.outcome {
             Some(outcome) => {
-                region.load.finish(outcome, c.latency, r.hold.tokens);
+                region.load.finish(outcome, c.latency, r.hold.tokens, now);
                 region.breaker.on_result(outcome == Outcome::Success, now)
             }
             None => {
-                region.load.abandon();
+                region.load.abandon(now);
                 region.breaker.on_abandon(now);
                 None
             }
@@ -484,6 +496,7 @@ impl Router {
                 continue;
             };
             region.load = old.load.clone();
+            region.load.set_half_life(spec.params.load_half_life);
             region.load.set_capacity(
                 spec.regions
                     .iter()

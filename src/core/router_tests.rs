@@ -243,7 +243,7 @@ fn settle_refunds_under_usage_accounting_and_feeds_the_load_state() {
     assert_eq!(q(&r), 59_700);
     let load = r.region("a").unwrap().load();
     assert_eq!(load.in_flight(), 0);
-    assert_eq!(load.latency_per_1k_ms(), Some(100.0));
+    assert_eq!(load.latency_per_1k_ms(t0), Some(100.0));
     // Settling twice changes nothing.
     r.settle(&res, used(0, 0), t0);
     assert_eq!(q(&r), 59_700);

@@ -215,9 +215,26 @@ impl FromStr for StrategyKind {
 }
 
 /// Tunables shared by the strategies that look at latency and errors.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StrategyParams {
     pub weighted_load: WeightedLoadParams,
+    /// How fast a region's error rate and latency averages relax toward a
+    /// new region's (zero) while it is idle (nothing of ours in flight
+    /// there): they halve every `load_half_life` (`routing.load_half_life`,
+    /// 5 s by default). From the worst (every request failed, latency at the
+    /// failure penalty) an idle region's `weighted_load` score is within
+    /// 10 % of an equally fast healthy peer's after six half-lives (30 s by
+    /// default); see `core::recovery_tests`.
+    pub load_half_life: std::time::Duration,
+}
+
+impl Default for StrategyParams {
+    fn default() -> Self {
+        Self {
+            weighted_load: WeightedLoadParams::default(),
+            load_half_life: super::load::DEFAULT_HALF_LIFE,
+        }
+    }
 }
 
 /// Builds the strategy a config names.
