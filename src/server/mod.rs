@@ -24,8 +24,20 @@ const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
 /// Metadata (headers) of one request, at most.
 const MAX_HEADER_LIST_BYTES: u32 = 64 << 10;
 
-/// Headroom over the payload limit for the rest of a request message.
+/// Headroom for the rest of a request message (labels, ids, names).
 const MESSAGE_OVERHEAD: usize = 64 << 10;
+
+/// The largest request message the transport decodes: twice the payload
+/// limit plus `MESSAGE_OVERHEAD` (as the README says), so a payload well
+/// over its limit still reaches the validator and gets INVALID_ARGUMENT with
+/// a BadRequest naming the field and the limit, like any other field. Only
+/// beyond this does tonic refuse it, with OUT_OF_RANGE, before decoding.
+/// Fixed at start: a reload that changes the payload limit does not move it.
+fn max_message_bytes(max_payload_bytes: usize) -> usize {
+    max_payload_bytes
+        .saturating_mul(2)
+        .saturating_add(MESSAGE_OVERHEAD)
+}
 
 /// Serves until `shutdown` resolves; in-flight calls then finish. `runtime`
 /// lets the Admin API reload the configuration.
@@ -40,7 +52,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let (reporter, health_service) = health;
-    let max_message = engine.settings().limits.max_payload_bytes + MESSAGE_OVERHEAD;
+    let max_message = max_message_bytes(engine.settings().limits.max_payload_bytes);
     reporter
         .set_serving::<DispatcherServer<DispatcherService>>()
         .await;
