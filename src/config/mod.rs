@@ -20,6 +20,7 @@ use crate::core::{
 
 pub use diff::{Change, ChangeKind, changes, region_changes};
 pub use load::{load, load_regions, parse_dispatcher, parse_region};
+pub use validate::MAX_NAME_LEN;
 pub use validate::parse_key_hash as validate_key_hash;
 
 /// A configuration problem, with where it is.

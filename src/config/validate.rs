@@ -13,7 +13,8 @@ use super::{
 use crate::core::{BreakerConfig, ModelSpec, StrategyKind, StrategyParams, TenantSpec, WeightedLoadParams};
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
-const MAX_NAME_LEN: usize = 64;
+/// Names of regions, models and tenants are at most this long.
+pub const MAX_NAME_LEN: usize = 64;
 
 pub(super) struct Ctx<'a> {
     pub(super) file: &'a Path,
