@@ -148,8 +148,12 @@ impl Runtime {
         if next.telemetry != self.started.1 {
             needs_restart.push("telemetry".into());
         }
+        if next.server.connections != self.config.server.connections {
+            needs_restart.push("server connection limits (max_connections, timeouts, keepalive)".into());
+        }
         // What cannot change live keeps its running value.
         next.server.listen = self.config.server.listen;
+        next.server.connections = self.config.server.connections;
         next.telemetry = self.config.telemetry.clone();
         let changes = crate::config::changes(&self.config, &next);
         if dry_run {

@@ -5,6 +5,7 @@ pub mod app;
 pub mod config;
 pub mod core;
 pub mod dispatch;
+pub mod excerpt;
 pub mod forward;
 pub mod grpc;
 pub mod health;

@@ -11,7 +11,7 @@ use clap::Parser;
 use dispatcher::app::{self, Runtime};
 use dispatcher::pb::dispatcher_server::DispatcherServer;
 use dispatcher::server::DispatcherService;
-use dispatcher::{config, grpc, server, telemetry};
+use dispatcher::{config, server, telemetry};
 use tokio_util::sync::CancellationToken;
 
 /// Routes LLM agent work across regions by quota and load.
@@ -82,14 +82,18 @@ async fn main() -> anyhow::Result<()> {
     let watch = app::spawn_region_watch(runtime.clone(), stop.clone());
 
     let metrics_listen = runtime.lock().await.config.telemetry.metrics_listen;
+    let limits = runtime.lock().await.config.server.connections;
     if let Some(m) = metrics_listen {
-        let bound = dispatcher::metrics::serve(m, engine.clone(), stop.clone())
+        let bound = dispatcher::metrics::serve(m, engine.clone(), limits, stop.clone())
             .await
             .with_context(|| format!("binding the metrics listener {m}"))?;
         tracing::info!(addr = %bound, "serving Prometheus metrics at /metrics");
         println!("metrics listening on {bound}");
     }
-    let (incoming, addr) = grpc::bind(listen).with_context(|| format!("binding {listen}"))?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
+    let addr = listener.local_addr()?;
     tracing::info!(%addr, ?regions, %strategy, "dispatcher serving");
     // Tests and scripts read the address from this line.
     println!("dispatcher listening on {addr}");
@@ -102,7 +106,8 @@ async fn main() -> anyhow::Result<()> {
     let serve = server::serve(
         engine.clone(),
         Some(runtime.clone()),
-        incoming,
+        listener,
+        limits,
         (reporter.clone(), health),
         async move {
             let _ = stopping.await;

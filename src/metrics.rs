@@ -105,11 +105,18 @@ fn describe() {
     );
 }
 
+/// Scrapers need few connections; the rest of the descriptors are gRPC's.
+const MAX_CONNECTIONS: usize = 16;
+
 /// Installs the global recorder (once per process) and serves `/metrics`
-/// on `listen`. Returns the bound address.
+/// on `listen`. Returns the bound address. A connection must send a whole
+/// request's headers within `limits.handshake_timeout` (also between
+/// requests on a kept-alive connection), and at most `MAX_CONNECTIONS` are
+/// open at once.
 pub async fn serve(
     listen: SocketAddr,
     engine: Arc<Engine>,
+    limits: crate::config::ConnectionLimits,
     cancel: CancellationToken,
 ) -> std::io::Result<SocketAddr> {
     let handle = PrometheusBuilder::new()
@@ -121,18 +128,14 @@ pub async fn serve(
     ENABLED.store(true, Ordering::Relaxed);
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
+    let mut acceptor =
+        crate::server::Acceptor::new(listener, MAX_CONNECTIONS.min(limits.max_connections), "metrics");
     tokio::spawn(sample(engine, handle.clone(), cancel.clone()));
     tokio::spawn(async move {
         loop {
-            let stream = tokio::select! {
+            let accepted = tokio::select! {
                 _ = cancel.cancelled() => return,
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, _)) => stream,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "metrics listener: accept failed");
-                        continue;
-                    }
-                },
+                accepted = acceptor.accept() => accepted,
             };
             let handle = handle.clone();
             tokio::spawn(async move {
@@ -140,10 +143,13 @@ pub async fn serve(
                     let handle = handle.clone();
                     async move { Ok::<_, Infallible>(respond(&r, &handle)) }
                 });
-                let io = hyper_util::rt::TokioIo::new(stream);
+                let io = hyper_util::rt::TokioIo::new(accepted.stream);
                 let _ = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(limits.handshake_timeout)
                     .serve_connection(io, service)
                     .await;
+                drop(accepted.slot);
             });
         }
     });

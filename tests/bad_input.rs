@@ -85,6 +85,21 @@ async fn bad_input_is_refused_clearly_and_the_service_keeps_serving() {
     r.payload = vec![b'x'; 100_000].into();
     expect_invalid(&mut grpc, "oversized payload", r, "payload").await;
 
+    // Above the limit by more than the old transport headroom (limit + 64 KiB)
+    // but within twice the limit plus 64 KiB, as the README says: the
+    // validator sees it and names the field and the limit.
+    let mut r = valid();
+    r.payload = vec![b'x'; 2 * 65536].into();
+    expect_invalid(&mut grpc, "payload twice the limit", r.clone(), "payload").await;
+    let status = grpc.dispatch(r).await.unwrap_err();
+    let bad = status.get_details_bad_request().unwrap();
+    assert!(
+        bad.field_violations
+            .iter()
+            .any(|v| v.description.contains("65536") && v.description.contains("limits.max_payload_bytes")),
+        "names the limit: {bad:?}"
+    );
+
     let mut r = valid();
     r.max_output_tokens = u64::MAX;
     expect_invalid(&mut grpc, "absurd max_output_tokens", r, "max_output_tokens").await;
@@ -121,8 +136,8 @@ async fn bad_input_is_refused_clearly_and_the_service_keeps_serving() {
     r.request_id = "x".repeat(33);
     expect_invalid(&mut grpc, "long request_id", r, "request_id").await;
 
-    // Far above the payload limit: the transport refuses before decoding,
-    // still with a status that says why.
+    // Beyond the transport limit (twice the payload limit plus 64 KiB): the
+    // transport refuses before decoding, still with a status that says why.
     let mut r = valid();
     r.payload = vec![b'x'; 1 << 20].into();
     let status = grpc.dispatch(r).await.unwrap_err();

@@ -365,3 +365,43 @@ fn tenant_errors_name_their_keys() {
     let e = dispatcher_err(&closed);
     assert_names(&e, "dispatcher.toml", "tenants", "nobody could call");
 }
+
+#[test]
+fn connection_limits_are_checked_and_named() {
+    let with = |lines: &str| DISPATCHER.replace("[server]\n", &format!("[server]\n{lines}\n"));
+    let c = config::parse_dispatcher(
+        &with("max_connections = 8\nidle_timeout = \"90s\"\nhandshake_timeout = \"2s\""),
+        Path::new("dispatcher.toml"),
+        Some(HashMap::new()),
+    )
+    .unwrap();
+    assert_eq!(c.server.connections.max_connections, 8);
+    assert_eq!(
+        c.server.connections.idle_timeout,
+        std::time::Duration::from_secs(90)
+    );
+    assert_eq!(
+        c.server.connections.handshake_timeout,
+        std::time::Duration::from_secs(2)
+    );
+    let e = dispatcher_err(&with("max_connections = 0"));
+    assert_names(&e, "dispatcher.toml", "server.max_connections", "at least 1");
+    let e = dispatcher_err(&with("idle_timeout = \"0s\""));
+    assert_names(&e, "dispatcher.toml", "server.idle_timeout", "above zero");
+    let e = dispatcher_err(&with("handshake_timeout = \"soon\""));
+    assert_names(
+        &e,
+        "dispatcher.toml",
+        "server.handshake_timeout",
+        "not a duration",
+    );
+    let e = dispatcher_err(&with("keepalive_interval = \"0ms\""));
+    assert_names(&e, "dispatcher.toml", "server.keepalive_interval", "above zero");
+    let e = dispatcher_err(&with("keepalive_timeout = \"5\""));
+    assert_names(
+        &e,
+        "dispatcher.toml",
+        "server.keepalive_timeout",
+        "not a duration",
+    );
+}

@@ -20,6 +20,7 @@ use crate::core::{
 
 pub use diff::{Change, ChangeKind, changes, region_changes};
 pub use load::{load, load_regions, parse_dispatcher, parse_region};
+pub use validate::MAX_NAME_LEN;
 pub use validate::parse_key_hash as validate_key_hash;
 
 /// A configuration problem, with where it is.
@@ -136,6 +137,38 @@ pub struct ServerConfig {
     pub idempotency_window: Duration,
     /// How many request_ids are remembered at most.
     pub idempotency_capacity: usize,
+    /// What one client connection may hold, and for how long.
+    pub connections: ConnectionLimits,
+}
+
+/// Bounds on client connections, so idle or silent ones cannot use up the
+/// process's file descriptors. Fixed at start (a reload reports a change as
+/// needing a restart).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Open gRPC connections at most; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// A new connection must send the HTTP/2 preface (gRPC) or a request's
+    /// headers (metrics) within this.
+    pub handshake_timeout: Duration,
+    /// A gRPC connection with no request in progress for this long is closed.
+    pub idle_timeout: Duration,
+    /// HTTP/2 PINGs at this interval; a peer that does not answer within
+    /// `keepalive_timeout` is dropped (a dead peer holding requests open).
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 1024,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -71,6 +71,11 @@ pub struct RawServer {
     pub shutdown_grace: Option<String>,
     pub idempotency_window: Option<String>,
     pub idempotency_capacity: Option<u32>,
+    pub max_connections: Option<u32>,
+    pub handshake_timeout: Option<String>,
+    pub idle_timeout: Option<String>,
+    pub keepalive_interval: Option<String>,
+    pub keepalive_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -7,13 +7,14 @@ use std::time::Duration;
 
 use super::raw::{RawAuth, RawDispatcher, RawModel, RawTenant};
 use super::{
-    AuthConfig, Config, ConfigError, RequestLimits, RetryBudgetConfig, RoutingConfig, ServerConfig,
-    TelemetryConfig, TenantConfig,
+    AuthConfig, Config, ConfigError, ConnectionLimits, RequestLimits, RetryBudgetConfig, RoutingConfig,
+    ServerConfig, TelemetryConfig, TenantConfig,
 };
 use crate::core::{BreakerConfig, ModelSpec, StrategyKind, StrategyParams, TenantSpec, WeightedLoadParams};
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
-const MAX_NAME_LEN: usize = 64;
+/// Names of regions, models and tenants are at most this long.
+pub const MAX_NAME_LEN: usize = 64;
 
 pub(super) struct Ctx<'a> {
     pub(super) file: &'a Path,
@@ -122,6 +123,7 @@ pub fn validate_dispatcher(raw: RawDispatcher, file: &Path) -> Result<Config, Co
         )?,
         idempotency_capacity: c.at_least("server.idempotency_capacity", s.idempotency_capacity, 100_000, 1)?
             as usize,
+        connections: validate_connections(&c, &s)?,
     };
     if server.default_timeout.is_zero() {
         return Err(c.err("server.default_timeout", "must be above zero"));
@@ -424,6 +426,41 @@ pub fn parse_key_hash(text: &str) -> Option<[u8; 32]> {
 
 /// gRPC messages above this are refused by the transport before they reach us.
 pub const MAX_PAYLOAD_LIMIT: usize = 64 << 20;
+
+fn validate_connections(c: &Ctx<'_>, s: &super::raw::RawServer) -> Result<ConnectionLimits, ConfigError> {
+    let d = ConnectionLimits::default();
+    let positive = |key: &str, value: Option<&str>, default: Duration| {
+        let v = c.duration(key, value, default)?;
+        if v.is_zero() {
+            return Err(c.err(key, "must be above zero"));
+        }
+        Ok(v)
+    };
+    Ok(ConnectionLimits {
+        max_connections: c.at_least(
+            "server.max_connections",
+            s.max_connections,
+            d.max_connections as u32,
+            1,
+        )? as usize,
+        handshake_timeout: positive(
+            "server.handshake_timeout",
+            s.handshake_timeout.as_deref(),
+            d.handshake_timeout,
+        )?,
+        idle_timeout: positive("server.idle_timeout", s.idle_timeout.as_deref(), d.idle_timeout)?,
+        keepalive_interval: positive(
+            "server.keepalive_interval",
+            s.keepalive_interval.as_deref(),
+            d.keepalive_interval,
+        )?,
+        keepalive_timeout: positive(
+            "server.keepalive_timeout",
+            s.keepalive_timeout.as_deref(),
+            d.keepalive_timeout,
+        )?,
+    })
+}
 
 fn validate_breaker(c: &Ctx<'_>, b: super::raw::RawBreaker) -> Result<BreakerConfig, ConfigError> {
     let d = BreakerConfig::default();

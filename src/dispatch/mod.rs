@@ -266,7 +266,11 @@ impl Engine {
             let known: Vec<_> = router.models().iter().map(|m| m.name.as_str()).collect();
             return Err(DispatchError::InvalidArgument(vec![Violation::new(
                 "model",
-                format!("unknown model {:?}; configured: {}", r.model, known.join(", ")),
+                format!(
+                    "unknown model {}; configured: {}",
+                    crate::excerpt::excerpt(&r.model),
+                    known.join(", ")
+                ),
             )]));
         };
         validate::check_tokens(r, model).map_err(DispatchError::InvalidArgument)
@@ -312,11 +316,19 @@ impl Engine {
 
     /// Checks a request's claimed tenant against the authenticated one.
     fn check_tenant_field(&self, claimed: &str, tenant: &str) -> Result<(), DispatchError> {
+        // Length first: an oversized claim is a bad field, and is never quoted.
+        if claimed.len() > validate::MAX_NAME_BYTES {
+            return Err(DispatchError::InvalidArgument(vec![Violation::new(
+                "tenant",
+                format!("longer than {} bytes", validate::MAX_NAME_BYTES),
+            )]));
+        }
         if claimed.is_empty() || claimed == tenant {
             Ok(())
         } else {
             Err(DispatchError::PermissionDenied(format!(
-                "the request names tenant {claimed:?} but the credential is tenant {tenant:?}"
+                "the request names tenant {} but the credential is tenant {tenant:?}",
+                crate::excerpt::excerpt(claimed)
             )))
         }
     }

@@ -6,8 +6,13 @@ use crate::core::{ModelSpec, TokenEstimate};
 use crate::pb::DispatchRequest;
 
 use super::error::Violation;
+use crate::excerpt::excerpt;
 
-const MAX_NAME_BYTES: usize = 128;
+/// Model, tenant and origin_region are names; none is longer.
+pub(super) const MAX_NAME_BYTES: usize = 128;
+/// Oversized labels reported one by one, at most; the rest are counted in
+/// one more violation (thousands of them made 640 KB of trailers).
+const MAX_LABEL_VIOLATIONS: usize = 3;
 
 /// Checks what can be checked without the model's settings.
 pub fn check_fields(r: &DispatchRequest, limits: &RequestLimits) -> Vec<Violation> {
@@ -64,20 +69,34 @@ pub fn check_fields(r: &DispatchRequest, limits: &RequestLimits) -> Vec<Violatio
             ),
         ));
     }
+    let mut oversized = 0;
     for (key, value) in &r.labels {
         if key.is_empty() {
             v.push(Violation::new("labels", "a label key is empty"));
         }
         if key.len() > limits.max_label_bytes || value.len() > limits.max_label_bytes {
-            v.push(Violation::new(
-                "labels",
-                format!(
-                    "label {:?}: key or value above {} bytes (limits.max_label_bytes)",
-                    truncate(key, 32),
-                    limits.max_label_bytes
-                ),
-            ));
+            oversized += 1;
+            if oversized <= MAX_LABEL_VIOLATIONS {
+                v.push(Violation::new(
+                    "labels",
+                    format!(
+                        "label {}: key or value above {} bytes (limits.max_label_bytes)",
+                        excerpt(key),
+                        limits.max_label_bytes
+                    ),
+                ));
+            }
         }
+    }
+    if oversized > MAX_LABEL_VIOLATIONS {
+        v.push(Violation::new(
+            "labels",
+            format!(
+                "and {} more labels with a key or value above {} bytes (limits.max_label_bytes)",
+                oversized - MAX_LABEL_VIOLATIONS,
+                limits.max_label_bytes
+            ),
+        ));
     }
     v
 }
@@ -128,13 +147,6 @@ pub fn check_tokens(r: &DispatchRequest, model: &ModelSpec) -> Result<TokenEstim
     Ok(estimate)
 }
 
-fn truncate(s: &str, n: usize) -> &str {
-    match s.char_indices().nth(n) {
-        Some((i, _)) => &s[..i],
-        None => s,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,6 +193,19 @@ mod tests {
         assert!(fields.contains(&"payload"));
         assert!(fields.contains(&"request_id"));
         assert_eq!(fields.iter().filter(|f| **f == "labels").count(), 3);
+    }
+
+    #[test]
+    fn thousands_of_long_labels_make_a_few_violations() {
+        let mut r = request();
+        for i in 0..3000 {
+            r.labels.insert(format!("{i}{}", "k".repeat(300)), "v".into());
+        }
+        let v = check_fields(&r, &RequestLimits::default());
+        assert_eq!(v.len(), 1 + MAX_LABEL_VIOLATIONS + 1, "{v:?}");
+        assert!(v[0].description.contains("3000 labels"), "{v:?}");
+        assert!(v.last().unwrap().description.contains("2997 more"), "{v:?}");
+        assert!(v.iter().all(|x| x.description.len() < 200), "{v:?}");
     }
 
     #[test]

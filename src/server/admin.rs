@@ -8,8 +8,10 @@ use tonic::{Request, Response, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::app::Runtime;
+use crate::config::MAX_NAME_LEN;
 use crate::core::{RegionState, Router, Scheduler};
 use crate::dispatch::{Engine, Ticket};
+use crate::excerpt::excerpt;
 use crate::pb;
 use crate::pb::admin_server::Admin;
 
@@ -99,6 +101,17 @@ impl AdminService {
     }
 
     fn region(&self, name: &str) -> Result<pb::RegionStatus, Status> {
+        // Length first: no region's name is longer, and a long one is never quoted.
+        if name.len() > MAX_NAME_LEN {
+            return Err(Status::with_error_details(
+                tonic::Code::InvalidArgument,
+                format!("region: longer than {MAX_NAME_LEN} bytes, which no region's name is"),
+                ErrorDetails::with_bad_request_violation(
+                    "region",
+                    format!("longer than {MAX_NAME_LEN} bytes"),
+                ),
+            ));
+        }
         let now = Instant::now();
         self.engine
             .with_scheduler(|sched| match sched.router().region(name) {
@@ -121,10 +134,11 @@ fn unknown_region(router: &Router, name: &str) -> Status {
             ErrorDetails::with_bad_request_violation("region", "required"),
         );
     }
+    let quoted = excerpt(name);
     Status::with_error_details(
         tonic::Code::NotFound,
-        format!("no region {name:?}; configured: {}", known.join(", ")),
-        ErrorDetails::with_resource_info("region", name, "", "not configured"),
+        format!("no region {quoted}; configured: {}", known.join(", ")),
+        ErrorDetails::with_resource_info("region", quoted, "", "not configured"),
     )
 }
 

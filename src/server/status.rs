@@ -12,20 +12,22 @@ use crate::dispatch::DispatchError;
 /// When no refill time is known (waiting on concurrency), suggest this.
 const DEFAULT_RETRY: Duration = Duration::from_millis(100);
 
+/// An error's message, at most (it goes out as `grpc-message`, a trailer).
+const MAX_MESSAGE_BYTES: usize = 1024;
+/// BadRequest field violations returned at most, and their text in total:
+/// with the message, an error stays far below the 8 to 16 KiB of trailers
+/// common clients accept.
+const MAX_FIELD_VIOLATIONS: usize = 10;
+const MAX_VIOLATION_BYTES: usize = 2048;
+
 pub fn to_status(e: &DispatchError) -> Status {
-    let message = e.to_string();
+    let message = crate::excerpt::truncate(&e.to_string(), MAX_MESSAGE_BYTES).into_owned();
     match e {
-        DispatchError::InvalidArgument(violations) => {
-            let fields: Vec<FieldViolation> = violations
-                .iter()
-                .map(|v| FieldViolation::new(v.field, v.description.clone()))
-                .collect();
-            Status::with_error_details(
-                Code::InvalidArgument,
-                message,
-                ErrorDetails::with_bad_request(fields),
-            )
-        }
+        DispatchError::InvalidArgument(violations) => Status::with_error_details(
+            Code::InvalidArgument,
+            message,
+            ErrorDetails::with_bad_request(bounded(violations)),
+        ),
         DispatchError::Route(route) => match route {
             RouteError::UnknownModel { .. } => Status::with_error_details(
                 Code::InvalidArgument,
@@ -74,10 +76,75 @@ pub fn to_status(e: &DispatchError) -> Status {
     }
 }
 
+/// The violations that fit `MAX_FIELD_VIOLATIONS` and `MAX_VIOLATION_BYTES`,
+/// and a last one counting the rest.
+fn bounded(violations: &[crate::dispatch::Violation]) -> Vec<FieldViolation> {
+    let mut out = Vec::new();
+    let mut bytes = 0;
+    for (i, v) in violations.iter().enumerate() {
+        let description = crate::excerpt::truncate(&v.description, MAX_VIOLATION_BYTES / 4);
+        bytes += v.field.len() + description.len();
+        let last_slot = out.len() + 1 == MAX_FIELD_VIOLATIONS;
+        if bytes > MAX_VIOLATION_BYTES || (last_slot && i + 1 < violations.len()) {
+            break;
+        }
+        out.push(FieldViolation::new(v.field, description));
+    }
+    let left = violations.len() - out.len();
+    if left > 0 {
+        out.push(FieldViolation::new(
+            violations[out.len()].field,
+            format!("and {left} more problems not shown"),
+        ));
+    }
+    out
+}
+
 fn exhausted(message: String, retry_after: Option<Duration>) -> Status {
     Status::with_error_details(
         Code::ResourceExhausted,
         message,
         ErrorDetails::with_retry_info(Some(retry_after.unwrap_or(DEFAULT_RETRY))),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dispatch::Violation;
+
+    #[test]
+    fn an_error_stays_small_however_many_problems_it_has() {
+        let many: Vec<Violation> = (0..1000)
+            .map(|i| Violation::new("labels", format!("problem {i}: {}", "x".repeat(900))))
+            .collect();
+        let status = to_status(&DispatchError::InvalidArgument(many));
+        assert!(
+            status.message().len() <= MAX_MESSAGE_BYTES,
+            "{}",
+            status.message().len()
+        );
+        assert!(status.details().len() <= 3 * 1024, "{}", status.details().len());
+        let bad = status.get_details_bad_request().unwrap();
+        assert!(bad.field_violations.len() <= MAX_FIELD_VIOLATIONS);
+        assert!(
+            bad.field_violations
+                .last()
+                .unwrap()
+                .description
+                .contains("more problems not shown"),
+            "{bad:?}"
+        );
+    }
+
+    #[test]
+    fn a_few_problems_are_all_shown() {
+        let few: Vec<Violation> = (0..MAX_FIELD_VIOLATIONS)
+            .map(|i| Violation::new("labels", format!("problem {i}")))
+            .collect();
+        let status = to_status(&DispatchError::InvalidArgument(few));
+        let bad = status.get_details_bad_request().unwrap();
+        assert_eq!(bad.field_violations.len(), MAX_FIELD_VIOLATIONS);
+        assert_eq!(bad.field_violations[9].description, "problem 9");
+    }
 }
