@@ -6,8 +6,17 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::region::{Exclusion, RegionState};
-use super::router::RouteRequest;
 use super::strategy::{CandidateView, Score, Scored, Strategy};
+
+/// A request as routing sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteRequest<'a> {
+    pub model: &'a str,
+    /// Tokens to reserve: prompt + max output.
+    pub tokens: u64,
+    /// The caller's region, if it said.
+    pub origin: Option<&'a str>,
+}
 
 /// Every region's verdict for one request, with factors: the slow path
 /// behind `Route` and behind the error when nothing is eligible.

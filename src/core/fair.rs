@@ -7,36 +7,11 @@
 //! queued` of the tokens; heavy requests pay for their size; a tenant that
 //! was idle comes back at `V`, with neither a penalty nor hoarded credit.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
 use super::queue::{Discipline, Waiter};
-
-/// Tenant weights; tenants not listed weigh `default`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Weights {
-    pub by_tenant: BTreeMap<Arc<str>, f64>,
-    pub default: f64,
-}
-
-impl Weights {
-    pub fn of(&self, tenant: &str) -> f64 {
-        self.by_tenant
-            .get(tenant)
-            .copied()
-            .unwrap_or(self.default)
-            .max(f64::MIN_POSITIVE)
-    }
-}
-
-impl Default for Weights {
-    fn default() -> Self {
-        Self {
-            by_tenant: BTreeMap::new(),
-            default: 1.0,
-        }
-    }
-}
+use super::tenant::Weights;
 
 #[derive(Debug)]
 struct TenantQueue<T> {
@@ -345,6 +320,7 @@ impl<T: Send> Discipline<T> for FairQueue<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
     use std::time::Duration;
 
     fn waiter(id: u64, tenant: &str, tokens: u64) -> Waiter<u64> {

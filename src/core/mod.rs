@@ -22,7 +22,7 @@ pub mod strategy;
 pub mod tenant;
 
 pub use breaker::{BreakerConfig, CircuitBreaker, CircuitState, HealthTracker, RetryBudget, Transition};
-pub use fair::{FairQueue, Weights};
+pub use fair::FairQueue;
 pub use load::{LoadState, Outcome, ReportedLoad};
 pub use model::{ModelSpec, TokenEstimate};
 pub use model_quota::{Accounting, HintOutcome, Hold, ModelLimits, ModelQuota, ProviderHint, Settlement};
@@ -35,4 +35,4 @@ pub use router::{
 };
 pub use scheduler::{Released, Scheduler, Submission, SubmitError, Submitted};
 pub use strategy::{StrategyKind, StrategyParams, WeightedLoadParams};
-pub use tenant::{Day, TenantHold, TenantRefusal, TenantReport, TenantSpec, Tenants};
+pub use tenant::{Day, TenantHold, TenantRefusal, TenantReport, TenantSpec, Tenants, Weights};

@@ -58,7 +58,7 @@ pub trait Discipline<T>: Send {
     /// Waiters of `tenant`.
     fn queued_for(&self, tenant: &str) -> usize;
     /// New tenant weights (after a reload); disciplines without weights ignore them.
-    fn set_weights(&mut self, weights: Arc<super::fair::Weights>) {
+    fn set_weights(&mut self, weights: Arc<super::tenant::Weights>) {
         let _ = weights;
     }
 }
@@ -162,7 +162,7 @@ struct ModelQueue<T> {
 pub struct WaitQueue<T> {
     queues: Vec<ModelQueue<T>>,
     factory: DisciplineFactory<T>,
-    weights: Option<Arc<super::fair::Weights>>,
+    weights: Option<Arc<super::tenant::Weights>>,
     len: usize,
 }
 
@@ -248,7 +248,7 @@ impl<T> WaitQueue<T> {
 
     /// Tenant weights for every model's discipline, now and for models
     /// that get their first waiter later.
-    pub fn set_weights(&mut self, weights: Arc<super::fair::Weights>) {
+    pub fn set_weights(&mut self, weights: Arc<super::tenant::Weights>) {
         for q in &mut self.queues {
             q.waiters.set_weights(weights.clone());
         }

@@ -11,6 +11,7 @@ use rand::rngs::SmallRng;
 use thiserror::Error;
 
 use super::breaker::{BreakerConfig, Transition};
+pub use super::candidates::RouteRequest;
 use super::candidates::{Evaluation, evaluate, scan, trial};
 use super::load::{Outcome, ReportedLoad};
 use super::model::ModelSpec;
@@ -29,16 +30,6 @@ pub struct RouterSpec {
     /// Seeds the random strategies, so a run can be replayed.
     pub seed: u64,
     pub breaker: BreakerConfig,
-}
-
-/// A request as routing sees it.
-#[derive(Debug, Clone, Copy)]
-pub struct RouteRequest<'a> {
-    pub model: &'a str,
-    /// Tokens to reserve: prompt + max output.
-    pub tokens: u64,
-    /// The caller's region, if it said.
-    pub origin: Option<&'a str>,
 }
 
 #[derive(Debug, Clone, PartialEq, Error)]

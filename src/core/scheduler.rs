@@ -9,9 +9,10 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-use super::fair::{FairQueue, Weights};
+use super::fair::FairQueue;
 use super::queue::{DisciplineFactory, WaitQueue, Waiter};
 use super::router::{Reservation, RouteError, RouteRequest, Router};
+use super::tenant::Weights;
 
 /// How often queued waiters whose caller went away or whose wait ran out
 /// are swept out (heads are checked on every release).

@@ -8,8 +8,33 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::fair::Weights;
 use super::quota::{QuotaBucket, QuotaError, Shortfall};
+
+/// Tenant weights; tenants not listed weigh `default`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Weights {
+    pub by_tenant: BTreeMap<Arc<str>, f64>,
+    pub default: f64,
+}
+
+impl Weights {
+    pub fn of(&self, tenant: &str) -> f64 {
+        self.by_tenant
+            .get(tenant)
+            .copied()
+            .unwrap_or(self.default)
+            .max(f64::MIN_POSITIVE)
+    }
+}
+
+impl Default for Weights {
+    fn default() -> Self {
+        Self {
+            by_tenant: BTreeMap::new(),
+            default: 1.0,
+        }
+    }
+}
 
 /// A tenant's settings, validated (`[[tenants]]` in dispatcher.toml).
 #[derive(Debug, Clone, PartialEq)]
