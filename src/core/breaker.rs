@@ -49,11 +49,34 @@ pub enum CircuitState {
 }
 
 impl CircuitState {
-    pub fn name(&self) -> &'static str {
+    pub fn kind(&self) -> Circuit {
         match self {
-            CircuitState::Closed => "closed",
-            CircuitState::Open { .. } => "open",
-            CircuitState::HalfOpen { .. } => "half_open",
+            CircuitState::Closed => Circuit::Closed,
+            CircuitState::Open { .. } => Circuit::Open,
+            CircuitState::HalfOpen { .. } => Circuit::HalfOpen,
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.kind().name()
+    }
+}
+
+/// Which of its states a circuit is in, without the state's data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Circuit {
+    Closed,
+    Open,
+    HalfOpen,
+}
+
+impl Circuit {
+    /// As logs, metrics and the Admin API spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Circuit::Closed => "closed",
+            Circuit::Open => "open",
+            Circuit::HalfOpen => "half_open",
         }
     }
 }
@@ -119,8 +142,8 @@ pub struct CircuitBreaker {
 /// A breaker changed state (for logs and metrics).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Transition {
-    pub from: &'static str,
-    pub to: &'static str,
+    pub from: Circuit,
+    pub to: Circuit,
 }
 
 impl CircuitBreaker {
@@ -216,9 +239,9 @@ impl CircuitBreaker {
             }
         };
         self.state = after;
-        (before.name() != after.name()).then_some(Transition {
-            from: before.name(),
-            to: after.name(),
+        (before.kind() != after.kind()).then_some(Transition {
+            from: before.kind(),
+            to: after.kind(),
         })
     }
 
@@ -401,8 +424,8 @@ mod tests {
         assert_eq!(
             t,
             Some(Transition {
-                from: "closed",
-                to: "open"
+                from: Circuit::Closed,
+                to: Circuit::Open
             })
         );
         assert!(!b.allows(t0 + ms(4999)));
@@ -424,8 +447,8 @@ mod tests {
         assert_eq!(
             b.on_result(true, t1),
             Some(Transition {
-                from: "half_open",
-                to: "closed"
+                from: Circuit::HalfOpen,
+                to: Circuit::Closed
             })
         );
         assert!(b.allows(t1));
@@ -441,8 +464,8 @@ mod tests {
         assert_eq!(
             b.on_result(false, t0),
             Some(Transition {
-                from: "closed",
-                to: "open"
+                from: Circuit::Closed,
+                to: Circuit::Open
             })
         );
     }
@@ -459,8 +482,8 @@ mod tests {
         assert_eq!(
             b.on_result(false, t1),
             Some(Transition {
-                from: "half_open",
-                to: "open"
+                from: Circuit::HalfOpen,
+                to: Circuit::Open
             })
         );
         assert!(!b.allows(t1 + ms(4999)));

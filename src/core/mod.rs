@@ -21,7 +21,9 @@ pub mod scheduler;
 pub mod strategy;
 pub mod tenant;
 
-pub use breaker::{BreakerConfig, CircuitBreaker, CircuitState, HealthTracker, RetryBudget, Transition};
+pub use breaker::{
+    BreakerConfig, Circuit, CircuitBreaker, CircuitState, HealthTracker, RetryBudget, Transition,
+};
 pub use fair::FairQueue;
 pub use load::{LoadState, Outcome, ReportedLoad};
 pub use model::{ModelSpec, TokenEstimate};

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::breaker::BreakerConfig;
+use super::breaker::{BreakerConfig, Circuit};
 use super::load::Outcome;
 use super::model::ModelSpec;
 use super::model_quota::{Accounting, ModelLimits, Settlement};
@@ -84,7 +84,7 @@ fn failed() -> Completion {
 }
 
 /// Sends one request to `region` (the other one ruled out) and settles it.
-fn send_to(r: &mut Router, region: &str, c: Completion, now: Instant) -> Option<&'static str> {
+fn send_to(r: &mut Router, region: &str, c: Completion, now: Instant) -> Option<Circuit> {
     let other = if region == "a" { "b" } else { "a" };
     let res = r.reserve(&req(), &[other.into()], now).unwrap();
     assert_eq!(&*res.region, region);
@@ -114,7 +114,7 @@ fn a_half_open_region_gets_its_trials_even_when_a_peer_scores_far_higher() {
     for _ in 0..breaker.consecutive_failures {
         opened = send_to(&mut r, "b", failed(), t0).or(opened);
     }
-    assert_eq!(opened, Some("open"));
+    assert_eq!(opened, Some(Circuit::Open));
 
     let t1 = t0 + breaker.cool_down;
     assert_eq!(r.region("b").unwrap().circuit(t1).name(), "half_open");
@@ -135,7 +135,7 @@ fn a_half_open_region_gets_its_trials_even_when_a_peer_scores_far_higher() {
         .iter()
         .filter_map(|t| r.settle(t, ok(50), t1).transition)
         .collect();
-    assert_eq!(closed.last().map(|t| t.to), Some("closed"), "{closed:?}");
+    assert_eq!(closed.last().map(|t| t.to), Some(Circuit::Closed), "{closed:?}");
     assert_eq!(r.region("b").unwrap().circuit(t1).name(), "closed");
 }
 
@@ -205,8 +205,8 @@ fn a_region_that_recovered_closes_on_its_trials_and_earns_its_share_back() {
         while in_flight.front().is_some_and(|(due, _, _)| *due <= now) {
             let (_, res, c) = in_flight.pop_front().unwrap();
             match r.settle(&res, c, now).transition.map(|t| t.to) {
-                Some("open") => opened_at = opened_at.or(Some(now)),
-                Some("closed") => closed_at = closed_at.or(Some(now)),
+                Some(Circuit::Open) => opened_at = opened_at.or(Some(now)),
+                Some(Circuit::Closed) => closed_at = closed_at.or(Some(now)),
                 _ => {}
             }
         }

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::breaker::Circuit;
 use super::load::Outcome;
 use super::model::ModelSpec;
 use super::model_quota::{Accounting, ModelLimits, ProviderHint, Settlement};
@@ -364,7 +365,7 @@ fn an_open_circuit_takes_a_region_out_until_its_cool_down() {
         assert_eq!(&*res.region, "a");
         opened = r.settle(&res, failed, t0).transition.or(opened);
     }
-    assert_eq!(opened.map(|t| t.to), Some("open"));
+    assert_eq!(opened.map(|t| t.to), Some(Circuit::Open));
     for _ in 0..3 {
         assert_eq!(&*r.reserve(&req("small", 1), &[], t0).unwrap().region, "c");
     }
@@ -392,5 +393,5 @@ fn an_open_circuit_takes_a_region_out_until_its_cool_down() {
             .map(|t| t.to)
             .or(closed);
     }
-    assert_eq!(closed, Some("closed"), "three good trials close it");
+    assert_eq!(closed, Some(Circuit::Closed), "three good trials close it");
 }

@@ -403,11 +403,11 @@ impl Engine {
             settled.hint.as_ref(),
         );
         if let Some(t) = settled.transition {
-            observe::circuit(&r.region, t.to);
-            if t.to == "open" {
-                tracing::warn!(region = %r.region, from = t.from, "circuit opened: too many errors; no work goes there until the cool-down");
+            observe::circuit(&r.region, t.to.name());
+            if t.to == crate::core::Circuit::Open {
+                tracing::warn!(region = %r.region, from = t.from.name(), "circuit opened: too many errors; no work goes there until the cool-down");
             } else {
-                tracing::info!(region = %r.region, from = t.from, to = t.to, "circuit changed");
+                tracing::info!(region = %r.region, from = t.from.name(), to = t.to.name(), "circuit changed");
             }
         }
         if waiting {
