@@ -1,7 +1,8 @@
 //! A deadline the caller chose is the caller's outcome, not the region's: it
 //! never feeds the region's breaker or error rate (unary calls and streams
-//! alike), and it is answered DEADLINE_EXCEEDED however the region reports
-//! it. The engine in-process against a simulated or
+//! alike), it is answered DEADLINE_EXCEEDED however the region reports it,
+//! and a stream whose caller stops reading still ends at its deadline, its
+//! slot and reservation freed. The engine in-process against a simulated or
 //! a fake cluster over loopback gRPC, on a paused clock. Each test stays
 //! within 10 s of virtual time: the engine's queue pump sleeps until system
 //! clock instants, and would spin once the paused clock ran that far ahead.
@@ -21,7 +22,7 @@ use dispatcher::pb;
 use dispatcher::pb::agent_cluster_server::{AgentCluster, AgentClusterServer};
 use dispatcher::server::to_status;
 use dispatcher::sim::{SimHandle, SimSpec};
-use tokio_stream::Stream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Code, Status};
 
 const DISPATCHER_TOML: &str = r#"
@@ -168,6 +169,47 @@ async fn callers_deadlines_leave_the_regions_circuit_closed() {
     assert_eq!(served.region, "r");
 }
 
+#[tokio::test(start_paused = true)]
+async fn streams_cut_at_the_callers_deadline_leave_the_circuit_closed() {
+    let sim = slow_sim().await;
+    let engine = engine(&sim.endpoint());
+    // Thirty streams that need 3 s, read as they come, each with a 200 ms
+    // deadline: they end mid-stream.
+    let calls: Vec<_> = (0..30)
+        .map(|_| {
+            let e = engine.clone();
+            tokio::spawn(async move {
+                let mut stream = match e
+                    .dispatch_stream(request(3000), Some(Duration::from_millis(200)), IMPATIENT)
+                    .await
+                {
+                    Ok(s) => s,
+                    Err(e) => return (0, Some(e)),
+                };
+                let mut chunks = 0;
+                while let Some(item) = stream.next().await {
+                    match item {
+                        Ok(_) => chunks += 1,
+                        Err(e) => return (chunks, Some(e)),
+                    }
+                }
+                (chunks, None)
+            })
+        })
+        .collect();
+    let mut results = Vec::new();
+    for c in calls {
+        results.push(c.await.unwrap());
+    }
+    assert_region_unharmed(&engine);
+    for (chunks, end) in &results {
+        assert!(*chunks > 0, "output arrived before the deadline");
+        assert!(matches!(end, Some(e) if is_deadline(e)), "{end:?}");
+    }
+    let served = engine.dispatch(request(100), None, PATIENT).await.unwrap();
+    assert_eq!(served.region, "r");
+}
+
 /// A cluster that answers every call with a timeout of its own: when the
 /// propagated deadline runs out there, `early` before the dispatcher's own
 /// timer (clusters' timers tick by the millisecond, not in step with ours),
@@ -277,5 +319,62 @@ async fn a_region_timing_out_on_its_own_is_the_regions_failure() {
             to_status(&e).code()
         );
         assert_eq!(region(&engine).failed, 1, "{code:?}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_nobody_reads_ends_at_its_deadline() {
+    let sim = slow_sim().await;
+    let engine = engine(&sim.endpoint());
+    let before = region(&engine).tokens_available;
+    let stream = match engine
+        .dispatch_stream(request(3000), Some(Duration::from_secs(2)), IMPATIENT)
+        .await
+    {
+        Ok(s) => s,
+        Err(e) => panic!("{e}"),
+    };
+    // The caller never reads: the relay's buffer fills within half a second.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+
+    let r = region(&engine);
+    assert_eq!(
+        (r.in_flight, r.tokens_reserved),
+        (0, 0),
+        "the slot and the reservation are freed at the deadline: {r:?}"
+    );
+    assert_eq!((r.circuit, r.failed), ("closed", 0), "{r:?}");
+    assert_eq!(engine.running(), 0, "the relay has ended");
+    let tenant = engine
+        .tenant_report()
+        .into_iter()
+        .find(|t| t.spec.name == "impatient")
+        .unwrap();
+    assert_eq!(tenant.in_flight, 0);
+    let upstream = common::sim_stats(sim.addr).await;
+    assert_eq!(
+        (upstream.in_flight, upstream.cancelled),
+        (0, 1),
+        "the upstream call was cancelled"
+    );
+    // Settled for what the cluster produced (usage accounting), give or
+    // take the chunk in flight when it was cut.
+    let produced = upstream.models[0].completion_tokens;
+    assert!(produced > 0 && produced < 3000, "{produced}");
+    let charged = before - r.tokens_available;
+    assert!(
+        (charged - (10 + produced as i64)).abs() <= 64,
+        "charged {charged} for 10 prompt and {produced} completion tokens"
+    );
+
+    // The response itself ends there: whatever was buffered, then
+    // DEADLINE_EXCEEDED, without waiting.
+    let items = tokio::time::timeout(Duration::ZERO, stream.collect::<Vec<_>>())
+        .await
+        .expect("the stream has ended");
+    assert!(items.len() <= 20, "{} items", items.len());
+    match items.last() {
+        Some(Err(e)) => assert!(is_deadline(e), "{e}"),
+        other => panic!("ends with DEADLINE_EXCEEDED, not {:?}", other.map(|i| i.is_ok())),
     }
 }
