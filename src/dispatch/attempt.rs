@@ -6,7 +6,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tonic::Status;
+use tonic::{Code, Status};
 use tracing::Instrument;
 
 use super::held::{Held, TenantCharge};
@@ -52,6 +52,11 @@ pub(super) struct Prepared {
     pub tenant_max_queued: usize,
     pub start: Instant,
     pub deadline: Instant,
+    /// The caller chose the deadline (`grpc-timeout`): running out of it is
+    /// the caller's outcome, never the region's. Without one the deadline is
+    /// the dispatcher's own (`server.default_timeout`), and a region that
+    /// outlasts it has failed.
+    pub callers_deadline: bool,
     /// The caller gave a request_id: work that may have run elsewhere can
     /// be retried, because a repeat of the id is answered once.
     pub retry_may_have_run: bool,
@@ -81,7 +86,7 @@ impl Engine {
         if self.shutting_down.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(DispatchError::ShuttingDown);
         }
-        let start = Instant::now();
+        let start = clock_now();
         let span = tracing::Span::current();
         let tenant = tracing::debug_span!("authenticate").in_scope(|| self.authenticate(authorization))?;
         span.record("tenant", &*tenant);
@@ -118,6 +123,7 @@ impl Engine {
             estimate,
             start,
             deadline,
+            callers_deadline: timeout.is_some(),
             retry_may_have_run,
         };
         Ok((prepared, charge))
@@ -142,7 +148,7 @@ impl Engine {
         let mut failures = Failures::default();
         let mut queue_wait = Duration::ZERO;
         for attempt in 1..=settings.max_attempts {
-            let now = Instant::now();
+            let now = clock_now();
             if now >= p.deadline {
                 return Err(DispatchError::DeadlineExceeded(format!(
                     "after {} attempts and {:?}",
@@ -188,7 +194,7 @@ impl Engine {
                 }
             };
             queue_wait += waited;
-            if Instant::now() >= p.deadline {
+            if clock_now() >= p.deadline {
                 // Granted too late: nothing was sent, everything goes back.
                 held.settle(Completion::abandoned());
                 return Err(DispatchError::DeadlineExceeded(format!(
@@ -212,14 +218,14 @@ impl Engine {
                 tried.push(region);
                 continue;
             };
-            let remaining = p.deadline.saturating_duration_since(Instant::now());
+            let remaining = p.deadline.saturating_duration_since(clock_now());
             let mut request = tonic::Request::new(p.exec.clone());
             request.set_timeout(remaining);
             crate::telemetry::inject_trace(&span, request.metadata_mut());
             held.mark_sent();
             charge.sending();
             let sent = Instant::now();
-            let result = tokio::time::timeout(remaining, call(client, request))
+            let result = tokio::time::timeout_at(p.deadline.into(), call(client, request))
                 .instrument(span)
                 .await;
             match result {
@@ -233,6 +239,18 @@ impl Engine {
                         queue_wait,
                         sent,
                     });
+                }
+                Ok(Err(status)) if ran_out_at_deadline(&status, p.deadline) => {
+                    // The propagated deadline ran out at the region just
+                    // before ours did here: the same deadline, so the same
+                    // answer as below.
+                    super::observe::attempt(&region, None, true);
+                    charge.settled(held.settle(deadline_completion(p.callers_deadline, sent.elapsed())));
+                    return Err(DispatchError::DeadlineExceeded(format!(
+                        "at region {region} after {:?} (it answered {:?})",
+                        p.start.elapsed(),
+                        status.code()
+                    )));
                 }
                 Ok(Err(status)) => {
                     let kind = classify(&status);
@@ -261,7 +279,7 @@ impl Engine {
                 }
                 Err(_elapsed) => {
                     super::observe::attempt(&region, None, true);
-                    charge.settled(held.settle(failure_completion(FailureKind::MayHaveRun, sent.elapsed())));
+                    charge.settled(held.settle(deadline_completion(p.callers_deadline, sent.elapsed())));
                     return Err(DispatchError::DeadlineExceeded(format!(
                         "waiting for region {region} after {:?}",
                         p.start.elapsed()
@@ -311,6 +329,39 @@ impl Failures {
             },
             _ => DispatchError::AttemptsExhausted { attempts, last },
         }
+    }
+}
+
+/// The edge's clock for deadlines: tokio's, which is the system's outside
+/// tests, so that a test's paused clock drives deadlines and their timers
+/// alike.
+pub(super) fn clock_now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+/// How early a region may report a timeout and it still be the propagated
+/// deadline running out there: `grpc-timeout` goes in microseconds, and a
+/// cluster's timers tick by the millisecond, not in step with ours.
+const DEADLINE_SLACK: Duration = Duration::from_millis(5);
+
+/// Whether a region's error is the request's own deadline running out there
+/// (tonic answers CANCELLED "Timeout expired", others DEADLINE_EXCEEDED),
+/// rather than the region giving up on its own.
+pub(super) fn ran_out_at_deadline(status: &Status, deadline: Instant) -> bool {
+    matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled)
+        && clock_now() + DEADLINE_SLACK >= deadline
+}
+
+/// Work cut off at the deadline may have run, so its reservation stays
+/// charged. Only the dispatcher's own deadline judges the region: one the
+/// caller chose says nothing about it (thirty impatient callers must not
+/// open a healthy region's circuit for everyone).
+pub(super) fn deadline_completion(callers_deadline: bool, latency: Duration) -> Completion {
+    Completion {
+        settlement: Settlement::Unknown,
+        outcome: (!callers_deadline).then_some(Outcome::Failure),
+        latency,
+        ..Completion::abandoned()
     }
 }
 

@@ -1,15 +1,18 @@
 //! `DispatchStream`: output relayed as the region produces it. The tokens
-//! produced are counted as they arrive; when the caller goes away mid-stream
-//! the upstream call is cancelled and only what was produced is charged.
+//! produced are counted as they arrive; when the caller goes away mid-stream,
+//! or its deadline passes (whether it reads or not), the upstream call is
+//! cancelled and only what was produced is charged.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker, ready};
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_stream::Stream;
-use tokio_stream::wrappers::ReceiverStream;
 
+use super::attempt::ran_out_at_deadline;
 use super::held::{Held, TenantCharge};
 use super::{DispatchError, Engine, hint_from_pb, load_from_pb};
 use crate::core::{Completion, Outcome, Settlement};
@@ -33,16 +36,51 @@ pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<StreamChunk, DispatchErr
 /// Chunks buffered towards a slow caller before the relay waits for it.
 const BUFFER: usize = 16;
 
+/// How a stream ends: its final chunk or an error.
+type End = Result<StreamChunk, DispatchError>;
+
 struct Relay {
     _running: super::Running,
     held: Held,
     charge: TenantCharge,
     upstream: tonic::Streaming<pb::ExecuteChunk>,
-    tx: mpsc::Sender<Result<StreamChunk, DispatchError>>,
+    tx: mpsc::Sender<StreamChunk>,
+    /// Takes the end without waiting for the caller to read: a caller that
+    /// stops reading must not hold the call (its slot, its reservation).
+    end: oneshot::Sender<End>,
     template: StreamChunk,
     prompt: u64,
     sent: Instant,
     deadline: Instant,
+    callers_deadline: bool,
+}
+
+/// The caller's side: the output as it was relayed, then the end.
+struct Output {
+    chunks: mpsc::Receiver<StreamChunk>,
+    end: Option<oneshot::Receiver<End>>,
+}
+
+impl Stream for Output {
+    type Item = End;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<End>> {
+        if let Some(chunk) = ready!(self.chunks.poll_recv(cx)) {
+            return Poll::Ready(Some(Ok(chunk)));
+        }
+        let Some(end) = self.end.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let end = ready!(Pin::new(end).poll(cx));
+        self.end = None;
+        Poll::Ready(Some(end.unwrap_or_else(|_| {
+            Err(DispatchError::Upstream {
+                region: String::new(),
+                code: tonic::Code::Internal,
+                message: "the stream's relay ended without an answer".into(),
+            })
+        })))
+    }
 }
 
 impl Engine {
@@ -80,12 +118,14 @@ impl Engine {
         labels.region = Some(f.region.clone());
         labels.finish(Ok(()), start);
         let (tx, rx) = mpsc::channel(BUFFER);
+        let (end, end_rx) = oneshot::channel();
         let relay = Relay {
             _running: running,
             held: f.held,
             charge,
             upstream: f.value,
             tx,
+            end,
             template: StreamChunk {
                 request_id: p.request_id,
                 region: f.region.to_string(),
@@ -101,9 +141,13 @@ impl Engine {
             prompt: p.estimate.prompt,
             sent: f.sent,
             deadline: p.deadline,
+            callers_deadline: p.callers_deadline,
         };
         tokio::spawn(relay.run());
-        Ok(Box::pin(ReceiverStream::new(rx)))
+        Ok(Box::pin(Output {
+            chunks: rx,
+            end: Some(end_rx),
+        }))
     }
 }
 
@@ -118,16 +162,19 @@ impl Relay {
     }
 
     /// Ends the upstream call early: the provider stops generating and
-    /// counts what it produced.
-    fn cut(self, produced: u64, outcome: Option<Outcome>) {
+    /// counts what it produced, which is charged; then the stream ends with
+    /// `end`, if anyone is left to read it.
+    fn cut(self, mut produced: u64, outcome: Option<Outcome>, end: Option<End>) {
         let Relay {
             held,
             mut charge,
-            upstream,
+            mut upstream,
+            end: end_tx,
             prompt,
             sent,
             ..
         } = self;
+        drain(&mut upstream, &mut produced);
         drop(upstream);
         charge.settled(held.settle(Completion {
             settlement: Settlement::Used {
@@ -139,22 +186,29 @@ impl Relay {
             ..Completion::abandoned()
         }));
         charge.finish();
+        if let Some(end) = end {
+            let _ = end_tx.send(end);
+        }
+    }
+
+    /// The deadline passed: the call ends, whether the caller reads or not.
+    /// Only the dispatcher's own deadline counts against the region.
+    fn expire(self, produced: u64) {
+        let outcome = (!self.callers_deadline).then_some(Outcome::Failure);
+        let end = Err(DispatchError::DeadlineExceeded("while streaming".into()));
+        self.cut(produced, outcome, Some(end));
     }
 
     async fn run(mut self) {
         let mut produced = 0u64;
+        let deadline = tokio::time::Instant::from_std(self.deadline);
         loop {
             let message = tokio::select! {
                 _ = self.tx.closed() => {
                     tracing::debug!(produced, "caller went away mid-stream; cancelling upstream");
-                    return self.cut(produced, None);
+                    return self.cut(produced, None, None);
                 }
-                _ = tokio::time::sleep_until(self.deadline.into()) => {
-                    let tx = self.tx.clone();
-                    self.cut(produced, Some(Outcome::Failure));
-                    let _ = tx.send(Err(DispatchError::DeadlineExceeded("while streaming".into()))).await;
-                    return;
-                }
+                _ = tokio::time::sleep_until(deadline) => return self.expire(produced),
                 m = self.upstream.message() => m,
             };
             match message {
@@ -169,7 +223,7 @@ impl Relay {
                         let Relay {
                             held,
                             mut charge,
-                            tx,
+                            end,
                             sent,
                             ..
                         } = self;
@@ -185,12 +239,17 @@ impl Relay {
                             provider_refused: None,
                         }));
                         charge.finish();
-                        let _ = tx.send(Ok(last)).await;
+                        let _ = end.send(Ok(last));
                         return;
                     }
                     let chunk = self.chunk(c.output, usage, false);
-                    if self.tx.send(Ok(chunk)).await.is_err() {
-                        return self.cut(produced, None);
+                    tokio::select! {
+                        sent = self.tx.send(chunk) => if sent.is_err() {
+                            return self.cut(produced, None, None);
+                        },
+                        // A caller that stopped reading is not waited for
+                        // past its deadline.
+                        _ = tokio::time::sleep_until(deadline) => return self.expire(produced),
                     }
                 }
                 Ok(None) => {
@@ -200,11 +259,10 @@ impl Relay {
                         completion_tokens: produced,
                     };
                     let last = self.chunk(bytes::Bytes::new(), usage, true);
-                    let tx = self.tx.clone();
-                    self.cut(produced, Some(Outcome::Success));
-                    let _ = tx.send(Ok(last)).await;
-                    return;
+                    return self.cut(produced, Some(Outcome::Success), Some(Ok(last)));
                 }
+                // The propagated deadline ran out at the region.
+                Err(status) if ran_out_at_deadline(&status, self.deadline) => return self.expire(produced),
                 Err(status) => {
                     // Failed midway: it ran, and how much the provider counted
                     // is unknown, so the reservation stays charged.
@@ -212,7 +270,7 @@ impl Relay {
                     let Relay {
                         held,
                         mut charge,
-                        tx,
+                        end,
                         sent,
                         ..
                     } = self;
@@ -223,16 +281,32 @@ impl Relay {
                         ..Completion::abandoned()
                     }));
                     charge.finish();
-                    let _ = tx
-                        .send(Err(DispatchError::Upstream {
-                            region,
-                            code: status.code(),
-                            message: status.message().to_string(),
-                        }))
-                        .await;
+                    let _ = end.send(Err(DispatchError::Upstream {
+                        region,
+                        code: status.code(),
+                        message: status.message().to_string(),
+                    }));
                     return;
                 }
             }
+        }
+    }
+}
+
+/// Counts the output that has already arrived from the region but was not
+/// relayed (the caller was not reading), so a cut call is charged for what
+/// the region produced up to the cut, not only for what was passed on.
+fn drain(upstream: &mut tonic::Streaming<pb::ExecuteChunk>, produced: &mut u64) {
+    let mut cx = Context::from_waker(Waker::noop());
+    loop {
+        let next = std::pin::pin!(upstream.message());
+        match next.poll(&mut cx) {
+            Poll::Ready(Ok(Some(c))) => {
+                if let Some(u) = c.usage {
+                    *produced = (*produced).max(u.completion_tokens);
+                }
+            }
+            _ => return,
         }
     }
 }

@@ -50,11 +50,11 @@ pub fn to_status(e: &DispatchError) -> Status {
         DispatchError::DeadlineExceeded(_) => Status::deadline_exceeded(message),
         DispatchError::Upstream { code, .. } => {
             // A region's "bad argument" is our internal error towards the caller
-            // unless it is about the request itself.
+            // unless it is about the request itself. A region that cancelled or
+            // timed out on its own failed: the caller neither cancelled nor
+            // reached its deadline (that is `DeadlineExceeded` above).
             let code = match code {
                 Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition => *code,
-                Code::DeadlineExceeded => Code::DeadlineExceeded,
-                Code::Cancelled => Code::Cancelled,
                 _ => Code::Unavailable,
             };
             Status::new(code, message)

@@ -316,19 +316,31 @@ impl SimService {
         let sim = self.clone();
         tokio::spawn(async move {
             let _in_flight = Gauge::enter(&sim.inner.in_flight);
-            // Time to first token: the prompt.
-            tokio::time::sleep(sim.latency(&knobs, r.prompt_tokens)).await;
             let mut produced = 0;
+            // The caller going away ends the work at once, even mid-wait: a
+            // cancelled stream must not hold its slot until its next chunk.
+            let cancelled = |produced| {
+                // The provider stops generating and counts only what it produced.
+                sim.inner.cancelled.fetch_add(1, Ordering::Relaxed);
+                sim.finish(admission, r.prompt_tokens, produced);
+            };
+            // Time to first token: the prompt.
+            let first = sim.latency(&knobs, r.prompt_tokens);
+            if !until_or_closed(first, &tx).await {
+                return cancelled(produced);
+            }
             while produced < completion {
                 let n = CHUNK_TOKENS.min(completion - produced);
-                tokio::time::sleep(sim.latency(
+                let next = sim.latency(
                     &Knobs {
                         extra_latency_ms: 0,
                         ..knobs
                     },
                     n,
-                ))
-                .await;
+                );
+                if !until_or_closed(next, &tx).await {
+                    return cancelled(produced);
+                }
                 let chunk = pb::ExecuteChunk {
                     output: Bytes::from(format!(
                         "[{}] tokens {}..{}\n",
@@ -343,11 +355,7 @@ impl SimService {
                     ..Default::default()
                 };
                 if tx.send(Ok(chunk)).await.is_err() {
-                    // The caller went away: the provider stops generating and
-                    // counts only what it produced.
-                    sim.inner.cancelled.fetch_add(1, Ordering::Relaxed);
-                    sim.finish(admission, r.prompt_tokens, produced);
-                    return;
+                    return cancelled(produced);
                 }
                 produced += n;
             }
@@ -365,6 +373,14 @@ impl SimService {
             let _ = tx.send(Ok(last)).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Waits `d`; false if the stream's receiver went away first.
+async fn until_or_closed<T>(d: Duration, tx: &mpsc::Sender<T>) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => true,
+        _ = tx.closed() => false,
     }
 }
 
