@@ -26,8 +26,9 @@ pub fn excerpt(s: &str) -> String {
     }
 }
 
-/// `s` cut to at most `max` bytes at a character boundary, marked when cut:
-/// a last guard on text that may carry caller or region input.
+/// `s` cut to at most `max` bytes at a character boundary, marked when cut
+/// (never shorter than the mark): a last guard on text that may carry
+/// caller or region input.
 pub fn truncate(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
     if s.len() <= max {
         return s.into();

@@ -251,7 +251,7 @@ pub fn classify(status: &tonic::Status) -> FailureKind {
         Code::ResourceExhausted => FailureKind::ProviderRefused {
             reset: crate::grpc::retry_after(status)
                 .unwrap_or(DEFAULT_PROVIDER_RESET)
-                .min(Duration::from_secs(3600)),
+                .min(crate::core::model_quota::MAX_REFUSAL_RESET),
         },
         Code::InvalidArgument
         | Code::FailedPrecondition

@@ -229,33 +229,11 @@ impl<T: Send> Discipline<T> for FairQueue<T> {
     /// it to while `tenant` works through its own backlog. A tenant with
     /// nothing queued waits behind nothing (and costs no scan).
     fn tokens_ahead(&self, tenant: &str) -> u64 {
-        let Some(mine) = self.tenants.get(tenant).filter(|q| q.tokens > 0) else {
-            return 0;
-        };
-        // The sum over everyone counts `tenant` itself exactly once, at its
-        // own tokens (min(own, own / w · w)): no name compare per tenant.
-        let per_weight = mine.tokens as f64 / mine.weight;
-        let everyone: f64 = self
-            .tenants
-            .values()
-            .map(|q| (q.tokens as f64).min(per_weight * q.weight))
-            .sum();
-        (everyone.round() as u64).max(mine.tokens)
+        self.ahead(tenant, |q| q.tokens as f64)
     }
 
-    /// As `tokens_ahead`, counted in requests.
     fn requests_ahead(&self, tenant: &str) -> u64 {
-        let Some(mine) = self.tenants.get(tenant).filter(|q| !q.waiters.is_empty()) else {
-            return 0;
-        };
-        let own = mine.waiters.len() as f64;
-        let per_weight = own / mine.weight;
-        let everyone: f64 = self
-            .tenants
-            .values()
-            .map(|q| (q.waiters.len() as f64).min(per_weight * q.weight))
-            .sum();
-        (everyone.round() as u64).max(own as u64)
+        self.ahead(tenant, |q| q.waiters.len() as f64)
     }
 
     /// `w / (w + Σ weights of the other tenants with work waiting)`.
@@ -314,6 +292,28 @@ impl<T: Send> Discipline<T> for FairQueue<T> {
         }
         self.active_weight = self.heads.iter().map(|k| self.tenants[&k.1].weight).sum();
         self.weights = weights;
+    }
+}
+
+impl<T> FairQueue<T> {
+    /// What a new request of `tenant` would wait behind, in `measure` (tokens
+    /// or requests): each tenant's waiting work up to what it is served
+    /// while `tenant`'s own is, by weight. Nothing for a tenant with nothing
+    /// queued: it is served at its share from the start. The sum counts
+    /// `tenant` itself exactly once, at its own measure (min(own, own / w ·
+    /// w)): no name compare per tenant.
+    fn ahead(&self, tenant: &str, measure: impl Fn(&TenantQueue<T>) -> f64) -> u64 {
+        let Some(mine) = self.tenants.get(tenant).filter(|q| !q.waiters.is_empty()) else {
+            return 0;
+        };
+        let own = measure(mine);
+        let per_weight = own / mine.weight;
+        let everyone: f64 = self
+            .tenants
+            .values()
+            .map(|q| measure(q).min(per_weight * q.weight))
+            .sum();
+        everyone.round().max(own) as u64
     }
 }
 

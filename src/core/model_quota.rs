@@ -11,6 +11,9 @@ use super::quota::{QuotaBucket, QuotaError, Shortfall};
 /// one showed that someone we do not see spends from the same quota.
 pub const UNSEEN_MEMORY: Duration = Duration::from_secs(60);
 
+/// The longest reset a provider refusal is believed for.
+pub const MAX_REFUSAL_RESET: Duration = Duration::from_secs(3600);
+
 /// How the provider behind a region charges its token limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Accounting {
@@ -150,15 +153,19 @@ pub struct LastHint {
 enum Entry {
     /// Not settled: the tokens reserved.
     Live(u64),
-    /// Settled: the tokens the provider kept (0 for work that never ran).
+    /// Settled: the tokens the provider kept.
     Settled(u64),
+    /// Settled without having reached the provider.
+    NotRun,
 }
 
 /// Reservations in the order they were made. Settled ones are kept, with
 /// what they were charged, until every earlier one is settled too (then
 /// dropped from the front): a hint answering an older request must count
 /// what was spent after it, settled or not. Reserve and settle cost
-/// O(log n) without allocating per request.
+/// O(log n) without allocating per request; a hint costs O(k) for the k
+/// reservations kept after its own (bounded by what is in flight behind
+/// the oldest one still running).
 #[derive(Debug, Clone, Default)]
 struct InFlight {
     /// (sequence number, entry), sequence ascending.
@@ -174,18 +181,18 @@ impl InFlight {
         self.tokens += tokens;
     }
 
-    /// Settles `seq` at `charged` tokens; false if it is not in flight.
-    fn remove(&mut self, seq: u64, charged: u64) -> bool {
+    /// Settles `seq` as `entry`; false if it is not in flight.
+    fn remove(&mut self, seq: u64, entry: Entry) -> bool {
         let Ok(i) = self.holds.binary_search_by_key(&seq, |(s, _)| *s) else {
             return false;
         };
         let Entry::Live(tokens) = self.holds[i].1 else {
             return false;
         };
-        self.holds[i].1 = Entry::Settled(charged);
+        self.holds[i].1 = entry;
         self.live -= 1;
         self.tokens -= tokens;
-        while matches!(self.holds.front(), Some((_, Entry::Settled(_)))) {
+        while matches!(self.holds.front(), Some((_, Entry::Settled(_) | Entry::NotRun))) {
             self.holds.pop_front();
         }
         true
@@ -202,11 +209,22 @@ impl InFlight {
     fn after(&self, seq: u64) -> (u64, u64) {
         let start = self.holds.partition_point(|(s, _)| *s <= seq);
         self.holds.range(start..).fold((0, 0), |(t, n), (_, e)| match *e {
-            Entry::Live(tok) => (t + tok, n + 1),
-            Entry::Settled(0) => (t, n),
-            Entry::Settled(tok) => (t + tok, n + 1),
+            Entry::Live(tok) | Entry::Settled(tok) => (t + tok, n + 1),
+            Entry::NotRun => (t, n),
         })
     }
+}
+
+/// The buckets as our own accounting has them, with a hint believed only as
+/// far as the provider's refill since allows: what the provider has if
+/// nobody we do not see spends from it. Hints are judged against these,
+/// not against the buckets admission uses, which a cautious hint lowers
+/// further: judged against those, a hint would look in step while an
+/// unseen consumer is still there, and trust would come back too soon.
+#[derive(Debug, Clone)]
+struct Expected {
+    tokens: QuotaBucket,
+    requests: QuotaBucket,
 }
 
 #[derive(Debug, Clone)]
@@ -222,6 +240,8 @@ pub struct ModelQuota {
     /// Until then hints are taken without crediting the provider's refill:
     /// one showed a consumer or limit we do not see.
     unseen_until: Option<Instant>,
+    /// What the buckets would hold if nobody unseen spent from the quota.
+    expected: Expected,
     last_hint: Option<LastHint>,
     warned_absurd: bool,
 }
@@ -231,6 +251,10 @@ impl ModelQuota {
         Ok(Self {
             tokens: QuotaBucket::try_new(limits.tokens_per_minute, limits.burst_tokens, now)?,
             requests: QuotaBucket::try_new(limits.requests_per_minute, limits.burst_requests, now)?,
+            expected: Expected {
+                tokens: QuotaBucket::try_new(limits.tokens_per_minute, limits.burst_tokens, now)?,
+                requests: QuotaBucket::try_new(limits.requests_per_minute, limits.burst_requests, now)?,
+            },
             limits,
             in_flight: InFlight::default(),
             next_seq: 0,
@@ -326,6 +350,8 @@ impl ModelQuota {
         let took_tokens = self.tokens.try_take(tokens, now).is_ok();
         let took_request = self.requests.try_take(1, now).is_ok();
         debug_assert!(took_tokens && took_request);
+        self.expected.tokens.charge(tokens, now);
+        self.expected.requests.charge(1, now);
         let seq = self.next_seq;
         self.next_seq += 1;
         self.in_flight.push(seq, tokens);
@@ -340,7 +366,11 @@ impl ModelQuota {
             return 0;
         }
         let charged = self.charge_for(hold, outcome, now);
-        self.in_flight.remove(hold.seq, charged);
+        let entry = match outcome {
+            Settlement::NotRun => Entry::NotRun,
+            _ => Entry::Settled(charged),
+        };
+        self.in_flight.remove(hold.seq, entry);
         charged
     }
 
@@ -349,6 +379,8 @@ impl ModelQuota {
             Settlement::NotRun => {
                 self.tokens.refund(hold.tokens, now);
                 self.requests.refund(1, now);
+                self.expected.tokens.refund(hold.tokens, now);
+                self.expected.requests.refund(1, now);
                 0
             }
             Settlement::Unknown => hold.tokens,
@@ -358,8 +390,10 @@ impl ModelQuota {
                     let used = prompt.saturating_add(completion);
                     if used < hold.tokens {
                         self.tokens.refund(hold.tokens - used, now);
+                        self.expected.tokens.refund(hold.tokens - used, now);
                     } else {
                         self.tokens.charge(used - hold.tokens, now);
+                        self.expected.tokens.charge(used - hold.tokens, now);
                     }
                     used
                 }
@@ -394,23 +428,28 @@ impl ModelQuota {
                 (self.in_flight.tokens, self.in_flight.live as u64),
             ),
         };
+        // Out of step with what we expect even with the refill credited:
+        // someone unseen spends from the quota. What we expect comes down to
+        // what the provider can have at most; the caution is (re)armed.
+        let e = &mut self.expected;
+        let tokens_in_step = !e
+            .tokens
+            .lower_to_most(hint.remaining_tokens, age, tokens_after, now);
+        let requests_in_step = !e
+            .requests
+            .lower_to_most(hint.remaining_requests, age, requests_after, now);
+        if !(tokens_in_step && requests_in_step) {
+            self.unseen_until = Some(now + UNSEEN_MEMORY);
+        }
         let trusted = self.unseen_until.is_none_or(|until| until <= now);
-        let tokens_in_step = trusted && self.tokens.in_step(hint.remaining_tokens, age, tokens_after, now);
-        let requests_in_step = trusted
-            && self
-                .requests
-                .in_step(hint.remaining_requests, age, requests_after, now);
-        let lowered_tokens = !tokens_in_step
+        let lowered_tokens = !(trusted && tokens_in_step)
             && self
                 .tokens
                 .lower_to(hint.remaining_tokens - tokens_after as i64, now);
-        let lowered_requests = !requests_in_step
+        let lowered_requests = !(trusted && requests_in_step)
             && self
                 .requests
                 .lower_to(hint.remaining_requests - requests_after as i64, now);
-        if lowered_tokens || lowered_requests {
-            self.unseen_until = Some(now + UNSEEN_MEMORY);
-        }
         HintOutcome::Applied {
             lowered: lowered_tokens || lowered_requests,
         }
@@ -448,21 +487,39 @@ impl ModelQuota {
     /// not say which): the next request then waits until `reset` too, which
     /// costs at most that one interval if it was the token limit.
     pub fn mark_refused(&mut self, tokens: u64, reset: Duration, now: Instant) {
-        self.tokens.lower_until_fits(tokens, reset, now);
-        if reset <= self.requests.refill_time(1) {
-            self.requests.lower_until_fits(1, reset, now);
+        let reset = reset.min(MAX_REFUSAL_RESET);
+        let short = reset <= self.requests.refill_time(1);
+        for (t, r) in [
+            (&mut self.tokens, &mut self.requests),
+            (&mut self.expected.tokens, &mut self.expected.requests),
+        ] {
+            t.lower_until_fits(tokens, reset, now);
+            if short {
+                r.lower_until_fits(1, reset, now);
+            }
         }
         self.blocked_until = Some(now + reset);
     }
 
     /// Applies new limits live, keeping each bucket's fill fraction.
     pub fn set_limits(&mut self, limits: ModelLimits, now: Instant) -> Result<(), QuotaError> {
-        let mut tokens = self.tokens.clone();
-        let mut requests = self.requests.clone();
-        tokens.set_limit(limits.tokens_per_minute, limits.burst_tokens, now)?;
-        requests.set_limit(limits.requests_per_minute, limits.burst_requests, now)?;
+        let mut buckets = [
+            self.tokens.clone(),
+            self.requests.clone(),
+            self.expected.tokens.clone(),
+            self.expected.requests.clone(),
+        ];
+        for pair in buckets.chunks_mut(2) {
+            pair[0].set_limit(limits.tokens_per_minute, limits.burst_tokens, now)?;
+            pair[1].set_limit(limits.requests_per_minute, limits.burst_requests, now)?;
+        }
+        let [tokens, requests, expected_tokens, expected_requests] = buckets;
         self.tokens = tokens;
         self.requests = requests;
+        self.expected = Expected {
+            tokens: expected_tokens,
+            requests: expected_requests,
+        };
         self.limits = limits;
         Ok(())
     }

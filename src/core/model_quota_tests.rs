@@ -210,7 +210,9 @@ fn a_late_hint_is_judged_as_of_when_the_request_was_sent() {
         HintOutcome::Applied { lowered: true }
     );
     assert_eq!(q.tokens().available(now), 2400);
-    assert_eq!(q.requests().available(now), 60, "requests were in step");
+    // Someone unseen showed: the request count too is taken without the
+    // refill for now (59 then, 2 of ours since).
+    assert_eq!(q.requests().available(now), 57);
 }
 
 /// A refusal says when a request of *that* size fits: smaller ones fit
@@ -259,4 +261,48 @@ fn limit_change_keeps_fill_fraction_of_both_buckets() {
     )
     .unwrap();
     assert_eq!(q.tokens().available(t0), 1000);
+}
+
+/// After a hint showed someone unseen, hints are taken cautiously for
+/// `UNSEEN_MEMORY`; hints in step with our accounting meanwhile do not
+/// prolong that, so trust comes back once the other consumer is gone.
+#[test]
+fn caution_after_an_unseen_consumer_ends_when_hints_are_in_step_again() {
+    let secs = Duration::from_secs;
+    let t0 = crate::testing::epoch();
+    let mut q = ModelQuota::try_new(limits(Accounting::Admission), t0).unwrap();
+    // The provider, as a bucket of its own: another consumer took 2000
+    // before our first request, then stopped.
+    let mut tokens = QuotaBucket::try_new(6000, None, t0).unwrap();
+    tokens.charge(2000, t0);
+    let mut requests = QuotaBucket::try_new(60, None, t0).unwrap();
+    let mut send = |q: &mut ModelQuota, n: u64, at: Instant| {
+        let h = q.reserve(n, at).unwrap();
+        tokens.charge(n, at);
+        requests.charge(1, at);
+        let hint = ProviderHint {
+            remaining_tokens: tokens.available(at),
+            remaining_requests: requests.available(at),
+            ..Default::default()
+        };
+        (h, hint)
+    };
+    let (h, hint) = send(&mut q, 1000, t0);
+    assert_eq!(
+        q.apply_hint(hint, Some(h), t0),
+        HintOutcome::Applied { lowered: true }
+    );
+    // Every 10 s a request whose hint (true to the provider) comes a
+    // second late.
+    let mut at = t0;
+    let mut lowered = Vec::new();
+    for _ in 0..8 {
+        at += secs(10);
+        let (h, hint) = send(&mut q, 100, at);
+        let out = q.apply_hint(hint, Some(h), at + secs(1));
+        lowered.push(out == HintOutcome::Applied { lowered: true });
+    }
+    // Cautious (no refill credited, so a late hint lowers) for a minute,
+    // then trusted again.
+    assert_eq!(lowered, [true, true, true, true, true, false, false, false]);
 }

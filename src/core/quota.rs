@@ -199,17 +199,31 @@ impl QuotaBucket {
         Ok(())
     }
 
-    /// Whether a provider that had `remaining` tokens `age` ago, with
-    /// `spent` taken by us since, can still be in step with this bucket: at
-    /// most that plus its refill since (and at most its capacity) is not
-    /// below our level. Applying its figure as of now, without the refill,
-    /// would cut a correct level with every late reply.
-    pub fn in_step(&self, remaining: i64, age: Duration, spent: u64, now: Instant) -> bool {
+    /// What a provider that had `remaining` tokens `age` ago, with `spent`
+    /// taken by us since, can have now at most (in scaled units): that plus
+    /// its refill since, and no more than capacity.
+    fn most_since(&self, remaining: i64, age: Duration, spent: u64) -> i128 {
         let then = remaining as i128 * NANOS_PER_MINUTE;
         let spent = spent as i128 * NANOS_PER_MINUTE;
-        let most = (then + age.as_nanos() as i128 * self.per_minute as i128 - spent).min(self.full());
+        (then + age.as_nanos() as i128 * self.per_minute as i128 - spent).min(self.full())
+    }
+
+    /// Whether such a provider can still be in step with this bucket (its
+    /// most is not below our level). Applying its figure as of now,
+    /// without the refill, would cut a correct level with every late reply.
+    pub fn in_step(&self, remaining: i64, age: Duration, spent: u64, now: Instant) -> bool {
         // A provider's figure is a whole number, rounded down.
-        most + NANOS_PER_MINUTE > self.level_at(now)
+        self.most_since(remaining, age, spent) + NANOS_PER_MINUTE > self.level_at(now)
+    }
+
+    /// Lowers the level to the most such a provider can have, when it is
+    /// out of step; returns whether it was.
+    pub fn lower_to_most(&mut self, remaining: i64, age: Duration, spent: u64, now: Instant) -> bool {
+        if self.in_step(remaining, age, spent, now) {
+            return false;
+        }
+        self.refill(now);
+        self.lower_scaled(self.most_since(remaining, age, spent))
     }
 
     /// Lowers the level so that `n` tokens fit only after `after` (a

@@ -10,7 +10,7 @@ use rand::SeedableRng;
 use rand::rngs::SmallRng;
 use thiserror::Error;
 
-use super::breaker::{BreakerConfig, Transition};
+use super::breaker::{BreakerConfig, Circuit, Transition};
 pub use super::candidates::RouteRequest;
 use super::candidates::{Evaluation, evaluate, scan, trial};
 use super::load::{Outcome, ReportedLoad};
@@ -235,7 +235,7 @@ impl Router {
     /// How fast quota for `model` comes back, in tokens and requests a
     /// second, how much is there now, over the regions that could take work
     /// for it, and how soon one region could refill a request of `tokens`.
-    pub fn supply(&self, model: &str, tokens: u64, now: Instant) -> Option<Supply> {
+    pub fn supply(&self, model: &str, tokens: u64, tried: &[Arc<str>], now: Instant) -> Option<Supply> {
         let id = self.model_id(model)?;
         let mut supply = Supply {
             own_refill: Duration::MAX,
@@ -247,9 +247,19 @@ impl Router {
                 supply.available += q.tokens().available(now).max(0);
                 supply.requests_per_sec += q.requests().per_minute() as f64 / 60.0;
                 supply.requests_available += q.requests().available(now).max(0);
-                let own = q.tokens().refill_time(tokens).max(q.requests().refill_time(1));
-                supply.own_refill = supply.own_refill.min(own);
+                // Only where it could fit and may still go.
+                let could_take = tokens <= q.tokens().capacity()
+                    && r.circuit(now).kind() != Circuit::Open
+                    && !tried.iter().any(|t| **t == *r.name);
+                if could_take {
+                    let own = q.tokens().refill_time(tokens).max(q.requests().refill_time(1));
+                    supply.own_refill = supply.own_refill.min(own);
+                }
             }
+        }
+        if supply.own_refill == Duration::MAX {
+            // No region could take it now: nothing to say about its own wait.
+            supply.own_refill = Duration::ZERO;
         }
         (supply.tokens_per_sec > 0.0).then_some(supply)
     }

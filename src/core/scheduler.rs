@@ -202,7 +202,7 @@ impl<T> Scheduler<T> {
         if s.wait_until <= now {
             return Err(SubmitError::Route(error));
         }
-        if let Some(supply) = self.router.supply(&s.model, s.tokens, now) {
+        if let Some(supply) = self.router.supply(&s.model, s.tokens, &s.tried, now) {
             // When will the quota queued ahead have come back, in tokens and
             // in requests (either limit may bind)? The estimate is blind to
             // the request's own size on purpose: under overload the backlog
@@ -221,11 +221,11 @@ impl<T> Scheduler<T> {
                 supply.requests_per_sec,
             ));
             let may_wait = s.wait_until.saturating_duration_since(now);
-            // Its own refill, in one region: with nobody ahead, exactly when
+            // Its own refill, in one region: with nobody waiting, exactly when
             // it fits first; behind others, the fastest region's refill of
             // its size at the tenant's share. Beyond the head room this
             // request would expire in the queue whatever the backlog does.
-            let own = if queued_tokens == 0 && queued_requests == 0 {
+            let own = if !self.queue.is_waiting(&s.model) {
                 self.router
                     .earliest_fit(&req, &s.tried, now)
                     .map_or(Duration::ZERO, |(_, wait)| wait)

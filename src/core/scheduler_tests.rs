@@ -39,7 +39,7 @@ fn scheduler() -> (Scheduler<u32>, Instant) {
 }
 
 /// Regions of (name, tokens a minute, requests a minute) for model "m".
-fn scheduler_with(regions: &[(&str, u64, u64)]) -> (Scheduler<u32>, Instant) {
+fn spec_with(regions: &[(&str, u64, u64)]) -> (RouterSpec, Instant) {
     let (s, t0) = scheduler();
     let mut spec = RouterSpec {
         models: s.router().models().to_vec(),
@@ -66,6 +66,11 @@ fn scheduler_with(regions: &[(&str, u64, u64)]) -> (Scheduler<u32>, Instant) {
             )],
         });
     }
+    (spec, t0)
+}
+
+fn scheduler_with(regions: &[(&str, u64, u64)]) -> (Scheduler<u32>, Instant) {
+    let (spec, t0) = spec_with(regions);
     (Scheduler::fifo(Router::try_new(spec, t0).unwrap(), 1000), t0)
 }
 
@@ -281,4 +286,25 @@ fn requests_that_can_never_fit_do_not_wait() {
         s.submit(sub(700, t0 + secs(60)), t0, || 2),
         Err(SubmitError::Route(RouteError::TooLarge { .. }))
     ));
+}
+
+/// A tenant with nothing queued is still behind the other tenants' heads:
+/// its own refill comes at its share of the region, not when it would fit
+/// alone.
+#[test]
+fn a_newcomer_behind_other_tenants_waits_at_its_share() {
+    let (spec, t0) = spec_with(&[("r", 600, 6000)]);
+    let router = Router::try_new(spec, t0).unwrap();
+    let mut s: Scheduler<u32> = Scheduler::fair(router, 100, Arc::new(crate::core::Weights::default()));
+    let Ok(Submitted::Reserved(_)) = s.submit(sub(600, t0), t0, || 0) else {
+        panic!()
+    };
+    let mut other = sub(100, t0 + secs(60));
+    other.tenant = "other".into();
+    assert!(matches!(s.submit(other, t0, || 1), Ok(Submitted::Queued { .. })));
+    // 100 tokens alone would come in 10 s; at half the refill, in 20.
+    match s.submit(sub(100, t0 + secs(12)), t0, || 2) {
+        Err(SubmitError::WouldExpire { projected, .. }) => assert_eq!(projected, secs(20)),
+        other => panic!("waited in vain: {other:?}"),
+    }
 }

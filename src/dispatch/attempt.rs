@@ -187,11 +187,24 @@ impl Engine {
                 tracing::debug_span!("queue", model = %model, tokens = p.estimate.total(), attempt);
             let (mut held, waited) = match self.acquire(submission).instrument(queue_span).await {
                 Ok(x) => x,
-                Err(e) if attempt == 1 => return Err(e),
-                Err(e) => {
+                // Only "no region for it" is about the earlier failures; the
+                // caller's deadline, a tenant limit or shutdown is said as is.
+                Err(
+                    e @ (DispatchError::Route(_)
+                    | DispatchError::QueueTimeout { .. }
+                    | DispatchError::WouldWaitInVain { .. }
+                    | DispatchError::QueueFull { .. }),
+                ) if attempt > 1 => {
+                    if clock_now() >= p.deadline {
+                        return Err(DispatchError::DeadlineExceeded(format!(
+                            "after {} attempts, waiting for another region",
+                            attempt - 1
+                        )));
+                    }
                     let why = format!("no other region could take it: {e}");
                     return Err(failures.exhausted(attempt - 1, &why, e.retry_after()));
                 }
+                Err(e) => return Err(e),
             };
             queue_wait += waited;
             if clock_now() >= p.deadline {

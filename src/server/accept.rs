@@ -54,10 +54,6 @@ impl Acceptor {
         }
     }
 
-    pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.listener.local_addr()
-    }
-
     /// The next connection, once a slot is free. Never fails: errors are
     /// logged and retried after a back-off.
     pub async fn accept(&mut self) -> Accepted {

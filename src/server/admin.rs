@@ -138,7 +138,7 @@ fn unknown_region(router: &Router, name: &str) -> Status {
     Status::with_error_details(
         tonic::Code::NotFound,
         format!("no region {quoted}; configured: {}", known.join(", ")),
-        ErrorDetails::with_resource_info("region", quoted, "", "not configured"),
+        ErrorDetails::with_resource_info("region", name, "", "not configured"),
     )
 }
 

@@ -93,6 +93,14 @@ impl Drop for Gauge<'_> {
     }
 }
 
+/// What `admit` hands the work.
+struct Admitted {
+    admission: Admission,
+    completion: u64,
+    knobs: Knobs,
+    hint: Option<pb::ProviderQuota>,
+}
+
 impl SimService {
     pub fn new(spec: SimSpec, health: HealthReporter) -> Self {
         let now = Instant::now();
@@ -141,9 +149,11 @@ impl SimService {
     }
 
     /// Everything before the work runs: checks, the failure draw, a slot, the
-    /// provider's admission. Returns the admission and the completion tokens
-    /// this run will produce.
-    async fn admit(&self, r: &pb::ExecuteRequest) -> Result<(Admission, u64, Knobs), Status> {
+    /// provider's admission. Returns the admission, the completion tokens
+    /// this run will produce, and the provider's rate-limit figures as of
+    /// the admission (a real provider's headers describe its limits when it
+    /// admitted the request, however long the work then takes).
+    async fn admit(&self, r: &pb::ExecuteRequest) -> Result<Admitted, Status> {
         if r.model.is_empty() {
             return Err(Status::with_error_details(
                 Code::InvalidArgument,
@@ -205,7 +215,12 @@ impl SimService {
         } else {
             ((r.max_output_tokens as f64 * fraction).round() as u64).clamp(1, r.max_output_tokens)
         };
-        Ok((admission, completion, knobs))
+        Ok(Admitted {
+            admission,
+            completion,
+            knobs,
+            hint: self.hint(&r.model),
+        })
     }
 
     fn latency(&self, knobs: &Knobs, tokens: u64) -> Duration {
@@ -267,7 +282,12 @@ impl SimService {
         let span = tracing::Span::current();
         span.record("model", r.model.as_str());
         span.record("prompt_tokens", r.prompt_tokens);
-        let (admission, completion, knobs) = self.admit(&r).await?;
+        let Admitted {
+            admission,
+            completion,
+            knobs,
+            hint,
+        } = self.admit(&r).await?;
         span.record("completion_tokens", completion);
         let _in_flight = Gauge::enter(&self.inner.in_flight);
         // If the caller goes away during the work, this future is dropped; the
@@ -298,7 +318,7 @@ impl SimService {
                 prompt_tokens: r.prompt_tokens,
                 completion_tokens: completion,
             }),
-            provider_quota: self.hint(&r.model),
+            provider_quota: hint,
             load: Some(self.load()),
         }))
     }
@@ -310,7 +330,12 @@ impl SimService {
         let span = tracing::Span::current();
         span.record("model", r.model.as_str());
         span.record("prompt_tokens", r.prompt_tokens);
-        let (admission, completion, knobs) = self.admit(&r).await?;
+        let Admitted {
+            admission,
+            completion,
+            knobs,
+            hint,
+        } = self.admit(&r).await?;
         span.record("completion_tokens", completion);
         let (tx, rx) = mpsc::channel(4);
         let sim = self.clone();
@@ -367,7 +392,7 @@ impl SimService {
                     completion_tokens: produced,
                 }),
                 done: true,
-                provider_quota: sim.hint(&r.model),
+                provider_quota: hint,
                 load: Some(sim.load()),
             };
             let _ = tx.send(Ok(last)).await;
