@@ -89,7 +89,7 @@ impl Connection {
         if let Some(s) = self.shared.link.lock().open() {
             return Ok(s);
         }
-        let asked = Instant::now();
+        let asked = crate::clock::now();
         let unavailable =
             |e: &str| tonic::Status::unavailable(format!("connecting to {}: {e}", self.shared.authority));
         let _turn = self.shared.connecting.lock().await;
@@ -120,7 +120,7 @@ impl Connection {
                 let status = unavailable(&why);
                 *self.shared.link.lock() = Link {
                     sender: None,
-                    failed: Some((Instant::now(), why)),
+                    failed: Some((crate::clock::now(), why)),
                 };
                 Err(status)
             }

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -259,7 +259,7 @@ async fn panic_loop(engine: Arc<Engine>, reporter: HealthReporter, cancel: Cance
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let now = Instant::now();
+        let now = crate::clock::now();
         let (down, total) = engine.with_router(|r| {
             let down = r
                 .regions()

@@ -125,13 +125,13 @@ async fn main() -> anyhow::Result<()> {
             engine.begin_shutdown();
             // Keep answering (new work: UNAVAILABLE) until what is in flight
             // is done, then close the listener.
-            let deadline = tokio::time::Instant::now() + grace;
+            let deadline = dispatcher::clock::tokio_now() + grace;
             let drained = tokio::time::timeout_at(deadline, engine.drained()).await.is_ok();
             if !drained {
                 tracing::warn!(running = engine.running(), "shutdown grace ({grace:?}) over with work still in flight; stopping anyway");
             }
             let _ = begin_stop.send(());
-            match tokio::time::timeout_at(deadline.max(tokio::time::Instant::now() + std::time::Duration::from_millis(500)), &mut serve).await {
+            match tokio::time::timeout_at(deadline.max(dispatcher::clock::tokio_now() + std::time::Duration::from_millis(500)), &mut serve).await {
                 Ok(served) => served,
                 Err(_) => Ok(()),
             }

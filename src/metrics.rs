@@ -7,7 +7,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::Bytes;
@@ -179,7 +179,7 @@ async fn sample(engine: Arc<Engine>, handle: PrometheusHandle, cancel: Cancellat
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let now = Instant::now();
+        let now = crate::clock::now();
         engine.with_scheduler(|s| {
             let router = s.router();
             for region in router.regions() {

@@ -6,5 +6,5 @@ use std::time::Instant;
 /// its tests take one reading here and pass `t0 + offsets` in, so every
 /// outcome depends only on the offsets.
 pub fn epoch() -> Instant {
-    Instant::now()
+    crate::clock::now()
 }

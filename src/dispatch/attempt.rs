@@ -37,7 +37,7 @@ impl Labels {
             self.tenant.as_ref(),
             self.region.as_ref(),
             outcome,
-            start.elapsed(),
+            crate::clock::since(start),
         );
     }
 }
@@ -86,7 +86,7 @@ impl Engine {
         if self.shutting_down.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(DispatchError::ShuttingDown);
         }
-        let start = clock_now();
+        let start = crate::clock::now();
         let span = tracing::Span::current();
         let tenant = tracing::debug_span!("authenticate").in_scope(|| self.authenticate(authorization))?;
         span.record("tenant", &*tenant);
@@ -148,7 +148,7 @@ impl Engine {
         let mut failures = Failures::default();
         let mut queue_wait = Duration::ZERO;
         for attempt in 1..=settings.max_attempts {
-            let now = clock_now();
+            let now = crate::clock::now();
             if now >= p.deadline {
                 return Err(DispatchError::DeadlineExceeded(format!(
                     "after {} attempts and {:?}",
@@ -195,7 +195,7 @@ impl Engine {
                     | DispatchError::WouldWaitInVain { .. }
                     | DispatchError::QueueFull { .. }),
                 ) if attempt > 1 => {
-                    if clock_now() >= p.deadline {
+                    if crate::clock::now() >= p.deadline {
                         return Err(DispatchError::DeadlineExceeded(format!(
                             "after {} attempts, waiting for another region",
                             attempt - 1
@@ -207,7 +207,7 @@ impl Engine {
                 Err(e) => return Err(e),
             };
             queue_wait += waited;
-            if clock_now() >= p.deadline {
+            if crate::clock::now() >= p.deadline {
                 // Granted too late: nothing was sent, everything goes back.
                 held.settle(Completion::abandoned());
                 return Err(DispatchError::DeadlineExceeded(format!(
@@ -231,13 +231,13 @@ impl Engine {
                 tried.push(region);
                 continue;
             };
-            let remaining = p.deadline.saturating_duration_since(clock_now());
+            let remaining = p.deadline.saturating_duration_since(crate::clock::now());
             let mut request = tonic::Request::new(p.exec.clone());
             request.set_timeout(remaining);
             crate::telemetry::inject_trace(&span, request.metadata_mut());
             held.mark_sent();
             charge.sending();
-            let sent = Instant::now();
+            let sent = crate::clock::now();
             let result = tokio::time::timeout_at(p.deadline.into(), call(client, request))
                 .instrument(span)
                 .await;
@@ -258,17 +258,19 @@ impl Engine {
                     // before ours did here: the same deadline, so the same
                     // answer as below.
                     super::observe::attempt(&region, None, true);
-                    charge.settled(held.settle(deadline_completion(p.callers_deadline, sent.elapsed())));
+                    charge.settled(
+                        held.settle(deadline_completion(p.callers_deadline, crate::clock::since(sent))),
+                    );
                     return Err(DispatchError::DeadlineExceeded(format!(
                         "at region {region} after {:?} (it answered {:?})",
-                        p.start.elapsed(),
+                        crate::clock::since(p.start),
                         status.code()
                     )));
                 }
                 Ok(Err(status)) => {
                     let kind = classify(&status);
                     super::observe::attempt(&region, Some(kind), false);
-                    charge.settled(held.settle(failure_completion(kind, sent.elapsed())));
+                    charge.settled(held.settle(failure_completion(kind, crate::clock::since(sent))));
                     let message = format!("region {region}: {} ({:?})", status.message(), status.code());
                     let may_retry = match kind {
                         FailureKind::NotRun | FailureKind::ProviderRefused { .. } => true,
@@ -292,10 +294,12 @@ impl Engine {
                 }
                 Err(_elapsed) => {
                     super::observe::attempt(&region, None, true);
-                    charge.settled(held.settle(deadline_completion(p.callers_deadline, sent.elapsed())));
+                    charge.settled(
+                        held.settle(deadline_completion(p.callers_deadline, crate::clock::since(sent))),
+                    );
                     return Err(DispatchError::DeadlineExceeded(format!(
                         "waiting for region {region} after {:?}",
-                        p.start.elapsed()
+                        crate::clock::since(p.start)
                     )));
                 }
             }
@@ -345,13 +349,6 @@ impl Failures {
     }
 }
 
-/// The edge's clock for deadlines: tokio's, which is the system's outside
-/// tests, so that a test's paused clock drives deadlines and their timers
-/// alike.
-pub(super) fn clock_now() -> Instant {
-    tokio::time::Instant::now().into_std()
-}
-
 /// How early a region may report a timeout and it still be the propagated
 /// deadline running out there: `grpc-timeout` goes in microseconds, and a
 /// cluster's timers tick by the millisecond, not in step with ours.
@@ -362,7 +359,7 @@ const DEADLINE_SLACK: Duration = Duration::from_millis(5);
 /// rather than the region giving up on its own.
 pub(super) fn ran_out_at_deadline(status: &Status, deadline: Instant) -> bool {
     matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled)
-        && clock_now() + DEADLINE_SLACK >= deadline
+        && crate::clock::now() + DEADLINE_SLACK >= deadline
 }
 
 /// Work cut off at the deadline may have run, so its reservation stays

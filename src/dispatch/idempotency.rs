@@ -128,7 +128,7 @@ mod tests {
 
     #[test]
     fn one_run_per_id_within_the_window() {
-        let t0 = Instant::now();
+        let t0 = crate::testing::epoch();
         let i = Idempotency::new(Duration::from_secs(60), 10);
         let a: Arc<str> = "a".into();
         assert!(matches!(i.begin(&a, "x", t0), Begin::Lead));
@@ -153,7 +153,7 @@ mod tests {
 
     #[test]
     fn a_failure_is_shared_but_not_kept() {
-        let t0 = Instant::now();
+        let t0 = crate::testing::epoch();
         let i = Idempotency::new(Duration::from_secs(60), 10);
         let a: Arc<str> = "a".into();
         assert!(matches!(i.begin(&a, "x", t0), Begin::Lead));
@@ -170,7 +170,7 @@ mod tests {
 
     #[test]
     fn bounded_by_capacity() {
-        let t0 = Instant::now();
+        let t0 = crate::testing::epoch();
         let i = Idempotency::new(Duration::from_secs(60), 2);
         let a: Arc<str> = "a".into();
         for id in ["1", "2"] {

@@ -17,7 +17,7 @@ mod validate;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::Notify;
@@ -113,14 +113,12 @@ impl Engine {
     /// regions already started by the caller). Start the queue pump with
     /// `spawn_pump` once a runtime is running.
     pub fn new(config: &Config, endpoints: &[(String, String)]) -> Result<Arc<Self>, String> {
-        let now = Instant::now();
+        let now = crate::clock::now();
         let router = Router::try_new(config.router_spec(), now).map_err(|e| e.to_string())?;
         let tenants = Tenants::try_new(&config.tenant_specs(), now).map_err(|e| e.to_string())?;
         let pool = ClusterPool::new();
         pool.set(endpoints)?;
-        let started = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let started = crate::clock::unix_secs();
         Ok(Arc::new(Self {
             state: Mutex::new(Scheduler::fair(
                 router,
@@ -155,7 +153,7 @@ impl Engine {
     /// Applies a new configuration live (all or nothing).
     pub fn apply(&self, config: &Config, endpoints: &[(String, String)]) -> Result<(), String> {
         {
-            let now = Instant::now();
+            let now = crate::clock::now();
             let mut state = self.state.lock();
             let mut tenants = self.tenants.lock();
             // Build everything that can fail before changing anything.
@@ -290,12 +288,12 @@ impl Engine {
             tokens: estimate.total(),
             origin: (!r.origin_region.is_empty()).then_some(r.origin_region.as_str()),
         };
-        Ok(self.state.lock().router().preview(&req, Instant::now())?)
+        Ok(self.state.lock().router().preview(&req, crate::clock::now())?)
     }
 
     /// Each tenant's limits and use, for operators.
     pub fn tenant_report(&self) -> Vec<TenantReport> {
-        self.tenants.lock().report(Instant::now())
+        self.tenants.lock().report(crate::clock::now())
     }
 
     /// The tenant behind an `authorization` header (or none).
@@ -355,7 +353,7 @@ impl Engine {
         model: &str,
         tokens: u64,
     ) -> Result<(TenantHold, usize), DispatchError> {
-        let now = Instant::now();
+        let now = crate::clock::now();
         let mut tenants = self.tenants.lock();
         let hold = tenants
             .admit(tenant, model, tokens, now, today())
@@ -378,7 +376,7 @@ impl Engine {
     }
 
     fn settle_tenant(&self, hold: TenantHold, charged: u64) {
-        self.tenants.lock().settle(hold, charged, Instant::now());
+        self.tenants.lock().settle(hold, charged, crate::clock::now());
     }
 
     /// Reclaims rate-limiter state of idle tenants.
@@ -392,7 +390,7 @@ impl Engine {
         // for every settlement cost two context switches per request.
         let (settled, waiting) = {
             let mut state = self.state.lock();
-            let settled = state.router_mut().settle(r, c, Instant::now());
+            let settled = state.router_mut().settle(r, c, crate::clock::now());
             (settled, state.queued() > 0)
         };
         observe::settled(
@@ -426,10 +424,7 @@ impl Engine {
 /// Today as UTC days since the epoch, for daily budgets.
 fn today() -> Day {
     const DAY: u64 = 86_400;
-    let since_epoch = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    let secs = since_epoch.as_secs();
+    let secs = crate::clock::unix_secs();
     Day {
         number: secs / DAY,
         next_in: Duration::from_secs(DAY - secs % DAY),

@@ -28,7 +28,7 @@ impl Engine {
     /// A reservation for `s`, now or after waiting for quota until
     /// `s.wait_until`. Returns it with the time spent waiting.
     pub(super) async fn acquire(self: &Arc<Self>, s: Submission) -> Result<(Held, Duration), DispatchError> {
-        let start = Instant::now();
+        let start = crate::clock::now();
         let wait_until = s.wait_until;
         let s_model = s.model.clone();
         let mut receiver = None;
@@ -83,8 +83,8 @@ impl Engine {
         };
         match grant {
             Some(Grant::Reserved(held)) => {
-                super::observe::queue_wait(&model, start.elapsed());
-                Ok((held, start.elapsed()))
+                super::observe::queue_wait(&model, crate::clock::since(start));
+                Ok((held, crate::clock::since(start)))
             }
             Some(Grant::Failed(e)) => Err(e.into()),
             Some(Grant::Expired(retry)) => Err(self.queue_timeout(start, retry)),
@@ -94,7 +94,7 @@ impl Engine {
 
     fn queue_timeout(&self, start: Instant, retry_after: Option<Duration>) -> DispatchError {
         DispatchError::QueueTimeout {
-            waited: start.elapsed(),
+            waited: crate::clock::since(start),
             retry_after,
         }
     }
@@ -114,10 +114,10 @@ impl Engine {
 const IDLE_SWEEP: Duration = Duration::from_secs(10);
 
 async fn pump(engine: Weak<Engine>, cancel: CancellationToken) {
-    let mut next_idle_sweep = Instant::now() + IDLE_SWEEP;
+    let mut next_idle_sweep = crate::clock::now() + IDLE_SWEEP;
     loop {
         let Some(e) = engine.upgrade() else { return };
-        let now = Instant::now();
+        let now = crate::clock::now();
         let (released, wake, queued) = {
             let mut state = e.state.lock();
             let released = state.release(now, |t: &Ticket| t.is_closed());

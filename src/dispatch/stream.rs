@@ -92,7 +92,7 @@ impl Engine {
         timeout: Option<Duration>,
         authorization: Option<&str>,
     ) -> Result<ChunkStream, DispatchError> {
-        let start = std::time::Instant::now();
+        let start = crate::clock::now();
         let running = self.enter();
         let mut labels = super::attempt::Labels::default();
         let prepared = self.prepare(r, timeout, authorization, &mut labels);
@@ -182,7 +182,7 @@ impl Relay {
                 completion: produced,
             },
             outcome,
-            latency: sent.elapsed(),
+            latency: crate::clock::since(sent),
             ..Completion::abandoned()
         }));
         charge.finish();
@@ -233,7 +233,7 @@ impl Relay {
                                 completion: usage.completion_tokens,
                             },
                             outcome: Some(Outcome::Success),
-                            latency: sent.elapsed(),
+                            latency: crate::clock::since(sent),
                             hint: c.provider_quota.map(hint_from_pb),
                             load: c.load.map(load_from_pb),
                             provider_refused: None,
@@ -277,7 +277,7 @@ impl Relay {
                     charge.settled(held.settle(Completion {
                         settlement: Settlement::Unknown,
                         outcome: Some(Outcome::Failure),
-                        latency: sent.elapsed(),
+                        latency: crate::clock::since(sent),
                         ..Completion::abandoned()
                     }));
                     charge.finish();

@@ -1,7 +1,7 @@
 //! `Dispatch`: one request, one reply.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tracing::{Instrument, Span};
 
@@ -34,7 +34,7 @@ impl Engine {
             Err(_) => return self.dispatch_once(r, timeout, authorization).await,
         };
         let id = r.request_id.clone();
-        match self.idempotency.begin(&tenant, &id, Instant::now()) {
+        match self.idempotency.begin(&tenant, &id, crate::clock::now()) {
             Begin::Replay(reply) => {
                 tracing::debug!(request_id = %id, "replaying the answer to a repeated request_id");
                 Ok(reply)
@@ -66,7 +66,9 @@ impl Engine {
                         .dispatch_once(r, timeout, authorization.as_deref())
                         .instrument(span)
                         .await;
-                    engine.idempotency.finish(&tenant, &id, &answer, Instant::now());
+                    engine
+                        .idempotency
+                        .finish(&tenant, &id, &answer, crate::clock::now());
                     answer
                 });
                 run.await.unwrap_or_else(|e| {
@@ -86,7 +88,7 @@ impl Engine {
         timeout: Option<Duration>,
         authorization: Option<&str>,
     ) -> Result<Dispatched, DispatchError> {
-        let start = Instant::now();
+        let start = crate::clock::now();
         let mut labels = Labels::default();
         let result = self.dispatch_inner(r, timeout, authorization, &mut labels).await;
         labels.finish(result.as_ref().map(|_| ()), start);
@@ -124,7 +126,7 @@ impl Engine {
                     completion: usage.completion_tokens,
                 },
                 outcome: Some(Outcome::Success),
-                latency: f.sent.elapsed(),
+                latency: crate::clock::since(f.sent),
                 hint: reply.provider_quota.map(hint_from_pb),
                 load: reply.load.map(load_from_pb),
                 provider_refused: None,

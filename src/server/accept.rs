@@ -123,7 +123,7 @@ fn per_connection(e: &io::Error) -> bool {
 
 /// Whether a warning last given at `last` may be given again now.
 fn due(last: &mut Option<Instant>) -> bool {
-    let now = Instant::now();
+    let now = crate::clock::tokio_now();
     if last.is_some_and(|at| now.duration_since(at) < WARN_EVERY) {
         return false;
     }

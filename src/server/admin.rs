@@ -112,7 +112,7 @@ impl AdminService {
                 ),
             ));
         }
-        let now = Instant::now();
+        let now = crate::clock::now();
         self.engine
             .with_scheduler(|sched| match sched.router().region(name) {
                 Some(r) => Ok(self.status(sched, r, now)),
@@ -148,7 +148,7 @@ impl Admin for AdminService {
         &self,
         _: Request<pb::ListRegionsRequest>,
     ) -> Result<Response<pb::ListRegionsReply>, Status> {
-        let now = Instant::now();
+        let now = crate::clock::now();
         let regions = self.engine.with_scheduler(|sched| {
             sched
                 .router()

@@ -49,7 +49,7 @@ impl Activity {
     pub fn new() -> Arc<Self> {
         Arc::new(Self {
             active: AtomicUsize::new(0),
-            idle_since: Mutex::new(Instant::now()),
+            idle_since: Mutex::new(crate::clock::tokio_now()),
         })
     }
 
@@ -74,7 +74,7 @@ impl Drop for Busy {
     fn drop(&mut self) {
         let mut since = self.0.idle_since.lock();
         if self.0.active.fetch_sub(1, Ordering::SeqCst) == 1 {
-            *since = Instant::now();
+            *since = crate::clock::tokio_now();
         }
     }
 }
@@ -128,7 +128,7 @@ impl<IO> Conn<IO> {
                 tracing::debug!(peer = ?self.info.as_ref().and_then(|i| i.remote_addr), "closing a connection that sent no HTTP/2 preface in time");
                 return true;
             }
-            let now = Instant::now();
+            let now = crate::clock::tokio_now();
             let next = match self.activity.idle_since() {
                 None => now + self.timeouts.idle,
                 Some(since) if since + self.timeouts.idle <= now => {
@@ -156,7 +156,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Conn<IO> {
             this.read += buf.filled().len() - before;
             if this.read >= PREFACE_BYTES {
                 this.handshaken = true;
-                let at = Instant::now() + this.timeouts.idle;
+                let at = crate::clock::tokio_now() + this.timeouts.idle;
                 this.timer.as_mut().reset(at);
             }
         }
@@ -333,7 +333,7 @@ mod tests {
 
     /// Reads from `conn` until it ends; returns how long that took.
     async fn ends_after(conn: &mut Conn<tokio::io::DuplexStream>) -> Duration {
-        let start = Instant::now();
+        let start = crate::clock::tokio_now();
         let mut buf = [0u8; 64];
         while conn.read(&mut buf).await.unwrap() > 0 {}
         start.elapsed()

@@ -232,7 +232,7 @@ mod tests {
 
     #[test]
     fn refuses_past_the_limit_and_counts_warned_refusals() {
-        let t0 = Instant::now();
+        let t0 = crate::testing::epoch();
         let mut p = Provider::new(&limits(Accounting::Admission), 0, t0);
         let a = p.admit("m", 1000, 4000, t0).unwrap();
         p.complete(a, 1000, 10, t0);
@@ -249,7 +249,7 @@ mod tests {
 
     #[test]
     fn usage_accounting_gives_back_the_unused_part() {
-        let t0 = Instant::now();
+        let t0 = crate::testing::epoch();
         let mut p = Provider::new(&limits(Accounting::Usage), 0, t0);
         let a = p.admit("m", 1000, 4000, t0).unwrap();
         p.complete(a, 1000, 500, t0);
@@ -258,7 +258,7 @@ mod tests {
 
     #[test]
     fn a_foreign_consumer_takes_its_share() {
-        let t0 = Instant::now();
+        let t0 = crate::testing::epoch();
         let mut p = Provider::new(&limits(Accounting::Usage), 3000, t0);
         let a = p.admit("m", 6000, 0, t0).unwrap();
         p.complete(a, 6000, 0, t0);

@@ -4,7 +4,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -103,7 +103,7 @@ struct Admitted {
 
 impl SimService {
     pub fn new(spec: SimSpec, health: HealthReporter) -> Self {
-        let now = Instant::now();
+        let now = crate::clock::now();
         let s = spec.settings;
         Self {
             inner: Arc::new(Inner {
@@ -139,7 +139,7 @@ impl SimService {
     }
 
     fn hint(&self, model: &str) -> Option<pb::ProviderQuota> {
-        let h = self.inner.provider.lock().hint(model, Instant::now())?;
+        let h = self.inner.provider.lock().hint(model, crate::clock::now())?;
         Some(pb::ProviderQuota {
             remaining_tokens: h.remaining_tokens,
             remaining_requests: h.remaining_requests,
@@ -193,11 +193,12 @@ impl SimService {
         drop(queued);
         let permit = permit.map_err(|_| Status::unavailable("shutting down"))?;
         permit.forget();
-        let admission =
-            self.inner
-                .provider
-                .lock()
-                .admit(&r.model, r.prompt_tokens, r.max_output_tokens, Instant::now());
+        let admission = self.inner.provider.lock().admit(
+            &r.model,
+            r.prompt_tokens,
+            r.max_output_tokens,
+            crate::clock::now(),
+        );
         let admission = match admission {
             Ok(a) => a,
             Err(refusal) => {
@@ -235,7 +236,7 @@ impl SimService {
         self.inner
             .provider
             .lock()
-            .complete(admission, prompt, completion, Instant::now());
+            .complete(admission, prompt, completion, crate::clock::now());
     }
 }
 
@@ -491,7 +492,7 @@ impl SimService {
             .inner
             .provider
             .lock()
-            .counters(Instant::now())
+            .counters(crate::clock::now())
             .into_iter()
             .map(|(model, c, remaining)| pb::ModelStats {
                 model,
