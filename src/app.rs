@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 
 use crate::config::Config;
+pub use crate::config::Reload;
 use crate::sim::{self, SimHandle, SimSpec};
 
 /// The in-process clusters of regions that have `[simulate]` and no endpoint.
@@ -82,17 +83,7 @@ pub struct Runtime {
     pub health: crate::health::HealthChecks,
     /// The settings read at start-up that a reload cannot change (the
     /// listen address as dispatcher.toml gave it, telemetry).
-    started: (std::net::SocketAddr, crate::config::TelemetryConfig),
-}
-
-/// What `ReloadConfig` found and did.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Reload {
-    pub dry_run: bool,
-    pub applied: bool,
-    pub changes: Vec<crate::config::Change>,
-    pub errors: Vec<crate::config::ConfigError>,
-    pub needs_restart: Vec<String>,
+    started: (std::net::SocketAddr, crate::config::TelemetryConfig, usize),
 }
 
 /// How often the regions directory is checked for edits.
@@ -110,7 +101,11 @@ impl Runtime {
         let mut health = crate::health::HealthChecks::new(engine.clone());
         health.sync(&config, &endpoints).await;
         Ok(Self {
-            started: (config.server.listen, config.telemetry.clone()),
+            started: (
+                config.server.listen,
+                config.telemetry.clone(),
+                config.limits.max_payload_bytes,
+            ),
             config,
             sims,
             engine,
@@ -147,6 +142,16 @@ impl Runtime {
         }
         if next.telemetry != self.started.1 {
             needs_restart.push("telemetry".into());
+        }
+        if next.limits.max_payload_bytes > self.started.2 {
+            // Checked against the new limit at once, but the transport's
+            // decode limit was set from the old one at start.
+            needs_restart.push(format!(
+                "limits.max_payload_bytes: raised from {} to {}; payloads whose message is over {} bytes are refused by the transport until a restart",
+                self.started.2,
+                next.limits.max_payload_bytes,
+                crate::server::max_message_bytes(self.started.2)
+            ));
         }
         if next.server.connections != self.config.server.connections {
             needs_restart.push("server connection limits (max_connections, timeouts, keepalive)".into());
@@ -263,4 +268,16 @@ pub fn spawn_region_watch(
             }
         }
     })
+}
+
+/// The runtime as the Admin API's narrow reload handle.
+pub struct RuntimeReload(pub std::sync::Arc<tokio::sync::Mutex<Runtime>>);
+
+impl crate::server::ReloadHandle for RuntimeReload {
+    fn reload(
+        &self,
+        dry_run: bool,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Reload> + Send + '_>> {
+        Box::pin(async move { self.0.lock().await.reload_all(dry_run).await })
+    }
 }

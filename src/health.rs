@@ -18,7 +18,7 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::server::HealthReporter;
 
 use crate::config::{Config, HealthConfig};
-use crate::core::{CircuitState, HealthTracker};
+use crate::core::HealthTracker;
 use crate::dispatch::Engine;
 
 /// The health service name that reports whether enough regions are up.
@@ -94,7 +94,7 @@ impl HealthChecks {
             }
             let moved = replaced.get(region).is_some_and(|old| old != endpoint);
             let healthy = if moved {
-                self.engine.with_router_mut(|r| r.set_healthy(region, true));
+                self.engine.desk().set_health(region, true);
                 metrics::gauge!("dispatcher_region_healthy", "region" => region.to_string()).set(1.0);
                 tracing::info!(
                     %region,
@@ -104,8 +104,7 @@ impl HealthChecks {
                 );
                 true
             } else {
-                self.engine
-                    .with_router(|r| r.region(region).is_none_or(|g| g.healthy()))
+                self.engine.desk().healthy(region).unwrap_or(true)
             };
             let cancel = CancellationToken::new();
             let task = tokio::spawn(check_loop(
@@ -210,7 +209,7 @@ async fn check_loop(
             }
         };
         if let Some(healthy) = tracker.record(passed) {
-            engine.with_router_mut(|r| r.set_healthy(&region, healthy));
+            engine.desk().set_health(&region, healthy);
             metrics::gauge!("dispatcher_region_healthy", "region" => region.clone())
                 .set(healthy as u8 as f64);
             if healthy {
@@ -260,14 +259,7 @@ async fn panic_loop(engine: Arc<Engine>, reporter: HealthReporter, cancel: Cance
             _ = tick.tick() => {}
         }
         let now = crate::clock::now();
-        let (down, total) = engine.with_router(|r| {
-            let down = r
-                .regions()
-                .iter()
-                .filter(|g| !g.healthy() || matches!(g.circuit(now), CircuitState::Open { .. }))
-                .count();
-            (down, r.regions().len())
-        });
+        let (down, total) = engine.desk().availability(now);
         let panic = total > 0 && down * 2 > total;
         metrics::gauge!("dispatcher_panic_mode").set(panic as u8 as f64);
         if panic != in_panic {

@@ -1,6 +1,7 @@
 //! dispatcher: routes LLM agent work across regions by quota and load.
 #![forbid(unsafe_code)]
 
+pub mod accept;
 pub mod app;
 pub mod clock;
 pub mod config;
@@ -13,6 +14,7 @@ pub mod health;
 pub mod metrics;
 pub mod server;
 pub mod sim;
+pub mod state;
 pub mod telemetry;
 #[cfg(test)]
 mod testing;

@@ -84,7 +84,11 @@ async fn main() -> anyhow::Result<()> {
     let metrics_listen = runtime.lock().await.config.telemetry.metrics_listen;
     let limits = runtime.lock().await.config.server.connections;
     if let Some(m) = metrics_listen {
-        let bound = dispatcher::metrics::serve(m, engine.clone(), limits, stop.clone())
+        let view = {
+            let engine = engine.clone();
+            move || engine.view(dispatcher::clock::now())
+        };
+        let bound = dispatcher::metrics::serve(m, view, limits, stop.clone())
             .await
             .with_context(|| format!("binding the metrics listener {m}"))?;
         tracing::info!(addr = %bound, "serving Prometheus metrics at /metrics");
@@ -105,7 +109,7 @@ async fn main() -> anyhow::Result<()> {
     let (begin_stop, stopping) = tokio::sync::oneshot::channel::<()>();
     let serve = server::serve(
         engine.clone(),
-        Some(runtime.clone()),
+        Some(Arc::new(app::RuntimeReload(runtime.clone()))),
         listener,
         limits,
         (reporter.clone(), health),

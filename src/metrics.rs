@@ -1,11 +1,11 @@
 //! Prometheus metrics: recorded with the `metrics` crate where things
 //! happen, rendered by metrics-exporter-prometheus, served as text at
 //! `/metrics` on their own port. Gauges of the router's state (bucket levels,
-//! in flight, queue depth) are sampled once a second.
+//! in flight, queue depth) are sampled once a second from a plain view of
+//! it, so this module depends on no engine (a leaf).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -16,7 +16,7 @@ use metrics::{describe_counter, describe_gauge, describe_histogram, gauge};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 
-use crate::dispatch::Engine;
+use crate::state::EngineView;
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
 
@@ -115,7 +115,7 @@ const MAX_CONNECTIONS: usize = 16;
 /// open at once.
 pub async fn serve(
     listen: SocketAddr,
-    engine: Arc<Engine>,
+    view: impl Fn() -> EngineView + Send + 'static,
     limits: crate::config::ConnectionLimits,
     cancel: CancellationToken,
 ) -> std::io::Result<SocketAddr> {
@@ -129,8 +129,8 @@ pub async fn serve(
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
     let mut acceptor =
-        crate::server::Acceptor::new(listener, MAX_CONNECTIONS.min(limits.max_connections), "metrics");
-    tokio::spawn(sample(engine, handle.clone(), cancel.clone()));
+        crate::accept::Acceptor::new(listener, MAX_CONNECTIONS.min(limits.max_connections), "metrics");
+    tokio::spawn(sample(view, handle.clone(), cancel.clone()));
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -172,41 +172,33 @@ fn respond<B>(r: &Request<B>, handle: &PrometheusHandle) -> Response<Full<Bytes>
 }
 
 /// Samples the router's state into gauges once a second.
-async fn sample(engine: Arc<Engine>, handle: PrometheusHandle, cancel: CancellationToken) {
+async fn sample(view: impl Fn() -> EngineView, handle: PrometheusHandle, cancel: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let now = crate::clock::now();
-        engine.with_scheduler(|s| {
-            let router = s.router();
-            for region in router.regions() {
-                let r = region.name().to_string();
-                let load = region.load();
-                gauge!("dispatcher_region_in_flight", "region" => r.clone()).set(load.in_flight() as f64);
-                gauge!("dispatcher_region_utilization", "region" => r.clone()).set(load.utilization(now));
-                gauge!("dispatcher_region_drained", "region" => r.clone()).set(region.drained() as u8 as f64);
-                gauge!("dispatcher_region_healthy", "region" => r.clone()).set(region.healthy() as u8 as f64);
-                for (id, model) in router.models().iter().enumerate() {
-                    if let Some(q) = region.quota(id) {
-                        let labels = [("region", r.clone()), ("model", model.name.clone())];
-                        gauge!("dispatcher_bucket_tokens_available", &labels)
-                            .set(q.tokens().available(now) as f64);
-                        gauge!("dispatcher_bucket_tokens_reserved", &labels).set(q.in_flight_tokens() as f64);
-                        gauge!("dispatcher_bucket_requests_available", &labels)
-                            .set(q.requests().available(now) as f64);
-                    }
-                }
+        let v = view();
+        for region in &v.regions {
+            let r = region.name.clone();
+            gauge!("dispatcher_region_in_flight", "region" => r.clone()).set(region.in_flight as f64);
+            gauge!("dispatcher_region_utilization", "region" => r.clone()).set(region.utilization);
+            gauge!("dispatcher_region_drained", "region" => r.clone()).set(region.drained as u8 as f64);
+            gauge!("dispatcher_region_healthy", "region" => r.clone()).set(region.healthy as u8 as f64);
+            for q in &region.models {
+                let labels = [("region", r.clone()), ("model", q.model.clone())];
+                gauge!("dispatcher_bucket_tokens_available", &labels).set(q.tokens_available as f64);
+                gauge!("dispatcher_bucket_tokens_reserved", &labels).set(q.tokens_reserved as f64);
+                gauge!("dispatcher_bucket_requests_available", &labels).set(q.requests_available as f64);
             }
-            for model in router.models() {
-                gauge!("dispatcher_queue_depth", "model" => model.name.clone())
-                    .set(s.queued_for(&model.name) as f64);
-            }
-        });
-        for t in engine.tenant_report() {
-            gauge!("dispatcher_tenant_in_flight", "tenant" => t.spec.name.clone()).set(t.in_flight as f64);
+        }
+        for (model, queued) in &v.queued {
+            gauge!("dispatcher_queue_depth", "model" => model.clone()).set(*queued as f64);
+        }
+        for t in &v.tenants {
+            gauge!("dispatcher_tenant_in_flight", "tenant" => t.report.spec.name.clone())
+                .set(t.report.in_flight as f64);
         }
         handle.run_upkeep();
     }

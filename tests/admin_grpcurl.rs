@@ -241,6 +241,13 @@ fn every_admin_call_works_from_grpcurl() {
             .contains("weight: 2.0 → 5.0"),
         "{v}"
     );
+    // A raised payload limit applies to the checks at once, but the
+    // transport's decode limit moves only with a restart: said so.
+    let raised = config().replace("[[models]]", "[limits]\nmax_payload_bytes = 4000000\n[[models]]");
+    std::fs::write(cfg.config(), raised).unwrap();
+    let v = g.json(r#"{"dry_run": true}"#, "dispatch.v1.Admin/ReloadConfig");
+    let restart = serde_json::to_string(&v["needsRestart"]).unwrap();
+    assert!(restart.contains("limits.max_payload_bytes"), "{v}");
     assert!(
         !d.logs().contains(ADMIN_TOKEN),
         "the admin token never reaches the log"

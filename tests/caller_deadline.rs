@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use dispatcher::config::{self, SimulateConfig};
 use dispatcher::core::{Accounting, ModelLimits};
@@ -112,19 +112,17 @@ struct RegionView {
 }
 
 fn region(engine: &Engine) -> RegionView {
-    engine.with_router(|router| {
-        let r = router.region("r").unwrap();
-        let now = Instant::now();
-        let quota = r.quota(0).unwrap();
-        RegionView {
-            circuit: r.circuit(now).name(),
-            error_rate: r.load().error_rate(now),
-            failed: r.load().failed(),
-            in_flight: r.load().in_flight(),
-            tokens_reserved: quota.in_flight_tokens(),
-            tokens_available: quota.tokens().available(now),
-        }
-    })
+    let view = engine.view(dispatcher::clock::now());
+    let r = view.regions.iter().find(|r| r.name == "r").unwrap();
+    let quota = &r.models[0];
+    RegionView {
+        circuit: r.circuit,
+        error_rate: r.error_rate,
+        failed: r.failed,
+        in_flight: r.in_flight,
+        tokens_reserved: quota.tokens_reserved,
+        tokens_available: quota.tokens_available,
+    }
 }
 
 /// Nothing was held against the region, and nothing was counted against it.
@@ -345,12 +343,13 @@ async fn a_stream_nobody_reads_ends_at_its_deadline() {
     );
     assert_eq!((r.circuit, r.failed), ("closed", 0), "{r:?}");
     assert_eq!(engine.running(), 0, "the relay has ended");
-    let tenant = engine
-        .tenant_report()
-        .into_iter()
-        .find(|t| t.spec.name == "impatient")
+    let view = engine.view(dispatcher::clock::now());
+    let tenant = view
+        .tenants
+        .iter()
+        .find(|t| t.report.spec.name == "impatient")
         .unwrap();
-    assert_eq!(tenant.in_flight, 0);
+    assert_eq!(tenant.report.in_flight, 0);
     let upstream = common::sim_stats(sim.addr).await;
     assert_eq!(
         (upstream.in_flight, upstream.cancelled),

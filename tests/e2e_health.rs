@@ -153,7 +153,7 @@ async fn a_region_added_by_a_reload_is_health_checked() {
         "added",
         &(region_toml("added", &format!("http://{}", closed_port()), 64, &models) + HEALTH),
     );
-    let out = eventually(Duration::from_secs(5), || async {
+    let out = eventually(Duration::from_secs(15), || async {
         healthy(d.addr, "added").await == Some(false)
     })
     .await;
@@ -191,7 +191,7 @@ async fn a_moved_region_is_judged_by_its_new_endpoint() {
         },
     )
     .await;
-    let out = eventually(Duration::from_secs(5), || async {
+    let out = eventually(Duration::from_secs(15), || async {
         healthy(d.addr, "moved").await == Some(false)
     })
     .await;
@@ -208,7 +208,7 @@ async fn a_moved_region_is_judged_by_its_new_endpoint() {
         "moved",
         &(region_toml("moved", &new.endpoint(), 256, &models) + SLOW_BACK),
     );
-    let moved = eventually(Duration::from_secs(5), || async {
+    let moved = eventually(Duration::from_secs(15), || async {
         region_status(d.addr, "moved")
             .await
             .is_ok_and(|s| s.endpoint == new.endpoint())
@@ -220,7 +220,7 @@ async fn a_moved_region_is_judged_by_its_new_endpoint() {
     // Judged by its new endpoint: presumed healthy at once (the old
     // address's verdict is dropped, not worked off over 100 checks), and
     // it stays so.
-    let back = eventually(Duration::from_secs(5), || async {
+    let back = eventually(Duration::from_secs(15), || async {
         healthy(d.addr, "moved").await == Some(true)
     })
     .await;

@@ -11,7 +11,7 @@ pub mod watch;
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::core::{
@@ -302,9 +302,14 @@ impl Config {
     pub fn region(&self, name: &str) -> Option<&RegionConfig> {
         self.regions.iter().find(|r| r.spec.name == name)
     }
+}
 
-    /// The directory paths in this config are relative to.
-    pub fn base_dir(&self) -> &Path {
-        self.path.parent().unwrap_or(Path::new("."))
-    }
+/// What `ReloadConfig` found and did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reload {
+    pub dry_run: bool,
+    pub applied: bool,
+    pub changes: Vec<Change>,
+    pub errors: Vec<ConfigError>,
+    pub needs_restart: Vec<String>,
 }

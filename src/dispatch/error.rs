@@ -72,6 +72,10 @@ pub enum DispatchError {
     },
     #[error("the dispatcher is shutting down")]
     ShuttingDown,
+    /// A failure of the dispatcher itself (a task that died), not of a
+    /// region or the request.
+    #[error("internal error: {0}")]
+    Internal(String),
     /// Too many requests with a request_id are running to track another.
     #[error("{capacity} requests with a request_id are already running (server.idempotency_capacity)")]
     IdempotencyFull { capacity: usize },

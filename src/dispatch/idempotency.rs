@@ -123,6 +123,7 @@ mod tests {
             usage: Default::default(),
             attempts: 1,
             queue_wait: Duration::ZERO,
+            config_version: 1,
         }
     }
 

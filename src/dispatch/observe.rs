@@ -44,6 +44,7 @@ pub fn outcome(result: &Result<(), &DispatchError>) -> &'static str {
             DispatchError::IdempotencyFull { .. } => "overloaded",
             DispatchError::DeadlineExceeded(_) => "deadline_exceeded",
             DispatchError::Upstream { .. } => "upstream_error",
+            DispatchError::Internal(_) => "internal",
             DispatchError::Unauthenticated(_) => "unauthenticated",
             DispatchError::PermissionDenied(_) => "permission_denied",
             DispatchError::TenantLimit { .. } => "tenant_limit",

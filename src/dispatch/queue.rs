@@ -1,7 +1,8 @@
-//! Waiting for quota at the edge: a request that cannot be reserved now is
-//! queued in the core's scheduler with a oneshot ticket; the pump task hands
-//! out reservations whenever quota may have come back (a settlement, a
-//! refill time, a config change) and drops waiters whose caller has gone.
+//! Waiting for quota at the quota desk: a request that cannot be reserved
+//! now is queued in the core's scheduler with a oneshot ticket; the pump
+//! task (the desk's, one per engine) hands out reservations whenever quota
+//! may have come back (a settlement, a refill time, a config change) and
+//! drops waiters whose caller has gone.
 
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -9,30 +10,34 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use super::held::Held;
-use super::{DispatchError, Engine};
+use super::DispatchError;
+use super::desk::QuotaDesk;
+use super::lease::RegionHold;
 use crate::core::scheduler::SWEEP_INTERVAL;
 use crate::core::{Released, RouteError, Submission, SubmitError, Submitted};
 
 /// What the pump hands a waiting request.
 #[derive(Debug)]
 pub enum Grant {
-    Reserved(Held),
+    Reserved(RegionHold),
     Expired(Option<Duration>),
     Failed(RouteError),
 }
 
 pub type Ticket = oneshot::Sender<Grant>;
 
-impl Engine {
+impl QuotaDesk {
     /// A reservation for `s`, now or after waiting for quota until
     /// `s.wait_until`. Returns it with the time spent waiting.
-    pub(super) async fn acquire(self: &Arc<Self>, s: Submission) -> Result<(Held, Duration), DispatchError> {
+    pub(super) async fn acquire(
+        self: &Arc<Self>,
+        s: Submission,
+    ) -> Result<(RegionHold, Duration), DispatchError> {
         let start = crate::clock::now();
         let wait_until = s.wait_until;
         let s_model = s.model.clone();
         let mut receiver = None;
-        let submitted = self.state.lock().submit(s, start, || {
+        let submitted = self.lock().scheduler.submit(s, start, || {
             let (tx, rx) = oneshot::channel();
             receiver = Some(rx);
             tx
@@ -41,10 +46,10 @@ impl Engine {
         let mut rx = match submitted {
             Ok(Submitted::Reserved(r)) => {
                 super::observe::queue_wait(&model, Duration::ZERO);
-                return Ok((Held::new(self.clone(), r), Duration::ZERO));
+                return Ok((RegionHold::new(self.clone(), r), Duration::ZERO));
             }
             Ok(Submitted::Queued { .. }) => {
-                self.wake_pump();
+                self.wake();
                 receiver.expect("a queued request has a ticket")
             }
             Err(SubmitError::Route(e)) => return Err(e.into()),
@@ -99,36 +104,38 @@ impl Engine {
         }
     }
 
-    pub(super) fn wake_pump(&self) {
-        self.pump_wake.notify_one();
-    }
-
-    /// Runs the pump until `cancel` fires or the engine is dropped.
-    pub fn spawn_pump(self: &Arc<Self>, cancel: CancellationToken) -> tokio::task::JoinHandle<()> {
-        let engine = Arc::downgrade(self);
-        tokio::spawn(pump(engine, cancel))
+    /// Runs the pump until `cancel` fires or the desk is dropped; every
+    /// `IDLE_SWEEP` it also calls `sweep_idle` (rate limiters' idle state).
+    pub fn spawn_pump(
+        self: &Arc<Self>,
+        cancel: CancellationToken,
+        sweep_idle: impl Fn() + Send + 'static,
+    ) -> tokio::task::JoinHandle<()> {
+        let desk = Arc::downgrade(self);
+        tokio::spawn(pump(desk, cancel, sweep_idle))
     }
 }
 
 /// How often idle tenants' rate-limiter state is reclaimed.
 const IDLE_SWEEP: Duration = Duration::from_secs(10);
 
-async fn pump(engine: Weak<Engine>, cancel: CancellationToken) {
+async fn pump(desk: Weak<QuotaDesk>, cancel: CancellationToken, sweep_idle: impl Fn()) {
     let mut next_idle_sweep = crate::clock::now() + IDLE_SWEEP;
     loop {
-        let Some(e) = engine.upgrade() else { return };
+        let Some(d) = desk.upgrade() else { return };
         let now = crate::clock::now();
         let (released, wake, queued) = {
-            let mut state = e.state.lock();
-            let released = state.release(now, |t: &Ticket| t.is_closed());
-            (released, state.next_wake(), state.queued())
+            let mut desk = d.lock();
+            let sched = &mut desk.scheduler;
+            let released = sched.release(now, |t: &Ticket| t.is_closed());
+            (released, sched.next_wake(), sched.queued())
         };
         // Reservations are wrapped (and possibly dropped, which settles them)
         // only after the lock is released.
         for r in released {
             match r {
                 Released::Granted(w, reservation) => {
-                    let held = Held::new(e.clone(), reservation);
+                    let held = RegionHold::new(d.clone(), reservation);
                     // A caller gone at this very moment drops the grant,
                     // which refunds it.
                     let _ = w.ticket.send(Grant::Reserved(held));
@@ -143,11 +150,11 @@ async fn pump(engine: Weak<Engine>, cancel: CancellationToken) {
             }
         }
         if now >= next_idle_sweep {
-            e.sweep_idle();
+            sweep_idle();
             next_idle_sweep = now + IDLE_SWEEP;
         }
-        let notified = e.pump_wake.clone();
-        drop(e);
+        let notified = d.pump_wake.clone();
+        drop(d);
         let sleep_until = match (wake, queued) {
             (Some(w), _) => w.min(now + SWEEP_INTERVAL),
             (None, 0) => next_idle_sweep,

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::Stream;
 
-use super::attempt::ran_out_at_deadline;
-use super::held::{Held, TenantCharge};
+use super::forwarder::ran_out_at_deadline;
+use super::lease::{Lease, RegionHold};
 use super::{DispatchError, Engine, hint_from_pb, load_from_pb};
 use crate::core::{Completion, Outcome, Settlement};
 use crate::pb;
@@ -41,8 +41,8 @@ type End = Result<StreamChunk, DispatchError>;
 
 struct Relay {
     _running: super::Running,
-    held: Held,
-    charge: TenantCharge,
+    held: RegionHold,
+    charge: Lease,
     upstream: tonic::Streaming<pb::ExecuteChunk>,
     tx: mpsc::Sender<StreamChunk>,
     /// Takes the end without waiting for the caller to read: a caller that
@@ -94,8 +94,8 @@ impl Engine {
     ) -> Result<ChunkStream, DispatchError> {
         let start = crate::clock::now();
         let running = self.enter();
-        let mut labels = super::attempt::Labels::default();
-        let prepared = self.prepare(r, timeout, authorization, &mut labels);
+        let mut labels = super::prepare::Labels::default();
+        let prepared = self.prepare(self.front.snapshot(), r, timeout, authorization, &mut labels);
         let (p, mut charge) = match prepared {
             Ok(x) => x,
             Err(e) => {
@@ -104,7 +104,8 @@ impl Engine {
             }
         };
         let forwarded = self
-            .forward(&p, &mut charge, |mut client, request| async move {
+            .forwarder
+            .forward(&self.desk, &p, &mut charge, |mut client, request| async move {
                 client.execute_stream(request).await
             })
             .await;

@@ -7,7 +7,8 @@ use tracing::{Instrument, Span};
 
 use super::idempotency::Begin;
 
-use super::attempt::Labels;
+use super::front_door::Snapshot;
+use super::prepare::Labels;
 use super::{DispatchError, Dispatched, Engine, hint_from_pb, load_from_pb};
 use crate::core::{Completion, Outcome, Settlement};
 use crate::pb;
@@ -23,15 +24,17 @@ impl Engine {
         timeout: Option<Duration>,
         authorization: Option<&str>,
     ) -> Result<Dispatched, DispatchError> {
-        let _running = self.enter();
-        if r.request_id.is_empty() || r.request_id.len() > self.settings().limits.max_request_id_bytes {
-            return self.dispatch_once(r, timeout, authorization).await;
+        let running = self.enter();
+        // One configuration snapshot for the whole request.
+        let config = self.front.snapshot();
+        if r.request_id.is_empty() || r.request_id.len() > config.settings.limits.max_request_id_bytes {
+            return self.dispatch_once(config, r, timeout, authorization).await;
         }
         // A request_id is answered once per tenant: the first runs it (to
         // the end, even if its caller leaves), the others wait or replay.
-        let tenant = match self.authenticate(authorization) {
+        let tenant = match config.authenticate(authorization) {
             Ok(t) => t,
-            Err(_) => return self.dispatch_once(r, timeout, authorization).await,
+            Err(_) => return self.dispatch_once(config, r, timeout, authorization).await,
         };
         let id = r.request_id.clone();
         match self.idempotency.begin(&tenant, &id, crate::clock::now()) {
@@ -40,18 +43,16 @@ impl Engine {
                 Ok(reply)
             }
             Begin::Full => Err(DispatchError::IdempotencyFull {
-                capacity: self.settings().idempotency_capacity,
+                capacity: config.settings.idempotency_capacity,
             }),
             Begin::Wait(mut rx) => {
-                let wait = timeout.unwrap_or(self.settings().default_timeout);
+                let wait = timeout.unwrap_or(config.settings.default_timeout);
                 let answered = tokio::time::timeout(wait, rx.wait_for(|a| a.is_some())).await;
                 match answered {
                     Ok(Ok(answer)) => answer.clone().expect("waited for an answer"),
-                    Ok(Err(_)) => Err(DispatchError::Upstream {
-                        region: String::new(),
-                        code: tonic::Code::Internal,
-                        message: format!("the first request with id {id:?} ended without an answer"),
-                    }),
+                    Ok(Err(_)) => Err(DispatchError::Internal(format!(
+                        "the first request with id {id:?} ended without an answer"
+                    ))),
                     Err(_) => Err(DispatchError::DeadlineExceeded(format!(
                         "waiting for the first request with id {id:?}"
                     ))),
@@ -61,9 +62,12 @@ impl Engine {
                 let engine = self.clone();
                 let authorization = authorization.map(str::to_string);
                 let span = Span::current();
+                // The leader runs on after its caller leaves, and counts as
+                // running until it has answered: a shutdown waits for it.
                 let run = tokio::spawn(async move {
+                    let _running = running;
                     let answer = engine
-                        .dispatch_once(r, timeout, authorization.as_deref())
+                        .dispatch_once(config, r, timeout, authorization.as_deref())
                         .instrument(span)
                         .await;
                     engine
@@ -71,40 +75,40 @@ impl Engine {
                         .finish(&tenant, &id, &answer, crate::clock::now());
                     answer
                 });
-                run.await.unwrap_or_else(|e| {
-                    Err(DispatchError::Upstream {
-                        region: String::new(),
-                        code: tonic::Code::Internal,
-                        message: format!("dispatch task failed: {e}"),
-                    })
-                })
+                run.await
+                    .unwrap_or_else(|e| Err(DispatchError::Internal(format!("dispatch task failed: {e}"))))
             }
         }
     }
 
     async fn dispatch_once(
         self: &Arc<Self>,
+        config: Arc<Snapshot>,
         r: pb::DispatchRequest,
         timeout: Option<Duration>,
         authorization: Option<&str>,
     ) -> Result<Dispatched, DispatchError> {
         let start = crate::clock::now();
         let mut labels = Labels::default();
-        let result = self.dispatch_inner(r, timeout, authorization, &mut labels).await;
+        let result = self
+            .dispatch_inner(config, r, timeout, authorization, &mut labels)
+            .await;
         labels.finish(result.as_ref().map(|_| ()), start);
         result
     }
 
     async fn dispatch_inner(
         self: &Arc<Self>,
+        config: Arc<Snapshot>,
         r: pb::DispatchRequest,
         timeout: Option<Duration>,
         authorization: Option<&str>,
         labels: &mut Labels,
     ) -> Result<Dispatched, DispatchError> {
-        let (p, mut charge) = self.prepare(r, timeout, authorization, labels)?;
+        let (p, mut lease) = self.prepare(config, r, timeout, authorization, labels)?;
         let f = self
-            .forward(&p, &mut charge, |mut client, request| async move {
+            .forwarder
+            .forward(&self.desk, &p, &mut lease, |mut client, request| async move {
                 client.execute(request).await
             })
             .await?;
@@ -134,8 +138,8 @@ impl Engine {
             Span::current().record("charged_tokens", charged);
             charged
         });
-        charge.settled(charged);
-        charge.finish();
+        lease.settled(charged);
+        lease.finish();
         let span = Span::current();
         span.record("prompt_tokens", usage.prompt_tokens);
         span.record("completion_tokens", usage.completion_tokens);
@@ -147,6 +151,7 @@ impl Engine {
             usage,
             attempts: f.attempts,
             queue_wait: f.queue_wait,
+            config_version: p.config.version,
         })
     }
 }

@@ -1,23 +1,32 @@
 //! `dispatch.v1.Admin`: the router's state for operators, and the knobs
-//! they turn at run time.
+//! they turn at run time. It reads plain views of the engine (formatted
+//! here, with no engine lock held), turns knobs through the quota desk's
+//! named commands, and reloads through a narrow handle.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
 
 use tonic::{Request, Response, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::app::Runtime;
-use crate::config::MAX_NAME_LEN;
-use crate::core::{RegionState, Router, Scheduler};
-use crate::dispatch::{Engine, Ticket};
+use crate::config::{MAX_NAME_LEN, Reload};
+use crate::dispatch::Engine;
 use crate::excerpt::excerpt;
 use crate::pb;
 use crate::pb::admin_server::Admin;
+use crate::state::{EngineView, RegionView};
+
+/// What `ReloadConfig` needs of the running service: re-read the files
+/// and apply them (or only say what would change). The application's
+/// runtime implements it; the server knows nothing more of it.
+pub trait ReloadHandle: Send + Sync {
+    fn reload(&self, dry_run: bool) -> Pin<Box<dyn Future<Output = Reload> + Send + '_>>;
+}
 
 pub struct AdminService {
     engine: Arc<Engine>,
-    runtime: Option<Arc<tokio::sync::Mutex<Runtime>>>,
+    reload: Option<Arc<dyn ReloadHandle>>,
 }
 
 /// Refuses Admin calls without the admin token, when one is configured.
@@ -38,66 +47,61 @@ pub fn admin_guard(engine: Arc<Engine>) -> impl FnMut(Request<()>) -> Result<Req
 }
 
 impl AdminService {
-    /// `runtime` lets `ReloadConfig` re-read the files; without it the call
+    /// `reload` lets `ReloadConfig` re-read the files; without it the call
     /// is refused.
-    pub fn new(engine: Arc<Engine>, runtime: Option<Arc<tokio::sync::Mutex<Runtime>>>) -> Self {
-        Self { engine, runtime }
+    pub fn new(engine: Arc<Engine>, reload: Option<Arc<dyn ReloadHandle>>) -> Self {
+        Self { engine, reload }
     }
 
-    fn status(&self, sched: &Scheduler<Ticket>, r: &RegionState, now: Instant) -> pb::RegionStatus {
-        let router = sched.router();
-        let load = r.load();
-        let models = router
-            .models()
+    fn status(r: &RegionView) -> pb::RegionStatus {
+        let models = r
+            .models
             .iter()
-            .enumerate()
-            .filter_map(|(id, m)| r.quota(id).map(|q| (m, q)))
-            .map(|(m, q)| {
-                let tokens = q.tokens();
-                let requests = q.requests();
-                let hint = q.last_hint();
-                pb::ModelQuotaStatus {
-                    model: m.name.clone(),
-                    accounting: q.limits().accounting.as_str().into(),
-                    tokens_per_minute: tokens.per_minute(),
-                    requests_per_minute: requests.per_minute(),
-                    burst_tokens: tokens.capacity(),
-                    burst_requests: requests.capacity(),
-                    tokens_available: tokens.available(now),
-                    requests_available: requests.available(now),
-                    tokens_reserved: q.in_flight_tokens(),
-                    requests_in_flight: q.in_flight_requests() as u32,
-                    tokens_full_in: duration(tokens.time_to_full(now)),
-                    last_hint: hint.map(|h| pb::ProviderQuota {
-                        remaining_tokens: h.hint.remaining_tokens,
-                        remaining_requests: h.hint.remaining_requests,
-                        reset_tokens: duration(h.hint.reset_tokens),
-                        reset_requests: duration(h.hint.reset_requests),
-                    }),
-                    last_hint_age: hint.and_then(|h| duration(now.saturating_duration_since(h.at))),
-                    provider_blocked_for: q.blocked_for(now).and_then(duration),
-                    queued: sched.queued_for(&m.name) as u32,
-                }
+            .map(|q| pb::ModelQuotaStatus {
+                model: q.model.clone(),
+                accounting: q.accounting.into(),
+                tokens_per_minute: q.tokens_per_minute,
+                requests_per_minute: q.requests_per_minute,
+                burst_tokens: q.burst_tokens,
+                burst_requests: q.burst_requests,
+                tokens_available: q.tokens_available,
+                requests_available: q.requests_available,
+                tokens_reserved: q.tokens_reserved,
+                requests_in_flight: q.requests_in_flight as u32,
+                tokens_full_in: duration(q.tokens_full_in),
+                last_hint: q.last_hint.map(|(h, _)| pb::ProviderQuota {
+                    remaining_tokens: h.remaining_tokens,
+                    remaining_requests: h.remaining_requests,
+                    reset_tokens: duration(h.reset_tokens),
+                    reset_requests: duration(h.reset_requests),
+                }),
+                last_hint_age: q.last_hint.and_then(|(_, age)| duration(age)),
+                provider_blocked_for: q.provider_blocked_for.and_then(duration),
+                queued: q.queued as u32,
             })
             .collect();
         pb::RegionStatus {
-            name: r.name().to_string(),
-            endpoint: self.engine.endpoint(r.name()).unwrap_or_default(),
-            weight: r.weight(),
-            configured_weight: r.configured_weight(),
-            weight_override: r.weight_override(),
-            drained: r.drained(),
-            healthy: r.healthy(),
-            in_flight: load.in_flight(),
-            max_concurrent: load.capacity(),
-            utilization: load.utilization(now),
-            latency_ms_per_1k: load.latency_per_1k_ms(now).unwrap_or(0.0),
-            error_rate: load.error_rate(now),
-            completed: load.completed(),
-            failed: load.failed(),
+            name: r.name.clone(),
+            endpoint: r.endpoint.clone(),
+            weight: r.weight,
+            configured_weight: r.configured_weight,
+            weight_override: r.weight_override,
+            drained: r.drained,
+            healthy: r.healthy,
+            in_flight: r.in_flight,
+            max_concurrent: r.max_concurrent,
+            utilization: r.utilization,
+            latency_ms_per_1k: r.latency_ms_per_1k.unwrap_or(0.0),
+            error_rate: r.error_rate,
+            completed: r.completed,
+            failed: r.failed,
             models,
-            circuit: r.circuit(now).name().to_string(),
+            circuit: r.circuit.to_string(),
         }
+    }
+
+    fn view(&self) -> EngineView {
+        self.engine.view(crate::clock::now())
     }
 
     fn region(&self, name: &str) -> Result<pb::RegionStatus, Status> {
@@ -112,12 +116,11 @@ impl AdminService {
                 ),
             ));
         }
-        let now = crate::clock::now();
-        self.engine
-            .with_scheduler(|sched| match sched.router().region(name) {
-                Some(r) => Ok(self.status(sched, r, now)),
-                None => Err(unknown_region(sched.router(), name)),
-            })
+        let view = self.view();
+        match view.regions.iter().find(|r| r.name == name) {
+            Some(r) => Ok(Self::status(r)),
+            None => Err(unknown_region(&view, name)),
+        }
     }
 }
 
@@ -125,8 +128,8 @@ fn duration(d: std::time::Duration) -> Option<prost_types::Duration> {
     prost_types::Duration::try_from(d).ok()
 }
 
-fn unknown_region(router: &Router, name: &str) -> Status {
-    let known: Vec<_> = router.regions().iter().map(|r| r.name()).collect();
+fn unknown_region(view: &EngineView, name: &str) -> Status {
+    let known: Vec<_> = view.regions.iter().map(|r| r.name.as_str()).collect();
     if name.is_empty() {
         return Status::with_error_details(
             tonic::Code::InvalidArgument,
@@ -148,15 +151,7 @@ impl Admin for AdminService {
         &self,
         _: Request<pb::ListRegionsRequest>,
     ) -> Result<Response<pb::ListRegionsReply>, Status> {
-        let now = crate::clock::now();
-        let regions = self.engine.with_scheduler(|sched| {
-            sched
-                .router()
-                .regions()
-                .iter()
-                .map(|r| self.status(sched, r, now))
-                .collect()
-        });
+        let regions = self.view().regions.iter().map(Self::status).collect();
         Ok(Response::new(pb::ListRegionsReply { regions }))
     }
 
@@ -172,7 +167,7 @@ impl Admin for AdminService {
         request: Request<pb::RegionRequest>,
     ) -> Result<Response<pb::RegionStatus>, Status> {
         let name = request.into_inner().region;
-        if self.engine.with_router_mut(|r| r.set_drained(&name, true)) {
+        if self.engine.desk().drain(&name, true) {
             tracing::info!(region = %name, "region drained by an operator");
         }
         self.region(&name).map(Response::new)
@@ -183,7 +178,7 @@ impl Admin for AdminService {
         request: Request<pb::RegionRequest>,
     ) -> Result<Response<pb::RegionStatus>, Status> {
         let name = request.into_inner().region;
-        if self.engine.with_router_mut(|r| r.set_drained(&name, false)) {
+        if self.engine.desk().drain(&name, false) {
             tracing::info!(region = %name, "region resumed by an operator");
         }
         self.region(&name).map(Response::new)
@@ -193,11 +188,13 @@ impl Admin for AdminService {
         &self,
         _: Request<pb::ListTenantsRequest>,
     ) -> Result<Response<pb::ListTenantsReply>, Status> {
-        let report = self.engine.tenant_report();
-        let tenants = report
+        let tenants = self
+            .view()
+            .tenants
             .into_iter()
-            .map(|t| {
-                let queued = self.engine.with_scheduler(|s| s.queued_for_tenant(&t.spec.name)) as u32;
+            .map(|v| {
+                let queued = v.queued as u32;
+                let t = v.report;
                 pb::TenantStatus {
                     name: t.spec.name.clone(),
                     weight: t.spec.weight,
@@ -226,12 +223,12 @@ impl Admin for AdminService {
         request: Request<pb::ReloadConfigRequest>,
     ) -> Result<Response<pb::ReloadConfigReply>, Status> {
         let dry_run = request.into_inner().dry_run;
-        let Some(runtime) = &self.runtime else {
+        let Some(reload) = &self.reload else {
             return Err(Status::failed_precondition(
                 "this server cannot reload its configuration",
             ));
         };
-        let r = runtime.lock().await.reload_all(dry_run).await;
+        let r = reload.reload(dry_run).await;
         if r.applied {
             for c in &r.changes {
                 tracing::info!(change = %c, "applied config change (ReloadConfig)");
@@ -289,10 +286,7 @@ impl Admin for AdminService {
                 ErrorDetails::with_bad_request_violation("weight", "must be above 0 and at most 1e6"),
             ));
         };
-        if self
-            .engine
-            .with_router_mut(|router| router.set_weight_override(&r.region, weight))
-        {
+        if self.engine.desk().set_weight(&r.region, weight) {
             tracing::info!(region = %r.region, ?weight, "region weight override set by an operator");
         }
         self.region(&r.region).map(Response::new)

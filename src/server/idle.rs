@@ -26,7 +26,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, Sleep};
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
-use super::accept::{Accepted, Acceptor};
+use crate::accept::{Accepted, Acceptor};
 
 /// The HTTP/2 client preface is this long; reading it ends the handshake.
 const PREFACE_BYTES: usize = 24;

@@ -1,7 +1,6 @@
 //! The dispatcher's gRPC server: `Dispatcher`, health and reflection.
 //! Services convert between wire types and the engine; nothing else.
 
-mod accept;
 mod admin;
 mod dispatcher;
 mod idle;
@@ -12,8 +11,8 @@ use std::sync::Arc;
 
 use tonic_health::server::HealthReporter;
 
-pub use accept::{Accepted, Acceptor};
-pub use admin::{AdminService, admin_guard};
+pub use crate::accept::{Accepted, Acceptor};
+pub use admin::{AdminService, ReloadHandle, admin_guard};
 pub use dispatcher::DispatcherService;
 pub use status::to_status;
 
@@ -36,18 +35,18 @@ const MESSAGE_OVERHEAD: usize = 64 << 10;
 /// a BadRequest naming the field and the limit, like any other field. Only
 /// beyond this does tonic refuse it, with OUT_OF_RANGE, before decoding.
 /// Fixed at start: a reload that changes the payload limit does not move it.
-fn max_message_bytes(max_payload_bytes: usize) -> usize {
+pub fn max_message_bytes(max_payload_bytes: usize) -> usize {
     max_payload_bytes
         .saturating_mul(2)
         .saturating_add(MESSAGE_OVERHEAD)
 }
 
-/// Serves until `shutdown` resolves; in-flight calls then finish. `runtime`
+/// Serves until `shutdown` resolves; in-flight calls then finish. `reload`
 /// lets the Admin API reload the configuration. `limits` bound what client
 /// connections may hold (see `ConnectionLimits`).
 pub async fn serve(
     engine: Arc<Engine>,
-    runtime: Option<Arc<tokio::sync::Mutex<crate::app::Runtime>>>,
+    reload: Option<Arc<dyn ReloadHandle>>,
     listener: tokio::net::TcpListener,
     limits: ConnectionLimits,
     health: (
@@ -69,7 +68,7 @@ pub async fn serve(
                 .max_decoding_message_size(max_message),
         )
         .add_service(AdminServer::with_interceptor(
-            AdminService::new(engine.clone(), runtime),
+            AdminService::new(engine.clone(), reload),
             admin_guard(engine),
         ));
     crate::grpc::add_reflection(

@@ -60,6 +60,7 @@ pub fn to_status(e: &DispatchError) -> Status {
             Status::new(code, message)
         }
         DispatchError::AttemptsExhausted { .. } | DispatchError::ShuttingDown => Status::unavailable(message),
+        DispatchError::Internal(_) => Status::internal(message),
         DispatchError::Unauthenticated(_) => Status::unauthenticated(message),
         DispatchError::PermissionDenied(_) => Status::permission_denied(message),
         DispatchError::TenantLimit {

@@ -1,148 +1,74 @@
-//! One request's way to a region: get a reservation (now or after waiting),
-//! call the cluster, and on a failure that left the work undone try the next
-//! region, within the attempts and the caller's deadline.
+//! The forwarder: one request's way to a region. It gets a reservation from
+//! the quota desk (now or after waiting), calls the cluster over the
+//! region's connection, and on a failure that left the work undone tries
+//! the next region, within the attempts, the retry budget and the caller's
+//! deadline.
+//!
+//! Owner: `Forwarder::retry_budget` (a `Mutex`, held for one deposit or
+//! withdrawal) and the connections (`ClusterPool`, its own lock, read per
+//! attempt).
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use tonic::{Code, Status};
 use tracing::Instrument;
 
-use super::held::{Held, TenantCharge};
-use super::{DispatchError, Engine};
-use crate::core::{Completion, Outcome, Settlement, Submission, TokenEstimate};
-use crate::forward::{ClusterClient, FailureKind, classify};
+use super::DispatchError;
+use super::desk::QuotaDesk;
+use super::lease::Lease;
+use super::prepare::{Forwarded, Prepared};
+use crate::config::Config;
+use crate::core::{Completion, Outcome, RetryBudget, Settlement, Submission};
+use crate::forward::{ClusterClient, ClusterPool, FailureKind, classify};
 use crate::pb;
 
-/// What is known of a request so far, for its metrics and span: the tenant
-/// once authenticated, the model once validated, the region once reached.
-#[derive(Debug, Default)]
-pub(super) struct Labels {
-    pub tenant: Option<Arc<str>>,
-    pub model: Option<String>,
-    pub region: Option<Arc<str>>,
+pub struct Forwarder {
+    pub(super) pool: ClusterPool,
+    retry_budget: Mutex<RetryBudget>,
 }
 
-impl Labels {
-    /// Records the finished request's outcome.
-    pub fn finish(&self, result: Result<(), &DispatchError>, start: Instant) {
-        let outcome = super::observe::outcome(&result);
-        tracing::Span::current().record("outcome", outcome);
-        if let Err(e) = result {
-            tracing::Span::current().record("error", tracing::field::display(e));
-        }
-        super::observe::request(
-            self.model.as_deref().unwrap_or(""),
-            self.tenant.as_ref(),
-            self.region.as_ref(),
-            outcome,
-            crate::clock::since(start),
-        );
+impl Forwarder {
+    pub fn new(config: &Config, endpoints: &[(String, String)], now: Instant) -> Result<Self, String> {
+        let pool = ClusterPool::new();
+        pool.set(endpoints)?;
+        let b = config.routing.retry_budget;
+        Ok(Self {
+            pool,
+            retry_budget: Mutex::new(RetryBudget::new(b.ratio, b.min_per_second, b.window, now)),
+        })
     }
-}
 
-/// A validated request, ready to be forwarded.
-pub(super) struct Prepared {
-    pub request_id: String,
-    pub exec: pb::ExecuteRequest,
-    pub estimate: TokenEstimate,
-    pub origin: Option<Arc<str>>,
-    pub tenant: Arc<str>,
-    pub tenant_max_queued: usize,
-    pub start: Instant,
-    pub deadline: Instant,
-    /// The caller chose the deadline (`grpc-timeout`): running out of it is
-    /// the caller's outcome, never the region's. Without one the deadline is
-    /// the dispatcher's own (`server.default_timeout`), and a region that
-    /// outlasts it has failed.
-    pub callers_deadline: bool,
-    /// The caller gave a request_id: work that may have run elsewhere can
-    /// be retried, because a repeat of the id is answered once.
-    pub retry_may_have_run: bool,
-}
+    /// New endpoints and retry limits (after a reload). Fails without
+    /// changing anything when an endpoint cannot be used.
+    pub fn apply(&self, config: &Config, endpoints: &[(String, String)]) -> Result<(), String> {
+        self.pool.set(endpoints)?;
+        let b = config.routing.retry_budget;
+        self.retry_budget.lock().set_limits(b.ratio, b.min_per_second);
+        Ok(())
+    }
 
-/// The cluster accepted the work.
-pub(super) struct Forwarded<T> {
-    pub value: T,
-    pub held: Held,
-    pub region: Arc<str>,
-    pub attempts: u32,
-    pub queue_wait: Duration,
-    pub sent: Instant,
-}
-
-impl Engine {
-    /// Authenticates the caller, applies its tenant's limits, validates `r`
-    /// and fixes its id, estimate and deadline. The tenant's hold comes back
-    /// with it, to be settled with what the regions charge.
-    pub(super) fn prepare(
-        self: &Arc<Self>,
-        r: pb::DispatchRequest,
-        timeout: Option<Duration>,
-        authorization: Option<&str>,
-        labels: &mut Labels,
-    ) -> Result<(Prepared, TenantCharge), DispatchError> {
-        if self.shutting_down.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(DispatchError::ShuttingDown);
-        }
-        let start = crate::clock::now();
-        let span = tracing::Span::current();
-        let tenant = tracing::debug_span!("authenticate").in_scope(|| self.authenticate(authorization))?;
-        span.record("tenant", &*tenant);
-        labels.tenant = Some(tenant.clone());
-        self.check_tenant_field(&r.tenant, &tenant)?;
-        self.check_rate(&tenant)?;
-        let estimate = self.check(&r)?;
-        labels.model = Some(r.model.clone());
-        span.record("model", r.model.as_str());
-        let (hold, tenant_max_queued) = self.admit_tenant(&tenant, &r.model, estimate.total())?;
-        let charge = TenantCharge::new(self.clone(), hold);
-        let retry_may_have_run = !r.request_id.is_empty();
-        let request_id = if r.request_id.is_empty() {
-            self.new_id()
-        } else {
-            r.request_id
-        };
-        span.record("request_id", request_id.as_str());
-        let deadline = start + timeout.unwrap_or(self.settings().default_timeout);
-        let prepared = Prepared {
-            origin: (!r.origin_region.is_empty()).then(|| Arc::from(r.origin_region.as_str())),
-            exec: pb::ExecuteRequest {
-                request_id: request_id.clone(),
-                tenant: tenant.to_string(),
-                model: r.model,
-                payload: r.payload,
-                prompt_tokens: estimate.prompt,
-                max_output_tokens: estimate.max_output,
-                labels: r.labels,
-            },
-            tenant,
-            tenant_max_queued,
-            request_id,
-            estimate,
-            start,
-            deadline,
-            callers_deadline: timeout.is_some(),
-            retry_may_have_run,
-        };
-        Ok((prepared, charge))
+    pub fn endpoint(&self, region: &str) -> Option<String> {
+        self.pool.endpoint(region)
     }
 
     /// Reserves, calls the cluster with `call`, fails over on retryable
     /// errors. On success the reservation comes back held, for the caller to
     /// settle with what the cluster reports.
     pub(super) async fn forward<T, F, Fut>(
-        self: &Arc<Self>,
+        &self,
+        desk: &Arc<QuotaDesk>,
         p: &Prepared,
-        charge: &mut TenantCharge,
+        lease: &mut Lease,
         mut call: F,
     ) -> Result<Forwarded<T>, DispatchError>
     where
         F: FnMut(ClusterClient, tonic::Request<pb::ExecuteRequest>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
-        let settings = self.settings();
+        let settings = &p.config.settings;
         let model: Arc<str> = Arc::from(p.exec.model.as_str());
         let mut tried: Vec<Arc<str>> = Vec::new();
         let mut failures = Failures::default();
@@ -185,7 +111,7 @@ impl Engine {
             };
             let queue_span =
                 tracing::debug_span!("queue", model = %model, tokens = p.estimate.total(), attempt);
-            let (mut held, waited) = match self.acquire(submission).instrument(queue_span).await {
+            let (mut held, waited) = match desk.acquire(submission).instrument(queue_span).await {
                 Ok(x) => x,
                 // Only "no region for it" is about the earlier failures; the
                 // caller's deadline, a tenant limit or shutdown is said as is.
@@ -236,7 +162,7 @@ impl Engine {
             request.set_timeout(remaining);
             crate::telemetry::inject_trace(&span, request.metadata_mut());
             held.mark_sent();
-            charge.sending();
+            lease.sending();
             let sent = crate::clock::now();
             let result = tokio::time::timeout_at(p.deadline.into(), call(client, request))
                 .instrument(span)
@@ -258,7 +184,7 @@ impl Engine {
                     // before ours did here: the same deadline, so the same
                     // answer as below.
                     super::observe::attempt(&region, None, true);
-                    charge.settled(
+                    lease.settled(
                         held.settle(deadline_completion(p.callers_deadline, crate::clock::since(sent))),
                     );
                     return Err(DispatchError::DeadlineExceeded(format!(
@@ -270,7 +196,7 @@ impl Engine {
                 Ok(Err(status)) => {
                     let kind = classify(&status);
                     super::observe::attempt(&region, Some(kind), false);
-                    charge.settled(held.settle(failure_completion(kind, crate::clock::since(sent))));
+                    lease.settled(held.settle(failure_completion(kind, crate::clock::since(sent))));
                     let message = format!("region {region}: {} ({:?})", status.message(), status.code());
                     let may_retry = match kind {
                         FailureKind::NotRun | FailureKind::ProviderRefused { .. } => true,
@@ -294,7 +220,7 @@ impl Engine {
                 }
                 Err(_elapsed) => {
                     super::observe::attempt(&region, None, true);
-                    charge.settled(
+                    lease.settled(
                         held.settle(deadline_completion(p.callers_deadline, crate::clock::since(sent))),
                     );
                     return Err(DispatchError::DeadlineExceeded(format!(

@@ -1,0 +1,324 @@
+//! The quota desk: every region-model's quota, the tenants' limits, and the
+//! requests waiting for quota (the core's `Scheduler` and `Tenants`), with
+//! the pump that serves waiters (`queue.rs`).
+//!
+//! Owner: `QuotaDesk::state`, one `Mutex<Desk>` over the scheduler and the
+//! tenants. It is never held across an await, never while formatting for
+//! operators (they get a plain `EngineView`, taken in one pass), and never
+//! taken in a `Drop`: an unsettled `Lease` or `RegionHold` that is dropped
+//! sends its settlement through `returns` (no lock), and whoever takes the
+//! desk next applies it first. Commands (`drain`, `set_weight`,
+//! `set_health`) are named; nobody else gets the router.
+
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::Instant;
+
+use parking_lot::{Mutex, MutexGuard};
+use tokio::sync::Notify;
+
+use super::queue::Ticket;
+use super::{DispatchError, observe};
+use crate::config::Config;
+use crate::core::{
+    Completion, Day, HintOutcome, Reservation, RoutePreview, RouteRequest, Router, Scheduler, Settled,
+    TenantHold, TenantRefusal, Tenants,
+};
+use crate::state::{EngineView, QuotaView, RegionView, TenantView};
+
+/// A settlement sent by a dropped hold.
+pub(super) enum Returned {
+    Region(Reservation, Completion),
+    Tenant(TenantHold, u64),
+}
+
+pub(super) struct Desk {
+    pub scheduler: Scheduler<Ticket>,
+    pub tenants: Tenants,
+    returns: mpsc::Receiver<Returned>,
+}
+
+pub struct QuotaDesk {
+    state: Mutex<Desk>,
+    returns: mpsc::Sender<Returned>,
+    /// Wakes the pump: quota may have come back, or someone new waits.
+    pub(super) pump_wake: Arc<Notify>,
+}
+
+impl QuotaDesk {
+    pub fn new(config: &Config, now: Instant) -> Result<Arc<Self>, String> {
+        let router = Router::try_new(config.router_spec(), now).map_err(|e| e.to_string())?;
+        let tenants = Tenants::try_new(&config.tenant_specs(), now).map_err(|e| e.to_string())?;
+        let (tx, rx) = mpsc::channel();
+        Ok(Arc::new(Self {
+            state: Mutex::new(Desk {
+                scheduler: Scheduler::fair(router, config.routing.max_queued as usize, tenants.weights()),
+                tenants,
+                returns: rx,
+            }),
+            returns: tx,
+            pump_wake: Arc::new(Notify::new()),
+        }))
+    }
+
+    /// The desk, with every settlement dropped holds sent applied first.
+    pub(super) fn lock(&self) -> MutexGuard<'_, Desk> {
+        let mut desk = self.state.lock();
+        let now = crate::clock::now();
+        while let Ok(returned) = desk.returns.try_recv() {
+            match returned {
+                Returned::Region(r, c) => {
+                    let settled = desk.scheduler.router_mut().settle(&r, c, now);
+                    record(&r, &settled);
+                }
+                Returned::Tenant(hold, charged) => desk.tenants.settle(hold, charged, now),
+            }
+        }
+        desk
+    }
+
+    /// Takes a dropped hold's settlement, without taking any lock.
+    pub(super) fn give_back(&self, returned: Returned) {
+        // The receiver lives as long as the desk; a send can only fail
+        // while the whole desk is going away.
+        let _ = self.returns.send(returned);
+        self.wake();
+    }
+
+    pub(super) fn wake(&self) {
+        self.pump_wake.notify_one();
+    }
+
+    /// Admits a request against its tenant's limits; returns the hold and
+    /// the tenant's `max_queued`, read under the same lock.
+    pub(super) fn admit_tenant(
+        &self,
+        tenant: &str,
+        model: &str,
+        tokens: u64,
+        day: Day,
+    ) -> Result<(TenantHold, usize), DispatchError> {
+        let now = crate::clock::now();
+        let mut desk = self.lock();
+        let hold = desk
+            .tenants
+            .admit(tenant, model, tokens, now, day)
+            .map_err(|refusal| match refusal {
+                TenantRefusal::ModelNotAllowed { .. } => {
+                    DispatchError::PermissionDenied(format!("tenant {tenant:?}: {refusal}"))
+                }
+                TenantRefusal::Unknown => {
+                    DispatchError::Unauthenticated(format!("tenant {tenant:?} is not configured"))
+                }
+                other => DispatchError::TenantLimit {
+                    tenant: tenant.to_string(),
+                    limit: other.limit(),
+                    message: other.to_string(),
+                    retry_after: other.retry_after(),
+                },
+            })?;
+        let max_queued = desk
+            .tenants
+            .spec(tenant)
+            .map_or(usize::MAX, |s| s.max_queued as usize);
+        Ok((hold, max_queued))
+    }
+
+    pub(super) fn settle_tenant(&self, hold: TenantHold, charged: u64) {
+        self.lock().tenants.settle(hold, charged, crate::clock::now());
+    }
+
+    /// Settles a region reservation; returns the tokens charged.
+    pub(super) fn settle(&self, r: &Reservation, c: Completion) -> u64 {
+        // Whether anyone waits is read under the same lock as the settlement:
+        // a request queued after it wakes the pump itself. Waking the pump
+        // for every settlement cost two context switches per request.
+        let (settled, waiting) = {
+            let mut desk = self.lock();
+            let settled = desk.scheduler.router_mut().settle(r, c, crate::clock::now());
+            (settled, desk.scheduler.queued() > 0)
+        };
+        record(r, &settled);
+        if waiting {
+            self.wake();
+        }
+        settled.charged
+    }
+
+    /// The dry run behind `Route`: consumes nothing.
+    pub(super) fn preview(
+        &self,
+        req: &RouteRequest<'_>,
+        now: Instant,
+    ) -> Result<RoutePreview, DispatchError> {
+        Ok(self.lock().scheduler.router().preview(req, now)?)
+    }
+
+    /// Applies a new configuration (all or nothing).
+    pub(super) fn apply(&self, config: &Config, now: Instant) -> Result<(), String> {
+        {
+            let mut desk = self.lock();
+            // Build everything that can fail before changing anything.
+            let mut next_tenants = desk.tenants.clone();
+            next_tenants
+                .apply(&config.tenant_specs(), now)
+                .map_err(|e| e.to_string())?;
+            // All or nothing by itself; fails only on limits validation has
+            // already refused.
+            desk.scheduler
+                .router_mut()
+                .apply(config.router_spec(), now)
+                .map_err(|e| e.to_string())?;
+            desk.scheduler.set_weights(next_tenants.weights());
+            desk.scheduler.set_max_queued(config.routing.max_queued as usize);
+            desk.tenants = next_tenants;
+        }
+        // Limits may have grown: let waiters through.
+        self.wake();
+        Ok(())
+    }
+
+    /// Stops (or resumes) sending new work to `region`; false if unknown.
+    pub fn drain(&self, region: &str, drained: bool) -> bool {
+        let known = self.lock().scheduler.router_mut().set_drained(region, drained);
+        self.wake();
+        known
+    }
+
+    /// Overrides `region`'s weight until the next reload (`None` clears it).
+    pub fn set_weight(&self, region: &str, weight: Option<f64>) -> bool {
+        let known = self
+            .lock()
+            .scheduler
+            .router_mut()
+            .set_weight_override(region, weight);
+        self.wake();
+        known
+    }
+
+    /// What the health checks concluded about `region`.
+    pub fn set_health(&self, region: &str, healthy: bool) -> bool {
+        let known = self.lock().scheduler.router_mut().set_healthy(region, healthy);
+        self.wake();
+        known
+    }
+
+    /// Whether `region` is in service as far as health checks go (`None`:
+    /// no such region).
+    pub fn healthy(&self, region: &str) -> Option<bool> {
+        self.lock().scheduler.router().region(region).map(|r| r.healthy())
+    }
+
+    /// How many regions are out (unhealthy or circuit open) of how many.
+    pub fn availability(&self, now: Instant) -> (usize, usize) {
+        let desk = self.lock();
+        let regions = desk.scheduler.router().regions();
+        let down = regions
+            .iter()
+            .filter(|r| !r.healthy() || r.circuit(now).kind() == crate::core::Circuit::Open)
+            .count();
+        (down, regions.len())
+    }
+
+    /// Everything operators see, in one pass under the lock; `endpoint`
+    /// names each region's cluster.
+    pub fn view(&self, now: Instant, endpoint: impl Fn(&str) -> String) -> EngineView {
+        let desk = self.lock();
+        let sched = &desk.scheduler;
+        let router = sched.router();
+        let regions = router
+            .regions()
+            .iter()
+            .map(|r| {
+                let load = r.load();
+                let models = router
+                    .models()
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(id, m)| r.quota(id).map(|q| (m, q)))
+                    .map(|(m, q)| QuotaView {
+                        model: m.name.clone(),
+                        accounting: q.limits().accounting.as_str(),
+                        tokens_per_minute: q.tokens().per_minute(),
+                        requests_per_minute: q.requests().per_minute(),
+                        burst_tokens: q.tokens().capacity(),
+                        burst_requests: q.requests().capacity(),
+                        tokens_available: q.tokens().available(now),
+                        requests_available: q.requests().available(now),
+                        tokens_reserved: q.in_flight_tokens(),
+                        requests_in_flight: q.in_flight_requests(),
+                        tokens_full_in: q.tokens().time_to_full(now),
+                        last_hint: q
+                            .last_hint()
+                            .map(|h| (h.hint, now.saturating_duration_since(h.at))),
+                        provider_blocked_for: q.blocked_for(now),
+                        queued: sched.queued_for(&m.name),
+                    })
+                    .collect();
+                RegionView {
+                    name: r.name().to_string(),
+                    endpoint: endpoint(r.name()),
+                    weight: r.weight(),
+                    configured_weight: r.configured_weight(),
+                    weight_override: r.weight_override(),
+                    drained: r.drained(),
+                    healthy: r.healthy(),
+                    in_flight: load.in_flight(),
+                    max_concurrent: load.capacity(),
+                    utilization: load.utilization(now),
+                    latency_ms_per_1k: load.latency_per_1k_ms(now),
+                    error_rate: load.error_rate(now),
+                    completed: load.completed(),
+                    failed: load.failed(),
+                    circuit: r.circuit(now).name(),
+                    models,
+                }
+            })
+            .collect();
+        let queued = router
+            .models()
+            .iter()
+            .map(|m| (m.name.clone(), sched.queued_for(&m.name)))
+            .collect();
+        let tenants = desk
+            .tenants
+            .report(now)
+            .into_iter()
+            .map(|report| TenantView {
+                queued: sched.queued_for_tenant(&report.spec.name),
+                report,
+            })
+            .collect();
+        EngineView {
+            at: now,
+            regions,
+            queued,
+            tenants,
+        }
+    }
+}
+
+/// Metrics and logs for a settlement (after the fact, cheap).
+fn record(r: &Reservation, settled: &Settled) {
+    observe::settled(
+        &r.region,
+        &r.model,
+        r.hold.tokens,
+        settled.charged,
+        settled.hint.as_ref(),
+    );
+    if let Some(t) = settled.transition {
+        observe::circuit(&r.region, t.to.name());
+        if t.to == crate::core::Circuit::Open {
+            tracing::warn!(region = %r.region, from = t.from.name(), "circuit opened: too many errors; no work goes there until the cool-down");
+        } else {
+            tracing::info!(region = %r.region, from = t.from.name(), to = t.to.name(), "circuit changed");
+        }
+    }
+    if let Some(HintOutcome::Ignored { reason, first: true }) = &settled.hint {
+        tracing::warn!(region = %r.region, model = %r.model, %reason, "ignoring an impossible provider quota hint (logged once per region and model)");
+    }
+    if !settled.found {
+        tracing::info!(region = %r.region, model = %r.model, "settled work on a region or model removed by a reload");
+    }
+}

@@ -1,0 +1,167 @@
+//! The front door: who the caller is, what its tenant may do, and whether
+//! its request is well formed, all read from ONE configuration snapshot per
+//! request.
+//!
+//! Owner: `FrontDoor::current`, a `RwLock<Arc<Snapshot>>` held only to clone
+//! or to swap the `Arc`. A reload builds the next snapshot whole and swaps
+//! it in one step, so a request that took a snapshot sees every setting
+//! (limits, keys, rates, attempts, waits) from the same version.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use parking_lot::RwLock;
+
+use super::auth::{self, Auth};
+use super::rates::TenantRates;
+use super::validate;
+use super::{DispatchError, Violation};
+use crate::config::{Config, RequestLimits};
+use crate::core::{ModelSpec, TokenEstimate};
+use crate::pb;
+
+/// Settings the request path reads on every request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub limits: RequestLimits,
+    pub max_attempts: u32,
+    pub default_timeout: Duration,
+    pub max_queue_wait: Duration,
+    pub idempotency_capacity: usize,
+}
+
+impl Settings {
+    fn from_config(c: &Config) -> Self {
+        Self {
+            limits: c.limits,
+            max_attempts: c.server.max_attempts,
+            default_timeout: c.server.default_timeout,
+            max_queue_wait: c.routing.max_queue_wait,
+            idempotency_capacity: c.server.idempotency_capacity,
+        }
+    }
+}
+
+/// One version of everything the front door decides with.
+pub struct Snapshot {
+    /// Counts reloads from 1: which version a request was decided with.
+    pub version: u64,
+    pub settings: Settings,
+    auth: Auth,
+    admin_token: Option<[u8; 32]>,
+    rates: TenantRates,
+    models: Vec<ModelSpec>,
+}
+
+impl Snapshot {
+    fn new(config: &Config, version: u64) -> Self {
+        Self {
+            version,
+            settings: Settings::from_config(config),
+            auth: Auth::from_config(config),
+            admin_token: config.admin_token,
+            rates: TenantRates::from_config(config),
+            models: config.models.clone(),
+        }
+    }
+
+    /// The tenant behind an `authorization` header (or none).
+    pub fn authenticate(&self, authorization: Option<&str>) -> Result<Arc<str>, DispatchError> {
+        self.auth
+            .authenticate(authorization)
+            .map_err(|e| DispatchError::Unauthenticated(e.to_string()))
+    }
+
+    /// Whether an `authorization` header carries the admin token (always
+    /// true when none is configured). Compared in constant time.
+    pub fn admin_allowed(&self, authorization: Option<&str>) -> bool {
+        match &self.admin_token {
+            None => true,
+            Some(expected) => auth::bearer_matches(authorization, expected),
+        }
+    }
+
+    /// Checks a request's claimed tenant against the authenticated one.
+    pub fn check_tenant_field(&self, claimed: &str, tenant: &str) -> Result<(), DispatchError> {
+        // Length first: an oversized claim is a bad field, and is never quoted.
+        if claimed.len() > validate::MAX_NAME_BYTES {
+            return Err(DispatchError::InvalidArgument(vec![Violation::new(
+                "tenant",
+                format!("longer than {} bytes", validate::MAX_NAME_BYTES),
+            )]));
+        }
+        if claimed.is_empty() || claimed == tenant {
+            Ok(())
+        } else {
+            Err(DispatchError::PermissionDenied(format!(
+                "the request names tenant {} but the credential is tenant {tenant:?}",
+                crate::excerpt::excerpt(claimed)
+            )))
+        }
+    }
+
+    /// The tenant's requests-per-second limit (governor).
+    pub fn check_rate(&self, tenant: &Arc<str>) -> Result<(), DispatchError> {
+        self.rates
+            .check(tenant)
+            .map_err(|(retry_after, limit)| DispatchError::TenantLimit {
+                tenant: tenant.to_string(),
+                limit: "requests_per_second",
+                message: format!("requests_per_second limit {limit} reached"),
+                retry_after: Some(retry_after),
+            })
+    }
+
+    /// Validates a request and estimates its reservation.
+    pub fn check(&self, r: &pb::DispatchRequest) -> Result<TokenEstimate, DispatchError> {
+        let violations = validate::check_fields(r, &self.settings.limits);
+        if !violations.is_empty() {
+            return Err(DispatchError::InvalidArgument(violations));
+        }
+        let Some(model) = self.models.iter().find(|m| m.name == r.model) else {
+            let known: Vec<_> = self.models.iter().map(|m| m.name.as_str()).collect();
+            return Err(DispatchError::InvalidArgument(vec![Violation::new(
+                "model",
+                format!(
+                    "unknown model {}; configured: {}",
+                    crate::excerpt::excerpt(&r.model),
+                    known.join(", ")
+                ),
+            )]));
+        };
+        validate::check_tokens(r, model).map_err(DispatchError::InvalidArgument)
+    }
+
+    /// Reclaims rate-limiter state of idle tenants.
+    pub fn sweep_idle(&self) {
+        self.rates.retain_recent();
+    }
+}
+
+pub struct FrontDoor {
+    current: RwLock<Arc<Snapshot>>,
+    versions: AtomicU64,
+}
+
+impl FrontDoor {
+    pub fn new(config: &Config) -> Self {
+        Self {
+            current: RwLock::new(Arc::new(Snapshot::new(config, 1))),
+            versions: AtomicU64::new(1),
+        }
+    }
+
+    /// The snapshot in force; a request takes it once and keeps it.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.current.read().clone()
+    }
+
+    /// Puts a new version in force, whole.
+    pub fn replace(&self, config: &Config) {
+        let version = self.versions.fetch_add(1, Ordering::Relaxed) + 1;
+        let next = Arc::new(Snapshot::new(config, version));
+        // The old snapshot is dropped outside the lock.
+        let _old = std::mem::replace(&mut *self.current.write(), next);
+    }
+}

@@ -1,0 +1,125 @@
+//! What a request holds, settled exactly once whatever happens to the task
+//! holding it: its tenant's charge for the whole request (`Lease`) and, per
+//! attempt, the tokens reserved in one region (`RegionHold`).
+//!
+//! Settling on purpose takes the quota desk's lock. Dropping an unsettled
+//! hold never does: it sends its settlement to the desk (a channel that
+//! takes no lock another path may hold), which applies it at its next turn.
+//! Work never sent is refunded; work that may have run stays charged.
+
+use std::sync::Arc;
+
+use super::desk::{QuotaDesk, Returned};
+use crate::core::{Completion, Reservation, Settlement, TenantHold};
+
+/// The tokens one attempt reserved in one region.
+pub struct RegionHold {
+    desk: Arc<QuotaDesk>,
+    reservation: Option<Reservation>,
+    sent: bool,
+}
+
+impl RegionHold {
+    pub(super) fn new(desk: Arc<QuotaDesk>, reservation: Reservation) -> Self {
+        Self {
+            desk,
+            reservation: Some(reservation),
+            sent: false,
+        }
+    }
+
+    pub fn reservation(&self) -> &Reservation {
+        self.reservation.as_ref().expect("held until settled")
+    }
+
+    /// From now on the cluster may be running the work.
+    pub fn mark_sent(&mut self) {
+        self.sent = true;
+    }
+
+    /// Settles with what the region reported; returns the tokens charged.
+    pub fn settle(mut self, c: Completion) -> u64 {
+        match self.reservation.take() {
+            Some(r) => self.desk.settle(&r, c),
+            None => 0,
+        }
+    }
+}
+
+impl Drop for RegionHold {
+    fn drop(&mut self) {
+        if let Some(r) = self.reservation.take() {
+            let settlement = if self.sent {
+                Settlement::Unknown
+            } else {
+                Settlement::NotRun
+            };
+            let c = Completion {
+                settlement,
+                ..Completion::abandoned()
+            };
+            self.desk.give_back(Returned::Region(r, c));
+        }
+    }
+}
+
+impl std::fmt::Debug for RegionHold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegionHold")
+            .field("reservation", &self.reservation)
+            .field("sent", &self.sent)
+            .finish()
+    }
+}
+
+/// The tokens a request holds against its tenant's limits, settled once
+/// with what the regions charged: refunded for work never sent, kept for
+/// work that may have run when the request is dropped mid-attempt.
+pub struct Lease {
+    desk: Arc<QuotaDesk>,
+    hold: Option<TenantHold>,
+    charged: u64,
+    at_risk: u64,
+}
+
+impl Lease {
+    pub(super) fn new(desk: Arc<QuotaDesk>, hold: TenantHold) -> Self {
+        Self {
+            desk,
+            hold: Some(hold),
+            charged: 0,
+            at_risk: 0,
+        }
+    }
+
+    fn tokens(&self) -> u64 {
+        self.hold.as_ref().map_or(0, |h| h.tokens)
+    }
+
+    /// An attempt is about to be sent: if it is lost, count all of it.
+    pub fn sending(&mut self) {
+        self.at_risk = self.tokens();
+    }
+
+    /// An attempt was settled with `charged` tokens.
+    pub fn settled(&mut self, charged: u64) {
+        self.charged += charged;
+        self.at_risk = 0;
+    }
+
+    /// Settles the tenant's charge now, with what the regions charged.
+    pub fn finish(mut self) {
+        if let Some(hold) = self.hold.take() {
+            self.desk.settle_tenant(hold, self.charged + self.at_risk);
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(hold) = self.hold.take() {
+            self.desk
+                .give_back(Returned::Tenant(hold, self.charged + self.at_risk));
+        }
+    }
+}

@@ -1,0 +1,133 @@
+//! A request at the front door: authenticated, its tenant's limits applied,
+//! validated, its id, estimate and deadline fixed, all with one snapshot of
+//! the configuration.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::front_door::Snapshot;
+use super::lease::{Lease, RegionHold};
+use super::{DispatchError, Engine};
+use crate::core::TokenEstimate;
+use crate::pb;
+
+/// What is known of a request so far, for its metrics and span: the tenant
+/// once authenticated, the model once validated, the region once reached.
+#[derive(Debug, Default)]
+pub(super) struct Labels {
+    pub tenant: Option<Arc<str>>,
+    pub model: Option<String>,
+    pub region: Option<Arc<str>>,
+}
+
+impl Labels {
+    /// Records the finished request's outcome.
+    pub fn finish(&self, result: Result<(), &DispatchError>, start: Instant) {
+        let outcome = super::observe::outcome(&result);
+        tracing::Span::current().record("outcome", outcome);
+        if let Err(e) = result {
+            tracing::Span::current().record("error", tracing::field::display(e));
+        }
+        super::observe::request(
+            self.model.as_deref().unwrap_or(""),
+            self.tenant.as_ref(),
+            self.region.as_ref(),
+            outcome,
+            crate::clock::since(start),
+        );
+    }
+}
+
+/// A validated request, ready to be forwarded.
+pub(super) struct Prepared {
+    /// The configuration it was decided with, kept to the end.
+    pub config: Arc<Snapshot>,
+    pub request_id: String,
+    pub exec: pb::ExecuteRequest,
+    pub estimate: TokenEstimate,
+    pub origin: Option<Arc<str>>,
+    pub tenant: Arc<str>,
+    pub tenant_max_queued: usize,
+    pub start: Instant,
+    pub deadline: Instant,
+    /// The caller chose the deadline (`grpc-timeout`): running out of it is
+    /// the caller's outcome, never the region's. Without one the deadline is
+    /// the dispatcher's own (`server.default_timeout`), and a region that
+    /// outlasts it has failed.
+    pub callers_deadline: bool,
+    /// The caller gave a request_id: work that may have run elsewhere can
+    /// be retried, because a repeat of the id is answered once.
+    pub retry_may_have_run: bool,
+}
+
+/// The cluster accepted the work.
+pub(super) struct Forwarded<T> {
+    pub value: T,
+    pub held: RegionHold,
+    pub region: Arc<str>,
+    pub attempts: u32,
+    pub queue_wait: Duration,
+    pub sent: Instant,
+}
+
+impl Engine {
+    /// Authenticates the caller, applies its tenant's limits, validates `r`
+    /// and fixes its id, estimate and deadline. The tenant's hold comes back
+    /// with it, to be settled with what the regions charge.
+    pub(super) fn prepare(
+        &self,
+        config: Arc<Snapshot>,
+        r: pb::DispatchRequest,
+        timeout: Option<Duration>,
+        authorization: Option<&str>,
+        labels: &mut Labels,
+    ) -> Result<(Prepared, Lease), DispatchError> {
+        if self.drain.shutting_down() {
+            return Err(DispatchError::ShuttingDown);
+        }
+        let start = crate::clock::now();
+        let span = tracing::Span::current();
+        let tenant = tracing::debug_span!("authenticate").in_scope(|| config.authenticate(authorization))?;
+        span.record("tenant", &*tenant);
+        labels.tenant = Some(tenant.clone());
+        config.check_tenant_field(&r.tenant, &tenant)?;
+        config.check_rate(&tenant)?;
+        let estimate = config.check(&r)?;
+        labels.model = Some(r.model.clone());
+        span.record("model", r.model.as_str());
+        let (hold, tenant_max_queued) =
+            self.desk
+                .admit_tenant(&tenant, &r.model, estimate.total(), super::today())?;
+        let lease = Lease::new(self.desk.clone(), hold);
+        let retry_may_have_run = !r.request_id.is_empty();
+        let request_id = if r.request_id.is_empty() {
+            self.new_id()
+        } else {
+            r.request_id
+        };
+        span.record("request_id", request_id.as_str());
+        let deadline = start + timeout.unwrap_or(config.settings.default_timeout);
+        let prepared = Prepared {
+            config,
+            origin: (!r.origin_region.is_empty()).then(|| Arc::from(r.origin_region.as_str())),
+            exec: pb::ExecuteRequest {
+                request_id: request_id.clone(),
+                tenant: tenant.to_string(),
+                model: r.model,
+                payload: r.payload,
+                prompt_tokens: estimate.prompt,
+                max_output_tokens: estimate.max_output,
+                labels: r.labels,
+            },
+            tenant,
+            tenant_max_queued,
+            request_id,
+            estimate,
+            start,
+            deadline,
+            callers_deadline: timeout.is_some(),
+            retry_may_have_run,
+        };
+        Ok((prepared, lease))
+    }
+}
