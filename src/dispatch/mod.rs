@@ -33,7 +33,7 @@ use crate::core::{
     Completion, Day, HintOutcome, ProviderHint, ReportedLoad, Reservation, RoutePreview, RouteRequest,
     Router, Scheduler, TenantHold, TenantRefusal, TenantReport, Tenants, TokenEstimate,
 };
-use crate::forward::ClusterPool;
+use crate::forward::{ClusterPool, Connector};
 use crate::pb;
 use auth::Auth;
 use rates::TenantRates;
@@ -113,10 +113,20 @@ impl Engine {
     /// regions already started by the caller). Start the queue pump with
     /// `spawn_pump` once a runtime is running.
     pub fn new(config: &Config, endpoints: &[(String, String)]) -> Result<Arc<Self>, String> {
+        Self::with_connector(config, endpoints, crate::forward::tcp())
+    }
+
+    /// Like `new`, reaching the clusters through `connector` rather than
+    /// TCP: the engine's tests run it against in-memory clusters.
+    pub fn with_connector(
+        config: &Config,
+        endpoints: &[(String, String)],
+        connector: Arc<dyn Connector>,
+    ) -> Result<Arc<Self>, String> {
         let now = crate::clock::now();
         let router = Router::try_new(config.router_spec(), now).map_err(|e| e.to_string())?;
         let tenants = Tenants::try_new(&config.tenant_specs(), now).map_err(|e| e.to_string())?;
-        let pool = ClusterPool::new();
+        let pool = ClusterPool::with_connector(connector);
         pool.set(endpoints)?;
         let started = crate::clock::unix_secs();
         Ok(Arc::new(Self {
