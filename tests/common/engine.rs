@@ -314,6 +314,17 @@ impl FakeCluster {
         }
     }
 
+    /// Waits until no call is in flight.
+    pub async fn wait_for_idle(&self) {
+        loop {
+            let changed = self.inner.changed.notified();
+            if self.in_flight() == 0 {
+                return;
+            }
+            changed.await;
+        }
+    }
+
     fn begin(&self, r: &tonic::Request<pb::ExecuteRequest>, stream: bool) -> (Reply, Call) {
         let reply = self
             .inner
@@ -564,6 +575,16 @@ impl World {
         self.region(name, |r, now| r.circuit(now))
     }
 
+    /// What region `name` holds and what was counted against it.
+    pub fn blame(&self, name: &str) -> Blame {
+        self.region(name, |r, now| Blame {
+            circuit: r.circuit(now).name(),
+            failed: r.load().failed(),
+            error_rate: r.load().error_rate(now),
+            in_flight: r.load().in_flight(),
+        })
+    }
+
     /// Calls to all clusters.
     pub fn calls(&self) -> u64 {
         self.clusters.values().map(FakeCluster::calls).sum()
@@ -583,6 +604,25 @@ impl World {
             (result, start.elapsed())
         })
     }
+}
+
+/// What a region holds and what was counted against it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Blame {
+    pub circuit: &'static str,
+    pub failed: u64,
+    pub error_rate: f64,
+    pub in_flight: u32,
+}
+
+impl Blame {
+    /// Nothing held, nothing counted against it.
+    pub const NONE: Blame = Blame {
+        circuit: "closed",
+        failed: 0,
+        error_rate: 0.0,
+        in_flight: 0,
+    };
 }
 
 /// A gpt-4o request of `prompt` + `max_output` tokens.
