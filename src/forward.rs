@@ -7,6 +7,11 @@
 //! `Channel`: a `Channel` hands each request to a buffer task before the
 //! connection task, and on this path that extra hop was a fifth of the
 //! latency the dispatcher adds (docs/PERFORMANCE.md).
+//!
+//! How the connection's bytes travel is the connector's business
+//! (`connector.rs`): TCP in production, in memory in the engine's tests.
+
+mod connector;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -24,9 +29,11 @@ use tonic::transport::Uri;
 
 use crate::pb::agent_cluster_client::AgentClusterClient;
 
+pub use connector::{Connecting, Connector, Io, Tcp, Transport, tcp};
+
 pub type ClusterClient = AgentClusterClient<Connection>;
 
-/// How long a cluster may take to accept a TCP connection.
+/// How long a cluster may take to accept a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// A region's HTTP/2 connection, shared by every request to it.
@@ -38,6 +45,7 @@ pub struct Connection {
 struct ConnectionState {
     /// host:port
     authority: String,
+    connector: Arc<dyn Connector>,
     /// Read on every request, under a lock never held across an await.
     link: parking_lot::Mutex<Link>,
     /// Held while a connection is being opened: one attempt at a time.
@@ -66,7 +74,7 @@ impl Link {
 }
 
 impl Connection {
-    fn new(uri: &Uri) -> Result<Self, String> {
+    fn new(uri: &Uri, connector: Arc<dyn Connector>) -> Result<Self, String> {
         let authority = uri.authority().ok_or("no host:port")?.to_string();
         if uri.scheme_str() != Some("http") {
             return Err("only plaintext http:// endpoints are supported".into());
@@ -74,6 +82,7 @@ impl Connection {
         Ok(Self {
             shared: Arc::new(ConnectionState {
                 authority,
+                connector,
                 link: parking_lot::Mutex::new(Link::default()),
                 connecting: tokio::sync::Mutex::new(()),
                 #[cfg(test)]
@@ -131,12 +140,11 @@ impl Connection {
     async fn open(&self) -> Result<SendRequest<Body>, String> {
         let stream = tokio::time::timeout(
             CONNECT_TIMEOUT,
-            tokio::net::TcpStream::connect(&self.shared.authority),
+            self.shared.connector.connect(&self.shared.authority),
         )
         .await
         .map_err(|_| format!("no answer within {CONNECT_TIMEOUT:?}"))?
         .map_err(|e| e.to_string())?;
-        stream.set_nodelay(true).map_err(|e| e.to_string())?;
         let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(30))
@@ -182,14 +190,29 @@ impl tonic::codegen::Service<http::Request<Body>> for Connection {
     }
 }
 
-#[derive(Default)]
 pub struct ClusterPool {
     clients: RwLock<HashMap<Arc<str>, (String, ClusterClient)>>,
+    connector: Arc<dyn Connector>,
+}
+
+impl Default for ClusterPool {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl ClusterPool {
+    /// Connects over TCP.
     pub fn new() -> Self {
-        Self::default()
+        Self::with_connector(tcp())
+    }
+
+    /// Connects with `connector` (tests: in memory).
+    pub fn with_connector(connector: Arc<dyn Connector>) -> Self {
+        Self {
+            clients: RwLock::default(),
+            connector,
+        }
     }
 
     /// Makes the pool serve exactly these `(region, endpoint)` pairs. Channels
@@ -201,7 +224,7 @@ impl ClusterPool {
             for (region, endpoint) in endpoints {
                 let client = match current.get(region.as_str()) {
                     Some((e, client)) if e == endpoint => client.clone(),
-                    _ => connect(endpoint)
+                    _ => connect(endpoint, &self.connector)
                         .map_err(|e| format!("region {region}: endpoint {endpoint:?}: {e}"))?,
                 };
                 next.insert(Arc::from(region.as_str()), (endpoint.clone(), client));
@@ -220,9 +243,9 @@ impl ClusterPool {
     }
 }
 
-fn connect(endpoint: &str) -> Result<ClusterClient, String> {
+fn connect(endpoint: &str, connector: &Arc<dyn Connector>) -> Result<ClusterClient, String> {
     let uri: Uri = endpoint.parse().map_err(|e| format!("{e}"))?;
-    let connection = Connection::new(&uri)?;
+    let connection = Connection::new(&uri, connector.clone())?;
     Ok(AgentClusterClient::with_origin(connection, uri).max_decoding_message_size(usize::MAX))
 }
 
@@ -324,7 +347,7 @@ mod tests {
         let uri: Uri = format!("http://{}", listener.local_addr().unwrap())
             .parse()
             .unwrap();
-        let connection = Connection::new(&uri).unwrap();
+        let connection = Connection::new(&uri, tcp()).unwrap();
         let callers: Vec<_> = (0..4)
             .map(|_| {
                 let c = connection.clone();

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::core::{ProviderHint, TenantReport};
+use crate::core::{CircuitState, ProviderHint, TenantReport};
 
 /// Everything operators see, as of `at`.
 #[derive(Debug, Clone)]
@@ -34,8 +34,7 @@ pub struct RegionView {
     pub error_rate: f64,
     pub completed: u64,
     pub failed: u64,
-    /// `closed`, `open` or `half_open`.
-    pub circuit: &'static str,
+    pub circuit: CircuitState,
     pub models: Vec<QuotaView>,
 }
 

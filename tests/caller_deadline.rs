@@ -3,9 +3,9 @@
 //! alike), it is answered DEADLINE_EXCEEDED however the region reports it,
 //! and a stream whose caller stops reading still ends at its deadline, its
 //! slot and reservation freed. The engine in-process against a simulated or
-//! a fake cluster over loopback gRPC, on a paused clock. Each test stays
-//! within 10 s of virtual time: the engine's queue pump sleeps until system
-//! clock instants, and would spin once the paused clock ran that far ahead.
+//! a fake cluster over gRPC on an in-memory network, on a paused clock (no
+//! sockets: a reply in transit on one is invisible to the paused clock,
+//! which could jump ahead meanwhile).
 
 mod common;
 
@@ -21,9 +21,12 @@ use dispatcher::dispatch::{ChunkStream, DispatchError, Engine, hash_key};
 use dispatcher::pb;
 use dispatcher::pb::agent_cluster_server::{AgentCluster, AgentClusterServer};
 use dispatcher::server::to_status;
-use dispatcher::sim::{SimHandle, SimSpec};
+use dispatcher::sim::{SimService, SimSpec};
 use tokio_stream::{Stream, StreamExt};
+use tonic::service::Routes;
 use tonic::{Code, Status};
+
+use common::engine::Net;
 
 const DISPATCHER_TOML: &str = r#"
 [[models]]
@@ -53,21 +56,28 @@ accounting = "usage"
 const IMPATIENT: Option<&str> = Some("Bearer key-a");
 const PATIENT: Option<&str> = Some("Bearer key-b");
 
-fn engine(endpoint: &str) -> Arc<Engine> {
+/// Where the cluster answers on the in-memory network.
+const AUTHORITY: &str = "r.cluster:50051";
+const ENDPOINT: &str = "http://r.cluster:50051";
+
+/// The engine, reaching region "r" on `net`.
+fn engine(net: &Net) -> Arc<Engine> {
+    let endpoint = ENDPOINT;
     let toml = DISPATCHER_TOML
         .replace("HASH_A", &hash_key("key-a"))
         .replace("HASH_B", &hash_key("key-b"));
     let mut c = config::parse_dispatcher(&toml, Path::new("dispatcher.toml"), Some(HashMap::new())).unwrap();
     let region = REGION.replace("ENDPOINT", endpoint);
     c.regions = vec![config::parse_region(&region, Path::new("regions/r.toml"), &c.models).unwrap()];
-    let engine = Engine::new(&c, &[("r".into(), endpoint.into())]).unwrap();
+    let engine = Engine::with_connector(&c, &[("r".into(), endpoint.into())], net.connector()).unwrap();
     engine.spawn_pump(Default::default());
     engine
 }
 
 /// A simulated cluster: 10 prompt tokens take 10 ms, then a 32-token chunk
-/// every 32 ms; 3,000 output tokens take 3 s.
-async fn slow_sim() -> SimHandle {
+/// every 32 ms; 3,000 output tokens take 3 s. Served on `net`; the handle
+/// reads its counters.
+fn slow_sim(net: &Net) -> SimService {
     let limits = ModelLimits {
         tokens_per_minute: 10_000_000,
         requests_per_minute: 1_000_000,
@@ -85,9 +95,10 @@ async fn slow_sim() -> SimHandle {
             ..Default::default()
         },
     };
-    dispatcher::sim::spawn(spec, ([127, 0, 0, 1], 0).into())
-        .await
-        .unwrap()
+    let (health, _) = tonic_health::server::health_reporter();
+    let sim = SimService::new(spec, health);
+    net.serve(AUTHORITY, Routes::new(AgentClusterServer::new(sim.clone())));
+    sim
 }
 
 fn request(max_output_tokens: u64) -> pb::DispatchRequest {
@@ -116,7 +127,7 @@ fn region(engine: &Engine) -> RegionView {
     let r = view.regions.iter().find(|r| r.name == "r").unwrap();
     let quota = &r.models[0];
     RegionView {
-        circuit: r.circuit,
+        circuit: r.circuit.name(),
         error_rate: r.error_rate,
         failed: r.failed,
         in_flight: r.in_flight,
@@ -142,8 +153,9 @@ fn is_deadline(e: &DispatchError) -> bool {
 
 #[tokio::test(start_paused = true)]
 async fn callers_deadlines_leave_the_regions_circuit_closed() {
-    let sim = slow_sim().await;
-    let engine = engine(&sim.endpoint());
+    let net = Net::new();
+    slow_sim(&net);
+    let engine = engine(&net);
     // Thirty calls that need 3 s, each with a 20 ms deadline.
     let calls: Vec<_> = (0..30)
         .map(|_| {
@@ -169,8 +181,9 @@ async fn callers_deadlines_leave_the_regions_circuit_closed() {
 
 #[tokio::test(start_paused = true)]
 async fn streams_cut_at_the_callers_deadline_leave_the_circuit_closed() {
-    let sim = slow_sim().await;
-    let engine = engine(&sim.endpoint());
+    let net = Net::new();
+    slow_sim(&net);
+    let engine = engine(&net);
     // Thirty streams that need 3 s, read as they come, each with a 200 ms
     // deadline: they end mid-stream.
     let calls: Vec<_> = (0..30)
@@ -249,14 +262,11 @@ impl AgentCluster for Expiring {
     }
 }
 
-async fn serve(cluster: Expiring) -> String {
-    let (incoming, addr) = dispatcher::grpc::bind(([127, 0, 0, 1], 0).into()).unwrap();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(AgentClusterServer::new(cluster))
-            .serve_with_incoming(incoming),
-    );
-    format!("http://{addr}")
+/// An engine whose region "r" is `cluster`.
+fn serve(cluster: Expiring) -> Arc<Engine> {
+    let net = Net::new();
+    net.serve(AUTHORITY, Routes::new(AgentClusterServer::new(cluster)));
+    engine(&net)
 }
 
 async fn stream_error(engine: &Arc<Engine>, timeout: Duration) -> DispatchError {
@@ -272,13 +282,10 @@ async fn stream_error(engine: &Arc<Engine>, timeout: Duration) -> DispatchError 
 #[tokio::test(start_paused = true)]
 async fn a_region_reporting_the_propagated_deadline_is_answered_deadline_exceeded() {
     for code in [Code::Cancelled, Code::DeadlineExceeded] {
-        let engine = engine(
-            &serve(Expiring {
-                code,
-                early: Duration::from_millis(1),
-            })
-            .await,
-        );
+        let engine = serve(Expiring {
+            code,
+            early: Duration::from_millis(1),
+        });
         for _ in 0..10 {
             let e = engine
                 .dispatch(request(100), Some(Duration::from_millis(100)), IMPATIENT)
@@ -300,13 +307,10 @@ async fn a_region_reporting_the_propagated_deadline_is_answered_deadline_exceede
 async fn a_region_timing_out_on_its_own_is_the_regions_failure() {
     // Long before the caller's deadline: the region's own doing.
     for code in [Code::Cancelled, Code::DeadlineExceeded] {
-        let engine = engine(
-            &serve(Expiring {
-                code,
-                early: Duration::from_millis(150),
-            })
-            .await,
-        );
+        let engine = serve(Expiring {
+            code,
+            early: Duration::from_millis(150),
+        });
         let e = engine
             .dispatch(request(100), Some(Duration::from_millis(200)), IMPATIENT)
             .await
@@ -322,8 +326,9 @@ async fn a_region_timing_out_on_its_own_is_the_regions_failure() {
 
 #[tokio::test(start_paused = true)]
 async fn a_stream_nobody_reads_ends_at_its_deadline() {
-    let sim = slow_sim().await;
-    let engine = engine(&sim.endpoint());
+    let net = Net::new();
+    let sim = slow_sim(&net);
+    let engine = engine(&net);
     let before = region(&engine).tokens_available;
     let stream = match engine
         .dispatch_stream(request(3000), Some(Duration::from_secs(2)), IMPATIENT)
@@ -350,7 +355,7 @@ async fn a_stream_nobody_reads_ends_at_its_deadline() {
         .find(|t| t.report.spec.name == "impatient")
         .unwrap();
     assert_eq!(tenant.report.in_flight, 0);
-    let upstream = common::sim_stats(sim.addr).await;
+    let upstream = sim.stats();
     assert_eq!(
         (upstream.in_flight, upstream.cancelled),
         (0, 1),

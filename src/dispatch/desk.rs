@@ -270,7 +270,7 @@ impl QuotaDesk {
                     error_rate: load.error_rate(now),
                     completed: load.completed(),
                     failed: load.failed(),
-                    circuit: r.circuit(now).name(),
+                    circuit: r.circuit(now),
                     models,
                 }
             })

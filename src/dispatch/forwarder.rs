@@ -22,7 +22,7 @@ use super::lease::Lease;
 use super::prepare::{Forwarded, Prepared};
 use crate::config::Config;
 use crate::core::{Completion, Outcome, RetryBudget, Settlement, Submission};
-use crate::forward::{ClusterClient, ClusterPool, FailureKind, classify};
+use crate::forward::{ClusterClient, ClusterPool, Connector, FailureKind, classify};
 use crate::pb;
 
 pub struct Forwarder {
@@ -31,8 +31,13 @@ pub struct Forwarder {
 }
 
 impl Forwarder {
-    pub fn new(config: &Config, endpoints: &[(String, String)], now: Instant) -> Result<Self, String> {
-        let pool = ClusterPool::new();
+    pub fn new(
+        config: &Config,
+        endpoints: &[(String, String)],
+        connector: Arc<dyn Connector>,
+        now: Instant,
+    ) -> Result<Self, String> {
+        let pool = ClusterPool::with_connector(connector);
         pool.set(endpoints)?;
         let b = config.routing.retry_budget;
         Ok(Self {
@@ -129,6 +134,12 @@ impl Forwarder {
                     }
                     let why = format!("no other region could take it: {e}");
                     return Err(failures.exhausted(attempt - 1, &why, e.retry_after()));
+                }
+                // A wait the caller's own deadline cut is that deadline.
+                Err(DispatchError::QueueTimeout { waited, .. }) if crate::clock::now() >= p.deadline => {
+                    return Err(DispatchError::DeadlineExceeded(format!(
+                        "while waiting {waited:.1?} for quota"
+                    )));
                 }
                 Err(e) => return Err(e),
             };

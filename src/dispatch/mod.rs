@@ -44,6 +44,7 @@ pub use stream::{ChunkStream, StreamChunk};
 
 use crate::config::Config;
 use crate::core::{Day, ProviderHint, ReportedLoad, RoutePreview, RouteRequest, TokenEstimate};
+use crate::forward::Connector;
 use crate::pb;
 use crate::state::EngineView;
 use forwarder::Forwarder;
@@ -104,10 +105,20 @@ impl Engine {
     /// regions already started by the caller). Start the queue pump with
     /// `spawn_pump` once a runtime is running.
     pub fn new(config: &Config, endpoints: &[(String, String)]) -> Result<Arc<Self>, String> {
+        Self::with_connector(config, endpoints, crate::forward::tcp())
+    }
+
+    /// Like `new`, reaching the clusters through `connector` rather than
+    /// TCP: the engine's tests run it against in-memory clusters.
+    pub fn with_connector(
+        config: &Config,
+        endpoints: &[(String, String)],
+        connector: Arc<dyn Connector>,
+    ) -> Result<Arc<Self>, String> {
         let now = crate::clock::now();
         Ok(Arc::new(Self {
             desk: QuotaDesk::new(config, now)?,
-            forwarder: Forwarder::new(config, endpoints, now)?,
+            forwarder: Forwarder::new(config, endpoints, connector, now)?,
             front: FrontDoor::new(config),
             idempotency: idempotency::Idempotency::new(
                 config.server.idempotency_window,

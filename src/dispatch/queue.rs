@@ -14,7 +14,7 @@ use super::DispatchError;
 use super::desk::QuotaDesk;
 use super::lease::RegionHold;
 use crate::core::scheduler::SWEEP_INTERVAL;
-use crate::core::{Released, RouteError, Submission, SubmitError, Submitted};
+use crate::core::{Released, RouteError, RouteRequest, Submission, SubmitError, Submitted};
 
 /// What the pump hands a waiting request.
 #[derive(Debug)]
@@ -36,6 +36,7 @@ impl QuotaDesk {
         let start = crate::clock::now();
         let wait_until = s.wait_until;
         let s_model = s.model.clone();
+        let (tokens, origin, tried) = (s.tokens, s.origin.clone(), s.tried.clone());
         let mut receiver = None;
         let submitted = self.lock().scheduler.submit(s, start, || {
             let (tx, rx) = oneshot::channel();
@@ -92,8 +93,24 @@ impl QuotaDesk {
                 Ok((held, crate::clock::since(start)))
             }
             Some(Grant::Failed(e)) => Err(e.into()),
-            Some(Grant::Expired(retry)) => Err(self.queue_timeout(start, retry)),
-            None => Err(self.queue_timeout(start, None)),
+            Some(Grant::Expired(Some(retry))) => Err(self.queue_timeout(start, Some(retry))),
+            Some(Grant::Expired(None)) | None => {
+                // When it would fit, for the caller's retry.
+                let req = RouteRequest {
+                    model: &model,
+                    tokens,
+                    origin: origin.as_deref(),
+                };
+                let now = crate::clock::now();
+                let retry = self
+                    .lock()
+                    .scheduler
+                    .router()
+                    .earliest_fit(&req, &tried, now)
+                    .map(|(_, wait)| wait)
+                    .filter(|wait| !wait.is_zero());
+                Err(self.queue_timeout(start, retry))
+            }
         }
     }
 

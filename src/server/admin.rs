@@ -96,7 +96,7 @@ impl AdminService {
             completed: r.completed,
             failed: r.failed,
             models,
-            circuit: r.circuit.to_string(),
+            circuit: r.circuit.name().to_string(),
         }
     }
 

@@ -3,6 +3,7 @@
 //! their config files, and gRPC clients.
 #![allow(dead_code)]
 
+pub mod engine;
 pub mod tools;
 pub mod vsim;
 
