@@ -64,8 +64,8 @@ impl QuotaDesk {
     /// The desk, with every settlement dropped holds sent applied first.
     pub(super) fn lock(&self) -> MutexGuard<'_, Desk> {
         let mut desk = self.state.lock();
-        let now = crate::clock::now();
         while let Ok(returned) = desk.returns.try_recv() {
+            let now = crate::clock::now();
             match returned {
                 Returned::Region(r, c) => {
                     let settled = desk.scheduler.router_mut().settle(&r, c, now);
