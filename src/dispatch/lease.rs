@@ -123,3 +123,47 @@ impl Drop for Lease {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::path::Path;
+
+    use super::*;
+
+    fn desk() -> Arc<QuotaDesk> {
+        let toml = "[auth]\nallow_anonymous = true\nanonymous_tenant = \"t\"\n[[models]]\nname = \"m\"\n[[tenants]]\nname = \"t\"\nmax_concurrent = 1\n";
+        let c = crate::config::parse_dispatcher(toml, Path::new("dispatcher.toml"), Some(HashMap::new()))
+            .unwrap();
+        QuotaDesk::new(&c, crate::testing::epoch()).unwrap()
+    }
+
+    fn in_flight(desk: &QuotaDesk) -> u32 {
+        desk.view(crate::clock::now(), |_| String::new()).tenants[0]
+            .report
+            .in_flight
+    }
+
+    /// A lease dropped while its desk's lock is held (by the pump, say)
+    /// does not wait for that lock: its settlement is applied at the desk's
+    /// next turn. A Drop that locked would deadlock here.
+    #[test]
+    fn a_lease_dropped_under_the_desks_lock_settles_at_its_next_turn() {
+        let desk = desk();
+        let day = crate::core::Day {
+            number: 0,
+            next_in: std::time::Duration::from_secs(1),
+        };
+        let (hold, _) = desk.admit_tenant("t", "m", 10, day).unwrap();
+        let lease = Lease::new(desk.clone(), hold);
+        assert_eq!(in_flight(&desk), 1);
+        let guard = desk.lock();
+        drop(lease);
+        drop(guard);
+        assert_eq!(in_flight(&desk), 0, "settled at the next turn");
+        assert!(
+            desk.admit_tenant("t", "m", 10, day).is_ok(),
+            "its max_concurrent slot is free again"
+        );
+    }
+}
