@@ -337,6 +337,7 @@ impl Router {
                 weight: view.weight,
                 value: strategy.value(view),
                 regions: view.regions,
+                in_flight: view.in_flight,
             })
         });
         if self.scratch.is_empty() {
@@ -414,6 +415,7 @@ impl Router {
                     weight: v.weight,
                     value: s.value,
                     regions: v.regions,
+                    in_flight: v.in_flight,
                 })
                 .collect();
             let mut rng = self.rng.clone();
