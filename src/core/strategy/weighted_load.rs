@@ -67,6 +67,7 @@ impl Power {
         }
     }
 
+    #[inline]
     fn of(self, x: f64) -> f64 {
         match self {
             Power::Zero => 1.0,
@@ -117,13 +118,19 @@ impl WeightedLoad {
         }
     }
 
+    #[inline]
     fn parts(&self, c: &CandidateView<'_>) -> Parts {
         let latency_ms = c.latency_per_1k_ms.unwrap_or(0.0);
         Parts {
             headroom: self.headroom_power.of(c.headroom.clamp(0.0, 1.0)),
             load: 1.0 - self.p.load_weight * c.utilization.clamp(0.0, 1.0),
             latency_ms,
-            latency: 1.0 / (1.0 + latency_ms * self.inverse_latency_ref),
+            // Exactly 1 without a latency: no division (most regions at light load).
+            latency: if latency_ms == 0.0 {
+                1.0
+            } else {
+                1.0 / (1.0 + latency_ms * self.inverse_latency_ref)
+            },
             errors: self.error_power.of((1.0 - c.error_rate).clamp(0.0, 1.0)),
             locality: if c.is_origin {
                 1.0 + self.p.locality_bonus
@@ -165,11 +172,16 @@ impl Strategy for WeightedLoad {
     fn pick(&self, scored: &[Scored], _rng: &mut dyn RngCore) -> usize {
         let best = scored.iter().fold(0.0_f64, |m, s| m.max(s.value));
         let floor = best * (1.0 - NEAR_EQUAL);
-        let next = self.last.map_or(0, |l| l + 1);
-        // Rotation distance from `next`, in configured positions.
+        // Rotation distance from `next`, in configured positions (all of
+        // `scored` count the same regions). No division per candidate.
+        let n = scored.first().map_or(1, |s| s.regions.max(1));
+        let next = self.last.map_or(0, |l| (l + 1) % n);
         let turns = |s: &Scored| {
-            let n = s.regions.max(1);
-            (s.index + n - next % n) % n
+            if s.index >= next {
+                s.index - next
+            } else {
+                s.index + n - next
+            }
         };
         let mut pick = 0;
         let mut key = (u32::MAX, usize::MAX);
