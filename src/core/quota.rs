@@ -381,6 +381,20 @@ mod tests {
     }
 
     #[test]
+    fn room_without_the_refill_is_a_lower_bound_of_fit() {
+        let t0 = crate::testing::epoch();
+        let mut b = QuotaBucket::try_new(600, None, t0).unwrap();
+        assert_eq!(b.room_at_least(100), b.fit(100, t0).ok());
+        b.try_take(500, t0).unwrap();
+        assert_eq!(b.room_at_least(100), b.fit(100, t0).ok(), "no time passed");
+        let later = t0 + secs(3.0);
+        assert!(b.room_at_least(100).unwrap() < b.fit(100, later).unwrap());
+        assert_eq!(b.room_at_least(120), None, "fits only with the refill");
+        assert!(b.fit(120, later).is_ok());
+        assert_eq!(b.room_at_least(601), None);
+    }
+
+    #[test]
     fn provider_hint_only_lowers() {
         let t0 = crate::testing::epoch();
         let mut b = QuotaBucket::try_new(1000, None, t0).unwrap();
