@@ -86,7 +86,10 @@ const SLOTS: usize = 10;
 /// Successes and failures over a sliding window of `SLOTS` time slots.
 #[derive(Debug, Clone)]
 struct Window {
-    slot: Duration,
+    /// A slot's length in nanoseconds: a u64, so finding the slot is one
+    /// 64-bit division (`Duration::as_nanos` is a u128, and dividing those
+    /// is a slow library call on every settlement).
+    slot_nanos: u64,
     /// (slot number, successes, failures)
     slots: [(u64, u32, u32); SLOTS],
     epoch: Instant,
@@ -95,18 +98,25 @@ struct Window {
 impl Window {
     fn new(window: Duration, epoch: Instant) -> Self {
         Self {
-            slot: (window / SLOTS as u32).max(Duration::from_millis(1)),
+            slot_nanos: u64::try_from((window / SLOTS as u32).max(Duration::from_millis(1)).as_nanos())
+                .unwrap_or(u64::MAX),
             slots: [(u64::MAX, 0, 0); SLOTS],
             epoch,
         }
     }
 
+    /// The slot `now` falls in.
     fn index(&self, now: Instant) -> u64 {
-        (now.saturating_duration_since(self.epoch).as_nanos() / self.slot.as_nanos()) as u64
+        let since = now.saturating_duration_since(self.epoch);
+        let nanos = since
+            .as_secs()
+            .saturating_mul(1_000_000_000)
+            .saturating_add(u64::from(since.subsec_nanos()));
+        nanos / self.slot_nanos
     }
 
-    fn add(&mut self, success: bool, now: Instant) {
-        let n = self.index(now);
+    /// Counts one result in slot `n` (from `index`).
+    fn add(&mut self, success: bool, n: u64) {
         let s = &mut self.slots[n as usize % SLOTS];
         if s.0 != n {
             *s = (n, 0, 0);
@@ -118,8 +128,8 @@ impl Window {
         }
     }
 
-    fn totals(&self, now: Instant) -> (u32, u32) {
-        let n = self.index(now);
+    /// Successes and failures in the window ending with slot `n`.
+    fn totals(&self, n: u64) -> (u32, u32) {
         self.slots
             .iter()
             .filter(|(i, _, _)| *i != u64::MAX && *i + SLOTS as u64 > n && *i <= n)
@@ -156,6 +166,7 @@ impl CircuitBreaker {
         }
     }
 
+    #[inline]
     pub fn state(&self, now: Instant) -> CircuitState {
         match self.state {
             CircuitState::Open { until } if now >= until => CircuitState::HalfOpen {
@@ -166,7 +177,15 @@ impl CircuitBreaker {
         }
     }
 
+    /// Closed (whatever the time: only results move a closed circuit), so
+    /// no trial is due. Lets the decision path skip looking for trials.
+    #[inline]
+    pub fn is_closed(&self) -> bool {
+        self.state == CircuitState::Closed
+    }
+
     /// Whether a request may go to the region now. Changes nothing.
+    #[inline]
     pub fn allows(&self, now: Instant) -> bool {
         match self.state(now) {
             CircuitState::Closed => true,
@@ -208,11 +227,12 @@ impl CircuitBreaker {
     /// A request sent earlier ended. Returns the transition, if any.
     pub fn on_result(&mut self, success: bool, now: Instant) -> Option<Transition> {
         let before = self.state(now);
-        self.window.add(success, now);
+        let slot = self.window.index(now);
+        self.window.add(success, slot);
         self.consecutive = if success { 0 } else { self.consecutive + 1 };
         let after = match before {
             CircuitState::Closed => {
-                let (ok, bad) = self.window.totals(now);
+                let (ok, bad) = self.window.totals(slot);
                 let total = ok + bad;
                 let rate_trips = total >= self.config.min_requests
                     && bad as f64 > self.config.error_threshold * total as f64;

@@ -27,17 +27,28 @@ pub(super) struct Evaluation<'a> {
     pub largest: u64,
 }
 
+/// The position of `req`'s origin among `regions` (name order), looked up
+/// once per decision rather than compared by name for every region.
+pub(super) fn origin_index(regions: &[RegionState], req: &RouteRequest<'_>) -> Option<usize> {
+    let origin = req.origin?;
+    regions.binary_search_by(|r| (*r.name).cmp(origin)).ok()
+}
+
 /// What a strategy sees of `region` for `req`, given its headroom.
+/// `origin` is `origin_index(regions, req)`.
+#[inline]
 pub(super) fn view<'a>(
     regions: &'a [RegionState],
     index: usize,
     headroom: f64,
     req: &RouteRequest<'_>,
+    origin: Option<usize>,
     now: Instant,
 ) -> CandidateView<'a> {
     let region = &regions[index];
     let load = region.load();
     let reported = load.reported(now);
+    let (latency_per_1k_ms, error_rate) = load.averages(now);
     CandidateView {
         name: region.name(),
         index,
@@ -48,9 +59,9 @@ pub(super) fn view<'a>(
         in_flight: load.in_flight(),
         capacity: load.capacity(),
         queued: reported.map_or(0, |r| r.queued),
-        latency_per_1k_ms: load.latency_per_1k_ms(now),
-        error_rate: load.error_rate(now),
-        is_origin: req.origin.is_some_and(|o| o == region.name()),
+        latency_per_1k_ms,
+        error_rate,
+        is_origin: origin == Some(index),
         request_tokens: req.tokens,
     }
 }
@@ -58,22 +69,29 @@ pub(super) fn view<'a>(
 /// Calls `eligible` with the view of every region that can take `req` now:
 /// the decision path. A free function over the fields it reads, so the
 /// caller can fill its scratch buffer while the regions are borrowed.
+/// `origin` is `origin_index(regions, req)`. Returns whether any eligible
+/// region's circuit is not closed (only then can a half-open trial be due:
+/// see `trial`).
 pub(super) fn scan<'a>(
     regions: &'a [RegionState],
     model: usize,
     req: &RouteRequest<'_>,
+    origin: Option<usize>,
     tried: &[Arc<str>],
     now: Instant,
     mut eligible: impl FnMut(&CandidateView<'a>),
-) {
+) -> bool {
+    let mut unclosed = false;
     for (index, region) in regions.iter().enumerate() {
         if !tried.is_empty() && tried.iter().any(|t| **t == *region.name) {
             continue;
         }
         if let Ok(headroom) = region.admit(model, req.tokens, now) {
-            eligible(&view(regions, index, headroom, req, now));
+            unclosed |= !region.breaker.is_closed();
+            eligible(&view(regions, index, headroom, req, origin, now));
         }
     }
+    unclosed
 }
 
 /// Every region's verdict for `req`, with the strategy's factors: for
@@ -92,6 +110,7 @@ pub(super) fn evaluate<'a>(
         serving: 0,
         largest: 0,
     };
+    let origin = origin_index(regions, req);
     for (index, region) in regions.iter().enumerate() {
         if let Some(q) = region.quota(model) {
             eval.serving += 1;
@@ -104,7 +123,7 @@ pub(super) fn evaluate<'a>(
         };
         match admitted {
             Ok(headroom) => {
-                let view = view(regions, index, headroom, req, now);
+                let view = view(regions, index, headroom, req, origin, now);
                 let score = strategy.score(&view);
                 eval.scored.push((view, score));
             }

@@ -89,6 +89,8 @@ pub struct LoadState {
     success_latency_per_1k: Ewma,
     error_rate: Ewma,
     half_life: Duration,
+    /// `half_life` in seconds, kept: converting it is a division.
+    half_life_secs: f64,
     /// The averages are decayed up to this instant; idle time after it
     /// (while nothing is in flight) is still to be applied.
     decayed_to: Instant,
@@ -108,6 +110,7 @@ impl LoadState {
             success_latency_per_1k: Ewma::new(0.1),
             error_rate: Ewma::new(0.05),
             half_life,
+            half_life_secs: half_life.as_secs_f64(),
             decayed_to: now,
             reported: None,
             completed: 0,
@@ -119,22 +122,25 @@ impl LoadState {
         self.capacity = capacity.max(1);
     }
 
+    #[inline]
     pub fn capacity(&self) -> u32 {
         self.capacity
     }
 
     pub fn set_half_life(&mut self, half_life: Duration) {
         self.half_life = half_life;
+        self.half_life_secs = half_life.as_secs_f64();
     }
 
     /// How much of the averages is left at `now` after the idle time not
     /// yet applied: 1 while anything is in flight.
+    #[inline]
     fn idle_factor(&self, now: Instant) -> f64 {
         if self.in_flight > 0 || self.half_life.is_zero() {
             return 1.0;
         }
         let idle = now.saturating_duration_since(self.decayed_to);
-        (-idle.as_secs_f64() / self.half_life.as_secs_f64()).exp2()
+        (-idle.as_secs_f64() / self.half_life_secs).exp2()
     }
 
     /// Applies the idle time up to `now`; call before `in_flight` changes.
@@ -148,10 +154,12 @@ impl LoadState {
         self.decayed_to = self.decayed_to.max(now);
     }
 
+    #[inline]
     pub fn in_flight(&self) -> u32 {
         self.in_flight
     }
 
+    #[inline]
     pub fn has_room(&self) -> bool {
         self.in_flight < self.capacity
     }
@@ -199,6 +207,7 @@ impl LoadState {
         self.reported = Some((load, now));
     }
 
+    #[inline]
     pub fn reported(&self, now: Instant) -> Option<ReportedLoad> {
         self.reported
             .filter(|(_, at)| now.saturating_duration_since(*at) <= REPORT_TTL)
@@ -211,10 +220,29 @@ impl LoadState {
     }
 
     /// `utilization` with the fresh report already looked up.
+    #[inline]
     pub fn utilization_with(&self, reported: Option<ReportedLoad>) -> f64 {
-        let ours = self.in_flight as f64 / self.capacity as f64;
+        // 0 / capacity is 0: no division for an idle region.
+        let ours = if self.in_flight == 0 {
+            0.0
+        } else {
+            self.in_flight as f64 / self.capacity as f64
+        };
         let theirs = reported.map_or(0.0, |r| r.utilization);
         ours.max(theirs).clamp(0.0, 1.0)
+    }
+
+    /// `latency_per_1k_ms` and `error_rate` together, with the idle decay
+    /// worked out once (an `exp2`): the decision path reads both for every
+    /// region. Nothing to decay before the first reply.
+    #[inline]
+    pub fn averages(&self, now: Instant) -> (Option<f64>, f64) {
+        let (latency, errors) = (self.latency_per_1k.get(), self.error_rate.get());
+        if latency.is_none() && errors.is_none() {
+            return (None, 0.0);
+        }
+        let factor = self.idle_factor(now);
+        (latency.map(|l| l * factor), errors.map_or(0.0, |e| e * factor))
     }
 
     /// Smoothed milliseconds per 1,000 tokens as of `now`; `None` before

@@ -18,6 +18,8 @@ pub mod router;
 #[cfg(test)]
 mod router_tests;
 pub mod scheduler;
+#[cfg(test)]
+mod spread_tests;
 pub mod strategy;
 pub mod tenant;
 

@@ -241,7 +241,11 @@ pub struct ModelQuota {
     /// one showed a consumer or limit we do not see.
     unseen_until: Option<Instant>,
     /// What the buckets would hold if nobody unseen spent from the quota.
-    expected: Expected,
+    /// `None` while that is exactly what `tokens` and `requests` hold
+    /// (every operation so far did the same to both; only a hint that
+    /// lowers one of them tells them apart): then reserving and settling
+    /// update two buckets, not four.
+    expected: Option<Expected>,
     last_hint: Option<LastHint>,
     warned_absurd: bool,
 }
@@ -251,10 +255,7 @@ impl ModelQuota {
         Ok(Self {
             tokens: QuotaBucket::try_new(limits.tokens_per_minute, limits.burst_tokens, now)?,
             requests: QuotaBucket::try_new(limits.requests_per_minute, limits.burst_requests, now)?,
-            expected: Expected {
-                tokens: QuotaBucket::try_new(limits.tokens_per_minute, limits.burst_tokens, now)?,
-                requests: QuotaBucket::try_new(limits.requests_per_minute, limits.burst_requests, now)?,
-            },
+            expected: None,
             limits,
             in_flight: InFlight::default(),
             next_seq: 0,
@@ -298,6 +299,7 @@ impl ModelQuota {
     /// Whether `tokens` (and one request) fit now, and if so the headroom
     /// left after them: the lesser fraction of the two buckets. Changes
     /// nothing; the decision path's one look at the buckets.
+    #[inline]
     pub fn headroom(&self, tokens: u64, now: Instant) -> Result<f64, QuotaShortfall> {
         let token_room = self.tokens.fit(tokens, now).map_err(|why| match why {
             Shortfall::Wait(wait) => QuotaShortfall::Tokens {
@@ -310,6 +312,12 @@ impl ModelQuota {
                 capacity,
             },
         })?;
+        // Usually the request bucket has more room than the token bucket
+        // even without its refill since: then the lesser is the tokens',
+        // and the request bucket's clock arithmetic can be skipped.
+        if self.requests.room_at_least(1).is_some_and(|r| r >= token_room) {
+            return Ok(token_room);
+        }
         let request_room = self.requests.fit(1, now).map_err(|why| match why {
             Shortfall::Wait(wait) => QuotaShortfall::Requests { wait },
             Shortfall::TooLarge { .. } => QuotaShortfall::Requests { wait: Duration::MAX },
@@ -346,12 +354,14 @@ impl ModelQuota {
     /// Takes `tokens` and one request, both or neither.
     pub fn reserve(&mut self, tokens: u64, now: Instant) -> Result<Hold, QuotaShortfall> {
         self.check(tokens, now)?;
-        // Both fit (checked above at the same `now`), so neither take fails.
-        let took_tokens = self.tokens.try_take(tokens, now).is_ok();
-        let took_request = self.requests.try_take(1, now).is_ok();
-        debug_assert!(took_tokens && took_request);
-        self.expected.tokens.charge(tokens, now);
-        self.expected.requests.charge(1, now);
+        // Both fit (checked above at the same `now`): taking them is a
+        // charge, without asking the buckets again.
+        self.tokens.charge(tokens, now);
+        self.requests.charge(1, now);
+        if let Some(e) = &mut self.expected {
+            e.tokens.charge(tokens, now);
+            e.requests.charge(1, now);
+        }
         let seq = self.next_seq;
         self.next_seq += 1;
         self.in_flight.push(seq, tokens);
@@ -379,8 +389,10 @@ impl ModelQuota {
             Settlement::NotRun => {
                 self.tokens.refund(hold.tokens, now);
                 self.requests.refund(1, now);
-                self.expected.tokens.refund(hold.tokens, now);
-                self.expected.requests.refund(1, now);
+                if let Some(e) = &mut self.expected {
+                    e.tokens.refund(hold.tokens, now);
+                    e.requests.refund(1, now);
+                }
                 0
             }
             Settlement::Unknown => hold.tokens,
@@ -390,10 +402,14 @@ impl ModelQuota {
                     let used = prompt.saturating_add(completion);
                     if used < hold.tokens {
                         self.tokens.refund(hold.tokens - used, now);
-                        self.expected.tokens.refund(hold.tokens - used, now);
+                        if let Some(e) = &mut self.expected {
+                            e.tokens.refund(hold.tokens - used, now);
+                        }
                     } else {
                         self.tokens.charge(used - hold.tokens, now);
-                        self.expected.tokens.charge(used - hold.tokens, now);
+                        if let Some(e) = &mut self.expected {
+                            e.tokens.charge(used - hold.tokens, now);
+                        }
                     }
                     used
                 }
@@ -428,10 +444,25 @@ impl ModelQuota {
                 (self.in_flight.tokens, self.in_flight.live as u64),
             ),
         };
+        // A hint in step with what we expect, while we trust the provider's
+        // refill, changes nothing (below): the buckets need not be told apart.
+        let (expected_tokens, expected_requests) = match &self.expected {
+            Some(e) => (&e.tokens, &e.requests),
+            None => (&self.tokens, &self.requests),
+        };
+        let changes_nothing = expected_tokens.in_step(hint.remaining_tokens, age, tokens_after, now)
+            && expected_requests.in_step(hint.remaining_requests, age, requests_after, now)
+            && self.unseen_until.is_none_or(|until| until <= now);
+        if changes_nothing {
+            return HintOutcome::Applied { lowered: false };
+        }
         // Out of step with what we expect even with the refill credited:
         // someone unseen spends from the quota. What we expect comes down to
         // what the provider can have at most; the caution is (re)armed.
-        let e = &mut self.expected;
+        let e = self.expected.get_or_insert_with(|| Expected {
+            tokens: self.tokens.clone(),
+            requests: self.requests.clone(),
+        });
         let tokens_in_step = !e
             .tokens
             .lower_to_most(hint.remaining_tokens, age, tokens_after, now);
@@ -489,10 +520,12 @@ impl ModelQuota {
     pub fn mark_refused(&mut self, tokens: u64, reset: Duration, now: Instant) {
         let reset = reset.min(MAX_REFUSAL_RESET);
         let short = reset <= self.requests.refill_time(1);
-        for (t, r) in [
-            (&mut self.tokens, &mut self.requests),
-            (&mut self.expected.tokens, &mut self.expected.requests),
-        ] {
+        // The same to both pairs: while they are the same, to one.
+        let expected = self.expected.as_mut().map(|e| (&mut e.tokens, &mut e.requests));
+        for (t, r) in [Some((&mut self.tokens, &mut self.requests)), expected]
+            .into_iter()
+            .flatten()
+        {
             t.lower_until_fits(tokens, reset, now);
             if short {
                 r.lower_until_fits(1, reset, now);
@@ -503,23 +536,22 @@ impl ModelQuota {
 
     /// Applies new limits live, keeping each bucket's fill fraction.
     pub fn set_limits(&mut self, limits: ModelLimits, now: Instant) -> Result<(), QuotaError> {
-        let mut buckets = [
-            self.tokens.clone(),
-            self.requests.clone(),
-            self.expected.tokens.clone(),
-            self.expected.requests.clone(),
-        ];
-        for pair in buckets.chunks_mut(2) {
-            pair[0].set_limit(limits.tokens_per_minute, limits.burst_tokens, now)?;
-            pair[1].set_limit(limits.requests_per_minute, limits.burst_requests, now)?;
-        }
-        let [tokens, requests, expected_tokens, expected_requests] = buckets;
-        self.tokens = tokens;
-        self.requests = requests;
-        self.expected = Expected {
-            tokens: expected_tokens,
-            requests: expected_requests,
+        let set = |e: &Expected| -> Result<Expected, QuotaError> {
+            let mut next = e.clone();
+            next.tokens
+                .set_limit(limits.tokens_per_minute, limits.burst_tokens, now)?;
+            next.requests
+                .set_limit(limits.requests_per_minute, limits.burst_requests, now)?;
+            Ok(next)
         };
+        let actual = set(&Expected {
+            tokens: self.tokens.clone(),
+            requests: self.requests.clone(),
+        })?;
+        let expected = self.expected.as_ref().map(set).transpose()?;
+        self.tokens = actual.tokens;
+        self.requests = actual.requests;
+        self.expected = expected;
         self.limits = limits;
         Ok(())
     }

@@ -43,6 +43,8 @@ pub struct QuotaBucket {
     updated: Instant,
     /// `1 / full()`, kept so the decision path multiplies instead of divides.
     inverse_full: f64,
+    /// `capacity × NANOS_PER_MINUTE`, kept: every read compares with it.
+    full: i128,
 }
 
 impl QuotaBucket {
@@ -55,6 +57,7 @@ impl QuotaBucket {
             level: capacity as i128 * NANOS_PER_MINUTE,
             updated: now,
             inverse_full: Self::inverse(capacity),
+            full: capacity as i128 * NANOS_PER_MINUTE,
         })
     }
 
@@ -77,8 +80,9 @@ impl QuotaBucket {
         self.capacity
     }
 
+    #[inline]
     fn full(&self) -> i128 {
-        self.capacity as i128 * NANOS_PER_MINUTE
+        self.full
     }
 
     fn inverse(capacity: u64) -> f64 {
@@ -86,6 +90,7 @@ impl QuotaBucket {
     }
 
     /// The level at `now` in scaled units, without changing anything.
+    #[inline]
     fn level_at(&self, now: Instant) -> i128 {
         let full = self.full();
         // A full bucket stays full: no clock arithmetic needed.
@@ -133,6 +138,7 @@ impl QuotaBucket {
     /// Whether `n` tokens fit now, and if so the fraction of the bucket left
     /// after them. One read of the level and no integer division: this runs
     /// for every region on every decision.
+    #[inline]
     pub fn fit(&self, n: u64, now: Instant) -> Result<f64, Shortfall> {
         if n > self.capacity {
             return Err(Shortfall::TooLarge {
@@ -150,6 +156,17 @@ impl QuotaBucket {
                 nanos.min(u64::MAX as i128) as u64
             )))
         }
+    }
+
+    /// What `fit` says when `n` fit without counting the refill since the
+    /// last change: a lower bound of `fit`'s fraction at any later time
+    /// (the refill only adds), with no clock arithmetic. `None` when that
+    /// is not enough to tell.
+    #[inline]
+    pub fn room_at_least(&self, n: u64) -> Option<f64> {
+        let need = n as i128 * NANOS_PER_MINUTE;
+        (n <= self.capacity && self.level >= need)
+            .then(|| (to_f64(self.level - need) * self.inverse_full).min(1.0))
     }
 
     /// Takes `n` tokens if they fit now; otherwise takes nothing and says why.
@@ -196,6 +213,7 @@ impl QuotaBucket {
         self.per_minute = per_minute;
         self.capacity = capacity;
         self.inverse_full = Self::inverse(capacity);
+        self.full = new_full;
         Ok(())
     }
 
@@ -360,6 +378,20 @@ mod tests {
         b.try_take(1 << 38, t0).unwrap();
         let f = b.fit(1 << 37, t0).unwrap();
         assert!((f - 0.25).abs() < 1e-9, "{f}");
+    }
+
+    #[test]
+    fn room_without_the_refill_is_a_lower_bound_of_fit() {
+        let t0 = crate::testing::epoch();
+        let mut b = QuotaBucket::try_new(600, None, t0).unwrap();
+        assert_eq!(b.room_at_least(100), b.fit(100, t0).ok());
+        b.try_take(500, t0).unwrap();
+        assert_eq!(b.room_at_least(100), b.fit(100, t0).ok(), "no time passed");
+        let later = t0 + secs(3.0);
+        assert!(b.room_at_least(100).unwrap() < b.fit(100, later).unwrap());
+        assert_eq!(b.room_at_least(120), None, "fits only with the refill");
+        assert!(b.fit(120, later).is_ok());
+        assert_eq!(b.room_at_least(601), None);
     }
 
     #[test]

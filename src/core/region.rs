@@ -113,6 +113,7 @@ impl RegionState {
         &self.name
     }
 
+    #[inline]
     pub fn weight(&self) -> f64 {
         self.weight_override.unwrap_or(self.weight)
     }
@@ -137,10 +138,12 @@ impl RegionState {
         self.breaker.state(now)
     }
 
+    #[inline]
     pub fn load(&self) -> &LoadState {
         &self.load
     }
 
+    #[inline]
     pub fn quota(&self, model: usize) -> Option<&ModelQuota> {
         self.quotas.get(model).and_then(Option::as_ref)
     }
@@ -152,6 +155,7 @@ impl RegionState {
     /// Whether this region could take `tokens` of `model` now, and if so how
     /// much headroom it would have left (the lesser of tokens and requests, as
     /// a fraction of each bucket).
+    #[inline]
     pub fn admit(&self, model: usize, tokens: u64, now: Instant) -> Result<f64, Exclusion> {
         let quota = self.quota(model).ok_or(Exclusion::ModelNotServed)?;
         if self.drained {

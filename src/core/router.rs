@@ -150,6 +150,9 @@ pub struct Router {
     generation: u64,
     /// Reused by every decision, so deciding does not allocate.
     scratch: Vec<Scored>,
+    /// The region the last request named as its origin: most requests
+    /// come from a few origins, so one name comparison usually finds it.
+    last_origin: usize,
 }
 
 impl std::fmt::Debug for Router {
@@ -190,6 +193,7 @@ impl Router {
             scratch: Vec::with_capacity(regions.len()),
             regions,
             generation: 0,
+            last_origin: 0,
         })
     }
 
@@ -272,6 +276,21 @@ impl Router {
         self.regions.binary_search_by(|r| (*r.name).cmp(name)).ok()
     }
 
+    /// `candidates::origin_index`, remembering the last origin found.
+    fn origin_id(&mut self, req: &RouteRequest<'_>) -> Option<usize> {
+        let origin = req.origin?;
+        if self
+            .regions
+            .get(self.last_origin)
+            .is_some_and(|r| *r.name == *origin)
+        {
+            return Some(self.last_origin);
+        }
+        let id = self.region_id(origin)?;
+        self.last_origin = id;
+        Some(id)
+    }
+
     fn unknown_model(&self, model: &str) -> RouteError {
         RouteError::UnknownModel {
             model: model.to_string(),
@@ -328,15 +347,17 @@ impl Router {
         let model = self
             .model_id(req.model)
             .ok_or_else(|| self.unknown_model(req.model))?;
+        let origin = self.origin_id(req);
         let strategy = self.strategy.as_ref();
         let scratch = &mut self.scratch;
         scratch.clear();
-        scan(&self.regions, model, req, tried, now, |view| {
+        let unclosed = scan(&self.regions, model, req, origin, tried, now, |view| {
             scratch.push(Scored {
                 index: view.index,
                 weight: view.weight,
                 value: strategy.value(view),
                 regions: view.regions,
+                in_flight: view.in_flight,
             })
         });
         if self.scratch.is_empty() {
@@ -345,7 +366,12 @@ impl Router {
         }
         // A half-open region's trial is sent on purpose, outside the
         // strategy (whose memory, round robin's turn, does not move).
-        let pick = match trial(&self.regions, &self.scratch, now) {
+        let trial = if unclosed {
+            trial(&self.regions, &self.scratch, now)
+        } else {
+            None
+        };
+        let pick = match trial {
             Some(pick) => pick,
             None => {
                 let pick = self.strategy.pick(&self.scratch, &mut self.rng);
@@ -414,6 +440,7 @@ impl Router {
                     weight: v.weight,
                     value: s.value,
                     regions: v.regions,
+                    in_flight: v.in_flight,
                 })
                 .collect();
             let mut rng = self.rng.clone();

@@ -14,7 +14,7 @@ use rand::RngCore;
 
 pub use balance::{LeastOutstanding, Performance, PowerOfTwo, Predictive};
 pub use rotation::{RoundRobin, WeightedRoundRobin};
-pub use weighted_load::{WeightedLoad, WeightedLoadParams};
+pub use weighted_load::{NEAR_EQUAL, WeightedLoad, WeightedLoadParams};
 
 /// What a strategy sees of one eligible region for one request.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -45,7 +45,7 @@ pub struct CandidateView<'a> {
 
 /// At most this many named factors per score; kept inline so scoring a
 /// candidate does not allocate.
-pub const MAX_FACTORS: usize = 8;
+pub const MAX_FACTORS: usize = 10;
 
 /// The inputs of a score, by name.
 #[derive(Clone, Copy, PartialEq)]
@@ -119,6 +119,8 @@ pub struct Scored {
     pub value: f64,
     /// How many regions are configured.
     pub regions: usize,
+    /// Our requests in flight there (`weighted_load` breaks near-ties on it).
+    pub in_flight: u32,
 }
 
 /// One routing strategy.
@@ -292,6 +294,7 @@ pub(crate) mod test_support {
                             weight: v.weight,
                             value,
                             regions: v.regions,
+                            in_flight: v.in_flight,
                         }
                     })
                     .collect();

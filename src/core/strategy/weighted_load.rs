@@ -1,7 +1,21 @@
 //! The default strategy: quota headroom, load, latency, errors, weight and
 //! locality multiplied into one score, each factor in [0, 1] (locality a bonus).
+//! Near-equal scores are a tie, broken so that light traffic spreads.
 
-use super::{CandidateView, Factors, Score, Strategy, StrategyKind};
+use rand::RngCore;
+
+use super::{CandidateView, Factors, Score, Scored, Strategy, StrategyKind};
+
+/// Scores within this fraction of the best one (2 %, relative) count as
+/// equal. At light load identical regions score the same, or differ by
+/// noise (a request's worth of headroom, one request in flight, a few ms
+/// of smoothed latency); taking the strictly highest then sends every
+/// request to the first name, or wherever the noise points. Among the
+/// near-equal the fewest of our requests in flight wins, then the next in
+/// rotation (name order, after the region picked last). A clear difference
+/// (more than 2 %: a 10 % weight or locality bonus, a visibly fuller bucket
+/// or faster region) still wins outright.
+pub const NEAR_EQUAL: f64 = 0.02;
 
 /// `routing.weighted_load` in the config.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -53,6 +67,7 @@ impl Power {
         }
     }
 
+    #[inline]
     fn of(self, x: f64) -> f64 {
         match self {
             Power::Zero => 1.0,
@@ -67,12 +82,19 @@ impl Power {
 /// score = weight × headroom^a × (1 − load_weight × utilization)
 ///       × 1 / (1 + latency / latency_ref) × (1 − error_rate)^b × (origin ? 1 + bonus : 1)
 /// ```
+///
+/// The pick: the highest score, except that every score within
+/// [`NEAR_EQUAL`] of it ties, and ties go to the fewest in flight, then to
+/// the next in rotation. The rotation is the strategy's only memory; it
+/// moves on `commit` (a real pick), never on a dry run.
 #[derive(Debug, Clone, Copy)]
 pub struct WeightedLoad {
     p: WeightedLoadParams,
     headroom_power: Power,
     error_power: Power,
     inverse_latency_ref: f64,
+    /// The region (configured index) picked last, where the rotation resumes.
+    last: Option<usize>,
 }
 
 /// The factors of one score, each in [0, 1] (locality a bonus).
@@ -92,16 +114,23 @@ impl WeightedLoad {
             error_power: Power::new(p.error_exponent),
             inverse_latency_ref: 1.0 / p.latency_ref_ms.max(f64::MIN_POSITIVE),
             p,
+            last: None,
         }
     }
 
+    #[inline]
     fn parts(&self, c: &CandidateView<'_>) -> Parts {
         let latency_ms = c.latency_per_1k_ms.unwrap_or(0.0);
         Parts {
             headroom: self.headroom_power.of(c.headroom.clamp(0.0, 1.0)),
             load: 1.0 - self.p.load_weight * c.utilization.clamp(0.0, 1.0),
             latency_ms,
-            latency: 1.0 / (1.0 + latency_ms * self.inverse_latency_ref),
+            // Exactly 1 without a latency: no division (most regions at light load).
+            latency: if latency_ms == 0.0 {
+                1.0
+            } else {
+                1.0 / (1.0 + latency_ms * self.inverse_latency_ref)
+            },
             errors: self.error_power.of((1.0 - c.error_rate).clamp(0.0, 1.0)),
             locality: if c.is_origin {
                 1.0 + self.p.locality_bonus
@@ -129,7 +158,8 @@ impl Strategy for WeightedLoad {
                 .with("errors", f.errors)
                 .with("locality", f.locality)
                 .with("utilization", c.utilization)
-                .with("latency_ms_per_1k", f.latency_ms),
+                .with("latency_ms_per_1k", f.latency_ms)
+                .with("in_flight", c.in_flight as f64),
         )
     }
 
@@ -137,6 +167,37 @@ impl Strategy for WeightedLoad {
         let f = self.parts(c);
         let v = c.weight * f.headroom * f.load * f.latency * f.errors * f.locality;
         if v.is_nan() { 0.0 } else { v }
+    }
+
+    fn pick(&self, scored: &[Scored], _rng: &mut dyn RngCore) -> usize {
+        let best = scored.iter().fold(0.0_f64, |m, s| m.max(s.value));
+        let floor = best * (1.0 - NEAR_EQUAL);
+        // Rotation distance from `next`, in configured positions (all of
+        // `scored` count the same regions). No division per candidate.
+        let n = scored.first().map_or(1, |s| s.regions.max(1));
+        let next = self.last.map_or(0, |l| (l + 1) % n);
+        let turns = |s: &Scored| {
+            if s.index >= next {
+                s.index - next
+            } else {
+                s.index + n - next
+            }
+        };
+        let mut pick = 0;
+        let mut key = (u32::MAX, usize::MAX);
+        for (i, s) in scored.iter().enumerate() {
+            if s.value >= floor {
+                let k = (s.in_flight, turns(s));
+                if k < key {
+                    (pick, key) = (i, k);
+                }
+            }
+        }
+        pick
+    }
+
+    fn commit(&mut self, chosen: usize, scored: &[Scored]) {
+        self.last = Some(scored[chosen].index);
     }
 }
 
@@ -203,5 +264,57 @@ mod tests {
         c.latency_per_1k_ms = Some(f64::INFINITY);
         let s = WeightedLoad::new(params()).score(&c);
         assert!(s.value.is_finite() && s.value >= 0.0, "{s:?}");
+    }
+
+    #[test]
+    fn near_equal_scores_rotate_and_clear_differences_win() {
+        let mut rng = SmallRng::seed_from_u64(1);
+        let views = [view("a", 0), view("b", 1), view("c", 2)];
+        let mut s = WeightedLoad::new(params());
+        let picks = run(&mut s, &views, 6, &mut rng);
+        assert_eq!(picks, ["a", "b", "c", "a", "b", "c"]);
+        // 1.5 % apart: still a tie.
+        let mut close = views;
+        close[2].weight = 1.015;
+        assert_eq!(run(&mut s, &close, 3, &mut rng), ["a", "b", "c"]);
+        // 10 % apart: the better one, every time.
+        let mut clear = views;
+        clear[1].weight = 1.1;
+        assert_eq!(run(&mut s, &clear, 4, &mut rng), ["b"; 4]);
+    }
+
+    #[test]
+    fn among_near_equal_scores_fewest_in_flight_then_rotation() {
+        let mut rng = SmallRng::seed_from_u64(1);
+        let mut views = [view("a", 0), view("b", 1), view("c", 2)];
+        // a scores 1 % higher but has two in flight; c has one, b none.
+        views[0].weight = 1.01;
+        views[0].in_flight = 2;
+        views[2].in_flight = 1;
+        let mut s = WeightedLoad::new(params());
+        assert_eq!(run(&mut s, &views, 1, &mut rng), ["b"]);
+        // Equal in flight: the rotation, resuming after b.
+        views[1].in_flight = 1;
+        assert_eq!(run(&mut s, &views, 1, &mut rng), ["c"]);
+        // Outside the tolerance, fewer in flight does not help.
+        views[0].weight = 1.1;
+        assert_eq!(run(&mut s, &views, 1, &mut rng), ["a"]);
+    }
+
+    #[test]
+    fn picking_alone_moves_nothing() {
+        let scored: Vec<Scored> = (0..3)
+            .map(|index| Scored {
+                index,
+                weight: 1.0,
+                value: 1.0,
+                regions: 3,
+                in_flight: 0,
+            })
+            .collect();
+        let s = WeightedLoad::new(params());
+        let mut rng = SmallRng::seed_from_u64(1);
+        assert_eq!(s.pick(&scored, &mut rng), 0);
+        assert_eq!(s.pick(&scored, &mut rng), 0, "only commit moves the rotation");
     }
 }
