@@ -118,30 +118,30 @@ impl Forwarder {
                 tracing::debug_span!("queue", model = %model, tokens = p.estimate.total(), attempt);
             let (mut held, waited) = match desk.acquire(submission).instrument(queue_span).await {
                 Ok(x) => x,
-                // Only "no region for it" is about the earlier failures; the
-                // caller's deadline, a tenant limit or shutdown is said as is.
-                Err(
-                    e @ (DispatchError::Route(_)
-                    | DispatchError::QueueTimeout { .. }
-                    | DispatchError::WouldWaitInVain { .. }
-                    | DispatchError::QueueFull { .. }),
-                ) if attempt > 1 => {
-                    if crate::clock::now() >= p.deadline {
-                        return Err(DispatchError::DeadlineExceeded(format!(
-                            "after {} attempts, waiting for another region",
-                            attempt - 1
-                        )));
-                    }
-                    let why = format!("no other region could take it: {e}");
-                    return Err(failures.exhausted(attempt - 1, &why, e.retry_after()));
+                Err(e) => {
+                    // No region for it: the caller's deadline if that is what
+                    // ended the wait, else (after a failed attempt) the end of
+                    // its attempts. A tenant limit or shutdown is said as is.
+                    let no_region = matches!(
+                        e,
+                        DispatchError::Route(_)
+                            | DispatchError::QueueTimeout { .. }
+                            | DispatchError::WouldWaitInVain { .. }
+                            | DispatchError::QueueFull { .. }
+                    );
+                    return Err(if no_region && crate::clock::now() >= p.deadline {
+                        DispatchError::DeadlineExceeded(format!(
+                            "after {} attempts and {:.1?}, waiting for quota",
+                            attempt - 1,
+                            crate::clock::since(p.start)
+                        ))
+                    } else if no_region && attempt > 1 {
+                        let why = format!("no other region could take it: {e}");
+                        failures.exhausted(attempt - 1, &why, e.retry_after())
+                    } else {
+                        e
+                    });
                 }
-                // A wait the caller's own deadline cut is that deadline.
-                Err(DispatchError::QueueTimeout { waited, .. }) if crate::clock::now() >= p.deadline => {
-                    return Err(DispatchError::DeadlineExceeded(format!(
-                        "while waiting {waited:.1?} for quota"
-                    )));
-                }
-                Err(e) => return Err(e),
             };
             queue_wait += waited;
             if crate::clock::now() >= p.deadline {

@@ -166,11 +166,6 @@ impl Engine {
         self.front.snapshot().settings.clone()
     }
 
-    /// The configuration version in force now.
-    pub fn config_version(&self) -> u64 {
-        self.front.snapshot().version
-    }
-
     /// New requests are refused from now on.
     pub fn begin_shutdown(&self) {
         self.drain.shutting_down.store(true, Ordering::SeqCst);
@@ -227,11 +222,6 @@ impl Engine {
             origin: (!r.origin_region.is_empty()).then_some(r.origin_region.as_str()),
         };
         self.desk.preview(&req, crate::clock::now())
-    }
-
-    /// The tenant behind an `authorization` header (or none).
-    pub fn authenticate(&self, authorization: Option<&str>) -> Result<Arc<str>, DispatchError> {
-        self.front.snapshot().authenticate(authorization)
     }
 
     /// Whether an `authorization` header carries the admin token (always

@@ -154,6 +154,15 @@ impl SimService {
     /// the admission (a real provider's headers describe its limits when it
     /// admitted the request, however long the work then takes).
     async fn admit(&self, r: &pb::ExecuteRequest) -> Result<Admitted, Status> {
+        let span = tracing::Span::current();
+        span.record("model", r.model.as_str());
+        span.record("prompt_tokens", r.prompt_tokens);
+        let admitted = self.admit_untraced(r).await?;
+        span.record("completion_tokens", admitted.completion);
+        Ok(admitted)
+    }
+
+    async fn admit_untraced(&self, r: &pb::ExecuteRequest) -> Result<Admitted, Status> {
         if r.model.is_empty() {
             return Err(Status::with_error_details(
                 Code::InvalidArgument,
@@ -280,16 +289,12 @@ impl SimService {
     }
 
     async fn execute_traced(&self, r: pb::ExecuteRequest) -> Result<Response<pb::ExecuteReply>, Status> {
-        let span = tracing::Span::current();
-        span.record("model", r.model.as_str());
-        span.record("prompt_tokens", r.prompt_tokens);
         let Admitted {
             admission,
             completion,
             knobs,
             hint,
         } = self.admit(&r).await?;
-        span.record("completion_tokens", completion);
         let _in_flight = Gauge::enter(&self.inner.in_flight);
         // If the caller goes away during the work, this future is dropped; the
         // provider had started generating and counts the whole completion.
@@ -328,16 +333,12 @@ impl SimService {
         &self,
         r: pb::ExecuteRequest,
     ) -> Result<Response<<Self as AgentCluster>::ExecuteStreamStream>, Status> {
-        let span = tracing::Span::current();
-        span.record("model", r.model.as_str());
-        span.record("prompt_tokens", r.prompt_tokens);
         let Admitted {
             admission,
             completion,
             knobs,
             hint,
         } = self.admit(&r).await?;
-        span.record("completion_tokens", completion);
         let (tx, rx) = mpsc::channel(4);
         let sim = self.clone();
         tokio::spawn(async move {
