@@ -237,7 +237,11 @@ pub fn spawn_region_watch(
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let dir = runtime.lock().await.config.server.regions_dir.clone();
-        let mut last = crate::config::watch::fingerprint(&dir).ok();
+        // No fingerprint yet: the first look always re-reads the files. The
+        // config was loaded before this task ran, and an edit made in
+        // between would otherwise be taken as the starting point and never
+        // applied. Re-reading unchanged files changes nothing.
+        let mut last = None;
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
