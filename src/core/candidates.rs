@@ -66,29 +66,55 @@ pub(super) fn view<'a>(
     }
 }
 
-/// Calls `eligible` with the view of every region that can take `req` now:
-/// the decision path. A free function over the fields it reads, so the
-/// caller can fill its scratch buffer while the regions are borrowed.
-/// `origin` is `origin_index(regions, req)`. Returns whether any eligible
-/// region's circuit is not closed (only then can a half-open trial be due:
-/// see `trial`).
-pub(super) fn scan<'a>(
-    regions: &'a [RegionState],
+/// Scores every region that can take `req` now into `scored`: the decision
+/// path. `origin` is `origin_index(regions, req)`. A region whose bound
+/// (`Strategy::bound`, from its weight and headroom alone) is already below
+/// what the strategy could pick (`Strategy::floor` of the best so far) is
+/// left out without working out the rest of its view (nor its quota, when
+/// even a full bucket would not lift it to the floor): the best only rises,
+/// so it could not have been picked. A region whose circuit is not closed is
+/// always scored (a half-open trial is sent whatever its score). Returns
+/// whether any eligible region's circuit is not closed (only then can a
+/// half-open trial be due: see `trial`).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn scan<S: Strategy>(
+    regions: &[RegionState],
+    strategy: &S,
     model: usize,
     req: &RouteRequest<'_>,
     origin: Option<usize>,
     tried: &[Arc<str>],
     now: Instant,
-    mut eligible: impl FnMut(&CandidateView<'a>),
+    scored: &mut Vec<Scored>,
 ) -> bool {
     let mut unclosed = false;
+    let mut floor = f64::NEG_INFINITY;
     for (index, region) in regions.iter().enumerate() {
         if !tried.is_empty() && tried.iter().any(|t| **t == *region.name) {
             continue;
         }
+        let closed = region.breaker.is_closed();
+        let is_origin = origin == Some(index);
+        // Headroom is at most 1: a region that could not be picked even
+        // with a full bucket is not worth checking its quota.
+        if closed && strategy.bound(region.weight(), 1.0, is_origin) < floor {
+            continue;
+        }
         if let Ok(headroom) = region.admit(model, req.tokens, now) {
-            unclosed |= !region.breaker.is_closed();
-            eligible(&view(regions, index, headroom, req, origin, now));
+            unclosed |= !closed;
+            if closed && strategy.bound(region.weight(), headroom, is_origin) < floor {
+                continue;
+            }
+            let view = view(regions, index, headroom, req, origin, now);
+            let value = strategy.value(&view);
+            floor = floor.max(strategy.floor(value));
+            scored.push(Scored {
+                index,
+                weight: view.weight,
+                value,
+                regions: view.regions,
+                in_flight: view.in_flight,
+            });
         }
     }
     unclosed

@@ -145,7 +145,7 @@ pub struct Router {
     regions: Vec<RegionState>,
     strategy_kind: StrategyKind,
     params: StrategyParams,
-    strategy: Box<dyn Strategy>,
+    strategy: strategy::Configured,
     rng: SmallRng,
     generation: u64,
     /// Reused by every decision, so deciding does not allocate.
@@ -348,20 +348,19 @@ impl Router {
             .model_id(req.model)
             .ok_or_else(|| self.unknown_model(req.model))?;
         let origin = self.origin_id(req);
-        let strategy = self.strategy.as_ref();
-        let scratch = &mut self.scratch;
-        scratch.clear();
-        let unclosed = scan(&self.regions, model, req, origin, tried, now, |view| {
-            scratch.push(Scored {
-                index: view.index,
-                weight: view.weight,
-                value: strategy.value(view),
-                regions: view.regions,
-                in_flight: view.in_flight,
-            })
-        });
+        self.scratch.clear();
+        let unclosed = scan(
+            &self.regions,
+            &self.strategy,
+            model,
+            req,
+            origin,
+            tried,
+            now,
+            &mut self.scratch,
+        );
         if self.scratch.is_empty() {
-            let eval = evaluate(&self.regions, self.strategy.as_ref(), model, req, tried, now);
+            let eval = evaluate(&self.regions, &self.strategy, model, req, tried, now);
             return Err(self.no_region(model, req, &eval));
         }
         // A half-open region's trial is sent on purpose, outside the
@@ -408,7 +407,7 @@ impl Router {
         let model = self
             .model_id(req.model)
             .ok_or_else(|| self.unknown_model(req.model))?;
-        let eval = evaluate(&self.regions, self.strategy.as_ref(), model, req, &[], now);
+        let eval = evaluate(&self.regions, &self.strategy, model, req, &[], now);
         let mut candidates: Vec<CandidateReport> = self
             .regions
             .iter()
@@ -554,7 +553,10 @@ impl Router {
                 .map(|r| &r.name)
                 .eq(self.regions.iter().map(|r| &r.name));
         if same_strategy {
-            next.strategy = std::mem::replace(&mut self.strategy, Box::new(strategy::LeastOutstanding));
+            next.strategy = std::mem::replace(
+                &mut self.strategy,
+                strategy::Configured::LeastOutstanding(strategy::LeastOutstanding),
+            );
             next.rng = self.rng.clone();
         }
         next.generation = self.generation + 1;

@@ -153,3 +153,51 @@ fn among_near_equal_scores_the_fewest_outstanding_wins() {
         .collect();
     assert_eq!(next, ["a", "a", "b", "a"]);
 }
+
+/// The decision path skips scoring regions whose bound (weight, headroom,
+/// locality) is below what could still be picked; `preview` scores every
+/// region. Over many mixed states (weights, fill levels, latencies, errors,
+/// requests in flight, an origin) both must choose the same region.
+#[test]
+fn skipping_hopeless_regions_never_changes_the_pick() {
+    use rand::rngs::SmallRng;
+    use rand::{Rng, SeedableRng};
+
+    let t0 = crate::testing::epoch();
+    let names: Vec<String> = (0..12).map(|i| format!("r{i:02}")).collect();
+    let mut rng = SmallRng::seed_from_u64(42);
+    let regions = names
+        .iter()
+        .map(|n| region(n, [0.5, 1.0, 1.0, 2.0, 3.0][rng.random_range(0..5)]))
+        .collect();
+    let mut r = router(regions, StrategyParams::default(), t0);
+    let mut open: Vec<(Reservation, Duration)> = Vec::new();
+    let mut now = t0;
+    for step in 0..5_000 {
+        now += Duration::from_millis(rng.random_range(0..40));
+        let origin = names[rng.random_range(0..names.len())].as_str();
+        let req = RouteRequest {
+            model: "m",
+            tokens: rng.random_range(100..20_000),
+            origin: rng.random_bool(0.5).then_some(origin),
+        };
+        let preview = r.preview(&req, now).unwrap();
+        match r.reserve(&req, &[], now) {
+            Ok(res) => {
+                assert_eq!(preview.chosen.as_deref(), Some(&*res.region), "step {step}");
+                let latency = Duration::from_millis(rng.random_range(50..3_000));
+                open.push((res, latency));
+            }
+            Err(e) => assert_eq!(preview.chosen, None, "step {step}: {e}"),
+        }
+        // Finish some of what is in flight, a few as failures.
+        while open.len() > 8 || (!open.is_empty() && rng.random_bool(0.5)) {
+            let (res, latency) = open.swap_remove(rng.random_range(0..open.len()));
+            let mut c = done(latency);
+            if rng.random_bool(0.1) {
+                c.outcome = Some(Outcome::Failure);
+            }
+            r.settle(&res, c, now);
+        }
+    }
+}

@@ -136,6 +136,23 @@ pub trait Strategy: Send + Sync + fmt::Debug {
         self.score(candidate).value
     }
 
+    /// An upper bound on `value` for a candidate with this weight and
+    /// headroom (from the origin or not), known before the rest of its view
+    /// is worked out. With `floor`, it lets the decision path skip scoring a
+    /// region that could not be picked whatever its load and averages. Must
+    /// never be below `value` (in floating point too). The default: no bound.
+    fn bound(&self, weight: f64, headroom: f64, is_origin: bool) -> f64 {
+        let _ = (weight, headroom, is_origin);
+        f64::INFINITY
+    }
+
+    /// The lowest value `pick` can still choose when the best value is
+    /// `best`; monotone in `best`. The default: any value can be chosen.
+    fn floor(&self, best: f64) -> f64 {
+        let _ = best;
+        f64::NEG_INFINITY
+    }
+
     /// Picks one of `scored` (eligible candidates in name order, never empty).
     /// The default takes the highest score; ties go to the first name.
     fn pick(&self, scored: &[Scored], rng: &mut dyn RngCore) -> usize {
@@ -239,17 +256,81 @@ impl Default for StrategyParams {
     }
 }
 
+/// The strategy a config names, as a closed set: calls on it are a match
+/// the branch predictor learns, not a call through a vtable, so the
+/// decision path's per-region `bound`, `value` and `floor` inline.
+#[derive(Debug, Clone)]
+pub enum Configured {
+    RoundRobin(RoundRobin),
+    WeightedRoundRobin(WeightedRoundRobin),
+    LeastOutstanding(LeastOutstanding),
+    PowerOfTwo(PowerOfTwo),
+    Performance(Performance),
+    WeightedLoad(WeightedLoad),
+    Predictive(Predictive),
+}
+
+/// Calls `$call` on whichever strategy `$self` holds.
+macro_rules! each {
+    ($self:expr, $s:ident => $call:expr) => {
+        match $self {
+            Configured::RoundRobin($s) => $call,
+            Configured::WeightedRoundRobin($s) => $call,
+            Configured::LeastOutstanding($s) => $call,
+            Configured::PowerOfTwo($s) => $call,
+            Configured::Performance($s) => $call,
+            Configured::WeightedLoad($s) => $call,
+            Configured::Predictive($s) => $call,
+        }
+    };
+}
+
+impl Strategy for Configured {
+    fn kind(&self) -> StrategyKind {
+        each!(self, s => s.kind())
+    }
+
+    fn score(&self, candidate: &CandidateView<'_>) -> Score {
+        each!(self, s => s.score(candidate))
+    }
+
+    #[inline]
+    fn value(&self, candidate: &CandidateView<'_>) -> f64 {
+        each!(self, s => s.value(candidate))
+    }
+
+    #[inline]
+    fn bound(&self, weight: f64, headroom: f64, is_origin: bool) -> f64 {
+        each!(self, s => s.bound(weight, headroom, is_origin))
+    }
+
+    #[inline]
+    fn floor(&self, best: f64) -> f64 {
+        each!(self, s => s.floor(best))
+    }
+
+    fn pick(&self, scored: &[Scored], rng: &mut dyn RngCore) -> usize {
+        each!(self, s => s.pick(scored, rng))
+    }
+
+    fn commit(&mut self, chosen: usize, scored: &[Scored]) {
+        each!(self, s => s.commit(chosen, scored))
+    }
+}
+
 /// Builds the strategy a config names.
-pub fn build(kind: StrategyKind, params: &StrategyParams) -> Box<dyn Strategy> {
+pub fn build(kind: StrategyKind, params: &StrategyParams) -> Configured {
     let p = params.weighted_load;
     match kind {
-        StrategyKind::RoundRobin => Box::new(RoundRobin::default()),
-        StrategyKind::WeightedRoundRobin => Box::new(WeightedRoundRobin::default()),
-        StrategyKind::LeastOutstanding => Box::new(LeastOutstanding),
-        StrategyKind::PowerOfTwo => Box::new(PowerOfTwo),
-        StrategyKind::Performance => Box::new(Performance::new(p.latency_ref_ms, p.error_exponent)),
-        StrategyKind::WeightedLoad => Box::new(WeightedLoad::new(p)),
-        StrategyKind::Predictive => Box::new(Predictive::new(p.latency_ref_ms)),
+        StrategyKind::RoundRobin => Configured::RoundRobin(RoundRobin::default()),
+        StrategyKind::WeightedRoundRobin => Configured::WeightedRoundRobin(WeightedRoundRobin::default()),
+        StrategyKind::LeastOutstanding => Configured::LeastOutstanding(LeastOutstanding),
+        StrategyKind::PowerOfTwo => Configured::PowerOfTwo(PowerOfTwo),
+        StrategyKind::Performance => {
+            Configured::Performance(Performance::new(p.latency_ref_ms, p.error_exponent))
+        }
+        StrategyKind::WeightedLoad => Configured::WeightedLoad(WeightedLoad::new(p)),
+        StrategyKind::Predictive => Configured::Predictive(Predictive::new(p.latency_ref_ms)),
     }
 }
 

@@ -169,9 +169,25 @@ impl Strategy for WeightedLoad {
         if v.is_nan() { 0.0 } else { v }
     }
 
+    /// Every other factor is in [0, 1], so the product with them is at most
+    /// this one. (In floating point too: multiplying by a factor ≤ 1 never
+    /// rounds up past the value multiplied.)
+    fn bound(&self, weight: f64, headroom: f64, is_origin: bool) -> f64 {
+        let locality = if is_origin {
+            1.0 + self.p.locality_bonus
+        } else {
+            1.0
+        };
+        weight * self.headroom_power.of(headroom.clamp(0.0, 1.0)) * locality
+    }
+
+    fn floor(&self, best: f64) -> f64 {
+        best * (1.0 - NEAR_EQUAL)
+    }
+
     fn pick(&self, scored: &[Scored], _rng: &mut dyn RngCore) -> usize {
         let best = scored.iter().fold(0.0_f64, |m, s| m.max(s.value));
-        let floor = best * (1.0 - NEAR_EQUAL);
+        let floor = self.floor(best);
         // Rotation distance from `next`, in configured positions (all of
         // `scored` count the same regions). No division per candidate.
         let n = scored.first().map_or(1, |s| s.regions.max(1));
