@@ -41,6 +41,7 @@ fn spec(regions: usize, strategy: StrategyKind) -> RouterSpec {
         params: StrategyParams::default(),
         seed: 1,
         breaker: dispatcher::core::BreakerConfig::default(),
+        sharing: None,
     }
 }
 

@@ -156,7 +156,11 @@ impl Runtime {
         if next.server.connections != self.config.server.connections {
             needs_restart.push("server connection limits (max_connections, timeouts, keepalive)".into());
         }
+        if next.cluster != self.config.cluster {
+            needs_restart.push("cluster (Redis and quota sharing settings)".into());
+        }
         // What cannot change live keeps its running value.
+        next.cluster = self.config.cluster.clone();
         next.server.listen = self.config.server.listen;
         next.server.connections = self.config.server.connections;
         next.telemetry = self.config.telemetry.clone();

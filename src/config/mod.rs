@@ -6,6 +6,7 @@ mod diff;
 mod load;
 mod raw;
 mod validate;
+mod validate_cluster;
 mod validate_region;
 pub mod watch;
 
@@ -93,7 +94,22 @@ pub struct Config {
     /// SHA-256 of the admin token; `None`: the Admin API is open.
     pub admin_token: Option<[u8; 32]>,
     pub telemetry: TelemetryConfig,
+    /// `[cluster]`: quota shared with other replicas through Redis; `None`:
+    /// one process on its own (the default).
+    pub cluster: Option<ClusterConfig>,
     pub regions: Vec<RegionConfig>,
+}
+
+/// `[cluster]`, checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterConfig {
+    pub redis_url: String,
+    /// This replica's name in Redis; `None`: host, pid and a random suffix,
+    /// chosen at start.
+    pub replica_id: Option<String>,
+    pub sharing: crate::core::SharingSettings,
+    /// Every Redis call gives up after this long.
+    pub redis_timeout: std::time::Duration,
 }
 
 /// Traces and metrics.
@@ -292,6 +308,7 @@ impl Config {
             params: self.routing.params,
             seed: self.routing.seed,
             breaker: self.routing.breaker,
+            sharing: self.cluster.as_ref().map(|c| c.sharing),
         }
     }
 

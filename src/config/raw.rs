@@ -23,6 +23,19 @@ pub struct RawDispatcher {
     pub admin: RawAdmin,
     #[serde(default)]
     pub telemetry: RawTelemetry,
+    pub cluster: Option<RawCluster>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCluster {
+    pub redis_url: Option<String>,
+    pub replica_id: Option<String>,
+    pub expected_replicas: Option<u32>,
+    pub chunk_ttl: Option<String>,
+    pub sync_interval: Option<String>,
+    pub redis_timeout: Option<String>,
+    pub unreachable_after: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

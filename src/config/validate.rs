@@ -296,6 +296,10 @@ pub fn validate_dispatcher(raw: RawDispatcher, file: &Path) -> Result<Config, Co
     };
     let service_name = t.service_name.unwrap_or_else(|| "dispatcher".into());
     c.name("telemetry.service_name", &service_name)?;
+    let cluster = raw
+        .cluster
+        .map(|k| super::validate_cluster::validate_cluster(&c, k))
+        .transpose()?;
     Ok(Config {
         path: file.to_path_buf(),
         server,
@@ -310,6 +314,7 @@ pub fn validate_dispatcher(raw: RawDispatcher, file: &Path) -> Result<Config, Co
             service_name,
             metrics_listen,
         },
+        cluster,
         regions: Vec::new(),
     })
 }

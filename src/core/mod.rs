@@ -5,6 +5,7 @@
 
 pub mod breaker;
 mod candidates;
+pub mod central;
 pub mod fair;
 pub mod load;
 pub mod model;
@@ -18,6 +19,7 @@ pub mod router;
 #[cfg(test)]
 mod router_tests;
 pub mod scheduler;
+pub mod shared_quota;
 #[cfg(test)]
 mod spread_tests;
 pub mod strategy;
@@ -26,6 +28,7 @@ pub mod tenant;
 pub use breaker::{
     BreakerConfig, Circuit, CircuitBreaker, CircuitState, HealthTracker, RetryBudget, Transition,
 };
+pub use central::{CentralBucket, CentralLimits, SyncCall, SyncGrant};
 pub use fair::FairQueue;
 pub use load::{LoadState, Outcome, ReportedLoad};
 pub use model::{ModelSpec, TokenEstimate};
@@ -35,8 +38,9 @@ pub use quota::{QuotaBucket, QuotaError, Shortfall};
 pub use region::{Exclusion, RegionSpec, RegionState};
 pub use router::{
     CandidateReport, Completion, Reservation, RouteError, RoutePreview, RouteRequest, Router, RouterSpec,
-    Settled, Supply,
+    Settled, Supply, SyncItem,
 };
 pub use scheduler::{Released, Scheduler, Submission, SubmitError, Submitted};
+pub use shared_quota::{SharedQuota, SharingMode, SharingSettings, SharingTotals, SharingView};
 pub use strategy::{StrategyKind, StrategyParams, WeightedLoadParams};
 pub use tenant::{Day, TenantHold, TenantRefusal, TenantReport, TenantSpec, Tenants, Weights};

@@ -6,6 +6,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use super::quota::{QuotaBucket, QuotaError, Shortfall};
+use super::shared_quota::{SharedQuota, SharingSettings};
 
 /// How long hints are taken without crediting the provider's refill after
 /// one showed that someone we do not see spends from the same quota.
@@ -87,6 +88,12 @@ pub enum QuotaShortfall {
     Requests {
         wait: Duration,
     },
+    /// Quota shared with other replicas: this replica's chunks do not hold
+    /// the request now (the next grant may), or the provider refused
+    /// someone's request and asked everyone to wait.
+    Shared {
+        wait: Duration,
+    },
     /// The request is larger than the token bucket can ever hold.
     TooLarge {
         need: u64,
@@ -98,7 +105,9 @@ impl QuotaShortfall {
     /// When the request could fit, if ever.
     pub fn wait(&self) -> Option<Duration> {
         match *self {
-            QuotaShortfall::Tokens { wait, .. } | QuotaShortfall::Requests { wait } => Some(wait),
+            QuotaShortfall::Tokens { wait, .. }
+            | QuotaShortfall::Requests { wait }
+            | QuotaShortfall::Shared { wait } => Some(wait),
             QuotaShortfall::TooLarge { .. } => None,
         }
     }
@@ -115,6 +124,11 @@ impl std::fmt::Display for QuotaShortfall {
             QuotaShortfall::Requests { wait } => write!(
                 f,
                 "request quota exhausted; next request fits in {}",
+                fmt_duration(*wait)
+            ),
+            QuotaShortfall::Shared { wait } => write!(
+                f,
+                "shared quota: this replica's share does not hold it now; next grant in {}",
                 fmt_duration(*wait)
             ),
             QuotaShortfall::TooLarge { need, capacity } => {
@@ -248,6 +262,9 @@ pub struct ModelQuota {
     expected: Option<Expected>,
     last_hint: Option<LastHint>,
     warned_absurd: bool,
+    /// This replica's part of a quota shared with other replicas, when
+    /// `[cluster]` is configured: a request needs room here too.
+    shared: Option<SharedQuota>,
 }
 
 impl ModelQuota {
@@ -263,7 +280,25 @@ impl ModelQuota {
             unseen_until: None,
             last_hint: None,
             warned_absurd: false,
+            shared: None,
         })
+    }
+
+    /// Shares this quota with other replicas from now on (or stops: `None`).
+    pub fn set_sharing(&mut self, sharing: Option<SharingSettings>, now: Instant) {
+        self.shared = match (self.shared.take(), sharing) {
+            (Some(s), Some(_)) => Some(s),
+            (None, Some(settings)) => Some(SharedQuota::new(&self.limits, settings, now)),
+            (_, None) => None,
+        };
+    }
+
+    pub fn shared(&self) -> Option<&SharedQuota> {
+        self.shared.as_ref()
+    }
+
+    pub fn shared_mut(&mut self) -> Option<&mut SharedQuota> {
+        self.shared.as_mut()
     }
 
     pub fn limits(&self) -> &ModelLimits {
@@ -315,6 +350,10 @@ impl ModelQuota {
         // Usually the request bucket has more room than the token bucket
         // even without its refill since: then the lesser is the tokens',
         // and the request bucket's clock arithmetic can be skipped.
+        let token_room = match &self.shared {
+            Some(s) => token_room.min(self.shared_room(s, tokens, now)?),
+            None => token_room,
+        };
         if self.requests.room_at_least(1).is_some_and(|r| r >= token_room) {
             return Ok(token_room);
         }
@@ -344,11 +383,32 @@ impl ModelQuota {
             }
         }
         match self.requests.time_until(1, now) {
-            Ok(Duration::ZERO) => Ok(()),
+            Ok(Duration::ZERO) => self.check_shared(tokens, now),
             Ok(wait) | Err(Shortfall::Wait(wait)) => Err(QuotaShortfall::Requests { wait }),
             // A request bucket holds at least one request (burst ≥ 1).
             Err(Shortfall::TooLarge { .. }) => Err(QuotaShortfall::Requests { wait: Duration::MAX }),
         }
+    }
+
+    fn check_shared(&self, tokens: u64, now: Instant) -> Result<(), QuotaShortfall> {
+        match &self.shared {
+            Some(s) => self.shared_room(s, tokens, now).map(|_| ()),
+            None => Ok(()),
+        }
+    }
+
+    /// The shared quota's headroom for `tokens`. A request larger than the
+    /// central bucket (the burst less a chunk lifetime of refill) can never
+    /// be granted.
+    fn shared_room(&self, s: &SharedQuota, tokens: u64, now: Instant) -> Result<f64, QuotaShortfall> {
+        let capacity = s.limits().token_capacity;
+        if tokens > capacity {
+            return Err(QuotaShortfall::TooLarge {
+                need: tokens,
+                capacity,
+            });
+        }
+        s.fit(tokens, now).map_err(|wait| QuotaShortfall::Shared { wait })
     }
 
     /// Takes `tokens` and one request, both or neither.
@@ -361,6 +421,9 @@ impl ModelQuota {
         if let Some(e) = &mut self.expected {
             e.tokens.charge(tokens, now);
             e.requests.charge(1, now);
+        }
+        if let Some(s) = &mut self.shared {
+            s.take(tokens, now);
         }
         let seq = self.next_seq;
         self.next_seq += 1;
@@ -393,6 +456,9 @@ impl ModelQuota {
                     e.tokens.refund(hold.tokens, now);
                     e.requests.refund(1, now);
                 }
+                if let Some(s) = &mut self.shared {
+                    s.give_back(hold.tokens, 1, now);
+                }
                 0
             }
             Settlement::Unknown => hold.tokens,
@@ -405,10 +471,16 @@ impl ModelQuota {
                         if let Some(e) = &mut self.expected {
                             e.tokens.refund(hold.tokens - used, now);
                         }
+                        if let Some(s) = &mut self.shared {
+                            s.give_back(hold.tokens - used, 0, now);
+                        }
                     } else {
                         self.tokens.charge(used - hold.tokens, now);
                         if let Some(e) = &mut self.expected {
                             e.tokens.charge(used - hold.tokens, now);
+                        }
+                        if let Some(s) = &mut self.shared {
+                            s.use_extra(used - hold.tokens, now);
                         }
                     }
                     used
@@ -444,6 +516,14 @@ impl ModelQuota {
                 (self.in_flight.tokens, self.in_flight.live as u64),
             ),
         };
+        if let Some(s) = &mut self.shared {
+            // What the provider has at most, less what we spent after the
+            // request it answered: the central level comes down to it.
+            s.hint(
+                hint.remaining_tokens - tokens_after as i64,
+                hint.remaining_requests - requests_after as i64,
+            );
+        }
         // A hint in step with what we expect, while we trust the provider's
         // refill, changes nothing (below): the buckets need not be told apart.
         let (expected_tokens, expected_requests) = match &self.expected {
@@ -532,6 +612,9 @@ impl ModelQuota {
             }
         }
         self.blocked_until = Some(now + reset);
+        if let Some(s) = &mut self.shared {
+            s.refused(reset, now);
+        }
     }
 
     /// Applies new limits live, keeping each bucket's fill fraction.
@@ -552,6 +635,9 @@ impl ModelQuota {
         self.tokens = actual.tokens;
         self.requests = actual.requests;
         self.expected = expected;
+        if let Some(s) = &mut self.shared {
+            s.set_limits(&limits);
+        }
         self.limits = limits;
         Ok(())
     }

@@ -48,6 +48,7 @@ fn router(breaker: BreakerConfig, t0: Instant) -> Router {
             params: StrategyParams::default(),
             seed: 1,
             breaker,
+            sharing: None,
         },
         t0,
     )

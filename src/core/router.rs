@@ -18,6 +18,7 @@ use super::model::ModelSpec;
 use super::model_quota::{HintOutcome, Hold, ProviderHint, QuotaShortfall, Settlement};
 use super::quota::QuotaError;
 use super::region::{Exclusion, RegionSpec, RegionState};
+use super::shared_quota::SharingSettings;
 use super::strategy::{self, Factors, Scored, Strategy, StrategyKind, StrategyParams};
 
 /// Everything the router is built from (validated config).
@@ -30,6 +31,8 @@ pub struct RouterSpec {
     /// Seeds the random strategies, so a run can be replayed.
     pub seed: u64,
     pub breaker: BreakerConfig,
+    /// Share every (region, model) quota with other replicas (`[cluster]`).
+    pub sharing: Option<SharingSettings>,
 }
 
 #[derive(Debug, Clone, PartialEq, Error)]
@@ -183,6 +186,9 @@ impl Router {
             })
             .collect::<Result<Vec<_>, _>>()?;
         regions.sort_by(|a, b| a.name.cmp(&b.name));
+        for quota in regions.iter_mut().flat_map(|r| r.quotas.iter_mut().flatten()) {
+            quota.set_sharing(spec.sharing, now);
+        }
         Ok(Self {
             strategy: strategy::build(spec.strategy, &spec.params),
             strategy_kind: spec.strategy,
@@ -542,6 +548,7 @@ impl Router {
                 };
                 let mut kept = old_quota.clone();
                 kept.set_limits(quota.limits().clone(), now)?;
+                kept.set_sharing(spec.sharing, now);
                 *quota = kept;
             }
         }
@@ -584,3 +591,7 @@ impl Router {
             .is_some()
     }
 }
+
+#[path = "router_sync.rs"]
+mod sync;
+pub use sync::SyncItem;

@@ -58,6 +58,7 @@ fn spec(strategy: StrategyKind) -> RouterSpec {
         params: StrategyParams::default(),
         seed: 7,
         breaker: crate::core::BreakerConfig::default(),
+        sharing: None,
     }
 }
 

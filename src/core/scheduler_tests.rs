@@ -34,6 +34,7 @@ fn scheduler() -> (Scheduler<u32>, Instant) {
         params: StrategyParams::default(),
         seed: 0,
         breaker: crate::core::BreakerConfig::default(),
+        sharing: None,
     };
     (Scheduler::fifo(Router::try_new(spec, t0).unwrap(), 3), t0)
 }
@@ -48,6 +49,7 @@ fn spec_with(regions: &[(&str, u64, u64)]) -> (RouterSpec, Instant) {
         params: StrategyParams::default(),
         seed: 0,
         breaker: crate::core::BreakerConfig::default(),
+        sharing: None,
     };
     for (name, tpm, rpm) in regions {
         spec.regions.push(RegionSpec {

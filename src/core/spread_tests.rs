@@ -44,6 +44,7 @@ fn router(regions: Vec<RegionSpec>, params: StrategyParams, t0: Instant) -> Rout
             params,
             seed: 1,
             breaker: crate::core::BreakerConfig::default(),
+            sharing: None,
         },
         t0,
     )

@@ -206,6 +206,7 @@ impl World {
             params: StrategyParams::default(),
             seed: 1,
             breaker: dispatcher::core::BreakerConfig::default(),
+            sharing: None,
         };
         let weights = Arc::new(Weights {
             by_tenant: self.tenants.iter().map(|(n, w)| (Arc::from(*n), *w)).collect(),

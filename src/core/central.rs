@@ -1,0 +1,273 @@
+//! The central bucket several replicas share for one (region, model): what
+//! `src/cluster/central.lua` does inside Redis, here as plain Rust with time
+//! passed in (microseconds of Redis `TIME`), so the sharing can be simulated
+//! deterministically and the script checked against it.
+//!
+//! Replicas never ask it per request. Each one calls about every 100 ms
+//! with what it wants for the next moments (its *ask*), what its finished
+//! requests gave back or used beyond their reservation (*settle*), what the
+//! provider last told it, and, back from a Redis outage, what it spent from
+//! its fallback bucket meanwhile. One call refills the level at the
+//! provider's rate, applies all of that and grants a *chunk*, which the
+//! replica spends within `chunk_ttl` or drops. The level's capacity is the
+//! provider's burst less what one chunk lifetime of refill could add, so
+//! what every replica spends in any window `w` stays within
+//! `burst + rate × w`, as for one process.
+//!
+//! A replica not heard from for `STALE_AFTER` is presumed cut off from
+//! Redis and spending its fallback share (`rate / N`): that share is held
+//! back from the refill and kept on its record, and credited back when the
+//! replica returns and reports what it really spent. After `FORGET_AFTER`
+//! it is presumed gone: its share is released to the others.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// A replica not heard from for this long is presumed in fallback.
+pub const STALE_AFTER: Duration = Duration::from_millis(500);
+/// A replica not heard from for this long is presumed gone.
+pub const FORGET_AFTER: Duration = Duration::from_secs(2);
+/// Shares are split within rounds of this length (one sync tick).
+pub const ROUND: Duration = Duration::from_millis(100);
+
+/// The provider's limits as the replica calling knows them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CentralLimits {
+    pub tokens_per_minute: u64,
+    /// The provider's token burst less `tokens_per_minute × chunk_ttl`.
+    pub token_capacity: u64,
+    pub requests_per_minute: u64,
+    pub request_capacity: u64,
+    /// The fewest replicas to assume when dividing the fallback rate.
+    pub replicas_floor: u32,
+}
+
+/// One replica's call for one (region, model).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SyncCall {
+    pub ask_tokens: u64,
+    pub ask_requests: u64,
+    /// The least worth granting: what the largest waiting request lacks.
+    /// Less would expire before it fits, so the level keeps it instead
+    /// until it can grant this much.
+    pub need_tokens: u64,
+    /// Given back (positive: reserved, not used) or used beyond the
+    /// reservation (negative) since the last call.
+    pub settle_tokens: i64,
+    pub settle_requests: i64,
+    /// The provider's remaining figures less what this replica spent since,
+    /// when it told us: the level comes down to them if above.
+    pub hint: Option<(i64, i64)>,
+    /// The provider refused a request and said to wait this long.
+    pub block: Duration,
+    /// Spent from the fallback bucket since the replica lost Redis; `None`
+    /// while it has not.
+    pub fallback_spent: Option<(u64, u64)>,
+}
+
+/// The answer to a `SyncCall`.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct SyncGrant {
+    pub tokens: u64,
+    pub requests: u64,
+    /// The central levels after the grant (for operators and the score).
+    pub level_tokens: i64,
+    pub level_requests: i64,
+    /// The provider refused someone's request: nothing is granted for this long.
+    pub blocked_for: Duration,
+    /// Replicas heard from within `FORGET_AFTER`, this one included.
+    pub replicas: u32,
+    /// The bucket did not exist (first call ever, or Redis lost its data):
+    /// it starts empty.
+    pub fresh: bool,
+}
+
+/// What the bucket keeps of one replica.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+struct Replica {
+    seen_us: u64,
+    ask_tokens: u64,
+    ask_requests: u64,
+    /// Fallback share held back while it was stale.
+    withheld_tokens: f64,
+    withheld_requests: f64,
+}
+
+/// The central bucket of one (region, model).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CentralBucket {
+    level_tokens: f64,
+    level_requests: f64,
+    updated_us: u64,
+    blocked_until_us: u64,
+    round_start_us: u64,
+    round_tokens: f64,
+    round_requests: f64,
+    replicas: BTreeMap<String, Replica>,
+}
+
+fn us(d: Duration) -> u64 {
+    d.as_micros() as u64
+}
+
+impl CentralBucket {
+    /// A bucket created by its first call: empty (Redis cannot know what the
+    /// provider has left, so it assumes nothing).
+    pub fn new(now_us: u64) -> Self {
+        Self {
+            level_tokens: 0.0,
+            level_requests: 0.0,
+            updated_us: now_us,
+            blocked_until_us: 0,
+            round_start_us: now_us,
+            round_tokens: 0.0,
+            round_requests: 0.0,
+            replicas: BTreeMap::new(),
+        }
+    }
+
+    pub fn level_tokens(&self) -> f64 {
+        self.level_tokens
+    }
+
+    /// One call, atomically (the script runs alone in Redis).
+    pub fn call(&mut self, replica: &str, limits: &CentralLimits, c: &SyncCall, now_us: u64) -> SyncGrant {
+        let now_us = now_us.max(self.updated_us);
+        // Forget replicas gone too long; their withheld share is released.
+        self.replicas
+            .retain(|id, r| id == replica || now_us.saturating_sub(r.seen_us) < us(FORGET_AFTER));
+        let known = self.replicas.len() as u32 + u32::from(!self.replicas.contains_key(replica));
+        let n = known.max(limits.replicas_floor).max(1) as f64;
+
+        // Refill at the provider's rate, less the shares of stale replicas.
+        let dt = (now_us - self.updated_us) as f64;
+        let per_us_t = limits.tokens_per_minute as f64 / 60e6;
+        let per_us_r = limits.requests_per_minute as f64 / 60e6;
+        let mut stale = 0u32;
+        for (id, r) in self.replicas.iter_mut() {
+            if id != replica && now_us.saturating_sub(r.seen_us) >= us(STALE_AFTER) {
+                stale += 1;
+                r.withheld_tokens += per_us_t * dt / n;
+                r.withheld_requests += per_us_r * dt / n;
+            }
+        }
+        let kept = 1.0 - stale as f64 / n;
+        let (cap_t, cap_r) = (limits.token_capacity as f64, limits.request_capacity as f64);
+        self.level_tokens = (self.level_tokens + per_us_t * dt * kept).min(cap_t);
+        self.level_requests = (self.level_requests + per_us_r * dt * kept).min(cap_r);
+        self.updated_us = now_us;
+
+        // Back from fallback: what it spent counts once; its withheld share
+        // comes back.
+        let me = self.replicas.entry(replica.to_string()).or_default();
+        if let Some((t, r)) = c.fallback_spent {
+            self.level_tokens += me.withheld_tokens - t as f64;
+            self.level_requests += me.withheld_requests - r as f64;
+        }
+        me.withheld_tokens = 0.0;
+        me.withheld_requests = 0.0;
+        me.seen_us = now_us;
+        me.ask_tokens = c.ask_tokens;
+        me.ask_requests = c.ask_requests;
+
+        // Settlements, then the provider's word (which can only lower it).
+        self.level_tokens = (self.level_tokens + c.settle_tokens as f64).min(cap_t);
+        self.level_requests = (self.level_requests + c.settle_requests as f64).min(cap_r);
+        if let Some((t, r)) = c.hint {
+            self.level_tokens = self.level_tokens.min(t as f64);
+            self.level_requests = self.level_requests.min(r as f64);
+        }
+        if !c.block.is_zero() {
+            self.blocked_until_us = self.blocked_until_us.max(now_us + us(c.block));
+        }
+
+        // Grant: what was asked while there is enough for every live ask;
+        // when scarce, each its part of this round's pool by its ask.
+        if now_us.saturating_sub(self.round_start_us) >= us(ROUND) {
+            self.round_start_us = now_us;
+            self.round_tokens = 0.0;
+            self.round_requests = 0.0;
+        }
+        let live = |r: &Replica| now_us.saturating_sub(r.seen_us) < us(STALE_AFTER);
+        let asked_t: u64 = self
+            .replicas
+            .values()
+            .filter(|r| live(r))
+            .map(|r| r.ask_tokens)
+            .sum();
+        let asked_r: u64 = self
+            .replicas
+            .values()
+            .filter(|r| live(r))
+            .map(|r| r.ask_requests)
+            .sum();
+        let blocked = now_us < self.blocked_until_us;
+        let share = |ask: u64, need: u64, asked: u64, level: f64, round: f64| -> u64 {
+            let need = need.min(ask);
+            if blocked || ask == 0 || level < 1.0 || level < need as f64 {
+                0
+            } else if (asked as f64) <= level {
+                ask
+            } else {
+                let part = ((level + round) * ask as f64 / asked as f64).floor();
+                (ask as f64)
+                    .min(part.max(need as f64))
+                    .min(level.floor())
+                    .max(0.0) as u64
+            }
+        };
+        let tokens = share(
+            c.ask_tokens,
+            c.need_tokens,
+            asked_t,
+            self.level_tokens,
+            self.round_tokens,
+        );
+        let requests = share(
+            c.ask_requests,
+            0,
+            asked_r,
+            self.level_requests,
+            self.round_requests,
+        );
+        self.level_tokens -= tokens as f64;
+        self.level_requests -= requests as f64;
+        self.round_tokens += tokens as f64;
+        self.round_requests += requests as f64;
+        SyncGrant {
+            tokens,
+            requests,
+            level_tokens: self.level_tokens.floor() as i64,
+            level_requests: self.level_requests.floor() as i64,
+            blocked_for: Duration::from_micros(self.blocked_until_us.saturating_sub(now_us)),
+            replicas: self.replicas.len() as u32,
+            fresh: false,
+        }
+    }
+}
+
+/// A call on the bucket Redis may or may not have: a missing one (first
+/// call ever, or Redis restarted empty) is created empty, and a fallback
+/// report is then not charged (an empty level already assumes the worst).
+pub fn call_or_create(
+    slot: &mut Option<CentralBucket>,
+    replica: &str,
+    limits: &CentralLimits,
+    c: &SyncCall,
+    now_us: u64,
+) -> SyncGrant {
+    match slot {
+        Some(bucket) => bucket.call(replica, limits, c, now_us),
+        None => {
+            let bucket = slot.insert(CentralBucket::new(now_us));
+            let c = SyncCall {
+                fallback_spent: None,
+                ..c.clone()
+            };
+            SyncGrant {
+                fresh: true,
+                ..bucket.call(replica, limits, &c, now_us)
+            }
+        }
+    }
+}
