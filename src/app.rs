@@ -81,9 +81,21 @@ pub struct Runtime {
     pub sims: SimulatedRegions,
     pub engine: std::sync::Arc<crate::dispatch::Engine>,
     pub health: crate::health::HealthChecks,
+    /// `[cluster]`: this replica's name in Redis and its sync task (stopped
+    /// when the runtime is dropped).
+    pub cluster: Option<(String, AbortOnDrop)>,
     /// The settings read at start-up that a reload cannot change (the
     /// listen address as dispatcher.toml gave it, telemetry).
     started: (std::net::SocketAddr, crate::config::TelemetryConfig, usize),
+}
+
+/// A task that stops with its owner.
+pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// How often the regions directory is checked for edits.
@@ -100,7 +112,17 @@ impl Runtime {
         let engine = crate::dispatch::Engine::new(&config, &endpoints)?;
         let mut health = crate::health::HealthChecks::new(engine.clone());
         health.sync(&config, &endpoints).await;
+        let cluster = match &config.cluster {
+            Some(c) => {
+                let replica = crate::cluster::replica_id(c);
+                let task = crate::cluster::spawn(engine.clone(), c, replica.clone())?;
+                tracing::info!(%replica, "sharing each provider's quota with the other replicas through Redis ([cluster])");
+                Some((replica, AbortOnDrop(task)))
+            }
+            None => None,
+        };
         Ok(Self {
+            cluster,
             started: (
                 config.server.listen,
                 config.telemetry.clone(),

@@ -4,6 +4,7 @@
 pub mod accept;
 pub mod app;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod core;
 pub mod dispatch;

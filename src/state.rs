@@ -58,6 +58,8 @@ pub struct QuotaView {
     pub provider_blocked_for: Option<Duration>,
     /// Requests waiting for this model (any region).
     pub queued: usize,
+    /// Quota shared with other replicas (`[cluster]`): this replica's part.
+    pub sharing: Option<crate::core::SharingView>,
 }
 
 #[derive(Debug, Clone)]

@@ -22,7 +22,7 @@ use super::{DispatchError, observe};
 use crate::config::Config;
 use crate::core::{
     Completion, Day, HintOutcome, Reservation, RoutePreview, RouteRequest, Router, Scheduler, Settled,
-    TenantHold, TenantRefusal, Tenants,
+    SyncGrant, SyncItem, TenantHold, TenantRefusal, Tenants,
 };
 use crate::state::{EngineView, QuotaView, RegionView, TenantView};
 
@@ -196,6 +196,19 @@ impl QuotaDesk {
         known
     }
 
+    /// The calls to the central buckets (quota shared with other replicas):
+    /// taken under the lock, sent without it.
+    pub fn sync_calls(&self, now: Instant) -> Vec<SyncItem> {
+        self.lock().scheduler.router_mut().sync_calls(now)
+    }
+
+    /// The answers to `sync_calls` (`None`: no answer); wakes the pump, as
+    /// a grant may let waiting requests through.
+    pub fn sync_done(&self, done: Vec<(SyncItem, Option<SyncGrant>)>, sent_at: Instant, now: Instant) {
+        self.lock().scheduler.router_mut().sync_done(done, sent_at, now);
+        self.wake();
+    }
+
     /// What the health checks concluded about `region`.
     pub fn set_health(&self, region: &str, healthy: bool) -> bool {
         let known = self.lock().scheduler.router_mut().set_healthy(region, healthy);
@@ -253,6 +266,7 @@ impl QuotaDesk {
                             .map(|h| (h.hint, now.saturating_duration_since(h.at))),
                         provider_blocked_for: q.blocked_for(now),
                         queued: sched.queued_for(&m.name),
+                        sharing: q.shared().map(|s| s.view(now)),
                     })
                     .collect();
                 RegionView {

@@ -72,3 +72,36 @@ pub fn promtool() -> PathBuf {
     })
     .clone()
 }
+
+/// redis-server from Debian's `redis-server` package (installed without
+/// its recommends; the tests start their own servers on loopback ports).
+pub fn redis_server() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        if works("redis-server", "--version") {
+            return PathBuf::from("redis-server");
+        }
+        let install = || {
+            Command::new("apt-get")
+                .args(["install", "-y", "-q", "--no-install-recommends", "redis-server"])
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .stdout(std::process::Stdio::null())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false)
+        };
+        if !install() {
+            let _ = Command::new("apt-get")
+                .args(["update", "-q"])
+                .stdout(std::process::Stdio::null())
+                .status();
+            assert!(install(), "apt-get install redis-server failed");
+        }
+        assert!(
+            works("redis-server", "--version"),
+            "redis-server was installed but does not run"
+        );
+        PathBuf::from("redis-server")
+    })
+    .clone()
+}

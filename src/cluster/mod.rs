@@ -1,0 +1,14 @@
+//! Several replicas sharing each provider's quota through Redis
+//! (`[cluster]`, docs/SCALING.md): the Redis side of `core::central`, and the
+//! one task per replica that talks to it.
+//!
+//! Owner: the sync task owns the Redis connection and is its only user. It
+//! takes the desk's lock twice per tick, briefly (to collect the calls and
+//! to apply the answers), never across a Redis call; requests never wait
+//! on Redis.
+
+mod redis_central;
+mod sync;
+
+pub use redis_central::{RedisCentral, bucket_keys};
+pub use sync::{replica_id, spawn};

@@ -1,0 +1,156 @@
+//! The central buckets in Redis: one pipelined round trip of the
+//! `central.lua` script per sync tick, every call bounded by a timeout.
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+use crate::core::central::{FORGET_AFTER, ROUND, STALE_AFTER};
+use crate::core::{SyncGrant, SyncItem};
+
+const SCRIPT: &str = include_str!("central.lua");
+
+/// A bucket nobody called for this long is removed by Redis (a later call
+/// finds it missing and starts it empty, which is always safe).
+const IDLE_EXPIRY_SECS: u64 = 3600;
+
+/// The Redis keys of one (region, model): its bucket and its replicas, with
+/// one hash tag so they live on one Redis Cluster slot.
+pub fn bucket_keys(region: &str, model: &str) -> (String, String) {
+    let tag = format!("{{{region}/{model}}}");
+    (format!("dispatcher:{tag}:bucket"), format!("dispatcher:{tag}:replicas"))
+}
+
+/// What failed talking to Redis, for logs (never shown to callers).
+#[derive(Debug, thiserror::Error)]
+pub enum CentralError {
+    #[error("no answer from Redis within {0:?}")]
+    Timeout(Duration),
+    #[error("Redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("Redis answered {got} replies to {sent} calls")]
+    Short { sent: usize, got: usize },
+}
+
+pub struct RedisCentral {
+    client: redis::Client,
+    connection: Option<ConnectionManager>,
+    script: redis::Script,
+    timeout: Duration,
+}
+
+impl RedisCentral {
+    /// Checks the URL; connects lazily (a replica starts without Redis).
+    pub fn new(url: &str, timeout: Duration) -> Result<Self, redis::RedisError> {
+        Ok(Self {
+            client: redis::Client::open(url)?,
+            connection: None,
+            script: redis::Script::new(SCRIPT),
+            timeout,
+        })
+    }
+
+    async fn connection(&mut self) -> Result<ConnectionManager, CentralError> {
+        if let Some(c) = &self.connection {
+            return Ok(c.clone());
+        }
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let connect = ConnectionManager::new_with_config(self.client.clone(), config);
+        let c = tokio::time::timeout(self.timeout, connect)
+            .await
+            .map_err(|_| CentralError::Timeout(self.timeout))??;
+        self.connection = Some(c.clone());
+        Ok(c)
+    }
+
+    /// One call per item, pipelined, within the timeout. `now_us` replaces
+    /// Redis `TIME` (tests only).
+    pub async fn call(
+        &mut self,
+        replica: &str,
+        items: &[SyncItem],
+        now_us: Option<u64>,
+    ) -> Result<Vec<SyncGrant>, CentralError> {
+        let timeout = self.timeout;
+        let work = async {
+            let mut con = self.connection().await?;
+            let first: Result<Vec<Vec<i64>>, redis::RedisError> =
+                self.pipeline(replica, items, now_us).query_async(&mut con).await;
+            match first {
+                Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                    // Redis restarted (or flushed its scripts): load it once.
+                    self.script.prepare_invoke().load_async(&mut con).await?;
+                    let again: Vec<Vec<i64>> = self.pipeline(replica, items, now_us).query_async(&mut con).await?;
+                    Ok::<_, CentralError>(again)
+                }
+                other => Ok(other?),
+            }
+        };
+        let replies: Vec<Vec<i64>> = tokio::time::timeout(timeout, work)
+            .await
+            .map_err(|_| CentralError::Timeout(timeout))??;
+        if replies.len() != items.len() || replies.iter().any(|r| r.len() != 7) {
+            return Err(CentralError::Short {
+                sent: items.len(),
+                got: replies.len(),
+            });
+        }
+        Ok(replies.iter().map(|r| grant(r)).collect())
+    }
+
+    fn pipeline(&self, replica: &str, items: &[SyncItem], now_us: Option<u64>) -> redis::Pipeline {
+        let mut pipe = redis::pipe();
+        for item in items {
+            let (bucket, replicas) = bucket_keys(&item.region, &item.model);
+            let (l, c) = (&item.limits, &item.call);
+            let opt = |v: Option<i64>| v.map_or(String::new(), |v| v.to_string());
+            let (fb_t, fb_r) = match c.fallback_spent {
+                Some((t, r)) => (t.to_string(), r.to_string()),
+                None => (String::new(), String::new()),
+            };
+            pipe.cmd("EVALSHA")
+                .arg(self.script.get_hash())
+                .arg(2)
+                .arg(bucket)
+                .arg(replicas)
+                .arg(replica)
+                .arg(l.tokens_per_minute)
+                .arg(l.token_capacity)
+                .arg(l.requests_per_minute)
+                .arg(l.request_capacity)
+                .arg(l.replicas_floor)
+                .arg(c.ask_tokens)
+                .arg(c.ask_requests)
+                .arg(c.need_tokens)
+                .arg(c.settle_tokens)
+                .arg(c.settle_requests)
+                .arg(opt(c.hint.map(|h| h.0)))
+                .arg(opt(c.hint.map(|h| h.1)))
+                .arg(c.block.as_micros() as u64)
+                .arg(fb_t)
+                .arg(fb_r)
+                .arg(STALE_AFTER.as_micros() as u64)
+                .arg(FORGET_AFTER.as_micros() as u64)
+                .arg(ROUND.as_micros() as u64)
+                .arg(IDLE_EXPIRY_SECS)
+                .arg(now_us.map_or(String::new(), |t| t.to_string()));
+        }
+        pipe
+    }
+}
+
+fn grant(r: &[i64]) -> SyncGrant {
+    SyncGrant {
+        tokens: r[0].max(0) as u64,
+        requests: r[1].max(0) as u64,
+        level_tokens: r[2],
+        level_requests: r[3],
+        blocked_for: Duration::from_micros(r[4].max(0) as u64),
+        replicas: r[5].max(0) as u32,
+        fresh: r[6] != 0,
+    }
+}

@@ -1,0 +1,78 @@
+//! The sync task: every `sync_interval`, collect each shared (region,
+//! model)'s call from the desk, send them to Redis in one pipelined round
+//! trip bounded by `redis_timeout`, and hand the answers (or their absence)
+//! back to the desk. Nothing else talks to Redis.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio::time::MissedTickBehavior;
+
+use super::redis_central::RedisCentral;
+use crate::config::ClusterConfig;
+use crate::dispatch::Engine;
+
+/// This replica's name in Redis: the configured one, or host, pid and a
+/// random suffix (two replicas on one host, or a restarted one, never share
+/// a record).
+pub fn replica_id(config: &ClusterConfig) -> String {
+    if let Some(id) = &config.replica_id {
+        return id.clone();
+    }
+    let host = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "host".into());
+    let host: String = host.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(32).collect();
+    format!("{host}-{}-{:04x}", std::process::id(), rand::random::<u16>())
+}
+
+/// Starts the sync task. Fails only on a malformed `redis_url`; an
+/// unreachable Redis is what the fallback is for.
+pub fn spawn(engine: Arc<Engine>, config: &ClusterConfig, replica: String) -> Result<JoinHandle<()>, String> {
+    let mut central = RedisCentral::new(&config.redis_url, config.redis_timeout)
+        .map_err(|e| format!("cluster.redis_url: {e}"))?;
+    let tick = config.sharing.tick;
+    Ok(tokio::spawn(async move {
+        let mut interval = tokio::time::interval(tick);
+        interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut reachable = None;
+        loop {
+            interval.tick().await;
+            let sent_at = crate::clock::now();
+            let items = engine.desk().sync_calls(sent_at);
+            if items.is_empty() {
+                continue;
+            }
+            let result = central.call(&replica, &items, None).await;
+            let now = crate::clock::now();
+            observe(now.saturating_duration_since(sent_at), result.is_ok());
+            let ok = result.is_ok();
+            let done = match result {
+                Ok(grants) => items.into_iter().zip(grants.into_iter().map(Some)).collect(),
+                Err(e) => {
+                    if reachable != Some(false) {
+                        tracing::warn!(error = %e, "Redis did not answer the quota sync; spending granted chunks, then the fallback share if it lasts");
+                    }
+                    items.into_iter().map(|i| (i, None)).collect()
+                }
+            };
+            if ok && reachable == Some(false) {
+                tracing::info!("Redis answers again: quota shared through it");
+            }
+            reachable = Some(ok);
+            engine.desk().sync_done(done, sent_at, now);
+        }
+    }))
+}
+
+fn observe(took: Duration, ok: bool) {
+    if !crate::metrics::enabled() {
+        return;
+    }
+    let result = if ok { "ok" } else { "error" };
+    metrics::histogram!("dispatcher_redis_call_seconds", "result" => result).record(took.as_secs_f64());
+}
