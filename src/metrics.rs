@@ -103,6 +103,38 @@ fn describe() {
         "dispatcher_panic_mode",
         "1 while most regions are unhealthy or have their circuit open"
     );
+    describe_gauge!(
+        "dispatcher_shared_fallback",
+        "With [cluster]: 1 while this replica spends its fallback share (Redis unreachable), 0 while quota comes from Redis"
+    );
+    describe_gauge!(
+        "dispatcher_shared_balance_tokens",
+        "With [cluster]: tokens this replica holds in unexpired chunks (and its fallback bucket)"
+    );
+    describe_gauge!(
+        "dispatcher_shared_central_tokens",
+        "With [cluster]: the central bucket's level at Redis' last answer"
+    );
+    describe_gauge!(
+        "dispatcher_shared_replicas",
+        "With [cluster]: replicas Redis heard from recently, this one included"
+    );
+    describe_counter!(
+        "dispatcher_shared_granted_tokens_total",
+        "With [cluster]: tokens granted to this replica in chunks"
+    );
+    describe_counter!(
+        "dispatcher_shared_expired_tokens_total",
+        "With [cluster]: granted tokens dropped unspent when their chunk expired (wasted)"
+    );
+    describe_counter!(
+        "dispatcher_shared_fallback_seconds_total",
+        "With [cluster]: time spent in fallback (Redis unreachable)"
+    );
+    describe_histogram!(
+        "dispatcher_redis_call_seconds",
+        "With [cluster]: one sync round trip to Redis (all region-models pipelined), by result"
+    );
 }
 
 /// Scrapers need few connections; the rest of the descriptors are gRPC's.
@@ -191,6 +223,21 @@ async fn sample(view: impl Fn() -> EngineView, handle: PrometheusHandle, cancel:
                 gauge!("dispatcher_bucket_tokens_available", &labels).set(q.tokens_available as f64);
                 gauge!("dispatcher_bucket_tokens_reserved", &labels).set(q.tokens_reserved as f64);
                 gauge!("dispatcher_bucket_requests_available", &labels).set(q.requests_available as f64);
+                if let Some(sh) = &q.sharing {
+                    let fallback = sh.mode == crate::core::SharingMode::Fallback;
+                    gauge!("dispatcher_shared_fallback", &labels).set(fallback as u8 as f64);
+                    gauge!("dispatcher_shared_balance_tokens", &labels).set(sh.balance_tokens as f64);
+                    if let Some(c) = sh.central_tokens {
+                        gauge!("dispatcher_shared_central_tokens", &labels).set(c as f64);
+                    }
+                    gauge!("dispatcher_shared_replicas", &labels).set(sh.replicas as f64);
+                    metrics::counter!("dispatcher_shared_granted_tokens_total", &labels)
+                        .absolute(sh.totals.granted_tokens);
+                    metrics::counter!("dispatcher_shared_expired_tokens_total", &labels)
+                        .absolute(sh.totals.expired_tokens);
+                    metrics::counter!("dispatcher_shared_fallback_seconds_total", &labels)
+                        .absolute(sh.totals.fallback_time.as_secs());
+                }
             }
         }
         for (model, queued) in &v.queued {

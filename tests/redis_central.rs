@@ -31,7 +31,11 @@ fn random_call(rng: &mut SmallRng) -> SyncCall {
     SyncCall {
         ask_tokens: rng.random_range(0..20_000),
         ask_requests: rng.random_range(0..20),
-        need_tokens: if rng.random_bool(0.3) { rng.random_range(0..8_000) } else { 0 },
+        need_tokens: if rng.random_bool(0.3) {
+            rng.random_range(0..8_000)
+        } else {
+            0
+        },
         settle_tokens: rng.random_range(-2_000..5_000),
         settle_requests: rng.random_range(-1..3),
         hint: rng
@@ -80,9 +84,13 @@ async fn the_script_grants_what_the_model_grants() {
             call,
         };
         // The first call after the restart may find the connection broken.
-        let mut got = central.call(replica, std::slice::from_ref(&item), Some(now_us)).await;
+        let mut got = central
+            .call(replica, std::slice::from_ref(&item), Some(now_us))
+            .await;
         if got.is_err() && step == 700 {
-            got = central.call(replica, std::slice::from_ref(&item), Some(now_us)).await;
+            got = central
+                .call(replica, std::slice::from_ref(&item), Some(now_us))
+                .await;
         }
         let got = got.unwrap_or_else(|e| panic!("step {step}: {e}"));
         assert_eq!(got[0], expected, "step {step}: {item:?}");
@@ -110,7 +118,10 @@ async fn one_round_trip_carries_every_pair() {
     };
     let items = [item("a", 100), item("b", 200), item("c", 300)];
     let first = central.call("r1", &items, Some(t0)).await.unwrap();
-    assert!(first.iter().all(|g| g.fresh && g.tokens == 0), "new buckets start empty: {first:?}");
+    assert!(
+        first.iter().all(|g| g.fresh && g.tokens == 0),
+        "new buckets start empty: {first:?}"
+    );
     // One second later each has refilled 1,500 tokens and grants its ask.
     let later = central.call("r1", &items, Some(t0 + 1_000_000)).await.unwrap();
     let tokens: Vec<u64> = later.iter().map(|g| g.tokens).collect();

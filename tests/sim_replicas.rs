@@ -426,7 +426,7 @@ fn hoard_then_burst(expire_chunks: bool) -> (u64, Provider) {
     for ms in (0..1_000).step_by(10) {
         let at = start + Duration::from_millis(ms);
         if ms % 100 == 0 {
-            for (q, id) in [(&mut a, "a"), (&mut b, "b")] {
+            for (q, id) in [(&mut b, "b"), (&mut a, "a")] {
                 // Each wants a whole bucket's worth.
                 let _ = q.fit(BURST, t0 + at);
                 call(q, id, at, &mut central);

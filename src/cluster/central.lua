@@ -45,12 +45,13 @@ else
 end
 if now < up then now = up end
 
--- Replicas: id -> "seen ask_t ask_r withheld_t withheld_r".
+-- Replicas: id -> "seen ask_t ask_r withheld_t withheld_r need need_since".
 local reps = {}
 local raw = redis.call('HGETALL', KEYS[2])
 for i = 1, #raw, 2 do
-  local s, a, q, wt, wr = string.match(raw[i + 1], '^(%S+) (%S+) (%S+) (%S+) (%S+)$')
-  local r = {seen = tonumber(s), ask_t = tonumber(a), ask_r = tonumber(q), wh_t = tonumber(wt), wh_r = tonumber(wr)}
+  local s, a, q, wt, wr, nd, ns = string.match(raw[i + 1], '^(%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S+)$')
+  local r = {seen = tonumber(s), ask_t = tonumber(a), ask_r = tonumber(q), wh_t = tonumber(wt), wh_r = tonumber(wr),
+    need = tonumber(nd), need_since = tonumber(ns)}
   if raw[i] == id or now - r.seen < forget_us then
     reps[raw[i]] = r
   else
@@ -79,7 +80,7 @@ up = now
 
 local me = reps[id]
 if me == nil then
-  me = {seen = now, ask_t = 0, ask_r = 0, wh_t = 0, wh_r = 0}
+  me = {seen = now, ask_t = 0, ask_r = 0, wh_t = 0, wh_r = 0, need = 0, need_since = 0}
   reps[id] = me
 end
 if fb_t ~= nil then
@@ -88,6 +89,12 @@ if fb_t ~= nil then
 end
 me.wh_t, me.wh_r = 0, 0
 me.seen, me.ask_t, me.ask_r = now, ask_t, ask_r
+if need_t == 0 then
+  me.need_since = 0
+elseif me.need == 0 or me.need_since == 0 then
+  me.need_since = now
+end
+me.need = need_t
 
 lt = math.min(lt + settle_t, cap_t)
 lr = math.min(lr + settle_r, cap_r)
@@ -108,6 +115,22 @@ for _, r in pairs(reps) do
   end
 end
 local blocked = now < bu
+-- The replica whose large request has waited longest is served first.
+local function before(s1, id1, s2, id2)
+  return s1 < s2 or (s1 == s2 and id1 < id2)
+end
+local o_since, o_id, o_need = nil, nil, 0
+for rid, r in pairs(reps) do
+  if rid ~= id and now - r.seen < stale_us and r.need > 0 then
+    if o_since == nil or before(r.need_since, rid, o_since, o_id) then
+      o_since, o_id, o_need = r.need_since, rid, r.need
+    end
+  end
+end
+local level_t = lt
+if o_since ~= nil and (need_t == 0 or before(o_since, o_id, me.need_since, id)) then
+  level_t = lt - o_need
+end
 local function share(ask, need, asked, level, round)
   need = math.min(need, ask)
   if blocked or ask == 0 or level < 1 or level < need then
@@ -119,7 +142,11 @@ local function share(ask, need, asked, level, round)
     return math.max(math.min(ask, math.max(part, need), math.floor(level)), 0)
   end
 end
-local gt = share(ask_t, need_t, asked_t, lt, rt)
+local gt = share(ask_t, need_t, asked_t, level_t, rt)
+if need_t > 0 and gt >= need_t then
+  -- Served: its next need queues behind the others'.
+  me.need, me.need_since = 0, 0
+end
 local gr = share(ask_r, 0, asked_r, lr, rr)
 lt, lr = lt - gt, lr - gr
 rt, rr = rt + gt, rr + gr
@@ -129,7 +156,7 @@ local function exact(x) return string.format('%.17g', x) end
 redis.call('HSET', KEYS[1], 'lt', exact(lt), 'lr', exact(lr), 'up', exact(up), 'bu', exact(bu),
   'rs', exact(rs), 'rt', exact(rt), 'rr', exact(rr))
 for rid, r in pairs(reps) do
-  redis.call('HSET', KEYS[2], rid, string.format('%.17g %.17g %.17g %.17g %.17g', r.seen, r.ask_t, r.ask_r, r.wh_t, r.wh_r))
+  redis.call('HSET', KEYS[2], rid, string.format('%.17g %.17g %.17g %.17g %.17g %.17g %.17g', r.seen, r.ask_t, r.ask_r, r.wh_t, r.wh_r, r.need, r.need_since))
 end
 redis.call('EXPIRE', KEYS[1], idle_s)
 redis.call('EXPIRE', KEYS[2], idle_s)

@@ -18,7 +18,10 @@ const IDLE_EXPIRY_SECS: u64 = 3600;
 /// one hash tag so they live on one Redis Cluster slot.
 pub fn bucket_keys(region: &str, model: &str) -> (String, String) {
     let tag = format!("{{{region}/{model}}}");
-    (format!("dispatcher:{tag}:bucket"), format!("dispatcher:{tag}:replicas"))
+    (
+        format!("dispatcher:{tag}:bucket"),
+        format!("dispatcher:{tag}:replicas"),
+    )
 }
 
 /// What failed talking to Redis, for logs (never shown to callers).
@@ -84,7 +87,10 @@ impl RedisCentral {
                 Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
                     // Redis restarted (or flushed its scripts): load it once.
                     self.script.prepare_invoke().load_async(&mut con).await?;
-                    let again: Vec<Vec<i64>> = self.pipeline(replica, items, now_us).query_async(&mut con).await?;
+                    let again: Vec<Vec<i64>> = self
+                        .pipeline(replica, items, now_us)
+                        .query_async(&mut con)
+                        .await?;
                     Ok::<_, CentralError>(again)
                 }
                 other => Ok(other?),

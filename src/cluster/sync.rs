@@ -26,7 +26,11 @@ pub fn replica_id(config: &ClusterConfig) -> String {
         .filter(|h| !h.is_empty())
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| "host".into());
-    let host: String = host.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(32).collect();
+    let host: String = host
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+        .take(32)
+        .collect();
     format!("{host}-{}-{:04x}", std::process::id(), rand::random::<u16>())
 }
 

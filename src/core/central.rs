@@ -91,6 +91,10 @@ struct Replica {
     /// Fallback share held back while it was stale.
     withheld_tokens: f64,
     withheld_requests: f64,
+    /// What its largest waiting request lacks, and since when it has been
+    /// waiting (µs; 0 while nothing waits).
+    need_tokens: u64,
+    need_since_us: u64,
 }
 
 /// The central bucket of one (region, model).
@@ -169,6 +173,13 @@ impl CentralBucket {
         me.seen_us = now_us;
         me.ask_tokens = c.ask_tokens;
         me.ask_requests = c.ask_requests;
+        if c.need_tokens == 0 {
+            me.need_since_us = 0;
+        } else if me.need_tokens == 0 || me.need_since_us == 0 {
+            me.need_since_us = now_us;
+        }
+        me.need_tokens = c.need_tokens;
+        let mine = (me.need_since_us, replica.to_string());
 
         // Settlements, then the provider's word (which can only lower it).
         self.level_tokens = (self.level_tokens + c.settle_tokens as f64).min(cap_t);
@@ -202,6 +213,19 @@ impl CentralBucket {
             .map(|r| r.ask_requests)
             .sum();
         let blocked = now_us < self.blocked_until_us;
+        // The replica whose large request has waited longest is served
+        // first: the others neither jump ahead of it nor spend the level
+        // below what it lacks (first come, first served across replicas).
+        let oldest = self
+            .replicas
+            .iter()
+            .filter(|(id, r)| *id != replica && live(r) && r.need_tokens > 0)
+            .map(|(id, r)| ((r.need_since_us, id.clone()), r.need_tokens))
+            .min();
+        let level_t = match &oldest {
+            Some((first, need)) if c.need_tokens == 0 || *first < mine => self.level_tokens - *need as f64,
+            _ => self.level_tokens,
+        };
         let share = |ask: u64, need: u64, asked: u64, level: f64, round: f64| -> u64 {
             let need = need.min(ask);
             if blocked || ask == 0 || level < 1.0 || level < need as f64 {
@@ -216,13 +240,13 @@ impl CentralBucket {
                     .max(0.0) as u64
             }
         };
-        let tokens = share(
-            c.ask_tokens,
-            c.need_tokens,
-            asked_t,
-            self.level_tokens,
-            self.round_tokens,
-        );
+        let tokens = share(c.ask_tokens, c.need_tokens, asked_t, level_t, self.round_tokens);
+        if c.need_tokens > 0 && tokens >= c.need_tokens {
+            // Served: its next need queues behind the others'.
+            let me = self.replicas.get_mut(replica).expect("inserted above");
+            me.need_tokens = 0;
+            me.need_since_us = 0;
+        }
         let requests = share(
             c.ask_requests,
             0,

@@ -78,6 +78,20 @@ impl AdminService {
                 last_hint_age: q.last_hint.and_then(|(_, age)| duration(age)),
                 provider_blocked_for: q.provider_blocked_for.and_then(duration),
                 queued: q.queued as u32,
+                shared: q.sharing.map(|s| pb::SharedQuotaStatus {
+                    mode: s.mode.as_str().into(),
+                    balance_tokens: s.balance_tokens,
+                    balance_requests: s.balance_requests,
+                    chunks: s.chunks as u32,
+                    central_tokens: s.central_tokens,
+                    central_requests: s.central_requests,
+                    replicas: s.replicas,
+                    granted_tokens: s.totals.granted_tokens,
+                    expired_tokens: s.totals.expired_tokens,
+                    sync_calls: s.totals.calls,
+                    failed_sync_calls: s.totals.failed_calls,
+                    time_in_fallback: duration(s.totals.fallback_time),
+                }),
             })
             .collect();
         pb::RegionStatus {

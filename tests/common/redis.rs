@@ -13,7 +13,11 @@ pub struct RedisServer {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl RedisServer {
@@ -41,7 +45,10 @@ impl RedisServer {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while !self.ping() {
-            assert!(Instant::now() < deadline, "redis-server did not answer PING within 10 s");
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not answer PING within 10 s"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -82,7 +89,11 @@ impl RedisServer {
 
     fn signal(&self, sig: &str) {
         let pid = self.child.as_ref().expect("running").id();
-        let ok = Command::new("kill").args([sig, &pid.to_string()]).status().unwrap().success();
+        let ok = Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
         assert!(ok, "kill {sig} {pid}");
     }
 }
