@@ -21,6 +21,8 @@ mod router_tests;
 pub mod scheduler;
 pub mod shared_quota;
 #[cfg(test)]
+mod shared_quota_tests;
+#[cfg(test)]
 mod spread_tests;
 pub mod strategy;
 pub mod tenant;

@@ -10,7 +10,7 @@ use rand::SeedableRng;
 use rand::rngs::SmallRng;
 use thiserror::Error;
 
-use super::breaker::{BreakerConfig, Circuit, Transition};
+use super::breaker::{BreakerConfig, Transition};
 pub use super::candidates::RouteRequest;
 use super::candidates::{Evaluation, evaluate, scan, trial};
 use super::load::{Outcome, ReportedLoad};
@@ -105,20 +105,6 @@ pub struct Settled {
     pub transition: Option<Transition>,
     /// False when a reload removed the region or model meanwhile.
     pub found: bool,
-}
-
-/// The quota a model can draw on, summed over the regions serving it, and
-/// how soon one request of a given size could come out of its refill.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
-pub struct Supply {
-    pub tokens_per_sec: f64,
-    pub available: i64,
-    pub requests_per_sec: f64,
-    pub requests_available: i64,
-    /// The shortest time any one region takes to refill the request's
-    /// tokens and one request from empty: a request fits in one region, so
-    /// the regions' refills do not add up for it.
-    pub own_refill: Duration,
 }
 
 /// One region in a dry run.
@@ -221,57 +207,6 @@ impl Router {
 
     pub fn region(&self, name: &str) -> Option<&RegionState> {
         self.region_id(name).map(|i| &self.regions[i])
-    }
-
-    /// The region `req` would fit in soonest (now, or after a refill), not
-    /// counting `tried`: the one a waiting head holds the refill of.
-    pub fn earliest_fit(
-        &self,
-        req: &RouteRequest<'_>,
-        tried: &[Arc<str>],
-        now: Instant,
-    ) -> Option<(Arc<str>, Duration)> {
-        let model = self.model_id(req.model)?;
-        self.regions
-            .iter()
-            .filter(|r| r.quota(model).is_some() && !tried.iter().any(|t| **t == *r.name))
-            .filter_map(|r| match r.admit(model, req.tokens, now) {
-                Ok(_) => Some((r.name.clone(), Duration::ZERO)),
-                Err(why) => why.wait().map(|w| (r.name.clone(), w)),
-            })
-            .min_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(&b.0)))
-    }
-
-    /// How fast quota for `model` comes back, in tokens and requests a
-    /// second, how much is there now, over the regions that could take work
-    /// for it, and how soon one region could refill a request of `tokens`.
-    pub fn supply(&self, model: &str, tokens: u64, tried: &[Arc<str>], now: Instant) -> Option<Supply> {
-        let id = self.model_id(model)?;
-        let mut supply = Supply {
-            own_refill: Duration::MAX,
-            ..Supply::default()
-        };
-        for r in self.regions.iter().filter(|r| !r.drained && r.healthy) {
-            if let Some(q) = r.quota(id) {
-                supply.tokens_per_sec += q.tokens().per_minute() as f64 / 60.0;
-                supply.available += q.tokens().available(now).max(0);
-                supply.requests_per_sec += q.requests().per_minute() as f64 / 60.0;
-                supply.requests_available += q.requests().available(now).max(0);
-                // Only where it could fit and may still go.
-                let could_take = tokens <= q.tokens().capacity()
-                    && r.circuit(now).kind() != Circuit::Open
-                    && !tried.iter().any(|t| **t == *r.name);
-                if could_take {
-                    let own = q.tokens().refill_time(tokens).max(q.requests().refill_time(1));
-                    supply.own_refill = supply.own_refill.min(own);
-                }
-            }
-        }
-        if supply.own_refill == Duration::MAX {
-            // No region could take it now: nothing to say about its own wait.
-            supply.own_refill = Duration::ZERO;
-        }
-        (supply.tokens_per_sec > 0.0).then_some(supply)
     }
 
     fn model_id(&self, name: &str) -> Option<usize> {
@@ -591,6 +526,10 @@ impl Router {
             .is_some()
     }
 }
+
+#[path = "router_supply.rs"]
+mod supply;
+pub use supply::Supply;
 
 #[path = "router_sync.rs"]
 mod sync;

@@ -280,6 +280,19 @@ impl SharedQuota {
         self.mode
     }
 
+    /// This replica's part of the provider's rate, for estimating waits:
+    /// one over the replicas Redis last knew of (before any answer, over
+    /// the configured floor).
+    pub fn part(&self) -> f64 {
+        let n = self.central.map_or(self.settings.replicas_floor, |g| g.replicas);
+        1.0 / n.max(1) as f64
+    }
+
+    /// Tokens and requests this replica holds now (chunks and fallback).
+    pub fn balance(&self, now: Instant) -> (u64, u64) {
+        self.available(now)
+    }
+
     fn available(&self, now: Instant) -> (u64, u64) {
         let (mut t, mut r) = (self.tokens.available(now), self.requests.available(now));
         if let Some((ft, fr)) = &self.fallback {
@@ -388,6 +401,9 @@ impl SharedQuota {
             let ahead = (rate as u128 * horizon.as_millis() / 1000) as u64;
             (ahead + miss).max(1).min(cap)
         };
+        // Asked for once: a request still waiting is checked again after
+        // the reply (the desk's pump runs after every sync) and misses again.
+        // (One gone meanwhile, its caller having left, is not asked for.)
         let miss = self.largest_miss.replace(0);
         let (have_t, have_r) = (self.tokens.available(now), self.requests.available(now));
         let target_t = want(rate_t, miss, self.limits.token_capacity);
