@@ -405,3 +405,44 @@ fn connection_limits_are_checked_and_named() {
         "not a duration",
     );
 }
+
+#[test]
+fn cluster_settings_are_checked_and_the_redis_url_is_not_echoed() {
+    let with = |body: &str| format!("{DISPATCHER}\n[cluster]\n{body}\n");
+    let e = dispatcher_err(&with("expected_replicas = 3"));
+    assert_names(&e, "dispatcher.toml", "cluster.redis_url", "is required");
+    let e = dispatcher_err(&with("redis_url = \"http://user:secret@host:6379\""));
+    assert_names(&e, "dispatcher.toml", "cluster.redis_url", "not a Redis URL");
+    assert!(!e.to_string().contains("secret"), "{e}");
+    let e = dispatcher_err(&with(
+        "redis_url = \"redis://127.0.0.1:6379\"\nexpected_replicas = 0",
+    ));
+    assert_names(&e, "dispatcher.toml", "cluster.expected_replicas", "out of range");
+    let e = dispatcher_err(&with(
+        "redis_url = \"redis://127.0.0.1:6379\"\nchunk_ttl = \"150ms\"\nsync_interval = \"100ms\"",
+    ));
+    assert_names(
+        &e,
+        "dispatcher.toml",
+        "cluster.chunk_ttl",
+        "twice cluster.sync_interval",
+    );
+    let e = dispatcher_err(&with(
+        "redis_url = \"redis://127.0.0.1:6379\"\nredis_timeout = \"soon\"",
+    ));
+    assert_names(&e, "dispatcher.toml", "cluster.redis_timeout", "not a duration");
+    let e = dispatcher_err(&with(
+        "redis_url = \"redis://127.0.0.1:6379\"\nredis_urll = \"x\"",
+    ));
+    assert!(e.to_string().contains("redis_urll"), "{e}");
+    let c = config::parse_dispatcher(
+        &with("redis_url = \"redis://127.0.0.1:6379\""),
+        Path::new("dispatcher.toml"),
+        Some(HashMap::new()),
+    )
+    .unwrap();
+    let cluster = c.cluster.unwrap();
+    assert_eq!(cluster.sharing.chunk_ttl, std::time::Duration::from_secs(1));
+    assert_eq!(cluster.sharing.replicas_floor, 1);
+    assert!(cluster.replica_id.is_none());
+}
