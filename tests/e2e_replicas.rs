@@ -4,7 +4,7 @@
 //! quota the provider refuses nothing; Redis killed, restarted empty, and
 //! paused (SIGSTOP) never makes a request hang, every replica falls back
 //! within a second and comes back to shared mode within two, and still the
-//! provider refuses nothing.
+//! provider refuses nothing. A replica killed is forgotten within 2 s.
 
 mod common;
 
@@ -184,6 +184,25 @@ async fn replicas_share_the_quota_and_ride_out_redis_failures() {
     for l in loads {
         l.await.unwrap();
     }
+
+    // A replica killed: Redis forgets it after FORGET_AFTER (1.5 s) and the
+    // others divide the quota between the two of them.
+    let mut procs = procs;
+    procs[2].kill();
+    let took = eventually(Duration::from_secs(2), || async {
+        let mut all = true;
+        for r in &replicas[..2] {
+            let s = region_status(*r, "eu").await.unwrap().models[0]
+                .shared
+                .clone()
+                .unwrap();
+            all &= s.replicas == 2;
+        }
+        all
+    })
+    .await
+    .expect("the other replicas see two replicas within 2 s");
+    eprintln!("a killed replica forgotten after {took:?}");
     let (ok, exhausted, other) = (
         tally.ok.load(Ordering::Relaxed),
         tally.exhausted.load(Ordering::Relaxed),

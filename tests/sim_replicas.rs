@@ -308,7 +308,7 @@ fn scenario(replicas: usize, seed: u64) -> Scenario {
         give_up: Duration::from_secs(5),
         skew: 0.8,
         outages: vec![(40, 45, false), (70, 76, true)],
-        partitions: if replicas > 1 { vec![(1, 90, 92)] } else { vec![] },
+        partitions: if replicas > 1 { vec![(1, 90, 91)] } else { vec![] },
         sharing: SharingSettings {
             replicas_floor: replicas as u32,
             ..SharingSettings::default()

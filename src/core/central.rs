@@ -26,7 +26,7 @@ use std::time::Duration;
 /// A replica not heard from for this long is presumed in fallback.
 pub const STALE_AFTER: Duration = Duration::from_millis(500);
 /// A replica not heard from for this long is presumed gone.
-pub const FORGET_AFTER: Duration = Duration::from_secs(2);
+pub const FORGET_AFTER: Duration = Duration::from_millis(1_500);
 /// Shares are split within rounds of this length (one sync tick).
 pub const ROUND: Duration = Duration::from_millis(100);
 
