@@ -116,6 +116,9 @@ impl Runtime {
             Some(c) => {
                 let replica = crate::cluster::replica_id(c);
                 let task = crate::cluster::spawn(engine.clone(), c, replica.clone())?;
+                let ids = crate::cluster::RedisIds::new(&c.redis_url, c.redis_timeout)
+                    .map_err(|e| format!("cluster.redis_url: {e}"))?;
+                engine.share_request_ids(std::sync::Arc::new(ids));
                 tracing::info!(%replica, "sharing each provider's quota with the other replicas through Redis ([cluster])");
                 Some((replica, AbortOnDrop(task)))
             }

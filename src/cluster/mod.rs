@@ -1,6 +1,7 @@
 //! Several replicas sharing each provider's quota through Redis
 //! (`[cluster]`, docs/SCALING.md): the Redis side of `core::central`, and the
-//! one task per replica that talks to it.
+//! one task per replica that talks to it; and request ids answered once
+//! across replicas (`request_ids.rs`, on the request path, bounded).
 //!
 //! Owner: the sync task owns the Redis connection and is its only user. It
 //! takes the desk's lock twice per tick, briefly (to collect the calls and
@@ -8,7 +9,9 @@
 //! on Redis.
 
 mod redis_central;
+mod request_ids;
 mod sync;
 
 pub use redis_central::{RedisCentral, bucket_keys};
+pub use request_ids::RedisIds;
 pub use sync::{replica_id, spawn};

@@ -57,6 +57,11 @@ impl Idempotency {
         }
     }
 
+    /// How long an answer is kept.
+    pub fn window(&self) -> Duration {
+        self.window
+    }
+
     pub fn begin(&self, tenant: &Arc<str>, id: &str, now: Instant) -> Begin {
         let mut s = self.store.lock();
         // Forget answers older than the window.

@@ -24,6 +24,7 @@ mod observe;
 mod prepare;
 mod queue;
 mod rates;
+mod shared_ids;
 mod stream;
 mod unary;
 mod validate;
@@ -40,6 +41,7 @@ pub use desk::QuotaDesk;
 pub use error::{DispatchError, Violation};
 pub use front_door::Settings;
 pub use queue::{Grant, Ticket};
+pub use shared_ids::{Pending, SharedIds, Stored};
 pub use stream::{ChunkStream, StreamChunk};
 
 use crate::config::Config;
@@ -71,6 +73,8 @@ pub struct Engine {
     drain: Arc<Drain>,
     next_id: AtomicU64,
     id_prefix: String,
+    /// With `[cluster]`: request ids claimed across replicas (set once at start).
+    shared_ids: std::sync::OnceLock<Arc<dyn SharedIds>>,
 }
 
 /// What is running, for a graceful shutdown. Atomics only.
@@ -127,7 +131,14 @@ impl Engine {
             drain: Arc::default(),
             next_id: AtomicU64::new(1),
             id_prefix: format!("{:x}", crate::clock::unix_secs()),
+            shared_ids: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// Answers each `request_id` once across replicas through `ids` (once,
+    /// at start; later calls change nothing).
+    pub fn share_request_ids(&self, ids: Arc<dyn SharedIds>) {
+        let _ = self.shared_ids.set(ids);
     }
 
     /// Applies a new configuration live: connections, then quota and

@@ -6,6 +6,7 @@ use std::time::Duration;
 use tracing::{Instrument, Span};
 
 use super::idempotency::Begin;
+use super::shared_ids::{self, Shared, claim_or_wait};
 
 use super::front_door::Snapshot;
 use super::prepare::Labels;
@@ -66,6 +67,30 @@ impl Engine {
                 // running until it has answered: a shutdown waits for it.
                 let run = tokio::spawn(async move {
                     let _running = running;
+                    // Across replicas: claim the id, or take the reply of
+                    // the replica that ran it.
+                    let window = engine.idempotency.window();
+                    let mut claimed = None;
+                    if let Some(ids) = engine.shared_ids.get().cloned() {
+                        let key = shared_ids::key(&tenant, &id);
+                        let wait = timeout.unwrap_or(config.settings.default_timeout);
+                        let deadline = crate::clock::tokio_now() + wait;
+                        let answer = match claim_or_wait(&ids, &key, window, deadline, config.version).await {
+                            Ok(Shared::Run { claimed: true }) => {
+                                claimed = Some((ids, key));
+                                None
+                            }
+                            Ok(Shared::Run { claimed: false }) => None,
+                            Ok(Shared::Replay(reply)) => Some(Ok(reply)),
+                            Err(why) => Some(Err(DispatchError::DeadlineExceeded(why))),
+                        };
+                        if let Some(answer) = answer {
+                            engine
+                                .idempotency
+                                .finish(&tenant, &id, &answer, crate::clock::now());
+                            return answer;
+                        }
+                    }
                     let answer = engine
                         .dispatch_once(config, r, timeout, authorization.as_deref())
                         .instrument(span)
@@ -73,6 +98,13 @@ impl Engine {
                     engine
                         .idempotency
                         .finish(&tenant, &id, &answer, crate::clock::now());
+                    if let Some((ids, key)) = claimed {
+                        // Stored for the other replicas (a failure releases
+                        // the id, so a retry runs again); bounded, and off
+                        // the caller's path.
+                        let reply = answer.as_ref().ok().map(shared_ids::encode);
+                        tokio::spawn(ids.finish(key, reply, window));
+                    }
                     answer
                 });
                 run.await
