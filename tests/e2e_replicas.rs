@@ -276,3 +276,64 @@ async fn a_request_id_is_answered_once_across_replicas() {
     );
     assert_eq!(accepted().await, 3);
 }
+
+/// A tenant's tokens-per-minute limit holds across replicas: spent on one,
+/// it is counted on the other after a sync. (Without the sharing each of
+/// the two replicas lets the whole limit through: twice as much.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_limit_holds_across_replicas() {
+    let redis = RedisServer::start();
+    let key_hash = dispatcher::dispatch::hash_key("team-key");
+    let dirs: Vec<ConfigDir> = (1..=2)
+        .map(|i| {
+            let toml = config(&redis.url(), &format!("r{i}"))
+                + &format!(
+                    "[[tenants]]\nname = \"team\"\nkeys = [\"{key_hash}\"]\ntokens_per_minute = 3000\n"
+                );
+            ConfigDir::new(&toml)
+        })
+        .collect();
+    let sim: Proc = dirs[0].start_region(SimRegion {
+        name: "eu",
+        sim_args: &[
+            "--base-latency-ms",
+            "10",
+            "--ms-per-1k-tokens",
+            "0",
+            "--completion-min-fraction",
+            "1",
+        ],
+        ..Default::default()
+    });
+    let region = std::fs::read_to_string(dirs[0].region_file("eu")).unwrap();
+    dirs[1].write_region("eu", &region);
+    let procs: Vec<Proc> = dirs.iter().map(|d| dispatcher(&d.config())).collect();
+    all_in(&[procs[0].addr, procs[1].addr], "shared", Duration::from_secs(3)).await;
+    let clients = [client(procs[0].addr).await, client(procs[1].addr).await];
+    // 20 requests of 300 tokens (200 + 100, all used), alternating between
+    // the replicas, a sync interval and a half apart: 6,000 tokens offered
+    // against a limit of 3,000 a minute (its burst).
+    let (mut ok, mut limited) = (0, 0);
+    for i in 0..20 {
+        let mut req = tonic::Request::new(pb::DispatchRequest {
+            model: "gpt-4o".into(),
+            payload: "work".into(),
+            prompt_tokens: 200,
+            max_output_tokens: 100,
+            ..Default::default()
+        });
+        req.metadata_mut()
+            .insert("authorization", "Bearer team-key".parse().unwrap());
+        match clients[i % 2].clone().dispatch(req).await {
+            Ok(_) => ok += 1,
+            Err(s) if s.code() == Code::ResourceExhausted => limited += 1,
+            Err(s) => panic!("{:?}: {}", s.code(), s.message()),
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    eprintln!("tenant across two replicas: {ok} served, {limited} refused by its limit");
+    // 3,000 tokens and a minute's refill over the 4.5 s (225) are 10 or 11
+    // requests; one sync's lag may let one more through.
+    assert!((10..=12).contains(&ok), "{ok} served");
+    assert_eq!(ok + limited, 20);
+}

@@ -6,7 +6,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use crate::core::central::{FORGET_AFTER, ROUND, STALE_AFTER};
-use crate::core::{SyncGrant, SyncItem};
+use crate::core::{SyncGrant, SyncItem, TenantUsage};
 
 const SCRIPT: &str = include_str!("central.lua");
 
@@ -23,6 +23,19 @@ pub fn bucket_keys(region: &str, model: &str) -> (String, String) {
         format!("dispatcher:{tag}:replicas"),
     )
 }
+
+/// A tenant's running totals (all time, and one day), for sharing its
+/// limits between replicas.
+pub fn tenant_keys(tenant: &str, day: u64) -> (String, String) {
+    (
+        format!("dispatcher:tenant:{{{tenant}}}:tokens"),
+        format!("dispatcher:tenant:{{{tenant}}}:day:{day}"),
+    )
+}
+
+/// A tenant's running total nobody added to for this long is removed (the
+/// next sync starts over from it).
+const TENANT_EXPIRY_SECS: u64 = 86_400;
 
 /// What failed talking to Redis, for logs (never shown to callers).
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +119,35 @@ impl RedisCentral {
             });
         }
         Ok(replies.iter().map(|r| grant(r)).collect())
+    }
+
+    /// Adds each tenant's charges to its running totals (all time, and its
+    /// day) and returns the totals after: one pipelined round trip.
+    pub async fn tenants(&mut self, usage: &[TenantUsage]) -> Result<Vec<(i64, i64)>, CentralError> {
+        let timeout = self.timeout;
+        let work = async {
+            let mut con = self.connection().await?;
+            let mut pipe = redis::pipe();
+            for u in usage {
+                let (total, day) = tenant_keys(&u.tenant, u.day);
+                pipe.cmd("INCRBY").arg(&total).arg(u.delta);
+                pipe.cmd("EXPIRE").arg(&total).arg(TENANT_EXPIRY_SECS).ignore();
+                pipe.cmd("INCRBY").arg(&day).arg(u.delta);
+                pipe.cmd("EXPIRE").arg(&day).arg(2 * 86_400).ignore();
+            }
+            let totals: Vec<i64> = pipe.query_async(&mut con).await?;
+            Ok::<_, CentralError>(totals)
+        };
+        let totals = tokio::time::timeout(timeout, work)
+            .await
+            .map_err(|_| CentralError::Timeout(timeout))??;
+        if totals.len() != 2 * usage.len() {
+            return Err(CentralError::Short {
+                sent: usage.len(),
+                got: totals.len() / 2,
+            });
+        }
+        Ok(totals.chunks(2).map(|c| (c[0], c[1])).collect())
     }
 
     fn pipeline(&self, replica: &str, items: &[SyncItem], now_us: Option<u64>) -> redis::Pipeline {

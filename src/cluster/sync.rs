@@ -48,10 +48,11 @@ pub fn spawn(engine: Arc<Engine>, config: &ClusterConfig, replica: String) -> Re
             interval.tick().await;
             let sent_at = crate::clock::now();
             let items = engine.desk().sync_calls(sent_at);
-            if items.is_empty() {
-                continue;
-            }
-            let result = central.call(&replica, &items, None).await;
+            let result = if items.is_empty() {
+                Ok(Vec::new())
+            } else {
+                central.call(&replica, &items, None).await
+            };
             let now = crate::clock::now();
             observe(now.saturating_duration_since(sent_at), result.is_ok());
             let ok = result.is_ok();
@@ -69,6 +70,19 @@ pub fn spawn(engine: Arc<Engine>, config: &ClusterConfig, replica: String) -> Re
             }
             reachable = Some(ok);
             engine.desk().sync_done(done, sent_at, now);
+            // Tenant limits: only while Redis answers (one timeout a tick
+            // is enough); unsent charges go with the next sync.
+            let usage = engine.desk().tenant_usage();
+            if !usage.is_empty() {
+                let totals = if ok {
+                    central.tenants(&usage).await.ok()
+                } else {
+                    None
+                };
+                engine
+                    .desk()
+                    .tenants_synced(&usage, totals.as_deref(), crate::clock::now());
+            }
         }
     }))
 }

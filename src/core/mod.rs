@@ -45,4 +45,4 @@ pub use router::{
 pub use scheduler::{Released, Scheduler, Submission, SubmitError, Submitted};
 pub use shared_quota::{SharedQuota, SharingMode, SharingSettings, SharingTotals, SharingView};
 pub use strategy::{StrategyKind, StrategyParams, WeightedLoadParams};
-pub use tenant::{Day, TenantHold, TenantRefusal, TenantReport, TenantSpec, Tenants, Weights};
+pub use tenant::{Day, TenantHold, TenantRefusal, TenantReport, TenantSpec, TenantUsage, Tenants, Weights};

@@ -184,6 +184,11 @@ struct TenantState {
     used_today: u64,
     reserved: u64,
     usage: UsageWindow,
+    /// With `[cluster]`: tokens charged here (reserved, then adjusted at
+    /// settlement) not yet reported to the other replicas, and the shared
+    /// totals as last seen (`tenant_sync.rs`).
+    unsynced: i64,
+    seen: Option<(i64, i64)>,
 }
 
 /// A tenant as operators see it.
@@ -244,6 +249,8 @@ impl Tenants {
                 used_today: old.map_or(0, |o| o.used_today),
                 reserved: old.map_or(0, |o| o.reserved),
                 usage: old.map_or_else(UsageWindow::new, |o| o.usage.clone()),
+                unsynced: old.map_or(0, |o| o.unsynced),
+                seen: old.and_then(|o| o.seen),
             };
             next.insert(name, state);
         }
@@ -318,6 +325,7 @@ impl Tenants {
         }
         s.in_flight += 1;
         s.reserved += tokens;
+        s.unsynced += tokens as i64;
         Ok(TenantHold {
             tenant: s.name.clone(),
             tokens,
@@ -333,6 +341,7 @@ impl Tenants {
         };
         s.in_flight = s.in_flight.saturating_sub(1);
         s.reserved = s.reserved.saturating_sub(hold.tokens);
+        s.unsynced += charged as i64 - hold.tokens as i64;
         if s.day == hold.day {
             s.used_today += charged;
         }
@@ -395,6 +404,10 @@ impl Tenants {
             .collect()
     }
 }
+
+#[path = "tenant_sync.rs"]
+mod sync;
+pub use sync::TenantUsage;
 
 #[cfg(test)]
 mod tests {

@@ -22,7 +22,7 @@ use super::{DispatchError, observe};
 use crate::config::Config;
 use crate::core::{
     Completion, Day, HintOutcome, Reservation, RoutePreview, RouteRequest, Router, Scheduler, Settled,
-    SyncGrant, SyncItem, TenantHold, TenantRefusal, Tenants,
+    SyncGrant, SyncItem, TenantHold, TenantRefusal, TenantUsage, Tenants,
 };
 use crate::state::{EngineView, QuotaView, RegionView, TenantView};
 
@@ -207,6 +207,23 @@ impl QuotaDesk {
     pub fn sync_done(&self, done: Vec<(SyncItem, Option<SyncGrant>)>, sent_at: Instant, now: Instant) {
         self.lock().scheduler.router_mut().sync_done(done, sent_at, now);
         self.wake();
+    }
+
+    /// Each limited tenant's charges since the last sync (`[cluster]`).
+    pub fn tenant_usage(&self) -> Vec<TenantUsage> {
+        self.lock().tenants.usage_to_sync()
+    }
+
+    /// Redis' running totals after adding `usage` (`None`: no answer; the
+    /// charges go again next time).
+    pub fn tenants_synced(&self, usage: &[TenantUsage], totals: Option<&[(i64, i64)]>, now: Instant) {
+        let mut desk = self.lock();
+        for (i, u) in usage.iter().enumerate() {
+            match totals.and_then(|t| t.get(i)) {
+                Some(&(total, day)) => desk.tenants.synced(u, total, day, now),
+                None => desk.tenants.unsynced(u),
+            }
+        }
     }
 
     /// What the health checks concluded about `region`.

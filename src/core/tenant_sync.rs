@@ -1,0 +1,172 @@
+//! Tenant limits shared between replicas (`[cluster]`): each sync, every
+//! replica adds what its tenants were charged since the last one (net:
+//! reservations, then what settlement gave back or added) to a running
+//! total per tenant and per tenant-day in Redis, and charges its own
+//! buckets and daily counts with what the other replicas added meanwhile.
+//! A tenant's limits then hold across replicas to within one sync interval
+//! of the others' spending; without Redis each replica counts alone.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::Tenants;
+
+/// One tenant's charges since the last sync, and the day they count for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantUsage {
+    pub tenant: Arc<str>,
+    pub day: u64,
+    pub delta: i64,
+}
+
+impl Tenants {
+    /// What each tenant with a tokens-per-minute limit or a daily budget was
+    /// charged since the last sync (taken out: hand it back to `synced` or
+    /// `unsynced`).
+    pub fn usage_to_sync(&mut self) -> Vec<TenantUsage> {
+        self.states
+            .values_mut()
+            .filter(|s| s.spec.tokens_per_minute.is_some() || s.spec.daily_token_budget.is_some())
+            .map(|s| TenantUsage {
+                tenant: s.name.clone(),
+                day: s.day,
+                delta: std::mem::take(&mut s.unsynced),
+            })
+            .collect()
+    }
+
+    /// Redis added `u.delta` and answered the running totals after it: for
+    /// the tenant's tokens, and for its day. What the other replicas added
+    /// since this replica last looked is charged here too.
+    pub fn synced(&mut self, u: &TenantUsage, total: i64, day_total: i64, now: Instant) {
+        let Some(s) = self.states.get_mut(&u.tenant) else {
+            return;
+        };
+        let elsewhere = |seen: i64, new: i64| new - seen - u.delta;
+        if let Some((seen_total, seen_day)) = s.seen {
+            // A total below what was seen: Redis lost it (restart); start over.
+            if total >= seen_total + u.delta {
+                let others = elsewhere(seen_total, total);
+                if let Some(bucket) = &mut s.tokens {
+                    if others > 0 {
+                        bucket.charge(others as u64, now);
+                    } else if others < 0 {
+                        bucket.refund(others.unsigned_abs(), now);
+                    }
+                }
+            }
+            if s.day == u.day && day_total >= seen_day + u.delta {
+                s.used_today = s.used_today.saturating_add_signed(elsewhere(seen_day, day_total));
+            }
+        }
+        s.seen = Some((total, if s.day == u.day { day_total } else { 0 }));
+    }
+
+    /// The sync failed: the charges are reported next time.
+    pub fn unsynced(&mut self, u: &TenantUsage) {
+        if let Some(s) = self.states.get_mut(&u.tenant) {
+            s.unsynced += u.delta;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::time::Duration;
+
+    use super::super::{Day, TenantSpec, Tenants};
+    use super::*;
+
+    const DAY: Day = Day {
+        number: 7,
+        next_in: Duration::from_secs(3600),
+    };
+
+    fn tenants(now: Instant) -> Tenants {
+        let spec = TenantSpec {
+            name: "t".into(),
+            weight: 1.0,
+            requests_per_second: None,
+            tokens_per_minute: Some(600),
+            max_concurrent: None,
+            daily_token_budget: Some(1_000),
+            models: None,
+            max_queued: 10,
+        };
+        Tenants::try_new(&[spec], now).unwrap()
+    }
+
+    /// Redis' INCRBY totals.
+    fn sync(t: &mut Tenants, redis: &mut HashMap<String, i64>, now: Instant) {
+        for u in t.usage_to_sync() {
+            let total = *redis
+                .entry("total".into())
+                .and_modify(|v| *v += u.delta)
+                .or_insert(u.delta);
+            let day = *redis
+                .entry(format!("day{}", u.day))
+                .and_modify(|v| *v += u.delta)
+                .or_insert(u.delta);
+            t.synced(&u, total, day, now);
+        }
+    }
+
+    #[test]
+    fn what_one_replica_spends_counts_against_the_other() {
+        let t0 = crate::testing::epoch();
+        let (mut a, mut b) = (tenants(t0), tenants(t0));
+        let mut redis = HashMap::new();
+        // Both have synced once (a baseline).
+        sync(&mut a, &mut redis, t0);
+        sync(&mut b, &mut redis, t0);
+        // `a` spends 500 of the tenant's 600 a minute.
+        let h = a.admit("t", "m", 500, t0, DAY).unwrap();
+        a.settle(h, 500, t0);
+        // Before a sync, `b` would let 500 more through; after one, not.
+        sync(&mut a, &mut redis, t0);
+        sync(&mut b, &mut redis, t0);
+        let refused = b.admit("t", "m", 500, t0, DAY).unwrap_err();
+        assert_eq!(refused.limit(), "tokens_per_minute");
+        assert!(b.admit("t", "m", 100, t0, DAY).is_ok());
+    }
+
+    #[test]
+    fn the_daily_budget_counts_every_replica_and_a_lost_total_starts_over() {
+        let t0 = crate::testing::epoch();
+        let (mut a, mut b) = (tenants(t0), tenants(t0));
+        let mut redis = HashMap::new();
+        for t in [&mut a, &mut b] {
+            let _ = t.admit("t", "m", 1, t0, DAY).map(|h| t.settle(h, 0, t0));
+            sync(t, &mut redis, t0);
+        }
+        // 600 on `a`, over ten minutes (the per-minute limit is not the point).
+        for i in 0..6 {
+            let now = t0 + Duration::from_secs(60 * i);
+            let h = a.admit("t", "m", 100, now, DAY).unwrap();
+            a.settle(h, 100, now);
+        }
+        let later = t0 + Duration::from_secs(600);
+        sync(&mut a, &mut redis, later);
+        sync(&mut b, &mut redis, later);
+        let refused = b.admit("t", "m", 500, later, DAY).unwrap_err();
+        assert_eq!(refused.limit(), "daily_token_budget");
+        // Redis restarted empty: the totals are below what was seen; `b`
+        // starts over from them instead of crediting a negative difference.
+        redis.clear();
+        sync(&mut b, &mut redis, later);
+        assert!(b.admit("t", "m", 500, later, DAY).is_err(), "still counted");
+    }
+
+    #[test]
+    fn charges_of_a_failed_sync_go_with_the_next() {
+        let t0 = crate::testing::epoch();
+        let mut a = tenants(t0);
+        let h = a.admit("t", "m", 200, t0, DAY).unwrap();
+        a.settle(h, 150, t0);
+        let usage = a.usage_to_sync();
+        assert_eq!(usage[0].delta, 150);
+        a.unsynced(&usage[0]);
+        assert_eq!(a.usage_to_sync()[0].delta, 150);
+    }
+}
