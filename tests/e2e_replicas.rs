@@ -293,7 +293,7 @@ async fn a_tenants_limit_holds_across_replicas() {
             ConfigDir::new(&toml)
         })
         .collect();
-    let sim: Proc = dirs[0].start_region(SimRegion {
+    let _sim: Proc = dirs[0].start_region(SimRegion {
         name: "eu",
         sim_args: &[
             "--base-latency-ms",
