@@ -146,6 +146,8 @@ struct Result_ {
     worst_60s: i64,
     /// Net tokens admitted over the provider's tokens for the run.
     used: f64,
+    /// Tokens reserved by the requests each replica sent.
+    sent: Vec<u64>,
 }
 
 struct Running {
@@ -170,6 +172,7 @@ fn run(s: &Scenario) -> Result_ {
     };
     let mut queues: Vec<VecDeque<(u64, u64, u64, Duration)>> = vec![VecDeque::new(); s.replicas];
     let mut running: Vec<Running> = Vec::new();
+    let mut sent = vec![0u64; s.replicas];
     // Mean request: prompt ~1,000 + max ~450 reserved, ~700 used.
     let mean_reserved = 1_450.0;
     let per_step = |second: u64| (s.load)(second) * RATE as f64 / 60.0 * STEP.as_secs_f64() / mean_reserved;
@@ -244,6 +247,7 @@ fn run(s: &Scenario) -> Result_ {
                     break;
                 };
                 q.pop_front();
+                sent[r] += prompt + max;
                 if provider.admit(prompt + max, at) {
                     running.push(Running {
                         reservation: res,
@@ -297,6 +301,7 @@ fn run(s: &Scenario) -> Result_ {
         worst_10s: provider.worst_excess(Duration::from_secs(10)),
         worst_60s: provider.worst_excess(Duration::from_secs(60)),
         used: net as f64 / (RATE as f64 / 60.0 * s.seconds as f64),
+        sent,
     }
 }
 
@@ -461,4 +466,26 @@ fn without_expiring_chunks_the_bound_breaks() {
     );
     assert!(spent > bound, "kept chunks should overshoot: {spent} <= {bound}");
     assert!(provider.refused > 0, "the provider should have refused some");
+}
+
+/// Scarce quota is split evenly between replicas with the same demand: not
+/// by what each asked, which follows what it got (a replica that got less
+/// would ask less and get less still). Ten simulated minutes; requests are
+/// heavy-tailed (50 to 5,000 tokens), so even a fair split differs by
+/// chance: within 3 % for three replicas, 22 % for five, in this run.
+#[test]
+fn replicas_with_equal_demand_get_equal_parts() {
+    for replicas in [2, 3, 5] {
+        let s = Scenario {
+            seconds: 600,
+            skew: 0.0,
+            outages: vec![],
+            partitions: vec![],
+            ..scenario(replicas, 5)
+        };
+        let r = run(&s);
+        let (lo, hi) = (*r.sent.iter().min().unwrap(), *r.sent.iter().max().unwrap());
+        eprintln!("{replicas} replicas, equal demand: tokens sent {:?}", r.sent);
+        assert!(hi as f64 <= lo as f64 * 1.25, "{replicas} replicas: {:?}", r.sent);
+    }
 }

@@ -107,13 +107,16 @@ if block > 0 then bu = math.max(bu, now + block) end
 if now - rs >= round_us then
   rs, rt, rr = now, 0, 0
 end
-local asked_t, asked_r = 0, 0
+local asked_t, asked_r, askers_t, askers_r = 0, 0, 0, 0
 for _, r in pairs(reps) do
   if now - r.seen < stale_us then
     asked_t = asked_t + r.ask_t
     asked_r = asked_r + r.ask_r
+    if r.ask_t > 0 then askers_t = askers_t + 1 end
+    if r.ask_r > 0 then askers_r = askers_r + 1 end
   end
 end
+askers_t, askers_r = math.max(askers_t, 1), math.max(askers_r, 1)
 local blocked = now < bu
 -- The replica whose large request has waited longest is served first.
 local function before(s1, id1, s2, id2)
@@ -131,23 +134,24 @@ local level_t = lt
 if o_since ~= nil and (need_t == 0 or before(o_since, o_id, me.need_since, id)) then
   level_t = lt - o_need
 end
-local function share(ask, need, asked, level, round)
+-- When scarce, an equal part of the round's pool for each replica asking.
+local function share(ask, need, asked, askers, level, round)
   need = math.min(need, ask)
   if blocked or ask == 0 or level < 1 or level < need then
     return 0
   elseif asked <= level then
     return ask
   else
-    local part = math.floor((level + round) * ask / asked)
+    local part = math.floor((level + round) / askers)
     return math.max(math.min(ask, math.max(part, need), math.floor(level)), 0)
   end
 end
-local gt = share(ask_t, need_t, asked_t, level_t, rt)
+local gt = share(ask_t, need_t, asked_t, askers_t, level_t, rt)
 if need_t > 0 and gt >= need_t then
   -- Served: its next need queues behind the others'.
   me.need, me.need_since = 0, 0
 end
-local gr = share(ask_r, 0, asked_r, lr, rr)
+local gr = share(ask_r, 0, asked_r, askers_r, lr, rr)
 lt, lr = lt - gt, lr - gr
 rt, rr = rt + gt, rr + gr
 

@@ -193,7 +193,10 @@ impl CentralBucket {
         }
 
         // Grant: what was asked while there is enough for every live ask;
-        // when scarce, each its part of this round's pool by its ask.
+        // when scarce, an equal part of this round's pool for each replica
+        // asking (capped at its ask; what one leaves stays for the others).
+        // Not by ask: asks follow past spending, so a replica that got less
+        // would ask less and get less still.
         if now_us.saturating_sub(self.round_start_us) >= us(ROUND) {
             self.round_start_us = now_us;
             self.round_tokens = 0.0;
@@ -212,6 +215,14 @@ impl CentralBucket {
             .filter(|r| live(r))
             .map(|r| r.ask_requests)
             .sum();
+        let askers = |ask: fn(&Replica) -> u64| {
+            self.replicas
+                .values()
+                .filter(|r| live(r) && ask(r) > 0)
+                .count()
+                .max(1) as f64
+        };
+        let (askers_t, askers_r) = (askers(|r| r.ask_tokens), askers(|r| r.ask_requests));
         let blocked = now_us < self.blocked_until_us;
         // The replica whose large request has waited longest is served
         // first: the others neither jump ahead of it nor spend the level
@@ -226,21 +237,28 @@ impl CentralBucket {
             Some((first, need)) if c.need_tokens == 0 || *first < mine => self.level_tokens - *need as f64,
             _ => self.level_tokens,
         };
-        let share = |ask: u64, need: u64, asked: u64, level: f64, round: f64| -> u64 {
+        let share = |ask: u64, need: u64, asked: u64, askers: f64, level: f64, round: f64| -> u64 {
             let need = need.min(ask);
             if blocked || ask == 0 || level < 1.0 || level < need as f64 {
                 0
             } else if (asked as f64) <= level {
                 ask
             } else {
-                let part = ((level + round) * ask as f64 / asked as f64).floor();
+                let part = ((level + round) / askers).floor();
                 (ask as f64)
                     .min(part.max(need as f64))
                     .min(level.floor())
                     .max(0.0) as u64
             }
         };
-        let tokens = share(c.ask_tokens, c.need_tokens, asked_t, level_t, self.round_tokens);
+        let tokens = share(
+            c.ask_tokens,
+            c.need_tokens,
+            asked_t,
+            askers_t,
+            level_t,
+            self.round_tokens,
+        );
         if c.need_tokens > 0 && tokens >= c.need_tokens {
             // Served: its next need queues behind the others'.
             let me = self.replicas.get_mut(replica).expect("inserted above");
@@ -251,6 +269,7 @@ impl CentralBucket {
             c.ask_requests,
             0,
             asked_r,
+            askers_r,
             self.level_requests,
             self.round_requests,
         );
