@@ -406,7 +406,18 @@ impl SharedQuota {
         // (One gone meanwhile, its caller having left, is not asked for.)
         let miss = self.largest_miss.replace(0);
         let (have_t, have_r) = (self.tokens.available(now), self.requests.available(now));
-        let target_t = want(rate_t, miss, self.limits.token_capacity);
+        let mut target_t = want(rate_t, miss, self.limits.token_capacity);
+        if miss > 0 {
+            // Work is waiting: ask for at least an equal part of the whole
+            // level, so that every replica short of quota asks alike and
+            // scarce quota is split evenly (asks sized by past spending
+            // alone would keep a replica that got less on less).
+            let n = self
+                .central
+                .map_or(self.settings.replicas_floor, |g| g.replicas)
+                .max(1);
+            target_t = target_t.max(self.limits.token_capacity / n as u64);
+        }
         let target_r = want(rate_r, u64::from(miss > 0), self.limits.request_capacity);
         SyncCall {
             ask_tokens: target_t.saturating_sub(have_t),

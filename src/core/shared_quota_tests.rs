@@ -75,8 +75,9 @@ fn a_provider_refusal_reaches_the_other_replica_within_one_tick() {
         SharedQuota::new(&limits(), settings(), t0),
         SharedQuota::new(&limits(), settings(), t0),
     );
-    // Both have work waiting (checked again after each sync).
-    for at in [0, 1_000] {
+    // Both have work waiting (checked again after each sync), and sync
+    // every tick (a replica silent for 500 ms is presumed cut off).
+    for at in (0..=1_000).step_by(100) {
         let _ = (a.fit(10, t0 + ms(at)), b.fit(10, t0 + ms(at)));
         sync(&mut a, "a", &mut central, t0, ms(at));
         sync(&mut b, "b", &mut central, t0, ms(at));

@@ -24,7 +24,15 @@ pub struct ModelCounters {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub charged_tokens: u64,
+    /// Tokens taken from the bucket at admission, per whole second since
+    /// the provider started (the first `MAX_SECONDS`): what a window of
+    /// the provider's own clock admitted, for benches.
+    pub admitted_per_second: Vec<u64>,
 }
+
+/// Seconds of `admitted_per_second` kept (an hour; later admissions are
+/// counted in the totals only).
+pub const MAX_SECONDS: usize = 3600;
 
 #[derive(Debug)]
 struct ModelLimit {
@@ -39,6 +47,7 @@ struct ModelLimit {
     /// The last hint sent to a caller, to tell warned refusals from surprises.
     last_hint: Option<ProviderHint>,
     counters: ModelCounters,
+    started: Instant,
 }
 
 /// Admitted work; hand it back to `complete`.
@@ -71,6 +80,7 @@ impl Provider {
                 foreign_owed: 0.0,
                 last_hint: None,
                 counters: ModelCounters::default(),
+                started: now,
             })
             .collect();
         Self { models }
@@ -141,6 +151,14 @@ impl Provider {
         m.tokens.charge(need, now);
         m.requests.charge(1, now);
         m.counters.accepted += 1;
+        let second = now.saturating_duration_since(m.started).as_secs() as usize;
+        if second < MAX_SECONDS {
+            let per_second = &mut m.counters.admitted_per_second;
+            if per_second.len() <= second {
+                per_second.resize(second + 1, 0);
+            }
+            per_second[second] += need;
+        }
         Ok(Admission {
             model: id,
             reserved: need,

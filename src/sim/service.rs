@@ -504,6 +504,7 @@ impl SimService {
                 completion_tokens: c.completion_tokens,
                 charged_tokens: c.charged_tokens,
                 remaining_tokens: remaining,
+                admitted_tokens_per_second: c.admitted_per_second,
             })
             .collect();
         pb::SimStats {
