@@ -405,20 +405,28 @@ impl SharedQuota {
         // the reply (the desk's pump runs after every sync) and misses again.
         // (One gone meanwhile, its caller having left, is not asked for.)
         let miss = self.largest_miss.replace(0);
-        let (have_t, have_r) = (self.tokens.available(now), self.requests.available(now));
+        // What will still be there after the next grant: chunks expiring
+        // before then are asked for again now, so the balance does not run
+        // dry for a tick every time a large chunk expires.
+        let later = now + 2 * self.settings.tick;
+        let (have_t, have_r) = (self.tokens.available(later), self.requests.available(later));
         let mut target_t = want(rate_t, miss, self.limits.token_capacity);
+        let mut target_r = want(rate_r, u64::from(miss > 0), self.limits.request_capacity);
         if miss > 0 {
             // Work is waiting: ask for at least an equal part of the whole
-            // level, so that every replica short of quota asks alike and
-            // scarce quota is split evenly (asks sized by past spending
-            // alone would keep a replica that got less on less).
+            // level, tokens and requests, so that every replica short of
+            // quota asks alike and scarce quota is split evenly (asks sized
+            // by past spending alone would keep a replica that got less on
+            // less), and work arriving at once after a quiet spell does not
+            // wait while asks grow from what was spent (threefold a second:
+            // a chunk is three ticks of spending).
             let n = self
                 .central
                 .map_or(self.settings.replicas_floor, |g| g.replicas)
-                .max(1);
-            target_t = target_t.max(self.limits.token_capacity / n as u64);
+                .max(1) as u64;
+            target_t = target_t.max(self.limits.token_capacity / n);
+            target_r = target_r.max(self.limits.request_capacity / n);
         }
-        let target_r = want(rate_r, u64::from(miss > 0), self.limits.request_capacity);
         SyncCall {
             ask_tokens: target_t.saturating_sub(have_t),
             ask_requests: target_r.saturating_sub(have_r),
