@@ -174,7 +174,8 @@ async fn replicas_share_the_quota_and_ride_out_redis_failures() {
     redis.pause();
     let took = all_in(&replicas, "fallback", Duration::from_millis(1_500)).await;
     eprintln!("fallback after SIGSTOP: {took:?}");
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Paused for 5 s in all.
+    tokio::time::sleep(Duration::from_secs(5) - took).await;
     redis.resume();
     let took = all_in(&replicas, "shared", Duration::from_millis(2_500)).await;
     eprintln!("shared again after SIGCONT: {took:?}");
