@@ -7,6 +7,7 @@ pub mod breaker;
 mod candidates;
 pub mod central;
 pub mod fair;
+mod in_flight;
 pub mod load;
 pub mod model;
 pub mod model_quota;
