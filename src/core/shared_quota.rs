@@ -74,7 +74,7 @@ impl SharingMode {
     }
 }
 
-/// How far ahead a replica asks, in its recent spending: three ticks.
+/// How far ahead a replica asks, in its recent spending, at least.
 const HORIZON_TICKS: u32 = 3;
 
 /// Granted amounts not yet spent, oldest first, each with its expiry.
@@ -396,7 +396,14 @@ impl SharedQuota {
         self.requests.expire(now);
         self.demand.roll(now);
         let (rate_t, rate_r) = self.demand.per_second();
-        let horizon = self.settings.tick * HORIZON_TICKS;
+        // Enough to last until the fallback would take over if Redis went
+        // away now (`unreachable_after` and the next tick), so requests do
+        // not wait in between; at least three ticks, and spent within a
+        // chunk's life.
+        let s = &self.settings;
+        let horizon = (s.unreachable_after + 2 * s.tick)
+            .max(s.tick * HORIZON_TICKS)
+            .min(s.chunk_ttl.saturating_sub(s.tick));
         let want = |rate: u64, miss: u64, cap: u64| -> u64 {
             let ahead = (rate as u128 * horizon.as_millis() / 1000) as u64;
             (ahead + miss).max(1).min(cap)
