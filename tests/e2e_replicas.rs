@@ -38,6 +38,28 @@ expected_replicas = 3
     )
 }
 
+/// `n` replicas (`[cluster]` on `redis`, ids r1, r2, ...; `extra_toml`
+/// appended to each dispatcher.toml) in front of one region-sim "eu",
+/// every replica's region file pointing at it. Returns the config dirs (kept
+/// alive), the region-sim and the replicas.
+fn replicas(
+    redis: &RedisServer,
+    n: usize,
+    extra_toml: &str,
+    sim: SimRegion,
+) -> (Vec<ConfigDir>, Proc, Vec<Proc>) {
+    let dirs: Vec<ConfigDir> = (1..=n)
+        .map(|i| ConfigDir::new(&(config(&redis.url(), &format!("r{i}")) + extra_toml)))
+        .collect();
+    let sim = dirs[0].start_region(SimRegion { name: "eu", ..sim });
+    let region = std::fs::read_to_string(dirs[0].region_file("eu")).unwrap();
+    for d in &dirs[1..] {
+        d.write_region("eu", &region);
+    }
+    let procs = dirs.iter().map(|d| dispatcher(&d.config())).collect();
+    (dirs, sim, procs)
+}
+
 #[derive(Default)]
 struct Tally {
     ok: AtomicU64,
@@ -116,22 +138,18 @@ async fn provider_refusals(sim: SocketAddr) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_share_the_quota_and_ride_out_redis_failures() {
     let mut redis = RedisServer::start();
-    let dirs: Vec<ConfigDir> = (1..=3)
-        .map(|i| ConfigDir::new(&config(&redis.url(), &format!("r{i}"))))
-        .collect();
-    let sim: Proc = dirs[0].start_region(SimRegion {
-        name: "eu",
-        tokens_per_minute: TPM,
-        requests_per_minute: 100_000,
-        accounting: "admission",
-        sim_args: &["--base-latency-ms", "50", "--ms-per-1k-tokens", "0"],
-        ..Default::default()
-    });
-    let region = std::fs::read_to_string(dirs[0].region_file("eu")).unwrap();
-    for d in &dirs[1..] {
-        d.write_region("eu", &region);
-    }
-    let procs: Vec<Proc> = dirs.iter().map(|d| dispatcher(&d.config())).collect();
+    let (_dirs, sim, procs) = replicas(
+        &redis,
+        3,
+        "",
+        SimRegion {
+            tokens_per_minute: TPM,
+            requests_per_minute: 100_000,
+            accounting: "admission",
+            sim_args: &["--base-latency-ms", "50", "--ms-per-1k-tokens", "0"],
+            ..Default::default()
+        },
+    );
     let replicas: Vec<SocketAddr> = procs.iter().map(|p| p.addr).collect();
     let sim_addr = sim.addr;
     all_in(&replicas, "shared", Duration::from_secs(3)).await;
@@ -228,17 +246,15 @@ async fn replicas_share_the_quota_and_ride_out_redis_failures() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_id_is_answered_once_across_replicas() {
     let mut redis = RedisServer::start();
-    let dirs: Vec<ConfigDir> = (1..=2)
-        .map(|i| ConfigDir::new(&config(&redis.url(), &format!("r{i}"))))
-        .collect();
-    let sim: Proc = dirs[0].start_region(SimRegion {
-        name: "eu",
-        sim_args: &["--base-latency-ms", "300", "--ms-per-1k-tokens", "0"],
-        ..Default::default()
-    });
-    let region = std::fs::read_to_string(dirs[0].region_file("eu")).unwrap();
-    dirs[1].write_region("eu", &region);
-    let procs: Vec<Proc> = dirs.iter().map(|d| dispatcher(&d.config())).collect();
+    let (_dirs, sim, procs) = replicas(
+        &redis,
+        2,
+        "",
+        SimRegion {
+            sim_args: &["--base-latency-ms", "300", "--ms-per-1k-tokens", "0"],
+            ..Default::default()
+        },
+    );
     let (a, b) = (procs[0].addr, procs[1].addr);
     all_in(&[a, b], "shared", Duration::from_secs(3)).await;
     let accepted = || async { sim_stats(sim.addr).await.models[0].accepted };
@@ -285,30 +301,23 @@ async fn a_request_id_is_answered_once_across_replicas() {
 async fn a_tenants_limit_holds_across_replicas() {
     let redis = RedisServer::start();
     let key_hash = dispatcher::dispatch::hash_key("team-key");
-    let dirs: Vec<ConfigDir> = (1..=2)
-        .map(|i| {
-            let toml = config(&redis.url(), &format!("r{i}"))
-                + &format!(
-                    "[[tenants]]\nname = \"team\"\nkeys = [\"{key_hash}\"]\ntokens_per_minute = 3000\n"
-                );
-            ConfigDir::new(&toml)
-        })
-        .collect();
-    let _sim: Proc = dirs[0].start_region(SimRegion {
-        name: "eu",
-        sim_args: &[
-            "--base-latency-ms",
-            "10",
-            "--ms-per-1k-tokens",
-            "0",
-            "--completion-min-fraction",
-            "1",
-        ],
-        ..Default::default()
-    });
-    let region = std::fs::read_to_string(dirs[0].region_file("eu")).unwrap();
-    dirs[1].write_region("eu", &region);
-    let procs: Vec<Proc> = dirs.iter().map(|d| dispatcher(&d.config())).collect();
+    let tenant = format!("[[tenants]]\nname = \"team\"\nkeys = [\"{key_hash}\"]\ntokens_per_minute = 3000\n");
+    let (_dirs, _sim, procs) = replicas(
+        &redis,
+        2,
+        &tenant,
+        SimRegion {
+            sim_args: &[
+                "--base-latency-ms",
+                "10",
+                "--ms-per-1k-tokens",
+                "0",
+                "--completion-min-fraction",
+                "1",
+            ],
+            ..Default::default()
+        },
+    );
     all_in(&[procs[0].addr, procs[1].addr], "shared", Duration::from_secs(3)).await;
     let clients = [client(procs[0].addr).await, client(procs[1].addr).await];
     // 20 requests of 300 tokens (200 + 100, all used), alternating between

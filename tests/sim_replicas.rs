@@ -71,6 +71,16 @@ struct Provider {
 }
 
 impl Provider {
+    /// Full, as a provider nobody used for a while is.
+    fn full() -> Self {
+        Self {
+            level: BURST as i128 * 1000,
+            at: Duration::ZERO,
+            refused: 0,
+            admitted: Vec::new(),
+        }
+    }
+
     fn refill(&mut self, at: Duration) {
         let dt = (at - self.at).as_micros() as i128;
         // RATE tokens a minute = RATE / 60e6 tokens a µs = RATE / 60e3 milli-tokens a µs.
@@ -164,12 +174,7 @@ fn run(s: &Scenario) -> Result_ {
     let mut routers: Vec<Router> = (0..s.replicas).map(|_| replica(s.sharing, t0)).collect();
     let names: Vec<String> = (0..s.replicas).map(|i| format!("replica-{i}")).collect();
     let mut central: Option<CentralBucket> = None;
-    let mut provider = Provider {
-        level: BURST as i128 * 1000,
-        at: Duration::ZERO,
-        refused: 0,
-        admitted: Vec::new(),
-    };
+    let mut provider = Provider::full();
     let mut queues: Vec<VecDeque<(u64, u64, u64, Duration)>> = vec![VecDeque::new(); s.replicas];
     let mut running: Vec<Running> = Vec::new();
     let mut sent = vec![0u64; s.replicas];
@@ -399,12 +404,7 @@ fn hoard_then_burst(expire_chunks: bool) -> (u64, Provider) {
     let mut a = SharedQuota::new(&limits, sharing, t0);
     let mut b = SharedQuota::new(&limits, sharing, t0);
     let mut central: Option<CentralBucket> = None;
-    let mut provider = Provider {
-        level: BURST as i128 * 1000,
-        at: Duration::ZERO,
-        refused: 0,
-        admitted: Vec::new(),
-    };
+    let mut provider = Provider::full();
     let call = |q: &mut SharedQuota, id: &str, at: Duration, central: &mut Option<CentralBucket>| {
         let c = q.sync_call(t0 + at);
         let g = call_or_create(central, id, &central_limits, &c, at.as_micros() as u64);

@@ -12,6 +12,6 @@ mod redis_central;
 mod request_ids;
 mod sync;
 
-pub use redis_central::{RedisCentral, bucket_keys};
+pub use redis_central::RedisCentral;
 pub use request_ids::RedisIds;
 pub use sync::{replica_id, spawn};

@@ -130,10 +130,6 @@ impl CentralBucket {
         }
     }
 
-    pub fn level_tokens(&self) -> f64 {
-        self.level_tokens
-    }
-
     /// One call, atomically (the script runs alone in Redis).
     pub fn call(&mut self, replica: &str, limits: &CentralLimits, c: &SyncCall, now_us: u64) -> SyncGrant {
         let now_us = now_us.max(self.updated_us);

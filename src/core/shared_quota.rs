@@ -123,12 +123,6 @@ impl Chunks {
     fn len(&self) -> usize {
         self.chunks.len()
     }
-
-    fn clear(&mut self) -> u64 {
-        let held = self.chunks.iter().map(|(a, _)| a).sum();
-        self.chunks.clear();
-        held
-    }
 }
 
 /// Spending over the last two whole seconds, for sizing asks.
@@ -290,10 +284,6 @@ impl SharedQuota {
 
     /// Tokens and requests this replica holds now (chunks and fallback).
     pub fn balance(&self, now: Instant) -> (u64, u64) {
-        self.available(now)
-    }
-
-    fn available(&self, now: Instant) -> (u64, u64) {
         let (mut t, mut r) = (self.tokens.available(now), self.requests.available(now));
         if let Some((ft, fr)) = &self.fallback {
             t += ft.available(now).max(0) as u64;
@@ -310,7 +300,7 @@ impl SharedQuota {
         if let Some(until) = self.blocked_until.filter(|u| *u > now) {
             return Err(until - now);
         }
-        let (t, r) = self.available(now);
+        let (t, r) = self.balance(now);
         if tokens <= t && r >= 1 {
             let central = self.central.map_or(0, |g| g.level_tokens.max(0) as u64);
             let room = (central + t - tokens) as f64 / self.limits.token_capacity.max(1) as f64;
@@ -522,16 +512,8 @@ impl SharedQuota {
         self.mode = SharingMode::Fallback;
     }
 
-    /// Drops every chunk (counted as expired): for tests of the bound.
-    pub fn drop_chunks(&mut self) -> u64 {
-        let t = self.tokens.clear();
-        self.requests.clear();
-        self.totals.expired_tokens += t;
-        t
-    }
-
     pub fn view(&self, now: Instant) -> SharingView {
-        let (t, r) = self.available(now);
+        let (t, r) = self.balance(now);
         let mut totals = self.totals;
         if let Some(since) = self.fallback_since {
             totals.fallback_time += now.saturating_duration_since(since);
