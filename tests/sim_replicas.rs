@@ -158,6 +158,8 @@ struct Result_ {
     used: f64,
     /// Tokens reserved by the requests each replica sent.
     sent: Vec<u64>,
+    /// Tokens granted to each replica that expired unspent.
+    expired: Vec<u64>,
 }
 
 struct Running {
@@ -267,14 +269,21 @@ fn run(s: &Scenario) -> Result_ {
             }
         }
         // Sync ticks.
-        if step % ticks == 0 {
+        {
             let outage = s.outages.iter().find(|(a, b, _)| (*a..*b).contains(&second));
             let redis = if outage.is_some() { Redis::Down } else { Redis::Up };
-            if let Some((_, b, true)) = s.outages.iter().find(|(_, b, _)| *b == second) {
+            if step % ticks == 0
+                && let Some((_, b, true)) = s.outages.iter().find(|(_, b, _)| *b == second)
+            {
                 let _ = b;
                 central = None; // restarted empty
             }
             for (r, router) in routers.iter_mut().enumerate() {
+                // Each replica calls at its own phase of the tick, as real
+                // ones do (their sync tasks started at different times).
+                if step % ticks != (r as u64 * 37 / 10) % ticks {
+                    continue;
+                }
                 let cut = s
                     .partitions
                     .iter()
@@ -307,6 +316,15 @@ fn run(s: &Scenario) -> Result_ {
         worst_60s: provider.worst_excess(Duration::from_secs(60)),
         used: net as f64 / (RATE as f64 / 60.0 * s.seconds as f64),
         sent,
+        expired: routers
+            .iter()
+            .map(|r| {
+                r.regions()[0]
+                    .quota(0)
+                    .and_then(|q| q.shared())
+                    .map_or(0, |q| q.view(t0).totals.expired_tokens)
+            })
+            .collect(),
     }
 }
 
@@ -486,7 +504,10 @@ fn replicas_with_equal_demand_get_equal_parts() {
         };
         let r = run(&s);
         let (lo, hi) = (*r.sent.iter().min().unwrap(), *r.sent.iter().max().unwrap());
-        eprintln!("{replicas} replicas, equal demand: tokens sent {:?}", r.sent);
+        eprintln!(
+            "{replicas} replicas, equal demand: tokens sent {:?}, expired {:?}, used {:.3}",
+            r.sent, r.expired, r.used
+        );
         if replicas <= 3 {
             assert!(hi as f64 <= lo as f64 * 1.15, "{replicas} replicas: {:?}", r.sent);
         }

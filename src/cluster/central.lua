@@ -91,7 +91,7 @@ me.wh_t, me.wh_r = 0, 0
 me.seen, me.ask_t, me.ask_r = now, ask_t, ask_r
 if need_t == 0 then
   me.need_since = 0
-elseif me.need == 0 or me.need_since == 0 then
+elseif me.need_since == 0 then
   me.need_since = now
 end
 me.need = need_t
@@ -118,22 +118,20 @@ for _, r in pairs(reps) do
 end
 askers_t, askers_r = math.max(askers_t, 1), math.max(askers_r, 1)
 local blocked = now < bu
--- The replica whose large request has waited longest is served first.
+-- Requests waiting are served in the order they began to wait: the level
+-- is not spent below what the requests waiting longer lack.
 local function before(s1, id1, s2, id2)
   return s1 < s2 or (s1 == s2 and id1 < id2)
 end
-local o_since, o_id, o_need = nil, nil, 0
+local ahead = 0
 for rid, r in pairs(reps) do
   if rid ~= id and now - r.seen < stale_us and r.need > 0 then
-    if o_since == nil or before(r.need_since, rid, o_since, o_id) then
-      o_since, o_id, o_need = r.need_since, rid, r.need
+    if need_t == 0 or before(r.need_since, rid, me.need_since, id) then
+      ahead = ahead + r.need
     end
   end
 end
-local level_t = lt
-if o_since ~= nil and (need_t == 0 or before(o_since, o_id, me.need_since, id)) then
-  level_t = lt - o_need
-end
+local level_t = lt - ahead
 -- When scarce, an equal part of the round's pool for each replica asking.
 local function share(ask, need, asked, askers, level, round)
   need = math.min(need, ask)
@@ -149,7 +147,7 @@ end
 local gt = share(ask_t, need_t, asked_t, askers_t, level_t, rt)
 if need_t > 0 and gt >= need_t then
   -- Served: its next need queues behind the others'.
-  me.need, me.need_since = 0, 0
+  me.need, me.need_since = 0, now
 end
 local gr = share(ask_r, 0, asked_r, askers_r, lr, rr)
 lt, lr = lt - gt, lr - gr

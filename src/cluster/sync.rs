@@ -57,7 +57,17 @@ pub fn spawn(engine: Arc<Engine>, config: &ClusterConfig, replica: String) -> Re
             observe(now.saturating_duration_since(sent_at), result.is_ok());
             let ok = result.is_ok();
             let done = match result {
-                Ok(grants) => items.into_iter().zip(grants.into_iter().map(Some)).collect(),
+                Ok(grants) => {
+                    for (i, g) in items.iter().zip(&grants) {
+                        // Every call and grant, for tracing how a scarce
+                        // quota was split (RUST_LOG=dispatcher::quota_sync=trace).
+                        tracing::trace!(target: "dispatcher::quota_sync", region = %i.region, model = %i.model,
+                            ask_tokens = i.call.ask_tokens, need_tokens = i.call.need_tokens,
+                            settle_tokens = i.call.settle_tokens, granted_tokens = g.tokens,
+                            level_tokens = g.level_tokens, replicas = g.replicas, "quota sync");
+                    }
+                    items.into_iter().zip(grants.into_iter().map(Some)).collect()
+                }
                 Err(e) => {
                     if reachable != Some(false) {
                         tracing::warn!(error = %e, "Redis did not answer the quota sync; spending granted chunks, then the fallback share if it lasts");

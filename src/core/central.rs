@@ -171,7 +171,7 @@ impl CentralBucket {
         me.ask_requests = c.ask_requests;
         if c.need_tokens == 0 {
             me.need_since_us = 0;
-        } else if me.need_tokens == 0 || me.need_since_us == 0 {
+        } else if me.need_since_us == 0 {
             me.need_since_us = now_us;
         }
         me.need_tokens = c.need_tokens;
@@ -220,19 +220,17 @@ impl CentralBucket {
         };
         let (askers_t, askers_r) = (askers(|r| r.ask_tokens), askers(|r| r.ask_requests));
         let blocked = now_us < self.blocked_until_us;
-        // The replica whose large request has waited longest is served
-        // first: the others neither jump ahead of it nor spend the level
-        // below what it lacks (first come, first served across replicas).
-        let oldest = self
+        // Requests waiting are served in the order they began to wait
+        // (first come, first served across replicas): no replica spends the
+        // level below what the requests waiting longer than its own lack.
+        let ahead: u64 = self
             .replicas
             .iter()
             .filter(|(id, r)| *id != replica && live(r) && r.need_tokens > 0)
-            .map(|(id, r)| ((r.need_since_us, id.clone()), r.need_tokens))
-            .min();
-        let level_t = match &oldest {
-            Some((first, need)) if c.need_tokens == 0 || *first < mine => self.level_tokens - *need as f64,
-            _ => self.level_tokens,
-        };
+            .filter(|(id, r)| c.need_tokens == 0 || (r.need_since_us, (*id).clone()) < mine)
+            .map(|(_, r)| r.need_tokens)
+            .sum();
+        let level_t = self.level_tokens - ahead as f64;
         let share = |ask: u64, need: u64, asked: u64, askers: f64, level: f64, round: f64| -> u64 {
             let need = need.min(ask);
             if blocked || ask == 0 || level < 1.0 || level < need as f64 {
@@ -259,7 +257,7 @@ impl CentralBucket {
             // Served: its next need queues behind the others'.
             let me = self.replicas.get_mut(replica).expect("inserted above");
             me.need_tokens = 0;
-            me.need_since_us = 0;
+            me.need_since_us = now_us;
         }
         let requests = share(
             c.ask_requests,
