@@ -1,13 +1,14 @@
-//! The sync task: every `sync_interval`, collect each shared (region,
-//! model)'s call from the desk, send them to Redis in one pipelined round
-//! trip bounded by `redis_timeout`, and hand the answers (or their absence)
-//! back to the desk. Nothing else talks to Redis.
+//! The sync task: every `sync_interval` (jittered), collect each shared
+//! (region, model)'s call from the desk, send them to Redis in one
+//! pipelined round trip bounded by `redis_timeout`, and hand the answers
+//! (or their absence) back to the desk. Nothing else talks to Redis.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
 use tokio::task::JoinHandle;
-use tokio::time::MissedTickBehavior;
 
 use super::redis_central::RedisCentral;
 use crate::config::ClusterConfig;
@@ -41,11 +42,10 @@ pub fn spawn(engine: Arc<Engine>, config: &ClusterConfig, replica: String) -> Re
         .map_err(|e| format!("cluster.redis_url: {e}"))?;
     let tick = config.sharing.tick;
     Ok(tokio::spawn(async move {
-        let mut interval = tokio::time::interval(tick);
-        interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut rng = SmallRng::from_os_rng();
         let mut reachable = None;
         loop {
-            interval.tick().await;
+            tokio::time::sleep(jittered(tick, &mut rng)).await;
             let sent_at = crate::clock::now();
             let items = engine.desk().sync_calls(sent_at);
             let result = if items.is_empty() {
@@ -95,6 +95,15 @@ pub fn spawn(engine: Arc<Engine>, config: &ClusterConfig, replica: String) -> Re
             }
         }
     }))
+}
+
+/// The wait before the next call: the tick, ±10 % at random. Replicas
+/// calling at fixed phases of one tick would keep who sees the refill
+/// first; when the quota is scarce that decides who is served (the one
+/// calling first after the longest gap got up to twice the others,
+/// `core::central`'s tests), so the phases are kept moving.
+fn jittered(tick: Duration, rng: &mut SmallRng) -> Duration {
+    tick.mul_f64(rng.random_range(0.9..1.1))
 }
 
 fn observe(took: Duration, ok: bool) {
