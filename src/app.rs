@@ -271,6 +271,8 @@ pub fn spawn_region_watch(
         // between would otherwise be taken as the starting point and never
         // applied. Re-reading unchanged files changes nothing.
         let mut last = None;
+        // The last look refused the files: the next good one says so.
+        let mut refused = false;
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -282,19 +284,23 @@ pub fn spawn_region_watch(
             }
             last = now;
             match runtime.lock().await.reload_regions().await {
-                Ok(changes) if changes.is_empty() => {}
                 Ok(changes) => {
+                    if refused && changes.is_empty() {
+                        tracing::info!("region files valid again; they match the config in force");
+                    } else if refused {
+                        tracing::info!("region files valid again");
+                    }
+                    refused = false;
                     for c in changes {
                         tracing::info!(change = %c, "applied region config change");
                     }
                 }
                 Err(errors) => {
+                    refused = true;
                     for e in errors.0 {
                         tracing::error!(
                             file = %e.file.display(),
-                            key = %e.key,
-                            problem = %e.problem,
-                            "refused region config change ({e}); the last good config stays in force"
+                            "refused region config change: {e}; the last good config stays in force"
                         );
                     }
                 }

@@ -224,7 +224,15 @@ fn every_admin_call_works_from_grpcurl() {
     assert_eq!(v["models"][0]["tokensPerMinute"], "60000");
     let broken = config().replace("weight = 2", "weight = \"heavy\"");
     std::fs::write(cfg.config(), broken).unwrap();
-    let v = g.json("{}", "dispatch.v1.Admin/ReloadConfig");
+    // Refused: FAILED_PRECONDITION with a BadRequest naming file and key;
+    // a dry run still answers with the problems as data.
+    let (ok, out) = g.run(Some(ADMIN_TOKEN), Some("{}"), &["dispatch.v1.Admin/ReloadConfig"]);
+    println!("$ grpcurl -d '{{}}' dispatch.v1.Admin/ReloadConfig\n{out}");
+    assert!(!ok, "a refused reload is an error: {out}");
+    assert!(out.contains("Code: FailedPrecondition"), "{out}");
+    assert!(out.contains("google.rpc.BadRequest"), "{out}");
+    assert!(out.contains("dispatcher.toml: tenants[0].weight"), "{out}");
+    let v = g.json(r#"{"dry_run": true}"#, "dispatch.v1.Admin/ReloadConfig");
     assert!(v.get("applied").is_none() || v["applied"] == false);
     let errors = v["errors"].as_array().unwrap();
     assert_eq!(errors[0]["key"], "tenants[0].weight");

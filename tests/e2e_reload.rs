@@ -139,6 +139,11 @@ async fn region_edits_apply_live_and_broken_ones_are_refused() {
     println!("{line}");
     assert!(line.contains("a.toml") && line.contains("models[0].tokens_per_minute") && line.contains("lots"));
     assert_eq!(
+        line.matches("models[0].tokens_per_minute").count(),
+        1,
+        "the key is named once: {line}"
+    );
+    assert_eq!(
         region_status(d.addr, "a").await.unwrap().models[0].tokens_per_minute,
         6_000
     );
@@ -148,8 +153,13 @@ async fn region_edits_apply_live_and_broken_ones_are_refused() {
         .await
         .expect("still serving");
     // Reloads are all or nothing over the directory: fix the file before
-    // the next change.
+    // the next change. Fixed, it is said to be valid again.
     cfg.write_region("a", &a_toml(6_000));
+    let fixed = eventually(Duration::from_secs(3), || async {
+        d.logs().contains("region files valid again")
+    })
+    .await;
+    assert!(fixed.is_some(), "the fix was logged:\n{}", d.logs());
 
     // 3. Remove b while work is in flight there (b takes 1.5 s a request);
     //    add c. The work on b finishes; b goes; c takes work.

@@ -105,7 +105,46 @@ fn deserialize<T: DeserializeOwned>(
     builder
         .build()
         .and_then(|c| c.try_deserialize())
-        .map_err(|e| from_config_error(file, e))
+        .map_err(|e| name_unknown_key(from_config_error(file, e)))
+}
+
+/// serde names a misspelled key only in its message ("unknown field
+/// `max_concurent`, expected ..."), under the table's key: the key becomes
+/// the full path of the misspelled one, so the error names it once.
+fn name_unknown_key(mut e: ConfigError) -> ConfigError {
+    let Some(rest) = e.problem.strip_prefix("unknown field `") else {
+        return e;
+    };
+    let Some((name, expected)) = rest.split_once('`') else {
+        return e;
+    };
+    e.key = if e.key.is_empty() {
+        name.to_string()
+    } else {
+        format!("{}.{name}", e.key)
+    };
+    let expected = expected.trim_start_matches(',').trim();
+    e.problem = if expected.is_empty() {
+        "unknown key".to_string()
+    } else {
+        format!("unknown key (misspelled?); {expected}")
+    };
+    e
+}
+
+/// A TOML syntax error on one line: where, and what is wrong (the crate's
+/// message spans lines with a snippet of the file).
+fn toml_syntax(cause: &str) -> String {
+    let lines: Vec<&str> = cause.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let at = lines
+        .first()
+        .and_then(|l| l.split_once(" at "))
+        .map(|(_, at)| at.to_string());
+    let what = lines.last().copied().unwrap_or("");
+    match at {
+        Some(at) if lines.len() > 1 => format!("not valid TOML at {at}: {what}"),
+        _ => format!("not valid TOML: {}", lines.join(" ")),
+    }
 }
 
 /// Pulls the key out of the `config` crate's error so the message reads
@@ -133,7 +172,7 @@ fn from_config_error(file: &Path, e: config::ConfigError) -> ConfigError {
             ConfigError::new(file, normalize_key(&key), "missing (required)")
         }
         config::ConfigError::FileParse { cause, .. } => {
-            ConfigError::new(file, "", format!("not valid TOML: {}", cause.to_string().trim()))
+            ConfigError::new(file, "", toml_syntax(&cause.to_string()))
         }
         other => ConfigError::new(file, "", other.to_string()),
     }
@@ -156,6 +195,46 @@ fn normalize_key(key: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
+    #[test]
+    fn a_syntax_error_is_one_line_with_line_and_column() {
+        let e = super::deserialize::<std::collections::BTreeMap<String, String>>(
+            "name = \"x\"\nendpoint = \n",
+            Path::new("r.toml"),
+            None,
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "");
+        assert_eq!(
+            e.problem,
+            "not valid TOML at line 2, column 12: string values must be quoted, expected literal string"
+        );
+        assert!(!e.to_string().contains('\n'), "{e}");
+    }
+
+    #[test]
+    fn a_misspelled_key_is_named_by_its_path() {
+        #[derive(serde::Deserialize, Debug)]
+        #[serde(deny_unknown_fields)]
+        #[allow(dead_code)]
+        struct Inner {
+            max_concurrent: u32,
+        }
+        #[derive(serde::Deserialize, Debug)]
+        #[serde(deny_unknown_fields)]
+        #[allow(dead_code)]
+        struct Outer {
+            auth: Inner,
+        }
+        let e = super::deserialize::<Outer>("[auth]\nmax_concurent = 5\n", Path::new("d.toml"), None)
+            .unwrap_err();
+        assert_eq!(e.key, "auth.max_concurent");
+        assert_eq!(e.problem, "unknown key (misspelled?); expected `max_concurrent`");
+        let e = super::deserialize::<Inner>("max_concurent = 5\n", Path::new("d.toml"), None).unwrap_err();
+        assert_eq!(e.key, "max_concurent");
+    }
+
     #[test]
     fn normalizes_indexed_keys() {
         assert_eq!(

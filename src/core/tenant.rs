@@ -202,6 +202,8 @@ pub struct TenantReport {
     /// `weight / Σ weights` of the tenants active in the last minute (its
     /// own included).
     pub entitlement: f64,
+    /// Dispatched tokens in the last minute, or has work in flight.
+    pub active: bool,
     pub in_flight: u32,
     pub tokens_available: Option<i64>,
     pub used_today: u64,
@@ -396,6 +398,7 @@ impl Tenants {
                     } else {
                         0.0
                     },
+                    active,
                     in_flight: s.in_flight,
                     tokens_available: s.tokens.as_ref().map(|b| b.available(now)),
                     used_today: s.used_today,

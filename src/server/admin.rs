@@ -222,6 +222,7 @@ impl Admin for AdminService {
                     requests_last_minute: t.requests_last_minute,
                     share: t.share,
                     entitlement: t.entitlement,
+                    active: t.active,
                     queued,
                     in_flight: t.in_flight,
                     tokens_available: t.tokens_available,
@@ -249,7 +250,10 @@ impl Admin for AdminService {
             }
         }
         for e in &r.errors {
-            tracing::error!(file = %e.file.display(), key = %e.key, problem = %e.problem, "ReloadConfig refused: {e}");
+            tracing::error!(file = %e.file.display(), "ReloadConfig refused: {e}; the last good config stays in force");
+        }
+        if !r.dry_run && !r.errors.is_empty() {
+            return Err(refused_reload(&r.errors));
         }
         Ok(Response::new(pb::ReloadConfigReply {
             dry_run: r.dry_run,
@@ -305,4 +309,41 @@ impl Admin for AdminService {
         }
         self.region(&r.region).map(Response::new)
     }
+}
+
+/// At most this many problems go into a refused reload's status (the
+/// rest are in the log), each cut to `MAX_PROBLEM_CHARS`.
+const MAX_PROBLEMS: usize = 20;
+const MAX_PROBLEM_CHARS: usize = 300;
+
+/// A reload that found errors: FAILED_PRECONDITION (the files, not the
+/// request, are wrong) with a BadRequest naming each file and key.
+fn refused_reload(errors: &[crate::config::ConfigError]) -> Status {
+    let mut details = ErrorDetails::new();
+    let violations = errors
+        .iter()
+        .take(MAX_PROBLEMS)
+        .map(|e| {
+            let field = if e.key.is_empty() {
+                e.file.display().to_string()
+            } else {
+                format!("{}: {}", e.file.display(), e.key)
+            };
+            tonic_types::FieldViolation::new(field, crate::excerpt::truncate(&e.problem, MAX_PROBLEM_CHARS))
+        })
+        .collect::<Vec<_>>();
+    details.set_bad_request(violations);
+    let first = &errors[0];
+    let more = match errors.len() {
+        1 => String::new(),
+        n => format!(" (and {} more)", n - 1),
+    };
+    Status::with_error_details(
+        tonic::Code::FailedPrecondition,
+        format!(
+            "configuration refused, the last good config stays in force: {}{more}",
+            crate::excerpt::truncate(&first.to_string(), MAX_PROBLEM_CHARS)
+        ),
+        details,
+    )
 }
