@@ -24,6 +24,9 @@ struct Args {
     /// Overrides `server.listen` (port 0 picks a free port).
     #[arg(long)]
     listen: Option<SocketAddr>,
+    /// Overrides `telemetry.metrics_listen` (port 0 picks a free port).
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -81,7 +84,9 @@ async fn main() -> anyhow::Result<()> {
     let runtime = Arc::new(tokio::sync::Mutex::new(runtime));
     let watch = app::spawn_region_watch(runtime.clone(), stop.clone());
 
-    let metrics_listen = runtime.lock().await.config.telemetry.metrics_listen;
+    let metrics_listen = args
+        .metrics_listen
+        .or(runtime.lock().await.config.telemetry.metrics_listen);
     let limits = runtime.lock().await.config.server.connections;
     if let Some(m) = metrics_listen {
         let view = {

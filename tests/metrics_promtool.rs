@@ -187,5 +187,19 @@ async fn metrics_pass_promtool_and_agree_with_replies() {
     assert_eq!(tokens, reserved, "dispatcher_tokens_reserved_total by region");
     assert_eq!(charged, reserved, "admission accounting charges the reservation");
     assert_eq!(latency, replies, "one latency sample per reply");
+    // No empty label: the invalid requests never reached a model or a
+    // region, and say so.
+    let empty: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && l.contains("=\"\""))
+        .collect();
+    assert!(empty.is_empty(), "samples with an empty label: {empty:#?}");
+    let none = sum(
+        &text,
+        "dispatcher_requests_total",
+        &[("outcome", "invalid_argument"), ("region", "none")],
+        "model",
+    );
+    assert_eq!(none.get("none").copied().unwrap_or(0.0), invalid, "{none:?}");
     drop(sims);
 }

@@ -13,24 +13,46 @@ fn walkthrough_commands() -> Vec<String> {
     commands("Walk-through")
 }
 
-/// The `grpcurl` lines of the `sh` blocks of the README section `title`.
-fn commands(title: &str) -> Vec<String> {
+fn section(title: &str) -> String {
     let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
-    let section = readme
+    readme
         .split("\n## ")
         .find(|s| s.starts_with(title))
-        .unwrap_or_else(|| panic!("README has a section {title:?}"));
+        .unwrap_or_else(|| panic!("README has a section {title:?}"))
+        .to_string()
+}
+
+/// The `grpcurl` and `curl` lines of the `sh` blocks of the README section
+/// `title`.
+fn commands(title: &str) -> Vec<String> {
     let mut commands = Vec::new();
     let mut in_sh = false;
-    for line in section.lines() {
+    for line in section(title).lines() {
         match line.trim() {
             "```sh" => in_sh = true,
             "```" => in_sh = false,
-            l if in_sh && l.starts_with("grpcurl ") => commands.push(l.to_string()),
+            l if in_sh && (l.starts_with("grpcurl ") || l.starts_with("curl ")) => {
+                commands.push(l.to_string())
+            }
             _ => {}
         }
     }
     commands
+}
+
+/// The output the README shows for `command` in section `title`: the first
+/// `text` or `json` block after it.
+fn shown_output(title: &str, command: &str) -> String {
+    let section = section(title);
+    let after = &section[section.find(command).expect("the command is in the section")..];
+    let start = ["```text\n", "```json\n"]
+        .iter()
+        .filter_map(|fence| after.find(fence))
+        .min()
+        .expect("an output block follows the command");
+    let block = &after[start..];
+    let body = &block[block.find('\n').unwrap() + 1..];
+    body[..body.find("```").unwrap()].to_string()
 }
 
 struct Run {
@@ -38,11 +60,14 @@ struct Run {
     out: String,
 }
 
-fn run(command: &str, addr: &str) -> Run {
+fn run(command: &str, addr: &str, metrics: Option<&str>) -> Run {
     let grpcurl = tools::grpcurl();
-    let command = command
+    let mut command = command
         .replacen("grpcurl", &grpcurl.display().to_string(), 1)
         .replace("127.0.0.1:50051", addr);
+    if let Some(m) = metrics {
+        command = command.replace("127.0.0.1:9464", m);
+    }
     let o = Command::new("sh").arg("-c").arg(&command).output().unwrap();
     Run {
         ok: o.status.success(),
@@ -59,32 +84,43 @@ fn readme_walkthrough_works_as_written() {
     let commands = walkthrough_commands();
     assert_eq!(
         commands.len(),
-        5,
+        6,
         "the walk-through's commands changed: {commands:#?}"
     );
     let logs = tempfile::tempdir().unwrap();
     let config = concat!(env!("CARGO_MANIFEST_DIR"), "/dispatcher.toml");
     let d = Proc::start(
         env!("CARGO_BIN_EXE_dispatcher"),
-        &["--config", config, "--listen", "127.0.0.1:0"],
+        &[
+            "--config",
+            config,
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
         logs.path(),
         "dispatcher",
     );
     let addr = d.addr.to_string();
+    let metrics = d
+        .listening
+        .iter()
+        .find(|(what, _)| what == "metrics")
+        .expect("the quick-start config serves metrics")
+        .1
+        .to_string();
     let regions = ["us-east-1", "eu-west-1", "ap-southeast-1"];
     for command in &commands {
-        let r = run(command, &addr);
+        let r = run(command, &addr, Some(&metrics));
         println!("$ {command}\n{}", r.out);
         if command.ends_with(" list") {
             assert!(r.ok, "{}", r.out);
-            for service in [
-                "dispatch.v1.Dispatcher",
-                "grpc.health.v1.Health",
-                "grpc.reflection.v1.ServerReflection",
-                "grpc.reflection.v1alpha.ServerReflection",
-            ] {
-                assert!(r.out.contains(service), "list shows {service}");
-            }
+            assert_eq!(
+                r.out.trim(),
+                shown_output("Walk-through", command).trim(),
+                "the services listed are those the README shows"
+            );
         } else if command.contains("gpt-5") {
             assert!(!r.ok, "an unknown model must fail");
             assert!(r.out.contains("Code: InvalidArgument"), "{}", r.out);
@@ -121,7 +157,28 @@ fn readme_walkthrough_works_as_written() {
             assert!(regions.contains(&v["region"].as_str().unwrap()));
         } else if command.ends_with("Health/Check") {
             assert!(r.ok, "{}", r.out);
-            assert!(r.out.contains("\"status\": \"SERVING\""), "{}", r.out);
+            assert_eq!(r.out.trim(), shown_output("Walk-through", command).trim());
+        } else if command.starts_with("curl ") {
+            // After the commands above: one request served, one refused
+            // before it had a model or a region.
+            assert!(r.ok, "{}", r.out);
+            let shown = shown_output("Walk-through", command);
+            let sample = |out: &str, outcome: &str| {
+                out.lines()
+                    .find(|l| l.contains(&format!("outcome=\"{outcome}\"")))
+                    .map(|l| l.to_string())
+                    .unwrap_or_else(|| panic!("no {outcome} sample in:\n{out}"))
+            };
+            let ok = sample(&r.out, "ok");
+            assert!(
+                ok.starts_with("dispatcher_requests_total{model=\"gpt-4o\",tenant=\"anonymous\",region=\""),
+                "{ok}"
+            );
+            assert!(ok.ends_with("} 1"), "{ok}");
+            assert_eq!(
+                sample(&r.out, "invalid_argument"),
+                sample(&shown, "invalid_argument")
+            );
         } else {
             panic!("no check for README command {command}");
         }
@@ -140,13 +197,20 @@ fn readme_admin_commands_work_as_written() {
     let config = concat!(env!("CARGO_MANIFEST_DIR"), "/dispatcher.toml");
     let d = Proc::start(
         env!("CARGO_BIN_EXE_dispatcher"),
-        &["--config", config, "--listen", "127.0.0.1:0"],
+        &[
+            "--config",
+            config,
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
         logs.path(),
         "dispatcher",
     );
     let addr = d.addr.to_string();
     for command in &commands {
-        let r = run(command, &addr);
+        let r = run(command, &addr, None);
         println!("$ {command}\n{}", r.out);
         assert!(r.ok, "{command}: {}", r.out);
         if command.contains("describe") {

@@ -217,7 +217,14 @@ impl LoadState {
         self.in_flight = self.in_flight.saturating_sub(1);
     }
 
-    pub fn report(&mut self, load: ReportedLoad, now: Instant) {
+    /// The load a reply reported. It was counted while the request it
+    /// answers was in flight there, and that request is done: it is taken
+    /// out, so an idle region reads 0, not one request's share.
+    pub fn report(&mut self, mut load: ReportedLoad, now: Instant) {
+        if load.in_flight > 0 && load.capacity > 0 {
+            load.in_flight -= 1;
+            load.utilization = (load.utilization - 1.0 / load.capacity as f64).max(0.0);
+        }
         self.reported = Some((load, now));
     }
 
@@ -327,6 +334,33 @@ mod tests {
         l.start(t0);
         l.finish(Outcome::Failure, Duration::from_millis(1), 1000, t0);
         assert_eq!(l.error_rate(t0 + Duration::from_secs(3600)), 1.0);
+    }
+
+    #[test]
+    fn a_reply_s_report_does_not_count_the_request_it_answers() {
+        let t0 = crate::testing::epoch();
+        let mut l = LoadState::new(4, DEFAULT_HALF_LIFE, t0);
+        l.report(
+            ReportedLoad {
+                in_flight: 1,
+                queued: 0,
+                capacity: 1024,
+                utilization: 1.0 / 1024.0,
+            },
+            t0,
+        );
+        assert_eq!(l.utilization(t0), 0.0, "an idle region reads 0");
+        l.report(
+            ReportedLoad {
+                in_flight: 512,
+                queued: 0,
+                capacity: 1024,
+                utilization: 0.5,
+            },
+            t0,
+        );
+        assert_eq!(l.reported(t0).unwrap().in_flight, 511);
+        assert_eq!(l.utilization(t0), 511.0 / 1024.0);
     }
 
     #[test]

@@ -52,8 +52,12 @@ pub fn outcome(result: &Result<(), &DispatchError>) -> &'static str {
     }
 }
 
+/// The label value of what a request never got to (a model, a tenant, a
+/// region).
+pub const NONE: &str = "none";
+
 pub fn request(
-    model: &str,
+    model: Option<&str>,
     tenant: Option<&Arc<str>>,
     region: Option<&Arc<str>>,
     outcome: &'static str,
@@ -62,10 +66,12 @@ pub fn request(
     if !on() {
         return;
     }
+    // "none" where the request ended before that was known (refused at
+    // the door, before routing): an empty label reads as a missing one.
     let labels = [
-        Label::new("model", owned(model)),
-        Label::new("tenant", tenant.map_or(SharedString::const_str(""), shared)),
-        Label::new("region", region.map_or(SharedString::const_str(""), shared)),
+        Label::new("model", model.map_or(SharedString::const_str(NONE), owned)),
+        Label::new("tenant", tenant.map_or(SharedString::const_str(NONE), shared)),
+        Label::new("region", region.map_or(SharedString::const_str(NONE), shared)),
         Label::new("outcome", outcome),
     ];
     counter!("dispatcher_requests_total", labels.iter()).increment(1);

@@ -29,7 +29,7 @@ impl Labels {
             tracing::Span::current().record("error", tracing::field::display(e));
         }
         super::observe::request(
-            self.model.as_deref().unwrap_or(""),
+            self.model.as_deref(),
             self.tenant.as_ref(),
             self.region.as_ref(),
             outcome,

@@ -45,30 +45,64 @@ pub fn grpcurl() -> PathBuf {
     .clone()
 }
 
-/// Prometheus' promtool, from Debian's `prometheus` package.
+/// Prometheus' promtool: the one on the PATH, or the binary alone taken
+/// out of Debian's `prometheus` package (`apt-get download` and
+/// `dpkg-deb -x` into the target directory: nothing is installed, no
+/// server, no service links).
 pub fn promtool() -> PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
     PATH.get_or_init(|| {
         if works("promtool", "--version") {
             return PathBuf::from("promtool");
         }
-        let install = || {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("tools");
+        let bin = dir.join("promtool");
+        if works(bin.to_str().unwrap(), "--version") {
+            return bin;
+        }
+        std::fs::create_dir_all(&dir).unwrap();
+        // Test binaries run at once may all get here: each unpacks in its
+        // own directory and renames its copy into place.
+        let work = tempfile::tempdir_in(&dir).unwrap();
+        let download = || {
             Command::new("apt-get")
-                .args(["install", "-y", "-q", "prometheus"])
-                .env("DEBIAN_FRONTEND", "noninteractive")
+                .args(["download", "-q", "prometheus"])
+                .current_dir(work.path())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
                 .status()
                 .map(|s| s.success())
                 .unwrap_or(false)
         };
-        if !install() {
-            let _ = Command::new("apt-get").args(["update", "-q"]).status();
-            assert!(install(), "apt-get install prometheus (for promtool) failed");
+        if !download() {
+            let _ = Command::new("apt-get")
+                .args(["update", "-q"])
+                .stdout(std::process::Stdio::null())
+                .status();
+            assert!(download(), "apt-get download prometheus (for promtool) failed");
         }
+        let deb = std::fs::read_dir(work.path())
+            .unwrap()
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| p.extension().is_some_and(|e| e == "deb"))
+            .expect("apt-get download left a .deb");
+        let unpacked = work.path().join("x");
+        let status = Command::new("dpkg-deb")
+            .arg("-x")
+            .arg(&deb)
+            .arg(&unpacked)
+            .status()
+            .expect("running dpkg-deb");
+        assert!(status.success(), "dpkg-deb -x {} failed", deb.display());
+        let mine = work.path().join("promtool");
+        std::fs::copy(unpacked.join("usr/bin/promtool"), &mine).unwrap();
+        std::fs::rename(&mine, &bin).unwrap();
         assert!(
-            works("promtool", "--version"),
-            "promtool was installed but does not run"
+            works(bin.to_str().unwrap(), "--version"),
+            "promtool was unpacked but {} does not run",
+            bin.display()
         );
-        PathBuf::from("promtool")
+        bin
     })
     .clone()
 }
