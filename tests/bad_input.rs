@@ -82,6 +82,13 @@ async fn bad_input_is_refused_clearly_and_the_service_keeps_serving() {
     expect_invalid(&mut grpc, "unknown model", r, "model").await;
 
     let mut r = valid();
+    r.origin_region = "lcoal".into();
+    expect_invalid(&mut grpc, "unknown origin_region", r, "origin_region").await;
+    let mut r = valid();
+    r.origin_region = "local".into();
+    grpc.route(r).await.expect("a configured origin_region is taken");
+
+    let mut r = valid();
     r.payload = vec![b'x'; 100_000].into();
     expect_invalid(&mut grpc, "oversized payload", r, "payload").await;
 

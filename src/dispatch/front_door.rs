@@ -52,6 +52,8 @@ pub struct Snapshot {
     admin_token: Option<[u8; 32]>,
     rates: TenantRates,
     models: Vec<ModelSpec>,
+    /// Configured region names, for `origin_region`.
+    regions: Vec<String>,
 }
 
 impl Snapshot {
@@ -63,6 +65,7 @@ impl Snapshot {
             admin_token: config.admin_token,
             rates: TenantRates::from_config(config),
             models: config.models.clone(),
+            regions: config.regions.iter().map(|r| r.spec.name.clone()).collect(),
         }
     }
 
@@ -130,6 +133,17 @@ impl Snapshot {
                 ),
             )]));
         };
+        if !r.origin_region.is_empty() && !self.regions.iter().any(|n| *n == r.origin_region) {
+            // A typo would silently lose the locality preference.
+            return Err(DispatchError::InvalidArgument(vec![Violation::new(
+                "origin_region",
+                format!(
+                    "unknown region {}; configured: {}",
+                    crate::excerpt::excerpt(&r.origin_region),
+                    self.regions.join(", ")
+                ),
+            )]));
+        }
         validate::check_tokens(r, model).map_err(DispatchError::InvalidArgument)
     }
 

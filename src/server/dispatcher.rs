@@ -78,6 +78,16 @@ fn chunk(c: StreamChunk) -> pb::DispatchChunk {
     }
 }
 
+/// A score or factor as operators read it: four significant digits
+/// (0.9950000000000001 reads 0.995). Routing uses the exact values.
+fn for_display(x: f64) -> f64 {
+    if x == 0.0 || !x.is_finite() {
+        return x;
+    }
+    let scale = 10f64.powi(3 - x.abs().log10().floor() as i32);
+    (x * scale).round() / scale
+}
+
 fn decision(p: RoutePreview) -> pb::RouteDecision {
     let retry_after = match &p.error {
         Some(crate::core::RouteError::NoCapacity { retry_after, .. }) => retry_after.and_then(duration),
@@ -92,8 +102,12 @@ fn decision(p: RoutePreview) -> pb::RouteDecision {
                 region: c.region,
                 eligible: c.eligible,
                 excluded_reason: c.excluded.unwrap_or_default(),
-                score: c.score,
-                factors: c.factors.iter().map(|(k, v)| (k.to_string(), v)).collect(),
+                score: for_display(c.score),
+                factors: c
+                    .factors
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), for_display(v)))
+                    .collect(),
             })
             .collect(),
         retry_after,
@@ -152,5 +166,18 @@ impl Dispatcher for DispatcherService {
             .route(&r, authorization.as_deref())
             .map(|p| Response::new(decision(p)))
             .map_err(|e| to_status(&e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn scores_are_shown_to_four_significant_digits() {
+        assert_eq!(super::for_display(0.9950000000000001), 0.995);
+        assert_eq!(super::for_display(1.09835), 1.098);
+        assert_eq!(super::for_display(280.2834), 280.3);
+        assert_eq!(super::for_display(0.000123456), 0.0001235);
+        assert_eq!(super::for_display(0.0), 0.0);
+        assert_eq!(super::for_display(12345.0), 12350.0);
     }
 }
