@@ -74,6 +74,7 @@ fn reports_what_it_sent_and_how_it_split() {
     let target = d.endpoint();
 
     // 200/s for 2 s: 400 requests, a tenth from a caller with a wrong key.
+    let page = cfg.path().join("report.html");
     let r = report(&[
         "--target",
         &target,
@@ -92,6 +93,8 @@ fn reports_what_it_sent_and_how_it_split() {
         "stranger:k-wrong:1",
         "--json",
         "-",
+        "--html",
+        page.to_str().unwrap(),
     ]);
     assert_eq!(count(&r["sent"]), 400, "{r:#}");
     let codes = &r["status_codes"];
@@ -102,9 +105,35 @@ fn reports_what_it_sent_and_how_it_split() {
     let tenants = r["tenants"].as_object().unwrap();
     assert_eq!(
         tenants.keys().collect::<Vec<_>>(),
-        ["large", "small"],
-        "the stranger has no replies"
+        ["large", "small", "stranger"],
+        "{r:#}"
     );
+    // Per tenant: its status codes, and the latency of its successes.
+    assert_eq!(count(&tenants["stranger"]["requests"]), 0, "no replies");
+    assert_eq!(
+        count(&tenants["stranger"]["status_codes"]["Unauthenticated"]),
+        unauthenticated
+    );
+    assert!(tenants["small"]["latency_ok"]["p50_ms"].as_f64().unwrap() > 0.0);
+    // Successes are timed apart from refusals.
+    assert_eq!(count(&r["latency_ok"]["count"]), ok);
+    assert_eq!(count(&r["latency_failed"]["count"]), unauthenticated);
+    // The page: self-contained (nothing fetched), both charts, both splits.
+    let html = std::fs::read_to_string(&page).unwrap();
+    assert!(html.starts_with("<!doctype html>") && html.trim_end().ends_with("</html>"));
+    for fetch in ["<script", "src=", "href=", "@import"] {
+        assert!(!html.contains(fetch), "the page fetches nothing: {fetch}");
+    }
+    for part in [
+        "Latency of successes, per second",
+        "Requests per second",
+        "By region",
+        "By tenant",
+        ">stranger<",
+        ">east<",
+    ] {
+        assert!(html.contains(part), "the page shows {part}");
+    }
     let (small, large) = (
         count(&tenants["small"]["requests"]),
         count(&tenants["large"]["requests"]),

@@ -7,7 +7,6 @@
 //! omission). `--concurrency N` switches to a closed loop of N workers, to
 //! find the saturation throughput.
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,9 +22,13 @@ use rand::distr::Distribution;
 use rand::distr::weighted::WeightedIndex;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use serde::Serialize;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
+
+mod html;
+mod report;
+
+use report::{Finished, Report, Tally};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Mode {
@@ -94,6 +97,10 @@ struct Args {
     /// Write the report as JSON here ("-" for stdout).
     #[arg(long)]
     json: Option<String>,
+    /// Also write the report as a self-contained HTML page here (latency
+    /// over time, the split by region and by tenant).
+    #[arg(long)]
+    html: Option<std::path::PathBuf>,
     /// No live progress line.
     #[arg(long)]
     quiet: bool,
@@ -130,48 +137,6 @@ fn parse_tenant(s: &str) -> Result<Tenant, String> {
         authorization,
         weight,
     })
-}
-
-#[derive(Default)]
-struct Tally {
-    latencies_us: Vec<u32>,
-    codes: BTreeMap<String, u64>,
-    regions: BTreeMap<String, (u64, u64)>,
-    tenants: BTreeMap<String, (u64, u64)>,
-}
-
-#[derive(Serialize)]
-struct Percentiles {
-    p50_ms: f64,
-    p90_ms: f64,
-    p99_ms: f64,
-    p999_ms: f64,
-    max_ms: f64,
-}
-
-#[derive(Serialize)]
-struct Split {
-    requests: u64,
-    tokens: u64,
-    share_of_tokens: f64,
-}
-
-#[derive(Serialize)]
-struct Report {
-    target: String,
-    mode: String,
-    offered_rate: Option<f64>,
-    concurrency: Option<usize>,
-    measured_seconds: f64,
-    sent: u64,
-    ok: u64,
-    dropped_by_client: u64,
-    throughput_ok_per_sec: f64,
-    latency: Percentiles,
-    status_codes: BTreeMap<String, u64>,
-    regions: BTreeMap<String, Split>,
-    tenants: BTreeMap<String, Split>,
-    rss_kib: Vec<u64>,
 }
 
 enum Client {
@@ -271,26 +236,20 @@ impl Shared {
         if !counted {
             return;
         }
-        let mut t = self.tally.lock();
-        t.latencies_us
-            .push(latency.as_micros().min(u32::MAX as u128) as u32);
         let code = match &result {
             Ok(_) => "Ok".to_string(),
             Err(s) => format!("{:?}", s.code()),
         };
-        *t.codes.entry(code).or_default() += 1;
-        if let Ok((region, tokens)) = result {
-            if !region.is_empty() {
-                let e = t.regions.entry(region).or_default();
-                e.0 += 1;
-                e.1 += tokens;
-            }
-            if let Some(i) = work.tenant {
-                let e = t.tenants.entry(self.args.tenants[i].name.clone()).or_default();
-                e.0 += 1;
-                e.1 += tokens;
-            }
-        }
+        self.tally.lock().record(Finished {
+            at_ms: due
+                .saturating_duration_since(self.start)
+                .as_millis()
+                .min(u32::MAX as u128) as u32,
+            latency_us: latency.as_micros().min(u32::MAX as u128) as u32,
+            code,
+            served: result.ok(),
+            tenant: work.tenant.map(|i| self.args.tenants[i].name.as_str()),
+        });
     }
 }
 
@@ -303,30 +262,6 @@ fn rss_kib(pid: u32) -> Option<u64> {
         .nth(1)?
         .parse()
         .ok()
-}
-
-fn percentile(sorted: &[u32], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
-    sorted[i] as f64 / 1000.0
-}
-
-fn splits(m: &BTreeMap<String, (u64, u64)>) -> BTreeMap<String, Split> {
-    let total: u64 = m.values().map(|v| v.1).sum();
-    m.iter()
-        .map(|(k, (n, t))| {
-            (
-                k.clone(),
-                Split {
-                    requests: *n,
-                    tokens: *t,
-                    share_of_tokens: if total > 0 { *t as f64 / total as f64 } else { 0.0 },
-                },
-            )
-        })
-        .collect()
 }
 
 async fn connect(args: &Args) -> anyhow::Result<Vec<Client>> {
@@ -373,7 +308,10 @@ async fn main() -> anyhow::Result<()> {
     let shared = Arc::new(Shared {
         clients,
         tenant_pick,
-        tally: Mutex::new(Tally::default()),
+        tally: Mutex::new(Tally {
+            samples: args.html.is_some().then(Vec::new),
+            ..Tally::default()
+        }),
         sent: AtomicU64::new(0),
         ok: AtomicU64::new(0),
         failed: AtomicU64::new(0),
@@ -490,8 +428,8 @@ async fn main() -> anyhow::Result<()> {
     .saturating_sub(shared.args.warmup)
     .as_secs_f64();
     let mut t = std::mem::take(&mut *shared.tally.lock());
-    t.latencies_us.sort_unstable();
-    let ok = t.codes.get("Ok").copied().unwrap_or(0);
+    let f = t.figures();
+    let ok = f.status_codes.get("Ok").copied().unwrap_or(0);
     let report = Report {
         target: shared.args.target.clone(),
         mode: format!("{:?}", shared.args.mode).to_lowercase(),
@@ -507,23 +445,23 @@ async fn main() -> anyhow::Result<()> {
                 .duration
                 .saturating_sub(shared.args.warmup)
                 .as_secs_f64(),
-        latency: Percentiles {
-            p50_ms: percentile(&t.latencies_us, 0.50),
-            p90_ms: percentile(&t.latencies_us, 0.90),
-            p99_ms: percentile(&t.latencies_us, 0.99),
-            p999_ms: percentile(&t.latencies_us, 0.999),
-            max_ms: t.latencies_us.last().map_or(0.0, |v| *v as f64 / 1000.0),
-        },
-        status_codes: t.codes,
-        regions: splits(&t.regions),
-        tenants: splits(&t.tenants),
+        latency: f.latency,
+        latency_ok: f.latency_ok,
+        latency_failed: f.latency_failed,
+        status_codes: f.status_codes,
+        regions: f.regions,
+        tenants: f.tenants,
         rss_kib: std::mem::take(&mut *rss.lock()),
     };
     // With the JSON on stdout, the report for people goes to stderr.
     if shared.args.json.as_deref() == Some("-") {
-        print_report(&mut std::io::stderr(), &report)?;
+        report::print(&mut std::io::stderr(), &report)?;
     } else {
-        print_report(&mut std::io::stdout(), &report)?;
+        report::print(&mut std::io::stdout(), &report)?;
+    }
+    if let Some(path) = &shared.args.html {
+        let page = html::page(&report, t.samples.as_deref().unwrap_or_default());
+        std::fs::write(path, page).with_context(|| format!("writing {}", path.display()))?;
     }
     if let Some(path) = &shared.args.json {
         let text = serde_json::to_string_pretty(&report)?;
@@ -532,47 +470,6 @@ async fn main() -> anyhow::Result<()> {
         } else {
             std::fs::write(path, text).with_context(|| format!("writing {path}"))?;
         }
-    }
-    Ok(())
-}
-
-fn print_report(out: &mut dyn Write, r: &Report) -> std::io::Result<()> {
-    let load = match (r.offered_rate, r.concurrency) {
-        (_, Some(c)) => format!("closed loop, {c} workers"),
-        (Some(rate), None) => format!("open loop, {rate:.0} requests/s offered"),
-        _ => String::new(),
-    };
-    writeln!(out, "target      {} ({}, {load})", r.target, r.mode)?;
-    writeln!(
-        out,
-        "requests    {} sent, {} ok, {} dropped by the client; {:.1} ok/s over {:.1} s",
-        r.sent, r.ok, r.dropped_by_client, r.throughput_ok_per_sec, r.measured_seconds
-    )?;
-    writeln!(
-        out,
-        "latency     p50 {:.3} ms  p90 {:.3} ms  p99 {:.3} ms  p99.9 {:.3} ms  max {:.3} ms",
-        r.latency.p50_ms, r.latency.p90_ms, r.latency.p99_ms, r.latency.p999_ms, r.latency.max_ms
-    )?;
-    writeln!(out, "status      {:?}", r.status_codes)?;
-    for (name, splits) in [("region", &r.regions), ("tenant", &r.tenants)] {
-        for (k, s) in splits {
-            writeln!(
-                out,
-                "{name:<11} {k:<16} {:>8} requests {:>12} tokens {:>6.1} %",
-                s.requests,
-                s.tokens,
-                100.0 * s.share_of_tokens
-            )?;
-        }
-    }
-    if let (Some(first), Some(max), Some(min)) =
-        (r.rss_kib.first(), r.rss_kib.iter().max(), r.rss_kib.iter().min())
-    {
-        writeln!(
-            out,
-            "rss         first {first} KiB, min {min} KiB, max {max} KiB over {} samples",
-            r.rss_kib.len()
-        )?;
     }
     Ok(())
 }
