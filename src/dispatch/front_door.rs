@@ -133,7 +133,7 @@ impl Snapshot {
                 ),
             )]));
         };
-        if !r.origin_region.is_empty() && !self.regions.iter().any(|n| *n == r.origin_region) {
+        if !r.origin_region.is_empty() && !self.regions.contains(&r.origin_region) {
             // A typo would silently lose the locality preference.
             return Err(DispatchError::InvalidArgument(vec![Violation::new(
                 "origin_region",
