@@ -11,9 +11,11 @@ const WIDTH: f64 = 900.0;
 const HEIGHT: f64 = 220.0;
 const PAD: f64 = 40.0;
 
-/// Per whole second of the run: (p50 ms, p99 ms) of successes, successes,
-/// failures.
-fn per_second(samples: &[Sample]) -> Vec<(Option<(f64, f64)>, u64, u64)> {
+/// One whole second of the run: (p50 ms, p99 ms) of its successes (none
+/// without any), successes, failures.
+type Second = (Option<(f64, f64)>, u64, u64);
+
+fn per_second(samples: &[Sample]) -> Vec<Second> {
     let seconds = samples
         .iter()
         .map(|s| s.at_ms / 1000)
