@@ -141,8 +141,15 @@ fn toml_syntax(cause: &str) -> String {
         .and_then(|l| l.split_once(" at "))
         .map(|(_, at)| at.to_string());
     let what = lines.last().copied().unwrap_or("");
-    match at {
-        Some(at) if lines.len() > 1 => format!("not valid TOML at {at}: {what}"),
+    // The snippet's line of the file ("6 | key = value"), quoted short.
+    let text = lines.iter().find_map(|l| {
+        let (n, rest) = l.split_once(" | ")?;
+        n.trim().parse::<u64>().ok()?;
+        Some(crate::excerpt::truncate(rest.trim(), 80).into_owned())
+    });
+    match (at, text) {
+        (Some(at), Some(text)) if lines.len() > 1 => format!("not valid TOML at {at} (`{text}`): {what}"),
+        (Some(at), None) if lines.len() > 1 => format!("not valid TOML at {at}: {what}"),
         _ => format!("not valid TOML: {}", lines.join(" ")),
     }
 }
@@ -208,7 +215,7 @@ mod tests {
         assert_eq!(e.key, "");
         assert_eq!(
             e.problem,
-            "not valid TOML at line 2, column 12: string values must be quoted, expected literal string"
+            "not valid TOML at line 2, column 12 (`endpoint =`): string values must be quoted, expected literal string"
         );
         assert!(!e.to_string().contains('\n'), "{e}");
     }
