@@ -267,3 +267,54 @@ pub(super) fn validate_identities(
     }
     Ok(identities)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(dir: &Path, text: &str) -> Result<Config, ConfigError> {
+        super::super::parse_dispatcher(text, &dir.join("dispatcher.toml"), Some(Default::default()))
+    }
+
+    const BASE: &str = "[auth]\nallow_anonymous = true\n[[models]]\nname = \"m\"\n";
+
+    #[test]
+    fn bad_tls_files_name_the_file_and_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("cert.pem"), "not a certificate").unwrap();
+        let err = parse(
+            dir.path(),
+            &format!("[server.tls]\ncert_file = \"cert.pem\"\nkey_file = \"key.pem\"\n{BASE}"),
+        )
+        .unwrap_err();
+        assert_eq!(err.key, "server.tls.cert_file");
+        assert!(err.problem.contains("cert.pem"), "{}", err.problem);
+        assert!(err.file.ends_with("dispatcher.toml"));
+        let err = parse(
+            dir.path(),
+            &format!("[server.tls]\ncert_file = \"cert.pem\"\nclient_auth = \"sometimes\"\n{BASE}"),
+        )
+        .unwrap_err();
+        assert_eq!(err.key, "server.tls.key_file");
+    }
+
+    #[test]
+    fn exposure_is_refused_off_loopback_unless_allowed() {
+        let dir = tempfile::tempdir().unwrap();
+        let loopback: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let any: SocketAddr = "0.0.0.0:1".parse().unwrap();
+        let open = parse(dir.path(), BASE).unwrap();
+        assert!(exposure_problems(&open, loopback, None).is_empty());
+        let problems = exposure_problems(&open, any, None);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0].contains("admin.allow_open_on_network"));
+        assert!(problems[1].contains("auth.allow_anonymous_on_network"));
+        assert_eq!(exposure_problems(&open, any, Some(loopback)).len(), 1);
+        let allowed = parse(
+            dir.path(),
+            "[admin]\nallow_open_on_network = true\n[auth]\nallow_anonymous = true\nallow_anonymous_on_network = true\n[[models]]\nname = \"m\"\n",
+        )
+        .unwrap();
+        assert!(exposure_problems(&allowed, any, None).is_empty());
+    }
+}
