@@ -21,7 +21,10 @@ ms_per_1k_tokens = 1
 "#;
 
 /// Runs the dispatcher on a non-loopback address and returns its exit code
-/// and standard error. The refusal comes before anything binds.
+/// and standard error. The refusal comes before anything binds; the
+/// address (TEST-NET-1, documentation only) is on no interface here, so a
+/// dispatcher that did not refuse fails to bind instead of serving a
+/// network (and the test fails on the exit code, it does not hang).
 fn start_exposed(extra: &str) -> (Option<i32>, String) {
     let dir = ConfigDir::new(&format!("[[models]]\nname = \"gpt-4o\"\n{extra}"));
     dir.write_region("sim", REGION);
@@ -30,7 +33,7 @@ fn start_exposed(extra: &str) -> (Option<i32>, String) {
             "--config",
             dir.config().to_str().unwrap(),
             "--listen",
-            "0.0.0.0:0",
+            "192.0.2.1:50051",
         ])
         .output()
         .unwrap();
