@@ -17,7 +17,7 @@ use common::{ConfigDir, Proc, dispatcher, eventually, tools};
 use dispatcher::dispatch::hash_key;
 use dispatcher::pb;
 use dispatcher::pb::dispatcher_client::DispatcherClient;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 const REGION: &str = r#"
 name = "sim"
@@ -216,8 +216,13 @@ fn grpcurl_over_tls_and_mtls_an_identity_is_its_tenant_with_its_limits() {
     );
 }
 
-#[test]
-fn untrusted_or_expired_client_certificates_are_refused() {
+/// grpcurl (grpc-go) withholds a certificate the server's CA list does not
+/// cover, so its untrusted caller arrives without one (UNAUTHENTICATED); an
+/// expired one it sends, and the handshake refuses it. A rustls client
+/// sends the untrusted certificate, and the handshake refuses it even with
+/// a valid bearer key beside it.
+#[tokio::test]
+async fn untrusted_or_expired_client_certificates_are_refused() {
     let s = setup();
     let ca = s.server_ca.cert.to_str().unwrap();
     let other = Ca::new(&s.path, "other-ca");
@@ -244,6 +249,31 @@ fn untrusted_or_expired_client_certificates_are_refused() {
             !text(&out).contains("\"region\""),
             "nothing was dispatched: {}",
             text(&out)
+        );
+    }
+    for pair in [&untrusted, &expired] {
+        dispatcher::tls::install_provider();
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(std::fs::read(&s.server_ca.cert).unwrap()))
+            .identity(Identity::from_pem(
+                std::fs::read(&pair.cert).unwrap(),
+                std::fs::read(&pair.key).unwrap(),
+            ))
+            .domain_name("localhost");
+        let channel = Channel::from_shared(format!("https://{}", s.proc.addr))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect_lazy();
+        let refused = DispatcherClient::new(channel)
+            .route(beta(route_request()))
+            .await
+            .unwrap_err();
+        assert_ne!(
+            refused.code(),
+            tonic::Code::Unauthenticated,
+            "{}: refused at the handshake, before any call: {refused:?}",
+            pair.cert.display()
         );
     }
     // The same name from the trusted CA, in date, is served.
