@@ -169,14 +169,17 @@ pub(super) fn validate_region_tls(
             ),
         )
     })?;
-    let key = if ca_file.is_some() { "tls.ca_file" } else { "tls" };
+    // Each file on its own first, so the error names its key.
+    if let Some(ca) = &ca_file {
+        crate::tls::read_roots(ca).map_err(|e| c.err("tls.ca_file", e))?;
+    }
+    if let Some((cert, key)) = identity {
+        crate::tls::read_certs(cert).map_err(|e| c.err("tls.cert_file", e))?;
+        crate::tls::read_identity(cert, key).map_err(|e| c.err("tls.key_file", e))?;
+    }
     let config = crate::tls::client::client_config(ca_file.as_deref(), identity).map_err(|e| {
-        let key = if e.contains("ca") || ca_file.is_none() {
-            key
-        } else {
-            "tls.cert_file"
-        };
-        c.err(key, e)
+        // Left: the system's roots (no ca_file) or the builder itself.
+        c.err(if ca_file.is_none() { "tls.ca_file" } else { "tls" }, e)
     })?;
     let mut hash = Sha256::new();
     for path in [&ca_file, &cert_file, &key_file].into_iter().flatten() {
@@ -296,6 +299,33 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err.key, "server.tls.key_file");
+    }
+
+    #[test]
+    fn region_tls_errors_name_the_region_file_and_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("east.toml");
+        let models = parse(dir.path(), BASE).unwrap().models;
+        let region = |endpoint: &str, tls: &str| {
+            super::super::parse_region(
+                &format!(
+                    "endpoint = \"{endpoint}\"\n[[models]]\nname = \"m\"\ntokens_per_minute = 1\nrequests_per_minute = 1\n{tls}"
+                ),
+                &file,
+                &models,
+            )
+        };
+        let err = region("https://127.0.0.1:1", "[tls]\nca_file = \"missing.pem\"\n").unwrap_err();
+        assert_eq!(
+            (err.file.as_path(), err.key.as_str()),
+            (file.as_path(), "tls.ca_file")
+        );
+        assert!(err.problem.contains("missing.pem"), "{}", err.problem);
+        let err = region("https://127.0.0.1:1", "[tls]\ncert_file = \"c.pem\"\n").unwrap_err();
+        assert_eq!(err.key, "tls.key_file");
+        let err = region("http://127.0.0.1:1", "[tls]\n").unwrap_err();
+        assert_eq!(err.key, "tls");
+        assert!(region("http://127.0.0.1:1", "").unwrap().tls.is_none());
     }
 
     #[test]
