@@ -181,6 +181,12 @@ impl Runtime {
         if next.server.connections != self.config.server.connections {
             needs_restart.push("server connection limits (max_connections, timeouts, keepalive)".into());
         }
+        if next.server.tls != self.config.server.tls
+            || next.server.admin_listen != self.config.server.admin_listen
+        {
+            // The certificate files' contents reload by themselves.
+            needs_restart.push("server.tls or server.admin_listen (listener settings)".into());
+        }
         if next.cluster != self.config.cluster {
             needs_restart.push("cluster (Redis and quota sharing settings)".into());
         }
@@ -188,6 +194,26 @@ impl Runtime {
         next.cluster = self.config.cluster.clone();
         next.server.listen = self.config.server.listen;
         next.server.connections = self.config.server.connections;
+        next.server.tls = self.config.server.tls.clone();
+        next.server.admin_listen = self.config.server.admin_listen;
+        // A reload cannot open what start-up would have refused to.
+        let exposed = crate::config::exposure_problems(
+            &next,
+            self.config.server.listen,
+            self.config.server.admin_listen,
+        );
+        if !exposed.is_empty() {
+            return Reload {
+                dry_run,
+                applied: false,
+                changes: Vec::new(),
+                errors: exposed
+                    .into_iter()
+                    .map(|p| crate::config::ConfigError::new(&self.config.path, "", p))
+                    .collect(),
+                needs_restart,
+            };
+        }
         next.telemetry = self.config.telemetry.clone();
         let changes = crate::config::changes(&self.config, &next);
         if dry_run {

@@ -9,7 +9,11 @@
 //! latency the dispatcher adds (docs/PERFORMANCE.md).
 //!
 //! How the connection's bytes travel is the connector's business
-//! (`connector.rs`): TCP in production, in memory in the engine's tests.
+//! (`connector.rs`): TCP in production, in memory in the engine's tests;
+//! for an `https://` endpoint the connection wraps them in TLS with the
+//! region's `[tls]`. The health checks use the same connection
+//! (`ClusterPool::health_client`), so they judge exactly the path work
+//! takes and cannot disagree with it about certificates.
 
 mod connector;
 
@@ -27,7 +31,9 @@ use tonic::Code;
 use tonic::body::Body;
 use tonic::transport::Uri;
 
+use crate::config::RegionTls;
 use crate::pb::agent_cluster_client::AgentClusterClient;
+use tonic_health::pb::health_client::HealthClient;
 
 pub use connector::{Connecting, Connector, Io, Tcp, Transport, tcp};
 
@@ -46,6 +52,8 @@ struct ConnectionState {
     /// host:port
     authority: String,
     connector: Arc<dyn Connector>,
+    /// For `https://`: the region's TLS client settings.
+    tls: Option<crate::tls::client::ClientTls>,
     /// Read on every request, under a lock never held across an await.
     link: parking_lot::Mutex<Link>,
     /// Held while a connection is being opened: one attempt at a time.
@@ -74,15 +82,23 @@ impl Link {
 }
 
 impl Connection {
-    fn new(uri: &Uri, connector: Arc<dyn Connector>) -> Result<Self, String> {
+    fn new(
+        uri: &Uri,
+        connector: Arc<dyn Connector>,
+        tls: Option<crate::tls::client::ClientTls>,
+    ) -> Result<Self, String> {
         let authority = uri.authority().ok_or("no host:port")?.to_string();
-        if uri.scheme_str() != Some("http") {
-            return Err("only plaintext http:// endpoints are supported".into());
+        match (uri.scheme_str(), &tls) {
+            (Some("http"), None) | (Some("https"), Some(_)) => {}
+            (Some("https"), None) => return Err("an https:// endpoint needs TLS settings".into()),
+            (Some("http"), Some(_)) => return Err("TLS settings for a plaintext http:// endpoint".into()),
+            _ => return Err("only http:// and https:// endpoints are supported".into()),
         }
         Ok(Self {
             shared: Arc::new(ConnectionState {
                 authority,
                 connector,
+                tls,
                 link: parking_lot::Mutex::new(Link::default()),
                 connecting: tokio::sync::Mutex::new(()),
                 #[cfg(test)]
@@ -138,13 +154,24 @@ impl Connection {
 
     /// Opens a new HTTP/2 connection and starts its task.
     async fn open(&self) -> Result<SendRequest<Body>, String> {
-        let stream = tokio::time::timeout(
-            CONNECT_TIMEOUT,
-            self.shared.connector.connect(&self.shared.authority),
-        )
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, async {
+            let stream = self
+                .shared
+                .connector
+                .connect(&self.shared.authority)
+                .await
+                .map_err(|e| e.to_string())?;
+            match &self.shared.tls {
+                None => Ok(stream),
+                Some(tls) => tls
+                    .connect(stream)
+                    .await
+                    .map(Transport::other)
+                    .map_err(|e| format!("TLS handshake: {e}")),
+            }
+        })
         .await
-        .map_err(|_| format!("no answer within {CONNECT_TIMEOUT:?}"))?
-        .map_err(|e| e.to_string())?;
+        .map_err(|_| format!("no answer within {CONNECT_TIMEOUT:?}"))??;
         let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(30))
@@ -191,8 +218,18 @@ impl tonic::codegen::Service<http::Request<Body>> for Connection {
 }
 
 pub struct ClusterPool {
-    clients: RwLock<HashMap<Arc<str>, (String, ClusterClient)>>,
+    clients: RwLock<HashMap<Arc<str>, Entry>>,
     connector: Arc<dyn Connector>,
+}
+
+/// One region's connection and what it was made from.
+#[derive(Clone)]
+struct Entry {
+    endpoint: String,
+    tls: Option<RegionTls>,
+    uri: Uri,
+    connection: Connection,
+    client: ClusterClient,
 }
 
 impl Default for ClusterPool {
@@ -215,19 +252,25 @@ impl ClusterPool {
         }
     }
 
-    /// Makes the pool serve exactly these `(region, endpoint)` pairs. Channels
-    /// whose endpoint did not change are kept (with their connections).
-    pub fn set(&self, endpoints: &[(String, String)]) -> Result<(), String> {
+    /// Makes the pool serve exactly these `(region, endpoint)` pairs, each
+    /// with its region's TLS settings (`tls`). Connections whose endpoint and
+    /// TLS settings did not change are kept.
+    pub fn set(
+        &self,
+        endpoints: &[(String, String)],
+        tls: impl Fn(&str) -> Option<RegionTls>,
+    ) -> Result<(), String> {
         let mut next = HashMap::with_capacity(endpoints.len());
         {
             let current = self.clients.read();
             for (region, endpoint) in endpoints {
-                let client = match current.get(region.as_str()) {
-                    Some((e, client)) if e == endpoint => client.clone(),
-                    _ => connect(endpoint, &self.connector)
+                let tls = tls(region);
+                let entry = match current.get(region.as_str()) {
+                    Some(e) if e.endpoint == *endpoint && e.tls == tls => e.clone(),
+                    _ => connect(endpoint, tls, &self.connector)
                         .map_err(|e| format!("region {region}: endpoint {endpoint:?}: {e}"))?,
                 };
-                next.insert(Arc::from(region.as_str()), (endpoint.clone(), client));
+                next.insert(Arc::from(region.as_str()), entry);
             }
         }
         *self.clients.write() = next;
@@ -235,18 +278,33 @@ impl ClusterPool {
     }
 
     pub fn get(&self, region: &str) -> Option<ClusterClient> {
-        self.clients.read().get(region).map(|(_, c)| c.clone())
+        self.clients.read().get(region).map(|e| e.client.clone())
     }
 
     pub fn endpoint(&self, region: &str) -> Option<String> {
-        self.clients.read().get(region).map(|(e, _)| e.clone())
+        self.clients.read().get(region).map(|e| e.endpoint.clone())
+    }
+
+    /// A `grpc.health.v1` client over the region's own connection.
+    pub fn health_client(&self, region: &str) -> Option<HealthClient<Connection>> {
+        self.clients
+            .read()
+            .get(region)
+            .map(|e| HealthClient::with_origin(e.connection.clone(), e.uri.clone()))
     }
 }
 
-fn connect(endpoint: &str, connector: &Arc<dyn Connector>) -> Result<ClusterClient, String> {
+fn connect(endpoint: &str, tls: Option<RegionTls>, connector: &Arc<dyn Connector>) -> Result<Entry, String> {
     let uri: Uri = endpoint.parse().map_err(|e| format!("{e}"))?;
-    let connection = Connection::new(&uri, connector.clone())?;
-    Ok(AgentClusterClient::with_origin(connection, uri).max_decoding_message_size(usize::MAX))
+    let connection = Connection::new(&uri, connector.clone(), tls.as_ref().map(|t| t.client.clone()))?;
+    Ok(Entry {
+        endpoint: endpoint.to_string(),
+        tls,
+        client: AgentClusterClient::with_origin(connection.clone(), uri.clone())
+            .max_decoding_message_size(usize::MAX),
+        uri,
+        connection,
+    })
 }
 
 /// What a cluster's error means for quota, load and retries.
@@ -347,7 +405,7 @@ mod tests {
         let uri: Uri = format!("http://{}", listener.local_addr().unwrap())
             .parse()
             .unwrap();
-        let connection = Connection::new(&uri, tcp()).unwrap();
+        let connection = Connection::new(&uri, tcp(), None).unwrap();
         let callers: Vec<_> = (0..4)
             .map(|_| {
                 let c = connection.clone();
@@ -381,13 +439,17 @@ mod tests {
     #[tokio::test]
     async fn keeps_channels_whose_endpoint_did_not_change() {
         let pool = ClusterPool::new();
-        pool.set(&[("a".into(), "http://127.0.0.1:1".into())]).unwrap();
+        pool.set(&[("a".into(), "http://127.0.0.1:1".into())], |_| None)
+            .unwrap();
         assert!(pool.get("a").is_some());
         assert!(pool.get("b").is_none());
-        let err = pool.set(&[("b".into(), "not a uri at all".into())]).unwrap_err();
+        let err = pool
+            .set(&[("b".into(), "not a uri at all".into())], |_| None)
+            .unwrap_err();
         assert!(err.contains("region b"), "{err}");
         assert!(pool.get("a").is_some(), "a failed update changes nothing");
-        pool.set(&[("b".into(), "http://127.0.0.1:2".into())]).unwrap();
+        pool.set(&[("b".into(), "http://127.0.0.1:2".into())], |_| None)
+            .unwrap();
         assert!(pool.get("a").is_none());
         assert_eq!(pool.endpoint("b").as_deref(), Some("http://127.0.0.1:2"));
     }

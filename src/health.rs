@@ -11,10 +11,8 @@ use std::time::Duration;
 
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Endpoint;
 use tonic_health::ServingStatus;
 use tonic_health::pb::health_check_response::ServingStatus as Status;
-use tonic_health::pb::health_client::HealthClient;
 use tonic_health::server::HealthReporter;
 
 use crate::config::{Config, HealthConfig};
@@ -163,27 +161,22 @@ async fn check_loop(
     healthy: bool,
     cancel: CancellationToken,
 ) {
-    let channel = match Endpoint::from_shared(endpoint.clone()) {
-        Ok(e) => e
-            .connect_timeout(config.timeout)
-            .timeout(config.timeout)
-            .connect_lazy(),
-        Err(e) => {
-            tracing::error!(%region, %endpoint, error = %e, "cannot health-check this endpoint");
-            return;
-        }
-    };
-    let mut client = HealthClient::new(channel);
     let mut tracker =
         HealthTracker::new(config.healthy_threshold, config.unhealthy_threshold).starting_at(healthy);
     let mut tick = tokio::time::interval(config.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut told_no_health_service = false;
+    let mut last_failure = String::new();
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
+        // The region's forwarding connection (and so its TLS settings):
+        // what the check judges is the path work takes.
+        let Some(mut client) = engine.health_client(&region) else {
+            continue;
+        };
         let check = client.check(tonic_health::pb::HealthCheckRequest {
             service: String::new(),
         });
@@ -205,6 +198,7 @@ async fn check_loop(
             }
             Verdict::Failed(why) => {
                 tracing::debug!(%region, %why, "health check failed");
+                last_failure = why;
                 false
             }
         };
@@ -215,7 +209,9 @@ async fn check_loop(
             if healthy {
                 tracing::info!(%region, "region healthy again ({} checks passed)", config.healthy_threshold);
             } else {
-                tracing::warn!(%region, "region unhealthy ({} health checks failed in a row)", config.unhealthy_threshold);
+                // The last failure says why (a certificate the region's CA
+                // does not vouch for reads "invalid peer certificate: ...").
+                tracing::warn!(%region, %endpoint, last_failure = %crate::excerpt::truncate(&last_failure, 512), "region unhealthy ({} health checks failed in a row)", config.unhealthy_threshold);
             }
         }
     }

@@ -19,6 +19,7 @@ pub mod state;
 pub mod telemetry;
 #[cfg(test)]
 mod testing;
+pub mod tls;
 
 /// Generated protobuf and gRPC code for `dispatch.v1`.
 pub mod pb {

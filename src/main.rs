@@ -41,6 +41,8 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // ring, the one rustls crypto provider in this binary (DESIGN §13).
+    dispatcher::tls::install_provider();
     if let Some(Command::HashKey) = args.command {
         let mut key = String::new();
         std::io::stdin().read_line(&mut key)?;
@@ -74,6 +76,19 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     let listen = args.listen.unwrap_or(config.server.listen);
+    let admin_listen = config.server.admin_listen;
+    let exposed = config::exposure_problems(&config, listen, admin_listen);
+    if !exposed.is_empty() {
+        eprintln!("dispatcher: refusing to start:\n{}", exposed.join("\n"));
+        std::process::exit(2);
+    }
+    let tls = match &config.server.tls {
+        None => None,
+        Some(t) => Some(
+            dispatcher::tls::server::ServerTls::new(t)
+                .map_err(|e| anyhow::anyhow!("server.tls in {}: {e}", args.config.display()))?,
+        ),
+    };
     let regions: Vec<String> = config.regions.iter().map(|r| r.spec.name.clone()).collect();
     let strategy = config.routing.strategy;
     let mut runtime = Runtime::start(config).await.map_err(anyhow::Error::msg)?;
@@ -99,11 +114,24 @@ async fn main() -> anyhow::Result<()> {
         tracing::info!(addr = %bound, "serving Prometheus metrics at /metrics");
         println!("metrics listening on {bound}");
     }
+    let admin_listener = match admin_listen {
+        None => None,
+        Some(a) => {
+            let l = tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("binding the admin listener {a} (server.admin_listen)"))?;
+            let bound = l.local_addr()?;
+            tracing::info!(addr = %bound, "serving the Admin API on its own listener");
+            println!("admin listening on {bound}");
+            Some(l)
+        }
+    };
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding {listen}"))?;
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, ?regions, %strategy, "dispatcher serving");
+    let reload_certs = tls.as_ref().map(|t| t.spawn_reload(stop.clone()));
+    tracing::info!(%addr, ?regions, %strategy, tls = tls.is_some(), "dispatcher serving");
     // Tests and scripts read the address from this line.
     println!("dispatcher listening on {addr}");
     std::io::stdout().flush()?;
@@ -115,7 +143,11 @@ async fn main() -> anyhow::Result<()> {
     let serve = server::serve(
         engine.clone(),
         Some(Arc::new(app::RuntimeReload(runtime.clone()))),
-        listener,
+        server::Listeners {
+            main: listener,
+            admin: admin_listener,
+            tls: tls.map(|t| t.acceptor),
+        },
         limits,
         (reporter.clone(), health),
         async move {
@@ -150,6 +182,9 @@ async fn main() -> anyhow::Result<()> {
     stop.cancel();
     let _ = pump.await;
     let _ = watch.await;
+    if let Some(task) = reload_certs {
+        let _ = task.await;
+    }
     {
         let mut runtime = runtime.lock().await;
         runtime.health.stop();

@@ -50,6 +50,15 @@ struct Args {
     capacity: Option<u32>,
     #[arg(long)]
     seed: Option<u64>,
+    /// Serve TLS with this PEM certificate (chain); needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates that chain to this PEM CA (mTLS).
+    #[arg(long, requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
     /// OTLP/gRPC collector for traces (default: $OTEL_EXPORTER_OTLP_ENDPOINT; none: no export).
     #[arg(long)]
     otlp_endpoint: Option<String>,
@@ -135,7 +144,25 @@ async fn main() -> anyhow::Result<()> {
         telemetry::init_with_otlp("region-sim", args.otlp_endpoint.as_deref()).map_err(anyhow::Error::msg)?;
     let spec = spec(&args)?;
     let region = spec.region.clone();
-    let handle = sim::spawn(spec, args.listen)
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            dispatcher::tls::install_provider();
+            let config = config::ServerTlsConfig {
+                cert_file: cert.clone(),
+                key_file: key.clone(),
+                client_ca_file: args.tls_client_ca.clone(),
+                client_auth: if args.tls_client_ca.is_some() {
+                    config::ClientAuth::Required
+                } else {
+                    config::ClientAuth::Off
+                },
+            };
+            let tls = dispatcher::tls::server::ServerTls::new(&config).map_err(anyhow::Error::msg)?;
+            Some(tls.acceptor)
+        }
+        _ => None,
+    };
+    let handle = sim::spawn_with_tls(spec, args.listen, tls)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     println!("region-sim {region} listening on {}", handle.addr);

@@ -5,6 +5,7 @@
 mod diff;
 mod load;
 mod raw;
+mod tls;
 mod validate;
 mod validate_cluster;
 mod validate_region;
@@ -21,6 +22,7 @@ use crate::core::{
 
 pub use diff::{Change, ChangeKind, changes, region_changes};
 pub use load::{load, load_regions, parse_dispatcher, parse_region};
+pub use tls::{ClientAuth, RegionTls, ServerTlsConfig, exposure_problems};
 pub use validate::MAX_NAME_LEN;
 pub use validate::parse_key_hash as validate_key_hash;
 
@@ -93,6 +95,9 @@ pub struct Config {
     pub tenants: Vec<TenantConfig>,
     /// SHA-256 of the admin token; `None`: the Admin API is open.
     pub admin_token: Option<[u8; 32]>,
+    /// `admin.allow_open_on_network`: an Admin API without a token may be
+    /// served on a non-loopback address.
+    pub admin_open_on_network: bool,
     pub telemetry: TelemetryConfig,
     /// `[cluster]`: quota shared with other replicas through Redis; `None`:
     /// one process on its own (the default).
@@ -129,13 +134,17 @@ pub struct AuthConfig {
     pub allow_anonymous: bool,
     /// The tenant anonymous callers count as.
     pub anonymous_tenant: String,
+    /// Anonymous callers may be served on a non-loopback address.
+    pub allow_anonymous_on_network: bool,
 }
 
-/// A tenant and the SHA-256 hashes of its API keys.
+/// A tenant, the SHA-256 hashes of its API keys, and the client
+/// certificate names (SANs) that also authenticate as it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TenantConfig {
     pub spec: TenantSpec,
     pub key_hashes: Vec<[u8; 32]>,
+    pub identities: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -155,6 +164,10 @@ pub struct ServerConfig {
     pub idempotency_capacity: usize,
     /// What one client connection may hold, and for how long.
     pub connections: ConnectionLimits,
+    /// The Admin API on its own listener (and not on `listen`).
+    pub admin_listen: Option<SocketAddr>,
+    /// `[server.tls]`; `None`: plaintext.
+    pub tls: Option<ServerTlsConfig>,
 }
 
 /// Bounds on client connections, so idle or silent ones cannot use up the
@@ -248,6 +261,8 @@ pub struct RegionConfig {
     pub endpoint: Option<String>,
     pub health: HealthConfig,
     pub simulate: Option<SimulateConfig>,
+    /// `[tls]` of an `https://` endpoint (`Some` for every one).
+    pub tls: Option<RegionTls>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -42,6 +42,7 @@ pub struct RawCluster {
 #[serde(deny_unknown_fields)]
 pub struct RawAdmin {
     pub token: Option<String>,
+    pub allow_open_on_network: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -57,6 +58,7 @@ pub struct RawTelemetry {
 pub struct RawAuth {
     pub allow_anonymous: Option<bool>,
     pub anonymous_tenant: Option<String>,
+    pub allow_anonymous_on_network: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -72,6 +74,9 @@ pub struct RawTenant {
     pub max_queued: Option<u32>,
     #[serde(default)]
     pub keys: Vec<String>,
+    /// Client certificate names (SANs) that authenticate as this tenant.
+    #[serde(default)]
+    pub identities: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -89,6 +94,26 @@ pub struct RawServer {
     pub idle_timeout: Option<String>,
     pub keepalive_interval: Option<String>,
     pub keepalive_timeout: Option<String>,
+    pub admin_listen: Option<String>,
+    pub tls: Option<RawServerTls>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServerTls {
+    pub cert_file: Option<String>,
+    pub key_file: Option<String>,
+    pub client_ca_file: Option<String>,
+    pub client_auth: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRegionTls {
+    pub ca_file: Option<String>,
+    pub cert_file: Option<String>,
+    pub key_file: Option<String>,
+    pub server_name: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -166,6 +191,7 @@ pub struct RawRegion {
     #[serde(default)]
     pub health: RawHealth,
     pub simulate: Option<RawSimulate>,
+    pub tls: Option<RawRegionTls>,
 }
 
 #[derive(Debug, Deserialize)]

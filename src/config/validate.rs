@@ -92,7 +92,9 @@ impl Ctx<'_> {
 
 pub fn validate_dispatcher(raw: RawDispatcher, file: &Path) -> Result<Config, ConfigError> {
     let c = Ctx { file };
-    let s = raw.server;
+    let mut s = raw.server;
+    let tls = super::tls::validate_server_tls(&c, s.tls.take())?;
+    let admin_listen = super::tls::validate_admin_listen(&c, s.admin_listen.take())?;
     let listen_text = s.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
     let listen: SocketAddr = listen_text.parse().map_err(|_| {
         c.err(
@@ -124,6 +126,8 @@ pub fn validate_dispatcher(raw: RawDispatcher, file: &Path) -> Result<Config, Co
         idempotency_capacity: c.at_least("server.idempotency_capacity", s.idempotency_capacity, 100_000, 1)?
             as usize,
         connections: validate_connections(&c, &s)?,
+        admin_listen,
+        tls,
     };
     if server.default_timeout.is_zero() {
         return Err(c.err("server.default_timeout", "must be above zero"));
@@ -309,6 +313,7 @@ pub fn validate_dispatcher(raw: RawDispatcher, file: &Path) -> Result<Config, Co
         auth,
         tenants,
         admin_token,
+        admin_open_on_network: raw.admin.allow_open_on_network.unwrap_or(false),
         telemetry: TelemetryConfig {
             otlp_endpoint,
             service_name,
@@ -330,6 +335,7 @@ fn validate_tenants(
     let auth = AuthConfig {
         allow_anonymous: auth.allow_anonymous.unwrap_or(false),
         anonymous_tenant: auth.anonymous_tenant.unwrap_or_else(|| "anonymous".into()),
+        allow_anonymous_on_network: auth.allow_anonymous_on_network.unwrap_or(false),
     };
     c.name("auth.anonymous_tenant", &auth.anonymous_tenant)?;
     let mut tenants: Vec<TenantConfig> = Vec::new();
@@ -376,6 +382,7 @@ fn validate_tenants(
             }
             key_hashes.push(hash);
         }
+        let identities = super::tls::validate_identities(c, i, t.identities, &tenants)?;
         tenants.push(TenantConfig {
             spec: TenantSpec {
                 weight,
@@ -390,6 +397,7 @@ fn validate_tenants(
                 name: t.name,
             },
             key_hashes,
+            identities,
         });
     }
     if auth.allow_anonymous && !tenants.iter().any(|t| t.spec.name == auth.anonymous_tenant) {
@@ -405,12 +413,17 @@ fn validate_tenants(
                 max_queued: DEFAULT_TENANT_MAX_QUEUED,
             },
             key_hashes: Vec::new(),
+            identities: Vec::new(),
         });
     }
-    if !auth.allow_anonymous && tenants.iter().all(|t| t.key_hashes.is_empty()) {
+    if !auth.allow_anonymous
+        && tenants
+            .iter()
+            .all(|t| t.key_hashes.is_empty() && t.identities.is_empty())
+    {
         return Err(c.err(
             "tenants",
-            "no tenant has a key and anonymous use is off: nobody could call; add keys or set auth.allow_anonymous = true",
+            "no tenant has a key or identity and anonymous use is off: nobody could call; add keys or set auth.allow_anonymous = true",
         ));
     }
     Ok((auth, tenants))

@@ -44,6 +44,10 @@ pub fn validate_region(
         None => None,
         Some(e) => Some(validate_endpoint(&c, e)?),
     };
+    let uri = endpoint
+        .as_deref()
+        .and_then(|e| e.parse::<tonic::transport::Uri>().ok());
+    let tls = super::tls::validate_region_tls(&c, raw.tls, uri.as_ref())?;
     let simulate = raw.simulate.map(|s| validate_simulate(&c, s)).transpose()?;
     if endpoint.is_none() && simulate.is_none() {
         return Err(c.err(
@@ -62,6 +66,7 @@ pub fn validate_region(
         endpoint,
         health: validate_health(&c, raw.health)?,
         simulate,
+        tls,
     })
 }
 
@@ -123,16 +128,15 @@ fn validate_region_model(
 }
 
 fn validate_endpoint(c: &Ctx<'_>, e: String) -> Result<String, ConfigError> {
-    let bad = |why: &str| c.err("endpoint", format!("{e:?} {why}; expected \"http://host:port\""));
+    let bad = |why: &str| {
+        c.err(
+            "endpoint",
+            format!("{e:?} {why}; expected \"http://host:port\" or \"https://host:port\""),
+        )
+    };
     let uri: tonic::transport::Uri = e.parse().map_err(|_| bad("is not a URI"))?;
-    match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => {
-            return Err(bad(
-                "uses https, which is not supported yet (clusters are reached in plaintext)",
-            ));
-        }
-        _ => return Err(bad("has no http scheme")),
+    if !matches!(uri.scheme_str(), Some("http" | "https")) {
+        return Err(bad("has no http or https scheme"));
     }
     if uri.host().is_none() {
         return Err(bad("has no host"));

@@ -1,13 +1,17 @@
-//! Who is calling: `authorization: Bearer <key>` → tenant. Keys are stored
-//! only as SHA-256 hashes and compared in constant time; a key never reaches
-//! a log line or a trace.
+//! Who is calling: `authorization: Bearer <key>` → tenant, or a verified
+//! client certificate (mTLS) whose name (a SAN) a tenant lists in its
+//! `identities`; both kinds of caller in one deployment. A bearer key, when
+//! sent, is what counts. Keys are stored only as SHA-256 hashes and compared
+//! in constant time; a key never reaches a log line or a trace.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::config::Config;
+use crate::tls::identity::PeerIdentity;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
@@ -17,10 +21,31 @@ pub enum AuthError {
     Malformed,
     #[error("unknown API key")]
     Unknown,
+    #[error("the client certificate names no tenant (no tenant lists its names in `identities`)")]
+    UnknownIdentity,
+}
+
+/// What a caller presented: its `authorization` header, and the names of
+/// its client certificate (verified by the TLS handshake).
+#[derive(Debug, Clone, Default)]
+pub struct Caller {
+    pub authorization: Option<String>,
+    pub identity: PeerIdentity,
+}
+
+impl From<Option<&str>> for Caller {
+    fn from(authorization: Option<&str>) -> Self {
+        Self {
+            authorization: authorization.map(str::to_string),
+            identity: PeerIdentity::default(),
+        }
+    }
 }
 
 pub struct Auth {
     keys: Vec<([u8; 32], Arc<str>)>,
+    /// Client certificate name → tenant.
+    identities: HashMap<String, Arc<str>>,
     anonymous: Option<Arc<str>>,
 }
 
@@ -48,6 +73,15 @@ impl Auth {
                 .iter()
                 .flat_map(|t| t.key_hashes.iter().map(|h| (*h, Arc::from(t.spec.name.as_str()))))
                 .collect(),
+            identities: c
+                .tenants
+                .iter()
+                .flat_map(|t| {
+                    t.identities
+                        .iter()
+                        .map(|i| (i.clone(), Arc::from(t.spec.name.as_str())))
+                })
+                .collect(),
             anonymous: c
                 .auth
                 .allow_anonymous
@@ -55,10 +89,18 @@ impl Auth {
         }
     }
 
-    /// The tenant behind an `authorization` header value (or its absence).
-    pub fn authenticate(&self, header: Option<&str>) -> Result<Arc<str>, AuthError> {
-        let Some(header) = header else {
-            return self.anonymous.clone().ok_or(AuthError::Missing);
+    /// The tenant behind a caller's credentials: its bearer key if it sent
+    /// one, else its certificate's names, else anonymous if allowed.
+    pub fn authenticate(&self, caller: &Caller) -> Result<Arc<str>, AuthError> {
+        let Some(header) = caller.authorization.as_deref() else {
+            let names = caller.identity.names();
+            if names.is_empty() {
+                return self.anonymous.clone().ok_or(AuthError::Missing);
+            }
+            return names
+                .iter()
+                .find_map(|n| self.identities.get(n).cloned())
+                .ok_or(AuthError::UnknownIdentity);
         };
         let (scheme, key) = header.trim().split_once(' ').ok_or(AuthError::Malformed)?;
         if !scheme.eq_ignore_ascii_case("bearer") || key.trim().is_empty() {
@@ -87,26 +129,65 @@ mod tests {
                 (validate_key_hash(&hash_key("k-alpha")).unwrap(), "alpha".into()),
                 (validate_key_hash(&hash_key("k-beta")).unwrap(), "beta".into()),
             ],
+            identities: [("client-a.example".to_string(), Arc::from("alpha"))].into(),
             anonymous: anonymous.then(|| "anon".into()),
         }
+    }
+
+    fn bearer(h: &str) -> Caller {
+        Some(h).into()
+    }
+
+    fn certified(names: &[&str]) -> Caller {
+        Caller {
+            authorization: None,
+            identity: PeerIdentity(names.iter().map(|n| n.to_string()).collect()),
+        }
+    }
+
+    #[test]
+    fn certificate_names_map_to_tenants_and_a_key_wins() {
+        let a = auth(true);
+        assert_eq!(
+            a.authenticate(&certified(&["other.example", "client-a.example"]))
+                .unwrap()
+                .as_ref(),
+            "alpha"
+        );
+        assert_eq!(
+            a.authenticate(&certified(&["stranger.example"])),
+            Err(AuthError::UnknownIdentity),
+            "a certificate naming no tenant is refused, not taken as anonymous"
+        );
+        let both = Caller {
+            authorization: Some("Bearer k-beta".into()),
+            ..certified(&["client-a.example"])
+        };
+        assert_eq!(a.authenticate(&both).unwrap().as_ref(), "beta");
     }
 
     #[test]
     fn keys_map_to_tenants() {
         let a = auth(false);
-        assert_eq!(a.authenticate(Some("Bearer k-alpha")).unwrap().as_ref(), "alpha");
-        assert_eq!(a.authenticate(Some("bearer k-beta")).unwrap().as_ref(), "beta");
-        assert_eq!(a.authenticate(Some("Bearer nope")), Err(AuthError::Unknown));
-        assert_eq!(a.authenticate(Some("k-alpha")), Err(AuthError::Malformed));
-        assert_eq!(a.authenticate(Some("Basic k-alpha")), Err(AuthError::Malformed));
-        assert_eq!(a.authenticate(None), Err(AuthError::Missing));
+        assert_eq!(
+            a.authenticate(&bearer("Bearer k-alpha")).unwrap().as_ref(),
+            "alpha"
+        );
+        assert_eq!(a.authenticate(&bearer("bearer k-beta")).unwrap().as_ref(), "beta");
+        assert_eq!(a.authenticate(&bearer("Bearer nope")), Err(AuthError::Unknown));
+        assert_eq!(a.authenticate(&bearer("k-alpha")), Err(AuthError::Malformed));
+        assert_eq!(
+            a.authenticate(&bearer("Basic k-alpha")),
+            Err(AuthError::Malformed)
+        );
+        assert_eq!(a.authenticate(&Caller::default()), Err(AuthError::Missing));
     }
 
     #[test]
     fn anonymous_only_without_a_credential() {
         let a = auth(true);
-        assert_eq!(a.authenticate(None).unwrap().as_ref(), "anon");
-        assert_eq!(a.authenticate(Some("Bearer wrong")), Err(AuthError::Unknown));
+        assert_eq!(a.authenticate(&Caller::default()).unwrap().as_ref(), "anon");
+        assert_eq!(a.authenticate(&bearer("Bearer wrong")), Err(AuthError::Unknown));
     }
 
     #[test]

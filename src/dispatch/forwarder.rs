@@ -25,6 +25,11 @@ use crate::core::{Completion, Outcome, RetryBudget, Settlement, Submission};
 use crate::forward::{ClusterClient, ClusterPool, Connector, FailureKind, classify};
 use crate::pb;
 
+/// Each region's `[tls]` in `config`, by name.
+fn region_tls(config: &Config) -> impl Fn(&str) -> Option<crate::config::RegionTls> + '_ {
+    |region| config.region(region).and_then(|r| r.tls.clone())
+}
+
 pub struct Forwarder {
     pub(super) pool: ClusterPool,
     retry_budget: Mutex<RetryBudget>,
@@ -38,7 +43,7 @@ impl Forwarder {
         now: Instant,
     ) -> Result<Self, String> {
         let pool = ClusterPool::with_connector(connector);
-        pool.set(endpoints)?;
+        pool.set(endpoints, region_tls(config))?;
         let b = config.routing.retry_budget;
         Ok(Self {
             pool,
@@ -49,7 +54,7 @@ impl Forwarder {
     /// New endpoints and retry limits (after a reload). Fails without
     /// changing anything when an endpoint cannot be used.
     pub fn apply(&self, config: &Config, endpoints: &[(String, String)]) -> Result<(), String> {
-        self.pool.set(endpoints)?;
+        self.pool.set(endpoints, region_tls(config))?;
         let b = config.routing.retry_budget;
         self.retry_budget.lock().set_limits(b.ratio, b.min_per_second);
         Ok(())
@@ -57,6 +62,14 @@ impl Forwarder {
 
     pub fn endpoint(&self, region: &str) -> Option<String> {
         self.pool.endpoint(region)
+    }
+
+    /// A health client over the region's forwarding connection.
+    pub fn health_client(
+        &self,
+        region: &str,
+    ) -> Option<tonic_health::pb::health_client::HealthClient<crate::forward::Connection>> {
+        self.pool.health_client(region)
     }
 
     /// Reserves, calls the cluster with `call`, fails over on retryable

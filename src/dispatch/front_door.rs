@@ -69,10 +69,10 @@ impl Snapshot {
         }
     }
 
-    /// The tenant behind an `authorization` header (or none).
-    pub fn authenticate(&self, authorization: Option<&str>) -> Result<Arc<str>, DispatchError> {
+    /// The tenant behind a caller's credentials (or none).
+    pub fn authenticate(&self, caller: &auth::Caller) -> Result<Arc<str>, DispatchError> {
         self.auth
-            .authenticate(authorization)
+            .authenticate(caller)
             .map_err(|e| DispatchError::Unauthenticated(e.to_string()))
     }
 

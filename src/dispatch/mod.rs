@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-pub use auth::{AuthError, hash_key};
+pub use auth::{AuthError, Caller, hash_key};
 pub use desk::QuotaDesk;
 pub use error::{DispatchError, Violation};
 pub use front_door::Settings;
@@ -167,6 +167,14 @@ impl Engine {
             .view(now, |region| self.forwarder.endpoint(region).unwrap_or_default())
     }
 
+    /// A `grpc.health.v1` client over the connection work to `region` takes.
+    pub fn health_client(
+        &self,
+        region: &str,
+    ) -> Option<tonic_health::pb::health_client::HealthClient<crate::forward::Connection>> {
+        self.forwarder.health_client(region)
+    }
+
     /// The quota desk, for its named commands (drain, weight, health).
     pub fn desk(&self) -> &QuotaDesk {
         &self.desk
@@ -221,10 +229,10 @@ impl Engine {
     pub fn route(
         &self,
         r: &pb::DispatchRequest,
-        authorization: Option<&str>,
+        caller: impl Into<Caller>,
     ) -> Result<RoutePreview, DispatchError> {
         let config = self.front.snapshot();
-        let tenant = config.authenticate(authorization)?;
+        let tenant = config.authenticate(&caller.into())?;
         config.check_tenant_field(&r.tenant, &tenant)?;
         let estimate = config.check(r)?;
         let req = RouteRequest {

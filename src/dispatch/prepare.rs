@@ -79,7 +79,7 @@ impl Engine {
         config: Arc<Snapshot>,
         r: pb::DispatchRequest,
         timeout: Option<Duration>,
-        authorization: Option<&str>,
+        caller: &super::auth::Caller,
         labels: &mut Labels,
     ) -> Result<(Prepared, Lease), DispatchError> {
         if self.drain.shutting_down() {
@@ -87,7 +87,7 @@ impl Engine {
         }
         let start = crate::clock::now();
         let span = tracing::Span::current();
-        let tenant = tracing::debug_span!("authenticate").in_scope(|| config.authenticate(authorization))?;
+        let tenant = tracing::debug_span!("authenticate").in_scope(|| config.authenticate(caller))?;
         span.record("tenant", &*tenant);
         labels.tenant = Some(tenant.clone());
         config.check_tenant_field(&r.tenant, &tenant)?;

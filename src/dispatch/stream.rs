@@ -90,12 +90,13 @@ impl Engine {
         self: &Arc<Self>,
         r: pb::DispatchRequest,
         timeout: Option<Duration>,
-        authorization: Option<&str>,
+        caller: impl Into<super::auth::Caller>,
     ) -> Result<ChunkStream, DispatchError> {
+        let caller = caller.into();
         let start = crate::clock::now();
         let running = self.enter();
         let mut labels = super::prepare::Labels::default();
-        let prepared = self.prepare(self.front.snapshot(), r, timeout, authorization, &mut labels);
+        let prepared = self.prepare(self.front.snapshot(), r, timeout, &caller, &mut labels);
         let (p, mut charge) = match prepared {
             Ok(x) => x,
             Err(e) => {

@@ -8,6 +8,7 @@ use tracing::{Instrument, Span};
 use super::idempotency::Begin;
 use super::shared_ids::{self, Shared, claim_or_wait};
 
+use super::auth::Caller;
 use super::front_door::Snapshot;
 use super::prepare::Labels;
 use super::{DispatchError, Dispatched, Engine, hint_from_pb, load_from_pb};
@@ -17,25 +18,27 @@ use crate::pb;
 impl Engine {
     /// Authenticates, routes, forwards and settles one unit of work.
     /// `timeout` is the caller's deadline (the configured default when it
-    /// set none); `authorization` the caller's header. Runs in the caller's
-    /// span, whose request fields it records.
+    /// set none); `caller` its credentials (an `authorization` header, a
+    /// client certificate). Runs in the caller's span, whose request fields
+    /// it records.
     pub async fn dispatch(
         self: &Arc<Self>,
         r: pb::DispatchRequest,
         timeout: Option<Duration>,
-        authorization: Option<&str>,
+        caller: impl Into<Caller>,
     ) -> Result<Dispatched, DispatchError> {
+        let caller = caller.into();
         let running = self.enter();
         // One configuration snapshot for the whole request.
         let config = self.front.snapshot();
         if r.request_id.is_empty() || r.request_id.len() > config.settings.limits.max_request_id_bytes {
-            return self.dispatch_once(config, r, timeout, authorization).await;
+            return self.dispatch_once(config, r, timeout, &caller).await;
         }
         // A request_id is answered once per tenant: the first runs it (to
         // the end, even if its caller leaves), the others wait or replay.
-        let tenant = match config.authenticate(authorization) {
+        let tenant = match config.authenticate(&caller) {
             Ok(t) => t,
-            Err(_) => return self.dispatch_once(config, r, timeout, authorization).await,
+            Err(_) => return self.dispatch_once(config, r, timeout, &caller).await,
         };
         let id = r.request_id.clone();
         match self.idempotency.begin(&tenant, &id, crate::clock::now()) {
@@ -61,7 +64,6 @@ impl Engine {
             }
             Begin::Lead => {
                 let engine = self.clone();
-                let authorization = authorization.map(str::to_string);
                 let span = Span::current();
                 // The leader runs on after its caller leaves, and counts as
                 // running until it has answered: a shutdown waits for it.
@@ -92,7 +94,7 @@ impl Engine {
                         }
                     }
                     let answer = engine
-                        .dispatch_once(config, r, timeout, authorization.as_deref())
+                        .dispatch_once(config, r, timeout, &caller)
                         .instrument(span)
                         .await;
                     engine
@@ -118,13 +120,11 @@ impl Engine {
         config: Arc<Snapshot>,
         r: pb::DispatchRequest,
         timeout: Option<Duration>,
-        authorization: Option<&str>,
+        caller: &Caller,
     ) -> Result<Dispatched, DispatchError> {
         let start = crate::clock::now();
         let mut labels = Labels::default();
-        let result = self
-            .dispatch_inner(config, r, timeout, authorization, &mut labels)
-            .await;
+        let result = self.dispatch_inner(config, r, timeout, caller, &mut labels).await;
         labels.finish(result.as_ref().map(|_| ()), start);
         result
     }
@@ -134,10 +134,10 @@ impl Engine {
         config: Arc<Snapshot>,
         r: pb::DispatchRequest,
         timeout: Option<Duration>,
-        authorization: Option<&str>,
+        caller: &Caller,
         labels: &mut Labels,
     ) -> Result<Dispatched, DispatchError> {
-        let (p, mut lease) = self.prepare(config, r, timeout, authorization, labels)?;
+        let (p, mut lease) = self.prepare(config, r, timeout, caller, labels)?;
         let f = self
             .forwarder
             .forward(&self.desk, &p, &mut lease, |mut client, request| async move {

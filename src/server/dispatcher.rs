@@ -9,7 +9,7 @@ use tracing::Instrument;
 
 use super::status::to_status;
 use crate::core::RoutePreview;
-use crate::dispatch::{Dispatched, Engine, StreamChunk};
+use crate::dispatch::{Caller, Dispatched, Engine, StreamChunk};
 use crate::pb;
 use crate::pb::dispatcher_server::Dispatcher;
 
@@ -42,13 +42,21 @@ fn request_span(rpc: &'static str) -> tracing::Span {
     )
 }
 
-/// The `authorization` header, if any. Its value is never logged.
-fn authorization<T>(request: &Request<T>) -> Option<String> {
-    request.metadata().get("authorization").map(|v| {
-        v.to_str()
-            .map(str::to_string)
-            .unwrap_or_else(|_| "invalid".into())
-    })
+/// The caller's credentials: the `authorization` header, if any (its value
+/// is never logged), and the names of its verified client certificate.
+fn caller<T>(request: &Request<T>) -> Caller {
+    Caller {
+        authorization: request.metadata().get("authorization").map(|v| {
+            v.to_str()
+                .map(str::to_string)
+                .unwrap_or_else(|_| "invalid".into())
+        }),
+        identity: request
+            .extensions()
+            .get::<crate::tls::identity::PeerIdentity>()
+            .cloned()
+            .unwrap_or_default(),
+    }
 }
 
 fn duration(d: std::time::Duration) -> Option<prost_types::Duration> {
@@ -123,12 +131,12 @@ impl Dispatcher for DispatcherService {
         request: Request<pb::DispatchRequest>,
     ) -> Result<Response<pb::DispatchReply>, Status> {
         let timeout = crate::grpc::grpc_timeout(request.metadata());
-        let authorization = authorization(&request);
+        let caller = caller(&request);
         let span = request_span("Dispatch");
         crate::telemetry::continue_trace(&span, request.metadata());
         let r = request.into_inner();
         self.engine
-            .dispatch(r, timeout, authorization.as_deref())
+            .dispatch(r, timeout, caller)
             .instrument(span)
             .await
             .map(|d| Response::new(reply(d)))
@@ -142,13 +150,13 @@ impl Dispatcher for DispatcherService {
         request: Request<pb::DispatchRequest>,
     ) -> Result<Response<Self::DispatchStreamStream>, Status> {
         let timeout = crate::grpc::grpc_timeout(request.metadata());
-        let authorization = authorization(&request);
+        let caller = caller(&request);
         let span = request_span("DispatchStream");
         crate::telemetry::continue_trace(&span, request.metadata());
         let r = request.into_inner();
         let chunks = self
             .engine
-            .dispatch_stream(r, timeout, authorization.as_deref())
+            .dispatch_stream(r, timeout, caller)
             .instrument(span)
             .await
             .map_err(|e| to_status(&e))?;
@@ -160,10 +168,10 @@ impl Dispatcher for DispatcherService {
         &self,
         request: Request<pb::DispatchRequest>,
     ) -> Result<Response<pb::RouteDecision>, Status> {
-        let authorization = authorization(&request);
+        let caller = caller(&request);
         let r = request.into_inner();
         self.engine
-            .route(&r, authorization.as_deref())
+            .route(&r, caller)
             .map(|p| Response::new(decision(p)))
             .map_err(|e| to_status(&e))
     }

@@ -21,12 +21,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, Sleep};
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
 use crate::accept::{Accepted, Acceptor};
+use crate::tls::accept::ServerIo;
+use crate::tls::identity::PeerIdentity;
 
 /// The HTTP/2 client preface is this long; reading it ends the handshake.
 const PREFACE_BYTES: usize = 24;
@@ -84,6 +85,8 @@ impl Drop for Busy {
 pub struct ConnInfo {
     tcp: TcpConnectInfo,
     activity: Arc<Activity>,
+    /// The client certificate's names, once its TLS handshake is done.
+    peer: Arc<std::sync::OnceLock<PeerIdentity>>,
 }
 
 /// A socket that ends itself when silent or idle too long (see the module).
@@ -190,13 +193,14 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Conn<IO> {
     }
 }
 
-impl Connected for Conn<TcpStream> {
+impl Connected for Conn<ServerIo> {
     type ConnectInfo = ConnInfo;
 
     fn connect_info(&self) -> ConnInfo {
         ConnInfo {
-            tcp: self.io.connect_info(),
+            tcp: self.io.tcp_info(),
             activity: self.activity.clone(),
+            peer: self.io.peer(),
         }
     }
 }
@@ -209,20 +213,23 @@ pub struct Incoming {
     acceptor: Option<Acceptor>,
     accepting: Option<Accepting>,
     timeouts: Timeouts,
+    /// TLS for every connection, or `None` for plaintext.
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl Incoming {
-    pub fn new(acceptor: Acceptor, timeouts: Timeouts) -> Self {
+    pub fn new(acceptor: Acceptor, timeouts: Timeouts, tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
         Self {
             acceptor: Some(acceptor),
             accepting: None,
             timeouts,
+            tls,
         }
     }
 }
 
 impl tokio_stream::Stream for Incoming {
-    type Item = io::Result<Conn<TcpStream>>;
+    type Item = io::Result<Conn<ServerIo>>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         if self.accepting.is_none() {
@@ -236,11 +243,11 @@ impl tokio_stream::Stream for Incoming {
         let (acceptor, accepted) = std::task::ready!(accepting.as_mut().poll(cx));
         self.accepting = None;
         self.acceptor = Some(acceptor);
-        let mut conn = Conn::new(accepted.stream, self.timeouts, Some(accepted.slot));
-        conn.info = Some(TcpConnectInfo {
-            local_addr: conn.io.local_addr().ok(),
-            remote_addr: Some(accepted.peer),
-        });
+        // The TLS handshake, if any, runs in the connection's own task and
+        // within its handshake timeout (see `tls::accept`).
+        let io = ServerIo::new(accepted.stream, self.tls.as_ref());
+        let mut conn = Conn::new(io, self.timeouts, Some(accepted.slot));
+        conn.info = Some(conn.io.tcp_info());
         Poll::Ready(Some(Ok(conn)))
     }
 }
@@ -282,6 +289,10 @@ where
         let busy = info.map(|info| {
             // So `Request::remote_addr()` works as with tonic's own listener.
             request.extensions_mut().insert(info.tcp);
+            // Who the client certificate says the caller is (for auth).
+            if let Some(peer) = info.peer.get() {
+                request.extensions_mut().insert(peer.clone());
+            }
             info.activity.begin()
         });
         let response = self.0.call(request);

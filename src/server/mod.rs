@@ -41,13 +41,23 @@ pub fn max_message_bytes(max_payload_bytes: usize) -> usize {
         .saturating_add(MESSAGE_OVERHEAD)
 }
 
+/// Where the dispatcher listens, and how.
+pub struct Listeners {
+    /// `Dispatcher` (and `Admin` unless it has its own listener).
+    pub main: tokio::net::TcpListener,
+    /// `server.admin_listen`: the Admin API here only, so it can stay private.
+    pub admin: Option<tokio::net::TcpListener>,
+    /// `[server.tls]`, on both listeners; `None`: plaintext.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
 /// Serves until `shutdown` resolves; in-flight calls then finish. `reload`
 /// lets the Admin API reload the configuration. `limits` bound what client
 /// connections may hold (see `ConnectionLimits`).
 pub async fn serve(
     engine: Arc<Engine>,
     reload: Option<Arc<dyn ReloadHandle>>,
-    listener: tokio::net::TcpListener,
+    listeners: Listeners,
     limits: ConnectionLimits,
     health: (
         HealthReporter,
@@ -60,31 +70,79 @@ pub async fn serve(
     reporter
         .set_serving::<DispatcherServer<DispatcherService>>()
         .await;
+    let admin = AdminServer::with_interceptor(
+        AdminService::new(engine.clone(), reload),
+        admin_guard(engine.clone()),
+    );
     let mut routes = tonic::service::RoutesBuilder::default();
-    routes
-        .add_service(health_service)
-        .add_service(
-            DispatcherServer::new(DispatcherService::new(engine.clone()))
-                .max_decoding_message_size(max_message),
-        )
-        .add_service(AdminServer::with_interceptor(
-            AdminService::new(engine.clone(), reload),
-            admin_guard(engine),
-        ));
-    crate::grpc::add_reflection(
-        &mut routes,
-        &[
-            crate::grpc::HEALTH_SERVICE,
-            "dispatch.v1.Dispatcher",
-            "dispatch.v1.Admin",
-        ],
-    )?;
+    routes.add_service(health_service.clone()).add_service(
+        DispatcherServer::new(DispatcherService::new(engine.clone())).max_decoding_message_size(max_message),
+    );
+    let mut names = vec![crate::grpc::HEALTH_SERVICE, "dispatch.v1.Dispatcher"];
+    let admin_routes = match listeners.admin {
+        None => {
+            routes.add_service(admin);
+            names.push("dispatch.v1.Admin");
+            None
+        }
+        Some(listener) => {
+            let mut r = tonic::service::RoutesBuilder::default();
+            r.add_service(health_service).add_service(admin);
+            crate::grpc::add_reflection(&mut r, &[crate::grpc::HEALTH_SERVICE, "dispatch.v1.Admin"])?;
+            Some((listener, r.routes()))
+        }
+    };
+    crate::grpc::add_reflection(&mut routes, &names)?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let main = serve_on(
+        listeners.main,
+        "gRPC",
+        routes.routes(),
+        limits,
+        listeners.tls.clone(),
+        stop.clone().cancelled_owned(),
+    );
+    let admin = async {
+        match admin_routes {
+            None => Ok(()),
+            Some((listener, routes)) => {
+                serve_on(
+                    listener,
+                    "admin",
+                    routes,
+                    limits,
+                    listeners.tls.clone(),
+                    stop.clone().cancelled_owned(),
+                )
+                .await
+            }
+        }
+    };
+    let signal = async {
+        shutdown.await;
+        stop.cancel();
+        Ok(())
+    };
+    tokio::try_join!(main, admin, signal)?;
+    Ok(())
+}
+
+/// One listener's server, with the connection bounds and TLS.
+async fn serve_on(
+    listener: tokio::net::TcpListener,
+    what: &'static str,
+    routes: tonic::service::Routes,
+    limits: ConnectionLimits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let incoming = idle::Incoming::new(
-        Acceptor::new(listener, limits.max_connections, "gRPC"),
+        Acceptor::new(listener, limits.max_connections, what),
         idle::Timeouts {
             handshake: limits.handshake_timeout,
             idle: limits.idle_timeout,
         },
+        tls,
     );
     tonic::transport::Server::builder()
         // Bounds on what one client can make the server hold.
@@ -95,7 +153,7 @@ pub async fn serve(
         .http2_keepalive_interval(Some(limits.keepalive_interval))
         .http2_keepalive_timeout(Some(limits.keepalive_timeout))
         .layer(idle::TrackLayer)
-        .add_routes(routes.routes())
+        .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     Ok(())

@@ -61,7 +61,18 @@ impl SimHandle {
 
 /// Binds `addr` (port 0 picks one) and serves `spec` until stopped.
 pub async fn spawn(spec: SimSpec, addr: SocketAddr) -> std::io::Result<SimHandle> {
+    spawn_with_tls(spec, addr, None).await
+}
+
+/// Like `spawn`, serving TLS with `tls` when given (region-sim's `--tls-*`).
+pub async fn spawn_with_tls(
+    spec: SimSpec,
+    addr: SocketAddr,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> std::io::Result<SimHandle> {
+    use tokio_stream::StreamExt;
     let (incoming, local) = crate::grpc::bind(addr)?;
+    let incoming = incoming.map(move |s| s.map(|s| crate::tls::accept::ServerIo::new(s, tls.as_ref())));
     let cancel = CancellationToken::new();
     let routes = service::routes(spec).await.map_err(std::io::Error::other)?;
     let token = cancel.clone();

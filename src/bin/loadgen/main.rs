@@ -56,6 +56,10 @@ struct Args {
     /// The server, e.g. http://127.0.0.1:50051.
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     target: String,
+    /// PEM CA that an https:// target's certificate must chain to (its
+    /// name must be localhost or the target's host).
+    #[arg(long)]
+    ca_file: Option<std::path::PathBuf>,
     #[arg(long, value_enum, default_value = "dispatcher")]
     mode: Mode,
     /// Requests a second (open loop).
@@ -265,11 +269,20 @@ fn rss_kib(pid: u32) -> Option<u64> {
 }
 
 async fn connect(args: &Args) -> anyhow::Result<Vec<Client>> {
+    dispatcher::tls::install_provider();
     let mut clients = Vec::new();
     for _ in 0..args.connections {
         // One endpoint per connection: each is its own HTTP/2 connection.
-        let channel = Endpoint::from_shared(args.target.clone())?
-            .tcp_nodelay(true)
+        let mut endpoint = Endpoint::from_shared(args.target.clone())?.tcp_nodelay(true);
+        if let Some(ca) = &args.ca_file {
+            let pem = std::fs::read(ca).with_context(|| format!("reading --ca-file {}", ca.display()))?;
+            endpoint = endpoint.tls_config(
+                tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(pem))
+                    .domain_name("localhost"),
+            )?;
+        }
+        let channel = endpoint
             .connect()
             .await
             .with_context(|| format!("connecting to {}", args.target))?;
