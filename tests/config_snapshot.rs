@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use dispatcher::config::{self, Config, SimulateConfig};
 use dispatcher::core::{Accounting, ModelLimits};
@@ -64,22 +64,33 @@ async fn every_request_sees_exactly_one_config_version() {
 
     // Reloads alternate the two configurations as fast as they go.
     let stop = Arc::new(AtomicBool::new(false));
+    let applied = Arc::new(AtomicUsize::new(0));
     let reloader = {
-        let (engine, stop, endpoints) = (engine.clone(), stop.clone(), endpoints.clone());
+        let (engine, stop, endpoints, applied) =
+            (engine.clone(), stop.clone(), endpoints.clone(), applied.clone());
         tokio::spawn(async move {
             let configs = [config(true, &endpoint), config(false, &endpoint)];
             let mut n = 0;
             while !stop.load(Ordering::Relaxed) {
                 engine.apply(&configs[n % 2], &endpoints).unwrap();
                 n += 1;
+                applied.store(n, Ordering::Relaxed);
                 tokio::task::yield_now().await;
             }
             n
         })
     };
 
+    // In 40 waves of 10, each after at least one more reload, so that
+    // requests are decided under both versions however fast they run.
     let mut calls = tokio::task::JoinSet::new();
-    for _ in 0..400 {
+    for i in 0..400 {
+        if i % 10 == 0 {
+            let seen = applied.load(Ordering::Relaxed);
+            while applied.load(Ordering::Relaxed) == seen {
+                tokio::task::yield_now().await;
+            }
+        }
         let engine = engine.clone();
         calls.spawn(async move {
             let r = pb::DispatchRequest {
