@@ -4,12 +4,14 @@
 //! refill is held for the head of its model's queue, so a large request is
 //! not starved by small ones that would fit sooner.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
 use super::fair::FairQueue;
+use super::overload::{OverloadSettings, QueueState, StandingWait};
 use super::queue::{DisciplineFactory, WaitQueue, Waiter};
 use super::router::{Reservation, RouteError, RouteRequest, Router};
 use super::tenant::Weights;
@@ -58,6 +60,18 @@ pub enum SubmitError {
         queued_requests: u64,
         tokens_per_sec: f64,
     },
+    /// The model's queue is standing (its shortest wait stayed above the
+    /// target for an interval): a newcomer over its tenant's share that
+    /// cannot be served now is refused at once.
+    #[error(
+        "no region has {model} quota for this request now, and its queue is shedding load: the shortest wait stayed above {target:.1?} for {interval:.1?}; retry in about {retry_after:.1?}"
+    )]
+    Shedding {
+        model: String,
+        retry_after: Duration,
+        target: Duration,
+        interval: Duration,
+    },
     #[error("{queued} requests of tenant {tenant} are already waiting for quota (its max_queued)")]
     TenantQueueFull {
         tenant: String,
@@ -99,6 +113,9 @@ pub struct Scheduler<T> {
     max_queued: usize,
     next_id: u64,
     next_sweep: Option<Instant>,
+    /// `None`: newcomers always wait as long as they may (the old queue).
+    overload: Option<OverloadSettings>,
+    standing: HashMap<Arc<str>, StandingWait>,
 }
 
 impl<T: Send + 'static> Scheduler<T> {
@@ -131,7 +148,34 @@ impl<T> Scheduler<T> {
             max_queued,
             next_id: 1,
             next_sweep: None,
+            overload: None,
+            standing: HashMap::new(),
         }
+    }
+
+    /// Overload control (`None`: off); trackers keep their state.
+    pub fn set_overload(&mut self, overload: Option<OverloadSettings>) {
+        self.overload = overload;
+    }
+
+    /// Whether `model`'s queue absorbs or sheds, and how many newcomers it
+    /// refused early so far.
+    pub fn queue_state(&self, model: &str) -> (QueueState, u64) {
+        self.standing
+            .get(model)
+            .map_or((QueueState::Absorbing, 0), |w| (w.state(), w.refused_early()))
+    }
+
+    /// Brings `model`'s standing-wait tracker up to `now`; whether its
+    /// queue sheds.
+    fn observe(&mut self, model: &Arc<str>, now: Instant) -> bool {
+        let Some(settings) = self.overload else {
+            return false;
+        };
+        let head = self.queue.head(model).map(|h| h.enqueued);
+        let w = self.standing.entry(model.clone()).or_default();
+        w.observe(&settings, head, now);
+        w.state() == QueueState::Shedding
     }
 
     pub fn router(&self) -> &Router {
@@ -201,6 +245,11 @@ impl<T> Scheduler<T> {
         };
         if s.wait_until <= now {
             return Err(SubmitError::Route(error));
+        }
+        // A standing queue takes no newcomer over its tenant's share: it
+        // is refused at once, while it can still go elsewhere.
+        if self.observe(&s.model, now) && self.queue.over_share(&s.model, &s.tenant) {
+            return Err(self.shed(&s, *retry_after, now));
         }
         if let Some(supply) = self.router.supply(&s.model, s.tokens, &s.tried, now) {
             // When will the quota queued ahead have come back, in tokens and
@@ -279,6 +328,34 @@ impl<T> Scheduler<T> {
         Ok(Submitted::Queued { id })
     }
 
+    /// Refuses `s` early (its model's queue is shedding), with a retry hint:
+    /// when the queue ahead will have drained and it could fit.
+    fn shed(&mut self, s: &Submission, fits_in: Option<Duration>, now: Instant) -> SubmitError {
+        let settings = self.overload.unwrap_or_default();
+        let drained_in = self
+            .router
+            .supply(&s.model, s.tokens, &s.tried, now)
+            .map(|supply| {
+                let queued = self.queue.tokens_ahead(&s.model, &s.tenant) as f64;
+                Duration::try_from_secs_f64(
+                    ((queued - supply.available as f64) / supply.tokens_per_sec).max(0.0),
+                )
+                .unwrap_or(Duration::MAX)
+            });
+        if let Some(w) = self.standing.get_mut(&s.model) {
+            w.refused(now);
+        }
+        SubmitError::Shedding {
+            model: s.model.to_string(),
+            retry_after: drained_in
+                .unwrap_or_default()
+                .max(fits_in.unwrap_or_default())
+                .max(Duration::from_millis(100)),
+            target: settings.target,
+            interval: settings.interval,
+        }
+    }
+
     /// Serves every queue head that fits now, in order, and drops waiters
     /// that expired or whose caller is `gone`. Call it whenever quota may
     /// have come back (a settlement, a refill time, a config change).
@@ -335,6 +412,11 @@ impl<T> Scheduler<T> {
                         out.push(Released::Failed(w, e));
                     }
                 }
+            }
+        }
+        if let Some(settings) = self.overload {
+            for (model, w) in &mut self.standing {
+                w.observe(&settings, self.queue.head(model).map(|h| h.enqueued), now);
             }
         }
         out
