@@ -460,6 +460,13 @@ fn overload_settings_are_checked_and_can_be_turned_off() {
         "routing.overload.interval",
         "not a duration",
     );
+    let e = dispatcher_err(&format!("{DISPATCHER}[routing.overload]\nhold_share = 1.5\n"));
+    assert_names(
+        &e,
+        "dispatcher.toml",
+        "routing.overload.hold_share",
+        "out of range",
+    );
     let parse = |extra: &str| {
         config::parse_dispatcher(
             &format!("{DISPATCHER}{extra}"),
@@ -472,7 +479,9 @@ fn overload_settings_are_checked_and_can_be_turned_off() {
     };
     assert_eq!(parse(""), Some(dispatcher::core::OverloadSettings::default()));
     assert_eq!(parse("[routing.overload]\nenabled = false\n"), None);
-    let set = parse("[routing.overload]\ntarget = \"250ms\"\ninterval = \"30s\"\n").unwrap();
+    let set =
+        parse("[routing.overload]\ntarget = \"250ms\"\ninterval = \"30s\"\nhold_share = 0.1\n").unwrap();
+    assert_eq!(set.hold_share, 0.1);
     assert_eq!(
         (set.target, set.interval),
         (

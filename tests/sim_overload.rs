@@ -229,10 +229,16 @@ fn run(policy: Policy, arrivals: Vec<Arrival>) -> Outcome {
             {
                 o.interval = Duration::from_secs(s);
             }
+            if let Some(f) = std::env::var("OVERLOAD_HOLD_SHARE")
+                .ok()
+                .and_then(|v| v.parse().ok())
+            {
+                o.hold_share = f;
+            }
             from_run(world(MAX_WAIT).run_with(arrivals, Some(o)))
         }
-        Policy::NoQueue => from_run(world(Duration::ZERO).run(arrivals)),
-        Policy::Old => from_run(world(MAX_WAIT).run(arrivals)),
+        Policy::NoQueue => from_run(world(Duration::ZERO).run_with(arrivals, None)),
+        Policy::Old => from_run(world(MAX_WAIT).run_with(arrivals, None)),
         Policy::Oracle => oracle(arrivals),
     }
 }

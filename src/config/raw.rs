@@ -115,6 +115,7 @@ pub struct RawOverload {
     pub enabled: Option<bool>,
     pub target: Option<String>,
     pub interval: Option<String>,
+    pub hold_share: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -487,6 +487,13 @@ fn validate_overload(
     let settings = crate::core::OverloadSettings {
         target: positive("routing.overload.target", o.target, d.target)?,
         interval: positive("routing.overload.interval", o.interval, d.interval)?,
+        hold_share: c.number(
+            "routing.overload.hold_share",
+            o.hold_share,
+            d.hold_share,
+            0.0,
+            1.0,
+        )?,
     };
     Ok(o.enabled.unwrap_or(true).then_some(settings))
 }

@@ -3,10 +3,12 @@
 //! again; a queue whose shortest wait stays above `target` for a whole
 //! `interval` is standing: demand exceeds the refill, and waiting only turns
 //! that into latency and then into refusals after a long wait. While a
-//! queue stands, the scheduler lets a newcomer wait only as long as
-//! `target` (it refuses the rest at once with a retry hint); it goes back
-//! to absorbing bursts once a whole `interval` passed without such a
-//! refusal. docs/OVERLOAD.md has the measurements behind the defaults.
+//! queue stands (sheds), the scheduler refuses at once, with a retry hint,
+//! a newcomer that cannot be served now, except for a bounded share of the
+//! refill (`hold_share`) that newcomers may still wait for, so that large
+//! requests are not starved; it goes back to absorbing bursts once a whole
+//! `interval` passed without an early refusal. docs/OVERLOAD.md has the
+//! measurements behind the defaults.
 //!
 //! Owner: the `Scheduler` that holds it (one per model), behind the quota
 //! desk's lock.
@@ -14,13 +16,16 @@
 use std::time::{Duration, Instant};
 
 /// When a queue is standing, and how long a newcomer may then wait.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct OverloadSettings {
     /// The wait a queue may keep: above it for `interval`, it is standing.
     pub target: Duration,
     /// How long the shortest wait must stay above `target` before newcomers
     /// are refused, and how long without a refusal before they are not.
     pub interval: Duration,
+    /// While shedding, the part of the refill newcomers that do not fit now
+    /// may still wait and hold it for (so large requests are not starved).
+    pub hold_share: f64,
 }
 
 impl Default for OverloadSettings {
@@ -29,6 +34,7 @@ impl Default for OverloadSettings {
         Self {
             target: Duration::from_millis(500),
             interval: Duration::from_secs(15),
+            hold_share: 0.25,
         }
     }
 }
@@ -62,6 +68,10 @@ pub struct StandingWait {
     last_seen: Option<Instant>,
     /// Newcomers refused early, since start.
     refused_early: u64,
+    /// Tokens newcomers may still hold the refill for while shedding, as of
+    /// `credit_at`.
+    hold_credit: f64,
+    credit_at: Option<Instant>,
 }
 
 impl StandingWait {
@@ -116,6 +126,34 @@ impl StandingWait {
         }
     }
 
+    /// Whether a newcomer of `tokens` that does not fit now may still
+    /// wait and hold the refill while the queue sheds: holders get at most
+    /// `settings.hold_share` of the model's refill (`per_sec`), so a large
+    /// request, which would rarely find its size left over, is not starved,
+    /// while the rest goes to whatever fits now.
+    pub fn take_hold(
+        &mut self,
+        settings: &OverloadSettings,
+        tokens: u64,
+        per_sec: f64,
+        now: Instant,
+    ) -> bool {
+        let rate = settings.hold_share * per_sec;
+        let cap = rate * settings.interval.as_secs_f64();
+        let since = self
+            .credit_at
+            .map_or(f64::INFINITY, |t| now.saturating_duration_since(t).as_secs_f64());
+        self.credit_at = Some(now);
+        self.hold_credit = (self.hold_credit + rate * since).min(cap);
+        let tokens = tokens as f64;
+        if tokens <= self.hold_credit {
+            self.hold_credit -= tokens;
+            true
+        } else {
+            false
+        }
+    }
+
     pub fn refused_early(&self) -> u64 {
         self.refused_early
     }
@@ -128,6 +166,7 @@ mod tests {
     const S: OverloadSettings = OverloadSettings {
         target: Duration::from_millis(500),
         interval: Duration::from_secs(5),
+        hold_share: 0.25,
     };
 
     fn secs(t0: Instant, s: f64) -> Instant {

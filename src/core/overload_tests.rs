@@ -13,9 +13,11 @@ use crate::core::{
     StrategyParams,
 };
 
+/// Without holds: every newcomer that does not fit is refused while shedding.
 const SETTINGS: OverloadSettings = OverloadSettings {
     target: Duration::from_millis(500),
     interval: Duration::from_secs(2),
+    hold_share: 0.0,
 };
 
 /// One region refilling 100 tokens a second, its bucket emptied at `t0`;
@@ -165,4 +167,54 @@ fn a_standing_queue_refuses_tenants_over_their_share_first() {
         assert!(matches!(a, Err(SubmitError::Shedding { .. })), "at {i}: {a:?}");
     }
     assert!(served_b >= 4, "b served {served_b} times");
+}
+
+#[test]
+fn while_shedding_a_newcomer_holds_the_refill_only_within_the_hold_share() {
+    for (hold_share, expect_queued) in [(0.0, false), (0.25, true)] {
+        let settings = OverloadSettings {
+            hold_share,
+            ..SETTINGS
+        };
+        let (mut s, t0) = scheduler(Some(settings));
+        let (at, _) = flood(&mut s, t0, Duration::from_secs(10)).expect("sheds");
+        // The backlog drains while newcomers are refused; then the queue is
+        // empty but still shedding.
+        let mut t = at;
+        while s.queued() > 0 {
+            t += Duration::from_millis(100);
+            s.release(t0 + t, |_| false);
+            if s.queued() > 0 {
+                let refused = s.submit(sub("a", 20, t0 + t), t0 + t, || 0);
+                assert!(
+                    matches!(refused, Err(SubmitError::Shedding { .. })),
+                    "{refused:?}"
+                );
+            }
+        }
+        assert_eq!(s.queue_state("m").0, QueueState::Shedding);
+        // 100 tokens do not fit: a second of refill. The hold share gives
+        // 25 tokens a second of credit, 50 over the interval: not enough
+        // for 100, enough for 40.
+        let now = t0 + t;
+        let large = s.submit(sub("a", 100, now), now, || 0);
+        assert!(matches!(large, Err(SubmitError::Shedding { .. })), "{large:?}");
+        let held = s.submit(sub("a", 40, now), now, || 0);
+        assert_eq!(
+            matches!(held, Ok(Submitted::Queued { .. })),
+            expect_queued,
+            "{held:?}"
+        );
+        if expect_queued {
+            // It holds the refill: the next newcomer is refused, and the
+            // credit is spent.
+            let next = s.submit(sub("a", 5, now), now, || 0);
+            assert!(matches!(next, Err(SubmitError::Shedding { .. })), "{next:?}");
+            let granted = s.release(now + Duration::from_millis(400), |_| false);
+            assert!(matches!(
+                granted.as_slice(),
+                [super::scheduler::Released::Granted(..)]
+            ));
+        }
+    }
 }

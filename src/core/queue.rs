@@ -248,6 +248,12 @@ impl<T> WaitQueue<T> {
         Some(w)
     }
 
+    /// Whether every waiter for `model` is `tenant`'s (or nobody waits).
+    pub fn tenant_alone(&self, model: &str, tenant: &str) -> bool {
+        self.find(model)
+            .is_none_or(|q| q.waiters.queued_for(tenant) == q.waiters.len())
+    }
+
     /// Whether `tenant` has at least its share of `model`'s queued tokens.
     pub fn over_share(&self, model: &str, tenant: &str) -> bool {
         self.find(model).is_none_or(|q| q.waiters.over_share(tenant))

@@ -221,6 +221,17 @@ impl<T> Scheduler<T> {
             tokens: s.tokens,
             origin: s.origin.as_deref(),
         };
+        // A standing queue of only the newcomer's tenant serves it at once
+        // in a region the head does not hold the refill of (it overtakes
+        // only its own tenant's waiters; with others waiting, the fair
+        // queue decides who is next).
+        let shedding = self.observe(&s.model, now);
+        if shedding
+            && self.queue.tenant_alone(&s.model, &s.tenant)
+            && let Some(r) = self.reserve_beside_head(&req, &s.tried, now)
+        {
+            return Ok(Submitted::Reserved(r));
+        }
         let error = if self.queue.is_waiting(&s.model) {
             // Behind others: only the router's verdict on whether it could
             // ever fit matters (a too-large request must not wait for nothing).
@@ -248,7 +259,9 @@ impl<T> Scheduler<T> {
         }
         // A standing queue takes no newcomer over its tenant's share: it
         // is refused at once, while it can still go elsewhere.
-        if self.observe(&s.model, now) && self.queue.over_share(&s.model, &s.tenant) {
+        // Otherwise it is refused at once if its tenant is over its share,
+        // unless it may hold the refill (within the hold share).
+        if shedding && self.queue.over_share(&s.model, &s.tenant) && !self.may_hold(&s, now) {
             return Err(self.shed(&s, *retry_after, now));
         }
         if let Some(supply) = self.router.supply(&s.model, s.tokens, &s.tried, now) {
@@ -326,6 +339,48 @@ impl<T> Scheduler<T> {
             ticket: make_ticket(),
         });
         Ok(Submitted::Queued { id })
+    }
+
+    /// A reservation for `req` in a region the head of its model's queue
+    /// does not wait for (`None`: nobody waits, or nothing fits there now).
+    fn reserve_beside_head(
+        &mut self,
+        req: &RouteRequest<'_>,
+        tried: &[Arc<str>],
+        now: Instant,
+    ) -> Option<Reservation> {
+        let head = self.queue.head(req.model)?;
+        let head_req = RouteRequest {
+            model: &head.model,
+            tokens: head.tokens,
+            origin: head.origin.as_deref(),
+        };
+        let mut excluded = tried.to_vec();
+        excluded.extend(
+            self.router
+                .earliest_fit(&head_req, &head.tried, now)
+                .map(|(held, _)| held),
+        );
+        self.router.reserve(req, &excluded, now).ok()
+    }
+
+    /// Whether `s`, which does not fit now, may wait for the refill while
+    /// its model's queue sheds: only as the queue's head (nobody else holds
+    /// the refill) and within the hold share.
+    fn may_hold(&mut self, s: &Submission, now: Instant) -> bool {
+        let Some(settings) = self.overload else {
+            return true;
+        };
+        if self.queue.is_waiting(&s.model) {
+            return false;
+        }
+        let per_sec = self
+            .router
+            .supply(&s.model, s.tokens, &s.tried, now)
+            .map_or(0.0, |supply| supply.tokens_per_sec);
+        self.standing
+            .get_mut(&s.model)
+            .is_some_and(|w| w.take_hold(&settings, s.tokens, per_sec, now))
     }
 
     /// Refuses `s` early (its model's queue is shedding), with a retry hint:

@@ -183,11 +183,12 @@ impl World {
         Duration::from_secs_f64(self.ms_per_1k * tokens as f64 / 1_000_000.0)
     }
 
+    /// With the default overload control (`routing.overload`), as deployed.
     pub fn run(&self, arrivals: Vec<Arrival>) -> Run {
-        self.run_with(arrivals, None)
+        self.run_with(arrivals, Some(dispatcher::core::OverloadSettings::default()))
     }
 
-    /// `run` with the scheduler's overload control (`None`: off).
+    /// `run` with other overload settings (`None`: off, the plain queue).
     pub fn run_with(
         &self,
         mut arrivals: Vec<Arrival>,
