@@ -23,6 +23,11 @@ const SETTINGS: OverloadSettings = OverloadSettings {
 /// One region refilling 100 tokens a second, its bucket emptied at `t0`;
 /// tenants `a` and `b` of equal weight.
 fn scheduler(overload: Option<OverloadSettings>) -> (Scheduler<u32>, Instant) {
+    scheduler_with(overload, &[("r", 6000)])
+}
+
+/// Regions of (name, tokens a minute), every bucket emptied at `t0`.
+fn scheduler_with(overload: Option<OverloadSettings>, regions: &[(&str, u64)]) -> (Scheduler<u32>, Instant) {
     let t0 = crate::testing::epoch();
     let spec = RouterSpec {
         models: vec![ModelSpec {
@@ -31,21 +36,24 @@ fn scheduler(overload: Option<OverloadSettings>) -> (Scheduler<u32>, Instant) {
             chars_per_token: 1.0,
             max_request_tokens: 10_000,
         }],
-        regions: vec![RegionSpec {
-            name: "r".into(),
-            weight: 1.0,
-            max_concurrent: 10_000,
-            models: vec![(
-                "m".into(),
-                ModelLimits {
-                    tokens_per_minute: 6000,
-                    requests_per_minute: 1_000_000,
-                    burst_tokens: None,
-                    burst_requests: None,
-                    accounting: Accounting::Admission,
-                },
-            )],
-        }],
+        regions: regions
+            .iter()
+            .map(|(name, tokens_per_minute)| RegionSpec {
+                name: name.to_string(),
+                weight: 1.0,
+                max_concurrent: 10_000,
+                models: vec![(
+                    "m".into(),
+                    ModelLimits {
+                        tokens_per_minute: *tokens_per_minute,
+                        requests_per_minute: 1_000_000,
+                        burst_tokens: None,
+                        burst_requests: None,
+                        accounting: Accounting::Admission,
+                    },
+                )],
+            })
+            .collect(),
         strategy: StrategyKind::WeightedLoad,
         params: StrategyParams::default(),
         seed: 0,
@@ -58,8 +66,10 @@ fn scheduler(overload: Option<OverloadSettings>) -> (Scheduler<u32>, Instant) {
     };
     let mut s = Scheduler::fair(Router::try_new(spec, t0).unwrap(), 10_000, Arc::new(weights));
     s.set_overload(overload);
-    let full = s.submit(sub("a", 6000, t0), t0, || 0).unwrap();
-    assert!(matches!(full, Submitted::Reserved(_)));
+    for (_, tokens_per_minute) in regions {
+        let full = s.submit(sub("a", *tokens_per_minute, t0), t0, || 0).unwrap();
+        assert!(matches!(full, Submitted::Reserved(_)));
+    }
     (s, t0)
 }
 
@@ -217,4 +227,28 @@ fn while_shedding_a_newcomer_holds_the_refill_only_within_the_hold_share() {
             ));
         }
     }
+}
+
+#[test]
+fn while_shedding_a_newcomer_of_the_only_tenant_waiting_is_served_beside_the_head() {
+    // Region `b` refills 10 tokens a second; its refill goes to the queue's
+    // 20-token waiters whenever it reaches 20.
+    let (mut s, t0) = scheduler_with(Some(SETTINGS), &[("a", 6000), ("b", 600)]);
+    let (at, _) = flood(&mut s, t0, Duration::from_secs(10)).expect("sheds");
+    assert!(s.queued() > 0);
+    let now = t0 + at;
+    s.release(now, |_| false);
+    // 0.6 s later `b` has at least 6 tokens nobody waiting could use: a
+    // 5-token newcomer goes there at once instead of being refused.
+    let later = now + Duration::from_millis(600);
+    match s.submit(sub("a", 5, later), later, || 0) {
+        Ok(Submitted::Reserved(r)) => assert_eq!(&*r.region, "b"),
+        other => panic!("not served beside the head: {other:?}"),
+    }
+    // One that fits nowhere but the head's region is refused.
+    let refused = s.submit(sub("a", 50, later), later, || 0);
+    assert!(
+        matches!(refused, Err(SubmitError::Shedding { .. })),
+        "{refused:?}"
+    );
 }
