@@ -2,7 +2,10 @@
 //! waiting for a refill. A request is reserved at once only if nobody waits
 //! for its model (newcomers never jump the queue); otherwise it waits, and the
 //! refill is held for the head of its model's queue, so a large request is
-//! not starved by small ones that would fit sooner.
+//! not starved by small ones that would fit sooner. With overload control
+//! (`overload.rs`), a queue that stands sheds instead: newcomers that cannot
+//! be served now, beside the head, are refused at once, tenants over their
+//! share first, but for a bounded share of the refill they may still hold.
 
 use std::collections::HashMap;
 use std::sync::Arc;
