@@ -94,6 +94,14 @@ fn describe() {
         "1 when the region passes its health checks"
     );
     describe_gauge!("dispatcher_queue_depth", "Requests waiting for quota, by model");
+    describe_gauge!(
+        "dispatcher_queue_shedding",
+        "1 while a model's queue sheds load (it stood: newcomers are refused at once), else 0"
+    );
+    describe_counter!(
+        "dispatcher_queue_refused_early_total",
+        "Requests a model's shedding queue refused at once, by model"
+    );
     describe_gauge!("dispatcher_tenant_in_flight", "A tenant's requests in flight");
     describe_gauge!(
         "dispatcher_circuit_state",
@@ -242,6 +250,12 @@ async fn sample(view: impl Fn() -> EngineView, handle: PrometheusHandle, cancel:
         }
         for (model, queued) in &v.queued {
             gauge!("dispatcher_queue_depth", "model" => model.clone()).set(*queued as f64);
+        }
+        for (model, state, refused) in &v.overload {
+            let shedding = *state == crate::core::QueueState::Shedding;
+            gauge!("dispatcher_queue_shedding", "model" => model.clone()).set(f64::from(u8::from(shedding)));
+            metrics::counter!("dispatcher_queue_refused_early_total", "model" => model.clone())
+                .absolute(*refused);
         }
         for t in &v.tenants {
             gauge!("dispatcher_tenant_in_flight", "tenant" => t.report.spec.name.clone())

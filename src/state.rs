@@ -15,6 +15,8 @@ pub struct EngineView {
     pub regions: Vec<RegionView>,
     /// Requests waiting for quota, per model, in config order.
     pub queued: Vec<(String, usize)>,
+    /// Each model's queue state and the newcomers it refused early, in config order.
+    pub overload: Vec<(String, crate::core::QueueState, u64)>,
     pub tenants: Vec<TenantView>,
 }
 
@@ -58,6 +60,9 @@ pub struct QuotaView {
     pub provider_blocked_for: Option<Duration>,
     /// Requests waiting for this model (any region).
     pub queued: usize,
+    /// Whether that queue absorbs or sheds, and how many it refused early.
+    pub queue_state: crate::core::QueueState,
+    pub refused_early: u64,
     /// Quota shared with other replicas (`[cluster]`): this replica's part.
     pub sharing: Option<crate::core::SharingView>,
 }

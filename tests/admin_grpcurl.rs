@@ -134,6 +134,7 @@ fn every_admin_call_works_from_grpcurl() {
     assert_eq!(m["tokensPerMinute"], "600000");
     assert_eq!(m["accounting"], "admission");
     assert!(m["tokensAvailable"].is_string());
+    assert_eq!(m["queueState"], "absorbing", "overload control's state: {m}");
     assert!(regions[0]["maxConcurrent"] == 32);
 
     let v = g.json(r#"{"region": "west"}"#, "dispatch.v1.Admin/GetRegion");

@@ -446,3 +446,47 @@ fn cluster_settings_are_checked_and_the_redis_url_is_not_echoed() {
     assert_eq!(cluster.sharing.replicas_floor, 1);
     assert!(cluster.replica_id.is_none());
 }
+
+#[test]
+fn overload_settings_are_checked_and_can_be_turned_off() {
+    let e = dispatcher_err(&format!("{DISPATCHER}[routing.overload]\ntarget = \"0s\"\n"));
+    assert_names(&e, "dispatcher.toml", "routing.overload.target", "above zero");
+    let e = dispatcher_err(&format!(
+        "{DISPATCHER}[routing.overload]\ninterval = \"a while\"\n"
+    ));
+    assert_names(
+        &e,
+        "dispatcher.toml",
+        "routing.overload.interval",
+        "not a duration",
+    );
+    let e = dispatcher_err(&format!("{DISPATCHER}[routing.overload]\nhold_share = 1.5\n"));
+    assert_names(
+        &e,
+        "dispatcher.toml",
+        "routing.overload.hold_share",
+        "out of range",
+    );
+    let parse = |extra: &str| {
+        config::parse_dispatcher(
+            &format!("{DISPATCHER}{extra}"),
+            Path::new("dispatcher.toml"),
+            Some(HashMap::new()),
+        )
+        .unwrap()
+        .routing
+        .overload
+    };
+    assert_eq!(parse(""), Some(dispatcher::core::OverloadSettings::default()));
+    assert_eq!(parse("[routing.overload]\nenabled = false\n"), None);
+    let set =
+        parse("[routing.overload]\ntarget = \"250ms\"\ninterval = \"30s\"\nhold_share = 0.1\n").unwrap();
+    assert_eq!(set.hold_share, 0.1);
+    assert_eq!(
+        (set.target, set.interval),
+        (
+            std::time::Duration::from_millis(250),
+            std::time::Duration::from_secs(30)
+        )
+    );
+}

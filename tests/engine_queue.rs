@@ -134,3 +134,35 @@ async fn a_providers_refusal_says_when_to_retry() {
         "a 429 is about quota, not the region's health"
     );
 }
+
+/// `routing.max_queue_wait` is one budget per request, not per attempt: a
+/// request that waited 3 s for r1, was refused there by the provider and
+/// would need 3 s more for r2 has 2 s of its 5 left, so it is refused at
+/// once instead of waiting 6 s in all.
+#[tokio::test(start_paused = true)]
+async fn a_retry_after_a_provider_refusal_waits_only_what_is_left_of_the_budget() {
+    let w = World::start(&config(
+        &dispatcher_toml("[routing]\nmax_queue_wait = \"5s\""),
+        &[gpt_region("r1", 6000, 600, ""), gpt_region("r2", 3000, 600, "")],
+    ));
+    // Both buckets empty; 300 tokens fit r1 in 3 s and r2 in 6 s.
+    w.cluster("r1").then([Reply::ok(), Reply::exhausted(secs(3.0))]);
+    w.cluster("r2").then([Reply::ok(), Reply::ok()]);
+    for _ in 0..2 {
+        w.engine.dispatch(request(100, 500), None, KEY_A).await.unwrap();
+    }
+
+    let (result, took) = w.spawn_dispatch(request(100, 200), None, KEY_A).await.unwrap();
+    assert!(
+        took <= secs(5.0),
+        "waited {took:?} in all, past max_queue_wait: {result:?}"
+    );
+    let e = result.unwrap_err();
+    assert_eq!(
+        took,
+        secs(3.0),
+        "refused when r1 refused, as r2 needs 3 s more: {e}"
+    );
+    assert_eq!(status(&e).0, Code::ResourceExhausted, "{e}");
+    assert_eq!(w.cluster("r2").calls(), 1, "not sent to r2");
+}

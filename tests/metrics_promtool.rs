@@ -145,6 +145,14 @@ async fn metrics_pass_promtool_and_agree_with_replies() {
         "promtool refused the scrape:\n{said}\n{under_load}"
     );
     assert!(under_load.contains("dispatcher_region_in_flight"), "{under_load}");
+    assert!(
+        under_load.contains("dispatcher_queue_shedding{model=\"gpt-4o\"} 0"),
+        "{under_load}"
+    );
+    assert!(
+        under_load.contains("# TYPE dispatcher_queue_refused_early_total counter"),
+        "{under_load}"
+    );
 
     // Counters after the load agree with what the replies said.
     let text = scrape(metrics);

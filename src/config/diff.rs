@@ -188,6 +188,7 @@ pub fn changes(old: &Config, new: &Config) -> Vec<Change> {
         &old.routing.max_queued,
         &new.routing.max_queued,
     );
+    field(&mut d, "overload", &old.routing.overload, &new.routing.overload);
     out.extend(changed("routing", d));
     let mut d = Vec::new();
     field(&mut d, "limits", &old.limits, &new.limits);

@@ -211,6 +211,9 @@ pub struct RoutingConfig {
     pub max_queued: u32,
     pub breaker: BreakerConfig,
     pub retry_budget: RetryBudgetConfig,
+    /// `[routing.overload]`: when a model's queue stands, newcomers are
+    /// refused at once (`None`: `enabled = false`, the plain queue).
+    pub overload: Option<crate::core::OverloadSettings>,
 }
 
 /// `[routing.retry_budget]`: failover retries are at most `ratio` of recent

@@ -130,6 +130,17 @@ pub struct RawRouting {
     pub breaker: RawBreaker,
     #[serde(default)]
     pub retry_budget: RawRetryBudget,
+    #[serde(default)]
+    pub overload: RawOverload,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOverload {
+    pub enabled: Option<bool>,
+    pub target: Option<String>,
+    pub interval: Option<String>,
+    pub hold_share: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

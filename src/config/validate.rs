@@ -205,6 +205,7 @@ pub fn validate_dispatcher(raw: RawDispatcher, file: &Path) -> Result<Config, Co
         max_queued: c.at_least("routing.max_queued", r.max_queued, 10_000, 1)?,
         breaker: validate_breaker(&c, r.breaker)?,
         retry_budget: validate_retry_budget(&c, r.retry_budget)?,
+        overload: validate_overload(&c, r.overload)?,
     };
 
     let l = raw.limits;
@@ -478,6 +479,36 @@ fn validate_connections(c: &Ctx<'_>, s: &super::raw::RawServer) -> Result<Connec
             d.keepalive_timeout,
         )?,
     })
+}
+
+/// `[routing.overload]`: both durations above zero.
+fn validate_overload(
+    c: &Ctx<'_>,
+    o: super::raw::RawOverload,
+) -> Result<Option<crate::core::OverloadSettings>, ConfigError> {
+    let d = crate::core::OverloadSettings::default();
+    let positive = |key: &str, value: Option<String>, default: Duration| {
+        let v = c.duration(key, value.as_deref(), default)?;
+        if v.is_zero() {
+            return Err(c.err(
+                key,
+                "must be above zero (set enabled = false to turn overload control off)",
+            ));
+        }
+        Ok(v)
+    };
+    let settings = crate::core::OverloadSettings {
+        target: positive("routing.overload.target", o.target, d.target)?,
+        interval: positive("routing.overload.interval", o.interval, d.interval)?,
+        hold_share: c.number(
+            "routing.overload.hold_share",
+            o.hold_share,
+            d.hold_share,
+            0.0,
+            1.0,
+        )?,
+    };
+    Ok(o.enabled.unwrap_or(true).then_some(settings))
 }
 
 fn validate_breaker(c: &Ctx<'_>, b: super::raw::RawBreaker) -> Result<BreakerConfig, ConfigError> {

@@ -286,6 +286,15 @@ impl<T: Send> Discipline<T> for FairQueue<T> {
         self.tenants.get(tenant).map_or(0, |q| q.waiters.len())
     }
 
+    /// Its queued tokens are at least `share` of everyone's. A tenant with
+    /// nothing queued is under its share while others wait, and nobody is
+    /// when nobody waits.
+    fn over_share(&self, tenant: &str) -> bool {
+        let own = self.tenants.get(tenant).map_or(0, |q| q.tokens);
+        let all: u64 = self.heads.iter().map(|k| self.tenants[&k.1].tokens).sum();
+        all == 0 || (own > 0 && own as f64 >= self.share(tenant) * all as f64)
+    }
+
     fn set_weights(&mut self, weights: Arc<Weights>) {
         for (name, q) in &mut self.tenants {
             q.weight = weights.of(name);

@@ -11,6 +11,9 @@ mod in_flight;
 pub mod load;
 pub mod model;
 pub mod model_quota;
+pub mod overload;
+#[cfg(test)]
+mod overload_tests;
 pub mod queue;
 pub mod quota;
 #[cfg(test)]
@@ -36,6 +39,7 @@ pub use fair::FairQueue;
 pub use load::{LoadState, Outcome, ReportedLoad};
 pub use model::{ModelSpec, TokenEstimate};
 pub use model_quota::{Accounting, HintOutcome, Hold, ModelLimits, ModelQuota, ProviderHint, Settlement};
+pub use overload::{OverloadSettings, QueueState};
 pub use queue::{Discipline, Fifo, WaitQueue, Waiter};
 pub use quota::{QuotaBucket, QuotaError, Shortfall};
 pub use region::{Exclusion, RegionSpec, RegionState};

@@ -57,6 +57,13 @@ pub trait Discipline<T>: Send {
     fn take(&mut self, id: u64) -> Option<Waiter<T>>;
     /// Waiters of `tenant`.
     fn queued_for(&self, tenant: &str) -> usize;
+    /// Whether `tenant` has at least its share of the queued tokens (a
+    /// standing queue refuses these tenants first). Without tenant weights,
+    /// everyone is.
+    fn over_share(&self, tenant: &str) -> bool {
+        let _ = tenant;
+        true
+    }
     /// New tenant weights (after a reload); disciplines without weights ignore them.
     fn set_weights(&mut self, weights: Arc<super::tenant::Weights>) {
         let _ = weights;
@@ -239,6 +246,17 @@ impl<T> WaitQueue<T> {
         let w = self.find_mut(model)?.waiters.take(id)?;
         self.len -= 1;
         Some(w)
+    }
+
+    /// Whether every waiter for `model` is `tenant`'s (or nobody waits).
+    pub fn tenant_alone(&self, model: &str, tenant: &str) -> bool {
+        self.find(model)
+            .is_none_or(|q| q.waiters.queued_for(tenant) == q.waiters.len())
+    }
+
+    /// Whether `tenant` has at least its share of `model`'s queued tokens.
+    pub fn over_share(&self, model: &str, tenant: &str) -> bool {
+        self.find(model).is_none_or(|q| q.waiters.over_share(tenant))
     }
 
     /// Waiters of `tenant`, over every model.

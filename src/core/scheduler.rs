@@ -2,14 +2,19 @@
 //! waiting for a refill. A request is reserved at once only if nobody waits
 //! for its model (newcomers never jump the queue); otherwise it waits, and the
 //! refill is held for the head of its model's queue, so a large request is
-//! not starved by small ones that would fit sooner.
+//! not starved by small ones that would fit sooner. With overload control
+//! (`overload.rs`), a queue that stands sheds instead: newcomers that cannot
+//! be served now, beside the head, are refused at once, tenants over their
+//! share first, but for a bounded share of the refill they may still hold.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
 use super::fair::FairQueue;
+use super::overload::{OverloadSettings, QueueState, StandingWait};
 use super::queue::{DisciplineFactory, WaitQueue, Waiter};
 use super::router::{Reservation, RouteError, RouteRequest, Router};
 use super::tenant::Weights;
@@ -58,6 +63,18 @@ pub enum SubmitError {
         queued_requests: u64,
         tokens_per_sec: f64,
     },
+    /// The model's queue is standing (its shortest wait stayed above the
+    /// target for an interval): a newcomer over its tenant's share that
+    /// cannot be served now is refused at once.
+    #[error(
+        "no region has {model} quota for this request now, and its queue is shedding load: the shortest wait stayed above {target:.1?} for {interval:.1?}; retry in about {retry_after:.1?}"
+    )]
+    Shedding {
+        model: String,
+        retry_after: Duration,
+        target: Duration,
+        interval: Duration,
+    },
     #[error("{queued} requests of tenant {tenant} are already waiting for quota (its max_queued)")]
     TenantQueueFull {
         tenant: String,
@@ -99,6 +116,9 @@ pub struct Scheduler<T> {
     max_queued: usize,
     next_id: u64,
     next_sweep: Option<Instant>,
+    /// `None`: newcomers always wait as long as they may (the old queue).
+    overload: Option<OverloadSettings>,
+    standing: HashMap<Arc<str>, StandingWait>,
 }
 
 impl<T: Send + 'static> Scheduler<T> {
@@ -131,7 +151,34 @@ impl<T> Scheduler<T> {
             max_queued,
             next_id: 1,
             next_sweep: None,
+            overload: None,
+            standing: HashMap::new(),
         }
+    }
+
+    /// Overload control (`None`: off); trackers keep their state.
+    pub fn set_overload(&mut self, overload: Option<OverloadSettings>) {
+        self.overload = overload;
+    }
+
+    /// Whether `model`'s queue absorbs or sheds, and how many newcomers it
+    /// refused early so far.
+    pub fn queue_state(&self, model: &str) -> (QueueState, u64) {
+        self.standing
+            .get(model)
+            .map_or((QueueState::Absorbing, 0), |w| (w.state(), w.refused_early()))
+    }
+
+    /// Brings `model`'s standing-wait tracker up to `now`; whether its
+    /// queue sheds.
+    fn observe(&mut self, model: &Arc<str>, now: Instant) -> bool {
+        let Some(settings) = self.overload else {
+            return false;
+        };
+        let head = self.queue.head(model).map(|h| h.enqueued);
+        let w = self.standing.entry(model.clone()).or_default();
+        w.observe(&settings, head, now);
+        w.state() == QueueState::Shedding
     }
 
     pub fn router(&self) -> &Router {
@@ -177,6 +224,17 @@ impl<T> Scheduler<T> {
             tokens: s.tokens,
             origin: s.origin.as_deref(),
         };
+        // A standing queue of only the newcomer's tenant serves it at once
+        // in a region the head does not hold the refill of (it overtakes
+        // only its own tenant's waiters; with others waiting, the fair
+        // queue decides who is next).
+        let shedding = self.observe(&s.model, now);
+        if shedding
+            && self.queue.tenant_alone(&s.model, &s.tenant)
+            && let Some(r) = self.reserve_beside_head(&req, &s.tried, now)
+        {
+            return Ok(Submitted::Reserved(r));
+        }
         let error = if self.queue.is_waiting(&s.model) {
             // Behind others: only the router's verdict on whether it could
             // ever fit matters (a too-large request must not wait for nothing).
@@ -201,6 +259,13 @@ impl<T> Scheduler<T> {
         };
         if s.wait_until <= now {
             return Err(SubmitError::Route(error));
+        }
+        // A standing queue takes no newcomer over its tenant's share: it
+        // is refused at once, while it can still go elsewhere.
+        // Otherwise it is refused at once if its tenant is over its share,
+        // unless it may hold the refill (within the hold share).
+        if shedding && self.queue.over_share(&s.model, &s.tenant) && !self.may_hold(&s, now) {
+            return Err(self.shed(&s, *retry_after, now));
         }
         if let Some(supply) = self.router.supply(&s.model, s.tokens, &s.tried, now) {
             // When will the quota queued ahead have come back, in tokens and
@@ -279,6 +344,76 @@ impl<T> Scheduler<T> {
         Ok(Submitted::Queued { id })
     }
 
+    /// A reservation for `req` in a region the head of its model's queue
+    /// does not wait for (`None`: nobody waits, or nothing fits there now).
+    fn reserve_beside_head(
+        &mut self,
+        req: &RouteRequest<'_>,
+        tried: &[Arc<str>],
+        now: Instant,
+    ) -> Option<Reservation> {
+        let head = self.queue.head(req.model)?;
+        let head_req = RouteRequest {
+            model: &head.model,
+            tokens: head.tokens,
+            origin: head.origin.as_deref(),
+        };
+        let mut excluded = tried.to_vec();
+        excluded.extend(
+            self.router
+                .earliest_fit(&head_req, &head.tried, now)
+                .map(|(held, _)| held),
+        );
+        self.router.reserve(req, &excluded, now).ok()
+    }
+
+    /// Whether `s`, which does not fit now, may wait for the refill while
+    /// its model's queue sheds: only as the queue's head (nobody else holds
+    /// the refill) and within the hold share.
+    fn may_hold(&mut self, s: &Submission, now: Instant) -> bool {
+        let Some(settings) = self.overload else {
+            return true;
+        };
+        if self.queue.is_waiting(&s.model) {
+            return false;
+        }
+        let per_sec = self
+            .router
+            .supply(&s.model, s.tokens, &s.tried, now)
+            .map_or(0.0, |supply| supply.tokens_per_sec);
+        self.standing
+            .get_mut(&s.model)
+            .is_some_and(|w| w.take_hold(&settings, s.tokens, per_sec, now))
+    }
+
+    /// Refuses `s` early (its model's queue is shedding), with a retry hint:
+    /// when the queue ahead will have drained and it could fit.
+    fn shed(&mut self, s: &Submission, fits_in: Option<Duration>, now: Instant) -> SubmitError {
+        let settings = self.overload.unwrap_or_default();
+        let drained_in = self
+            .router
+            .supply(&s.model, s.tokens, &s.tried, now)
+            .map(|supply| {
+                let queued = self.queue.tokens_ahead(&s.model, &s.tenant) as f64;
+                Duration::try_from_secs_f64(
+                    ((queued - supply.available as f64) / supply.tokens_per_sec).max(0.0),
+                )
+                .unwrap_or(Duration::MAX)
+            });
+        if let Some(w) = self.standing.get_mut(&s.model) {
+            w.refused(now);
+        }
+        SubmitError::Shedding {
+            model: s.model.to_string(),
+            retry_after: drained_in
+                .unwrap_or_default()
+                .max(fits_in.unwrap_or_default())
+                .max(Duration::from_millis(100)),
+            target: settings.target,
+            interval: settings.interval,
+        }
+    }
+
     /// Serves every queue head that fits now, in order, and drops waiters
     /// that expired or whose caller is `gone`. Call it whenever quota may
     /// have come back (a settlement, a refill time, a config change).
@@ -335,6 +470,11 @@ impl<T> Scheduler<T> {
                         out.push(Released::Failed(w, e));
                     }
                 }
+            }
+        }
+        if let Some(settings) = self.overload {
+            for (model, w) in &mut self.standing {
+                w.observe(&settings, self.queue.head(model).map(|h| h.enqueued), now);
             }
         }
         out

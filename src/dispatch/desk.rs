@@ -50,9 +50,11 @@ impl QuotaDesk {
         let router = Router::try_new(config.router_spec(), now).map_err(|e| e.to_string())?;
         let tenants = Tenants::try_new(&config.tenant_specs(), now).map_err(|e| e.to_string())?;
         let (tx, rx) = mpsc::channel();
+        let mut scheduler = Scheduler::fair(router, config.routing.max_queued as usize, tenants.weights());
+        scheduler.set_overload(config.routing.overload);
         Ok(Arc::new(Self {
             state: Mutex::new(Desk {
-                scheduler: Scheduler::fair(router, config.routing.max_queued as usize, tenants.weights()),
+                scheduler,
                 tenants,
                 returns: rx,
             }),
@@ -171,6 +173,7 @@ impl QuotaDesk {
                 .map_err(|e| e.to_string())?;
             desk.scheduler.set_weights(next_tenants.weights());
             desk.scheduler.set_max_queued(config.routing.max_queued as usize);
+            desk.scheduler.set_overload(config.routing.overload);
             desk.tenants = next_tenants;
         }
         // Limits may have grown: let waiters through.
@@ -283,6 +286,8 @@ impl QuotaDesk {
                             .map(|h| (h.hint, now.saturating_duration_since(h.at))),
                         provider_blocked_for: q.blocked_for(now),
                         queued: sched.queued_for(&m.name),
+                        queue_state: sched.queue_state(&m.name).0,
+                        refused_early: sched.queue_state(&m.name).1,
                         sharing: q.shared().map(|s| s.view(now)),
                     })
                     .collect();
@@ -311,6 +316,14 @@ impl QuotaDesk {
             .iter()
             .map(|m| (m.name.clone(), sched.queued_for(&m.name)))
             .collect();
+        let overload = router
+            .models()
+            .iter()
+            .map(|m| {
+                let (state, refused) = sched.queue_state(&m.name);
+                (m.name.clone(), state, refused)
+            })
+            .collect();
         let tenants = desk
             .tenants
             .report(now)
@@ -324,6 +337,7 @@ impl QuotaDesk {
             at: now,
             regions,
             queued,
+            overload,
             tenants,
         }
     }

@@ -124,7 +124,11 @@ impl Forwarder {
                 origin: p.origin.clone(),
                 tenant: p.tenant.clone(),
                 tried: tried.clone(),
-                wait_until: p.deadline.min(now + settings.max_queue_wait),
+                // One budget per request: a retry after a refusal waits
+                // only what is left of it, not `max_queue_wait` anew.
+                wait_until: p
+                    .deadline
+                    .min(now + settings.max_queue_wait.saturating_sub(queue_wait)),
                 tenant_max_queued: p.tenant_max_queued,
             };
             let queue_span =

@@ -54,10 +54,16 @@ impl QuotaDesk {
                 receiver.expect("a queued request has a ticket")
             }
             Err(SubmitError::Route(e)) => return Err(e.into()),
-            Err(e @ SubmitError::WouldExpire { projected, .. }) => {
+            Err(
+                e @ (SubmitError::WouldExpire {
+                    projected: retry_after,
+                    ..
+                }
+                | SubmitError::Shedding { retry_after, .. }),
+            ) => {
                 return Err(DispatchError::WouldWaitInVain {
                     message: e.to_string(),
-                    retry_after: projected,
+                    retry_after,
                 });
             }
             Err(SubmitError::TenantQueueFull {

@@ -78,6 +78,8 @@ impl AdminService {
                 last_hint_age: q.last_hint.and_then(|(_, age)| duration(age)),
                 provider_blocked_for: q.provider_blocked_for.and_then(duration),
                 queued: q.queued as u32,
+                queue_state: q.queue_state.as_str().into(),
+                refused_early: q.refused_early,
                 shared: q.sharing.map(|s| pb::SharedQuotaStatus {
                     mode: s.mode.as_str().into(),
                     balance_tokens: s.balance_tokens,

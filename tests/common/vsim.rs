@@ -68,6 +68,8 @@ impl Arrival {
 pub struct Fate {
     /// When it was reserved and sent (None: refused or expired).
     pub granted: Option<Duration>,
+    /// When its reply came back.
+    pub done: Option<Duration>,
     pub why_not: Option<&'static str>,
 }
 
@@ -181,7 +183,17 @@ impl World {
         Duration::from_secs_f64(self.ms_per_1k * tokens as f64 / 1_000_000.0)
     }
 
-    pub fn run(&self, mut arrivals: Vec<Arrival>) -> Run {
+    /// With the default overload control (`routing.overload`), as deployed.
+    pub fn run(&self, arrivals: Vec<Arrival>) -> Run {
+        self.run_with(arrivals, Some(dispatcher::core::OverloadSettings::default()))
+    }
+
+    /// `run` with other overload settings (`None`: off, the plain queue).
+    pub fn run_with(
+        &self,
+        mut arrivals: Vec<Arrival>,
+        overload: Option<dispatcher::core::OverloadSettings>,
+    ) -> Run {
         arrivals.sort_by_key(|a| a.at);
         let t0 = Instant::now();
         let at = |d: Duration| t0 + d;
@@ -214,6 +226,7 @@ impl World {
         });
         let mut sched: Scheduler<usize> =
             Scheduler::fair(Router::try_new(spec, t0).unwrap(), 10_000_000, weights);
+        sched.set_overload(overload);
         let mut providers: Vec<Provider> = self
             .regions
             .iter()
@@ -270,6 +283,7 @@ impl World {
                         Err(e) => {
                             let why = match e {
                                 SubmitError::WouldExpire { .. } => "refused at once: would wait in vain",
+                                SubmitError::Shedding { .. } => "refused at once: shedding",
                                 SubmitError::QueueFull { .. } | SubmitError::TenantQueueFull { .. } => {
                                     "refused at once: queue full"
                                 }
@@ -282,6 +296,7 @@ impl World {
                 }
                 Event::Complete(i) => {
                     let f = flights.remove(&i).unwrap();
+                    fates[i].done = Some(now);
                     let a = &arrivals[i];
                     let p = &mut providers[f.region];
                     p.complete(f.admission, a.prompt, f.completion, at(now));
