@@ -6,6 +6,7 @@ mod diff;
 mod load;
 mod raw;
 mod validate;
+mod validate_capacity;
 mod validate_cluster;
 mod validate_region;
 pub mod watch;
@@ -248,6 +249,8 @@ pub struct RegionConfig {
     pub endpoint: Option<String>,
     pub health: HealthConfig,
     pub simulate: Option<SimulateConfig>,
+    /// `[[capacity]]`: rules on this region's pressure.
+    pub capacity: Vec<crate::core::CapacityRuleSpec>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -310,6 +313,14 @@ impl Config {
             breaker: self.routing.breaker,
             sharing: self.cluster.as_ref().map(|c| c.sharing),
         }
+    }
+
+    /// Every region's capacity rules, in region order.
+    pub fn capacity_rules(&self) -> Vec<crate::core::CapacityRuleSpec> {
+        self.regions
+            .iter()
+            .flat_map(|r| r.capacity.iter().cloned())
+            .collect()
     }
 
     pub fn tenant_specs(&self) -> Vec<TenantSpec> {

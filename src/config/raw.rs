@@ -166,6 +166,23 @@ pub struct RawRegion {
     #[serde(default)]
     pub health: RawHealth,
     pub simulate: Option<RawSimulate>,
+    #[serde(default)]
+    pub capacity: Vec<RawCapacityRule>,
+}
+
+/// `[[capacity]]` in a region file: a capacity rule (`core::capacity`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCapacityRule {
+    pub model: Option<String>,
+    pub signal: Option<String>,
+    pub enter: Option<f64>,
+    pub exit: Option<f64>,
+    #[serde(rename = "for")]
+    pub duration: Option<String>,
+    pub cool_down: Option<String>,
+    pub action: Option<String>,
+    pub weight_factor: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -45,6 +45,7 @@ pub fn validate_region(
         Some(e) => Some(validate_endpoint(&c, e)?),
     };
     let simulate = raw.simulate.map(|s| validate_simulate(&c, s)).transpose()?;
+    let capacity = super::validate_capacity::validate_capacity(&c, &name, raw.capacity, &limits)?;
     if endpoint.is_none() && simulate.is_none() {
         return Err(c.err(
             "endpoint",
@@ -62,6 +63,7 @@ pub fn validate_region(
         endpoint,
         health: validate_health(&c, raw.health)?,
         simulate,
+        capacity,
     })
 }
 

@@ -5,6 +5,7 @@
 
 pub mod breaker;
 mod candidates;
+pub mod capacity;
 pub mod central;
 pub mod fair;
 mod in_flight;
@@ -30,6 +31,10 @@ pub mod tenant;
 
 pub use breaker::{
     BreakerConfig, Circuit, CircuitBreaker, CircuitState, HealthTracker, RetryBudget, Transition,
+};
+pub use capacity::{
+    CapacityAction, CapacityEvent, CapacityEventKind, CapacityRuleSpec, CapacityRuleView, CapacityRules,
+    CapacitySignal, RegionPressure,
 };
 pub use central::{CentralBucket, CentralLimits, SyncCall, SyncGrant};
 pub use fair::FairQueue;

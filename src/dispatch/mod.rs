@@ -14,6 +14,7 @@
 //! Time is read through `crate::clock` and passed into the core.
 
 mod auth;
+mod capacity;
 mod desk;
 mod error;
 mod forwarder;
@@ -37,6 +38,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 pub use auth::{AuthError, hash_key};
+pub use capacity::{CAPACITY_TICK, CapacityReport};
 pub use desk::QuotaDesk;
 pub use error::{DispatchError, Violation};
 pub use front_door::Settings;
@@ -153,6 +155,8 @@ impl Engine {
 
     /// Runs the quota desk's pump until `cancel` fires.
     pub fn spawn_pump(self: &Arc<Self>, cancel: CancellationToken) -> tokio::task::JoinHandle<()> {
+        // Capacity rules tick beside the pump, until the same cancellation.
+        self.desk.spawn_capacity(cancel.clone());
         let engine = Arc::downgrade(self);
         self.desk.spawn_pump(cancel, move || {
             if let Some(e) = engine.upgrade() {

@@ -305,4 +305,12 @@ impl Admin for AdminService {
         }
         self.region(&r.region).map(Response::new)
     }
+
+    async fn list_capacity_rules(
+        &self,
+        _: Request<pb::ListCapacityRulesRequest>,
+    ) -> Result<Response<pb::ListCapacityRulesReply>, Status> {
+        let report = self.engine.desk().capacity_report(crate::clock::now());
+        Ok(Response::new(super::admin_policy::capacity_reply(&report)))
+    }
 }
