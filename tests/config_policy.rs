@@ -96,3 +96,75 @@ fn bad_capacity_rules_name_file_and_key() {
         "unknown signal",
     );
 }
+
+fn dispatcher_err(extra: &str) -> ConfigError {
+    let text = format!("{DISPATCHER}{extra}");
+    config::parse_dispatcher(&text, Path::new("dispatcher.toml"), Some(HashMap::new())).unwrap_err()
+}
+
+fn assert_dispatcher(e: &ConfigError, key: &str, problem: &str) {
+    let text = e.to_string();
+    assert!(text.starts_with(&format!("dispatcher.toml: {key}")), "{text}");
+    assert!(text.contains(problem), "{text}");
+}
+
+#[test]
+fn rollouts_and_fallbacks_are_read() {
+    let text = format!(
+        "{DISPATCHER}[[rollouts]]\nalias = \"chat\"\nsession_label = \"session\"\ntargets = [{{ model = \"mini\", weight = 90 }}, {{ model = \"gpt-4o\", weight = 10 }}]\n\
+         [[fallbacks]]\nmodel = \"gpt-4o\"\nthen = [\"mini\"]\non = [\"no_quota\"]\n"
+    );
+    let c = config::parse_dispatcher(&text, Path::new("dispatcher.toml"), Some(HashMap::new())).unwrap();
+    assert_eq!(c.policy.rollouts[0].targets[0], ("mini".to_string(), 90.0));
+    assert_eq!(c.policy.fallbacks[0].then, ["mini"]);
+    assert_eq!(c.policy.fallbacks[0].on, [dispatcher::core::Trigger::NoQuota]);
+}
+
+#[test]
+fn bad_rollouts_and_fallbacks_name_file_and_key() {
+    let target = |m: &str, w: &str| {
+        format!("[[rollouts]]\nalias = \"chat\"\ntargets = [{{ model = \"{m}\", weight = {w} }}]\n")
+    };
+    assert_dispatcher(
+        &dispatcher_err(&target("opus", "1")),
+        "rollouts[0].targets[0].model",
+        "unknown model",
+    );
+    assert_dispatcher(
+        &dispatcher_err(&target("mini", "-1")),
+        "rollouts[0].targets[0].weight",
+        "out of range",
+    );
+    assert_dispatcher(
+        &dispatcher_err(&target("mini", "0")),
+        "rollouts[0].targets",
+        "above 0",
+    );
+    assert_dispatcher(
+        &dispatcher_err("[[rollouts]]\nalias = \"mini\"\ntargets = [{ model = \"gpt-4o\", weight = 1 }]\n"),
+        "rollouts[0].alias",
+        "a model's name",
+    );
+    assert_dispatcher(
+        &dispatcher_err("[[fallbacks]]\nmodel = \"gpt-4o\"\nthen = [\"gpt-4o\"]\n"),
+        "fallbacks[0].then[0]",
+        "already in the chain",
+    );
+    assert_dispatcher(
+        &dispatcher_err("[[fallbacks]]\nmodel = \"gpt-4o\"\nthen = [\"mini\"]\non = [\"always\"]\n"),
+        "fallbacks[0].on[0]",
+        "unknown trigger",
+    );
+    assert_dispatcher(
+        &dispatcher_err("[[fallbacks]]\nmodel = \"gpt-4o\"\nthen = []\n"),
+        "fallbacks[0].then",
+        "needs 1",
+    );
+    assert_dispatcher(
+        &dispatcher_err(
+            "[[fallbacks]]\nmodel = \"gpt-4o\"\nthen = [\"mini\"]\nfirst_byte_timeout = \"soon\"\n",
+        ),
+        "fallbacks[0].first_byte_timeout",
+        "not a duration",
+    );
+}

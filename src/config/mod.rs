@@ -8,6 +8,7 @@ mod raw;
 mod validate;
 mod validate_capacity;
 mod validate_cluster;
+mod validate_policy;
 mod validate_region;
 pub mod watch;
 
@@ -99,6 +100,15 @@ pub struct Config {
     /// one process on its own (the default).
     pub cluster: Option<ClusterConfig>,
     pub regions: Vec<RegionConfig>,
+    /// `[[rollouts]]` and `[[fallbacks]]`.
+    pub policy: PolicyConfig,
+}
+
+/// Routing policy across models, checked.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct PolicyConfig {
+    pub rollouts: Vec<crate::core::RolloutSpec>,
+    pub fallbacks: Vec<crate::core::FallbackSpec>,
 }
 
 /// `[cluster]`, checked.

@@ -52,6 +52,8 @@ pub struct Snapshot {
     admin_token: Option<[u8; 32]>,
     rates: TenantRates,
     models: Vec<ModelSpec>,
+    /// `[[fallbacks]]`: each model's chain.
+    fallbacks: Vec<crate::core::FallbackSpec>,
 }
 
 impl Snapshot {
@@ -63,7 +65,21 @@ impl Snapshot {
             admin_token: config.admin_token,
             rates: TenantRates::from_config(config),
             models: config.models.clone(),
+            fallbacks: config.policy.fallbacks.clone(),
         }
+    }
+
+    /// The models a request for `model` may be served by, in order.
+    pub fn plan(&self, model: &str, allow_fallback: bool) -> crate::core::Plan {
+        crate::core::Plan::for_model(&self.fallbacks, model, allow_fallback)
+    }
+
+    /// Whether `r` is too large for its model (its fields otherwise valid).
+    pub fn too_large(&self, r: &pb::DispatchRequest) -> bool {
+        self.models
+            .iter()
+            .find(|m| m.name == r.model)
+            .is_some_and(|m| validate::check_tokens(r, m).is_err())
     }
 
     /// The tenant behind an `authorization` header (or none).
