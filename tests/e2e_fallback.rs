@@ -48,7 +48,14 @@ async fn every_gpt_4o_region_out_of_quota_is_served_by_the_fallback_model() {
         let sim = region_sim(
             cfg.path(),
             name,
-            &["--model", &gpt, "--model", "mini:10000000:100000:admission", "--ms-per-1k-tokens", "1"],
+            &[
+                "--model",
+                &gpt,
+                "--model",
+                "mini:10000000:100000:admission",
+                "--ms-per-1k-tokens",
+                "1",
+            ],
         );
         let models = [
             ("gpt-4o", GPT_TPM, 1_000, "admission"),
@@ -80,7 +87,10 @@ async fn every_gpt_4o_region_out_of_quota_is_served_by_the_fallback_model() {
     let mut last = None;
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.unwrap();
-        assert_eq!((chunk.model.as_str(), chunk.models_tried.as_slice()), ("mini", &["gpt-4o".to_string()][..]));
+        assert_eq!(
+            (chunk.model.as_str(), chunk.models_tried.as_slice()),
+            ("mini", &["gpt-4o".to_string()][..])
+        );
         last = Some(chunk);
     }
     assert!(last.expect("chunks").done);
@@ -97,7 +107,11 @@ async fn every_gpt_4o_region_out_of_quota_is_served_by_the_fallback_model() {
 
     // Route shows both steps: gpt-4o with no region now, then mini.
     let route = grpc.route(request()).await.unwrap().into_inner();
-    let plan: Vec<_> = route.plan.iter().map(|s| (s.model.as_str(), s.region.is_empty())).collect();
+    let plan: Vec<_> = route
+        .plan
+        .iter()
+        .map(|s| (s.model.as_str(), s.region.is_empty()))
+        .collect();
     assert_eq!(plan, [("gpt-4o", true), ("mini", false)], "{route:?}");
     assert_eq!(route.plan[0].fall_back_on, ["no_quota", "unavailable"]);
     assert!(!route.plan[0].error.is_empty());
