@@ -168,3 +168,43 @@ fn bad_rollouts_and_fallbacks_name_file_and_key() {
         "not a duration",
     );
 }
+
+#[test]
+fn a_reload_reports_policy_and_capacity_changes() {
+    let parse = |extra: &str| {
+        config::parse_dispatcher(
+            &format!("{DISPATCHER}{extra}"),
+            Path::new("dispatcher.toml"),
+            Some(HashMap::new()),
+        )
+        .unwrap()
+    };
+    let chain = "[[fallbacks]]\nmodel = \"gpt-4o\"\nthen = [\"mini\"]\n";
+    let old = parse("");
+    let new = parse(chain);
+    let shown: Vec<String> = config::changes(&old, &new)
+        .iter()
+        .map(|c| c.to_string())
+        .collect();
+    assert!(
+        shown.iter().any(|c| c.starts_with("changed policy: fallbacks")),
+        "{shown:?}"
+    );
+
+    let mut old = parse("");
+    let mut new = parse("");
+    let region = |extra: &str| {
+        let text = format!("{REGION}{extra}");
+        config::parse_region(&text, Path::new("regions/r1.toml"), &models()).unwrap()
+    };
+    old.regions = vec![region("")];
+    new.regions = vec![region("[[capacity]]\naction = \"alert\"\n")];
+    let shown: Vec<String> = config::changes(&old, &new)
+        .iter()
+        .map(|c| c.to_string())
+        .collect();
+    assert!(
+        shown.iter().any(|c| c.contains("capacity rules (0 → 1)")),
+        "{shown:?}"
+    );
+}
