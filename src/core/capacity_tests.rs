@@ -124,3 +124,72 @@ fn region_model_rules_shed_only_their_model_and_reload_keeps_unchanged_rules() {
     assert!(views[0].active);
     assert!(!views[1].active);
 }
+
+/// The router under pressure: a shed region-model is excluded (only that
+/// model), a request nothing else can take is refused as shed with a
+/// retry hint, and a redistribute factor lowers the region's weight.
+#[test]
+fn the_router_applies_pressure_per_region_and_model() {
+    use super::super::model::ModelSpec;
+    use super::super::model_quota::{Accounting, ModelLimits};
+    use super::super::region::RegionSpec;
+    use super::super::router::{RouteError, RouteRequest, Router, RouterSpec};
+    use super::super::strategy::{StrategyKind, StrategyParams};
+
+    let limits = ModelLimits {
+        tokens_per_minute: 60_000,
+        requests_per_minute: 1000,
+        burst_tokens: None,
+        burst_requests: None,
+        accounting: Accounting::Usage,
+    };
+    let model = |name: &str| ModelSpec {
+        name: name.into(),
+        default_max_output_tokens: 10,
+        chars_per_token: 4.0,
+        max_request_tokens: 1_000_000,
+    };
+    let spec = RouterSpec {
+        models: vec![model("m1"), model("m2")],
+        regions: vec![RegionSpec {
+            name: "eu".into(),
+            weight: 2.0,
+            max_concurrent: 100,
+            models: vec![("m1".into(), limits.clone()), ("m2".into(), limits)],
+        }],
+        strategy: StrategyKind::WeightedLoad,
+        params: StrategyParams::default(),
+        seed: 1,
+        breaker: crate::core::BreakerConfig::default(),
+        sharing: None,
+    };
+    let t0 = Instant::now();
+    let mut router = Router::try_new(spec, t0).unwrap();
+    let mut per_model = rule(CapacityAction::RejectNew);
+    per_model.model = Some("m1".into());
+    let mut down = rule(CapacityAction::Redistribute);
+    down.weight_factor = 0.25;
+    let mut rules = CapacityRules::new(vec![per_model, down]);
+    run(&mut rules, t0, 0, 31, |_| 0.95);
+    for p in rules.pressure() {
+        assert!(router.set_pressure(&p));
+    }
+    let req = |model| RouteRequest {
+        model,
+        tokens: 100,
+        origin: None,
+    };
+    match router.reserve(&req("m1"), &[], t0) {
+        Err(RouteError::Shed { retry_after, .. }) => assert_eq!(retry_after, Duration::from_secs(30)),
+        other => panic!("m1 should be shed: {other:?}"),
+    }
+    assert!(router.reserve(&req("m2"), &[], t0).is_ok(), "m2 is not shed");
+    assert_eq!(router.region("eu").unwrap().weight(), 0.5);
+    // Pressure lifted: served again, weight back.
+    run(&mut rules, t0, 31, 1, |_| 0.1);
+    for p in rules.pressure() {
+        router.set_pressure(&p);
+    }
+    assert!(router.reserve(&req("m1"), &[], t0).is_ok());
+    assert_eq!(router.region("eu").unwrap().weight(), 2.0);
+}
