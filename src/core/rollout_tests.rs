@@ -24,6 +24,7 @@ fn a_90_10_alias_over_10000_requests_lands_within_1_5_percent() {
     let mut r = ninety_ten();
     let picks: Vec<_> = (0..10_000).map(|_| r.pick("chat", |_| None).unwrap()).collect();
     let share = share_of_mini(&picks);
+    println!("mini share over 10,000: {share:.4}");
     assert!((share - 0.9).abs() <= 0.015, "mini got {share}");
     assert!(picks.iter().all(|p| !p.sticky && p.alias == "chat"));
 }
@@ -39,6 +40,7 @@ fn sessions_split_by_weight_too() {
         })
         .collect();
     let share = share_of_mini(&picks);
+    println!("mini share over 10,000: {share:.4}");
     assert!((share - 0.9).abs() <= 0.015, "mini got {share}");
     assert!(picks.iter().all(|p| p.sticky));
 }
@@ -80,6 +82,7 @@ fn changing_weights_live_moves_only_the_sessions_it_must() {
             .all(|(b, a)| b == a || (b == "mini" && a == "gpt-4o"))
     );
     let moved = before.iter().zip(&after).filter(|(b, a)| b != a).count() as f64 / keys.len() as f64;
+    println!("moved from 90/10 to 50/50: {moved:.4}");
     assert!((moved - 0.4).abs() < 0.02, "moved {moved}");
     let share = after.iter().filter(|t| *t == "mini").count() as f64 / keys.len() as f64;
     assert!((share - 0.5).abs() <= 0.015, "{share}");

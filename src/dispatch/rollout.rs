@@ -6,6 +6,8 @@
 //! Owner: `RolloutDesk::rollouts`, one `Mutex`, held for one pick, one
 //! weight change or one copy for Admin.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use parking_lot::Mutex;
 
 use crate::config::Config;
@@ -14,23 +16,31 @@ use crate::pb;
 
 pub struct RolloutDesk {
     rollouts: Mutex<Rollouts>,
+    /// Whether any alias is configured: without one, requests skip the lock.
+    any: AtomicBool,
 }
 
 impl RolloutDesk {
     pub fn new(config: &Config) -> Self {
         Self {
             rollouts: Mutex::new(Rollouts::new(config.policy.rollouts.clone(), config.routing.seed)),
+            any: AtomicBool::new(!config.policy.rollouts.is_empty()),
         }
     }
 
     /// After a reload: the configured weights win over live changes.
     pub fn apply(&self, config: &Config) {
-        self.rollouts.lock().apply(config.policy.rollouts.clone());
+        let mut rollouts = self.rollouts.lock();
+        rollouts.apply(config.policy.rollouts.clone());
+        self.any.store(!rollouts.specs().is_empty(), Ordering::Relaxed);
     }
 
     /// When `r` names an alias: sets its model to the target picked and
     /// returns the alias (empty when it names a model).
     pub fn resolve(&self, r: &mut pb::DispatchRequest) -> String {
+        if !self.any.load(Ordering::Relaxed) {
+            return String::new();
+        }
         let pick = {
             let mut rollouts = self.rollouts.lock();
             if !rollouts.is_alias(&r.model) {
