@@ -139,6 +139,30 @@ fn describe() {
         "dispatcher_shared_fallback_seconds_total",
         "With [cluster]: time spent in fallback (Redis unreachable)"
     );
+    describe_gauge!(
+        "dispatcher_capacity_rule_active",
+        "1 while a capacity rule ([[capacity]] in a region file) is in force, by region, model and action"
+    );
+    describe_gauge!(
+        "dispatcher_capacity_signal",
+        "The signal a capacity rule watches (utilisation or queue depth), at its last sample"
+    );
+    describe_gauge!(
+        "dispatcher_capacity_scale_out",
+        "While a scale_out rule is active: by how much the region's capacity should grow (signal / exit threshold); 0 otherwise"
+    );
+    describe_counter!(
+        "dispatcher_capacity_transitions_total",
+        "Capacity rules entering or exiting, by region, model, action and kind"
+    );
+    describe_counter!(
+        "dispatcher_rollout_requests_total",
+        "Requests naming a rollout alias, by alias and the target model picked"
+    );
+    describe_counter!(
+        "dispatcher_fallbacks_total",
+        "Requests moved to the next model of their fallback chain, by from, to and trigger"
+    );
     describe_histogram!(
         "dispatcher_redis_call_seconds",
         "With [cluster]: one sync round trip to Redis (all region-models pipelined), by result"

@@ -95,6 +95,13 @@ fn region_details(old: &RegionConfig, new: &RegionConfig) -> Vec<String> {
     if old.simulate != new.simulate {
         d.push("simulate settings (apply to a newly started simulation only)".into());
     }
+    if old.capacity != new.capacity {
+        d.push(format!(
+            "capacity rules ({} → {})",
+            old.capacity.len(),
+            new.capacity.len()
+        ));
+    }
     d
 }
 
@@ -190,6 +197,10 @@ pub fn changes(old: &Config, new: &Config) -> Vec<Change> {
     );
     field(&mut d, "overload", &old.routing.overload, &new.routing.overload);
     out.extend(changed("routing", d));
+    let mut d = Vec::new();
+    field(&mut d, "rollouts", &old.policy.rollouts, &new.policy.rollouts);
+    field(&mut d, "fallbacks", &old.policy.fallbacks, &new.policy.fallbacks);
+    out.extend(changed("policy", d));
     let mut d = Vec::new();
     field(&mut d, "limits", &old.limits, &new.limits);
     out.extend(changed("limits", d));

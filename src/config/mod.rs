@@ -7,7 +7,9 @@ mod load;
 mod raw;
 mod tls;
 mod validate;
+mod validate_capacity;
 mod validate_cluster;
+mod validate_policy;
 mod validate_region;
 pub mod watch;
 
@@ -103,6 +105,15 @@ pub struct Config {
     /// one process on its own (the default).
     pub cluster: Option<ClusterConfig>,
     pub regions: Vec<RegionConfig>,
+    /// `[[rollouts]]` and `[[fallbacks]]`.
+    pub policy: PolicyConfig,
+}
+
+/// Routing policy across models, checked.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct PolicyConfig {
+    pub rollouts: Vec<crate::core::RolloutSpec>,
+    pub fallbacks: Vec<crate::core::FallbackSpec>,
 }
 
 /// `[cluster]`, checked.
@@ -266,6 +277,8 @@ pub struct RegionConfig {
     pub simulate: Option<SimulateConfig>,
     /// `[tls]` of an `https://` endpoint (`Some` for every one).
     pub tls: Option<RegionTls>,
+    /// `[[capacity]]`: rules on this region's pressure.
+    pub capacity: Vec<crate::core::CapacityRuleSpec>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -328,6 +341,14 @@ impl Config {
             breaker: self.routing.breaker,
             sharing: self.cluster.as_ref().map(|c| c.sharing),
         }
+    }
+
+    /// Every region's capacity rules, in region order.
+    pub fn capacity_rules(&self) -> Vec<crate::core::CapacityRuleSpec> {
+        self.regions
+            .iter()
+            .flat_map(|r| r.capacity.iter().cloned())
+            .collect()
     }
 
     pub fn tenant_specs(&self) -> Vec<TenantSpec> {

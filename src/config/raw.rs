@@ -24,6 +24,38 @@ pub struct RawDispatcher {
     #[serde(default)]
     pub telemetry: RawTelemetry,
     pub cluster: Option<RawCluster>,
+    #[serde(default)]
+    pub rollouts: Vec<RawRollout>,
+    #[serde(default)]
+    pub fallbacks: Vec<RawFallback>,
+}
+
+/// `[[rollouts]]`: a model alias split across target models by weight.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRollout {
+    pub alias: String,
+    pub session_label: Option<String>,
+    #[serde(default)]
+    pub targets: Vec<RawRolloutTarget>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRolloutTarget {
+    pub model: String,
+    pub weight: f64,
+}
+
+/// `[[fallbacks]]`: a model's fallback chain.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFallback {
+    pub model: String,
+    #[serde(default)]
+    pub then: Vec<String>,
+    pub on: Option<Vec<String>>,
+    pub first_byte_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -203,6 +235,23 @@ pub struct RawRegion {
     pub health: RawHealth,
     pub simulate: Option<RawSimulate>,
     pub tls: Option<RawRegionTls>,
+    #[serde(default)]
+    pub capacity: Vec<RawCapacityRule>,
+}
+
+/// `[[capacity]]` in a region file: a capacity rule (`core::capacity`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCapacityRule {
+    pub model: Option<String>,
+    pub signal: Option<String>,
+    pub enter: Option<f64>,
+    pub exit: Option<f64>,
+    #[serde(rename = "for")]
+    pub duration: Option<String>,
+    pub cool_down: Option<String>,
+    pub action: Option<String>,
+    pub weight_factor: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]

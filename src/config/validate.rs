@@ -305,6 +305,7 @@ pub fn validate_dispatcher(raw: RawDispatcher, file: &Path) -> Result<Config, Co
         .cluster
         .map(|k| super::validate_cluster::validate_cluster(&c, k))
         .transpose()?;
+    let policy = super::validate_policy::validate_policy(&c, raw.rollouts, raw.fallbacks, &models)?;
     Ok(Config {
         path: file.to_path_buf(),
         server,
@@ -322,6 +323,7 @@ pub fn validate_dispatcher(raw: RawDispatcher, file: &Path) -> Result<Config, Co
         },
         cluster,
         regions: Vec::new(),
+        policy,
     })
 }
 

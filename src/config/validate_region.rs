@@ -49,6 +49,7 @@ pub fn validate_region(
         .and_then(|e| e.parse::<tonic::transport::Uri>().ok());
     let tls = super::tls::validate_region_tls(&c, raw.tls, uri.as_ref())?;
     let simulate = raw.simulate.map(|s| validate_simulate(&c, s)).transpose()?;
+    let capacity = super::validate_capacity::validate_capacity(&c, &name, raw.capacity, &limits)?;
     if endpoint.is_none() && simulate.is_none() {
         return Err(c.err(
             "endpoint",
@@ -67,6 +68,7 @@ pub fn validate_region(
         health: validate_health(&c, raw.health)?,
         simulate,
         tls,
+        capacity,
     })
 }
 

@@ -5,8 +5,10 @@
 
 pub mod breaker;
 mod candidates;
+pub mod capacity;
 pub mod central;
 pub mod fair;
+pub mod fallback;
 mod in_flight;
 pub mod load;
 pub mod model;
@@ -19,6 +21,7 @@ pub mod quota;
 #[cfg(test)]
 mod recovery_tests;
 pub mod region;
+pub mod rollout;
 pub mod router;
 #[cfg(test)]
 mod router_tests;
@@ -34,8 +37,13 @@ pub mod tenant;
 pub use breaker::{
     BreakerConfig, Circuit, CircuitBreaker, CircuitState, HealthTracker, RetryBudget, Transition,
 };
+pub use capacity::{
+    CapacityAction, CapacityEvent, CapacityEventKind, CapacityRuleSpec, CapacityRuleView, CapacityRules,
+    CapacitySignal, RegionPressure,
+};
 pub use central::{CentralBucket, CentralLimits, SyncCall, SyncGrant};
 pub use fair::FairQueue;
+pub use fallback::{FallbackSpec, Plan, Trigger};
 pub use load::{LoadState, Outcome, ReportedLoad};
 pub use model::{ModelSpec, TokenEstimate};
 pub use model_quota::{Accounting, HintOutcome, Hold, ModelLimits, ModelQuota, ProviderHint, Settlement};
@@ -43,6 +51,7 @@ pub use overload::{OverloadSettings, QueueState};
 pub use queue::{Discipline, Fifo, WaitQueue, Waiter};
 pub use quota::{QuotaBucket, QuotaError, Shortfall};
 pub use region::{Exclusion, RegionSpec, RegionState};
+pub use rollout::{RolloutError, RolloutPick, RolloutSpec, Rollouts};
 pub use router::{
     CandidateReport, Completion, Reservation, RouteError, RoutePreview, RouteRequest, Router, RouterSpec,
     Settled, Supply, SyncItem,

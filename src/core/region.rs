@@ -37,6 +37,8 @@ pub enum Exclusion {
     Quota(QuotaShortfall),
     /// Tried already for this request (failover goes elsewhere).
     AlreadyTried,
+    /// A capacity rule (`reject_new`) sheds new work here for now.
+    Shed,
 }
 
 impl Exclusion {
@@ -65,6 +67,30 @@ impl fmt::Display for Exclusion {
             }
             Exclusion::Quota(q) => q.fmt(f),
             Exclusion::AlreadyTried => f.write_str("already tried for this request"),
+            Exclusion::Shed => f.write_str("shedding new work (a reject_new capacity rule is active)"),
+        }
+    }
+}
+
+/// What the active capacity rules ask of a region (`core::capacity`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pressure {
+    pub shed_all: bool,
+    /// Model ids (the router's order) that shed new work.
+    pub shed_models: Vec<usize>,
+    /// Multiplies the region's weight (1: no effect).
+    pub weight_factor: f64,
+    /// When shedding could end at the soonest.
+    pub retry_after: Duration,
+}
+
+impl Default for Pressure {
+    fn default() -> Self {
+        Self {
+            shed_all: false,
+            shed_models: Vec::new(),
+            weight_factor: 1.0,
+            retry_after: Duration::ZERO,
         }
     }
 }
@@ -76,6 +102,8 @@ pub struct RegionState {
     pub(super) weight_override: Option<f64>,
     pub(super) drained: bool,
     pub(super) healthy: bool,
+    /// Set by capacity rules (`Router::set_pressure`).
+    pub(super) pressure: Pressure,
     pub(super) breaker: CircuitBreaker,
     pub(super) load: LoadState,
     /// By model id (the router's model order); `None` where not served.
@@ -103,6 +131,7 @@ impl RegionState {
             weight_override: None,
             drained: false,
             healthy: true,
+            pressure: Pressure::default(),
             breaker: CircuitBreaker::new(breaker, now),
             load: LoadState::new(spec.max_concurrent, load_half_life, now),
             quotas,
@@ -115,7 +144,12 @@ impl RegionState {
 
     #[inline]
     pub fn weight(&self) -> f64 {
-        self.weight_override.unwrap_or(self.weight)
+        self.weight_override.unwrap_or(self.weight) * self.pressure.weight_factor
+    }
+
+    /// What capacity rules ask of this region now.
+    pub fn pressure(&self) -> &Pressure {
+        &self.pressure
     }
 
     pub fn configured_weight(&self) -> f64 {
@@ -163,6 +197,9 @@ impl RegionState {
         }
         if !self.healthy {
             return Err(Exclusion::Unhealthy);
+        }
+        if self.pressure.shed_all || self.pressure.shed_models.contains(&model) {
+            return Err(Exclusion::Shed);
         }
         if !self.breaker.allows(now) {
             let until = match self.breaker.state(now) {

@@ -53,6 +53,14 @@ pub enum RouteError {
     /// Every region serving the model is drained, unhealthy or already tried.
     #[error("no region is available for {model}: {summary}")]
     Unavailable { model: String, summary: String },
+    /// Capacity rules (`reject_new`) shed new work in the regions that
+    /// could otherwise take it; `retry_after` is when that may end.
+    #[error("new {model} work is shed (capacity rules): {summary}")]
+    Shed {
+        model: String,
+        summary: String,
+        retry_after: Duration,
+    },
 }
 
 /// Quota held in one region for one request; hand it back to `settle`.
@@ -267,8 +275,22 @@ impl Router {
             matches!(why, Exclusion::Quota(q) if !matches!(q, QuotaShortfall::TooLarge { .. }))
                 || matches!(why, Exclusion::AtCapacity { .. })
         });
+        let shed = eval.excluded.iter().any(|(_, why)| *why == Exclusion::Shed);
         if waiting {
             RouteError::NoCapacity { retry_after, summary }
+        } else if shed {
+            let retry_after = eval
+                .excluded
+                .iter()
+                .filter(|(_, why)| *why == Exclusion::Shed)
+                .map(|(i, _)| self.regions[*i].pressure.retry_after)
+                .min()
+                .unwrap_or_default();
+            RouteError::Shed {
+                model: model_name,
+                summary,
+                retry_after,
+            }
         } else {
             RouteError::Unavailable {
                 model: model_name,
@@ -473,6 +495,9 @@ impl Router {
             );
             region.drained = old.drained;
             region.healthy = old.healthy;
+            // Model ids may have moved: the desk sets pressure again by name.
+            region.pressure.weight_factor = old.pressure.weight_factor;
+            region.pressure.shed_all = old.pressure.shed_all;
             region.breaker = old.breaker.clone();
             region.breaker.set_config(spec.breaker);
             for (model, quota) in region.quotas.iter_mut().enumerate() {
@@ -518,6 +543,22 @@ impl Router {
         self.region_id(region)
             .map(|i| self.regions[i].weight_override = weight)
             .is_some()
+    }
+
+    /// What capacity rules ask of `region` now (`core::capacity`); models
+    /// by name (unknown ones are ignored). Returns false if unknown.
+    pub fn set_pressure(&mut self, p: &super::capacity::RegionPressure) -> bool {
+        let Some(i) = self.region_id(&p.region) else {
+            return false;
+        };
+        let shed_models = p.shed_models.iter().filter_map(|m| self.model_id(m)).collect();
+        self.regions[i].pressure = super::region::Pressure {
+            shed_all: p.shed_all,
+            shed_models,
+            weight_factor: p.weight_factor,
+            retry_after: p.retry_after,
+        };
+        true
     }
 
     pub fn set_healthy(&mut self, region: &str, healthy: bool) -> bool {

@@ -35,6 +35,8 @@ pub(super) enum Returned {
 pub(super) struct Desk {
     pub scheduler: Scheduler<Ticket>,
     pub tenants: Tenants,
+    /// Capacity rules (`capacity.rs`), applied to the scheduler's router.
+    pub capacity: crate::core::CapacityRules,
     returns: mpsc::Receiver<Returned>,
 }
 
@@ -56,6 +58,7 @@ impl QuotaDesk {
             state: Mutex::new(Desk {
                 scheduler,
                 tenants,
+                capacity: crate::core::CapacityRules::new(config.capacity_rules()),
                 returns: rx,
             }),
             returns: tx,
@@ -175,6 +178,9 @@ impl QuotaDesk {
             desk.scheduler.set_max_queued(config.routing.max_queued as usize);
             desk.scheduler.set_overload(config.routing.overload);
             desk.tenants = next_tenants;
+            let rules = config.capacity_rules();
+            desk.capacity.apply(rules);
+            desk.apply_pressure();
         }
         // Limits may have grown: let waiters through.
         self.wake();

@@ -102,6 +102,7 @@ impl DispatchError {
             | DispatchError::TenantLimit { retry_after, .. } => *retry_after,
             DispatchError::WouldWaitInVain { retry_after, .. }
             | DispatchError::QueueFull { retry_after, .. }
+            | DispatchError::Route(RouteError::Shed { retry_after, .. })
             | DispatchError::ProvidersRefused { retry_after, .. } => Some(*retry_after),
             _ => None,
         }

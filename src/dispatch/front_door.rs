@@ -54,6 +54,8 @@ pub struct Snapshot {
     models: Vec<ModelSpec>,
     /// Configured region names, for `origin_region`.
     regions: Vec<String>,
+    /// `[[fallbacks]]`: each model's chain.
+    fallbacks: Vec<crate::core::FallbackSpec>,
 }
 
 impl Snapshot {
@@ -66,7 +68,21 @@ impl Snapshot {
             rates: TenantRates::from_config(config),
             models: config.models.clone(),
             regions: config.regions.iter().map(|r| r.spec.name.clone()).collect(),
+            fallbacks: config.policy.fallbacks.clone(),
         }
+    }
+
+    /// The models a request for `model` may be served by, in order.
+    pub fn plan(&self, model: &str, allow_fallback: bool) -> crate::core::Plan {
+        crate::core::Plan::for_model(&self.fallbacks, model, allow_fallback)
+    }
+
+    /// Whether `r` is too large for its model (its fields otherwise valid).
+    pub fn too_large(&self, r: &pb::DispatchRequest) -> bool {
+        self.models
+            .iter()
+            .find(|m| m.name == r.model)
+            .is_some_and(|m| validate::check_tokens(r, m).is_err())
     }
 
     /// The tenant behind a caller's credentials (or none).

@@ -129,6 +129,7 @@ mod tests {
             attempts: 1,
             queue_wait: Duration::ZERO,
             config_version: 1,
+            path: Default::default(),
         }
     }
 

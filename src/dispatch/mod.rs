@@ -14,8 +14,10 @@
 //! Time is read through `crate::clock` and passed into the core.
 
 mod auth;
+mod capacity;
 mod desk;
 mod error;
+mod fallback;
 mod forwarder;
 mod front_door;
 mod idempotency;
@@ -24,6 +26,7 @@ mod observe;
 mod prepare;
 mod queue;
 mod rates;
+mod rollout;
 mod shared_ids;
 mod stream;
 mod unary;
@@ -37,10 +40,13 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 pub use auth::{AuthError, Caller, hash_key};
+pub use capacity::{CAPACITY_TICK, CapacityReport};
 pub use desk::QuotaDesk;
 pub use error::{DispatchError, Violation};
+pub use fallback::RouteStepView;
 pub use front_door::Settings;
 pub use queue::{Grant, Ticket};
+pub use rollout::RolloutDesk;
 pub use shared_ids::{Pending, SharedIds, Stored};
 pub use stream::{ChunkStream, StreamChunk};
 
@@ -63,11 +69,24 @@ pub struct Dispatched {
     pub queue_wait: Duration,
     /// The configuration version the request was decided with.
     pub config_version: u64,
+    /// Which model served it, after rollouts and fallbacks.
+    pub path: ModelPath,
+}
+
+/// The models a request went through: the alias it named (if any), the
+/// models tried and given up on, and the one that served it.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ModelPath {
+    pub model: String,
+    /// The rollout alias the request named; empty when none.
+    pub alias: String,
+    pub tried: Vec<String>,
 }
 
 pub struct Engine {
     front: FrontDoor,
     desk: Arc<QuotaDesk>,
+    rollouts: RolloutDesk,
     forwarder: Forwarder,
     idempotency: idempotency::Idempotency,
     drain: Arc<Drain>,
@@ -124,6 +143,7 @@ impl Engine {
             desk: QuotaDesk::new(config, now)?,
             forwarder: Forwarder::new(config, endpoints, connector, now)?,
             front: FrontDoor::new(config),
+            rollouts: RolloutDesk::new(config),
             idempotency: idempotency::Idempotency::new(
                 config.server.idempotency_window,
                 config.server.idempotency_capacity,
@@ -147,12 +167,15 @@ impl Engine {
     pub fn apply(&self, config: &Config, endpoints: &[(String, String)]) -> Result<(), String> {
         self.forwarder.apply(config, endpoints)?;
         self.desk.apply(config, crate::clock::now())?;
+        self.rollouts.apply(config);
         self.front.replace(config);
         Ok(())
     }
 
     /// Runs the quota desk's pump until `cancel` fires.
     pub fn spawn_pump(self: &Arc<Self>, cancel: CancellationToken) -> tokio::task::JoinHandle<()> {
+        // Capacity rules tick beside the pump, until the same cancellation.
+        self.desk.spawn_capacity(cancel.clone());
         let engine = Arc::downgrade(self);
         self.desk.spawn_pump(cancel, move || {
             if let Some(e) = engine.upgrade() {
@@ -173,6 +196,11 @@ impl Engine {
         region: &str,
     ) -> Option<tonic_health::pb::health_client::HealthClient<crate::forward::Connection>> {
         self.forwarder.health_client(region)
+    }
+
+    /// The rollouts, for Admin (list, change weights live).
+    pub fn rollouts(&self) -> &RolloutDesk {
+        &self.rollouts
     }
 
     /// The quota desk, for its named commands (drain, weight, health).

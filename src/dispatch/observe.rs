@@ -42,6 +42,7 @@ pub fn outcome(result: &Result<(), &DispatchError>) -> &'static str {
             | DispatchError::QueueFull { .. }
             | DispatchError::ProvidersRefused { .. } => "no_quota",
             DispatchError::IdempotencyFull { .. } => "overloaded",
+            DispatchError::Route(crate::core::RouteError::Shed { .. }) => "shed",
             DispatchError::DeadlineExceeded(_) => "deadline_exceeded",
             DispatchError::Upstream { .. } => "upstream_error",
             DispatchError::Internal(_) => "internal",

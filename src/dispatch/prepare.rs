@@ -58,6 +58,12 @@ pub(super) struct Prepared {
     /// The caller gave a request_id: work that may have run elsewhere can
     /// be retried, because a repeat of the id is answered once.
     pub retry_may_have_run: bool,
+    /// The models it may be served by (its fallback chain), the step it is
+    /// at, and the caller's own token fields, to estimate the next step.
+    pub plan: crate::core::Plan,
+    pub step: usize,
+    pub asked: (u64, u64),
+    pub path: super::ModelPath,
 }
 
 /// The cluster accepted the work.
@@ -77,7 +83,7 @@ impl Engine {
     pub(super) fn prepare(
         &self,
         config: Arc<Snapshot>,
-        r: pb::DispatchRequest,
+        mut r: pb::DispatchRequest,
         timeout: Option<Duration>,
         caller: &super::auth::Caller,
         labels: &mut Labels,
@@ -92,12 +98,19 @@ impl Engine {
         labels.tenant = Some(tenant.clone());
         config.check_tenant_field(&r.tenant, &tenant)?;
         config.check_rate(&tenant)?;
-        let estimate = config.check(&r)?;
+        // A rollout alias names its target; then the target's chain.
+        let alias = self.rollouts.resolve(&mut r);
+        let plan = config.plan(&r.model, !r.no_fallback);
+        let mut path = super::ModelPath {
+            model: r.model.clone(),
+            alias,
+            tried: Vec::new(),
+        };
+        let asked = (r.prompt_tokens, r.max_output_tokens);
+        let (step, estimate, hold, tenant_max_queued) =
+            self.admit_step(&config, &tenant, &mut r, &plan, 0, &mut path)?;
         labels.model = Some(r.model.clone());
         span.record("model", r.model.as_str());
-        let (hold, tenant_max_queued) =
-            self.desk
-                .admit_tenant(&tenant, &r.model, estimate.total(), super::today())?;
         let lease = Lease::new(self.desk.clone(), hold);
         let retry_may_have_run = !r.request_id.is_empty();
         let request_id = if r.request_id.is_empty() {
@@ -127,6 +140,10 @@ impl Engine {
             deadline,
             callers_deadline: timeout.is_some(),
             retry_may_have_run,
+            plan,
+            step,
+            asked,
+            path,
         };
         Ok((prepared, lease))
     }

@@ -54,6 +54,9 @@ pub fn encode(d: &Dispatched) -> Vec<u8> {
         usage: Some(d.usage),
         attempts: d.attempts,
         queue_wait: prost_types::Duration::try_from(d.queue_wait).ok(),
+        model: d.path.model.clone(),
+        models_tried: d.path.tried.clone(),
+        alias: d.path.alias.clone(),
     }
     .encode_to_vec()
 }
@@ -71,6 +74,11 @@ pub fn decode(bytes: &[u8], config_version: u64) -> Option<Dispatched> {
             .and_then(|d| Duration::try_from(d).ok())
             .unwrap_or_default(),
         config_version,
+        path: super::ModelPath {
+            model: r.model,
+            alias: r.alias,
+            tried: r.models_tried,
+        },
     })
 }
 

@@ -12,10 +12,12 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::Stream;
 
-use super::forwarder::ran_out_at_deadline;
+use super::forwarder::{deadline_completion, failure_completion, ran_out_at_deadline};
 use super::lease::{Lease, RegionHold};
+use super::prepare::{Forwarded, Prepared};
 use super::{DispatchError, Engine, hint_from_pb, load_from_pb};
 use crate::core::{Completion, Outcome, Settlement};
+use crate::forward::{FailureKind, classify};
 use crate::pb;
 
 /// One piece of a streamed dispatch.
@@ -29,6 +31,8 @@ pub struct StreamChunk {
     pub done: bool,
     pub attempts: u32,
     pub queue_wait: Duration,
+    /// Which model serves it, after rollouts and fallbacks.
+    pub path: super::ModelPath,
 }
 
 pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<StreamChunk, DispatchError>> + Send>>;
@@ -53,6 +57,8 @@ struct Relay {
     sent: Instant,
     deadline: Instant,
     callers_deadline: bool,
+    /// The first chunk, read before the stream committed.
+    first: Option<pb::ExecuteChunk>,
 }
 
 /// The caller's side: the output as it was relayed, then the end.
@@ -97,26 +103,47 @@ impl Engine {
         let running = self.enter();
         let mut labels = super::prepare::Labels::default();
         let prepared = self.prepare(self.front.snapshot(), r, timeout, &caller, &mut labels);
-        let (p, mut charge) = match prepared {
+        let (mut p, mut charge) = match prepared {
             Ok(x) => x,
             Err(e) => {
                 labels.finish(Err(&e), start);
                 return Err(e);
             }
         };
-        let forwarded = self
-            .forwarder
-            .forward(&self.desk, &p, &mut charge, |mut client, request| async move {
-                client.execute_stream(request).await
-            })
-            .await;
-        let f = match forwarded {
-            Ok(f) => f,
-            Err(e) => {
-                labels.finish(Err(&e), start);
-                return Err(e);
+        // Each step of the plan may fall back until the stream commits at
+        // its first output chunk; after that, a failure is the caller's
+        // error, never a truncated success.
+        let (f, first) = loop {
+            let step_deadline = Self::step_deadline(&p);
+            let saved = p.step_in(step_deadline);
+            let forwarded = self
+                .forwarder
+                .forward(&self.desk, &p, &mut charge, |mut client, request| async move {
+                    client.execute_stream(request).await
+                })
+                .await;
+            let committed = match forwarded {
+                Ok(f) => first_chunk(f, &p).await,
+                Err(e) => Err((e, None)),
+            };
+            p.restore(saved);
+            match committed {
+                Ok(x) => break x,
+                Err((e, charged)) => {
+                    if let Some(charged) = charged {
+                        charge.settled(charged);
+                    }
+                    match self.fall_back(&mut p, charge, e, step_deadline) {
+                        Ok(next) => charge = next,
+                        Err(e) => {
+                            labels.finish(Err(&e), start);
+                            return Err(e);
+                        }
+                    }
+                }
             }
         };
+        labels.model = Some(p.exec.model.clone());
         labels.region = Some(f.region.clone());
         labels.finish(Ok(()), start);
         let (tx, rx) = mpsc::channel(BUFFER);
@@ -139,7 +166,9 @@ impl Engine {
                 done: false,
                 attempts: f.attempts,
                 queue_wait: f.queue_wait,
+                path: p.path,
             },
+            first: Some(first),
             prompt: p.estimate.prompt,
             sent: f.sent,
             deadline: p.deadline,
@@ -205,13 +234,18 @@ impl Relay {
         let mut produced = 0u64;
         let deadline = tokio::time::Instant::from_std(self.deadline);
         loop {
-            let message = tokio::select! {
-                _ = self.tx.closed() => {
-                    tracing::debug!(produced, "caller went away mid-stream; cancelling upstream");
-                    return self.cut(produced, None, None);
+            let first = self.first.take().map(|c| Ok(Some(c)));
+            let message = if let Some(first) = first {
+                first
+            } else {
+                tokio::select! {
+                    _ = self.tx.closed() => {
+                        tracing::debug!(produced, "caller went away mid-stream; cancelling upstream");
+                        return self.cut(produced, None, None);
+                    }
+                    _ = tokio::time::sleep_until(deadline) => return self.expire(produced),
+                    m = self.upstream.message() => m,
                 }
-                _ = tokio::time::sleep_until(deadline) => return self.expire(produced),
-                m = self.upstream.message() => m,
             };
             match message {
                 Ok(Some(c)) => {
@@ -255,13 +289,16 @@ impl Relay {
                     }
                 }
                 Ok(None) => {
-                    // Ended without a final chunk: settle on what arrived.
-                    let usage = pb::Usage {
-                        prompt_tokens: self.prompt,
-                        completion_tokens: produced,
-                    };
-                    let last = self.chunk(bytes::Bytes::new(), usage, true);
-                    return self.cut(produced, Some(Outcome::Success), Some(Ok(last)));
+                    // Ended without its final chunk: the output is cut
+                    // short, which the caller must learn (never a clean end).
+                    let region = self.template.region.clone();
+                    let end = Err(DispatchError::Upstream {
+                        region,
+                        code: tonic::Code::Unavailable,
+                        message: "the region's stream ended before its final chunk; the output is incomplete"
+                            .into(),
+                    });
+                    return self.cut(produced, Some(Outcome::Failure), Some(end));
                 }
                 // The propagated deadline ran out at the region.
                 Err(status) if ran_out_at_deadline(&status, self.deadline) => return self.expire(produced),
@@ -311,4 +348,57 @@ fn drain(upstream: &mut tonic::Streaming<pb::ExecuteChunk>, produced: &mut u64) 
             _ => return,
         }
     }
+}
+
+/// Reads the stream's first chunk, within the step's deadline: the commit
+/// point. A failure before it settles the region's hold and comes back as
+/// an error a fallback trigger can read (with the tokens charged); the
+/// caller has seen nothing yet.
+async fn first_chunk(
+    mut f: Forwarded<tonic::Streaming<pb::ExecuteChunk>>,
+    p: &Prepared,
+) -> Result<(Forwarded<tonic::Streaming<pb::ExecuteChunk>>, pb::ExecuteChunk), (DispatchError, Option<u64>)> {
+    let message = tokio::time::timeout_at(p.deadline.into(), f.value.message()).await;
+    let region = f.region.to_string();
+    let (completion, error) = match message {
+        Ok(Ok(Some(chunk))) => return Ok((f, chunk)),
+        Ok(Ok(None)) => (
+            failure_completion(FailureKind::NotRun, crate::clock::since(f.sent)),
+            DispatchError::AttemptsExhausted {
+                attempts: f.attempts,
+                last: format!("region {region}: the stream ended before any output"),
+            },
+        ),
+        Ok(Err(status)) if !ran_out_at_deadline(&status, p.deadline) => {
+            let kind = classify(&status);
+            let last = format!("region {region}: {} ({:?})", status.message(), status.code());
+            let error = match kind {
+                FailureKind::ProviderRefused { reset } => DispatchError::ProvidersRefused {
+                    attempts: f.attempts,
+                    retry_after: reset,
+                    last,
+                },
+                FailureKind::NotRun => DispatchError::AttemptsExhausted {
+                    attempts: f.attempts,
+                    last,
+                },
+                FailureKind::MayHaveRun | FailureKind::Rejected => DispatchError::Upstream {
+                    region,
+                    code: status.code(),
+                    message: status.message().to_string(),
+                },
+            };
+            (failure_completion(kind, crate::clock::since(f.sent)), error)
+        }
+        // The deadline (the step's, or the request's) ran out here or there.
+        Ok(Err(_)) | Err(_) => (
+            deadline_completion(p.callers_deadline, crate::clock::since(f.sent)),
+            DispatchError::DeadlineExceeded(format!(
+                "waiting for the first output of region {region} after {:?}",
+                crate::clock::since(p.start)
+            )),
+        ),
+    };
+    let charged = f.held.settle(completion);
+    Err((error, Some(charged)))
 }

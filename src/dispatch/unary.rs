@@ -137,13 +137,25 @@ impl Engine {
         caller: &Caller,
         labels: &mut Labels,
     ) -> Result<Dispatched, DispatchError> {
-        let (p, mut lease) = self.prepare(config, r, timeout, caller, labels)?;
-        let f = self
-            .forwarder
-            .forward(&self.desk, &p, &mut lease, |mut client, request| async move {
-                client.execute(request).await
-            })
-            .await?;
+        let (mut p, mut lease) = self.prepare(config, r, timeout, caller, labels)?;
+        // Each step of the plan (the model, then its fallbacks) fails over
+        // across regions; a typed trigger moves it to the next model.
+        let f = loop {
+            let step_deadline = Self::step_deadline(&p);
+            let saved = p.step_in(step_deadline);
+            let forwarded = self
+                .forwarder
+                .forward(&self.desk, &p, &mut lease, |mut client, request| async move {
+                    client.execute(request).await
+                })
+                .await;
+            p.restore(saved);
+            match forwarded {
+                Ok(f) => break f,
+                Err(e) => lease = self.fall_back(&mut p, lease, e, step_deadline)?,
+            }
+        };
+        labels.model = Some(p.exec.model.clone());
         labels.region = Some(f.region.clone());
         Span::current().record("region", &*f.region);
         let reply = f.value;
@@ -184,6 +196,7 @@ impl Engine {
             attempts: f.attempts,
             queue_wait: f.queue_wait,
             config_version: p.config.version,
+            path: p.path,
         })
     }
 }

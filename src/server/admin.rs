@@ -311,6 +311,36 @@ impl Admin for AdminService {
         }
         self.region(&r.region).map(Response::new)
     }
+
+    async fn list_capacity_rules(
+        &self,
+        _: Request<pb::ListCapacityRulesRequest>,
+    ) -> Result<Response<pb::ListCapacityRulesReply>, Status> {
+        let report = self.engine.desk().capacity_report(crate::clock::now());
+        Ok(Response::new(super::admin_policy::capacity_reply(&report)))
+    }
+
+    async fn list_rollouts(
+        &self,
+        _: Request<pb::ListRolloutsRequest>,
+    ) -> Result<Response<pb::ListRolloutsReply>, Status> {
+        let rollouts = self
+            .engine
+            .rollouts()
+            .list()
+            .iter()
+            .map(super::admin_policy::rollout)
+            .collect();
+        Ok(Response::new(pb::ListRolloutsReply { rollouts }))
+    }
+
+    async fn set_rollout_weights(
+        &self,
+        request: Request<pb::SetRolloutWeightsRequest>,
+    ) -> Result<Response<pb::Rollout>, Status> {
+        let r = request.into_inner();
+        super::admin_policy::set_rollout_weights(&self.engine, r).map(Response::new)
+    }
 }
 
 /// At most this many problems go into a refused reload's status (the

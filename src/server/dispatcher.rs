@@ -9,7 +9,7 @@ use tracing::Instrument;
 
 use super::status::to_status;
 use crate::core::RoutePreview;
-use crate::dispatch::{Caller, Dispatched, Engine, StreamChunk};
+use crate::dispatch::{Caller, Dispatched, Engine, RouteStepView, StreamChunk};
 use crate::pb;
 use crate::pb::dispatcher_server::Dispatcher;
 
@@ -71,6 +71,9 @@ fn reply(d: Dispatched) -> pb::DispatchReply {
         usage: Some(d.usage),
         attempts: d.attempts,
         queue_wait: duration(d.queue_wait),
+        model: d.path.model,
+        models_tried: d.path.tried,
+        alias: d.path.alias,
     }
 }
 
@@ -83,6 +86,9 @@ fn chunk(c: StreamChunk) -> pb::DispatchChunk {
         done: c.done,
         attempts: c.attempts,
         queue_wait: duration(c.queue_wait),
+        model: c.path.model,
+        models_tried: c.path.tried,
+        alias: c.path.alias,
     }
 }
 
@@ -96,32 +102,61 @@ fn for_display(x: f64) -> f64 {
     (x * scale).round() / scale
 }
 
-fn decision(p: RoutePreview) -> pb::RouteDecision {
-    let retry_after = match &p.error {
+fn candidates(p: &RoutePreview) -> Vec<pb::Candidate> {
+    p.candidates
+        .iter()
+        .map(|c| pb::Candidate {
+            region: c.region.clone(),
+            eligible: c.eligible,
+            excluded_reason: c.excluded.clone().unwrap_or_default(),
+            score: for_display(c.score),
+            factors: c
+                .factors
+                .iter()
+                .map(|(k, v)| (k.to_string(), for_display(v)))
+                .collect(),
+        })
+        .collect()
+}
+
+fn retry_after(p: &RoutePreview) -> Option<prost_types::Duration> {
+    match &p.error {
         Some(crate::core::RouteError::NoCapacity { retry_after, .. }) => retry_after.and_then(duration),
+        Some(crate::core::RouteError::Shed { retry_after, .. }) => duration(*retry_after),
         _ => None,
-    };
-    pb::RouteDecision {
-        region: p.chosen.unwrap_or_default(),
-        candidates: p
-            .candidates
-            .into_iter()
-            .map(|c| pb::Candidate {
-                region: c.region,
-                eligible: c.eligible,
-                excluded_reason: c.excluded.unwrap_or_default(),
-                score: for_display(c.score),
-                factors: c
-                    .factors
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), for_display(v)))
-                    .collect(),
-            })
-            .collect(),
-        retry_after,
-        strategy: p.strategy.to_string(),
-        estimated_tokens: p.tokens,
     }
+}
+
+/// The first step's decision at the top (as before plans), then the plan.
+fn decision(steps: Vec<RouteStepView>) -> pb::RouteDecision {
+    let first = steps.first().and_then(|s| s.preview.as_ref());
+    let mut d = pb::RouteDecision {
+        model: steps.first().map(|s| s.model.clone()).unwrap_or_default(),
+        ..Default::default()
+    };
+    if let Some(p) = first {
+        d.region = p.chosen.clone().unwrap_or_default();
+        d.candidates = candidates(p);
+        d.retry_after = retry_after(p);
+        d.strategy = p.strategy.to_string();
+        d.estimated_tokens = p.tokens;
+    }
+    d.plan = steps
+        .into_iter()
+        .map(|s| pb::RouteStep {
+            region: s
+                .preview
+                .as_ref()
+                .and_then(|p| p.chosen.clone())
+                .unwrap_or_default(),
+            candidates: s.preview.as_ref().map(candidates).unwrap_or_default(),
+            estimated_tokens: s.preview.as_ref().map_or(0, |p| p.tokens),
+            error: s.error.unwrap_or_default(),
+            fall_back_on: s.fall_back_on.iter().map(|t| t.as_str().to_string()).collect(),
+            model: s.model,
+        })
+        .collect();
+    d
 }
 
 #[tonic::async_trait]
@@ -171,8 +206,8 @@ impl Dispatcher for DispatcherService {
         let caller = caller(&request);
         let r = request.into_inner();
         self.engine
-            .route(&r, caller)
-            .map(|p| Response::new(decision(p)))
+            .route_plan(&r, caller)
+            .map(|steps| Response::new(decision(steps)))
             .map_err(|e| to_status(&e))
     }
 }

@@ -2,6 +2,7 @@
 //! Services convert between wire types and the engine; nothing else.
 
 mod admin;
+mod admin_policy;
 mod dispatcher;
 mod idle;
 mod status;

@@ -41,6 +41,7 @@ pub fn to_status(e: &DispatchError) -> Status {
             ),
             RouteError::NoCapacity { retry_after, .. } => exhausted(message, *retry_after),
             RouteError::Unavailable { .. } => Status::unavailable(message),
+            RouteError::Shed { retry_after, .. } => exhausted(message, Some(*retry_after)),
         },
         DispatchError::QueueTimeout { retry_after, .. } => exhausted(message, *retry_after),
         DispatchError::WouldWaitInVain { retry_after, .. } => exhausted(message, Some(*retry_after)),

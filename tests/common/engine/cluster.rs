@@ -40,6 +40,9 @@ pub struct Reply {
     /// Streams: one chunk after each of these delays, the last one final.
     /// None: a single final chunk at once.
     pub chunks: Vec<Duration>,
+    /// Streams: after this many chunks, stop: with this outcome's status
+    /// (`Outcome::Ok`: end without the final chunk).
+    pub break_after: Option<(usize, Outcome)>,
 }
 
 impl Reply {
@@ -50,6 +53,16 @@ impl Reply {
             usage: None,
             quota: None,
             chunks: Vec::new(),
+            break_after: None,
+        }
+    }
+
+    /// Streams: after `n` chunks, fail with `outcome` (or, with
+    /// `Outcome::Ok`, end without the final chunk).
+    pub fn break_after(self, n: usize, outcome: Outcome) -> Self {
+        Self {
+            break_after: Some((n, outcome)),
+            ..self
         }
     }
 
@@ -137,6 +150,7 @@ pub struct Seen {
     pub timeout: Option<Duration>,
     pub at: Instant,
     pub stream: bool,
+    pub model: String,
 }
 
 /// A scriptable AgentCluster: answers calls with the scripted replies in
@@ -255,6 +269,7 @@ impl FakeCluster {
             timeout: dispatcher::grpc::grpc_timeout(r.metadata()),
             at: Instant::now(),
             stream,
+            model: m.model.clone(),
         });
         let now = self.inner.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         self.inner.max_in_flight.fetch_max(now, Ordering::SeqCst);
@@ -341,6 +356,19 @@ impl AgentCluster for FakeCluster {
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = tx.closed() => return,
+                }
+                if let Some((after, outcome)) = &reply.break_after
+                    && i as usize > *after
+                {
+                    let broken = Reply {
+                        outcome: outcome.clone(),
+                        ..Reply::ok()
+                    };
+                    if let Some(status) = broken.status() {
+                        let _ = tx.send(Err(status)).await;
+                    }
+                    call.answer();
+                    return;
                 }
                 let last = i == n;
                 let chunk = pb::ExecuteChunk {
