@@ -78,6 +78,45 @@ fn dashboard_exprs(v: &serde_json::Value, out: &mut Vec<String>) {
     }
 }
 
+/// Every panel queries through the dashboard's Prometheus datasource
+/// variable (so it imports into any Grafana), with unique panel ids.
+#[test]
+fn the_dashboard_queries_through_its_prometheus_datasource_variable() {
+    let dashboard: serde_json::Value = serde_json::from_str(&read(&deploy().join("grafana/dispatcher.json")))
+        .expect("the dashboard is JSON");
+    let variables = dashboard["templating"]["list"]
+        .as_array()
+        .expect("template variables");
+    assert!(
+        variables
+            .iter()
+            .any(|v| v["name"] == "datasource" && v["type"] == "datasource" && v["query"] == "prometheus"),
+        "no Prometheus datasource variable: {variables:?}"
+    );
+    let mut ids = BTreeSet::new();
+    let mut queries = 0;
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        assert!(
+            ids.insert(panel["id"].as_u64().expect("a panel id")),
+            "panel id repeated: {panel}"
+        );
+        if panel["type"] == "row" {
+            continue;
+        }
+        assert_eq!(panel["datasource"]["uid"], "${datasource}", "{}", panel["title"]);
+        for target in panel["targets"].as_array().expect("targets") {
+            assert_eq!(target["datasource"]["uid"], "${datasource}", "{}", panel["title"]);
+            assert!(
+                target["expr"].as_str().is_some_and(|e| !e.is_empty()),
+                "{}",
+                panel["title"]
+            );
+            queries += 1;
+        }
+    }
+    assert!(queries >= 30, "{queries} queries");
+}
+
 fn rule_exprs() -> Vec<String> {
     let rules = &yaml_documents(&deploy().join("prometheus/alerts.yml"))[0];
     let mut out = Vec::new();
