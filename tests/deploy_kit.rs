@@ -61,6 +61,38 @@ fn promtool_accepts_the_alert_rules_and_the_prometheus_config() {
     promtool(&dir, &["check", "config", "prometheus.yml"]);
 }
 
+/// The dashboard's queries are PromQL that Prometheus parses: each one,
+/// with Grafana's variables given values, as a recording rule that
+/// `promtool check rules` checks.
+#[test]
+fn promtool_parses_every_dashboard_query() {
+    let dashboard: serde_json::Value = serde_json::from_str(&read(&deploy().join("grafana/dispatcher.json")))
+        .expect("the dashboard is JSON");
+    let mut exprs = Vec::new();
+    dashboard_exprs(&dashboard, &mut exprs);
+    let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    let mut queries = 0;
+    for expr in exprs.iter().filter(|e| !e.starts_with("label_values(")) {
+        let promql = expr
+            .replace("$__rate_interval", "1m")
+            .replace("$region", ".*")
+            .replace("$model", ".*");
+        assert!(
+            !promql.contains('$'),
+            "a Grafana variable this test does not know: {expr}"
+        );
+        rules += &format!(
+            "      - record: dashboard:query_{queries}\n        expr: {}\n",
+            serde_json::json!(promql)
+        );
+        queries += 1;
+    }
+    assert!(queries >= 30, "{queries} queries");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("dashboard.yml"), rules).unwrap();
+    promtool(dir.path(), &["check", "rules", "dashboard.yml"]);
+}
+
 /// Expressions of the dashboard: every `expr`, and the template variables'
 /// `definition` (`label_values(metric, label)`).
 fn dashboard_exprs(v: &serde_json::Value, out: &mut Vec<String>) {
