@@ -474,8 +474,22 @@ fn compose_and_kubernetes_files_parse_and_name_the_configs_ports() {
         !config.server.listen.ip().is_loopback(),
         "the Service must reach the pods"
     );
+    let exposed =
+        dispatcher::config::exposure_problems(&config, config.server.listen, config.server.admin_listen);
+    assert!(
+        exposed.is_empty(),
+        "the dispatcher would refuse to start: {exposed:?}"
+    );
     assert!(config.admin_token.is_some(), "an exposed Admin API needs a token");
     assert!(!config.auth.allow_anonymous);
+    let admin = config
+        .server
+        .admin_listen
+        .expect("the Admin API on a listener of its own");
+    assert!(
+        admin.ip().is_loopback(),
+        "the Admin API stays in the pod: {admin}"
+    );
     assert_eq!(config.regions.len(), 2);
     let metrics_listen = config.telemetry.metrics_listen.expect("metrics on");
     assert_eq!(metrics_listen.port(), METRICS);
