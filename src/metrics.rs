@@ -104,6 +104,10 @@ fn describe() {
     );
     describe_gauge!("dispatcher_tenant_in_flight", "A tenant's requests in flight");
     describe_gauge!(
+        "dispatcher_tenant_tokens_last_minute",
+        "Tokens dispatched for a tenant by this process in the last minute (its share: over the sum)"
+    );
+    describe_gauge!(
         "dispatcher_circuit_state",
         "A region's circuit breaker: 0 closed, 1 half-open, 2 open"
     );
@@ -284,6 +288,8 @@ async fn sample(view: impl Fn() -> EngineView, handle: PrometheusHandle, cancel:
         for t in &v.tenants {
             gauge!("dispatcher_tenant_in_flight", "tenant" => t.report.spec.name.clone())
                 .set(t.report.in_flight as f64);
+            gauge!("dispatcher_tenant_tokens_last_minute", "tenant" => t.report.spec.name.clone())
+                .set(t.report.tokens_last_minute as f64);
         }
         handle.run_upkeep();
     }
