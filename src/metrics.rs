@@ -95,6 +95,10 @@ fn describe() {
     );
     describe_gauge!("dispatcher_queue_depth", "Requests waiting for quota, by model");
     describe_gauge!(
+        "dispatcher_queue_oldest_wait_seconds",
+        "How long the longest-waiting request for quota has waited, by model (0: nobody waits)"
+    );
+    describe_gauge!(
         "dispatcher_queue_shedding",
         "1 while a model's queue sheds load (it stood: newcomers are refused at once), else 0"
     );
@@ -276,8 +280,10 @@ async fn sample(view: impl Fn() -> EngineView, handle: PrometheusHandle, cancel:
                 }
             }
         }
-        for (model, queued) in &v.queued {
+        for (model, queued, oldest) in &v.queued {
             gauge!("dispatcher_queue_depth", "model" => model.clone()).set(*queued as f64);
+            gauge!("dispatcher_queue_oldest_wait_seconds", "model" => model.clone())
+                .set(oldest.as_secs_f64());
         }
         for (model, state, refused) in &v.overload {
             let shedding = *state == crate::core::QueueState::Shedding;

@@ -13,8 +13,9 @@ use crate::core::{CircuitState, ProviderHint, TenantReport};
 pub struct EngineView {
     pub at: Instant,
     pub regions: Vec<RegionView>,
-    /// Requests waiting for quota, per model, in config order.
-    pub queued: Vec<(String, usize)>,
+    /// Requests waiting for quota, per model, in config order, and how long
+    /// the longest-waiting of them has waited.
+    pub queued: Vec<(String, usize, std::time::Duration)>,
     /// Each model's queue state and the newcomers it refused early, in config order.
     pub overload: Vec<(String, crate::core::QueueState, u64)>,
     pub tenants: Vec<TenantView>,

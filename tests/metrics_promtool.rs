@@ -146,6 +146,10 @@ async fn metrics_pass_promtool_and_agree_with_replies() {
     );
     assert!(under_load.contains("dispatcher_region_in_flight"), "{under_load}");
     assert!(
+        under_load.contains("dispatcher_queue_oldest_wait_seconds{model=\"gpt-4o\"}"),
+        "{under_load}"
+    );
+    assert!(
         under_load.contains("dispatcher_queue_shedding{model=\"gpt-4o\"} 0"),
         "{under_load}"
     );

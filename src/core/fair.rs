@@ -129,6 +129,15 @@ impl<T> FairQueue<T> {
 }
 
 impl<T: Send> Discipline<T> for FairQueue<T> {
+    fn oldest(&self) -> Option<std::time::Instant> {
+        // Each tenant's queue is first come, first served.
+        self.tenants
+            .values()
+            .filter_map(|q| q.waiters.front())
+            .map(|w| w.enqueued)
+            .min()
+    }
+
     fn push(&mut self, w: Waiter<T>) {
         let tenant = w.tenant.clone();
         let weight = self.weights.of(&tenant);

@@ -39,6 +39,8 @@ pub trait Discipline<T>: Send {
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// When the longest-waiting request began to wait.
+    fn oldest(&self) -> Option<Instant>;
     /// Tokens a new request from `tenant` would wait behind.
     fn tokens_ahead(&self, tenant: &str) -> u64;
     /// Requests a new request from `tenant` would wait behind (for request
@@ -87,6 +89,10 @@ impl<T> Default for Fifo<T> {
 }
 
 impl<T: Send> Discipline<T> for Fifo<T> {
+    fn oldest(&self) -> Option<Instant> {
+        self.waiters.iter().map(|w| w.enqueued).min()
+    }
+
     fn push(&mut self, w: Waiter<T>) {
         self.tokens += w.tokens;
         self.waiters.push_back(w);
@@ -204,6 +210,11 @@ impl<T> WaitQueue<T> {
 
     pub fn waiting(&self, model: &str) -> usize {
         self.queue(model).map_or(0, |q| q.len())
+    }
+
+    /// When the longest-waiting request for `model` began to wait.
+    pub fn oldest(&self, model: &str) -> Option<Instant> {
+        self.queue(model).and_then(|q| q.oldest())
     }
 
     fn find(&self, model: &str) -> Option<&ModelQueue<T>> {

@@ -197,6 +197,14 @@ impl<T> Scheduler<T> {
         self.queue.waiting(model)
     }
 
+    /// How long the longest-waiting request for `model` has waited (zero
+    /// with nobody waiting): with the depth, what an autoscaler reads.
+    pub fn oldest_wait(&self, model: &str, now: Instant) -> Duration {
+        self.queue
+            .oldest(model)
+            .map_or(Duration::ZERO, |t| now.saturating_duration_since(t))
+    }
+
     pub fn set_max_queued(&mut self, max_queued: usize) {
         self.max_queued = max_queued;
     }

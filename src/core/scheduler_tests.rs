@@ -147,6 +147,23 @@ fn a_large_head_is_not_starved_by_small_requests() {
 }
 
 #[test]
+fn the_oldest_wait_is_that_of_the_longest_waiting_request() {
+    let (mut s, t0) = scheduler();
+    assert_eq!(s.oldest_wait("m", t0), Duration::ZERO, "nobody waits");
+    let Ok(Submitted::Reserved(_)) = s.submit(sub(600, t0), t0, || 0) else {
+        panic!()
+    };
+    s.submit(sub(500, t0 + secs(100)), t0 + secs(1), || 1).unwrap();
+    s.submit(sub(10, t0 + secs(100)), t0 + secs(3), || 2).unwrap();
+    assert_eq!(s.oldest_wait("m", t0 + secs(4)), secs(3));
+    assert_eq!(s.oldest_wait("other", t0 + secs(4)), Duration::ZERO);
+    // The head served (at 50 s: 500 tokens refilled), the small one is
+    // the oldest left.
+    assert_eq!(s.release(t0 + secs(50), |_| false).len(), 1);
+    assert_eq!(s.oldest_wait("m", t0 + secs(50)), secs(47));
+}
+
+#[test]
 fn waiters_expire_and_gone_callers_consume_nothing() {
     let (mut s, t0) = scheduler();
     let Ok(Submitted::Reserved(first)) = s.submit(sub(600, t0), t0, || 0) else {

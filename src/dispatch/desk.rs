@@ -320,7 +320,13 @@ impl QuotaDesk {
         let queued = router
             .models()
             .iter()
-            .map(|m| (m.name.clone(), sched.queued_for(&m.name)))
+            .map(|m| {
+                (
+                    m.name.clone(),
+                    sched.queued_for(&m.name),
+                    sched.oldest_wait(&m.name, now),
+                )
+            })
             .collect();
         let overload = router
             .models()
