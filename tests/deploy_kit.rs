@@ -9,8 +9,6 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -191,15 +189,6 @@ fn metric_names(expr: &str) -> BTreeSet<String> {
         .collect()
 }
 
-fn scrape(addr: SocketAddr) -> String {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out.split_once("\r\n\r\n").unwrap().1.to_string()
-}
-
 /// The series names of a scrape as PromQL sees them: a histogram `h` is
 /// `h_bucket`, `h_sum` and `h_count` (never `h`), a counter keeps `_total`.
 fn series_names(text: &str) -> BTreeSet<String> {
@@ -262,12 +251,7 @@ async fn every_metric_the_dashboard_and_the_rules_query_is_served() {
         cfg.path(),
         "dispatcher",
     );
-    let metrics = d
-        .listening
-        .iter()
-        .find(|(w, _)| w == "metrics")
-        .expect("metrics address")
-        .1;
+    let metrics = d.listener("metrics");
     let mut grpc = common::client(d.addr).await;
     let (mut ok, mut refused) = (0, 0);
     for i in 0..30u64 {
@@ -295,7 +279,7 @@ async fn every_metric_the_dashboard_and_the_rules_query_is_served() {
     let mut missing = used.clone();
     let mut text = String::new();
     eventually(Duration::from_secs(10), || {
-        text = scrape(metrics);
+        text = common::scrape_metrics(metrics);
         let served = series_names(&text);
         missing = used.difference(&served).cloned().collect();
         std::future::ready(missing.is_empty())

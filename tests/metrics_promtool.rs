@@ -4,26 +4,13 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::SocketAddr;
+use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::{ConfigDir, Proc, SimRegion, tools};
 use dispatcher::dispatch::hash_key;
 use dispatcher::pb;
-
-fn scrape(addr: SocketAddr) -> String {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let (head, body) = out.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    assert!(head.to_lowercase().contains("content-type: text/plain"), "{head}");
-    body.to_string()
-}
 
 /// Sums of `name{...}` samples by the value of `by`, over samples whose
 /// labels contain every `(label, value)` of `filter`.
@@ -78,12 +65,7 @@ async fn metrics_pass_promtool_and_agree_with_replies() {
         cfg.path(),
         "dispatcher",
     );
-    let metrics = d
-        .listening
-        .iter()
-        .find(|(w, _)| w == "metrics")
-        .expect("metrics address printed")
-        .1;
+    let metrics = d.listener("metrics");
     let grpc = common::client(d.addr).await;
 
     let mut calls = tokio::task::JoinSet::new();
@@ -106,7 +88,7 @@ async fn metrics_pass_promtool_and_agree_with_replies() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     // Taken while requests are in flight.
-    let under_load = scrape(metrics);
+    let under_load = common::scrape_metrics(metrics);
     let mut replies: BTreeMap<String, f64> = BTreeMap::new();
     let mut reserved: BTreeMap<String, f64> = BTreeMap::new();
     let mut invalid = 0.0;
@@ -159,7 +141,7 @@ async fn metrics_pass_promtool_and_agree_with_replies() {
     );
 
     // Counters after the load agree with what the replies said.
-    let text = scrape(metrics);
+    let text = common::scrape_metrics(metrics);
     let ok = sum(
         &text,
         "dispatcher_requests_total",

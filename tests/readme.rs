@@ -103,13 +103,7 @@ fn readme_walkthrough_works_as_written() {
         "dispatcher",
     );
     let addr = d.addr.to_string();
-    let metrics = d
-        .listening
-        .iter()
-        .find(|(what, _)| what == "metrics")
-        .expect("the quick-start config serves metrics")
-        .1
-        .to_string();
+    let metrics = d.listener("metrics").to_string();
     let regions = ["us-east-1", "eu-west-1", "ap-southeast-1"];
     for command in &commands {
         let r = run(command, &addr, Some(&metrics));

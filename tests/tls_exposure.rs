@@ -66,11 +66,7 @@ async fn the_admin_api_can_have_a_listener_of_its_own() {
     );
     dir.write_region("sim", REGION);
     let d = dispatcher(&dir.config());
-    let (_, admin_addr) = *d
-        .listening
-        .iter()
-        .find(|(what, _)| what == "admin")
-        .expect("an 'admin listening on' line");
+    let admin_addr = d.listener("admin");
 
     let regions = admin(admin_addr)
         .await

@@ -40,7 +40,7 @@ fn run(
 
 #[test]
 fn held_at_95_percent_enters_once_after_the_duration_and_exits_below_exit() {
-    let t0 = Instant::now();
+    let t0 = crate::testing::epoch();
     let mut rules = CapacityRules::new(vec![rule(CapacityAction::RejectNew)]);
     // Held at 95 % for two minutes: one entry, after exactly 30 s.
     let events = run(&mut rules, t0, 0, 120, |_| 0.95);
@@ -58,7 +58,7 @@ fn held_at_95_percent_enters_once_after_the_duration_and_exits_below_exit() {
 
 #[test]
 fn a_short_spike_does_not_enter() {
-    let t0 = Instant::now();
+    let t0 = crate::testing::epoch();
     let mut rules = CapacityRules::new(vec![rule(CapacityAction::Alert)]);
     let events = run(&mut rules, t0, 0, 200, |s| if s % 40 < 29 { 0.99 } else { 0.5 });
     assert!(events.is_empty(), "{events:?}");
@@ -66,7 +66,7 @@ fn a_short_spike_does_not_enter() {
 
 #[test]
 fn oscillating_around_the_enter_threshold_never_enters() {
-    let t0 = Instant::now();
+    let t0 = crate::testing::epoch();
     let mut rules = CapacityRules::new(vec![rule(CapacityAction::Redistribute)]);
     let events = run(&mut rules, t0, 0, 600, |s| if s % 2 == 0 { 0.91 } else { 0.89 });
     assert!(events.is_empty(), "{events:?}");
@@ -75,7 +75,7 @@ fn oscillating_around_the_enter_threshold_never_enters() {
 
 #[test]
 fn oscillating_around_the_exit_threshold_exits_once_and_does_not_flap() {
-    let t0 = Instant::now();
+    let t0 = crate::testing::epoch();
     let mut rules = CapacityRules::new(vec![rule(CapacityAction::Redistribute)]);
     assert_eq!(
         run(&mut rules, t0, 0, 31, |_| 0.95),
@@ -90,7 +90,7 @@ fn oscillating_around_the_exit_threshold_exits_once_and_does_not_flap() {
 
 #[test]
 fn after_exiting_it_cannot_enter_again_before_the_cool_down() {
-    let t0 = Instant::now();
+    let t0 = crate::testing::epoch();
     let mut rules = CapacityRules::new(vec![rule(CapacityAction::ScaleOut)]);
     run(&mut rules, t0, 0, 31, |_| 0.95);
     assert!(rules.views()[0].scale_out > 1.0);
@@ -107,7 +107,7 @@ fn after_exiting_it_cannot_enter_again_before_the_cool_down() {
 
 #[test]
 fn region_model_rules_shed_only_their_model_and_reload_keeps_unchanged_rules() {
-    let t0 = Instant::now();
+    let t0 = crate::testing::epoch();
     let mut per_model = rule(CapacityAction::RejectNew);
     per_model.model = Some("gpt-4o".into());
     let mut rules = CapacityRules::new(vec![per_model.clone(), rule(CapacityAction::Alert)]);
@@ -163,7 +163,7 @@ fn the_router_applies_pressure_per_region_and_model() {
         breaker: crate::core::BreakerConfig::default(),
         sharing: None,
     };
-    let t0 = Instant::now();
+    let t0 = crate::testing::epoch();
     let mut router = Router::try_new(spec, t0).unwrap();
     let mut per_model = rule(CapacityAction::RejectNew);
     per_model.model = Some("m1".into());

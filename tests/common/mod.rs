@@ -33,6 +33,16 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// The address of its "`what` listening on ADDR" line (metrics, admin).
+    #[allow(dead_code)]
+    pub fn listener(&self, what: &str) -> SocketAddr {
+        self.listening
+            .iter()
+            .find(|(w, _)| w == what)
+            .unwrap_or_else(|| panic!("{} printed no \"{what} listening on\" line", self.name))
+            .1
+    }
+
     /// Starts `bin` with `args` and waits for its "listening on ADDR" line.
     pub fn start(bin: &str, args: &[&str], log_dir: &Path, name: &str) -> Proc {
         Self::start_with_env(bin, args, &[], log_dir, name)
@@ -363,4 +373,19 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     None
+}
+
+/// One `GET /metrics` at `addr` (HTTP/1.1, text format): the body.
+#[allow(dead_code)]
+pub fn scrape_metrics(addr: SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.to_lowercase().contains("content-type: text/plain"), "{head}");
+    body.to_string()
 }

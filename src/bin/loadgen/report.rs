@@ -177,9 +177,8 @@ pub struct Figures {
 impl Tally {
     pub fn figures(&mut self) -> Figures {
         let mut all: Vec<u32> = self.ok_us.iter().chain(&self.failed_us).copied().collect();
-        let total_tokens = |m: &mut dyn Iterator<Item = u64>| m.sum::<u64>();
-        let region_tokens = total_tokens(&mut self.regions.values().map(|v| v.1));
-        let tenant_tokens = total_tokens(&mut self.tenants.values().map(|t| t.tokens));
+        let region_tokens: u64 = self.regions.values().map(|v| v.1).sum();
+        let tenant_tokens: u64 = self.tenants.values().map(|t| t.tokens).sum();
         let share = |t: u64, total: u64| if total > 0 { t as f64 / total as f64 } else { 0.0 };
         Figures {
             latency: Percentiles::of(&mut all),
