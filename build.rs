@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/dispatch/v1/dispatcher.proto",
         "proto/dispatch/v1/sim.proto",
         "proto/dispatch/v1/admin.proto",
+        "proto/dispatch/v1/jobs.proto",
     ];
     let mut config = tonic_prost_build::Config::new();
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);

@@ -81,6 +81,10 @@ pub struct Runtime {
     pub sims: SimulatedRegions,
     pub engine: std::sync::Arc<crate::dispatch::Engine>,
     pub health: crate::health::HealthChecks,
+    /// `[jobs]`: the jobs desk and its store; `None` when off.
+    pub jobs: Option<std::sync::Arc<crate::jobs::Jobs>>,
+    /// `--data-dir` was given: a reload keeps it, whatever the file says.
+    pub data_dir_overridden: bool,
     /// `[cluster]`: this replica's name in Redis and its sync task (stopped
     /// when the runtime is dropped).
     pub cluster: Option<(String, AbortOnDrop)>,
@@ -124,7 +128,29 @@ impl Runtime {
             }
             None => None,
         };
+        let jobs = match config.jobs.enabled {
+            false => None,
+            true => {
+                let store = crate::jobs::EmbeddedStore::open(
+                    &config.jobs.data_dir,
+                    config.jobs.max_jobs,
+                    config.jobs.max_store_bytes,
+                )?;
+                let owner = cluster
+                    .as_ref()
+                    .map_or_else(|| "local".to_string(), |(r, _)| r.clone());
+                tracing::info!(dir = %config.jobs.data_dir.display(), "jobs kept in the embedded store");
+                Some(crate::jobs::Jobs::new(
+                    engine.clone(),
+                    std::sync::Arc::new(store),
+                    owner,
+                    &config,
+                ))
+            }
+        };
         Ok(Self {
+            jobs,
+            data_dir_overridden: false,
             cluster,
             started: (
                 config.server.listen,
@@ -187,11 +213,18 @@ impl Runtime {
             // The certificate files' contents reload by themselves.
             needs_restart.push("server.tls or server.admin_listen (listener settings)".into());
         }
+        if self.data_dir_overridden {
+            next.jobs.data_dir = self.config.jobs.data_dir.clone();
+        }
+        if next.jobs != self.config.jobs {
+            needs_restart.push("jobs (the job store and its limits)".into());
+        }
         if next.cluster != self.config.cluster {
             needs_restart.push("cluster (Redis and quota sharing settings)".into());
         }
         // What cannot change live keeps its running value.
         next.cluster = self.config.cluster.clone();
+        next.jobs = self.config.jobs.clone();
         next.server.listen = self.config.server.listen;
         next.server.connections = self.config.server.connections;
         next.server.tls = self.config.server.tls.clone();
@@ -279,6 +312,9 @@ impl Runtime {
         let endpoints = self.sims.endpoints(&next);
         self.engine.apply(&next, &endpoints).map_err(fail)?;
         self.health.sync(&next, &endpoints).await;
+        if let Some(jobs) = &self.jobs {
+            jobs.apply(&next);
+        }
         self.config = next;
         Ok(changes)
     }

@@ -24,6 +24,14 @@ pub fn unix_secs() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// Milliseconds since the Unix epoch: when a job was made or finished
+/// (jobs outlive the process, so they are dated on the wall clock).
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// Time since `t` on the same clock (`Instant::elapsed` reads the system's,
 /// which a paused test clock does not drive).
 pub fn since(t: Instant) -> std::time::Duration {

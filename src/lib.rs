@@ -12,6 +12,7 @@ pub mod excerpt;
 pub mod forward;
 pub mod grpc;
 pub mod health;
+pub mod jobs;
 pub mod metrics;
 pub mod server;
 pub mod sim;

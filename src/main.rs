@@ -27,6 +27,9 @@ struct Args {
     /// Overrides `telemetry.metrics_listen` (port 0 picks a free port).
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
+    /// Overrides `jobs.data_dir` (where the embedded job store is kept).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -53,7 +56,12 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let config = match config::load(&args.config) {
-        Ok(c) => c,
+        Ok(mut c) => {
+            if let Some(d) = &args.data_dir {
+                c.jobs.data_dir = d.clone();
+            }
+            c
+        }
         Err(errors) => {
             eprintln!("dispatcher: invalid configuration:\n{errors}");
             std::process::exit(2);
@@ -93,9 +101,14 @@ async fn main() -> anyhow::Result<()> {
     let strategy = config.routing.strategy;
     let mut runtime = Runtime::start(config).await.map_err(anyhow::Error::msg)?;
     runtime.set_listen(listen);
+    runtime.data_dir_overridden = args.data_dir.is_some();
     let engine = runtime.engine.clone();
     let stop = CancellationToken::new();
     let pump = engine.spawn_pump(stop.clone());
+    let jobs = runtime.jobs.clone();
+    if let Some(j) = &jobs {
+        j.spawn(stop.clone());
+    }
     let runtime = Arc::new(tokio::sync::Mutex::new(runtime));
     let watch = app::spawn_region_watch(runtime.clone(), stop.clone());
 
@@ -142,6 +155,7 @@ async fn main() -> anyhow::Result<()> {
     let (begin_stop, stopping) = tokio::sync::oneshot::channel::<()>();
     let serve = server::serve(
         engine.clone(),
+        jobs.clone(),
         Some(Arc::new(app::RuntimeReload(runtime.clone()))),
         server::Listeners {
             main: listener,
@@ -164,6 +178,10 @@ async fn main() -> anyhow::Result<()> {
             reporter.set_not_serving::<DispatcherServer<DispatcherService>>().await;
             reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
             engine.begin_shutdown();
+            if let Some(j) = &jobs {
+                // Queued jobs stay stored and run after the next start.
+                j.begin_shutdown();
+            }
             // Keep answering (new work: UNAVAILABLE) until what is in flight
             // is done, then close the listener.
             let deadline = dispatcher::clock::tokio_now() + grace;

@@ -9,6 +9,7 @@ mod tls;
 mod validate;
 mod validate_capacity;
 mod validate_cluster;
+mod validate_jobs;
 mod validate_policy;
 mod validate_region;
 pub mod watch;
@@ -104,6 +105,8 @@ pub struct Config {
     /// `[cluster]`: quota shared with other replicas through Redis; `None`:
     /// one process on its own (the default).
     pub cluster: Option<ClusterConfig>,
+    /// `[jobs]`: SubmitJob and its store.
+    pub jobs: JobsConfig,
     pub regions: Vec<RegionConfig>,
     /// `[[rollouts]]` and `[[fallbacks]]`.
     pub policy: PolicyConfig,
@@ -114,6 +117,29 @@ pub struct Config {
 pub struct PolicyConfig {
     pub rollouts: Vec<crate::core::RolloutSpec>,
     pub fallbacks: Vec<crate::core::FallbackSpec>,
+}
+
+/// `[jobs]`, checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobsConfig {
+    /// false: the Jobs service answers UNAVAILABLE and nothing is stored.
+    pub enabled: bool,
+    /// The embedded store's directory (without `[cluster]`); resolved
+    /// against dispatcher.toml's directory.
+    pub data_dir: PathBuf,
+    /// How long a finished job (and its output) is kept.
+    pub ttl: std::time::Duration,
+    /// How long one run of a job may take, its wait for quota included.
+    pub timeout: std::time::Duration,
+    /// With `[cluster]`: a replica's hold on its jobs, renewed by heartbeat;
+    /// another replica takes them over once it lapses.
+    pub lease: std::time::Duration,
+    pub limits: crate::core::JobLimits,
+    /// Jobs stored at most (all states), and their bytes.
+    pub max_jobs: u64,
+    pub max_store_bytes: u64,
+    /// Output kept per job; a job producing more fails.
+    pub max_output_bytes: u64,
 }
 
 /// `[cluster]`, checked.

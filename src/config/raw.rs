@@ -25,6 +25,8 @@ pub struct RawDispatcher {
     pub telemetry: RawTelemetry,
     pub cluster: Option<RawCluster>,
     #[serde(default)]
+    pub jobs: RawJobs,
+    #[serde(default)]
     pub rollouts: Vec<RawRollout>,
     #[serde(default)]
     pub fallbacks: Vec<RawFallback>,
@@ -68,6 +70,23 @@ pub struct RawCluster {
     pub sync_interval: Option<String>,
     pub redis_timeout: Option<String>,
     pub unreachable_after: Option<String>,
+}
+
+/// `[jobs]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawJobs {
+    pub enabled: Option<bool>,
+    pub data_dir: Option<String>,
+    pub ttl: Option<String>,
+    pub timeout: Option<String>,
+    pub lease: Option<String>,
+    pub max_held_per_tenant: Option<usize>,
+    pub max_running_per_tenant: Option<usize>,
+    pub max_running: Option<usize>,
+    pub max_jobs: Option<u64>,
+    pub max_store_bytes: Option<u64>,
+    pub max_output_bytes: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

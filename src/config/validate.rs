@@ -305,6 +305,7 @@ pub fn validate_dispatcher(raw: RawDispatcher, file: &Path) -> Result<Config, Co
         .cluster
         .map(|k| super::validate_cluster::validate_cluster(&c, k))
         .transpose()?;
+    let jobs = super::validate_jobs::validate_jobs(&c, file.parent().unwrap_or(Path::new(".")), raw.jobs)?;
     let policy = super::validate_policy::validate_policy(&c, raw.rollouts, raw.fallbacks, &models)?;
     Ok(Config {
         path: file.to_path_buf(),
@@ -322,6 +323,7 @@ pub fn validate_dispatcher(raw: RawDispatcher, file: &Path) -> Result<Config, Co
             metrics_listen,
         },
         cluster,
+        jobs,
         regions: Vec::new(),
         policy,
     })

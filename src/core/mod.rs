@@ -10,6 +10,7 @@ pub mod central;
 pub mod fair;
 pub mod fallback;
 mod in_flight;
+pub mod job;
 pub mod load;
 pub mod model;
 pub mod model_quota;
@@ -44,6 +45,7 @@ pub use capacity::{
 pub use central::{CentralBucket, CentralLimits, SyncCall, SyncGrant};
 pub use fair::FairQueue;
 pub use fallback::{FallbackSpec, Plan, Trigger};
+pub use job::{JobBacklog, JobLease, JobLimits, JobPhase, JobRefusal, LeaseRefusal, Recovery};
 pub use load::{LoadState, Outcome, ReportedLoad};
 pub use model::{ModelSpec, TokenEstimate};
 pub use model_quota::{Accounting, HintOutcome, Hold, ModelLimits, ModelQuota, ProviderHint, Settlement};

@@ -31,6 +31,9 @@ pub enum AuthError {
 pub struct Caller {
     pub authorization: Option<String>,
     pub identity: PeerIdentity,
+    /// A job's run: the tenant authenticated when the job was submitted
+    /// (set by the jobs desk only, never from the wire).
+    pub submitted_as: Option<Arc<str>>,
 }
 
 impl From<Option<&str>> for Caller {
@@ -38,6 +41,7 @@ impl From<Option<&str>> for Caller {
         Self {
             authorization: authorization.map(str::to_string),
             identity: PeerIdentity::default(),
+            submitted_as: None,
         }
     }
 }
@@ -92,6 +96,9 @@ impl Auth {
     /// The tenant behind a caller's credentials: its bearer key if it sent
     /// one, else its certificate's names, else anonymous if allowed.
     pub fn authenticate(&self, caller: &Caller) -> Result<Arc<str>, AuthError> {
+        if let Some(tenant) = &caller.submitted_as {
+            return Ok(tenant.clone());
+        }
         let Some(header) = caller.authorization.as_deref() else {
             let names = caller.identity.names();
             if names.is_empty() {
@@ -142,6 +149,7 @@ mod tests {
         Caller {
             authorization: None,
             identity: PeerIdentity(names.iter().map(|n| n.to_string()).collect()),
+            submitted_as: None,
         }
     }
 

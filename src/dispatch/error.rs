@@ -94,6 +94,36 @@ pub enum DispatchError {
 }
 
 impl DispatchError {
+    /// The gRPC code the caller is answered with (`server::status` adds
+    /// the details); a job keeps it in `error_code`.
+    pub fn code(&self) -> tonic::Code {
+        use tonic::Code;
+        match self {
+            DispatchError::InvalidArgument(_) => Code::InvalidArgument,
+            DispatchError::Route(RouteError::UnknownModel { .. } | RouteError::TooLarge { .. }) => {
+                Code::InvalidArgument
+            }
+            DispatchError::Route(RouteError::Unavailable { .. })
+            | DispatchError::AttemptsExhausted { .. }
+            | DispatchError::ShuttingDown => Code::Unavailable,
+            DispatchError::Route(_)
+            | DispatchError::QueueTimeout { .. }
+            | DispatchError::WouldWaitInVain { .. }
+            | DispatchError::ProvidersRefused { .. }
+            | DispatchError::QueueFull { .. }
+            | DispatchError::IdempotencyFull { .. }
+            | DispatchError::TenantLimit { .. } => Code::ResourceExhausted,
+            DispatchError::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            DispatchError::Upstream { code, .. } => match code {
+                Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition => *code,
+                _ => Code::Unavailable,
+            },
+            DispatchError::Internal(_) => Code::Internal,
+            DispatchError::Unauthenticated(_) => Code::Unauthenticated,
+            DispatchError::PermissionDenied(_) => Code::PermissionDenied,
+        }
+    }
+
     /// When the request might succeed if sent again, where the error says.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {

@@ -185,6 +185,17 @@ impl Forwarder {
                 tried.push(region);
                 continue;
             };
+            if let Some(on_send) = &p.on_send {
+                let notice = super::SendNotice {
+                    region: region.clone(),
+                    attempt,
+                    model: p.exec.model.clone(),
+                };
+                if let Err(why) = on_send(notice).await {
+                    held.settle(Completion::abandoned());
+                    return Err(DispatchError::Internal(why));
+                }
+            }
             let remaining = p.deadline.saturating_duration_since(crate::clock::now());
             let mut request = tonic::Request::new(p.exec.clone());
             request.set_timeout(remaining);

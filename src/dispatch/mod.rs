@@ -58,6 +58,31 @@ use crate::state::EngineView;
 use forwarder::Forwarder;
 use front_door::FrontDoor;
 
+/// Told before work is sent to a region (`SendNotice`); an error stops the
+/// send and ends the request with it. Jobs record that they are running
+/// before they run, so a restart never runs a job twice unknowingly.
+pub type OnSend = Arc<
+    dyn Fn(SendNotice) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// How a job's run differs from a plain request.
+pub struct JobRun {
+    pub on_send: OnSend,
+    /// Work that may have run may be sent again (a `repeatable` job).
+    pub may_run_twice: bool,
+}
+
+/// A send about to happen.
+#[derive(Debug, Clone)]
+pub struct SendNotice {
+    pub region: Arc<str>,
+    /// Which try of this request (failover moves it to another region).
+    pub attempt: u32,
+    pub model: String,
+}
+
 /// A successful dispatch.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Dispatched {
@@ -251,6 +276,30 @@ impl Engine {
     /// Validates a request and estimates its reservation.
     pub fn check(&self, r: &pb::DispatchRequest) -> Result<TokenEstimate, DispatchError> {
         self.front.snapshot().check(r)
+    }
+
+    /// A job at submission: its caller's tenant and the request's tokens,
+    /// checked as `Dispatch` checks them (the rest is checked when it runs).
+    pub fn check_job(
+        &self,
+        r: &pb::DispatchRequest,
+        caller: &Caller,
+    ) -> Result<(std::sync::Arc<str>, TokenEstimate), DispatchError> {
+        let config = self.front.snapshot();
+        let tenant = config.authenticate(caller)?;
+        config.check_tenant_field(&r.tenant, &tenant)?;
+        let estimate = config.check(r)?;
+        Ok((tenant, estimate))
+    }
+
+    /// The caller's tenant (Jobs: Get, Watch, Cancel, List).
+    pub fn authenticate(&self, caller: &Caller) -> Result<std::sync::Arc<str>, DispatchError> {
+        self.front.snapshot().authenticate(caller)
+    }
+
+    /// Whether a shutdown has begun.
+    pub fn shutting_down(&self) -> bool {
+        self.drain.shutting_down()
     }
 
     /// The dry run behind `Route`: consumes nothing.

@@ -64,6 +64,8 @@ pub(super) struct Prepared {
     pub step: usize,
     pub asked: (u64, u64),
     pub path: super::ModelPath,
+    /// A job's: told before each send to a region, and may stop it.
+    pub on_send: Option<super::OnSend>,
 }
 
 /// The cluster accepted the work.
@@ -144,6 +146,7 @@ impl Engine {
             step,
             asked,
             path,
+            on_send: None,
         };
         Ok((prepared, lease))
     }

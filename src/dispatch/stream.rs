@@ -98,13 +98,31 @@ impl Engine {
         timeout: Option<Duration>,
         caller: impl Into<super::auth::Caller>,
     ) -> Result<ChunkStream, DispatchError> {
-        let caller = caller.into();
+        self.dispatch_stream_with(r, timeout, caller.into(), None).await
+    }
+
+    /// `dispatch_stream` for a job's run: its `on_send` told before each
+    /// send, and failover after a failure that may have run the work only
+    /// when the job may run twice.
+    pub async fn dispatch_stream_with(
+        self: &Arc<Self>,
+        r: pb::DispatchRequest,
+        timeout: Option<Duration>,
+        caller: super::auth::Caller,
+        job: Option<super::JobRun>,
+    ) -> Result<ChunkStream, DispatchError> {
         let start = crate::clock::now();
         let running = self.enter();
         let mut labels = super::prepare::Labels::default();
         let prepared = self.prepare(self.front.snapshot(), r, timeout, &caller, &mut labels);
         let (mut p, mut charge) = match prepared {
-            Ok(x) => x,
+            Ok(mut x) => {
+                if let Some(job) = job {
+                    x.0.on_send = Some(job.on_send);
+                    x.0.retry_may_have_run = job.may_run_twice;
+                }
+                x
+            }
             Err(e) => {
                 labels.finish(Err(&e), start);
                 return Err(e);

@@ -44,7 +44,7 @@ fn request_span(rpc: &'static str) -> tracing::Span {
 
 /// The caller's credentials: the `authorization` header, if any (its value
 /// is never logged), and the names of its verified client certificate.
-fn caller<T>(request: &Request<T>) -> Caller {
+pub(super) fn caller<T>(request: &Request<T>) -> Caller {
     Caller {
         authorization: request.metadata().get("authorization").map(|v| {
             v.to_str()
@@ -56,6 +56,7 @@ fn caller<T>(request: &Request<T>) -> Caller {
             .get::<crate::tls::identity::PeerIdentity>()
             .cloned()
             .unwrap_or_default(),
+        submitted_as: None,
     }
 }
 

@@ -5,6 +5,7 @@ mod admin;
 mod admin_policy;
 mod dispatcher;
 mod idle;
+mod jobs;
 mod status;
 
 use std::future::Future;
@@ -15,6 +16,7 @@ use tonic_health::server::HealthReporter;
 pub use crate::accept::{Accepted, Acceptor};
 pub use admin::{AdminService, ReloadHandle, admin_guard};
 pub use dispatcher::DispatcherService;
+pub use jobs::JobsService;
 pub use status::to_status;
 
 use crate::config::ConnectionLimits;
@@ -57,6 +59,7 @@ pub struct Listeners {
 /// connections may hold (see `ConnectionLimits`).
 pub async fn serve(
     engine: Arc<Engine>,
+    jobs: Option<Arc<crate::jobs::Jobs>>,
     reload: Option<Arc<dyn ReloadHandle>>,
     listeners: Listeners,
     limits: ConnectionLimits,
@@ -79,7 +82,15 @@ pub async fn serve(
     routes.add_service(health_service.clone()).add_service(
         DispatcherServer::new(DispatcherService::new(engine.clone())).max_decoding_message_size(max_message),
     );
-    let mut names = vec![crate::grpc::HEALTH_SERVICE, "dispatch.v1.Dispatcher"];
+    routes.add_service(
+        crate::pb::jobs_server::JobsServer::new(JobsService::new(jobs))
+            .max_decoding_message_size(max_message),
+    );
+    let mut names = vec![
+        crate::grpc::HEALTH_SERVICE,
+        "dispatch.v1.Dispatcher",
+        "dispatch.v1.Jobs",
+    ];
     let admin_routes = match listeners.admin {
         None => {
             routes.add_service(admin);

@@ -5,6 +5,7 @@
 //! path is the same as with a real cluster.
 
 mod provider;
+mod request_ids;
 mod service;
 
 use std::net::SocketAddr;

@@ -48,6 +48,7 @@ struct Inner {
     failed: AtomicU64,
     cancelled: AtomicU64,
     health: HealthReporter,
+    request_ids: Mutex<super::request_ids::RequestIds>,
 }
 
 /// The simulated cluster; cheap to clone (shared state).
@@ -121,6 +122,7 @@ impl SimService {
                 queued: AtomicU32::new(0),
                 failed: AtomicU64::new(0),
                 cancelled: AtomicU64::new(0),
+                request_ids: Mutex::default(),
                 settings: s,
                 health,
             }),
@@ -158,6 +160,7 @@ impl SimService {
         span.record("model", r.model.as_str());
         span.record("prompt_tokens", r.prompt_tokens);
         let admitted = self.admit_untraced(r).await?;
+        self.inner.request_ids.lock().record(&r.request_id);
         span.record("completion_tokens", admitted.completion);
         Ok(admitted)
     }
@@ -514,6 +517,7 @@ impl SimService {
             in_flight: self.inner.in_flight.load(Ordering::Relaxed),
             healthy: self.inner.knobs.lock().healthy,
             cancelled: self.inner.cancelled.load(Ordering::Relaxed),
+            repeated_request_ids: self.inner.request_ids.lock().repeated(),
         }
     }
 }

@@ -1,0 +1,53 @@
+//! `[jobs]`: where jobs are kept and how many (DESIGN §11, README "Jobs").
+
+use std::path::Path;
+use std::time::Duration;
+
+use super::raw::RawJobs;
+use super::validate::Ctx;
+use super::{ConfigError, JobsConfig};
+use crate::core::JobLimits;
+
+pub(super) fn validate_jobs(c: &Ctx<'_>, base: &Path, j: RawJobs) -> Result<JobsConfig, ConfigError> {
+    let data_dir = match j.data_dir.as_deref() {
+        Some("") => {
+            return Err(c.err(
+                "jobs.data_dir",
+                "is empty; name a directory (relative paths are read from dispatcher.toml's)",
+            ));
+        }
+        Some(d) => base.join(d),
+        None => base.join("data"),
+    };
+    let ttl = c.duration("jobs.ttl", j.ttl.as_deref(), Duration::from_secs(600))?;
+    if ttl < Duration::from_secs(1) {
+        return Err(c.err("jobs.ttl", "must be at least 1s"));
+    }
+    let timeout = c.duration("jobs.timeout", j.timeout.as_deref(), Duration::from_secs(3600))?;
+    if timeout < Duration::from_millis(100) {
+        return Err(c.err("jobs.timeout", "must be at least 100ms"));
+    }
+    let lease = c.duration("jobs.lease", j.lease.as_deref(), Duration::from_secs(10))?;
+    if !(Duration::from_millis(300)..=Duration::from_secs(600)).contains(&lease) {
+        return Err(c.err("jobs.lease", "is out of range; expected 300ms to 10m"));
+    }
+    let running = c.at_least("jobs.max_running", j.max_running, 256, 1)?;
+    let limits = JobLimits {
+        held_per_tenant: c.at_least("jobs.max_held_per_tenant", j.max_held_per_tenant, 10_000, 1)?,
+        running_per_tenant: c
+            .at_least("jobs.max_running_per_tenant", j.max_running_per_tenant, 64, 1)?
+            .min(running),
+        running,
+    };
+    Ok(JobsConfig {
+        enabled: j.enabled.unwrap_or(true),
+        data_dir,
+        ttl,
+        timeout,
+        lease,
+        limits,
+        max_jobs: c.at_least("jobs.max_jobs", j.max_jobs, 100_000, 1)?,
+        max_store_bytes: c.at_least("jobs.max_store_bytes", j.max_store_bytes, 1 << 30, 1 << 20)?,
+        max_output_bytes: c.at_least("jobs.max_output_bytes", j.max_output_bytes, 4 << 20, 1024)?,
+    })
+}

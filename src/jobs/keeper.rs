@@ -1,0 +1,164 @@
+//! The keeper: takes the jobs left without an owner (every unfinished job
+//! at start; with Redis, a dead replica's once its lease lapsed), renews
+//! this process's hold on its own, acts on cancellations asked for
+//! elsewhere, and removes finished jobs past their TTL.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::record;
+use super::store::Held;
+use super::{Here, Jobs};
+use crate::core::job::{Recovery, recovery};
+use crate::pb;
+use pb::job_event::Event;
+
+/// What a job that may have run and is not repeatable ends with.
+pub const INTERRUPTED: &str = "the dispatcher stopped while this job ran, so it may have run; it was not submitted as repeatable, so it is not run again";
+
+impl Jobs {
+    pub(super) async fn keeper(self: Arc<Self>, cancel: CancellationToken) {
+        // A third of the lease between heartbeats; expiry once a second.
+        let beat = (self.config.lease / 3).clamp(Duration::from_millis(100), Duration::from_secs(1));
+        let mut last_expiry = crate::clock::tokio_now();
+        loop {
+            if !self.stopping.load(Ordering::SeqCst) {
+                self.take_orphans().await;
+            }
+            self.heartbeat().await;
+            if crate::clock::tokio_now() >= last_expiry + Duration::from_secs(1) {
+                last_expiry = crate::clock::tokio_now();
+                match self.store.expire(crate::clock::unix_ms()).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::debug!(removed = n, "removed finished jobs past jobs.ttl"),
+                    Err(e) => tracing::warn!(error = %e, "could not remove expired jobs"),
+                }
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(beat) => {}
+            }
+        }
+    }
+
+    async fn take_orphans(&self) {
+        let orphans = match self.store.orphans(&self.owner).await {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not look for jobs without an owner");
+                return;
+            }
+        };
+        for s in orphans {
+            let id = record::job(&s).job_id.clone();
+            if let Err(e) = self.adopt(s).await {
+                tracing::warn!(job_id = %id, error = %e, "could not take over a job");
+            }
+        }
+    }
+
+    /// Runs an orphan again, queues it, or ends it INTERRUPTED.
+    async fn adopt(&self, mut s: pb::StoredJob) -> Result<(), super::StoreError> {
+        let job = record::job(&s).clone();
+        if self.table.lock().live.contains_key(&job.job_id) {
+            return Ok(());
+        }
+        let taken_over = job.owner != self.owner;
+        if s.cancel_requested {
+            let end = record::finish(
+                &mut s,
+                pb::JobState::Cancelled,
+                tonic::Code::Cancelled as i32,
+                "cancelled while its owner was away",
+                self.ttl_ms(),
+            );
+            return self.store.write(s, vec![end]).await;
+        }
+        let phase = record::phase(job.state());
+        let reason = match (recovery(phase, job.repeatable), taken_over) {
+            (Recovery::Keep, _) => return Ok(()),
+            (Recovery::Interrupt, _) => {
+                tracing::info!(job_id = %job.job_id, "interrupted: it was running when its owner stopped");
+                let end = record::finish(
+                    &mut s,
+                    pb::JobState::Interrupted,
+                    tonic::Code::Unavailable as i32,
+                    INTERRUPTED,
+                    self.ttl_ms(),
+                );
+                return self.store.write(s, vec![end]).await;
+            }
+            (Recovery::Requeue, false) => "queued again after a restart",
+            (Recovery::Requeue, true) => "taken over from a replica that stopped",
+            (Recovery::RunAgain, false) => "running again after a restart (repeatable)",
+            (Recovery::RunAgain, true) => "running again on another replica (repeatable)",
+        };
+        tracing::info!(job_id = %job.job_id, reason, "job recovered");
+        {
+            let j = record::job_mut(&mut s);
+            j.set_state(pb::JobState::Queued);
+            j.owner = self.owner.clone();
+        }
+        let position = self.table.lock().backlog.queued_for(&job.tenant);
+        let event = record::next_event(
+            &mut s,
+            Event::Queued(pb::JobQueued {
+                position: position as u32,
+                estimate: None,
+                reason: reason.into(),
+            }),
+        );
+        self.store.write(s.clone(), vec![event]).await?;
+        let tokens = s
+            .request
+            .as_ref()
+            .and_then(|r| self.engine.check(r).ok())
+            .map_or(1, |e| e.total());
+        self.table.lock().backlog.adopt(&Arc::from(job.tenant.as_str()));
+        self.enqueue(s, tokens, false);
+        Ok(())
+    }
+
+    async fn heartbeat(&self) {
+        let held: Vec<Held> = self
+            .table
+            .lock()
+            .live
+            .iter()
+            .map(|(id, l)| Held {
+                job_id: id.clone(),
+                fence: l.fence,
+            })
+            .collect();
+        let beat = match self.store.heartbeat(&self.owner, held).await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = %e, "job heartbeat failed");
+                return;
+            }
+        };
+        for id in beat.lost {
+            tracing::warn!(job_id = %id, "job taken over by another replica; this one stops it");
+            let mut t = self.table.lock();
+            if let Some(live) = t.live.get(&id) {
+                live.lost.store(true, Ordering::SeqCst);
+                live.cancel.cancel();
+                if live.queued.is_some() {
+                    let tenant = live.tenant.clone();
+                    t.backlog.remove(&tenant, &id);
+                    t.live.remove(&id);
+                }
+            }
+        }
+        for id in beat.cancel {
+            if let Here::Queued(stored) = self.cancel_here(&id)
+                && let Err(e) = self.end_cancelled(*stored).await
+            {
+                tracing::warn!(job_id = %id, error = %e, "could not store a cancellation");
+            }
+        }
+    }
+}

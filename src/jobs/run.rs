@@ -1,0 +1,301 @@
+//! One run of a job: through the engine's streamed path, with every step
+//! stored as an event before the next. The run is the only writer of its
+//! job's record while it runs; `RUNNING` is stored before the work is sent
+//! (so a restart knows it may have run), and a write refused because the
+//! job was taken over stops the run without another word.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{Mutex, watch};
+use tokio_stream::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use super::record;
+use super::store::{JobStore, StoreError};
+use super::{JobError, Jobs};
+use crate::dispatch::{Caller, DispatchError, JobRun, SendNotice};
+use crate::pb;
+use pb::job_event::Event;
+
+/// How the rest of the process reaches a running job.
+pub(super) struct Signals {
+    pub cancel: CancellationToken,
+    pub lost: Arc<AtomicBool>,
+    pub seq: watch::Sender<u64>,
+}
+
+/// The record and its writes, shared by the run and its send hook.
+struct Writer {
+    stored: pb::StoredJob,
+    store: Arc<dyn JobStore>,
+    seq: watch::Sender<u64>,
+    /// Sent to a region in this run.
+    sent: bool,
+}
+
+impl Writer {
+    /// Stores the record with `events`, then tells local watchers.
+    async fn write(&mut self, events: Vec<Event>) -> Result<(), StoreError> {
+        let events: Vec<pb::JobEvent> = events
+            .into_iter()
+            .map(|e| record::next_event(&mut self.stored, e))
+            .collect();
+        self.store.write(self.stored.clone(), events).await?;
+        self.seq.send_replace(record::job(&self.stored).last_seq);
+        Ok(())
+    }
+
+    async fn finish(
+        &mut self,
+        state: pb::JobState,
+        code: tonic::Code,
+        message: &str,
+        ttl_ms: u64,
+    ) -> Result<(), StoreError> {
+        let end = record::finish(&mut self.stored, state, code as i32, message, ttl_ms);
+        self.store.write(self.stored.clone(), vec![end]).await?;
+        self.seq.send_replace(record::job(&self.stored).last_seq);
+        Ok(())
+    }
+}
+
+/// How a run ended, for the backlog.
+enum Ended {
+    /// Finished (any terminal state): its hold is released.
+    Finished,
+    /// Refused before anything was sent: queued again after `after`.
+    Again(Duration),
+    /// Stopped without finishing (taken over, shutting down, store down):
+    /// the record stays as stored, for whoever runs it next.
+    Left,
+}
+
+/// Refusals that say "not now" before anything was sent.
+fn not_now(e: &DispatchError) -> Option<Duration> {
+    match e {
+        DispatchError::QueueTimeout { .. }
+        | DispatchError::WouldWaitInVain { .. }
+        | DispatchError::QueueFull { .. }
+        | DispatchError::ProvidersRefused { .. }
+        | DispatchError::Route(
+            crate::core::RouteError::NoCapacity { .. } | crate::core::RouteError::Shed { .. },
+        )
+        | DispatchError::TenantLimit { .. } => Some(
+            e.retry_after()
+                .unwrap_or(Duration::from_secs(1))
+                .clamp(Duration::from_millis(100), Duration::from_secs(10)),
+        ),
+        _ => None,
+    }
+}
+
+impl Jobs {
+    pub(super) async fn run(self: Arc<Self>, stored: pb::StoredJob, signals: Signals, tokens: u64) {
+        let id = record::job(&stored).job_id.clone();
+        let tenant: Arc<str> = Arc::from(record::job(&stored).tenant.as_str());
+        let ended = self.run_once(stored, &signals).await;
+        let again = {
+            let mut t = self.table.lock();
+            match ended {
+                Ok(Ended::Again(after)) => {
+                    t.backlog.stopped(&tenant, false);
+                    Some(after)
+                }
+                Ok(Ended::Finished) | Err(_) | Ok(Ended::Left) => {
+                    t.backlog.stopped(&tenant, true);
+                    t.live.remove(&id);
+                    None
+                }
+            }
+        };
+        self.wake.notify_one();
+        if let Some(after) = again {
+            tokio::select! {
+                _ = tokio::time::sleep(after) => {}
+                _ = signals.cancel.cancelled() => {}
+            }
+            // Back at the head of its tenant's line, unless it was cancelled.
+            let stored = self.store.get(&id).await.ok().flatten();
+            match stored {
+                Some(s) if !signals.cancel.is_cancelled() => self.enqueue(s, tokens, true),
+                Some(mut s) => {
+                    let end = record::finish(
+                        &mut s,
+                        pb::JobState::Cancelled,
+                        tonic::Code::Cancelled as i32,
+                        "cancelled before it started",
+                        self.ttl_ms(),
+                    );
+                    let _ = self.store.write(s, vec![end]).await;
+                    let mut t = self.table.lock();
+                    t.backlog.stopped(&tenant, true);
+                    t.live.remove(&id);
+                }
+                None => {
+                    let mut t = self.table.lock();
+                    t.backlog.stopped(&tenant, true);
+                    t.live.remove(&id);
+                }
+            }
+        }
+    }
+
+    async fn run_once(&self, stored: pb::StoredJob, signals: &Signals) -> Result<Ended, JobError> {
+        let ttl = self.ttl_ms();
+        let request = stored.request.clone().unwrap_or_default();
+        let repeatable = record::job(&stored).repeatable;
+        let tenant: Arc<str> = Arc::from(record::job(&stored).tenant.as_str());
+        let writer = Arc::new(Mutex::new(Writer {
+            stored,
+            store: self.store.clone(),
+            seq: signals.seq.clone(),
+            sent: false,
+        }));
+        let hook = writer.clone();
+        let lost = signals.lost.clone();
+        let on_send = Arc::new(move |n: SendNotice| {
+            let hook = hook.clone();
+            let lost = lost.clone();
+            Box::pin(async move {
+                let mut w = hook.lock().await;
+                {
+                    let job = record::job_mut(&mut w.stored);
+                    job.set_state(pb::JobState::Running);
+                    job.region = n.region.to_string();
+                    job.attempts = n.attempt;
+                    job.served_by = n.model.clone();
+                    if n.attempt == 1 {
+                        job.runs += 1;
+                    }
+                }
+                let routed = Event::Routed(pb::JobRouted {
+                    region: n.region.to_string(),
+                    attempt: n.attempt,
+                    model: n.model,
+                });
+                // Stored before it is sent: a restart then knows it may have run.
+                w.write(vec![routed]).await.map_err(|e| {
+                    if matches!(e, StoreError::Fenced { .. }) {
+                        lost.store(true, Ordering::SeqCst);
+                    }
+                    e.to_string()
+                })?;
+                w.sent = true;
+                Ok(())
+            }) as std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>
+        });
+        let caller = Caller {
+            submitted_as: Some(tenant),
+            ..Caller::default()
+        };
+        let job = JobRun {
+            on_send,
+            may_run_twice: repeatable,
+        };
+        let started = tokio::select! {
+            s = self.engine.dispatch_stream_with(request, Some(self.config.timeout), caller, Some(job)) => Some(s),
+            _ = signals.cancel.cancelled() => None,
+        };
+        let mut w = writer.lock().await;
+        if signals.lost.load(Ordering::SeqCst) {
+            return Ok(Ended::Left);
+        }
+        let mut stream = match started {
+            None => {
+                let why = match w.sent {
+                    true => "cancelled while it ran",
+                    false => "cancelled before it started",
+                };
+                w.finish(pb::JobState::Cancelled, tonic::Code::Cancelled, why, ttl)
+                    .await?;
+                return Ok(Ended::Finished);
+            }
+            Some(Err(DispatchError::ShuttingDown)) if !w.sent => return Ok(Ended::Left),
+            Some(Err(e)) => {
+                if !w.sent
+                    && let Some(after) = not_now(&e)
+                {
+                    return Ok(Ended::Again(after));
+                }
+                w.finish(pb::JobState::Failed, e.code(), &e.to_string(), ttl)
+                    .await?;
+                return Ok(Ended::Finished);
+            }
+            Some(Ok(stream)) => stream,
+        };
+        let max_output = self.config.max_output_bytes as usize;
+        let mut first = true;
+        loop {
+            let next = tokio::select! {
+                c = stream.next() => c,
+                _ = signals.cancel.cancelled() => {
+                    // Dropping the stream cancels the region's call; only
+                    // what it produced is charged.
+                    drop(stream);
+                    if signals.lost.load(Ordering::SeqCst) {
+                        return Ok(Ended::Left);
+                    }
+                    w.finish(pb::JobState::Cancelled, tonic::Code::Cancelled, "cancelled while it ran", ttl).await?;
+                    return Ok(Ended::Finished);
+                }
+            };
+            match next {
+                Some(Ok(chunk)) => {
+                    let mut events = Vec::new();
+                    if first {
+                        first = false;
+                        events.push(Event::Running(pb::JobRunning {
+                            region: chunk.region.clone(),
+                        }));
+                    }
+                    let job = record::job_mut(&mut w.stored);
+                    if job.output.len() + chunk.output.len() > max_output {
+                        drop(stream);
+                        let why = format!("the output is over jobs.max_output_bytes ({max_output} bytes)");
+                        w.finish(pb::JobState::Failed, tonic::Code::ResourceExhausted, &why, ttl)
+                            .await?;
+                        return Ok(Ended::Finished);
+                    }
+                    let mut output = Vec::with_capacity(job.output.len() + chunk.output.len());
+                    output.extend_from_slice(&job.output);
+                    output.extend_from_slice(&chunk.output);
+                    job.output = output.into();
+                    job.usage = Some(chunk.usage);
+                    job.region = chunk.region.clone();
+                    job.attempts = chunk.attempts;
+                    job.served_by = chunk.path.model.clone();
+                    job.queue_wait = prost_types::Duration::try_from(chunk.queue_wait).ok();
+                    if !chunk.output.is_empty() || chunk.done {
+                        events.push(Event::Output(pb::JobOutput {
+                            output: chunk.output.clone(),
+                            usage: Some(chunk.usage),
+                        }));
+                    }
+                    if chunk.done {
+                        w.write(events).await?;
+                        w.finish(pb::JobState::Done, tonic::Code::Ok, "", ttl).await?;
+                        return Ok(Ended::Finished);
+                    }
+                    w.write(events).await?;
+                }
+                Some(Err(e)) => {
+                    w.finish(pb::JobState::Failed, e.code(), &e.to_string(), ttl)
+                        .await?;
+                    return Ok(Ended::Finished);
+                }
+                None => {
+                    w.finish(
+                        pb::JobState::Failed,
+                        tonic::Code::Unavailable,
+                        "the output is incomplete: the stream ended without its last chunk",
+                        ttl,
+                    )
+                    .await?;
+                    return Ok(Ended::Finished);
+                }
+            }
+        }
+    }
+}

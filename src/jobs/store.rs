@@ -1,0 +1,87 @@
+//! Where jobs are kept: the embedded store (`embedded`, redb under
+//! `[jobs].data_dir`) or Redis with `[cluster]` (`cluster::jobs`). Both keep
+//! the same records (`pb::StoredJob`, its events numbered from 1) and the
+//! same rules: a write carries the writer's fence and is refused once the
+//! job was taken over; a job's events are appended in order, never
+//! rewritten; a full store refuses new jobs.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use crate::pb;
+
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum StoreError {
+    /// Bounded: `jobs.max_jobs` or `jobs.max_store_bytes` reached.
+    #[error("the job store is full ({0}); finished jobs are removed after jobs.ttl")]
+    Full(String),
+    /// Another owner took the job (a higher fence): this one must stop.
+    #[error("the job was taken over by {owner} (fence {current}); this replica no longer runs it")]
+    Fenced { owner: String, current: u64 },
+    /// The store could not be read or written (disk, Redis).
+    #[error("the job store is unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// What `create` did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Created {
+    Stored,
+    /// The tenant's idempotency key already names this job: nothing stored.
+    Existing(Box<pb::StoredJob>),
+}
+
+/// One owner's hold on its running jobs, renewed by `heartbeat`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Held {
+    pub job_id: String,
+    pub fence: u64,
+}
+
+pub trait JobStore: Send + Sync {
+    /// Stores a new job with its first event, durably, owned by `owner`
+    /// (fence 1), unless the tenant's `idempotency_key` already names a
+    /// job still kept.
+    fn create(&self, job: pb::StoredJob, first: pb::JobEvent, owner: &str) -> StoreFuture<'_, Created>;
+
+    /// Replaces the job's record and appends `events` (numbered after the
+    /// last), durably, if `job.fence` is still the job's.
+    fn write(&self, job: pb::StoredJob, events: Vec<pb::JobEvent>) -> StoreFuture<'_, ()>;
+
+    fn get(&self, job_id: &str) -> StoreFuture<'_, Option<pb::StoredJob>>;
+
+    /// Up to `max` events from `from_seq` on, in order.
+    fn events(&self, job_id: &str, from_seq: u64, max: usize) -> StoreFuture<'_, Vec<pb::JobEvent>>;
+
+    /// `tenant`'s jobs, newest first, in `state` (any when `None`), at most
+    /// `limit`, without their output.
+    fn list(&self, tenant: &str, state: Option<pb::JobState>, limit: usize) -> StoreFuture<'_, Vec<pb::Job>>;
+
+    /// Unfinished jobs `owner` is to take now, claimed (their fence raised):
+    /// the embedded store gives every unfinished job once, at start; Redis,
+    /// the jobs whose owner's lease lapsed.
+    fn orphans(&self, owner: &str) -> StoreFuture<'_, Vec<pb::StoredJob>>;
+
+    /// Renews `owner`'s hold on `held`; answers the ids among them that
+    /// someone asked to cancel, and those that were taken over (fenced).
+    fn heartbeat(&self, owner: &str, held: Vec<Held>) -> StoreFuture<'_, Beat>;
+
+    /// Asks the job's owner to cancel it (any replica may ask).
+    fn request_cancel(&self, job_id: &str) -> StoreFuture<'_, ()>;
+
+    /// Removes finished jobs whose `expires_unix_ms` is past `now_ms`, and
+    /// their events; answers how many.
+    fn expire(&self, now_ms: u64) -> StoreFuture<'_, usize>;
+
+    /// Jobs and bytes stored now.
+    fn usage(&self) -> StoreFuture<'_, (u64, u64)>;
+}
+
+/// What a heartbeat learned.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Beat {
+    pub cancel: Vec<String>,
+    pub lost: Vec<String>,
+}
