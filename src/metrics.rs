@@ -95,6 +95,19 @@ fn describe() {
     );
     describe_gauge!("dispatcher_queue_depth", "Requests waiting for quota, by model");
     describe_gauge!(
+        "dispatcher_jobs",
+        "Jobs this replica holds, by state (queued: waiting for their turn; running: in the dispatch path)"
+    );
+    describe_gauge!("dispatcher_job_store_jobs", "Jobs in the job store, all states");
+    describe_gauge!(
+        "dispatcher_job_store_bytes",
+        "Bytes of the job store's records, events and outputs"
+    );
+    describe_counter!(
+        "dispatcher_jobs_finished_total",
+        "Jobs ended, by state (done, failed, cancelled, interrupted)"
+    );
+    describe_gauge!(
         "dispatcher_queue_oldest_wait_seconds",
         "How long the longest-waiting request for quota has waited, by model (0: nobody waits)"
     );

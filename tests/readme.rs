@@ -230,3 +230,76 @@ fn readme_admin_commands_work_as_written() {
         }
     }
 }
+
+#[test]
+fn readme_jobs_commands_work_as_written() {
+    let commands = commands("Jobs");
+    assert_eq!(
+        commands.len(),
+        6,
+        "the jobs section's commands changed: {commands:#?}"
+    );
+    let logs = tempfile::tempdir().unwrap();
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/dispatcher.toml");
+    let d = Proc::start(
+        env!("CARGO_BIN_EXE_dispatcher"),
+        &[
+            "--config",
+            config,
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            logs.path().join("data").to_str().unwrap(),
+        ],
+        logs.path(),
+        "dispatcher",
+    );
+    let addr = d.addr.to_string();
+    // The README's example ids stand for the ones the submissions answer.
+    let mut ids: Vec<(&str, String)> = Vec::new();
+    let examples = ["job-5f0c3e2a9b1d4c77", "job-0a1b2c3d4e5f6a7b"];
+    for command in &commands {
+        let mut command = command.clone();
+        for (example, real) in &ids {
+            command = command.replace(example, real);
+        }
+        let r = run(&command, &addr, None);
+        println!("$ {command}\n{}", r.out);
+        assert!(r.ok, "{command}: {}", r.out);
+        let rpc = command.rsplit('/').next().unwrap();
+        if rpc == "WatchJob" {
+            // A stream of JSON objects, the last the job's end.
+            assert!(r.out.contains("\"queued\""), "{}", r.out);
+            assert!(r.out.contains("\"routed\""), "{}", r.out);
+            assert!(r.out.contains("\"running\""), "{}", r.out);
+            assert!(r.out.contains("\"state\": \"DONE\""), "{}", r.out);
+            continue;
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(&r.out).unwrap_or_else(|e| panic!("{command}: {e}: {}", r.out));
+        match rpc {
+            "SubmitJob" => {
+                assert_eq!(v["state"], "QUEUED", "answered before any work: {v}");
+                let id = v["jobId"].as_str().unwrap().to_string();
+                ids.push((examples[ids.len()], id));
+            }
+            "GetJob" => {
+                assert_eq!(v["state"], "DONE", "{v}");
+                assert!(!v["output"].as_str().unwrap().is_empty());
+                assert_eq!(v["idempotencyKey"], "q3-report");
+            }
+            "ListJobs" => {
+                let jobs = v["jobs"].as_array().unwrap();
+                assert_eq!(jobs.len(), 1, "{v}");
+                assert_eq!(jobs[0]["jobId"], ids[0].1.as_str());
+            }
+            "CancelJob" => {
+                assert_eq!(v["state"], "CANCELLED", "{v}");
+                assert_eq!(v["errorCode"], 1);
+            }
+            other => panic!("no check for {other}"),
+        }
+    }
+}

@@ -50,7 +50,13 @@ fn check(accounting: Accounting) {
     let arrivals: Vec<Arrival> = poisson(
         &mut Lcg(42),
         0,
-        |t| base * if ((t / 15.0) as u64).is_multiple_of(2) { 3.0 } else { 1.0 },
+        |t| {
+            base * if ((t / 15.0) as u64).is_multiple_of(2) {
+                3.0
+            } else {
+                1.0
+            }
+        },
         Duration::ZERO,
         RUN,
         size,

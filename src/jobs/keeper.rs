@@ -29,6 +29,7 @@ impl Jobs {
                 self.take_orphans().await;
             }
             self.heartbeat().await;
+            self.record_gauges().await;
             if crate::clock::tokio_now() >= last_expiry + Duration::from_secs(1) {
                 last_expiry = crate::clock::tokio_now();
                 match self.store.expire(crate::clock::unix_ms()).await {
@@ -120,6 +121,19 @@ impl Jobs {
         self.table.lock().backlog.adopt(&Arc::from(job.tenant.as_str()));
         self.enqueue(s, tokens, false);
         Ok(())
+    }
+
+    async fn record_gauges(&self) {
+        if !crate::metrics::enabled() {
+            return;
+        }
+        let (queued, running) = self.counts();
+        metrics::gauge!("dispatcher_jobs", "state" => "queued").set(queued as f64);
+        metrics::gauge!("dispatcher_jobs", "state" => "running").set(running as f64);
+        if let Ok((jobs, bytes)) = self.store.usage().await {
+            metrics::gauge!("dispatcher_job_store_jobs").set(jobs as f64);
+            metrics::gauge!("dispatcher_job_store_bytes").set(bytes as f64);
+        }
     }
 
     async fn heartbeat(&self) {

@@ -74,11 +74,34 @@ struct Live {
     fence: u64,
     /// Taken over by another replica: stop without writing.
     lost: Arc<AtomicBool>,
+    /// Its run has stored RUNNING (it may be at a region).
+    sent: Arc<AtomicBool>,
 }
 
 struct Table {
     backlog: JobBacklog<String>,
     live: HashMap<String, Live>,
+    /// Smoothed time from a job's start to its end here, for the rough
+    /// wait estimate of the queued event.
+    mean_run: Option<Duration>,
+}
+
+impl Table {
+    /// A rough wait for a job with `ahead` jobs queued before it: the jobs
+    /// ahead over the slots that run them, times the mean run.
+    fn estimate(&self, ahead: usize, slots: usize) -> Option<prost_types::Duration> {
+        let mean = self.mean_run?;
+        let waves = (ahead + self.backlog.running()) as f64 / slots.max(1) as f64;
+        prost_types::Duration::try_from(mean.mul_f64(waves)).ok()
+    }
+
+    /// A run of `took` ended.
+    fn ran(&mut self, took: Duration) {
+        self.mean_run = Some(match self.mean_run {
+            None => took,
+            Some(m) => m.mul_f64(0.9) + took.mul_f64(0.1),
+        });
+    }
 }
 
 pub struct Jobs {
@@ -118,6 +141,7 @@ impl Jobs {
             table: Mutex::new(Table {
                 backlog: JobBacklog::new(config.jobs.limits, weights(config)),
                 live: HashMap::new(),
+                mean_run: None,
             }),
             wake: Notify::new(),
             stopping: AtomicBool::new(false),
@@ -139,9 +163,19 @@ impl Jobs {
             .set_limits(self.config.limits, weights(config));
     }
 
-    /// No job starts from now on; queued ones stay stored for the next start.
+    /// No job starts from now on; queued ones stay stored for the next
+    /// start, and so do started ones not yet sent to a region (waiting for
+    /// quota): they stop here without a word. Jobs at a region run on
+    /// (the engine's drain waits for them, within the shutdown grace).
     pub fn begin_shutdown(&self) {
         self.stopping.store(true, Ordering::SeqCst);
+        let t = self.table.lock();
+        for live in t.live.values() {
+            if live.queued.is_none() && !live.sent.load(Ordering::SeqCst) {
+                live.cancel.cancel();
+            }
+        }
+        drop(t);
         self.wake.notify_one();
     }
 
@@ -165,7 +199,7 @@ impl Jobs {
                 .into(),
             );
         };
-        let (tenant, estimate) = self.engine.check_job(&request, caller)?;
+        let (tenant, tokens) = self.engine.check_job(&request, caller)?;
         let limits = self.engine.settings().limits;
         if r.idempotency_key.len() > limits.max_request_id_bytes {
             return Err(
@@ -181,7 +215,7 @@ impl Jobs {
         if request.request_id.is_empty() {
             request.request_id = id.clone();
         }
-        let position = {
+        let (position, wait) = {
             let mut t = self.table.lock();
             if let Err(JobRefusal::TenantFull { held }) = t.backlog.admit(&tenant) {
                 return Err(JobError::TenantFull {
@@ -189,7 +223,9 @@ impl Jobs {
                     held,
                 });
             }
-            t.backlog.queued_for(&tenant)
+            let ahead = t.backlog.queued_for(&tenant);
+            let slots = self.config.limits.running_per_tenant;
+            (ahead, t.estimate(ahead, slots))
         };
         let mut stored = pb::StoredJob {
             job: Some(pb::Job {
@@ -211,7 +247,7 @@ impl Jobs {
             &mut stored,
             Event::Queued(pb::JobQueued {
                 position: position as u32,
-                estimate: None,
+                estimate: wait,
                 reason: "submitted".into(),
             }),
         );
@@ -219,7 +255,7 @@ impl Jobs {
         match created {
             Ok(Created::Stored) => {
                 let job = record::job(&stored).clone();
-                self.enqueue(stored, estimate.total(), false);
+                self.enqueue(stored, tokens.total(), false);
                 Ok(job)
             }
             Ok(Created::Existing(existing)) => {
@@ -250,6 +286,7 @@ impl Jobs {
                 tokens,
                 fence,
                 lost: Arc::new(AtomicBool::new(false)),
+                sent: Arc::new(AtomicBool::new(false)),
             });
             live.queued = Some(stored);
             live.fence = fence;
@@ -275,9 +312,12 @@ impl Jobs {
                     match t.live.get_mut(&id).and_then(|l| l.queued.take().map(|s| (s, l))) {
                         Some((stored, live)) => Some((
                             stored,
-                            live.cancel.clone(),
-                            live.lost.clone(),
-                            live.seq.clone(),
+                            run::Signals {
+                                cancel: live.cancel.clone(),
+                                lost: live.lost.clone(),
+                                sent: live.sent.clone(),
+                                seq: live.seq.clone(),
+                            },
                             live.tokens,
                         )),
                         None => {
@@ -287,11 +327,8 @@ impl Jobs {
                         }
                     }
                 };
-                if let Some((stored, cancel, lost, seq, tokens)) = start {
-                    tokio::spawn(
-                        self.clone()
-                            .run(stored, run::Signals { cancel, lost, seq }, tokens),
-                    );
+                if let Some((stored, signals, tokens)) = start {
+                    tokio::spawn(self.clone().run(stored, signals, tokens));
                 }
             }
             tokio::select! {

@@ -68,6 +68,10 @@ pub fn finish(
     ttl_ms: u64,
 ) -> pb::JobEvent {
     let now = crate::clock::unix_ms();
+    if crate::metrics::enabled() {
+        let label = state.as_str_name().to_ascii_lowercase();
+        metrics::counter!("dispatcher_jobs_finished_total", "state" => label).increment(1);
+    }
     let job = job_mut(stored);
     job.set_state(state);
     job.error_code = code;

@@ -23,6 +23,8 @@ use pb::job_event::Event;
 pub(super) struct Signals {
     pub cancel: CancellationToken,
     pub lost: Arc<AtomicBool>,
+    /// Set once RUNNING is stored (before the work is sent).
+    pub sent: Arc<AtomicBool>,
     pub seq: watch::Sender<u64>,
 }
 
@@ -95,9 +97,17 @@ impl Jobs {
     pub(super) async fn run(self: Arc<Self>, stored: pb::StoredJob, signals: Signals, tokens: u64) {
         let id = record::job(&stored).job_id.clone();
         let tenant: Arc<str> = Arc::from(record::job(&stored).tenant.as_str());
+        let began = crate::clock::now();
+        // Counted as running work until its end is stored: a graceful
+        // shutdown waits for that, not only for the region's answer.
+        let running = self.engine.enter();
         let ended = self.run_once(stored, &signals).await;
+        drop(running);
         let again = {
             let mut t = self.table.lock();
+            if let Ok(Ended::Finished) = ended {
+                t.ran(crate::clock::since(began));
+            }
             match ended {
                 Ok(Ended::Again(after)) => {
                     t.backlog.stopped(&tenant, false);
@@ -155,9 +165,11 @@ impl Jobs {
         }));
         let hook = writer.clone();
         let lost = signals.lost.clone();
+        let sent = signals.sent.clone();
         let on_send = Arc::new(move |n: SendNotice| {
             let hook = hook.clone();
             let lost = lost.clone();
+            let sent = sent.clone();
             Box::pin(async move {
                 let mut w = hook.lock().await;
                 {
@@ -183,6 +195,7 @@ impl Jobs {
                     e.to_string()
                 })?;
                 w.sent = true;
+                sent.store(true, Ordering::SeqCst);
                 Ok(())
             }) as std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>
         });
@@ -203,6 +216,8 @@ impl Jobs {
             return Ok(Ended::Left);
         }
         let mut stream = match started {
+            // Shutting down before it was sent: it stays QUEUED for the next start.
+            None if !w.sent && self.stopping.load(Ordering::SeqCst) => return Ok(Ended::Left),
             None => {
                 let why = match w.sent {
                     true => "cancelled while it ran",
