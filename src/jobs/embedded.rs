@@ -336,8 +336,15 @@ impl Writer {
         }
     }
 
+    /// One transaction for `batch`. Durable (fsync) when it stores a new
+    /// job, a change of state or a cancellation; a write that only appends
+    /// events to a running job (its output) is committed without waiting
+    /// for the disk, and made durable by the next durable commit: a crash
+    /// may lose the last of a running job's output, which is then
+    /// INTERRUPTED or run again anyway.
     fn commit(&self, batch: Vec<Op>, usage: &mut Usage, replies: &mut Vec<Reply>) -> Result<(), redb::Error> {
-        let w = self.db.begin_write()?;
+        let mut w = self.db.begin_write()?;
+        let mut durable = false;
         {
             let mut t = Tables {
                 jobs: w.open_table(JOBS)?,
@@ -349,14 +356,17 @@ impl Writer {
             for op in batch {
                 match op {
                     Op::Create { job, first, reply } => {
+                        durable = true;
                         let r = self.create(&mut t, *job, *first, usage)?;
                         replies.push(Reply::Created(reply, r));
                     }
                     Op::Write { job, events, reply } => {
                         let r = t.write(*job, events, usage)?;
-                        replies.push(Reply::Done(reply, r));
+                        durable |= !matches!(r, Ok(Written::EventsOnly));
+                        replies.push(Reply::Done(reply, r.map(|_| ())));
                     }
                     Op::Cancel { job_id, reply } => {
+                        durable = true;
                         let r = t.request_cancel(&job_id, usage)?;
                         replies.push(Reply::Done(reply, r));
                     }
@@ -367,6 +377,11 @@ impl Writer {
                 }
             }
         }
+        let durability = match durable {
+            true => redb::Durability::Immediate,
+            false => redb::Durability::None,
+        };
+        w.set_durability(durability)?;
         w.commit()?;
         Ok(())
     }
@@ -418,6 +433,14 @@ impl Writer {
     }
 }
 
+/// What a write changed.
+enum Written {
+    /// The job's state: durable before it is answered.
+    State,
+    /// Only events appended (output): durable with the next durable commit.
+    EventsOnly,
+}
+
 struct Tables<'w> {
     jobs: redb::Table<'w, &'static str, &'static [u8]>,
     events: redb::Table<'w, (&'static str, u64), &'static [u8]>,
@@ -432,7 +455,7 @@ impl Tables<'_> {
         stored: pb::StoredJob,
         events: Vec<pb::JobEvent>,
         usage: &mut Usage,
-    ) -> Result<Result<(), StoreError>, redb::Error> {
+    ) -> Result<Result<Written, StoreError>, redb::Error> {
         let job = stored.job.clone().unwrap_or_default();
         let id = job.job_id.as_str();
         let old = match self.jobs.get(id)? {
@@ -446,6 +469,10 @@ impl Tables<'_> {
                 current: old.fence,
             }));
         }
+        let written = match state(&old) == state(&stored) {
+            true => Written::EventsOnly,
+            false => Written::State,
+        };
         let mut stored = stored;
         // A cancellation asked for meanwhile is not lost by this write.
         stored.cancel_requested |= old.cancel_requested;
@@ -460,7 +487,7 @@ impl Tables<'_> {
         if job.expires_unix_ms > 0 {
             self.expiry.insert((job.expires_unix_ms, id), ())?;
         }
-        Ok(Ok(()))
+        Ok(Ok(written))
     }
 
     fn request_cancel(&mut self, id: &str, usage: &mut Usage) -> Result<Result<(), StoreError>, redb::Error> {
