@@ -11,6 +11,7 @@ use std::time::Duration;
 use tokio::sync::{Mutex, watch};
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::record;
 use super::store::{JobStore, StoreError};
@@ -101,7 +102,23 @@ impl Jobs {
         // Counted as running work until its end is stored: a graceful
         // shutdown waits for that, not only for the region's answer.
         let running = self.engine.enter();
-        let ended = self.run_once(stored, &signals).await;
+        // One trace per run, like a request's, with the job's id: the
+        // engine's spans (queue, forward, settle) are its children.
+        let span = tracing::debug_span!(
+            "job",
+            otel.kind = "internal",
+            job_id = %id,
+            tenant = %tenant,
+            request_id = tracing::field::Empty,
+            model = tracing::field::Empty,
+            region = tracing::field::Empty,
+            prompt_tokens = tracing::field::Empty,
+            completion_tokens = tracing::field::Empty,
+            attempts = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+            error = tracing::field::Empty,
+        );
+        let ended = self.run_once(stored, &signals).instrument(span).await;
         drop(running);
         let again = {
             let mut t = self.table.lock();
