@@ -286,6 +286,15 @@ impl<Id: Clone + PartialEq> JobBacklog<Id> {
         self.forget_idle(tenant);
     }
 
+    /// Releases the hold of a job that is neither queued nor running (its
+    /// submission failed, or it ended between two tries).
+    pub fn release(&mut self, tenant: &str) {
+        if let Some(t) = self.tenants.get_mut(tenant) {
+            t.held = t.held.saturating_sub(1);
+        }
+        self.forget_idle(tenant);
+    }
+
     /// Takes a queued job out (cancelled before it started) and releases it.
     pub fn remove(&mut self, tenant: &str, id: &Id) -> bool {
         let Some(t) = self.tenants.get_mut(tenant) else {

@@ -172,3 +172,30 @@ fn a_cancelled_queued_job_is_released_and_an_idle_tenant_saves_no_credit() {
     // Alternating from here on, not ten of z in a row.
     assert_eq!(next.iter().filter(|t| *t == "z").count(), 5, "{next:?}");
 }
+
+#[test]
+fn a_hold_released_without_a_run_frees_no_running_slot() {
+    let mut b = JobBacklog::new(
+        JobLimits {
+            held_per_tenant: 2,
+            running_per_tenant: 1,
+            running: 1,
+        },
+        weights(&[]),
+    );
+    let a: Arc<str> = Arc::from("a");
+    b.admit(&a).unwrap();
+    b.push(&a, 1, 1);
+    assert_eq!(b.start_next().map(|x| x.1), Some(1));
+    // A second submission is admitted, then fails to be stored: its hold
+    // goes back, the running job keeps its slot.
+    b.admit(&a).unwrap();
+    b.release("a");
+    assert_eq!(b.running(), 1);
+    b.admit(&a).unwrap();
+    b.push(&a, 2, 1);
+    assert_eq!(b.start_next(), None, "the one slot is still taken");
+    assert_eq!(b.admit(&a), Err(JobRefusal::TenantFull { held: 2 }));
+    b.stopped("a", true);
+    assert_eq!(b.start_next().map(|x| x.1), Some(2));
+}

@@ -259,11 +259,11 @@ impl Jobs {
                 Ok(job)
             }
             Ok(Created::Existing(existing)) => {
-                self.table.lock().backlog.stopped(&tenant, true);
+                self.table.lock().backlog.release(&tenant);
                 Ok(record::job(&existing).clone())
             }
             Err(e) => {
-                self.table.lock().backlog.stopped(&tenant, true);
+                self.table.lock().backlog.release(&tenant);
                 Err(e.into())
             }
         }
@@ -454,7 +454,7 @@ impl Jobs {
                 let queued = live.queued.take();
                 if !table.backlog.remove(&tenant, &job_id.to_string()) {
                     // Between two tries: out of the backlog, still held.
-                    table.backlog.stopped(&tenant, true);
+                    table.backlog.release(&tenant);
                 }
                 table.live.remove(job_id);
                 queued.map_or(Here::Elsewhere, |q| Here::Queued(Box::new(q)))

@@ -120,6 +120,11 @@ impl Jobs {
         );
         let ended = self.run_once(stored, &signals).instrument(span).await;
         drop(running);
+        if let Err(e) = &ended {
+            // The record stays as last stored: whoever takes the job next
+            // (this process after a restart, or another replica) ends it.
+            tracing::warn!(job_id = %id, error = %e, "a job's run stopped: its state could not be stored");
+        }
         let again = {
             let mut t = self.table.lock();
             if let Ok(Ended::Finished) = ended {
@@ -147,7 +152,7 @@ impl Jobs {
             let stored = self.store.get(&id).await.ok().flatten();
             match stored {
                 Some(s) if !signals.cancel.is_cancelled() => self.enqueue(s, tokens, true),
-                Some(mut s) => {
+                Some(mut s) if !signals.lost.load(Ordering::SeqCst) => {
                     let end = record::finish(
                         &mut s,
                         pb::JobState::Cancelled,
@@ -155,14 +160,17 @@ impl Jobs {
                         "cancelled before it started",
                         self.ttl_ms(),
                     );
-                    let _ = self.store.write(s, vec![end]).await;
+                    if let Err(e) = self.store.write(s, vec![end]).await {
+                        tracing::warn!(job_id = %id, error = %e, "could not store a cancellation");
+                    }
                     let mut t = self.table.lock();
-                    t.backlog.stopped(&tenant, true);
+                    t.backlog.release(&tenant);
                     t.live.remove(&id);
                 }
-                None => {
+                // Taken over meanwhile, or gone: no longer this process's.
+                _ => {
                     let mut t = self.table.lock();
-                    t.backlog.stopped(&tenant, true);
+                    t.backlog.release(&tenant);
                     t.live.remove(&id);
                 }
             }
