@@ -490,3 +490,32 @@ fn overload_settings_are_checked_and_can_be_turned_off() {
         )
     );
 }
+
+#[test]
+fn jobs_settings_are_checked_and_named() {
+    let ok = config::parse_dispatcher(
+        DISPATCHER,
+        Path::new("conf/dispatcher.toml"),
+        Some(HashMap::new()),
+    )
+    .unwrap();
+    assert!(ok.jobs.enabled, "durable jobs by default");
+    assert_eq!(
+        ok.jobs.data_dir,
+        PathBuf::from("conf/data"),
+        "relative to dispatcher.toml"
+    );
+    assert_eq!(ok.jobs.ttl, std::time::Duration::from_secs(600));
+    let e = dispatcher_err(&format!("{DISPATCHER}[jobs]\nttl = \"soon\"\n"));
+    assert_names(&e, "dispatcher.toml", "jobs.ttl", "not a duration");
+    let e = dispatcher_err(&format!("{DISPATCHER}[jobs]\ndata_dir = \"\"\n"));
+    assert_names(&e, "dispatcher.toml", "jobs.data_dir", "is empty");
+    let e = dispatcher_err(&format!("{DISPATCHER}[jobs]\nlease = \"50ms\"\n"));
+    assert_names(&e, "dispatcher.toml", "jobs.lease", "out of range");
+    let e = dispatcher_err(&format!("{DISPATCHER}[jobs]\nmax_running = 0\n"));
+    assert_names(&e, "dispatcher.toml", "jobs.max_running", "at least 1");
+    let e = dispatcher_err(&format!("{DISPATCHER}[jobs]\nmax_store_bytes = 1000\n"));
+    assert_names(&e, "dispatcher.toml", "jobs.max_store_bytes", "at least");
+    let e = dispatcher_err(&format!("{DISPATCHER}[jobs]\nmax_runing = 3\n"));
+    assert!(e.to_string().contains("jobs.max_runing"), "{e}");
+}
