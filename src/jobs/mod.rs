@@ -14,6 +14,7 @@
 
 mod embedded;
 mod keeper;
+mod memory;
 pub mod record;
 mod run;
 pub mod store;
@@ -28,6 +29,7 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 pub use embedded::EmbeddedStore;
+pub use memory::MemoryStore;
 pub use store::{Beat, Created, Held, JobStore, StoreError, StoreFuture};
 
 use crate::config::JobsConfig;
