@@ -102,6 +102,9 @@ impl Jobs {
             let j = record::job_mut(&mut s);
             j.set_state(pb::JobState::Queued);
             j.owner = self.owner.clone();
+            // Run again from the start: the record's output is the new run's
+            // alone (the first run's stays in the events before this one).
+            j.output = Default::default();
         }
         let position = self.table.lock().backlog.queued_for(&job.tenant);
         let event = record::next_event(
