@@ -180,15 +180,20 @@ fn kind(e: &pb::JobEvent) -> &'static str {
 /// Numbered 1, 2, ... without a gap or a repeat, exactly one terminal
 /// event, and it is the last.
 fn assert_one_history(events: &[pb::JobEvent]) {
-    let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
-    assert_eq!(seqs, (1..=events.len() as u64).collect::<Vec<_>>(), "seqs");
+    if let Some(i) = events.iter().zip(1..).position(|(e, n)| e.seq != n) {
+        let near: Vec<u64> = events[i.saturating_sub(3)..(i + 3).min(events.len())]
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        panic!(
+            "event {} of {} has seq {} (near: {near:?})",
+            i + 1,
+            events.len(),
+            events[i].seq
+        );
+    }
     let ends = events.iter().filter(|e| kind(e) == "ended").count();
-    assert_eq!(
-        ends,
-        1,
-        "one terminal event: {:?}",
-        events.iter().map(kind).collect::<Vec<_>>()
-    );
+    assert_eq!(ends, 1, "terminal events among {}", events.len());
     assert_eq!(kind(events.last().unwrap()), "ended");
 }
 
@@ -399,7 +404,13 @@ async fn a_paused_owner_cannot_finish_a_job_a_second_time() {
     let (before, after) = events.split_at(last_queued(&events));
     assert!(before.iter().any(|e| kind(e) == "running"), "A ran it first");
     let kinds: Vec<&str> = after.iter().map(kind).collect();
-    assert_eq!(kinds.iter().filter(|k| **k == "routed").count(), 1, "{kinds:?}");
+    let routed = kinds.iter().filter(|k| **k == "routed").count();
+    assert_eq!(
+        routed,
+        1,
+        "runs sent after the takeover, among {} events",
+        kinds.len()
+    );
     assert_eq!(
         output(after),
         String::from_utf8_lossy(&got.output),
