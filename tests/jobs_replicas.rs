@@ -52,19 +52,19 @@ expected_replicas = 2
 }
 
 /// Redis, one region-sim whose output takes `ms_per_1k` per 1,000 tokens,
-/// and replicas r1 (A) and r2 (B) with `[jobs] lease = lease`, both in
-/// shared mode.
+/// and `replicas` of r1 (A) and r2 (B) with `[jobs] lease = lease`, each
+/// in shared mode.
 struct Cluster {
     redis: RedisServer,
     _dirs: Vec<ConfigDir>,
     sim: Proc,
     a: Proc,
-    b: Proc,
+    b: Option<Proc>,
 }
 
-async fn cluster(ms_per_1k: &str, lease: &str) -> Cluster {
+async fn cluster_of(replicas: usize, ms_per_1k: &str, lease: &str) -> Cluster {
     let redis = RedisServer::start();
-    let dirs: Vec<ConfigDir> = ["r1", "r2"]
+    let dirs: Vec<ConfigDir> = ["r1", "r2"][..replicas]
         .iter()
         .map(|r| ConfigDir::new(&dispatcher_toml(&redis.url(), r, lease)))
         .collect();
@@ -83,23 +83,37 @@ async fn cluster(ms_per_1k: &str, lease: &str) -> Cluster {
     for d in &dirs {
         d.write_region("r1", &REGION.replace("ENDPOINT", &sim.endpoint()));
     }
-    let a = dispatcher(&dirs[0].config());
-    let b = dispatcher(&dirs[1].config());
-    for p in [&a, &b] {
+    let mut procs: Vec<Proc> = dirs.iter().map(|d| dispatcher(&d.config())).collect();
+    for p in &procs {
         eventually(Duration::from_secs(5), || async {
             let s = region_status(p.addr, "r1").await.unwrap();
             s.models[0].shared.as_ref().is_some_and(|s| s.mode == "shared")
         })
         .await
-        .expect("both replicas share the quota through Redis");
+        .expect("the replicas share the quota through Redis");
     }
+    let b = (replicas > 1).then(|| procs.remove(1));
     Cluster {
         redis,
         _dirs: dirs,
         sim,
-        a,
+        a: procs.remove(0),
         b,
     }
+}
+
+async fn cluster(ms_per_1k: &str, lease: &str) -> Cluster {
+    cluster_of(2, ms_per_1k, lease).await
+}
+
+/// Sends `sig` (-STOP, -CONT) to `p`.
+fn signal(p: &Proc, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([sig, &p.pid().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig} {}", p.pid());
 }
 
 async fn jobs(p: &Proc) -> JobsClient<Channel> {
@@ -200,7 +214,7 @@ fn assert_one_history(events: &[pb::JobEvent]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_on_one_replica_is_watched_got_listed_and_cancelled_on_the_other() {
     let c = cluster("1000", "10s").await;
-    let (mut on_a, mut on_b) = (jobs(&c.a).await, jobs(&c.b).await);
+    let (mut on_a, mut on_b) = (jobs(&c.a).await, jobs(c.b.as_ref().unwrap()).await);
 
     // 300 tokens at 1 s per 1,000: ~0.3 s of output, submitted to A.
     let job = submit(&mut on_a, 300, false, "once").await;
@@ -296,7 +310,7 @@ async fn taken_over(
 async fn a_killed_replicas_jobs_are_taken_over_within_the_lease() {
     let lease = Duration::from_secs(1);
     let mut c = cluster("1000", "1s").await;
-    let (mut on_a, mut on_b) = (jobs(&c.a).await, jobs(&c.b).await);
+    let (mut on_a, mut on_b) = (jobs(&c.a).await, jobs(c.b.as_ref().unwrap()).await);
     // Two running on A (3 s of output each; A runs two per tenant), then
     // two queued behind them.
     let again = submit(&mut on_a, 3000, true, "").await;
@@ -363,27 +377,19 @@ async fn a_killed_replicas_jobs_are_taken_over_within_the_lease() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_owner_cannot_finish_a_job_a_second_time() {
     let c = cluster("1000", "1s").await;
-    let (mut on_a, mut on_b) = (jobs(&c.a).await, jobs(&c.b).await);
+    let (mut on_a, mut on_b) = (jobs(&c.a).await, jobs(c.b.as_ref().unwrap()).await);
     // 4 s of output: A is still being sent it when it wakes up.
     let job = submit(&mut on_a, 4000, true, "").await;
     let events = watch(&mut on_b, &job.job_id, Some(3)).await;
     assert_eq!(kind(&events[2]), "running", "{events:?}");
-    let signal = |sig: &str| {
-        let ok = std::process::Command::new("kill")
-            .args([sig, &c.a.pid().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill {sig}");
-    };
-    signal("-STOP");
+    signal(&c.a, "-STOP");
     let paused = Instant::now();
     let (t, _) = taken_over(&mut on_b, &job.job_id, paused, Duration::from_secs(2), |j| {
         j.owner == "r2" && j.runs == 2
     })
     .await;
     eprintln!("taken over from the paused owner {t:?} after SIGSTOP");
-    signal("-CONT");
+    signal(&c.a, "-CONT");
     // A wakes up with its region call still streaming: its next write is
     // refused (or its heartbeat learns it lost the job) and it drops the
     // call, which the region-sim counts as cancelled.
@@ -420,4 +426,27 @@ async fn a_paused_owner_cannot_finish_a_job_a_second_time() {
         sim_stats(c.sim.addr).await.repeated_request_ids,
         vec![job.job_id.clone()]
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_paused_past_its_lease_keeps_its_own_running_job() {
+    // Alone: nobody else takes the job while A is stopped.
+    let c = cluster_of(1, "1000", "1s").await;
+    let mut on_a = jobs(&c.a).await;
+    let job = submit(&mut on_a, 3000, false, "").await;
+    let events = watch(&mut on_a, &job.job_id, Some(3)).await;
+    assert_eq!(kind(&events[2]), "running", "{events:?}");
+    signal(&c.a, "-STOP");
+    // Its lease (1 s) lapses while it is stopped.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    signal(&c.a, "-CONT");
+    // Awake, it renews its hold before it looks for jobs without an owner,
+    // so it does not take its own running job from itself (which would
+    // stop the run and end the job INTERRUPTED).
+    let events = watch(&mut on_a, &job.job_id, None).await;
+    assert_one_history(&events);
+    let got = get(&mut on_a, &job.job_id).await;
+    assert_eq!(got.state(), pb::JobState::Done, "{got:?}");
+    assert_eq!((got.owner.as_str(), got.runs), ("r1", 1));
+    assert!(sim_stats(c.sim.addr).await.repeated_request_ids.is_empty());
 }
