@@ -29,6 +29,8 @@ pub const PREFIX: &str = "dispatcher:{jobs}:";
 /// Jobs taken over (or expired) per script call at most; the keeper's next
 /// tick takes the rest.
 const BATCH: usize = 256;
+/// Expiry calls per `expire` at most (the keeper calls it once a second).
+const EXPIRE_CALLS: usize = 8;
 /// Held jobs renewed per heartbeat call.
 const BEAT_BATCH: usize = 1000;
 /// Jobs read per round trip while listing.
@@ -385,10 +387,18 @@ impl JobStore for RedisJobStore {
 
     fn expire(&self, now_ms: u64) -> StoreFuture<'_, usize> {
         Box::pin(async move {
-            let mut inv = self.op("expire", Some(now_ms));
-            inv.arg(BATCH);
-            let n: u64 = self.invoke(inv).await?;
-            Ok(n as usize)
+            // A batch per call, a few calls per keeper tick at most.
+            let mut removed = 0;
+            for _ in 0..EXPIRE_CALLS {
+                let mut inv = self.op("expire", Some(now_ms));
+                inv.arg(BATCH);
+                let n: usize = self.invoke(inv).await?;
+                removed += n;
+                if n < BATCH {
+                    break;
+                }
+            }
+            Ok(removed)
         })
     }
 
