@@ -185,7 +185,14 @@ impl RedisJobStore {
             let (fence, cancel, rec, previous) = (number(&c[1]), &c[2], &c[3], &c[4]);
             // The record keeps its previous owner (the keeper tells a
             // takeover from a restart by it); the fence is the claim's.
-            let mut s = decode(rec, b"", fence, cancel)?;
+            // One unreadable record must not hold back the others.
+            let mut s = match decode(rec, b"", fence, cancel) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(job_id = %text(&c[0]), error = %e, "a job in Redis cannot be read; left as it is");
+                    continue;
+                }
+            };
             let job = crate::jobs::record::job_mut(&mut s);
             if job.owner.is_empty() {
                 job.owner = text(previous);
