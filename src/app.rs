@@ -131,21 +131,31 @@ impl Runtime {
         let jobs = match config.jobs.enabled {
             false => None,
             true => {
-                let store = crate::jobs::EmbeddedStore::open(
-                    &config.jobs.data_dir,
-                    config.jobs.max_jobs,
-                    config.jobs.max_store_bytes,
-                )?;
+                let j = &config.jobs;
+                let store: std::sync::Arc<dyn crate::jobs::JobStore> = match (&config.cluster, &cluster) {
+                    (Some(c), Some((replica, _))) => {
+                        let store = crate::cluster::RedisJobStore::new(
+                            &c.redis_url,
+                            c.redis_timeout,
+                            j.lease,
+                            j.max_jobs,
+                            j.max_store_bytes,
+                        )
+                        .map_err(|e| format!("cluster.redis_url: {e}"))?;
+                        tracing::info!(%replica, lease = ?j.lease, "jobs kept in Redis ([cluster]): any replica serves any job");
+                        std::sync::Arc::new(store)
+                    }
+                    _ => {
+                        let store =
+                            crate::jobs::EmbeddedStore::open(&j.data_dir, j.max_jobs, j.max_store_bytes)?;
+                        tracing::info!(dir = %j.data_dir.display(), "jobs kept in the embedded store");
+                        std::sync::Arc::new(store)
+                    }
+                };
                 let owner = cluster
                     .as_ref()
                     .map_or_else(|| "local".to_string(), |(r, _)| r.clone());
-                tracing::info!(dir = %config.jobs.data_dir.display(), "jobs kept in the embedded store");
-                Some(crate::jobs::Jobs::new(
-                    engine.clone(),
-                    std::sync::Arc::new(store),
-                    owner,
-                    &config,
-                ))
+                Some(crate::jobs::Jobs::new(engine.clone(), store, owner, &config))
             }
         };
         Ok(Self {

@@ -1,17 +1,22 @@
 //! Several replicas sharing each provider's quota through Redis
 //! (`[cluster]`, docs/SCALING.md): the Redis side of `core::central`, and the
 //! one task per replica that talks to it; and request ids answered once
-//! across replicas (`request_ids.rs`, on the request path, bounded).
+//! across replicas (`request_ids.rs`, on the request path, bounded); and
+//! jobs kept in Redis, so any replica serves any job (`jobs.rs`, its owner
+//! named there).
 //!
-//! Owner: the sync task owns the Redis connection and is its only user. It
+//! Owner: the sync task owns its Redis connection and is its only user
+//! (request ids and jobs have their own). It
 //! takes the desk's lock twice per tick, briefly (to collect the calls and
 //! to apply the answers), never across a Redis call; requests never wait
 //! on Redis.
 
+pub mod jobs;
 mod redis_central;
 mod request_ids;
 mod sync;
 
+pub use jobs::RedisJobStore;
 pub use redis_central::RedisCentral;
 pub use request_ids::RedisIds;
 pub use sync::{replica_id, spawn};

@@ -25,10 +25,14 @@ impl Jobs {
         let beat = (self.config.lease / 3).clamp(Duration::from_millis(100), Duration::from_secs(1));
         let mut last_expiry = crate::clock::tokio_now();
         loop {
-            if !self.stopping.load(Ordering::SeqCst) {
+            // Renew first, and look for orphans only once renewed: after a
+            // stall past the lease (a paused process, a Redis that did not
+            // answer) our own jobs look lapsed, and taking them from
+            // ourselves would fence their runs.
+            let renewed = self.heartbeat().await;
+            if renewed && !self.stopping.load(Ordering::SeqCst) {
                 self.take_orphans().await;
             }
-            self.heartbeat().await;
             self.record_gauges().await;
             if crate::clock::tokio_now() >= last_expiry + Duration::from_secs(1) {
                 last_expiry = crate::clock::tokio_now();
@@ -102,6 +106,9 @@ impl Jobs {
             let j = record::job_mut(&mut s);
             j.set_state(pb::JobState::Queued);
             j.owner = self.owner.clone();
+            // Run again from the start: the record's output is the new run's
+            // alone (the first run's stays in the events before this one).
+            j.output = Default::default();
         }
         let position = self.table.lock().backlog.queued_for(&job.tenant);
         let event = record::next_event(
@@ -136,7 +143,8 @@ impl Jobs {
         }
     }
 
-    async fn heartbeat(&self) {
+    /// Renews this process's hold on its jobs; false when the store did not answer.
+    async fn heartbeat(&self) -> bool {
         let held: Vec<Held> = self
             .table
             .lock()
@@ -151,7 +159,7 @@ impl Jobs {
             Ok(b) => b,
             Err(e) => {
                 tracing::warn!(error = %e, "job heartbeat failed");
-                return;
+                return false;
             }
         };
         for id in beat.lost {
@@ -174,5 +182,6 @@ impl Jobs {
                 tracing::warn!(job_id = %id, error = %e, "could not store a cancellation");
             }
         }
+        true
     }
 }
