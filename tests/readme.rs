@@ -55,6 +55,27 @@ fn shown_output(title: &str, command: &str) -> String {
     body[..body.find("```").unwrap()].to_string()
 }
 
+/// A dispatcher on the repository's own config, on free ports, its job
+/// store and logs under `dir`.
+fn repository_dispatcher(dir: &std::path::Path) -> Proc {
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/dispatcher.toml");
+    Proc::start(
+        env!("CARGO_BIN_EXE_dispatcher"),
+        &[
+            "--config",
+            config,
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            dir.join("data").to_str().unwrap(),
+        ],
+        dir,
+        "dispatcher",
+    )
+}
+
 struct Run {
     ok: bool,
     out: String,
@@ -88,22 +109,7 @@ fn readme_walkthrough_works_as_written() {
         "the walk-through's commands changed: {commands:#?}"
     );
     let logs = tempfile::tempdir().unwrap();
-    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/dispatcher.toml");
-    let d = Proc::start(
-        env!("CARGO_BIN_EXE_dispatcher"),
-        &[
-            "--config",
-            config,
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            logs.path().join("data").to_str().unwrap(),
-        ],
-        logs.path(),
-        "dispatcher",
-    );
+    let d = repository_dispatcher(logs.path());
     let addr = d.addr.to_string();
     let metrics = d.listener("metrics").to_string();
     let regions = ["us-east-1", "eu-west-1", "ap-southeast-1"];
@@ -190,22 +196,7 @@ fn readme_admin_commands_work_as_written() {
         "the operations section's commands changed: {commands:#?}"
     );
     let logs = tempfile::tempdir().unwrap();
-    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/dispatcher.toml");
-    let d = Proc::start(
-        env!("CARGO_BIN_EXE_dispatcher"),
-        &[
-            "--config",
-            config,
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            logs.path().join("data").to_str().unwrap(),
-        ],
-        logs.path(),
-        "dispatcher",
-    );
+    let d = repository_dispatcher(logs.path());
     let addr = d.addr.to_string();
     for command in &commands {
         let r = run(command, &addr, None);
@@ -240,22 +231,7 @@ fn readme_jobs_commands_work_as_written() {
         "the jobs section's commands changed: {commands:#?}"
     );
     let logs = tempfile::tempdir().unwrap();
-    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/dispatcher.toml");
-    let d = Proc::start(
-        env!("CARGO_BIN_EXE_dispatcher"),
-        &[
-            "--config",
-            config,
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            logs.path().join("data").to_str().unwrap(),
-        ],
-        logs.path(),
-        "dispatcher",
-    );
+    let d = repository_dispatcher(logs.path());
     let addr = d.addr.to_string();
     // The README's example ids stand for the ones the submissions answer.
     let mut ids: Vec<(&str, String)> = Vec::new();
