@@ -179,8 +179,10 @@ async fn main() -> anyhow::Result<()> {
             reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
             engine.begin_shutdown();
             if let Some(j) = &jobs {
-                // Queued jobs stay stored and run after the next start.
+                // Queued jobs stay stored: they run after the next start,
+                // or (Redis) on another replica, handed over now.
                 j.begin_shutdown();
+                j.hand_over().await;
             }
             // Keep answering (new work: UNAVAILABLE) until what is in flight
             // is done, then close the listener.

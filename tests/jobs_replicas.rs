@@ -375,6 +375,49 @@ async fn a_killed_replicas_jobs_are_taken_over_within_the_lease() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_replica_hands_its_queued_jobs_over_at_once() {
+    // A lease of 10 s: without the hand-over, B would take A's queued jobs
+    // 6.7 s or more after A stopped renewing them.
+    let mut c = cluster("1000", "10s").await;
+    let (mut on_a, mut on_b) = (jobs(&c.a).await, jobs(c.b.as_ref().unwrap()).await);
+    // Two running on A (2 s of output each), two queued behind them.
+    let running = [
+        submit(&mut on_a, 2000, false, "").await,
+        submit(&mut on_a, 2000, false, "").await,
+    ];
+    for j in &running {
+        let events = watch(&mut on_a, &j.job_id, Some(3)).await;
+        assert_eq!(kind(&events[2]), "running", "{events:?}");
+    }
+    let queued = [
+        submit(&mut on_a, 200, false, "").await,
+        submit(&mut on_a, 200, false, "").await,
+    ];
+    c.a.terminate();
+    let stopped = Instant::now();
+    for q in &queued {
+        let (t, _) = taken_over(&mut on_b, &q.job_id, stopped, Duration::from_secs(3), |j| {
+            j.owner == "r2"
+        })
+        .await;
+        eprintln!("queued job handed over to B {t:?} after SIGTERM to A");
+    }
+    // A finishes what it was running, then exits; nothing runs twice.
+    let status =
+        c.a.wait(Duration::from_secs(15))
+            .expect("A stops after its running jobs");
+    assert!(status.success(), "{status:?}");
+    for j in running.iter().chain(&queued) {
+        let (_, got) = taken_over(&mut on_b, &j.job_id, stopped, Duration::from_secs(15), |j| {
+            j.state() == pb::JobState::Done
+        })
+        .await;
+        assert_eq!(got.runs, 1, "{got:?}");
+    }
+    assert!(sim_stats(c.sim.addr).await.repeated_request_ids.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_owner_cannot_finish_a_job_a_second_time() {
     let c = cluster("1000", "1s").await;
     let (mut on_a, mut on_b) = (jobs(&c.a).await, jobs(c.b.as_ref().unwrap()).await);

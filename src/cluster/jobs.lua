@@ -152,6 +152,24 @@ if op == 'heartbeat' then
   return {cancel, lost}
 end
 
+-- release: id, fence pairs. Ends the leases the caller still holds (a
+-- replica stopping hands its queued jobs over at once instead of after the
+-- lease) -> n released
+if op == 'release' then
+  local n = 0
+  for i = 4, #ARGV - 1, 2 do
+    local id, fence = ARGV[i], tonumber(ARGV[i + 1])
+    local k = job_key(id)
+    local h = redis.call('HMGET', k, 'fence', 'expires')
+    if h[1] and tonumber(h[1]) == fence and not h[2] then
+      redis.call('HSET', k, 'exp', int(now))
+      redis.call('ZADD', LEASES, 'XX', now, id)
+      n = n + 1
+    end
+  end
+  return n
+end
+
 -- cancel: id. Marks it for its owner (nothing when it is gone).
 if op == 'cancel' then
   local k = job_key(ARGV[4])

@@ -382,6 +382,19 @@ impl JobStore for RedisJobStore {
         })
     }
 
+    fn release(&self, _owner: &str, held: Vec<Held>) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            for chunk in held.chunks(BEAT_BATCH) {
+                let mut inv = self.op("release", None);
+                for h in chunk {
+                    inv.arg(&h.job_id).arg(h.fence);
+                }
+                let _: u64 = self.invoke(inv).await?;
+            }
+            Ok(())
+        })
+    }
+
     fn request_cancel(&self, job_id: &str) -> StoreFuture<'_, ()> {
         let job_id = job_id.to_string();
         Box::pin(async move {

@@ -145,11 +145,15 @@ impl Jobs {
 
     /// Renews this process's hold on its jobs; false when the store did not answer.
     async fn heartbeat(&self) -> bool {
+        // Once stopping, only the jobs at a region are kept: the others were
+        // handed over (`Jobs::hand_over`).
+        let stopping = self.stopping.load(Ordering::SeqCst);
         let held: Vec<Held> = self
             .table
             .lock()
             .live
             .iter()
+            .filter(|(_, l)| !stopping || l.sent.load(Ordering::SeqCst))
             .map(|(id, l)| Held {
                 job_id: id.clone(),
                 fence: l.fence,

@@ -115,6 +115,8 @@ pub struct Jobs {
     table: Mutex<Table>,
     wake: Notify,
     stopping: AtomicBool,
+    /// The jobs `begin_shutdown` left for others, for `hand_over`.
+    leaving: Mutex<Vec<Held>>,
 }
 
 fn weights(config: &crate::config::Config) -> Arc<Weights> {
@@ -147,6 +149,7 @@ impl Jobs {
             }),
             wake: Notify::new(),
             stopping: AtomicBool::new(false),
+            leaving: Mutex::new(Vec::new()),
         })
     }
 
@@ -172,13 +175,43 @@ impl Jobs {
     pub fn begin_shutdown(&self) {
         self.stopping.store(true, Ordering::SeqCst);
         let t = self.table.lock();
-        for live in t.live.values() {
-            if live.queued.is_none() && !live.sent.load(Ordering::SeqCst) {
+        let mut leaving = Vec::new();
+        for (id, live) in &t.live {
+            if live.sent.load(Ordering::SeqCst) {
+                continue;
+            }
+            if live.queued.is_none() {
                 live.cancel.cancel();
             }
+            leaving.push(Held {
+                job_id: id.clone(),
+                fence: live.fence,
+            });
         }
         drop(t);
+        *self.leaving.lock() = leaving;
         self.wake.notify_one();
+    }
+
+    /// After `begin_shutdown`: ends this process's leases on the jobs it
+    /// will not run (queued, or started and not sent), so that with Redis
+    /// another replica takes them at once rather than after `jobs.lease`.
+    /// Bounded: a store that does not answer leaves them to the lease.
+    pub async fn hand_over(&self) {
+        let held = std::mem::take(&mut *self.leaving.lock());
+        if held.is_empty() {
+            return;
+        }
+        let n = held.len();
+        match tokio::time::timeout(Duration::from_secs(2), self.store.release(&self.owner, held)).await {
+            Ok(Ok(())) => tracing::info!(jobs = n, "handed queued jobs over to the other replicas"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "could not hand queued jobs over; they are taken over after jobs.lease")
+            }
+            Err(_) => {
+                tracing::warn!("handing queued jobs over timed out; they are taken over after jobs.lease")
+            }
+        }
     }
 
     /// Jobs queued and running here.
