@@ -149,4 +149,83 @@ mod tests {
         assert_eq!(bad.field_violations.len(), MAX_FIELD_VIOLATIONS);
         assert_eq!(bad.field_violations[9].description, "problem 9");
     }
+
+    #[test]
+    fn a_jobs_error_code_is_the_code_the_caller_would_get() {
+        use crate::core::RouteError;
+        use std::time::Duration;
+        let d = Duration::from_secs(1);
+        let route = |r: RouteError| DispatchError::Route(r);
+        let every = [
+            DispatchError::InvalidArgument(vec![Violation::new("model", "x")]),
+            route(RouteError::UnknownModel {
+                model: "m".into(),
+                known: "k".into(),
+            }),
+            route(RouteError::TooLarge {
+                model: "m".into(),
+                need: 2,
+                largest: 1,
+            }),
+            route(RouteError::NoCapacity {
+                retry_after: Some(d),
+                summary: "s".into(),
+            }),
+            route(RouteError::Unavailable {
+                model: "m".into(),
+                summary: "s".into(),
+            }),
+            route(RouteError::Shed {
+                model: "m".into(),
+                summary: "s".into(),
+                retry_after: d,
+            }),
+            DispatchError::QueueTimeout {
+                waited: d,
+                retry_after: None,
+            },
+            DispatchError::WouldWaitInVain {
+                message: "m".into(),
+                retry_after: d,
+            },
+            DispatchError::QueueFull {
+                queued: 1,
+                retry_after: d,
+            },
+            DispatchError::DeadlineExceeded("x".into()),
+            DispatchError::Upstream {
+                region: "r".into(),
+                code: Code::InvalidArgument,
+                message: "m".into(),
+            },
+            DispatchError::Upstream {
+                region: "r".into(),
+                code: Code::Internal,
+                message: "m".into(),
+            },
+            DispatchError::AttemptsExhausted {
+                attempts: 3,
+                last: "l".into(),
+            },
+            DispatchError::ProvidersRefused {
+                attempts: 3,
+                retry_after: d,
+                last: "l".into(),
+            },
+            DispatchError::ShuttingDown,
+            DispatchError::Internal("x".into()),
+            DispatchError::IdempotencyFull { capacity: 1 },
+            DispatchError::Unauthenticated("x".into()),
+            DispatchError::PermissionDenied("x".into()),
+            DispatchError::TenantLimit {
+                tenant: "t".into(),
+                limit: "rate",
+                message: "m".into(),
+                retry_after: None,
+            },
+        ];
+        for e in every {
+            assert_eq!(e.code(), to_status(&e).code(), "{e:?}");
+        }
+    }
 }
