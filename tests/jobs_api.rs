@@ -261,6 +261,15 @@ async fn a_resumed_watch_delivers_every_event_once_and_in_order() {
     // And the whole history again from the start is the same.
     let all = watch(&mut c, &job.job_id, 0, None).await;
     assert_eq!(all, seen);
+    // Resumed past the end of a finished job: nothing more, and the watch
+    // ends rather than waiting for events that will never come.
+    let after = tokio::time::timeout(
+        Duration::from_secs(5),
+        watch(&mut c, &job.job_id, seen.len() as u64 + 1, None),
+    )
+    .await
+    .expect("the watch ends");
+    assert!(after.is_empty(), "{after:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

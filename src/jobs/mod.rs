@@ -442,6 +442,7 @@ impl Jobs {
     ) -> Result<(), JobError> {
         let (_, _) = self.visible(&r.job_id, caller).await?;
         let mut next = r.from_seq.max(1);
+        let mut empty_looks = 0u32;
         loop {
             // Subscribe before reading, so an event stored in between wakes us.
             let mut local = self.table.lock().live.get(&r.job_id).map(|l| l.seq.subscribe());
@@ -455,8 +456,25 @@ impl Jobs {
                 }
             }
             if got > 0 {
+                empty_looks = 0;
                 continue;
             }
+            // Now and then (at once, then about once a second): a job that
+            // ended before `next` (a watch resumed past its end) has nothing
+            // more to send, and one removed meanwhile (its TTL) is gone.
+            if empty_looks % 10 == 0 {
+                match self.store.get(&r.job_id).await? {
+                    None => return Err(JobError::NotFound(r.job_id.clone())),
+                    Some(s)
+                        if record::is_terminal(record::job(&s).state())
+                            && next > record::job(&s).last_seq =>
+                    {
+                        return Ok(());
+                    }
+                    Some(_) => {}
+                }
+            }
+            empty_looks += 1;
             // Nothing new: wait for the run here to store more, or (another
             // replica's job, or one not started) look again shortly.
             let poll = tokio::time::sleep(Duration::from_millis(100));
