@@ -462,7 +462,7 @@ impl Jobs {
             // Now and then (at once, then about once a second): a job that
             // ended before `next` (a watch resumed past its end) has nothing
             // more to send, and one removed meanwhile (its TTL) is gone.
-            if empty_looks % 10 == 0 {
+            if empty_looks.is_multiple_of(10) {
                 match self.store.get(&r.job_id).await? {
                     None => return Err(JobError::NotFound(r.job_id.clone())),
                     Some(s)
