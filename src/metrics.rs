@@ -103,6 +103,14 @@ fn describe() {
         "dispatcher_job_store_bytes",
         "Bytes of the job store's records, events and outputs"
     );
+    describe_gauge!(
+        "dispatcher_job_store_limit_jobs",
+        "jobs.max_jobs: new jobs are refused when the store holds this many"
+    );
+    describe_gauge!(
+        "dispatcher_job_store_limit_bytes",
+        "jobs.max_store_bytes: new jobs are refused when the store holds this many bytes"
+    );
     describe_counter!(
         "dispatcher_jobs_finished_total",
         "Jobs ended, by state (done, failed, cancelled, interrupted)"

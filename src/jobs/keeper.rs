@@ -141,6 +141,8 @@ impl Jobs {
             metrics::gauge!("dispatcher_job_store_jobs").set(jobs as f64);
             metrics::gauge!("dispatcher_job_store_bytes").set(bytes as f64);
         }
+        metrics::gauge!("dispatcher_job_store_limit_jobs").set(self.config.max_jobs as f64);
+        metrics::gauge!("dispatcher_job_store_limit_bytes").set(self.config.max_store_bytes as f64);
     }
 
     /// Renews this process's hold on its jobs; false when the store did not answer.
