@@ -150,6 +150,38 @@ async fn one_trace_from_client_through_dispatcher_to_region() {
     let reply = grpc.dispatch(request).await.unwrap().into_inner();
     let usage = reply.usage.unwrap();
 
+    // A job: its run is a trace of its own, named `job`, with its id.
+    let mut jobs = pb::jobs_client::JobsClient::connect(d.endpoint()).await.unwrap();
+    let with_key = |r: pb::JobRef| {
+        let mut r = tonic::Request::new(r);
+        r.metadata_mut()
+            .insert("authorization", format!("Bearer {KEY}").parse().unwrap());
+        r
+    };
+    let mut submit = tonic::Request::new(pb::SubmitJobRequest {
+        request: Some(pb::DispatchRequest {
+            model: "gpt-4o".into(),
+            payload: PAYLOAD.into(),
+            prompt_tokens: 120,
+            max_output_tokens: 80,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    submit
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {KEY}").parse().unwrap());
+    let job_id = jobs.submit_job(submit).await.unwrap().into_inner().job_id;
+    eventually(Duration::from_secs(10), || {
+        let mut jobs = jobs.clone();
+        let r = with_key(pb::JobRef {
+            job_id: job_id.clone(),
+        });
+        async move { jobs.get_job(r).await.unwrap().into_inner().state() == pb::JobState::Done }
+    })
+    .await
+    .expect("the job ran");
+
     d.terminate();
     sim.terminate();
     assert!(
@@ -224,6 +256,26 @@ async fn one_trace_from_client_through_dispatcher_to_region() {
     assert_eq!(attr(&forward, "region").as_deref(), Some("east"));
     assert_eq!(attr(&forward, "reserved_tokens").as_deref(), Some("200"));
     assert_eq!(attr(&execute, "model").as_deref(), Some("gpt-4o"));
+    // The job's run: a `job` span with its id and tenant, the engine's
+    // spans under it, and the region's under those.
+    let job = spans
+        .iter()
+        .map(|(_, s)| s)
+        .find(|s| s.name == "job" && attr(s, "job_id").as_deref() == Some(job_id.as_str()))
+        .unwrap_or_else(|| panic!("no job span for {job_id}"));
+    assert_eq!(attr(job, "tenant").as_deref(), Some("team-a"));
+    assert_eq!(attr(job, "model").as_deref(), Some("gpt-4o"));
+    let job_forward = spans
+        .iter()
+        .map(|(_, s)| s)
+        .find(|s| s.name == "forward" && s.parent_span_id == job.span_id)
+        .expect("the job's forward span is the job span's child");
+    assert!(
+        spans
+            .iter()
+            .any(|(svc, s)| svc.contains("region-sim") && s.parent_span_id == job_forward.span_id),
+        "region-sim continues the job's trace"
+    );
     assert_eq!(
         attr(&execute, "completion_tokens"),
         Some(usage.completion_tokens.to_string())
