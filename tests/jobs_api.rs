@@ -408,3 +408,22 @@ async fn bad_input_and_full_limits_get_clear_errors() {
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
     assert!(e.message().contains("jobs.max_jobs"), "{}", e.message());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_dispatcher_on_the_same_data_dir_refuses_to_start_and_says_why() {
+    let (cfg, _sim, _d) = setup("1", "");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dispatcher"))
+        .args([
+            "--config",
+            cfg.config().to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--metrics-listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "it must not start on a store in use");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("jobs.data_dir"), "{err}");
+    assert!(err.contains("another dispatcher"), "{err}");
+}
