@@ -94,8 +94,8 @@ pub enum DispatchError {
 }
 
 impl DispatchError {
-    /// The gRPC code the caller is answered with (`server::status` adds
-    /// the details); a job keeps it in `error_code`.
+    /// The gRPC code the caller is answered with (`server::status::to_status`
+    /// adds the details); a job keeps it in `error_code`.
     pub fn code(&self) -> tonic::Code {
         use tonic::Code;
         match self {
@@ -114,6 +114,10 @@ impl DispatchError {
             | DispatchError::IdempotencyFull { .. }
             | DispatchError::TenantLimit { .. } => Code::ResourceExhausted,
             DispatchError::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            // A region's "bad argument" is our internal error towards the
+            // caller unless it is about the request itself. A region that
+            // cancelled or timed out on its own failed: the caller neither
+            // cancelled nor reached its deadline (that is `DeadlineExceeded`).
             DispatchError::Upstream { code, .. } => match code {
                 Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition => *code,
                 _ => Code::Unavailable,

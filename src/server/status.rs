@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use tonic::{Code, Status};
+use tonic::Status;
 use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 
 use crate::core::RouteError;
@@ -20,50 +20,28 @@ const MAX_MESSAGE_BYTES: usize = 1024;
 const MAX_FIELD_VIOLATIONS: usize = 10;
 const MAX_VIOLATION_BYTES: usize = 2048;
 
+/// The status a caller gets for `e`: its code is `DispatchError::code`
+/// (what a job keeps as `error_code` too); here only the details it carries.
 pub fn to_status(e: &DispatchError) -> Status {
     let message = crate::excerpt::truncate(&e.to_string(), MAX_MESSAGE_BYTES).into_owned();
-    match e {
-        DispatchError::InvalidArgument(violations) => Status::with_error_details(
-            Code::InvalidArgument,
-            message,
-            ErrorDetails::with_bad_request(bounded(violations)),
-        ),
-        DispatchError::Route(route) => match route {
-            RouteError::UnknownModel { .. } => Status::with_error_details(
-                Code::InvalidArgument,
-                message,
-                ErrorDetails::with_bad_request_violation("model", route.to_string()),
-            ),
-            RouteError::TooLarge { .. } => Status::with_error_details(
-                Code::InvalidArgument,
-                message,
-                ErrorDetails::with_bad_request_violation("max_output_tokens", route.to_string()),
-            ),
-            RouteError::NoCapacity { retry_after, .. } => exhausted(message, *retry_after),
-            RouteError::Unavailable { .. } => Status::unavailable(message),
-            RouteError::Shed { retry_after, .. } => exhausted(message, Some(*retry_after)),
-        },
-        DispatchError::QueueTimeout { retry_after, .. } => exhausted(message, *retry_after),
-        DispatchError::WouldWaitInVain { retry_after, .. } => exhausted(message, Some(*retry_after)),
-        DispatchError::ProvidersRefused { retry_after, .. } => exhausted(message, Some(*retry_after)),
-        DispatchError::QueueFull { retry_after, .. } => exhausted(message, Some(*retry_after)),
-        DispatchError::IdempotencyFull { .. } => exhausted(message, Some(Duration::from_secs(1))),
-        DispatchError::DeadlineExceeded(_) => Status::deadline_exceeded(message),
-        DispatchError::Upstream { code, .. } => {
-            // A region's "bad argument" is our internal error towards the caller
-            // unless it is about the request itself. A region that cancelled or
-            // timed out on its own failed: the caller neither cancelled nor
-            // reached its deadline (that is `DeadlineExceeded` above).
-            let code = match code {
-                Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition => *code,
-                _ => Code::Unavailable,
-            };
-            Status::new(code, message)
+    let retry = |after: Option<Duration>| ErrorDetails::with_retry_info(Some(after.unwrap_or(DEFAULT_RETRY)));
+    let details = match e {
+        DispatchError::InvalidArgument(violations) => {
+            Some(ErrorDetails::with_bad_request(bounded(violations)))
         }
-        DispatchError::AttemptsExhausted { .. } | DispatchError::ShuttingDown => Status::unavailable(message),
-        DispatchError::Internal(_) => Status::internal(message),
-        DispatchError::Unauthenticated(_) => Status::unauthenticated(message),
-        DispatchError::PermissionDenied(_) => Status::permission_denied(message),
+        DispatchError::Route(route @ RouteError::UnknownModel { .. }) => Some(
+            ErrorDetails::with_bad_request_violation("model", route.to_string()),
+        ),
+        DispatchError::Route(route @ RouteError::TooLarge { .. }) => Some(
+            ErrorDetails::with_bad_request_violation("max_output_tokens", route.to_string()),
+        ),
+        DispatchError::Route(RouteError::NoCapacity { retry_after, .. })
+        | DispatchError::QueueTimeout { retry_after, .. } => Some(retry(*retry_after)),
+        DispatchError::Route(RouteError::Shed { retry_after, .. })
+        | DispatchError::WouldWaitInVain { retry_after, .. }
+        | DispatchError::ProvidersRefused { retry_after, .. }
+        | DispatchError::QueueFull { retry_after, .. } => Some(retry(Some(*retry_after))),
+        DispatchError::IdempotencyFull { .. } => Some(retry(Some(Duration::from_secs(1)))),
         DispatchError::TenantLimit {
             tenant,
             message: what,
@@ -73,8 +51,13 @@ pub fn to_status(e: &DispatchError) -> Status {
             let mut details =
                 ErrorDetails::with_quota_failure_violation(format!("tenant:{tenant}"), what.clone());
             details.set_retry_info(Some(retry_after.unwrap_or(DEFAULT_RETRY)));
-            Status::with_error_details(Code::ResourceExhausted, message, details)
+            Some(details)
         }
+        _ => None,
+    };
+    match details {
+        Some(details) => Status::with_error_details(e.code(), message, details),
+        None => Status::new(e.code(), message),
     }
 }
 
@@ -102,18 +85,11 @@ fn bounded(violations: &[crate::dispatch::Violation]) -> Vec<FieldViolation> {
     out
 }
 
-fn exhausted(message: String, retry_after: Option<Duration>) -> Status {
-    Status::with_error_details(
-        Code::ResourceExhausted,
-        message,
-        ErrorDetails::with_retry_info(Some(retry_after.unwrap_or(DEFAULT_RETRY))),
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::dispatch::Violation;
+    use tonic::Code;
 
     #[test]
     fn an_error_stays_small_however_many_problems_it_has() {
