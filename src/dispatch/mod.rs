@@ -45,6 +45,7 @@ pub use desk::QuotaDesk;
 pub use error::{DispatchError, Violation};
 pub use fallback::RouteStepView;
 pub use front_door::Settings;
+pub(crate) use observe::work_span;
 pub use queue::{Grant, Ticket};
 pub use rollout::RolloutDesk;
 pub use shared_ids::{Pending, SharedIds, Stored};

@@ -12,6 +12,31 @@ use super::DispatchError;
 use crate::core::HintOutcome;
 use crate::forward::FailureKind;
 
+/// The span of one unit of work (a request, a job's run) with every field
+/// the request path records as it learns it (`prepare`, `unary`, `Labels`):
+/// one list, so no span declares one the path records into another (a
+/// field not declared is dropped without a word). Never the key or the
+/// payload. `work_span!("dispatch", "server", rpc = "Dispatch")`.
+macro_rules! work_span {
+    ($name:literal, $kind:literal, $($own:tt)*) => {
+        tracing::debug_span!(
+            $name,
+            otel.kind = $kind,
+            $($own)*,
+            request_id = tracing::field::Empty,
+            tenant = tracing::field::Empty,
+            model = tracing::field::Empty,
+            region = tracing::field::Empty,
+            prompt_tokens = tracing::field::Empty,
+            completion_tokens = tracing::field::Empty,
+            attempts = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+            error = tracing::field::Empty,
+        )
+    };
+}
+pub(crate) use work_span;
+
 fn on() -> bool {
     crate::metrics::enabled()
 }

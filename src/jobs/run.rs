@@ -104,20 +104,8 @@ impl Jobs {
         let running = self.engine.enter();
         // One trace per run, like a request's, with the job's id: the
         // engine's spans (queue, forward, settle) are its children.
-        let span = tracing::debug_span!(
-            "job",
-            otel.kind = "internal",
-            job_id = %id,
-            tenant = %tenant,
-            request_id = tracing::field::Empty,
-            model = tracing::field::Empty,
-            region = tracing::field::Empty,
-            prompt_tokens = tracing::field::Empty,
-            completion_tokens = tracing::field::Empty,
-            attempts = tracing::field::Empty,
-            outcome = tracing::field::Empty,
-            error = tracing::field::Empty,
-        );
+        let span = crate::dispatch::work_span!("job", "internal", job_id = %id);
+        span.record("tenant", &*tenant);
         let ended = self.run_once(stored, &signals).instrument(span).await;
         drop(running);
         if let Err(e) = &ended {

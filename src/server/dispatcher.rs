@@ -26,20 +26,7 @@ impl DispatcherService {
 /// The span of one request. Never the key or the payload: only what an
 /// operator needs to follow it.
 fn request_span(rpc: &'static str) -> tracing::Span {
-    tracing::debug_span!(
-        "dispatch",
-        otel.kind = "server",
-        rpc,
-        request_id = tracing::field::Empty,
-        tenant = tracing::field::Empty,
-        model = tracing::field::Empty,
-        region = tracing::field::Empty,
-        prompt_tokens = tracing::field::Empty,
-        completion_tokens = tracing::field::Empty,
-        attempts = tracing::field::Empty,
-        outcome = tracing::field::Empty,
-        error = tracing::field::Empty,
-    )
+    crate::dispatch::work_span!("dispatch", "server", rpc)
 }
 
 /// The caller's credentials: the `authorization` header, if any (its value
