@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use common::jobs::with_key;
 use common::{ConfigDir, Lcg, SimRegion, client, dispatcher, tools};
 use dispatcher::dispatch::hash_key;
 use dispatcher::pb;
@@ -53,13 +54,6 @@ fn request(rng: &mut Lcg) -> pb::DispatchRequest {
         max_output_tokens: rng.heavy_tail(50.0, 1.5, 1_000.0),
         ..Default::default()
     }
-}
-
-fn with_key<T>(message: T, key: &str) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(message);
-    r.metadata_mut()
-        .insert("authorization", format!("Bearer {key}").parse().unwrap());
-    r
 }
 
 /// Sends requests open-loop as `key` for `duration`; returns the tokens its

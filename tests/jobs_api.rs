@@ -8,7 +8,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{ConfigDir, Proc, dispatcher, eventually, region_sim, region_status, sim_stats};
+use common::jobs::{kind, with_key};
+use common::{ConfigDir, Proc, SimRegion, dispatcher, eventually, region_status, sim_stats};
 use dispatcher::dispatch::hash_key;
 use dispatcher::pb;
 use dispatcher::pb::jobs_client::JobsClient;
@@ -36,45 +37,23 @@ data_dir = "data"
     )
 }
 
-const REGION: &str = r#"
-name = "r1"
-endpoint = "ENDPOINT"
-[[models]]
-name = "gpt-4o"
-tokens_per_minute = 600000000
-requests_per_minute = 6000000
-accounting = "usage"
-"#;
-
 /// A dispatcher with one region whose output takes `ms_per_1k` per 1,000 tokens.
 fn setup(ms_per_1k: &str, jobs: &str) -> (ConfigDir, Proc, Proc) {
     let cfg = ConfigDir::new(&dispatcher_toml(jobs));
-    let sim = region_sim(
-        cfg.path(),
-        "r1",
-        &[
-            "--model",
-            "gpt-4o:600000000:6000000:usage",
-            "--ms-per-1k-tokens",
-            ms_per_1k,
-            "--completion-min-fraction",
-            "1",
-        ],
-    );
-    cfg.write_region("r1", &REGION.replace("ENDPOINT", &sim.endpoint()));
+    let sim = cfg.start_region(SimRegion {
+        name: "r1",
+        tokens_per_minute: 600_000_000,
+        requests_per_minute: 6_000_000,
+        accounting: "usage",
+        sim_args: &["--ms-per-1k-tokens", ms_per_1k, "--completion-min-fraction", "1"],
+        ..Default::default()
+    });
     let d = dispatcher(&cfg.config());
     (cfg, sim, d)
 }
 
 async fn jobs(d: &Proc) -> JobsClient<Channel> {
     JobsClient::connect(format!("http://{}", d.addr)).await.unwrap()
-}
-
-fn as_tenant<T>(message: T, key: &str) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(message);
-    r.metadata_mut()
-        .insert("authorization", format!("Bearer {key}").parse().unwrap());
-    r
 }
 
 fn submit(max_output: u64, key: &str) -> pb::SubmitJobRequest {
@@ -107,7 +86,7 @@ async fn watch(
         from_seq,
     };
     let mut stream = c
-        .watch_job(as_tenant(request, "k-alpha"))
+        .watch_job(with_key(request, "k-alpha"))
         .await
         .unwrap()
         .into_inner();
@@ -122,24 +101,12 @@ async fn watch(
     out
 }
 
-fn kind(e: &pb::JobEvent) -> &'static str {
-    use pb::job_event::Event;
-    match e.event {
-        Some(Event::Queued(_)) => "queued",
-        Some(Event::Routed(_)) => "routed",
-        Some(Event::Running(_)) => "running",
-        Some(Event::Output(_)) => "output",
-        Some(Event::Ended(_)) => "ended",
-        None => "none",
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_is_answered_at_once_runs_and_is_watched_got_and_listed() {
     let (_cfg, _sim, d) = setup("2", "");
     let mut c = jobs(&d).await;
     let job = c
-        .submit_job(as_tenant(submit(300, "key-1"), "k-alpha"))
+        .submit_job(with_key(submit(300, "key-1"), "k-alpha"))
         .await
         .unwrap()
         .into_inner();
@@ -156,7 +123,7 @@ async fn a_job_is_answered_at_once_runs_and_is_watched_got_and_listed() {
     assert_eq!(seqs, (1..=events.len() as u64).collect::<Vec<_>>());
 
     let got = c
-        .get_job(as_tenant(job_ref(&job.job_id), "k-alpha"))
+        .get_job(with_key(job_ref(&job.job_id), "k-alpha"))
         .await
         .unwrap()
         .into_inner();
@@ -178,7 +145,7 @@ async fn a_job_is_answered_at_once_runs_and_is_watched_got_and_listed() {
 
     // The same idempotency key is the same job, not a second one.
     let again = c
-        .submit_job(as_tenant(submit(300, "key-1"), "k-alpha"))
+        .submit_job(with_key(submit(300, "key-1"), "k-alpha"))
         .await
         .unwrap()
         .into_inner();
@@ -187,7 +154,7 @@ async fn a_job_is_answered_at_once_runs_and_is_watched_got_and_listed() {
 
     // Listed for its tenant, invisible to another.
     let list = c
-        .list_jobs(as_tenant(pb::ListJobsRequest::default(), "k-alpha"))
+        .list_jobs(with_key(pb::ListJobsRequest::default(), "k-alpha"))
         .await
         .unwrap()
         .into_inner();
@@ -198,7 +165,7 @@ async fn a_job_is_answered_at_once_runs_and_is_watched_got_and_listed() {
         limit: 0,
     };
     assert!(
-        c.list_jobs(as_tenant(done, "k-alpha"))
+        c.list_jobs(with_key(done, "k-alpha"))
             .await
             .unwrap()
             .into_inner()
@@ -206,13 +173,13 @@ async fn a_job_is_answered_at_once_runs_and_is_watched_got_and_listed() {
             .is_empty()
     );
     let theirs = c
-        .list_jobs(as_tenant(pb::ListJobsRequest::default(), "k-beta"))
+        .list_jobs(with_key(pb::ListJobsRequest::default(), "k-beta"))
         .await
         .unwrap()
         .into_inner();
     assert!(theirs.jobs.is_empty());
     let err = c
-        .get_job(as_tenant(job_ref(&job.job_id), "k-beta"))
+        .get_job(with_key(job_ref(&job.job_id), "k-beta"))
         .await
         .unwrap_err();
     assert_eq!(
@@ -229,14 +196,14 @@ async fn a_resumed_watch_delivers_every_event_once_and_in_order() {
     let (_cfg, _sim, d) = setup("200", "");
     let mut c = jobs(&d).await;
     let job = c
-        .submit_job(as_tenant(submit(3000, ""), "k-alpha"))
+        .submit_job(with_key(submit(3000, ""), "k-alpha"))
         .await
         .unwrap()
         .into_inner();
     let mut seen = watch(&mut c, &job.job_id, 0, Some(5)).await;
     assert_eq!(seen.len(), 5);
     let running = c
-        .get_job(as_tenant(job_ref(&job.job_id), "k-alpha"))
+        .get_job(with_key(job_ref(&job.job_id), "k-alpha"))
         .await
         .unwrap()
         .into_inner();
@@ -278,7 +245,7 @@ async fn cancel_stops_the_region_settles_the_reservation_and_ends_cancelled() {
     let (_cfg, sim, d) = setup("20000", "");
     let mut c = jobs(&d).await;
     let job = c
-        .submit_job(as_tenant(submit(3000, ""), "k-alpha"))
+        .submit_job(with_key(submit(3000, ""), "k-alpha"))
         .await
         .unwrap()
         .into_inner();
@@ -290,7 +257,7 @@ async fn cancel_stops_the_region_settles_the_reservation_and_ends_cancelled() {
     assert!(status.models[0].tokens_reserved >= 3000);
 
     let cancelled = c
-        .cancel_job(as_tenant(job_ref(&job.job_id), "k-alpha"))
+        .cancel_job(with_key(job_ref(&job.job_id), "k-alpha"))
         .await
         .unwrap()
         .into_inner();
@@ -312,7 +279,7 @@ async fn cancel_stops_the_region_settles_the_reservation_and_ends_cancelled() {
     let all = watch(&mut c, &job.job_id, 0, None).await;
     assert_eq!(kind(all.last().unwrap()), "ended");
     let again = c
-        .cancel_job(as_tenant(job_ref(&job.job_id), "k-alpha"))
+        .cancel_job(with_key(job_ref(&job.job_id), "k-alpha"))
         .await
         .unwrap()
         .into_inner();
@@ -324,13 +291,13 @@ async fn finished_jobs_are_readable_until_their_ttl() {
     let (_cfg, _sim, d) = setup("1", "ttl = \"1500ms\"");
     let mut c = jobs(&d).await;
     let job = c
-        .submit_job(as_tenant(submit(50, ""), "k-alpha"))
+        .submit_job(with_key(submit(50, ""), "k-alpha"))
         .await
         .unwrap()
         .into_inner();
     let _ = watch(&mut c, &job.job_id, 0, None).await;
     let got = c
-        .get_job(as_tenant(job_ref(&job.job_id), "k-alpha"))
+        .get_job(with_key(job_ref(&job.job_id), "k-alpha"))
         .await
         .unwrap()
         .into_inner();
@@ -340,7 +307,7 @@ async fn finished_jobs_are_readable_until_their_ttl() {
         let mut c = c.clone();
         let id = job.job_id.clone();
         async move {
-            matches!(c.get_job(as_tenant(job_ref(&id), "k-alpha")).await, Err(s) if s.code() == Code::NotFound)
+            matches!(c.get_job(with_key(job_ref(&id), "k-alpha")).await, Err(s) if s.code() == Code::NotFound)
         }
     })
     .await
@@ -364,24 +331,24 @@ async fn bad_input_and_full_limits_get_clear_errors() {
         ("job-xyz", "not hex"),
         (&*"a".repeat(10_000), "huge"),
     ] {
-        let e = c.get_job(as_tenant(job_ref(id), "k-alpha")).await.unwrap_err();
+        let e = c.get_job(with_key(job_ref(id), "k-alpha")).await.unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{why}: {e:?}");
         assert!(e.message().len() < 200, "never echoed: {}", e.message());
     }
     let e = c
-        .get_job(as_tenant(job_ref("job-0123456789abcdef"), "k-alpha"))
+        .get_job(with_key(job_ref("job-0123456789abcdef"), "k-alpha"))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
     let e = c
-        .submit_job(as_tenant(pb::SubmitJobRequest::default(), "k-alpha"))
+        .submit_job(with_key(pb::SubmitJobRequest::default(), "k-alpha"))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     let e = c.submit_job(submit(10, "")).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
     let e = c
-        .submit_job(as_tenant(submit(10, &"k".repeat(5000)), "k-alpha"))
+        .submit_job(with_key(submit(10, &"k".repeat(5000)), "k-alpha"))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
@@ -389,20 +356,18 @@ async fn bad_input_and_full_limits_get_clear_errors() {
 
     // Two jobs held by alpha (they run a minute): a third is refused.
     for _ in 0..2 {
-        c.submit_job(as_tenant(submit(3000, ""), "k-alpha"))
-            .await
-            .unwrap();
+        c.submit_job(with_key(submit(3000, ""), "k-alpha")).await.unwrap();
     }
     let e = c
-        .submit_job(as_tenant(submit(3000, ""), "k-alpha"))
+        .submit_job(with_key(submit(3000, ""), "k-alpha"))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
     assert!(e.message().contains("max_held_per_tenant"), "{}", e.message());
     // beta's first fits; the store then holds max_jobs = 3.
-    c.submit_job(as_tenant(submit(3000, ""), "k-beta")).await.unwrap();
+    c.submit_job(with_key(submit(3000, ""), "k-beta")).await.unwrap();
     let e = c
-        .submit_job(as_tenant(submit(3000, ""), "k-beta"))
+        .submit_job(with_key(submit(3000, ""), "k-beta"))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");

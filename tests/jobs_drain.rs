@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{ConfigDir, dispatcher, eventually, region_sim, sim_stats};
+use common::{ConfigDir, SimRegion, dispatcher, eventually, sim_stats};
 use dispatcher::pb;
 use dispatcher::pb::jobs_client::JobsClient;
 use tonic::transport::Channel;
@@ -23,16 +23,6 @@ max_request_tokens = 200000
 [jobs]
 data_dir = "data"
 max_running = 2
-"#;
-
-const REGION: &str = r#"
-name = "r1"
-endpoint = "ENDPOINT"
-[[models]]
-name = "gpt-4o"
-tokens_per_minute = 600000000
-requests_per_minute = 6000000
-accounting = "usage"
 "#;
 
 fn job() -> pb::SubmitJobRequest {
@@ -61,19 +51,14 @@ fn count(jobs: &[pb::Job], s: pb::JobState) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_running_jobs_and_keeps_queued_ones_for_the_next_start() {
     let cfg = ConfigDir::new(DISPATCHER_TOML);
-    let sim = region_sim(
-        cfg.path(),
-        "r1",
-        &[
-            "--model",
-            "gpt-4o:600000000:6000000:usage",
-            "--ms-per-1k-tokens",
-            "1000",
-            "--completion-min-fraction",
-            "1",
-        ],
-    );
-    cfg.write_region("r1", &REGION.replace("ENDPOINT", &sim.endpoint()));
+    let sim = cfg.start_region(SimRegion {
+        name: "r1",
+        tokens_per_minute: 600_000_000,
+        requests_per_minute: 6_000_000,
+        accounting: "usage",
+        sim_args: &["--ms-per-1k-tokens", "1000", "--completion-min-fraction", "1"],
+        ..Default::default()
+    });
     let mut d = dispatcher(&cfg.config());
     let mut c = JobsClient::connect(format!("http://{}", d.addr)).await.unwrap();
     for _ in 0..6 {

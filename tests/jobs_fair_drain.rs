@@ -10,7 +10,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{ConfigDir, dispatcher, region_sim};
+use common::jobs::with_key;
+use common::{ConfigDir, SimRegion, dispatcher};
 use dispatcher::dispatch::hash_key;
 use dispatcher::pb;
 use dispatcher::pb::jobs_client::JobsClient;
@@ -34,26 +35,6 @@ fn dispatcher_toml() -> String {
     s
 }
 
-/// 1,000 requests a second, a burst of 100.
-const REGION: &str = r#"
-name = "r1"
-endpoint = "ENDPOINT"
-max_concurrent = 256
-[[models]]
-name = "gpt-4o"
-tokens_per_minute = 6000000000
-requests_per_minute = 60000
-burst_requests = 100
-accounting = "usage"
-"#;
-
-fn as_tenant<T>(message: T, tenant: &str) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(message);
-    r.metadata_mut()
-        .insert("authorization", format!("Bearer k-{tenant}").parse().unwrap());
-    r
-}
-
 fn peak_rss_mb(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
@@ -63,19 +44,15 @@ fn peak_rss_mb(pid: u32) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_jobs_drain_in_weighted_fair_order() {
     let cfg = ConfigDir::new(&dispatcher_toml());
-    let sim = region_sim(
-        cfg.path(),
-        "r1",
-        &[
-            "--model",
-            "gpt-4o:6000000000:6000000:usage",
-            "--ms-per-1k-tokens",
-            "0",
-            "--completion-min-fraction",
-            "1",
-        ],
-    );
-    cfg.write_region("r1", &REGION.replace("ENDPOINT", &sim.endpoint()));
+    let _sim = cfg.start_region(SimRegion {
+        name: "r1",
+        tokens_per_minute: 6_000_000_000,
+        requests_per_minute: 60_000,
+        extra_toml: "burst_requests = 100\n",
+        accounting: "usage",
+        sim_args: &["--ms-per-1k-tokens", "0", "--completion-min-fraction", "1"],
+        ..Default::default()
+    });
     let d = dispatcher(&cfg.config());
     let c = JobsClient::connect(format!("http://{}", d.addr)).await.unwrap();
 
@@ -101,7 +78,11 @@ async fn ten_thousand_jobs_drain_in_weighted_fair_order() {
                     idempotency_key: String::new(),
                     repeatable: false,
                 };
-                let job = c.submit_job(as_tenant(r, tenant)).await.unwrap().into_inner();
+                let job = c
+                    .submit_job(with_key(r, &format!("k-{tenant}")))
+                    .await
+                    .unwrap()
+                    .into_inner();
                 ids.lock().push((job.job_id, tenant));
             }
         }));
@@ -131,7 +112,7 @@ async fn ten_thousand_jobs_drain_in_weighted_fair_order() {
                     limit: 1,
                 };
                 if !probe
-                    .list_jobs(as_tenant(r, t))
+                    .list_jobs(with_key(r, &format!("k-{t}")))
                     .await
                     .unwrap()
                     .into_inner()
@@ -156,7 +137,7 @@ async fn ten_thousand_jobs_drain_in_weighted_fair_order() {
             let mut out = Vec::with_capacity(chunk.len());
             for (id, tenant) in chunk {
                 let j = c
-                    .get_job(as_tenant(pb::JobRef { job_id: id }, tenant))
+                    .get_job(with_key(pb::JobRef { job_id: id }, &format!("k-{tenant}")))
                     .await
                     .unwrap()
                     .into_inner();

@@ -11,6 +11,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::jobs::{kind, with_key};
 use common::redis::RedisServer;
 use common::{ConfigDir, Proc, dispatcher, eventually, region_sim, region_status, sim_stats};
 use dispatcher::dispatch::hash_key;
@@ -120,13 +121,6 @@ async fn jobs(p: &Proc) -> JobsClient<Channel> {
     JobsClient::connect(p.endpoint()).await.unwrap()
 }
 
-fn as_alpha<T>(message: T) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(message);
-    r.metadata_mut()
-        .insert("authorization", "Bearer k-alpha".parse().unwrap());
-    r
-}
-
 async fn submit(c: &mut JobsClient<Channel>, tokens: u64, repeatable: bool, key: &str) -> pb::Job {
     let request = pb::SubmitJobRequest {
         request: Some(pb::DispatchRequest {
@@ -139,12 +133,15 @@ async fn submit(c: &mut JobsClient<Channel>, tokens: u64, repeatable: bool, key:
         idempotency_key: key.into(),
         repeatable,
     };
-    c.submit_job(as_alpha(request)).await.unwrap().into_inner()
+    c.submit_job(with_key(request, "k-alpha"))
+        .await
+        .unwrap()
+        .into_inner()
 }
 
 async fn get(c: &mut JobsClient<Channel>, id: &str) -> pb::Job {
     let r = pb::JobRef { job_id: id.into() };
-    c.get_job(as_alpha(r)).await.unwrap().into_inner()
+    c.get_job(with_key(r, "k-alpha")).await.unwrap().into_inner()
 }
 
 /// The job's events from `from_seq`, until its end or `stop_after` of them.
@@ -153,7 +150,7 @@ async fn watch(c: &mut JobsClient<Channel>, id: &str, stop_after: Option<usize>)
         job_id: id.into(),
         from_seq: 0,
     };
-    let mut stream = c.watch_job(as_alpha(r)).await.unwrap().into_inner();
+    let mut stream = c.watch_job(with_key(r, "k-alpha")).await.unwrap().into_inner();
     let mut out = Vec::new();
     while let Some(e) = stream.message().await.unwrap() {
         out.push(e);
@@ -178,17 +175,6 @@ fn output(events: &[pb::JobEvent]) -> String {
             _ => None,
         })
         .collect()
-}
-
-fn kind(e: &pb::JobEvent) -> &'static str {
-    match e.event {
-        Some(Event::Queued(_)) => "queued",
-        Some(Event::Routed(_)) => "routed",
-        Some(Event::Running(_)) => "running",
-        Some(Event::Output(_)) => "output",
-        Some(Event::Ended(_)) => "ended",
-        None => "none",
-    }
 }
 
 /// Numbered 1, 2, ... without a gap or a repeat, exactly one terminal
@@ -238,7 +224,7 @@ async fn a_job_on_one_replica_is_watched_got_listed_and_cancelled_on_the_other()
     assert_eq!((got.owner.as_str(), got.runs), ("r1", 1));
     assert_eq!(got.usage.unwrap().completion_tokens, 300);
     let listed = on_b
-        .list_jobs(as_alpha(pb::ListJobsRequest::default()))
+        .list_jobs(with_key(pb::ListJobsRequest::default(), "k-alpha"))
         .await
         .unwrap()
         .into_inner();
@@ -254,7 +240,11 @@ async fn a_job_on_one_replica_is_watched_got_listed_and_cancelled_on_the_other()
     let r = pb::JobRef {
         job_id: long.job_id.clone(),
     };
-    let cancelled = on_b.cancel_job(as_alpha(r)).await.unwrap().into_inner();
+    let cancelled = on_b
+        .cancel_job(with_key(r, "k-alpha"))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(cancelled.state(), pb::JobState::Cancelled, "{cancelled:?}");
     assert_eq!(cancelled.owner, "r1", "A, its owner, ended it");
     eventually(Duration::from_secs(5), || async {
@@ -270,7 +260,7 @@ async fn a_job_on_one_replica_is_watched_got_listed_and_cancelled_on_the_other()
     let r = pb::JobRef {
         job_id: job.job_id.clone(),
     };
-    let e = on_b.get_job(as_alpha(r)).await.unwrap_err();
+    let e = on_b.get_job(with_key(r, "k-alpha")).await.unwrap_err();
     assert_eq!(e.code(), Code::Unavailable, "{e:?}");
     assert!(
         e.message().contains("job store is unavailable"),

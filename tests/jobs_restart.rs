@@ -9,7 +9,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::{ConfigDir, dispatcher, eventually, region_sim, sim_stats};
+use common::{ConfigDir, SimRegion, dispatcher, eventually, sim_stats};
 use dispatcher::pb;
 use dispatcher::pb::jobs_client::JobsClient;
 use tonic::transport::Channel;
@@ -24,17 +24,6 @@ max_request_tokens = 200000
 data_dir = "data"
 max_running = 40
 max_running_per_tenant = 40
-"#;
-
-const REGION: &str = r#"
-name = "r1"
-endpoint = "ENDPOINT"
-max_concurrent = 256
-[[models]]
-name = "gpt-4o"
-tokens_per_minute = 600000000
-requests_per_minute = 6000000
-accounting = "usage"
 "#;
 
 const JOBS: usize = 200;
@@ -52,12 +41,12 @@ async fn kill_9_with_jobs_queued_and_running_loses_none_and_runs_none_twice() {
     let cfg = ConfigDir::new(DISPATCHER_TOML);
     // 1 s per 1,000 tokens: each job (100 prompt + 400 output tokens) runs
     // about half a second; 40 at a time, so 200 take five waves.
-    let sim = region_sim(
-        cfg.path(),
-        "r1",
-        &[
-            "--model",
-            "gpt-4o:600000000:6000000:usage",
+    let sim = cfg.start_region(SimRegion {
+        name: "r1",
+        tokens_per_minute: 600_000_000,
+        requests_per_minute: 6_000_000,
+        accounting: "usage",
+        sim_args: &[
             "--ms-per-1k-tokens",
             "1000",
             "--completion-min-fraction",
@@ -65,8 +54,8 @@ async fn kill_9_with_jobs_queued_and_running_loses_none_and_runs_none_twice() {
             "--capacity",
             "256",
         ],
-    );
-    cfg.write_region("r1", &REGION.replace("ENDPOINT", &sim.endpoint()));
+        ..Default::default()
+    });
     let mut d = dispatcher(&cfg.config());
     let mut c = JobsClient::connect(format!("http://{}", d.addr)).await.unwrap();
     let mut repeatable = HashMap::new();

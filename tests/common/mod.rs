@@ -5,6 +5,7 @@
 
 pub mod certs;
 pub mod engine;
+pub mod jobs;
 pub mod redis;
 pub mod tools;
 pub mod vsim;
