@@ -5,7 +5,8 @@
 //! their own read transaction (a snapshot) from any task.
 //!
 //! Tables: jobs by id; events by (id, seq); (tenant, idempotency key) → id;
-//! (tenant, created ms, id) for listing; (expires ms, id) for the TTL.
+//! (tenant, created ms, id) for listing; (expires ms, id) for the TTL; the
+//! store's size (jobs, bytes), kept by each commit.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -24,6 +25,9 @@ const EVENTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("events
 const KEYS: TableDefinition<(&str, &str), &str> = TableDefinition::new("idempotency_keys");
 const BY_TENANT: TableDefinition<(&str, u64, &str), ()> = TableDefinition::new("by_tenant");
 const EXPIRY: TableDefinition<(u64, &str), ()> = TableDefinition::new("expiry");
+/// `"usage"` → (jobs, bytes) stored, written with every commit, so opening
+/// the store does not read every record to size it.
+const META: TableDefinition<&str, (u64, u64)> = TableDefinition::new("meta");
 
 /// Writes taken into one transaction at most.
 const BATCH: usize = 512;
@@ -80,7 +84,7 @@ impl EmbeddedStore {
                 path.display()
             )
         })?;
-        let usage = Self::measure(&db).map_err(|e| format!("reading {}: {e}", path.display()))?;
+        let usage = Self::usage_at_open(&db).map_err(|e| format!("reading {}: {e}", path.display()))?;
         let db = Arc::new(db);
         let usage = Arc::new(Mutex::new(usage));
         let (ops, rx) = mpsc::unbounded_channel();
@@ -102,9 +106,33 @@ impl EmbeddedStore {
         })
     }
 
-    fn measure(db: &Database) -> Result<Usage, redb::Error> {
+    /// The size each commit recorded, or (a store without the record)
+    /// measured once by reading every record, and recorded.
+    fn usage_at_open(db: &Database) -> Result<Usage, redb::Error> {
         let w = db.begin_write()?;
         // Tables exist from here on, so reads never miss one.
+        let usage;
+        {
+            let mut meta = w.open_table(META)?;
+            let recorded = meta.get("usage")?.map(|v| v.value());
+            if let Some((jobs, bytes)) = recorded {
+                usage = Usage { jobs, bytes };
+            } else {
+                usage = Self::measure(&w)?;
+                meta.insert("usage", (usage.jobs, usage.bytes))?;
+            }
+            w.open_table(JOBS)?;
+            w.open_table(EVENTS)?;
+            w.open_table(KEYS)?;
+            w.open_table(BY_TENANT)?;
+            w.open_table(EXPIRY)?;
+        }
+        w.commit()?;
+        Ok(usage)
+    }
+
+    /// Jobs and bytes stored, by reading every record.
+    fn measure(w: &redb::WriteTransaction) -> Result<Usage, redb::Error> {
         let mut usage = Usage::default();
         {
             let jobs = w.open_table(JOBS)?;
@@ -116,11 +144,7 @@ impl EmbeddedStore {
             for row in events.iter()? {
                 usage.bytes += row?.1.value().len() as u64;
             }
-            w.open_table(KEYS)?;
-            w.open_table(BY_TENANT)?;
-            w.open_table(EXPIRY)?;
         }
-        w.commit()?;
         Ok(usage)
     }
 
@@ -377,6 +401,7 @@ impl Writer {
                 }
             }
         }
+        w.open_table(META)?.insert("usage", (usage.jobs, usage.bytes))?;
         let durability = match durable {
             true => redb::Durability::Immediate,
             false => redb::Durability::None,
@@ -555,3 +580,7 @@ impl Tables<'_> {
         Ok(removed)
     }
 }
+
+#[cfg(test)]
+#[path = "embedded_tests.rs"]
+mod tests;
