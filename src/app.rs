@@ -215,7 +215,10 @@ impl Runtime {
             ));
         }
         if next.server.connections != self.config.server.connections {
-            needs_restart.push("server connection limits (max_connections, timeouts, keepalive)".into());
+            needs_restart.push(
+                "server connection limits (max_connections, max_connections_per_peer, timeouts, keepalive)"
+                    .into(),
+            );
         }
         if next.server.tls != self.config.server.tls
             || next.server.admin_listen != self.config.server.admin_listen

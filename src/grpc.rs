@@ -56,7 +56,15 @@ pub fn retry_after(status: &tonic::Status) -> Option<Duration> {
 /// `grpc-timeout` from request metadata ("100m", "5S", ...), per the gRPC
 /// over HTTP/2 spec: at most 8 digits and a unit.
 pub fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
-    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    parse_grpc_timeout(metadata.get("grpc-timeout")?.to_str().ok()?)
+}
+
+/// `grpc-timeout` from a request's HTTP headers.
+pub fn grpc_timeout_header(headers: &http::HeaderMap) -> Option<Duration> {
+    parse_grpc_timeout(headers.get("grpc-timeout")?.to_str().ok()?)
+}
+
+fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     if value.len() < 2 || value.len() > 9 {
         return None;
     }

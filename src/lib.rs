@@ -16,6 +16,7 @@ pub mod jobs;
 pub mod metrics;
 pub mod server;
 pub mod sim;
+pub mod slots;
 pub mod state;
 pub mod telemetry;
 #[cfg(test)]

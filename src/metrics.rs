@@ -132,6 +132,10 @@ fn describe() {
         "dispatcher_tenant_tokens_last_minute",
         "Tokens dispatched for a tenant by this process in the last minute (its share: over the sum)"
     );
+    describe_counter!(
+        crate::slots::CLOSED_TOTAL,
+        "Connections a listener closed before their client did, by listener and reason (evicted: its slot went to a newer connection before it authenticated; peer_cap; handshake_timeout; tls_failed; body_timeout; idle)"
+    );
     describe_gauge!(
         "dispatcher_circuit_state",
         "A region's circuit breaker: 0 closed, 1 half-open, 2 open"
@@ -205,7 +209,9 @@ const MAX_CONNECTIONS: usize = 16;
 /// on `listen`. Returns the bound address. A connection must send a whole
 /// request's headers within `limits.handshake_timeout` (also between
 /// requests on a kept-alive connection), and at most `MAX_CONNECTIONS` are
-/// open at once.
+/// open at once; one that has not yet sent a whole request gives its slot
+/// to a newcomer when all are taken (`slots`), so slow senders cannot keep
+/// a scraper out.
 pub async fn serve(
     listen: SocketAddr,
     view: impl Fn() -> EngineView + Send + 'static,
@@ -221,8 +227,11 @@ pub async fn serve(
     ENABLED.store(true, Ordering::Relaxed);
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
-    let mut acceptor =
-        crate::accept::Acceptor::new(listener, MAX_CONNECTIONS.min(limits.max_connections), "metrics");
+    let slots = crate::slots::Limits {
+        max: MAX_CONNECTIONS.min(limits.max_connections),
+        per_peer: limits.max_connections_per_peer,
+    };
+    let mut acceptor = crate::accept::Acceptor::new(listener, slots, "metrics");
     tokio::spawn(sample(view, handle.clone(), cancel.clone()));
     tokio::spawn(async move {
         loop {
@@ -232,17 +241,23 @@ pub async fn serve(
             };
             let handle = handle.clone();
             tokio::spawn(async move {
+                let slot = std::sync::Arc::new(accepted.slot);
+                let asked = slot.clone();
                 let service = hyper::service::service_fn(move |r: Request<hyper::body::Incoming>| {
+                    // A whole request: a scraper's connection keeps its slot.
+                    asked.trust();
                     let handle = handle.clone();
                     async move { Ok::<_, Infallible>(respond(&r, &handle)) }
                 });
                 let io = hyper_util::rt::TokioIo::new(accepted.stream);
-                let _ = hyper::server::conn::http1::Builder::new()
+                let served = hyper::server::conn::http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())
                     .header_read_timeout(limits.handshake_timeout)
-                    .serve_connection(io, service)
-                    .await;
-                drop(accepted.slot);
+                    .serve_connection(io, service);
+                tokio::select! {
+                    _ = served => {}
+                    _ = slot.evicted() => {}
+                }
             });
         }
     });

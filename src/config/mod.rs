@@ -212,11 +212,19 @@ pub struct ServerConfig {
 /// needing a restart).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConnectionLimits {
-    /// Open gRPC connections at most; more wait in the listen backlog.
+    /// Open gRPC connections at most. When all are taken, the oldest
+    /// connection that has not authenticated gives its slot to a new one;
+    /// only when all have, new ones wait in the listen backlog.
     pub max_connections: usize,
-    /// A new connection must send the HTTP/2 preface (gRPC) or a request's
-    /// headers (metrics) within this.
+    /// Open connections from one source address at most; `None`: no cap.
+    pub max_connections_per_peer: Option<usize>,
+    /// A new connection must finish its TLS handshake and send the HTTP/2
+    /// preface (gRPC), or a request's headers (metrics), within this.
     pub handshake_timeout: Duration,
+    /// A request's body must have arrived in full within this of its
+    /// headers, else it ends DEADLINE_EXCEEDED (and a connection that has
+    /// not authenticated is closed).
+    pub body_timeout: Duration,
     /// A gRPC connection with no request in progress for this long is closed.
     pub idle_timeout: Duration,
     /// HTTP/2 PINGs at this interval; a peer that does not answer within
@@ -229,7 +237,9 @@ impl Default for ConnectionLimits {
     fn default() -> Self {
         Self {
             max_connections: 1024,
+            max_connections_per_peer: None,
             handshake_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(300),
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),

@@ -459,18 +459,31 @@ fn validate_connections(c: &Ctx<'_>, s: &super::raw::RawServer) -> Result<Connec
         }
         Ok(v)
     };
+    let max_connections = c.at_least(
+        "server.max_connections",
+        s.max_connections,
+        d.max_connections as u32,
+        1,
+    )?;
+    let max_connections_per_peer = match s.max_connections_per_peer {
+        None => None,
+        Some(n) if (1..=max_connections).contains(&n) => Some(n as usize),
+        Some(n) => {
+            return Err(c.err(
+                "server.max_connections_per_peer",
+                format!("must be from 1 to server.max_connections ({max_connections}), got {n}; leave it out for no per-address cap"),
+            ));
+        }
+    };
     Ok(ConnectionLimits {
-        max_connections: c.at_least(
-            "server.max_connections",
-            s.max_connections,
-            d.max_connections as u32,
-            1,
-        )? as usize,
+        max_connections: max_connections as usize,
+        max_connections_per_peer,
         handshake_timeout: positive(
             "server.handshake_timeout",
             s.handshake_timeout.as_deref(),
             d.handshake_timeout,
         )?,
+        body_timeout: positive("server.body_timeout", s.body_timeout.as_deref(), d.body_timeout)?,
         idle_timeout: positive("server.idle_timeout", s.idle_timeout.as_deref(), d.idle_timeout)?,
         keepalive_interval: positive(
             "server.keepalive_interval",

@@ -1,10 +1,12 @@
 //! The dispatcher's gRPC server: `Dispatcher`, health and reflection.
 //! Services convert between wire types and the engine; nothing else.
 
+mod activity;
 mod admin;
 mod admin_policy;
+mod conn;
 mod dispatcher;
-mod idle;
+mod guard;
 mod jobs;
 mod status;
 
@@ -105,25 +107,39 @@ pub async fn serve(
         }
     };
     crate::grpc::add_reflection(&mut routes, &names)?;
+    let authenticates: guard::Authenticates = {
+        let engine = engine.clone();
+        Arc::new(move |caller| engine.authenticate(caller).is_ok())
+    };
+    let listener = |what, routes| {
+        Arc::new(conn::Settings {
+            timeouts: conn::Timeouts {
+                handshake: limits.handshake_timeout,
+                idle: limits.idle_timeout,
+                body: limits.body_timeout,
+            },
+            tls: listeners.tls.clone(),
+            http2: http2(&limits),
+            routes,
+            authenticates: authenticates.clone(),
+            what,
+        })
+    };
     let stop = tokio_util::sync::CancellationToken::new();
     let main = serve_on(
         listeners.main,
-        "gRPC",
-        routes.routes(),
         limits,
-        listeners.tls.clone(),
+        listener("gRPC", routes.routes()),
         stop.clone().cancelled_owned(),
     );
     let admin = async {
         match admin_routes {
-            None => Ok(()),
-            Some((listener, routes)) => {
+            None => {}
+            Some((admin, routes)) => {
                 serve_on(
-                    listener,
-                    "admin",
-                    routes,
+                    admin,
                     limits,
-                    listeners.tls.clone(),
+                    listener("admin", routes),
                     stop.clone().cancelled_owned(),
                 )
                 .await
@@ -133,40 +149,61 @@ pub async fn serve(
     let signal = async {
         shutdown.await;
         stop.cancel();
-        Ok(())
     };
-    tokio::try_join!(main, admin, signal)?;
+    tokio::join!(main, admin, signal);
     Ok(())
 }
 
-/// One listener's server, with the connection bounds and TLS.
+/// HTTP/2 as the dispatcher serves it: bounds on what one client can make
+/// the server hold, and keepalive PINGs (a peer that stops answering is
+/// gone: drop it and what it held).
+fn http2(limits: &ConnectionLimits) -> hyper::server::conn::http2::Builder<hyper_util::rt::TokioExecutor> {
+    let mut b = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+    b.timer(hyper_util::rt::TokioTimer::new())
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .max_header_list_size(MAX_HEADER_LIST_BYTES)
+        .max_pending_accept_reset_streams(Some(100))
+        .keep_alive_interval(Some(limits.keepalive_interval))
+        .keep_alive_timeout(limits.keepalive_timeout);
+    b
+}
+
+/// One listener: accepts connections into its slots and serves each in
+/// its own task (`conn`) until `shutdown`; then stops accepting, lets every
+/// connection finish what it has in progress (GOAWAY), and returns when
+/// all have closed.
 async fn serve_on(
     listener: tokio::net::TcpListener,
-    what: &'static str,
-    routes: tonic::service::Routes,
     limits: ConnectionLimits,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    settings: Arc<conn::Settings>,
     shutdown: impl Future<Output = ()>,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let incoming = idle::Incoming::new(
-        Acceptor::new(listener, limits.max_connections, what),
-        idle::Timeouts {
-            handshake: limits.handshake_timeout,
-            idle: limits.idle_timeout,
+) {
+    let mut acceptor = Acceptor::new(
+        listener,
+        crate::slots::Limits {
+            max: limits.max_connections,
+            per_peer: limits.max_connections_per_peer,
         },
-        tls,
+        settings.what,
     );
-    tonic::transport::Server::builder()
-        // Bounds on what one client can make the server hold.
-        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
-        .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
-        .http2_max_pending_accept_reset_streams(Some(100))
-        // A peer that stops answering PINGs is gone: drop it and what it held.
-        .http2_keepalive_interval(Some(limits.keepalive_interval))
-        .http2_keepalive_timeout(Some(limits.keepalive_timeout))
-        .layer(idle::TrackLayer)
-        .add_routes(routes)
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await?;
-    Ok(())
+    let stop = tokio_util::sync::CancellationToken::new();
+    // Each connection's task holds a sender; all gone: all closed.
+    let (open, mut all_closed) = tokio::sync::mpsc::channel::<()>(1);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = acceptor.accept() => {
+                let (settings, stop, open) = (settings.clone(), stop.clone(), open.clone());
+                tokio::spawn(async move {
+                    conn::serve(accepted, settings, stop).await;
+                    drop(open);
+                });
+            }
+        }
+    }
+    drop(acceptor);
+    drop(open);
+    stop.cancel();
+    let _ = all_closed.recv().await;
 }

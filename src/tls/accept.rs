@@ -1,10 +1,10 @@
 //! A server connection's byte stream: plain TCP, or TLS whose handshake
-//! runs inside the connection's own task (on its first read or write), so
-//! a slow or silent client never holds up the accept loop. The handshake
-//! is bounded like the HTTP/2 preface, by the connection's handshake
-//! timeout (`server::idle`). A client that does not speak TLS (plaintext
-//! gRPC on the TLS port) fails the handshake on its first bytes and the
-//! connection is closed at once.
+//! runs inside the connection's own task, so a slow or silent client never
+//! holds up the accept loop: the dispatcher drives it with `handshake`,
+//! within the connection's handshake timeout (`server::conn`); a server
+//! that does not (region-sim) gets it on the first read or write. A client
+//! that does not speak TLS (plaintext gRPC on the TLS port) fails the
+//! handshake on its first bytes and the connection is closed at once.
 
 use std::future::Future;
 use std::io;
@@ -58,6 +58,11 @@ impl ServerIo {
     /// Filled in when the TLS handshake completes (stays empty in plaintext).
     pub fn peer(&self) -> Arc<OnceLock<PeerIdentity>> {
         self.peer.clone()
+    }
+
+    /// Completes the TLS handshake (at once in plaintext).
+    pub async fn handshake(&mut self) -> io::Result<()> {
+        std::future::poll_fn(|cx| self.poll_ready(cx)).await
     }
 
     /// Drives the handshake; ready once the stream can carry data.
