@@ -1,9 +1,10 @@
 //! Hostile and unlucky connections, against a real process: idle and silent
-//! connections are closed, the connection cap holds, a half-sent request to
-//! the metrics port is dropped, and running out of file descriptors makes
-//! the accept loop back off instead of spinning. Real sockets and a real
-//! file-descriptor limit are the point here, so these are process tests;
-//! the timers' logic itself is tested with a paused clock in `src/`.
+//! connections are closed, the connection cap holds, half-sent requests to
+//! the metrics port are dropped without keeping a scraper out, and out of
+//! file descriptors silent connections still close and a new client is
+//! served at once, without the accept loop spinning. Real sockets and a
+//! real file-descriptor limit are the point here, so these are process
+//! tests; the timers' logic itself is tested with a paused clock in `src/`.
 
 mod common;
 
@@ -11,6 +12,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
+use common::attack::dispatcher_with_nofile;
 use common::{ConfigDir, Proc, client, dispatcher};
 use dispatcher::pb;
 
@@ -68,11 +70,6 @@ fn closed_by(mut s: &TcpStream, deadline: Instant) -> bool {
             Err(_) => return true,
         }
     }
-}
-
-/// Sockets the process holds open.
-fn sockets(pid: u32) -> usize {
-    socket_inodes(pid).len()
 }
 
 fn socket_inodes(pid: u32) -> std::collections::HashSet<String> {
@@ -150,7 +147,8 @@ async fn idle_and_silent_connections_are_closed_and_the_cap_holds() {
     }
     let silent: Vec<TcpStream> = (0..6).map(|_| TcpStream::connect(d.addr).unwrap()).collect();
 
-    // At most four of them are taken at a time; the rest wait in the backlog.
+    // At most four of them are held at a time (each newcomer pushes out
+    // the oldest, none having authenticated).
     let took = common::eventually(Duration::from_secs(5), || async { accepted(d.pid(), port) >= 4 }).await;
     assert!(took.is_some(), "the dispatcher took up to its cap");
     for _ in 0..5 {
@@ -159,7 +157,7 @@ async fn idle_and_silent_connections_are_closed_and_the_cap_holds() {
         tokio::time::sleep(Duration::from_millis(40)).await;
     }
 
-    // A real client behind them is served once the idle ones are closed.
+    // A real client behind them is served.
     let addr = d.addr;
     let served = tokio::spawn(async move {
         let started = Instant::now();
@@ -263,42 +261,36 @@ async fn a_peer_that_does_not_answer_keepalive_pings_is_dropped() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn out_of_file_descriptors_the_server_backs_off_and_recovers() {
-    let cfg = ConfigDir::new(&toml("handshake_timeout = \"30s\""));
+async fn out_of_file_descriptors_silent_connections_close_and_a_new_client_is_served_at_once() {
+    let cfg = ConfigDir::new(&toml("handshake_timeout = \"3s\""));
     cfg.write_region("local", REGION);
-    // The dispatcher under a low RLIMIT_NOFILE; the script execs it, so the
-    // process (and the name on its "listening" line) is the dispatcher's.
-    let bin = cfg.path().join("dispatcher");
-    std::fs::write(
-        &bin,
-        format!(
-            "#!/bin/sh\nulimit -n 64 || exit 1\nexec {} \"$@\"\n",
-            env!("CARGO_BIN_EXE_dispatcher")
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&bin, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let d = Proc::start(
-        bin.to_str().unwrap(),
-        &[
-            "--config",
-            cfg.config().to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-        ],
-        cfg.path(),
-        "dispatcher",
-    );
+    let d = dispatcher_with_nofile(&cfg, 256);
 
-    // More connections than it has descriptors for.
-    let hogs: Vec<TcpStream> = (0..90).map(|_| TcpStream::connect(d.addr).unwrap()).collect();
-    common::eventually(Duration::from_secs(5), || async {
-        d.logs().contains("Too many open files") || sockets(d.pid()) >= 55
+    // More connections than it has descriptors for, none sending a preface.
+    let hogs: Vec<TcpStream> = (0..300).map(|_| TcpStream::connect(d.addr).unwrap()).collect();
+    let connected = Instant::now();
+    let out = common::eventually(Duration::from_secs(5), || async {
+        d.logs().contains("out of file descriptors")
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(out.is_some(), "the dispatcher ran out of descriptors");
+
+    // A new client is served at once, not after the silent ones time out.
+    let started = Instant::now();
+    let call = async {
+        let mut grpc = client(d.addr).await;
+        grpc.dispatch(request()).await
+    };
+    let served = tokio::time::timeout(Duration::from_secs(1), call).await;
+    let took = started.elapsed();
+    println!("out of descriptors, a new client was served after {took:?}");
+    served
+        .expect("a new client was not served within 1 s while out of descriptors")
+        .expect("served");
+
+    // Holding all it can, waiting on the silent ones' timeout, it does not spin.
     let (cpu0, t0) = (cpu_time(d.pid()), Instant::now());
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
     let (cpu, wall) = (cpu_time(d.pid()) - cpu0, t0.elapsed());
     println!("out of descriptors: {cpu:?} of CPU in {wall:?}");
     assert!(
@@ -306,19 +298,63 @@ async fn out_of_file_descriptors_the_server_backs_off_and_recovers() {
         "the accept loop spins: {cpu:?} of CPU in {wall:?}"
     );
 
-    // The descriptors come back: it serves again.
-    drop(hogs);
-    let mut grpc = client(d.addr).await;
-    let mut r = tonic::Request::new(request());
-    r.set_timeout(Duration::from_secs(10));
-    grpc.dispatch(r).await.expect("served once descriptors are free");
-    let logs = d.logs();
-    let warnings = logs
+    // Every silent connection is closed by the handshake timeout (3 s) or
+    // to make room, whatever the descriptor pressure.
+    let open = tokio::task::spawn_blocking(move || {
+        let deadline = connected + Duration::from_secs(6);
+        hogs.iter().filter(|s| !closed_by(s, deadline)).count()
+    })
+    .await
+    .unwrap();
+    println!("{open} of 300 silent connections open {:?} after they connected", connected.elapsed());
+    assert_eq!(open, 0, "silent connections outlived handshake_timeout = 3s");
+    let warnings = d
+        .logs()
         .lines()
-        .filter(|l| l.contains("accepting a connection failed; retrying"))
+        .filter(|l| l.contains("out of file descriptors"))
         .count();
     assert!(
         (1..=3).contains(&warnings),
-        "the failure is logged once, not per retry: {warnings} lines"
+        "running out is logged once, not per connection: {warnings} lines"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_the_metrics_port_requests_whose_headers_never_end_are_closed_and_a_scrape_is_answered() {
+    let cfg = ConfigDir::new(&toml("handshake_timeout = \"2s\""));
+    cfg.write_region("local", REGION);
+    let d = dispatcher(&cfg.config());
+    let m = metrics_addr(&d);
+
+    // A hundred requests whose headers never end (the port takes 16 connections).
+    let started = Instant::now();
+    let half: Vec<TcpStream> = (0..100)
+        .map(|_| {
+            let mut s = TcpStream::connect(m).unwrap();
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n").unwrap();
+            s
+        })
+        .collect();
+    let (scrape, open) = tokio::task::spawn_blocking(move || {
+        // A scraper behind them is answered within a second.
+        let mut whole = TcpStream::connect(m).unwrap();
+        whole
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        whole.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        let mut answer = String::new();
+        let _ = whole.read_to_string(&mut answer);
+        let scrape = (answer, started.elapsed());
+        let deadline = started + Duration::from_secs(4);
+        (scrape, half.iter().filter(|s| !closed_by(s, deadline)).count())
+    })
+    .await
+    .unwrap();
+    println!(
+        "a scrape was answered after {:?}; {open} of 100 half requests open {:?} after they were sent",
+        scrape.1,
+        started.elapsed()
+    );
+    assert!(scrape.0.starts_with("HTTP/1.1 200"), "no answer to a scrape within 1 s: {:.200}", scrape.0);
+    assert_eq!(open, 0, "half-sent requests outlived handshake_timeout = 2s");
 }

@@ -3,6 +3,7 @@
 //! their config files, and gRPC clients.
 #![allow(dead_code)]
 
+pub mod attack;
 pub mod certs;
 pub mod engine;
 pub mod jobs;
