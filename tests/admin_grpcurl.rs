@@ -257,6 +257,18 @@ fn every_admin_call_works_from_grpcurl() {
     let v = g.json(r#"{"dry_run": true}"#, "dispatch.v1.Admin/ReloadConfig");
     let restart = serde_json::to_string(&v["needsRestart"]).unwrap();
     assert!(restart.contains("limits.max_payload_bytes"), "{v}");
+    // Connection limits are the listener's, read at start.
+    std::fs::write(
+        cfg.config(),
+        format!(
+            "{}[server]\nbody_timeout = \"2s\"\nmax_connections_per_peer = 8\n",
+            config()
+        ),
+    )
+    .unwrap();
+    let v = g.json(r#"{"dry_run": true}"#, "dispatch.v1.Admin/ReloadConfig");
+    let restart = serde_json::to_string(&v["needsRestart"]).unwrap();
+    assert!(restart.contains("server connection limits"), "{v}");
     assert!(
         !d.logs().contains(ADMIN_TOKEN),
         "the admin token never reaches the log"

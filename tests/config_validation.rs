@@ -407,6 +407,46 @@ fn connection_limits_are_checked_and_named() {
 }
 
 #[test]
+fn the_body_timeout_and_the_per_address_cap_are_checked_and_named() {
+    let with = |lines: &str| DISPATCHER.replace("[server]\n", &format!("[server]\n{lines}\n"));
+    let parse = |text: &str| {
+        config::parse_dispatcher(text, Path::new("dispatcher.toml"), Some(HashMap::new())).unwrap()
+    };
+    let defaults = parse(DISPATCHER).server.connections;
+    assert_eq!(defaults.body_timeout, std::time::Duration::from_secs(5));
+    assert_eq!(
+        defaults.max_connections_per_peer, None,
+        "no per-address cap unless asked"
+    );
+    let c = parse(&with(
+        "max_connections = 8\nmax_connections_per_peer = 2\nbody_timeout = \"750ms\"",
+    ))
+    .server
+    .connections;
+    assert_eq!(c.max_connections_per_peer, Some(2));
+    assert_eq!(c.body_timeout, std::time::Duration::from_millis(750));
+
+    let e = dispatcher_err(&with("body_timeout = \"0s\""));
+    assert_names(&e, "dispatcher.toml", "server.body_timeout", "above zero");
+    let e = dispatcher_err(&with("body_timeout = \"later\""));
+    assert_names(&e, "dispatcher.toml", "server.body_timeout", "not a duration");
+    let e = dispatcher_err(&with("max_connections_per_peer = 0"));
+    assert_names(
+        &e,
+        "dispatcher.toml",
+        "server.max_connections_per_peer",
+        "from 1 to server.max_connections",
+    );
+    let e = dispatcher_err(&with("max_connections = 8\nmax_connections_per_peer = 9"));
+    assert_names(
+        &e,
+        "dispatcher.toml",
+        "server.max_connections_per_peer",
+        "(8), got 9",
+    );
+}
+
+#[test]
 fn cluster_settings_are_checked_and_the_redis_url_is_not_echoed() {
     let with = |body: &str| format!("{DISPATCHER}\n[cluster]\n{body}\n");
     let e = dispatcher_err(&with("expected_replicas = 3"));

@@ -270,7 +270,7 @@ async fn out_of_file_descriptors_silent_connections_close_and_a_new_client_is_se
     let hogs: Vec<TcpStream> = (0..300).map(|_| TcpStream::connect(d.addr).unwrap()).collect();
     let connected = Instant::now();
     let out = common::eventually(Duration::from_secs(5), || async {
-        d.logs().contains("out of file descriptors")
+        d.logs().contains("Too many open files")
     })
     .await;
     assert!(out.is_some(), "the dispatcher ran out of descriptors");
@@ -306,12 +306,15 @@ async fn out_of_file_descriptors_silent_connections_close_and_a_new_client_is_se
     })
     .await
     .unwrap();
-    println!("{open} of 300 silent connections open {:?} after they connected", connected.elapsed());
+    println!(
+        "{open} of 300 silent connections open {:?} after they connected",
+        connected.elapsed()
+    );
     assert_eq!(open, 0, "silent connections outlived handshake_timeout = 3s");
     let warnings = d
         .logs()
         .lines()
-        .filter(|l| l.contains("out of file descriptors"))
+        .filter(|l| l.contains("dispatcher::accept") && l.contains("Too many open files"))
         .count();
     assert!(
         (1..=3).contains(&warnings),
@@ -355,6 +358,10 @@ async fn on_the_metrics_port_requests_whose_headers_never_end_are_closed_and_a_s
         scrape.1,
         started.elapsed()
     );
-    assert!(scrape.0.starts_with("HTTP/1.1 200"), "no answer to a scrape within 1 s: {:.200}", scrape.0);
+    assert!(
+        scrape.0.starts_with("HTTP/1.1 200"),
+        "no answer to a scrape within 1 s: {:.200}",
+        scrape.0
+    );
     assert_eq!(open, 0, "half-sent requests outlived handshake_timeout = 2s");
 }

@@ -94,7 +94,11 @@ async fn half_sent_requests_end_at_the_body_timeout_and_their_connections_close(
             .await
             .expect("a request whose body never came is still unanswered after 5 s")
             .expect("an answer");
-        assert_eq!(answered.grpc_status.as_deref(), Some("4"), "DEADLINE_EXCEEDED: {answered:?}");
+        assert_eq!(
+            answered.grpc_status.as_deref(),
+            Some("4"),
+            "DEADLINE_EXCEEDED: {answered:?}"
+        );
         assert!(answered.message.contains("body_timeout"), "{answered:?}");
         drop((send, body));
         // It authenticated nothing: its connection is closed, freeing the slot.
@@ -105,7 +109,10 @@ async fn half_sent_requests_end_at_the_body_timeout_and_their_connections_close(
     }
     let took = started.elapsed();
     println!("six half-sent requests ended and their connections closed after {took:?}");
-    assert!(took >= Duration::from_millis(900), "ended by the 1 s body timeout: {took:?}");
+    assert!(
+        took >= Duration::from_millis(900),
+        "ended by the 1 s body timeout: {took:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -138,7 +145,11 @@ async fn raw_callers_get_the_statuses_the_grpc_spec_names() {
         "DEADLINE_EXCEEDED, not CANCELLED (1): {answered:?}"
     );
     assert!(answered.message.contains("body"), "{answered:?}");
-    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
 
     // Not gRPC: HTTP 415, whatever the body.
     for content_type in [Some("application/json"), None, Some("text/plain")] {
@@ -157,7 +168,11 @@ async fn raw_callers_get_the_statuses_the_grpc_spec_names() {
     // application/grpc+proto is gRPC: served.
     let (response, mut body) = headers_only(
         &mut send,
-        grpc_request(DISPATCH, Some("application/grpc+proto"), &[("authorization", KEY)]),
+        grpc_request(
+            DISPATCH,
+            Some("application/grpc+proto"),
+            &[("authorization", KEY)],
+        ),
     )
     .await
     .unwrap();
@@ -215,8 +230,15 @@ async fn on_a_tls_listener_the_handshake_timeout_closes_silent_and_stalled_conne
     }
     let took = started.elapsed();
     println!("open after {took:?} (silent, mid-ClientHello, TLS without preface): {open:?}");
-    assert_eq!(open, [0, 0, 0], "with handshake_timeout = 1s, still open after {took:?}");
-    assert!(took >= Duration::from_millis(900), "closed by the timeout: {took:?}");
+    assert_eq!(
+        open,
+        [0, 0, 0],
+        "with handshake_timeout = 1s, still open after {took:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(900),
+        "closed by the timeout: {took:?}"
+    );
 }
 
 /// How often the attackers got a connection in.
@@ -238,49 +260,53 @@ fn attack(addr: SocketAddr, ca: &Path, n: usize, stop: &CancellationToken, tally
     for _ in 0..n {
         let (until, counted) = (stop.clone(), tally.clone());
         tokio::spawn(async move {
-            until.run_until_cancelled(async {
-                loop {
-                    if let Ok(mut s) = connect_from(loopback(2), addr).await {
-                        counted.silent.fetch_add(1, Ordering::Relaxed);
-                        closed_within(&mut s, Duration::from_secs(60)).await;
+            until
+                .run_until_cancelled(async {
+                    loop {
+                        if let Ok(mut s) = connect_from(loopback(2), addr).await {
+                            counted.silent.fetch_add(1, Ordering::Relaxed);
+                            closed_within(&mut s, Duration::from_secs(60)).await;
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
                     }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            })
-            .await;
+                })
+                .await;
         });
         let (until, counted) = (stop.clone(), tally.clone());
         tokio::spawn(async move {
-            until.run_until_cancelled(async {
-                loop {
-                    if let Ok(mut s) = connect_from(loopback(3), addr).await
-                        && s.write_all(PARTIAL_CLIENT_HELLO).await.is_ok()
-                    {
-                        counted.stalled.fetch_add(1, Ordering::Relaxed);
-                        closed_within(&mut s, Duration::from_secs(60)).await;
+            until
+                .run_until_cancelled(async {
+                    loop {
+                        if let Ok(mut s) = connect_from(loopback(3), addr).await
+                            && s.write_all(PARTIAL_CLIENT_HELLO).await.is_ok()
+                        {
+                            counted.stalled.fetch_add(1, Ordering::Relaxed);
+                            closed_within(&mut s, Duration::from_secs(60)).await;
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
                     }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            })
-            .await;
+                })
+                .await;
         });
         let (until, counted, connector) = (stop.clone(), tally.clone(), connector.clone());
         tokio::spawn(async move {
-            until.run_until_cancelled(async {
-                loop {
-                    if let Ok(tls) = tls_from(&connector, loopback(4), addr).await
-                        && let Ok((mut send, connection)) = h2(tls).await
-                        && let Ok(held) =
-                            headers_only(&mut send, grpc_request(DISPATCH, Some("application/grpc"), &[])).await
-                    {
-                        counted.half_requests.fetch_add(1, Ordering::Relaxed);
-                        let _ = connection.await;
-                        drop(held);
+            until
+                .run_until_cancelled(async {
+                    loop {
+                        if let Ok(tls) = tls_from(&connector, loopback(4), addr).await
+                            && let Ok((mut send, connection)) = h2(tls).await
+                            && let Ok(held) =
+                                headers_only(&mut send, grpc_request(DISPATCH, Some("application/grpc"), &[]))
+                                    .await
+                        {
+                            counted.half_requests.fetch_add(1, Ordering::Relaxed);
+                            let _ = connection.await;
+                            drop(held);
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
                     }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            })
-            .await;
+                })
+                .await;
         });
     }
 }
@@ -304,7 +330,9 @@ async fn served_within_a_second_under_attack(server: &str, nofile: u32, per_kind
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
     let tls = tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(std::fs::read(&ca).unwrap()))
+        .ca_certificate(tonic::transport::Certificate::from_pem(
+            std::fs::read(&ca).unwrap(),
+        ))
         .domain_name("localhost");
     let mut took = Vec::new();
     for _ in 0..5 {

@@ -57,7 +57,9 @@ pub async fn tls_from(
 
 /// An HTTP/2 client over `io`; its connection runs in the background
 /// (answering PINGs) until the server closes it: the handle ends then.
-pub async fn h2<IO>(io: IO) -> Result<(h2::client::SendRequest<Bytes>, tokio::task::JoinHandle<()>), h2::Error>
+pub async fn h2<IO>(
+    io: IO,
+) -> Result<(h2::client::SendRequest<Bytes>, tokio::task::JoinHandle<()>), h2::Error>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
