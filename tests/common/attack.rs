@@ -157,15 +157,5 @@ pub fn dispatcher_with_nofile(cfg: &super::ConfigDir, nofile: u32) -> super::Pro
     )
     .unwrap();
     std::fs::set_permissions(&bin, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    super::Proc::start(
-        bin.to_str().unwrap(),
-        &[
-            "--config",
-            cfg.config().to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-        ],
-        cfg.path(),
-        "dispatcher",
-    )
+    super::dispatcher_as(bin.to_str().unwrap(), &cfg.config())
 }

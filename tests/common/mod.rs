@@ -175,9 +175,15 @@ pub fn region_sim_at(dir: &Path, region: &str, listen: &str, args: &[&str]) -> P
 }
 
 pub fn dispatcher(config: &Path) -> Proc {
+    dispatcher_as(env!("CARGO_BIN_EXE_dispatcher"), config)
+}
+
+/// `bin` (the dispatcher, or a script that execs it) with `config`, on a
+/// free loopback port; its log beside the config.
+pub fn dispatcher_as(bin: &str, config: &Path) -> Proc {
     let dir = config.parent().unwrap();
     Proc::start(
-        env!("CARGO_BIN_EXE_dispatcher"),
+        bin,
         &["--config", config.to_str().unwrap(), "--listen", "127.0.0.1:0"],
         dir,
         "dispatcher",
