@@ -2,6 +2,7 @@
 //! plus one file per region in `regions/`. Read → parse(&str) → validate into
 //! the typed values below; every error names the file, the key and the problem.
 
+mod ctx;
 mod diff;
 mod load;
 mod raw;
@@ -23,10 +24,10 @@ use crate::core::{
     BreakerConfig, ModelSpec, RegionSpec, RouterSpec, StrategyKind, StrategyParams, TenantSpec,
 };
 
+pub use ctx::MAX_NAME_LEN;
 pub use diff::{Change, ChangeKind, changes, region_changes};
 pub use load::{load, load_regions, parse_dispatcher, parse_region};
 pub use tls::{ClientAuth, RegionTls, ServerTlsConfig, exposure_problems};
-pub use validate::MAX_NAME_LEN;
 pub use validate::parse_key_hash as validate_key_hash;
 
 /// A configuration problem, with where it is.

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
+use super::ctx::Ctx;
 use super::raw::{RawRegionTls, RawServerTls};
-use super::validate::Ctx;
 use super::{Config, ConfigError};
 use crate::tls::client::ClientTls;
 

@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use super::ConfigError;
+use super::ctx::Ctx;
 use super::raw::RawCapacityRule;
-use super::validate::Ctx;
 use crate::core::{CapacityAction, CapacityRuleSpec, CapacitySignal, ModelLimits};
 
 /// At most this many rules per region (each is checked on every tick).

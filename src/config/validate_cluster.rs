@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
+use super::ctx::Ctx;
 use super::raw::RawCluster;
-use super::validate::Ctx;
 use super::{ClusterConfig, ConfigError};
 use crate::core::SharingSettings;
 

@@ -3,8 +3,8 @@
 use std::path::Path;
 use std::time::Duration;
 
+use super::ctx::Ctx;
 use super::raw::RawJobs;
-use super::validate::Ctx;
 use super::{ConfigError, JobsConfig};
 use crate::core::JobLimits;
 

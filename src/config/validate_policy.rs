@@ -1,8 +1,8 @@
 //! `[[rollouts]]` and `[[fallbacks]]` in dispatcher.toml → checked policy;
 //! every refusal names its key (`rollouts[0].targets[1].weight`, ...).
 
+use super::ctx::Ctx;
 use super::raw::{RawFallback, RawRollout};
-use super::validate::Ctx;
 use super::{ConfigError, PolicyConfig};
 use crate::core::{FallbackSpec, ModelSpec, RolloutSpec, Trigger};
 

@@ -4,8 +4,8 @@
 use std::path::Path;
 use std::time::Duration;
 
+use super::ctx::Ctx;
 use super::raw::{RawHealth, RawRegion, RawRegionModel, RawSimulate};
-use super::validate::Ctx;
 use super::{ConfigError, HealthConfig, RegionConfig, SimulateConfig};
 use crate::core::{Accounting, ModelLimits, ModelSpec, RegionSpec};
 

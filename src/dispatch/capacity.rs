@@ -57,13 +57,6 @@ impl Desk {
         self.apply_pressure();
         events
     }
-
-    /// Sets every named region's pressure from the rules (also after a reload).
-    pub(super) fn apply_pressure(&mut self) {
-        for p in self.capacity.pressure() {
-            self.scheduler.router_mut().set_pressure(&p);
-        }
-    }
 }
 
 impl QuotaDesk {

@@ -7,7 +7,8 @@
 //! operators (they get a plain `EngineView`, taken in one pass), and never
 //! taken in a `Drop`: an unsettled `Lease` or `RegionHold` that is dropped
 //! sends its settlement through `returns` (no lock), and whoever takes the
-//! desk next applies it first. Commands (`drain`, `set_weight`,
+//! desk next applies it first. Holds reach the desk only through
+//! `lease::Settle`, implemented here. Commands (`drain`, `set_weight`,
 //! `set_health`) are named; nobody else gets the router.
 
 use std::sync::Arc;
@@ -17,7 +18,9 @@ use std::time::Instant;
 use parking_lot::{Mutex, MutexGuard};
 use tokio::sync::Notify;
 
-use super::queue::Ticket;
+use tokio::sync::oneshot;
+
+use super::lease::{RegionHold, Returned, Settle};
 use super::{DispatchError, observe};
 use crate::config::Config;
 use crate::core::{
@@ -26,11 +29,16 @@ use crate::core::{
 };
 use crate::state::{EngineView, QuotaView, RegionView, TenantView};
 
-/// A settlement sent by a dropped hold.
-pub(super) enum Returned {
-    Region(Reservation, Completion),
-    Tenant(TenantHold, u64),
+/// What the pump (`queue.rs`) hands a waiting request.
+#[derive(Debug)]
+pub enum Grant {
+    Reserved(RegionHold),
+    Expired(Option<std::time::Duration>),
+    Failed(crate::core::RouteError),
 }
+
+/// How a waiting request is reached when the pump serves it.
+pub type Ticket = oneshot::Sender<Grant>;
 
 pub(super) struct Desk {
     pub scheduler: Scheduler<Ticket>,
@@ -82,14 +90,6 @@ impl QuotaDesk {
         desk
     }
 
-    /// Takes a dropped hold's settlement, without taking any lock.
-    pub(super) fn give_back(&self, returned: Returned) {
-        // The receiver lives as long as the desk; a send can only fail
-        // while the whole desk is going away.
-        let _ = self.returns.send(returned);
-        self.wake();
-    }
-
     pub(super) fn wake(&self) {
         self.pump_wake.notify_one();
     }
@@ -127,27 +127,6 @@ impl QuotaDesk {
             .spec(tenant)
             .map_or(usize::MAX, |s| s.max_queued as usize);
         Ok((hold, max_queued))
-    }
-
-    pub(super) fn settle_tenant(&self, hold: TenantHold, charged: u64) {
-        self.lock().tenants.settle(hold, charged, crate::clock::now());
-    }
-
-    /// Settles a region reservation; returns the tokens charged.
-    pub(super) fn settle(&self, r: &Reservation, c: Completion) -> u64 {
-        // Whether anyone waits is read under the same lock as the settlement:
-        // a request queued after it wakes the pump itself. Waking the pump
-        // for every settlement cost two context switches per request.
-        let (settled, waiting) = {
-            let mut desk = self.lock();
-            let settled = desk.scheduler.router_mut().settle(r, c, crate::clock::now());
-            (settled, desk.scheduler.queued() > 0)
-        };
-        record(r, &settled);
-        if waiting {
-            self.wake();
-        }
-        settled.charged
     }
 
     /// The dry run behind `Route`: consumes nothing.
@@ -355,6 +334,45 @@ impl QuotaDesk {
     }
 }
 
+impl Settle for QuotaDesk {
+    fn settle_region(&self, r: &Reservation, c: Completion) -> u64 {
+        // Whether anyone waits is read under the same lock as the settlement:
+        // a request queued after it wakes the pump itself. Waking the pump
+        // for every settlement cost two context switches per request.
+        let (settled, waiting) = {
+            let mut desk = self.lock();
+            let settled = desk.scheduler.router_mut().settle(r, c, crate::clock::now());
+            (settled, desk.scheduler.queued() > 0)
+        };
+        record(r, &settled);
+        if waiting {
+            self.wake();
+        }
+        settled.charged
+    }
+
+    fn settle_tenant(&self, hold: TenantHold, charged: u64) {
+        self.lock().tenants.settle(hold, charged, crate::clock::now());
+    }
+
+    fn give_back(&self, returned: Returned) {
+        // The receiver lives as long as the desk; a send can only fail
+        // while the whole desk is going away.
+        let _ = self.returns.send(returned);
+        self.wake();
+    }
+}
+
+impl Desk {
+    /// Sets every named region's pressure from the capacity rules (after a
+    /// rule changed state, and after a reload).
+    pub(super) fn apply_pressure(&mut self) {
+        for p in self.capacity.pressure() {
+            self.scheduler.router_mut().set_pressure(&p);
+        }
+    }
+}
+
 /// Metrics and logs for a settlement (after the fact, cheap).
 fn record(r: &Reservation, settled: &Settled) {
     observe::settled(
@@ -377,5 +395,50 @@ fn record(r: &Reservation, settled: &Settled) {
     }
     if !settled.found {
         tracing::info!(region = %r.region, model = %r.model, "settled work on a region or model removed by a reload");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::path::Path;
+
+    use super::*;
+    use crate::dispatch::lease::Lease;
+
+    fn desk() -> Arc<QuotaDesk> {
+        let toml = "[auth]\nallow_anonymous = true\nanonymous_tenant = \"t\"\n[[models]]\nname = \"m\"\n[[tenants]]\nname = \"t\"\nmax_concurrent = 1\n";
+        let c = crate::config::parse_dispatcher(toml, Path::new("dispatcher.toml"), Some(HashMap::new()))
+            .unwrap();
+        QuotaDesk::new(&c, crate::testing::epoch()).unwrap()
+    }
+
+    fn in_flight(desk: &QuotaDesk) -> u32 {
+        desk.view(crate::clock::now(), |_| String::new()).tenants[0]
+            .report
+            .in_flight
+    }
+
+    /// A lease dropped while its desk's lock is held (by the pump, say)
+    /// does not wait for that lock: its settlement is applied at the desk's
+    /// next turn. A Drop that locked would deadlock here.
+    #[test]
+    fn a_lease_dropped_under_the_desks_lock_settles_at_its_next_turn() {
+        let desk = desk();
+        let day = crate::core::Day {
+            number: 0,
+            next_in: std::time::Duration::from_secs(1),
+        };
+        let (hold, _) = desk.admit_tenant("t", "m", 10, day).unwrap();
+        let lease = Lease::new(desk.clone(), hold);
+        assert_eq!(in_flight(&desk), 1);
+        let guard = desk.lock();
+        drop(lease);
+        drop(guard);
+        assert_eq!(in_flight(&desk), 0, "settled at the next turn");
+        assert!(
+            desk.admit_tenant("t", "m", 10, day).is_ok(),
+            "its max_concurrent slot is free again"
+        );
     }
 }

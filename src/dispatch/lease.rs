@@ -2,25 +2,44 @@
 //! holding it: its tenant's charge for the whole request (`Lease`) and, per
 //! attempt, the tokens reserved in one region (`RegionHold`).
 //!
-//! Settling on purpose takes the quota desk's lock. Dropping an unsettled
-//! hold never does: it sends its settlement to the desk (a channel that
-//! takes no lock another path may hold), which applies it at its next turn.
-//! Work never sent is refunded; work that may have run stays charged.
+//! A hold sees its desk only through `Settle`, the narrow return path
+//! defined here (the quota desk implements it; this file knows nothing
+//! else of the desk). Settling on purpose takes the desk's lock. Dropping
+//! an unsettled hold never does: it gives its settlement back (a channel
+//! that takes no lock another path may hold), and the desk applies it at
+//! its next turn. Work never sent is refunded; work that may have run
+//! stays charged.
 
 use std::sync::Arc;
 
-use super::desk::{QuotaDesk, Returned};
 use crate::core::{Completion, Reservation, Settlement, TenantHold};
+
+/// A settlement given back by a dropped hold.
+pub(super) enum Returned {
+    Region(Reservation, Completion),
+    Tenant(TenantHold, u64),
+}
+
+/// Where holds are settled: the quota desk, as far as a hold needs it.
+pub(super) trait Settle: Send + Sync {
+    /// Settles a region reservation now; returns the tokens charged.
+    fn settle_region(&self, r: &Reservation, c: Completion) -> u64;
+    /// Settles a tenant's charge now.
+    fn settle_tenant(&self, hold: TenantHold, charged: u64);
+    /// Takes a dropped hold's settlement without taking any lock (it is
+    /// called from `Drop`, possibly while the desk's lock is held).
+    fn give_back(&self, returned: Returned);
+}
 
 /// The tokens one attempt reserved in one region.
 pub struct RegionHold {
-    desk: Arc<QuotaDesk>,
+    desk: Arc<dyn Settle>,
     reservation: Option<Reservation>,
     sent: bool,
 }
 
 impl RegionHold {
-    pub(super) fn new(desk: Arc<QuotaDesk>, reservation: Reservation) -> Self {
+    pub(super) fn new(desk: Arc<dyn Settle>, reservation: Reservation) -> Self {
         Self {
             desk,
             reservation: Some(reservation),
@@ -40,7 +59,7 @@ impl RegionHold {
     /// Settles with what the region reported; returns the tokens charged.
     pub fn settle(mut self, c: Completion) -> u64 {
         match self.reservation.take() {
-            Some(r) => self.desk.settle(&r, c),
+            Some(r) => self.desk.settle_region(&r, c),
             None => 0,
         }
     }
@@ -76,14 +95,14 @@ impl std::fmt::Debug for RegionHold {
 /// with what the regions charged: refunded for work never sent, kept for
 /// work that may have run when the request is dropped mid-attempt.
 pub struct Lease {
-    desk: Arc<QuotaDesk>,
+    desk: Arc<dyn Settle>,
     hold: Option<TenantHold>,
     charged: u64,
     at_risk: u64,
 }
 
 impl Lease {
-    pub(super) fn new(desk: Arc<QuotaDesk>, hold: TenantHold) -> Self {
+    pub(super) fn new(desk: Arc<dyn Settle>, hold: TenantHold) -> Self {
         Self {
             desk,
             hold: Some(hold),
@@ -121,49 +140,5 @@ impl Drop for Lease {
             self.desk
                 .give_back(Returned::Tenant(hold, self.charged + self.at_risk));
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::collections::HashMap;
-    use std::path::Path;
-
-    use super::*;
-
-    fn desk() -> Arc<QuotaDesk> {
-        let toml = "[auth]\nallow_anonymous = true\nanonymous_tenant = \"t\"\n[[models]]\nname = \"m\"\n[[tenants]]\nname = \"t\"\nmax_concurrent = 1\n";
-        let c = crate::config::parse_dispatcher(toml, Path::new("dispatcher.toml"), Some(HashMap::new()))
-            .unwrap();
-        QuotaDesk::new(&c, crate::testing::epoch()).unwrap()
-    }
-
-    fn in_flight(desk: &QuotaDesk) -> u32 {
-        desk.view(crate::clock::now(), |_| String::new()).tenants[0]
-            .report
-            .in_flight
-    }
-
-    /// A lease dropped while its desk's lock is held (by the pump, say)
-    /// does not wait for that lock: its settlement is applied at the desk's
-    /// next turn. A Drop that locked would deadlock here.
-    #[test]
-    fn a_lease_dropped_under_the_desks_lock_settles_at_its_next_turn() {
-        let desk = desk();
-        let day = crate::core::Day {
-            number: 0,
-            next_in: std::time::Duration::from_secs(1),
-        };
-        let (hold, _) = desk.admit_tenant("t", "m", 10, day).unwrap();
-        let lease = Lease::new(desk.clone(), hold);
-        assert_eq!(in_flight(&desk), 1);
-        let guard = desk.lock();
-        drop(lease);
-        drop(guard);
-        assert_eq!(in_flight(&desk), 0, "settled at the next turn");
-        assert!(
-            desk.admit_tenant("t", "m", 10, day).is_ok(),
-            "its max_concurrent slot is free again"
-        );
     }
 }

@@ -41,12 +41,11 @@ use tokio_util::sync::CancellationToken;
 
 pub use auth::{AuthError, Caller, hash_key};
 pub use capacity::{CAPACITY_TICK, CapacityReport};
-pub use desk::QuotaDesk;
+pub use desk::{Grant, QuotaDesk, Ticket};
 pub use error::{DispatchError, Violation};
 pub use fallback::RouteStepView;
 pub use front_door::Settings;
 pub(crate) use observe::work_span;
-pub use queue::{Grant, Ticket};
 pub use rollout::RolloutDesk;
 pub use shared_ids::{Pending, SharedIds, Stored};
 pub use stream::{ChunkStream, StreamChunk};

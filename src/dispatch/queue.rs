@@ -11,20 +11,10 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use super::DispatchError;
-use super::desk::QuotaDesk;
+use super::desk::{Grant, QuotaDesk, Ticket};
 use super::lease::RegionHold;
 use crate::core::scheduler::SWEEP_INTERVAL;
-use crate::core::{Released, RouteError, RouteRequest, Submission, SubmitError, Submitted};
-
-/// What the pump hands a waiting request.
-#[derive(Debug)]
-pub enum Grant {
-    Reserved(RegionHold),
-    Expired(Option<Duration>),
-    Failed(RouteError),
-}
-
-pub type Ticket = oneshot::Sender<Grant>;
+use crate::core::{Released, RouteRequest, Submission, SubmitError, Submitted};
 
 impl QuotaDesk {
     /// A reservation for `s`, now or after waiting for quota until
