@@ -1,8 +1,15 @@
 //! Prometheus metrics: recorded with the `metrics` crate where things
 //! happen, rendered by metrics-exporter-prometheus, served as text at
 //! `/metrics` on their own port. Gauges of the router's state (bucket levels,
-//! in flight, queue depth) are sampled once a second from a plain view of
-//! it, so this module depends on no engine (a leaf).
+//! in flight, queue depth, circuit state) are sampled once a second from a
+//! plain view of it, so this module depends on no engine (a leaf), and a
+//! region's gauges are there from the first sample, not its first event.
+//!
+//! Every gauge is set again at least once a second (by this sampler, the
+//! health and capacity loops, the job keeper); one not set for
+//! `GAUGE_IDLE` is dropped from `/metrics`. That is how the gauges of a
+//! region, model or tenant a reload removed go away instead of reporting
+//! its last value for ever. A new gauge must be refreshed likewise.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -14,6 +21,7 @@ use hyper::body::Bytes;
 use hyper::{Request, Response, StatusCode};
 use metrics::{describe_counter, describe_gauge, describe_histogram, gauge};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_util::MetricKindMask;
 use tokio_util::sync::CancellationToken;
 
 use crate::state::EngineView;
@@ -202,6 +210,10 @@ fn describe() {
     );
 }
 
+/// A gauge not set for this long is dropped (see the module's doc): ten
+/// missed samples, so a slow tick does not make series flicker.
+pub const GAUGE_IDLE: Duration = Duration::from_secs(10);
+
 /// Scrapers need few connections; the rest of the descriptors are gRPC's.
 const MAX_CONNECTIONS: usize = 16;
 
@@ -221,6 +233,7 @@ pub async fn serve(
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &SECONDS)
         .map_err(std::io::Error::other)?
+        .idle_timeout(MetricKindMask::GAUGE, Some(GAUGE_IDLE))
         .install_recorder()
         .map_err(std::io::Error::other)?;
     describe();
@@ -279,6 +292,15 @@ fn respond<B>(r: &Request<B>, handle: &PrometheusHandle) -> Response<Full<Bytes>
     response
 }
 
+/// `dispatcher_circuit_state`: 0 closed, 1 half-open, 2 open.
+fn circuit_value(c: crate::core::Circuit) -> f64 {
+    match c {
+        crate::core::Circuit::Closed => 0.0,
+        crate::core::Circuit::HalfOpen => 1.0,
+        crate::core::Circuit::Open => 2.0,
+    }
+}
+
 /// Samples the router's state into gauges once a second.
 async fn sample(view: impl Fn() -> EngineView, handle: PrometheusHandle, cancel: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -294,6 +316,8 @@ async fn sample(view: impl Fn() -> EngineView, handle: PrometheusHandle, cancel:
             gauge!("dispatcher_region_utilization", "region" => r.clone()).set(region.utilization);
             gauge!("dispatcher_region_drained", "region" => r.clone()).set(region.drained as u8 as f64);
             gauge!("dispatcher_region_healthy", "region" => r.clone()).set(region.healthy as u8 as f64);
+            gauge!("dispatcher_circuit_state", "region" => r.clone())
+                .set(circuit_value(region.circuit.kind()));
             for q in &region.models {
                 let labels = [("region", r.clone()), ("model", q.model.clone())];
                 gauge!("dispatcher_bucket_tokens_available", &labels).set(q.tokens_available as f64);

@@ -197,3 +197,63 @@ async fn metrics_pass_promtool_and_agree_with_replies() {
     assert_eq!(none.get("none").copied().unwrap_or(0.0), invalid, "{none:?}");
     drop(sims);
 }
+
+/// The value of the one sample `series` (name and labels as rendered).
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// `dispatcher_circuit_state` (which the shipped alert and dashboard read)
+/// is there for every region from the start, before any request or
+/// breaker transition; a region removed by a reload leaves `/metrics`,
+/// with its other gauges, instead of reporting its last values for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_regions_circuit_state_is_exported_from_the_start_and_dropped_with_the_region() {
+    let cfg = ConfigDir::new(&format!(
+        "[telemetry]\nmetrics_listen = \"127.0.0.1:0\"\n[[models]]\nname = \"gpt-4o\"\n[[tenants]]\nname = \"team-a\"\nkeys = [\"{}\"]\n",
+        hash_key("k-a")
+    ));
+    let _east = cfg.start_region(SimRegion {
+        name: "east",
+        ..Default::default()
+    });
+    let _west = cfg.start_region(SimRegion {
+        name: "west",
+        ..Default::default()
+    });
+    let d = common::dispatcher(&cfg.config());
+    let metrics = d.listener("metrics");
+    let circuit = |r: &str| format!("dispatcher_circuit_state{{region=\"{r}\"}}");
+
+    // No request has been sent: both regions' breakers are closed, and say so.
+    let mut text = String::new();
+    let shown = common::eventually(Duration::from_secs(5), || {
+        text = common::scrape_metrics(metrics);
+        let ready = sample(&text, &circuit("east")).is_some() && sample(&text, &circuit("west")).is_some();
+        async move { ready }
+    })
+    .await;
+    assert!(shown.is_some(), "no circuit state for a healthy cluster:\n{text}");
+    assert_eq!(sample(&text, &circuit("east")), Some(0.0), "closed");
+    assert_eq!(sample(&text, &circuit("west")), Some(0.0), "closed");
+
+    // A reload removes west: its gauges go (a sample unchanged for
+    // GAUGE_IDLE is dropped), east's stay.
+    std::fs::remove_file(cfg.region_file("west")).unwrap();
+    let gone = common::eventually(dispatcher::metrics::GAUGE_IDLE + Duration::from_secs(10), || {
+        text = common::scrape_metrics(metrics);
+        let gone = !text
+            .lines()
+            .any(|l| !l.starts_with('#') && l.contains("region=\"west\""));
+        async move { gone }
+    })
+    .await;
+    println!("west's gauges gone after {gone:?}");
+    assert!(gone.is_some(), "a removed region's gauges stay:\n{text}");
+    assert_eq!(sample(&text, &circuit("east")), Some(0.0), "{text}");
+    assert!(
+        text.contains("dispatcher_region_in_flight{region=\"east\"}"),
+        "{text}"
+    );
+}

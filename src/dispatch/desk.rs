@@ -383,7 +383,6 @@ fn record(r: &Reservation, settled: &Settled) {
         settled.hint.as_ref(),
     );
     if let Some(t) = settled.transition {
-        observe::circuit(&r.region, t.to.name());
         if t.to == crate::core::Circuit::Open {
             tracing::warn!(region = %r.region, from = t.from.name(), "circuit opened: too many errors; no work goes there until the cool-down");
         } else {

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use metrics::{Label, SharedString, counter, gauge, histogram};
+use metrics::{Label, SharedString, counter, histogram};
 
 use super::DispatchError;
 use crate::core::HintOutcome;
@@ -153,17 +153,4 @@ pub fn queue_wait(model: &Arc<str>, waited: Duration) {
         return;
     }
     histogram!("dispatcher_queue_wait_seconds", "model" => shared(model)).record(waited.as_secs_f64());
-}
-
-/// 0 closed, 1 half-open, 2 open.
-pub fn circuit(region: &Arc<str>, state: &str) {
-    if !on() {
-        return;
-    }
-    let value = match state {
-        "closed" => 0.0,
-        "half_open" => 1.0,
-        _ => 2.0,
-    };
-    gauge!("dispatcher_circuit_state", "region" => shared(region)).set(value);
 }
