@@ -2,7 +2,7 @@
 //! everything at the edge asks here: tokio's clock (the system's outside
 //! tests), so that a test on a paused clock drives deadlines, queue waits,
 //! cool-downs and the timers that wait for them alike; and the wall clock,
-//! for calendar days and ids only.
+//! for calendar days, ids and certificates' dates only.
 
 use std::time::{Instant, SystemTime};
 
@@ -16,8 +16,8 @@ pub fn tokio_now() -> tokio::time::Instant {
     tokio::time::Instant::now()
 }
 
-/// Seconds since the Unix epoch, for calendar days and ids (never for
-/// durations: the wall clock can jump).
+/// Seconds since the Unix epoch, for calendar days, ids and certificates'
+/// validity (never for durations: the wall clock can jump).
 pub fn unix_secs() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)

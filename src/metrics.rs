@@ -204,6 +204,14 @@ fn describe() {
         "dispatcher_fallbacks_total",
         "Requests moved to the next model of their fallback chain, by from, to and trigger"
     );
+    describe_gauge!(
+        "dispatcher_tls_certificate_expiry_seconds",
+        "With [server.tls]: seconds until the served certificate (by file) expires; negative once it has"
+    );
+    describe_gauge!(
+        "dispatcher_tls_certificate_valid",
+        "With [server.tls]: 1 while the served certificate is within its validity period, 0 when expired or not yet valid"
+    );
     describe_histogram!(
         "dispatcher_redis_call_seconds",
         "With [cluster]: one sync round trip to Redis (all region-models pipelined), by result"

@@ -1,7 +1,8 @@
 //! The operator's kit in `deploy/` (docs/OPERATIONS.md) against the real
 //! thing: promtool accepts the alert rules and the Prometheus config; every
 //! metric the dashboard and the rules query is served by a live dispatcher
-//! (with `[cluster]` on a real Redis, so the shared-quota series exist);
+//! (with `[cluster]` on a real Redis and `[server.tls]`, so the
+//! shared-quota and certificate series exist);
 //! the compose and Kubernetes files parse as YAML, name the ports the
 //! dispatcher's config uses, and the Kubernetes ConfigMap's dispatcher.toml
 //! passes the dispatcher's own config validation.
@@ -13,10 +14,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use common::certs::{Ca, tls_channel};
 use common::redis::RedisServer;
 use common::{ConfigDir, Proc, SimRegion, eventually, tools};
 use dispatcher::dispatch::hash_key;
 use dispatcher::pb;
+use dispatcher::pb::dispatcher_client::DispatcherClient;
 use serde::Deserialize;
 use serde_norway::Value;
 
@@ -223,14 +226,25 @@ async fn every_metric_the_dashboard_and_the_rules_query_is_served() {
 
     // A replica with [cluster] on a real Redis; a good region and one whose
     // every request fails (so its breaker opens), round robin between them.
+    // Served over TLS, so the certificate's series exist.
     let redis = RedisServer::start();
-    let cfg = ConfigDir::new(&format!(
-        "[telemetry]\nmetrics_listen = \"127.0.0.1:0\"\n[routing]\nstrategy = \"round_robin\"\n\
-         [[models]]\nname = \"gpt-4o\"\n[[tenants]]\nname = \"team-a\"\nkeys = [\"{}\"]\n\
-         [cluster]\nredis_url = \"{}\"\nreplica_id = \"kit\"\n",
-        hash_key("k-a"),
-        redis.url()
-    ));
+    let cfg = ConfigDir::new("");
+    let ca = Ca::new(cfg.path(), "ca");
+    let cert = ca.server(cfg.path(), "server");
+    std::fs::write(
+        cfg.config(),
+        format!(
+            "[telemetry]\nmetrics_listen = \"127.0.0.1:0\"\n[routing]\nstrategy = \"round_robin\"\n\
+             [server.tls]\ncert_file = {:?}\nkey_file = {:?}\n\
+             [[models]]\nname = \"gpt-4o\"\n[[tenants]]\nname = \"team-a\"\nkeys = [\"{}\"]\n\
+             [cluster]\nredis_url = \"{}\"\nreplica_id = \"kit\"\n",
+            cert.cert,
+            cert.key,
+            hash_key("k-a"),
+            redis.url()
+        ),
+    )
+    .unwrap();
     let _good = cfg.start_region(SimRegion {
         name: "east",
         ..Default::default()
@@ -252,7 +266,7 @@ async fn every_metric_the_dashboard_and_the_rules_query_is_served() {
         "dispatcher",
     );
     let metrics = d.listener("metrics");
-    let mut grpc = common::client(d.addr).await;
+    let mut grpc = DispatcherClient::new(tls_channel(d.addr, &ca.cert));
     let (mut ok, mut refused) = (0, 0);
     for i in 0..30u64 {
         let mut req = tonic::Request::new(pb::DispatchRequest {

@@ -4,15 +4,16 @@
 //! tenant, with that tenant's limits, beside bearer keys in the same
 //! deployment; untrusted and expired client certificates are refused; a
 //! plaintext client on the TLS port fails at once; replaced certificate
-//! files reach new connections while an open one keeps its session.
+//! files reach new connections while an open one keeps its session; a
+//! certificate served expired or not yet valid is warned about, at start
+//! and when swapped in, and its expiry is on /metrics.
 
 mod common;
 
-use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::certs::{Ca, Pair};
+use common::certs::{Ca, Pair, tls_channel};
 use common::{ConfigDir, Proc, dispatcher, eventually, tools};
 use dispatcher::dispatch::hash_key;
 use dispatcher::pb;
@@ -47,6 +48,8 @@ fn start(dir: &ConfigDir, server: &Pair, clients: Option<&Ca>) -> Proc {
         .unwrap_or_default();
     let toml = format!(
         r#"
+[telemetry]
+metrics_listen = "127.0.0.1:0"
 [server.tls]
 cert_file = {:?}
 key_file = {:?}
@@ -314,18 +317,6 @@ async fn a_plaintext_client_on_the_tls_port_fails_at_once() {
     assert_ne!(status.code(), tonic::Code::Ok);
 }
 
-fn tls_channel(addr: std::net::SocketAddr, ca: &Path) -> Channel {
-    dispatcher::tls::install_provider();
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(std::fs::read(ca).unwrap()))
-        .domain_name("localhost");
-    Channel::from_shared(format!("https://{addr}"))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect_lazy()
-}
-
 fn beta<T>(message: T) -> tonic::Request<T> {
     let mut r = tonic::Request::new(message);
     r.metadata_mut()
@@ -376,6 +367,71 @@ async fn replaced_certificate_files_reach_new_connections_while_open_ones_keep_t
     assert!(
         proc.logs().contains("server certificate reloaded"),
         "{}",
+        proc.logs()
+    );
+}
+
+/// The value of the first `name{...}` sample on a scrape.
+fn gauge(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(&format!("{name}{{")))
+        .and_then(|l| l.rsplit_once(' ')?.1.parse().ok())
+}
+
+#[tokio::test]
+async fn a_certificate_served_expired_or_not_yet_valid_is_warned_about_and_its_expiry_is_a_gauge() {
+    let dir = ConfigDir::new("");
+    let path = dir.path().to_path_buf();
+    let ca = Ca::new(&path, "ca");
+    let served = ca.server_dated(&path, "server", (2019, 1, 1), (2020, 1, 1));
+    let proc = start(&dir, &served, None);
+    let metrics = proc.listener("metrics");
+    let logs = proc.logs();
+    assert!(
+        logs.contains("server certificate loaded: it expired") && logs.contains("at 2020-01-01T00:00:00Z"),
+        "no word at start about an expired certificate:\n{logs}"
+    );
+    let gauges = || {
+        let text = common::scrape_metrics(metrics);
+        (
+            gauge(&text, "dispatcher_tls_certificate_expiry_seconds"),
+            gauge(&text, "dispatcher_tls_certificate_valid"),
+        )
+    };
+    let expired = eventually(Duration::from_secs(10), || async {
+        let (expiry, valid) = gauges();
+        expiry.is_some_and(|e| e < -5.0 * 365.0 * 86_400.0) && valid == Some(0.0)
+    })
+    .await;
+    assert!(
+        expired.is_some(),
+        "the expired certificate's gauges: {:?}",
+        gauges()
+    );
+
+    // A good one swapped in live: the gauges follow, no new warning.
+    ca.server(&path, "fresh").install_as(&served);
+    let fresh = eventually(Duration::from_secs(10), || async {
+        let (expiry, valid) = gauges();
+        expiry.is_some_and(|e| e > 365.0 * 86_400.0) && valid == Some(1.0)
+    })
+    .await;
+    assert!(fresh.is_some(), "the fresh certificate's gauges: {:?}", gauges());
+    assert!(!proc.logs().contains("swapped in: it"), "{}", proc.logs());
+
+    // One not valid before 2090, swapped in live: warned about.
+    ca.server_dated(&path, "future", (2090, 1, 1), (2091, 1, 1))
+        .install_as(&served);
+    let warned = eventually(Duration::from_secs(10), || async {
+        proc.logs()
+            .contains("server certificate swapped in: it is not valid until 2090-01-01T00:00:00Z")
+            && gauges().1 == Some(0.0)
+    })
+    .await;
+    assert!(
+        warned.is_some(),
+        "no word about a certificate not yet valid: {:?}\n{}",
+        gauges(),
         proc.logs()
     );
 }

@@ -10,6 +10,7 @@
 
 pub mod accept;
 pub mod client;
+pub mod expiry;
 pub mod identity;
 pub mod server;
 

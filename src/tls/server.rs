@@ -1,7 +1,9 @@
 //! The listener's side of TLS: its certificate, swapped in place when the
 //! certificate or key file changes (new connections get the new one, open
 //! ones keep the session they have), and the optional check of client
-//! certificates against a CA (mTLS).
+//! certificates against a CA (mTLS). A certificate served expired, not yet
+//! valid or close to expiry is warned about (`expiry.rs`), and its expiry
+//! is a gauge.
 //!
 //! Owner: `CertStore::current` (one `RwLock`, written only by the reload
 //! task, read once per handshake).
@@ -16,6 +18,7 @@ use rustls::sign::CertifiedKey;
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
+use super::expiry::{self, Validity};
 use crate::config::{ClientAuth, ServerTlsConfig};
 
 /// How often the certificate and key files are looked at. A replaced
@@ -65,6 +68,8 @@ pub struct ServerTls {
     /// What the files held when read (taken before reading them, so a
     /// change made meanwhile is seen by the first look).
     loaded: Option<[u8; 32]>,
+    /// The served certificate's validity period, for the reload task.
+    validity: Option<Validity>,
 }
 
 impl ServerTls {
@@ -72,6 +77,7 @@ impl ServerTls {
     pub fn new(config: &ServerTlsConfig) -> Result<Self, String> {
         let loaded = stamp_files(&config.cert_file, &config.key_file);
         let key = super::read_identity(&config.cert_file, &config.key_file)?;
+        let validity = leaf_validity(&config.cert_file, &key, "loaded");
         let store = Arc::new(CertStore {
             cert_file: config.cert_file.clone(),
             key_file: config.key_file.clone(),
@@ -103,6 +109,7 @@ impl ServerTls {
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
             store,
             loaded,
+            validity,
         })
     }
 
@@ -117,11 +124,24 @@ impl ServerTls {
     pub fn spawn_reload(&self, cancel: CancellationToken) -> tokio::task::JoinHandle<()> {
         let store = self.store.clone();
         let mut last = self.loaded;
+        let mut validity = self.validity;
+        let mut standing = validity.map(|v| v.standing(crate::clock::unix_secs() as i64));
         tokio::spawn(async move {
             loop {
                 tokio::select! {
                     _ = cancel.cancelled() => return,
                     _ = tokio::time::sleep(RELOAD_INTERVAL) => {}
+                }
+                // The certificate in use may expire while it is served.
+                if let Some(v) = validity {
+                    let now = crate::clock::unix_secs() as i64;
+                    v.record(&store.cert_file, now);
+                    if standing != Some(v.standing(now)) {
+                        standing = Some(v.standing(now));
+                        if let Some(problem) = v.problem(now) {
+                            tracing::warn!(cert = %store.cert_file.display(), "server certificate in use: it {problem}");
+                        }
+                    }
                 }
                 let now = stamp_files(&store.cert_file, &store.key_file);
                 if now == last {
@@ -130,6 +150,8 @@ impl ServerTls {
                 last = now;
                 match super::read_identity(&store.cert_file, &store.key_file) {
                     Ok(key) => {
+                        validity = leaf_validity(&store.cert_file, &key, "swapped in");
+                        standing = validity.map(|v| v.standing(crate::clock::unix_secs() as i64));
                         *store.current.write() = Arc::new(key);
                         tracing::info!(cert = %store.cert_file.display(), "server certificate reloaded: new connections get it, open ones keep theirs");
                     }
@@ -141,6 +163,12 @@ impl ServerTls {
             }
         })
     }
+}
+
+/// The leaf's validity, warned about if it should not be served now.
+fn leaf_validity(file: &std::path::Path, key: &CertifiedKey, what: &str) -> Option<Validity> {
+    let leaf = key.cert.first()?;
+    expiry::check(file, leaf, crate::clock::unix_secs() as i64, what)
 }
 
 /// What the two files hold now (a hash), or `None` if one cannot be read.

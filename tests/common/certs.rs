@@ -3,9 +3,14 @@
 
 use std::path::{Path, PathBuf};
 
+use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, SanType,
 };
+
+/// A date: year, month, day.
+pub type Ymd = (i32, u8, u8);
 
 /// A test CA whose certificate is written to `<dir>/<name>.pem`.
 pub struct Ca {
@@ -46,19 +51,38 @@ impl Ca {
             stem,
             &["localhost"],
             ExtendedKeyUsagePurpose::ServerAuth,
-            false,
+            None,
+        )
+    }
+
+    /// A server certificate valid from `not_before` to `not_after` (year,
+    /// month, day).
+    #[allow(dead_code)]
+    pub fn server_dated(&self, dir: &Path, stem: &str, not_before: Ymd, not_after: Ymd) -> Pair {
+        self.issue(
+            dir,
+            stem,
+            &["localhost"],
+            ExtendedKeyUsagePurpose::ServerAuth,
+            Some([not_before, not_after]),
         )
     }
 
     /// A client certificate naming `sans` (DNS names, or URIs when they
     /// contain "://").
     pub fn client(&self, dir: &Path, stem: &str, sans: &[&str]) -> Pair {
-        self.issue(dir, stem, sans, ExtendedKeyUsagePurpose::ClientAuth, false)
+        self.issue(dir, stem, sans, ExtendedKeyUsagePurpose::ClientAuth, None)
     }
 
     /// A client certificate that expired in 2020.
     pub fn expired_client(&self, dir: &Path, stem: &str, sans: &[&str]) -> Pair {
-        self.issue(dir, stem, sans, ExtendedKeyUsagePurpose::ClientAuth, true)
+        self.issue(
+            dir,
+            stem,
+            sans,
+            ExtendedKeyUsagePurpose::ClientAuth,
+            Some([(2019, 1, 1), (2020, 1, 1)]),
+        )
     }
 
     fn issue(
@@ -67,7 +91,7 @@ impl Ca {
         stem: &str,
         sans: &[&str],
         usage: ExtendedKeyUsagePurpose,
-        expired: bool,
+        dates: Option<[Ymd; 2]>,
     ) -> Pair {
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         for san in sans {
@@ -84,9 +108,9 @@ impl Ca {
         }
         params.distinguished_name.push(DnType::CommonName, stem);
         params.extended_key_usages = vec![usage];
-        if expired {
-            params.not_before = rcgen::date_time_ymd(2019, 1, 1);
-            params.not_after = rcgen::date_time_ymd(2020, 1, 1);
+        if let Some([(y0, m0, d0), (y1, m1, d1)]) = dates {
+            params.not_before = rcgen::date_time_ymd(y0, m0, d0);
+            params.not_after = rcgen::date_time_ymd(y1, m1, d1);
         }
         let key = KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.issuer).unwrap();
@@ -111,4 +135,19 @@ impl Pair {
             std::fs::rename(&tmp, to).unwrap();
         }
     }
+}
+
+/// A channel to a TLS listener at `addr` whose certificate (for localhost)
+/// `ca` signed; it connects on first use.
+#[allow(dead_code)]
+pub fn tls_channel(addr: std::net::SocketAddr, ca: &Path) -> Channel {
+    dispatcher::tls::install_provider();
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(std::fs::read(ca).unwrap()))
+        .domain_name("localhost");
+    Channel::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect_lazy()
 }
