@@ -1,7 +1,8 @@
 //! The policy calls of the Admin API as an operator uses them: real grpcurl
 //! against a running dispatcher (simulated regions): list the rollouts,
 //! change an alias's weights live (and see traffic follow), refuse bad
-//! weights naming the field, list capacity rules; a Dispatch through
+//! weights (and a target named twice) naming the field, list capacity
+//! rules; a reload whose fallback chains loop is refused; a Dispatch through
 //! grpcurl names the model that served it.
 
 mod common;
@@ -113,6 +114,16 @@ fn rollouts_and_capacity_rules_from_grpcurl() {
         !ok && out.contains("InvalidArgument") && out.contains("weight"),
         "{out}"
     );
+    // A target named twice, which the config file refuses too.
+    let (ok, out) = grpcurl(
+        &addr,
+        r#"{"alias":"chat","targets":[{"model":"mini","weight":1},{"model":"mini","weight":0}]}"#,
+        "dispatch.v1.Admin/SetRolloutWeights",
+    );
+    assert!(
+        !ok && out.contains("InvalidArgument") && out.contains("target \"mini\" is listed twice"),
+        "{out}"
+    );
     let (ok, out) = grpcurl(
         &addr,
         r#"{"alias":"nope"}"#,
@@ -128,4 +139,18 @@ fn rollouts_and_capacity_rules_from_grpcurl() {
         "{v}"
     );
     assert_eq!(rule["duration"], "10s");
+
+    // A reload whose fallback chains loop (gpt-4o → mini → gpt-4o) is
+    // refused naming the loop; the running config stays.
+    let looped = format!(
+        "{CONFIG}[[fallbacks]]\nmodel = \"gpt-4o\"\nthen = [\"mini\"]\n[[fallbacks]]\nmodel = \"mini\"\nthen = [\"gpt-4o\"]\n"
+    );
+    std::fs::write(cfg.config(), looped).unwrap();
+    let (ok, out) = grpcurl(&addr, "{}", "dispatch.v1.Admin/ReloadConfig");
+    assert!(
+        !ok && out.contains("fallbacks[1].then[0]") && out.contains("gpt-4o → mini → gpt-4o"),
+        "{out}"
+    );
+    let v = json(&addr, "{}", "dispatch.v1.Admin/ListRollouts");
+    assert_eq!(v["rollouts"][0]["alias"], "chat", "{v}");
 }

@@ -169,6 +169,38 @@ fn bad_rollouts_and_fallbacks_name_file_and_key() {
     );
 }
 
+/// A self-loop was refused but A → B → A was accepted: every loop through
+/// the chains is refused, naming the step that closes it and the models
+/// around it (a reload reads the file through the same check).
+#[test]
+fn a_loop_through_fallback_chains_is_refused_naming_it() {
+    let chain = |model: &str, then: &str| format!("[[fallbacks]]\nmodel = \"{model}\"\nthen = [{then}]\n");
+    assert_dispatcher(
+        &dispatcher_err(&(chain("gpt-4o", "\"mini\"") + &chain("mini", "\"gpt-4o\""))),
+        "fallbacks[1].then[0]",
+        "closes a loop of fallback chains: gpt-4o → mini → gpt-4o",
+    );
+    let three = "[[models]]\nname = \"opus\"\n[[models]]\nname = \"haiku\"\n".to_string()
+        + &chain("gpt-4o", "\"haiku\", \"mini\"")
+        + &chain("mini", "\"opus\"")
+        + &chain("opus", "\"haiku\", \"gpt-4o\"");
+    assert_dispatcher(
+        &dispatcher_err(&three),
+        "fallbacks[2].then[1]",
+        "gpt-4o → mini → opus → gpt-4o",
+    );
+    // Chains that share a model without a loop are fine.
+    let shared = "[[models]]\nname = \"opus\"\n".to_string()
+        + &chain("gpt-4o", "\"mini\", \"opus\"")
+        + &chain("mini", "\"opus\"");
+    config::parse_dispatcher(
+        &format!("{DISPATCHER}{shared}"),
+        Path::new("dispatcher.toml"),
+        Some(HashMap::new()),
+    )
+    .unwrap();
+}
+
 #[test]
 fn a_reload_reports_policy_and_capacity_changes() {
     let parse = |extra: &str| {

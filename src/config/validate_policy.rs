@@ -142,5 +142,52 @@ pub(super) fn validate_policy(
             first_byte_timeout,
         });
     }
+    if let Some((i, j, models)) = fallback_loop(&out.fallbacks) {
+        return Err(c.err(
+            format!("fallbacks[{i}].then[{j}]"),
+            format!("closes a loop of fallback chains: {}", models.join(" → ")),
+        ));
+    }
     Ok(out)
+}
+
+/// A loop through the chains (A falls back to B, whose own chain falls
+/// back to A): the chain and step that close it, and the models around it
+/// (the first repeated at the end). A chain naming its own model is
+/// refused before this, as a step already in the chain.
+fn fallback_loop(chains: &[FallbackSpec]) -> Option<(usize, usize, Vec<String>)> {
+    fn visit<'a>(
+        chains: &'a [FallbackSpec],
+        model: &'a str,
+        path: &mut Vec<&'a str>,
+        done: &mut Vec<&'a str>,
+    ) -> Option<(usize, usize, Vec<String>)> {
+        let i = chains.iter().position(|f| f.model == model)?;
+        path.push(model);
+        for (j, next) in chains[i].then.iter().enumerate() {
+            if let Some(at) = path.iter().position(|m| m == next) {
+                let mut around: Vec<String> = path[at..].iter().map(|m| m.to_string()).collect();
+                around.push(next.clone());
+                return Some((i, j, around));
+            }
+            if !done.contains(&next.as_str())
+                && let Some(found) = visit(chains, next, path, done)
+            {
+                return Some(found);
+            }
+        }
+        path.pop();
+        done.push(model);
+        None
+    }
+    let mut done = Vec::new();
+    for f in chains {
+        if !done.contains(&f.model.as_str()) {
+            let found = visit(chains, &f.model, &mut Vec::new(), &mut done);
+            if found.is_some() {
+                return found;
+            }
+        }
+    }
+    None
 }

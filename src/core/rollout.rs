@@ -33,6 +33,8 @@ pub enum RolloutError {
         model: String,
         known: String,
     },
+    #[error("alias {alias:?}: target {model:?} is listed twice")]
+    DuplicateTarget { alias: String, model: String },
     #[error("weight {weight} of {model:?} must be finite, at least 0 and at most 1e6")]
     BadWeight { model: String, weight: f64 },
     #[error("alias {alias:?}: at least one target needs a weight above 0")]
@@ -89,7 +91,7 @@ impl Rollouts {
                     known,
                 })?;
         let mut next = spec.targets.clone();
-        for (model, weight) in weights {
+        for (i, (model, weight)) in weights.iter().enumerate() {
             if !weight.is_finite() || !(0.0..=1e6).contains(weight) {
                 return Err(RolloutError::BadWeight {
                     model: model.clone(),
@@ -109,6 +111,13 @@ impl Rollouts {
                             .collect::<Vec<_>>()
                             .join(", "),
                     })?;
+            // Named after the lookup, so the name quoted is a configured one.
+            if weights[..i].iter().any(|(m, _)| m == model) {
+                return Err(RolloutError::DuplicateTarget {
+                    alias: alias.to_string(),
+                    model: model.clone(),
+                });
+            }
             target.1 = *weight;
         }
         if next.iter().all(|(_, w)| *w <= 0.0) {

@@ -107,6 +107,16 @@ fn weights_are_checked_and_a_zero_weight_target_gets_nothing() {
         r.set_weights("chat", &[("mini".into(), 0.0), ("gpt-4o".into(), 0.0)]),
         Err(RolloutError::AllZero { .. })
     ));
+    // The config file refuses a target listed twice; so does a live change
+    // (before, the later weight silently won), and nothing changes.
+    assert_eq!(
+        r.set_weights("chat", &[("mini".into(), 1.0), ("mini".into(), 0.0)]),
+        Err(RolloutError::DuplicateTarget {
+            alias: "chat".into(),
+            model: "mini".into()
+        })
+    );
+    assert_eq!(r.specs()[0].targets[0], ("mini".to_string(), 90.0));
     r.set_weights("chat", &[("mini".into(), 0.0)]).unwrap();
     for i in 0..1000 {
         let key = format!("k{i}");
