@@ -334,7 +334,9 @@ impl Runtime {
 }
 
 /// Polls the regions directory and applies valid edits live; logs refused
-/// ones with file, key and problem. Runs until `cancel` fires.
+/// ones with file, key and problem, and each `*.toml` skipped as no file
+/// (a directory, a symlink loop) once until it changes. Runs until
+/// `cancel` fires.
 pub fn spawn_region_watch(
     runtime: std::sync::Arc<tokio::sync::Mutex<Runtime>>,
     cancel: tokio_util::sync::CancellationToken,
@@ -348,10 +350,14 @@ pub fn spawn_region_watch(
         let mut last = None;
         // The last look refused the files: the next good one says so.
         let mut refused = false;
+        let mut skips = crate::config::watch::SkipNotes::default();
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(WATCH_INTERVAL) => {}
+            }
+            for (path, why) in skips.news(crate::config::watch::skipped(&dir)) {
+                tracing::warn!(file = %path.display(), "skipping {}: it {why}", path.display());
             }
             let now = crate::config::watch::fingerprint(&dir).ok();
             if now == last {

@@ -1,7 +1,9 @@
 //! Live quota edits: a region file changed under load applies within two
 //! seconds without a restart; a broken edit is refused with file, key and
 //! problem in the log while the last good config keeps serving; work in
-//! flight on a removed region finishes; an added region takes work.
+//! flight on a removed region finishes; an added region takes work; a
+//! `*.toml` that is a directory or a symlink loop is said once, not skipped
+//! in silence.
 
 mod common;
 
@@ -246,4 +248,51 @@ async fn admin_regions(addr: std::net::SocketAddr) -> Vec<String> {
         .into_iter()
         .map(|r| r.name)
         .collect()
+}
+
+/// A region "file" that is a directory or a symlink loop is no region
+/// file: it is skipped, and the log says so once per path (not at every
+/// look, and again when it changes), while edits to the real files apply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_or_a_symlink_loop_among_the_region_files_is_said_once() {
+    let cfg = ConfigDir::new(DISPATCHER_TOML);
+    let sim = |tpm: u64| {
+        format!(
+            "name = \"a\"\n[[models]]\nname = \"gpt-4o\"\ntokens_per_minute = {tpm}\nrequests_per_minute = 1000\n[simulate]\nms_per_1k_tokens = 1\n"
+        )
+    };
+    cfg.write_region("a", &sim(100_000));
+    let regions = cfg.path().join("regions");
+    std::fs::create_dir(regions.join("folder.toml")).unwrap();
+    std::os::unix::fs::symlink(regions.join("loop.toml"), regions.join("loop.toml")).unwrap();
+    let d = dispatcher(&cfg.config());
+    let said = |what: &str| d.logs().matches(what).count();
+    let folder = "folder.toml: it is a directory, not a region file";
+    let looped = "loop.toml: it cannot be read (Too many levels of symbolic links";
+    eventually(Duration::from_secs(5), || async {
+        said(folder) == 1 && said(looped) == 1
+    })
+    .await
+    .unwrap_or_else(|| panic!("no word about the skipped entries:\n{}", d.logs()));
+
+    // Two edits applied: the watch looked again at least twice.
+    for tpm in [200_000, 300_000] {
+        cfg.write_region("a", &sim(tpm));
+        eventually(Duration::from_secs(5), || async {
+            region_status(d.addr, "a").await.unwrap().models[0].tokens_per_minute == tpm
+        })
+        .await
+        .expect("the edit applied");
+    }
+    assert_eq!((said(folder), said(looped)), (1, 1), "{}", d.logs());
+
+    // The folder becomes a link to nowhere: said again, in its new words.
+    std::fs::remove_dir(regions.join("folder.toml")).unwrap();
+    std::os::unix::fs::symlink(regions.join("nowhere"), regions.join("folder.toml")).unwrap();
+    eventually(Duration::from_secs(5), || async {
+        said("folder.toml: it cannot be read (No such file or directory") == 1
+    })
+    .await
+    .unwrap_or_else(|| panic!("no word about the changed entry:\n{}", d.logs()));
+    assert_eq!(said(looped), 1, "{}", d.logs());
 }
