@@ -126,7 +126,8 @@ fn reports_what_it_sent_and_how_it_split() {
     }
     for part in [
         "Latency of successes, per second",
-        "Requests per second",
+        "Successes per second",
+        "Failures per second",
         "By region",
         "By tenant",
         ">stranger<",
