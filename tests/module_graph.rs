@@ -8,9 +8,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 
-/// Circles another branch is breaking; each entry is one circle's files,
+/// Circles known and not yet broken; each entry is one circle's files,
 /// sorted. An entry that no longer is a circle is simply not needed.
-const KNOWN: &[&[&str]] = &[&["core/model_quota", "core/shared_quota"]];
+const KNOWN: &[&[&str]] = &[
+    // Being broken on another branch (issue 24).
+    &["core/model_quota", "core/shared_quota"],
+    // conn.rs's Settings holds guard's Authenticates; guard.rs reads
+    // Settings and ConnInfo: to break with the connection work's owner.
+    &["server/conn", "server/guard"],
+];
 
 /// The modules of one folder: its `.rs` files but `mod.rs`, and its
 /// subfolders, each with the source it stands for.
