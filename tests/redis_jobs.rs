@@ -274,3 +274,55 @@ async fn the_store_is_bounded_expires_keeps_keys_and_fails_fast() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_create_redis_did_not_answer_is_unknown_and_its_resubmission_finds_it_whichever_lands_first() {
+    let mut redis = RedisServer::start_with_debug();
+    let store = RedisJobStore::new(
+        &redis.url(),
+        Duration::from_millis(200),
+        Duration::from_millis(LEASE_MS),
+        100,
+        1 << 30,
+    )
+    .unwrap();
+    let (warm, first) = new_job("job-00000000000000f0", "t", "", "r1");
+    assert_eq!(store.create(warm, first, "r1").await, Ok(Created::Stored));
+
+    // Sent, not answered: it may have been stored, and it is, once Redis wakes.
+    let sleeping = redis.debug_sleep(1.0);
+    let (late, first) = new_job("job-00000000000000f1", "t", "", "r1");
+    let got = store.create(late, first, "r1").await;
+    assert!(matches!(got, Err(StoreError::Unknown(_))), "{got:?}");
+    sleeping.join().unwrap();
+    let stored = store.get("job-00000000000000f1").await.unwrap();
+    assert!(stored.is_some(), "Redis ran the create when it woke");
+    // A keyless job is named by its id as a key, for its tenant only.
+    let named = store.by_key("t", "job-00000000000000f1").await.unwrap();
+    assert_eq!(named.map(|s| record::job(&s).job_id.clone()).as_deref(), Some("job-00000000000000f1"));
+    assert_eq!(store.by_key("u", "job-00000000000000f1").await.unwrap(), None);
+    // Its resubmission (the same work, its id as the key) finds it.
+    let (again, first) = new_job("job-00000000000000f2", "t", "job-00000000000000f1", "r1");
+    match store.create(again, first, "r1").await.unwrap() {
+        Created::Existing(s) => assert_eq!(record::job(&s).job_id, "job-00000000000000f1"),
+        other => panic!("{other:?}"),
+    }
+
+    // The other order: the resubmission lands first, the late create then
+    // finds it and stores nothing.
+    let (resubmitted, first) = new_job("job-00000000000000f4", "t", "job-00000000000000f3", "r1");
+    assert_eq!(store.create(resubmitted, first, "r1").await, Ok(Created::Stored));
+    let (late, first) = new_job("job-00000000000000f3", "t", "", "r1");
+    match store.create(late, first, "r1").await.unwrap() {
+        Created::Existing(s) => assert_eq!(record::job(&s).job_id, "job-00000000000000f4"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(store.get("job-00000000000000f3").await.unwrap(), None);
+
+    // Not sent at all (no server): Unavailable, nothing stored.
+    redis.kill();
+    let fresh = RedisJobStore::new(&redis.url(), Duration::from_millis(200), Duration::from_millis(LEASE_MS), 100, 1 << 30).unwrap();
+    let (never, first) = new_job("job-00000000000000f5", "t", "", "r1");
+    let got = fresh.create(never, first, "r1").await;
+    assert!(matches!(got, Err(StoreError::Unavailable(_))), "{got:?}");
+}
