@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use common::engine::*;
 use common::jobs::with_key;
-use dispatcher::jobs::{Created, EmbeddedStore, JobStore, Jobs, Opener, StoreError, record};
+use dispatcher::jobs::{Created, EmbeddedStore, HEALTH_SERVICE, JobStore, Jobs, Opener, StoreError, record};
 use dispatcher::pb;
 use dispatcher::pb::jobs_client::JobsClient;
 use redb::backends::FileBackend;
@@ -31,6 +31,9 @@ use redb::{BackendError, Database, StorageBackend};
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
 use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
 
 /// A file on a disk with `room` bytes for it: growing it past that fails
 /// with ENOSPC.
@@ -140,7 +143,9 @@ impl Disk {
 
     /// No room left past the file as it is now.
     fn fill(&self) {
-        let len = std::fs::metadata(self.dir.path().join("jobs.redb")).unwrap().len();
+        let len = std::fs::metadata(self.dir.path().join("jobs.redb"))
+            .unwrap()
+            .len();
         self.room.store(len, Ordering::SeqCst);
     }
 
@@ -157,7 +162,7 @@ impl Disk {
 
 /// Jobs served over loopback gRPC: the desk over `store`, the engine
 /// against a fake cluster (answering at once unless told otherwise).
-async fn serve(store: EmbeddedStore) -> (World, JobsClient<Channel>) {
+async fn serve(store: EmbeddedStore) -> (World, Channel) {
     let c = config(
         &dispatcher_toml("[limits]\nmax_payload_bytes = 4194304\n[jobs]\nmax_held_per_tenant = 10000\n"),
         &[gpt_region("r", 600_000_000, 6_000_000, "")],
@@ -165,16 +170,42 @@ async fn serve(store: EmbeddedStore) -> (World, JobsClient<Channel>) {
     let w = World::start(&c);
     let jobs = Jobs::new(w.engine.clone(), Arc::new(store), "local".into(), &c);
     jobs.spawn(CancellationToken::new());
+    let (reporter, health) = tonic_health::server::health_reporter();
+    jobs.report_health(reporter);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(pb::jobs_server::JobsServer::new(dispatcher::server::JobsService::new(Some(jobs)))
-                .max_decoding_message_size(16 << 20))
+            .add_service(health)
+            .add_service(
+                pb::jobs_server::JobsServer::new(dispatcher::server::JobsService::new(Some(jobs)))
+                    .max_decoding_message_size(16 << 20),
+            )
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
-    let client = JobsClient::connect(format!("http://{addr}")).await.unwrap();
-    (w, client)
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    (w, channel)
+}
+
+/// Waits until the health of the Jobs service (on `c`'s server) is `want`.
+async fn health_becomes(channel: &Channel, want: ServingStatus) {
+    let h = HealthClient::new(channel.clone());
+    until(Duration::from_secs(5), &format!("Jobs health {want:?}"), || {
+        let mut h = h.clone();
+        async move {
+            let r = HealthCheckRequest {
+                service: HEALTH_SERVICE.into(),
+            };
+            h.check(r)
+                .await
+                .is_ok_and(|s| s.into_inner().status == want as i32)
+        }
+    })
+    .await;
 }
 
 /// A job whose request carries `payload_bytes` of payload.
@@ -195,7 +226,11 @@ fn job_ref(id: &str) -> tonic::Request<pb::JobRef> {
 }
 
 /// Polls until `f` is true, at most `within`.
-async fn until<F: std::future::Future<Output = bool>>(within: Duration, what: &str, mut f: impl FnMut() -> F) {
+async fn until<F: std::future::Future<Output = bool>>(
+    within: Duration,
+    what: &str,
+    mut f: impl FnMut() -> F,
+) {
     let deadline = Instant::now() + within;
     while !f().await {
         assert!(Instant::now() < deadline, "{what}: not within {within:?}");
@@ -222,7 +257,8 @@ async fn ended(c: &mut JobsClient<Channel>, id: &str) -> pb::Job {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_refuses_new_jobs_and_the_store_works_again_once_freed() {
     let disk = Disk::new();
-    let (_w, mut c) = serve(disk.store()).await;
+    let (_w, channel) = serve(disk.store()).await;
+    let mut c = JobsClient::new(channel);
 
     // Before: ten jobs, each run to the end.
     let mut before = Vec::new();
@@ -244,7 +280,11 @@ async fn a_full_disk_refuses_new_jobs_and_the_store_works_again_once_freed() {
         assert!(during.len() < 64, "64 jobs of 512 KiB fit in a full disk");
     };
     assert_eq!(refusal.code(), Code::ResourceExhausted, "{refusal:?}");
-    assert!(refusal.message().contains("disk is full"), "{}", refusal.message());
+    assert!(
+        refusal.message().contains("disk is full"),
+        "{}",
+        refusal.message()
+    );
     // Every submission while it stays full: stored (it fits in the file)
     // or refused as full, never anything else; reads keep working.
     let mut refused = 0;
@@ -259,13 +299,20 @@ async fn a_full_disk_refuses_new_jobs_and_the_store_works_again_once_freed() {
         }
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
-    assert!(refused >= 10, "every large job is refused while the disk is full: {refused}");
+    assert!(
+        refused >= 10,
+        "every large job is refused while the disk is full: {refused}"
+    );
     let first = before[0].clone();
-    until(Duration::from_secs(5), "a job read while the disk is full", || {
-        let mut c = c.clone();
-        let id = first.clone();
-        async move { c.get_job(job_ref(&id)).await.is_ok() }
-    })
+    until(
+        Duration::from_secs(5),
+        "a job read while the disk is full",
+        || {
+            let mut c = c.clone();
+            let id = first.clone();
+            async move { c.get_job(job_ref(&id)).await.is_ok() }
+        },
+    )
     .await;
 
     // Freed: submissions work again, without a restart.
@@ -298,7 +345,11 @@ async fn a_full_disk_refuses_new_jobs_and_the_store_works_again_once_freed() {
     }
     for id in &during {
         let j = ended(&mut c, id).await;
-        eprintln!("acknowledged while full: {id} {:?} {}", j.state(), j.error_message);
+        eprintln!(
+            "acknowledged while full: {id} {:?} {}",
+            j.state(),
+            j.error_message
+        );
     }
     for id in &after {
         assert_eq!(ended(&mut c, id).await.state(), pb::JobState::Done);
@@ -349,21 +400,31 @@ async fn seqs(c: &mut JobsClient<Channel>, id: &str) -> Vec<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_running_when_the_disk_fills_waits_for_room_and_ends_done() {
     let disk = Disk::new();
-    let (w, mut c) = serve(disk.store()).await;
-    w.cluster("r").always(Reply::ok().chunks(20, Duration::from_millis(100)));
+    let (w, channel) = serve(disk.store()).await;
+    let mut c = JobsClient::new(channel.clone());
+    w.cluster("r")
+        .always(Reply::ok().chunks(20, Duration::from_millis(100)));
+    health_becomes(&channel, ServingStatus::Serving).await;
     let id = c.submit_job(streaming(false)).await.unwrap().into_inner().job_id;
     running(&mut c, &id).await;
     // Not a byte left until after the region's answer ended: the job's
-    // output and end cannot be stored meanwhile (its run waits).
+    // output and end cannot be stored meanwhile (its run waits), and the
+    // Jobs service says it takes no jobs.
     disk.fill_up();
+    health_becomes(&channel, ServingStatus::NotServing).await;
     until(Duration::from_secs(10), "the region's call ends", || async {
         w.cluster("r").answered() + w.cluster("r").cancelled() == 1
     })
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let meanwhile = c.get_job(job_ref(&id)).await.map(|j| j.into_inner().state());
-    assert_ne!(meanwhile.ok(), Some(pb::JobState::Done), "not stored while the disk is full");
+    assert_ne!(
+        meanwhile.ok(),
+        Some(pb::JobState::Done),
+        "not stored while the disk is full"
+    );
     disk.free();
+    health_becomes(&channel, ServingStatus::Serving).await;
     let j = ended(&mut c, &id).await;
     assert_eq!(j.state(), pb::JobState::Done, "{j:?}");
     assert_eq!(j.runs, 1);
@@ -375,8 +436,10 @@ async fn a_job_running_when_the_disk_fills_waits_for_room_and_ends_done() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_whose_runs_a_failing_store_stopped_are_taken_up_again_once_it_works() {
     let disk = Disk::new();
-    let (w, mut c) = serve(disk.store()).await;
-    w.cluster("r").always(Reply::ok().chunks(20, Duration::from_millis(100)));
+    let (w, channel) = serve(disk.store()).await;
+    let mut c = JobsClient::new(channel.clone());
+    w.cluster("r")
+        .always(Reply::ok().chunks(20, Duration::from_millis(100)));
     let once = c.submit_job(streaming(false)).await.unwrap().into_inner().job_id;
     let again = c.submit_job(streaming(true)).await.unwrap().into_inner().job_id;
     running(&mut c, &once).await;
@@ -436,7 +499,10 @@ async fn output_written_before_the_disk_filled_survives_the_reopen() {
     let disk = Disk::new();
     let store = disk.store();
     let (mut running, first) = stored("job-00000000000000aa", 100);
-    assert_eq!(store.create(running.clone(), first, "local").await, Ok(Created::Stored));
+    assert_eq!(
+        store.create(running.clone(), first, "local").await,
+        Ok(Created::Stored)
+    );
     // Output: committed without an fsync (a running job's events only).
     for i in 0..5 {
         let e = output(&mut running, &format!("chunk {i} "));

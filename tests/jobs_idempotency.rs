@@ -14,55 +14,17 @@ mod common;
 
 use std::time::Duration;
 
-use common::jobs::with_key;
+use common::jobs::{setup, with_key};
 use common::redis::RedisServer;
-use common::{ConfigDir, Proc, SimRegion, dispatcher, eventually, sim_stats};
-use dispatcher::dispatch::hash_key;
+use common::{Proc, eventually, sim_stats};
 use dispatcher::pb;
 use dispatcher::pb::jobs_client::JobsClient;
 use tonic::Code;
 use tonic_types::StatusExt;
 
-/// dispatcher.toml with `jobs` in `[jobs]` and, given a Redis URL, `[cluster]`.
-fn dispatcher_toml(jobs: &str, redis: Option<(&str, &str)>) -> String {
-    let cluster = redis.map_or(String::new(), |(url, timeout)| {
-        format!("[cluster]\nredis_url = \"{url}\"\nreplica_id = \"r1\"\nredis_timeout = \"{timeout}\"\n")
-    });
-    format!(
-        r#"
-[[models]]
-name = "gpt-4o"
-max_request_tokens = 200000
-[[tenants]]
-name = "alpha"
-keys = ["{}"]
-[[tenants]]
-name = "beta"
-keys = ["{}"]
-[jobs]
-data_dir = "data"
-{jobs}
-{cluster}
-"#,
-        hash_key("k-alpha"),
-        hash_key("k-beta"),
-    )
-}
-
-/// A dispatcher (with Redis when given) and a region-sim whose output takes
-/// `ms_per_1k` per 1,000 tokens.
-fn setup(ms_per_1k: &str, jobs: &str, redis: Option<(&str, &str)>) -> (ConfigDir, Proc, Proc) {
-    let cfg = ConfigDir::new(&dispatcher_toml(jobs, redis));
-    let sim = cfg.start_region(SimRegion {
-        name: "r1",
-        tokens_per_minute: 600_000_000,
-        requests_per_minute: 6_000_000,
-        accounting: "usage",
-        sim_args: &["--ms-per-1k-tokens", ms_per_1k, "--completion-min-fraction", "1"],
-        ..Default::default()
-    });
-    let d = dispatcher(&cfg.config());
-    (cfg, sim, d)
+/// `[cluster]` on Redis at `url`, with `redis_timeout`.
+fn cluster(url: &str, redis_timeout: &str) -> String {
+    format!("[cluster]\nredis_url = \"{url}\"\nreplica_id = \"r1\"\nredis_timeout = \"{redis_timeout}\"\n")
 }
 
 fn submit(work: &str, key: &str, repeatable: bool, tenant_key: &str) -> tonic::Request<pb::SubmitJobRequest> {
@@ -102,7 +64,10 @@ async fn done(c: &mut JobsClient<tonic::transport::Channel>, id: &str) -> pb::Jo
         if dispatcher::jobs::record::is_terminal(j.state()) {
             return j;
         }
-        assert!(std::time::Instant::now() < deadline, "job {id} did not end: {j:?}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "job {id} did not end: {j:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -111,13 +76,20 @@ async fn done(c: &mut JobsClient<tonic::transport::Channel>, id: &str) -> pb::Jo
 async fn a_key_names_one_submission(d: &Proc) {
     let mut c = JobsClient::connect(d.endpoint()).await.unwrap();
     // max_held_per_tenant = 3: a, b and c hold alpha's three.
-    let a = c.submit_job(submit("work a", "a", false, "k-alpha")).await.unwrap().into_inner();
+    let a = c
+        .submit_job(submit("work a", "a", false, "k-alpha"))
+        .await
+        .unwrap()
+        .into_inner();
     for key in ["b", "c"] {
         c.submit_job(submit(&format!("work {key}"), key, false, "k-alpha"))
             .await
             .unwrap();
     }
-    let e = c.submit_job(submit("work d", "d", false, "k-alpha")).await.unwrap_err();
+    let e = c
+        .submit_job(submit("work d", "d", false, "k-alpha"))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
     assert!(e.message().contains("max_held_per_tenant"), "{}", e.message());
 
@@ -129,7 +101,10 @@ async fn a_key_names_one_submission(d: &Proc) {
     // The key with another request, or another `repeatable`: refused,
     // naming the key and the job it names.
     for (work, repeatable) in [("other work", false), ("work a", true)] {
-        let e = c.submit_job(submit(work, "a", repeatable, "k-alpha")).await.unwrap_err();
+        let e = c
+            .submit_job(submit(work, "a", repeatable, "k-alpha"))
+            .await
+            .unwrap_err();
         assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
         assert!(e.message().contains("\"a\""), "names the key: {}", e.message());
         assert!(e.message().contains(&a.job_id), "names the job: {}", e.message());
@@ -140,14 +115,27 @@ async fn a_key_names_one_submission(d: &Proc) {
     }
     // The longest key allowed is named in full, and nothing longer is taken.
     let long = "k".repeat(128);
-    c.submit_job(submit("work long", &long, false, "k-beta")).await.unwrap();
-    let e = c.submit_job(submit("other", &long, false, "k-beta")).await.unwrap_err();
+    c.submit_job(submit("work long", &long, false, "k-beta"))
+        .await
+        .unwrap();
+    let e = c
+        .submit_job(submit("other", &long, false, "k-beta"))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
-    assert!(e.message().contains(&long) && e.message().len() < 600, "{}", e.message());
+    assert!(
+        e.message().contains(&long) && e.message().len() < 600,
+        "{}",
+        e.message()
+    );
 
     // A job submitted without a key is named by its id as a key (how a
     // submission whose answer was lost is resubmitted), for its tenant only.
-    let keyless = c.submit_job(submit("keyless work", "", false, "k-beta")).await.unwrap().into_inner();
+    let keyless = c
+        .submit_job(submit("keyless work", "", false, "k-beta"))
+        .await
+        .unwrap()
+        .into_inner();
     let by_id = c
         .submit_job(submit("keyless work", &keyless.job_id, false, "k-beta"))
         .await
@@ -158,34 +146,49 @@ async fn a_key_names_one_submission(d: &Proc) {
         .submit_job(submit("keyless work", &keyless.job_id, false, "k-alpha"))
         .await
         .unwrap_err();
-    assert_eq!(e.code(), Code::ResourceExhausted, "alpha's own key, at its limit: {e:?}");
+    assert_eq!(
+        e.code(),
+        Code::ResourceExhausted,
+        "alpha's own key, at its limit: {e:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_names_one_submission_in_the_embedded_store() {
-    let (_cfg, _sim, d) = setup("20000", "max_held_per_tenant = 3", None);
+    let (_cfg, _sim, d) = setup("20000", "max_held_per_tenant = 3", "");
     a_key_names_one_submission(&d).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_names_one_submission_in_redis() {
     let redis = RedisServer::start();
-    let (_cfg, _sim, d) = setup("20000", "max_held_per_tenant = 3", Some((&redis.url(), "150ms")));
+    let (_cfg, _sim, d) = setup(
+        "20000",
+        "max_held_per_tenant = 3",
+        &cluster(&redis.url(), "150ms"),
+    );
     a_key_names_one_submission(&d).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_submission_redis_did_not_answer_says_so_and_its_key_gets_the_one_job() {
     let redis = RedisServer::start_with_debug();
-    let (_cfg, sim, d) = setup("1", "lease = \"1s\"", Some((&redis.url(), "150ms")));
+    let (_cfg, sim, d) = setup("1", "lease = \"1s\"", &cluster(&redis.url(), "150ms"));
     let mut c = JobsClient::connect(d.endpoint()).await.unwrap();
     // Connected and the script loaded before the stall.
-    let warm = c.submit_job(submit("warm up", "", false, "k-alpha")).await.unwrap().into_inner();
+    let warm = c
+        .submit_job(submit("warm up", "", false, "k-alpha"))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(done(&mut c, &warm.job_id).await.state(), pb::JobState::Done);
 
     let sleeping = redis.debug_sleep(1.5);
     let started = std::time::Instant::now();
-    let e = c.submit_job(submit("stalled work", "", false, "k-alpha")).await.unwrap_err();
+    let e = c
+        .submit_job(submit("stalled work", "", false, "k-alpha"))
+        .await
+        .unwrap_err();
     eprintln!("answered in {:?}: {e:?}", started.elapsed());
     assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
     assert!(e.message().contains("may have been stored"), "{}", e.message());
@@ -193,7 +196,10 @@ async fn a_submission_redis_did_not_answer_says_so_and_its_key_gets_the_one_job(
     assert_eq!(reason, "JOB_MAY_BE_STORED");
     let id = meta["job_id"].clone();
     assert!(e.message().contains(&id), "{}", e.message());
-    assert_eq!(meta["idempotency_key"], id, "without a key of its own, the job id is the key");
+    assert_eq!(
+        meta["idempotency_key"], id,
+        "without a key of its own, the job id is the key"
+    );
     sleeping.join().unwrap();
 
     // Redis ran the stalled create when it woke: the key the answer named
@@ -201,11 +207,19 @@ async fn a_submission_redis_did_not_answer_says_so_and_its_key_gets_the_one_job(
     let again = eventually(Duration::from_secs(5), || {
         let mut c = c.clone();
         let id = id.clone();
-        async move { c.submit_job(submit("stalled work", &id, false, "k-alpha")).await.is_ok() }
+        async move {
+            c.submit_job(submit("stalled work", &id, false, "k-alpha"))
+                .await
+                .is_ok()
+        }
     })
     .await;
     assert!(again.is_some(), "resubmitting with the key the answer named");
-    let job = c.submit_job(submit("stalled work", &id, false, "k-alpha")).await.unwrap().into_inner();
+    let job = c
+        .submit_job(submit("stalled work", &id, false, "k-alpha"))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(job.job_id, id, "the stalled submission's job, not a second one");
     let j = done(&mut c, &id).await;
     assert_eq!(j.state(), pb::JobState::Done, "{j:?}");

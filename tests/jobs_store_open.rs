@@ -8,22 +8,13 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::jobs::dispatcher_toml;
 use common::{ConfigDir, dispatcher};
 use dispatcher::jobs::{Created, EmbeddedStore, JobStore, record};
 use dispatcher::pb;
 
-const DISPATCHER_TOML: &str = r#"
-[auth]
-allow_anonymous = true
-[[models]]
-name = "gpt-4o"
-max_request_tokens = 200000
-[jobs]
-data_dir = "data"
-"#;
-
 fn config() -> ConfigDir {
-    let cfg = ConfigDir::new(DISPATCHER_TOML);
+    let cfg = ConfigDir::new(&dispatcher_toml("", ""));
     // A region file whose endpoint nothing needs to answer: the start
     // fails (or not) on the job store before any call.
     cfg.write_region(
@@ -69,7 +60,10 @@ fn refused_start(cfg: &ConfigDir, as_user: Option<&str>) -> String {
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
     assert!(!status.success(), "it must not start: {err}");
     assert!(!err.contains("panicked"), "refused with a panic: {err}");
-    assert!(err.contains("jobs.data_dir"), "the message names the setting: {err}");
+    assert!(
+        err.contains("jobs.data_dir"),
+        "the message names the setting: {err}"
+    );
     err
 }
 
@@ -110,7 +104,11 @@ async fn a_second_dispatcher_on_the_same_data_dir_is_refused_naming_the_first() 
     let first = dispatcher(&cfg.config());
     let err = refused_start(&cfg, None);
     assert!(err.contains("locked by process"), "{err}");
-    assert!(err.contains(&first.pid().to_string()), "names the holder, {}: {err}", first.pid());
+    assert!(
+        err.contains(&first.pid().to_string()),
+        "names the holder, {}: {err}",
+        first.pid()
+    );
     assert!(err.contains("another dispatcher"), "{err}");
 }
 
@@ -119,7 +117,9 @@ async fn a_corrupt_or_truncated_store_is_refused_as_such() {
     // Not a store at all.
     let cfg = config();
     std::fs::create_dir(cfg.path().join("data")).unwrap();
-    let garbage: Vec<u8> = (0..64 * 1024u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let garbage: Vec<u8> = (0..64 * 1024u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
     std::fs::write(cfg.path().join("data/jobs.redb"), &garbage).unwrap();
     let err = refused_start(&cfg, None);
     eprintln!("garbage: {err}");
@@ -134,7 +134,12 @@ async fn a_corrupt_or_truncated_store_is_refused_as_such() {
         let file = data.join("jobs.redb");
         let len = std::fs::metadata(&file).unwrap().len();
         let cut = (len as f64 * keep) as u64;
-        std::fs::OpenOptions::new().write(true).open(&file).unwrap().set_len(cut).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&file)
+            .unwrap()
+            .set_len(cut)
+            .unwrap();
         let err = refused_start(&cfg, None);
         eprintln!("truncated to {cut} of {len} bytes: {err}");
         assert!(err.contains("corrupt"), "{err}");

@@ -196,7 +196,12 @@ impl RedisJobStore {
         let sent = inv.invoke_async(&mut con);
         match tokio::time::timeout_at(started + timeout, sent).await {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) if matches!(e.kind(), redis::ErrorKind::Server(_) | redis::ErrorKind::Extension) => {
+            Ok(Err(e))
+                if matches!(
+                    e.kind(),
+                    redis::ErrorKind::Server(_) | redis::ErrorKind::Extension
+                ) =>
+            {
                 Err(unavailable(e))
             }
             Ok(Err(e)) => Err(StoreError::Unknown(format!("Redis: {e}"))),

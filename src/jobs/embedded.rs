@@ -54,6 +54,8 @@ pub(super) struct Shared {
     pub db: RwLock<Option<Arc<Database>>>,
     /// Why the file is not open, while `db` is `None`.
     pub down: Mutex<Option<StoreError>>,
+    /// The last failure, until a write goes through again.
+    pub refusing: Mutex<Option<StoreError>>,
     pub usage: Mutex<Usage>,
 }
 
@@ -110,6 +112,7 @@ impl EmbeddedStore {
             opener,
             db: RwLock::new(Some(Arc::new(db))),
             down: Mutex::new(None),
+            refusing: Mutex::new(None),
             usage: Mutex::new(usage),
         });
         let (ops, rx) = mpsc::unbounded_channel();
@@ -172,7 +175,9 @@ impl EmbeddedStore {
         let sent = self.ops.send(Op { work, reply });
         Box::pin(async move {
             sent.map_err(|_| unavailable("the store's writer stopped"))?;
-            let done = rx.await.map_err(|_| unavailable("the store's writer stopped"))??;
+            let done = rx
+                .await
+                .map_err(|_| unavailable("the store's writer stopped"))??;
             take(done).ok_or_else(|| unavailable("the store's writer answered another question"))
         })
     }
@@ -362,6 +367,10 @@ impl JobStore for EmbeddedStore {
     fn usage(&self) -> StoreFuture<'_, (u64, u64)> {
         let u = *self.shared.usage.lock();
         Box::pin(async move { Ok((u.jobs, u.bytes)) })
+    }
+
+    fn refusing(&self) -> Option<StoreError> {
+        self.shared.refusing.lock().clone()
     }
 }
 

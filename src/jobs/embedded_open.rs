@@ -36,7 +36,11 @@ pub fn write_pid(path: &Path) {
 
 /// The process named in the pid file, if it is still running.
 fn holder(path: &Path) -> Option<u32> {
-    let pid: u32 = std::fs::read_to_string(pid_file(path)).ok()?.trim().parse().ok()?;
+    let pid: u32 = std::fs::read_to_string(pid_file(path))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
     let running = Path::new("/proc").join(pid.to_string()).exists();
     (running && pid != std::process::id()).then_some(pid)
 }
@@ -53,7 +57,8 @@ pub fn explain(path: &Path, e: &DatabaseError) -> String {
     let file = path.display();
     let what = match e {
         DatabaseError::DatabaseAlreadyOpen | DatabaseError::LockProtocolMismatch => {
-            let by = holder(path).map_or_else(|| "another process".to_string(), |pid| format!("process {pid}"));
+            let by =
+                holder(path).map_or_else(|| "another process".to_string(), |pid| format!("process {pid}"));
             format!("{file} is locked by {by}: is another dispatcher using this directory?")
         }
         DatabaseError::Storage(StorageError::Io(io)) => match io.kind() {
@@ -61,14 +66,16 @@ pub fn explain(path: &Path, e: &DatabaseError) -> String {
                 format!("{file}: permission denied ({io}); the dispatcher needs to read and write it")
             }
             std::io::ErrorKind::IsADirectory => format!("{file} is a directory, not a job store"),
-            std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof => corrupt(path, &io.to_string()),
+            std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof => {
+                corrupt(path, &io.to_string())
+            }
             _ if is_disk_full(io) => format!("{file}: the disk is full ({io})"),
             _ => format!("{file}: {io}"),
         },
         DatabaseError::Storage(StorageError::Corrupted(why)) => corrupt(path, why),
-        DatabaseError::UpgradeRequired(version) => format!(
-            "{file} is in an older store format (version {version}): not readable by this dispatcher"
-        ),
+        DatabaseError::UpgradeRequired(version) => {
+            format!("{file} is in an older store format (version {version}): not readable by this dispatcher")
+        }
         DatabaseError::RepairAborted => format!("{file} needs a repair that could not be made"),
         other => format!("{file}: {other}"),
     };

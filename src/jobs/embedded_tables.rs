@@ -67,7 +67,11 @@ impl Tables<'_> {
         Ok(Ok(written))
     }
 
-    pub fn request_cancel(&mut self, id: &str, usage: &mut Usage) -> Result<Result<(), StoreError>, redb::Error> {
+    pub fn request_cancel(
+        &mut self,
+        id: &str,
+        usage: &mut Usage,
+    ) -> Result<Result<(), StoreError>, redb::Error> {
         let Some(v) = self.jobs.get(id)? else {
             return Ok(Ok(()));
         };
@@ -132,4 +136,3 @@ impl Tables<'_> {
         Ok(removed)
     }
 }
-

@@ -24,9 +24,7 @@ use prost::Message;
 use redb::{Database, ReadableDatabase};
 use tokio::sync::{mpsc, oneshot};
 
-use super::embedded::{
-    BY_TENANT, EVENTS, EXPIRY, JOBS, KEYS, META, Shared, Usage, named, unavailable,
-};
+use super::embedded::{BY_TENANT, EVENTS, EXPIRY, JOBS, KEYS, META, Shared, Usage, named, unavailable};
 use super::embedded_open::{explain, is_disk_full};
 use super::embedded_tables::{Tables, Written};
 use super::record;
@@ -116,7 +114,8 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            let (works, replies): (Vec<Work>, Vec<_>) = batch.into_iter().map(|op| (op.work, op.reply)).unzip();
+            let (works, replies): (Vec<Work>, Vec<_>) =
+                batch.into_iter().map(|op| (op.work, op.reply)).unzip();
             let answers = match self.ready() {
                 Err(e) => Err(e),
                 Ok(db) => {
@@ -124,9 +123,11 @@ impl Writer {
                     let committed = self.commit(&db, works, &mut usage);
                     drop(db);
                     match committed {
-                        Ok(done) => {
+                        Ok((done, durable)) => {
                             *self.shared.usage.lock() = usage;
-                            self.recovered();
+                            if durable {
+                                self.recovered();
+                            }
                             Ok(done)
                         }
                         Err(e) => Err(self.failed(e)),
@@ -186,6 +187,7 @@ impl Writer {
             _ => Instant::now(),
         };
         self.failing = Some((error.clone(), retry_at));
+        *self.shared.refusing.lock() = Some(error.clone());
         if reopen {
             self.close(error.clone());
             // Reads work again at once (a full disk lets the file be
@@ -195,9 +197,10 @@ impl Writer {
         error
     }
 
-    /// A commit went through: the store writes again.
+    /// A durable commit went through: the store writes again.
     fn recovered(&mut self) {
         if self.failing.take().is_some() {
+            *self.shared.refusing.lock() = None;
             tracing::info!(
                 refused = self.refused,
                 "the job store writes again; every job stored before was kept"
@@ -278,9 +281,12 @@ impl Writer {
         db: &Database,
         works: Vec<Work>,
         usage: &mut Usage,
-    ) -> Result<Vec<Result<Done, StoreError>>, redb::Error> {
+    ) -> Result<(Vec<Result<Done, StoreError>>, bool), redb::Error> {
         let mut w = db.begin_write()?;
-        let mut durable = !self.replay.is_empty() || self.undurable_bytes > MAX_UNDURABLE_BYTES;
+        // While writes fail, each commit is durable: one that goes through
+        // shows the disk takes writes (and their fsync) again.
+        let mut durable =
+            !self.replay.is_empty() || self.undurable_bytes > MAX_UNDURABLE_BYTES || self.failing.is_some();
         let mut undurable = Vec::new();
         let mut answers = Vec::with_capacity(works.len());
         {
@@ -334,7 +340,7 @@ impl Writer {
         for (job, events) in undurable {
             self.keep_undurable(job, events, durable);
         }
-        Ok(answers)
+        Ok((answers, durable))
     }
 
     /// Keeps an output write committed without an fsync until a durable
@@ -345,7 +351,10 @@ impl Writer {
         }
         let id = record::job(&job).job_id.clone();
         self.undurable_bytes += job.encoded_len() + events.iter().map(|e| e.encoded_len()).sum::<usize>();
-        let entry = self.undurable.entry(id).or_insert_with(|| (job.clone(), Vec::new()));
+        let entry = self
+            .undurable
+            .entry(id)
+            .or_insert_with(|| (job.clone(), Vec::new()));
         entry.0 = job;
         entry.1.extend(events);
     }

@@ -16,6 +16,9 @@ use crate::core::job::{Recovery, recovery};
 use crate::pb;
 use pb::job_event::Event;
 
+/// The health service name whose status says whether jobs are taken.
+pub const HEALTH_SERVICE: &str = "dispatch.v1.Jobs";
+
 /// What a job that may have run and is not repeatable ends with.
 pub const INTERRUPTED: &str = "the dispatcher stopped while this job ran, so it may have run; it was not submitted as repeatable, so it is not run again";
 /// The same, when its run stopped because the store could not record it.
@@ -35,6 +38,7 @@ impl Jobs {
         // A third of the lease between heartbeats; expiry once a second.
         let beat = (self.config.lease / 3).clamp(Duration::from_millis(100), Duration::from_secs(1));
         let mut last_expiry = crate::clock::tokio_now();
+        let mut refusing = None;
         loop {
             // Renew first, and look for orphans only once renewed: after a
             // stall past the lease (a paused process, a Redis that did not
@@ -46,6 +50,7 @@ impl Jobs {
                 self.take_stranded().await;
             }
             self.record_gauges().await;
+            self.report_store(&mut refusing).await;
             if crate::clock::tokio_now() >= last_expiry + Duration::from_secs(1) {
                 last_expiry = crate::clock::tokio_now();
                 match self.store.expire(crate::clock::unix_ms()).await {
@@ -132,13 +137,19 @@ impl Jobs {
                     &mut s,
                     pb::JobState::Interrupted,
                     tonic::Code::Unavailable as i32,
-                    if store_failed { INTERRUPTED_BY_STORE } else { INTERRUPTED },
+                    if store_failed {
+                        INTERRUPTED_BY_STORE
+                    } else {
+                        INTERRUPTED
+                    },
                     self.ttl_ms(),
                 );
                 return self.store.write(s, vec![end]).await;
             }
             (Recovery::Requeue, _) if store_failed => "queued again after the job store failed",
-            (Recovery::RunAgain, _) if store_failed => "running again after the job store failed (repeatable)",
+            (Recovery::RunAgain, _) if store_failed => {
+                "running again after the job store failed (repeatable)"
+            }
             (Recovery::Requeue, false) => "queued again after a restart",
             (Recovery::Requeue, true) => "taken over from a replica that stopped",
             (Recovery::RunAgain, false) => "running again after a restart (repeatable)",
@@ -171,6 +182,27 @@ impl Jobs {
         self.table.lock().backlog.adopt(&Arc::from(job.tenant.as_str()));
         self.enqueue(s, tokens, false);
         Ok(())
+    }
+
+    /// Says whether the store takes writes: health (`dispatch.v1.Jobs`),
+    /// a gauge, and the log (by the store) when it changes.
+    async fn report_store(&self, was_refusing: &mut Option<bool>) {
+        let refusing = self.store.refusing();
+        if crate::metrics::enabled() {
+            metrics::gauge!("dispatcher_job_store_writable").set(refusing.is_none() as u8 as f64);
+        }
+        let Some(reporter) = self.health.get() else {
+            return;
+        };
+        if *was_refusing == Some(refusing.is_some()) {
+            return;
+        }
+        *was_refusing = Some(refusing.is_some());
+        let status = match refusing {
+            None => tonic_health::ServingStatus::Serving,
+            Some(_) => tonic_health::ServingStatus::NotServing,
+        };
+        reporter.set_service_status(HEALTH_SERVICE, status).await;
     }
 
     async fn record_gauges(&self) {

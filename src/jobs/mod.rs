@@ -33,6 +33,7 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 pub use embedded::{EmbeddedStore, Opener};
+pub use keeper::HEALTH_SERVICE;
 pub use memory::MemoryStore;
 pub use store::{Beat, Created, Held, JobStore, StoreError, StoreFuture};
 
@@ -59,11 +60,19 @@ pub enum JobError {
     #[error("the dispatcher is shutting down; submit the job again to another replica or later")]
     ShuttingDown,
     /// The key names a job submitted with another request.
-    #[error("idempotency_key {key:?} already names job {job_id}, submitted with a different request; a key names one submission: use a new key for new work")]
+    #[error(
+        "idempotency_key {key:?} already names job {job_id}, submitted with a different request; a key names one submission: use a new key for new work"
+    )]
     KeyReused { key: String, job_id: String },
     /// The store did not say whether it stored the job.
-    #[error("{why}: job {job_id} may have been stored and may run; submit again with idempotency_key {key:?} to get it without running the work twice (GetJob {job_id} may answer NOT_FOUND until the store has caught up)")]
-    MaybeStored { job_id: String, key: String, why: String },
+    #[error(
+        "{why}: job {job_id} may have been stored and may run; submit again with idempotency_key {key:?} to get it without running the work twice (GetJob {job_id} may answer NOT_FOUND until the store has caught up)"
+    )]
+    MaybeStored {
+        job_id: String,
+        key: String,
+        why: String,
+    },
 }
 
 /// Where a job to cancel is.
@@ -130,6 +139,8 @@ pub struct Jobs {
     /// full disk, Redis away): the keeper takes them up again once the
     /// store answers, as it does the jobs left unfinished at a restart.
     stranded: Mutex<Vec<String>>,
+    /// Where the keeper reports whether the store takes writes.
+    health: std::sync::OnceLock<tonic_health::server::HealthReporter>,
 }
 
 fn weights(config: &crate::config::Config) -> Arc<Weights> {
@@ -164,6 +175,7 @@ impl Jobs {
             stopping: AtomicBool::new(false),
             leaving: Mutex::new(Vec::new()),
             stranded: Mutex::new(Vec::new()),
+            health: std::sync::OnceLock::new(),
         })
     }
 
@@ -172,6 +184,13 @@ impl Jobs {
     pub fn spawn(self: &Arc<Self>, cancel: CancellationToken) {
         tokio::spawn(self.clone().starter(cancel.clone()));
         tokio::spawn(self.clone().keeper(cancel));
+    }
+
+    /// Reports the Jobs service's health on `reporter` from now on:
+    /// NOT_SERVING while the store refuses writes (new jobs are refused
+    /// then; reads may still work), SERVING otherwise.
+    pub fn report_health(&self, reporter: tonic_health::server::HealthReporter) {
+        let _ = self.health.set(reporter);
     }
 
     /// New tenant weights after a reload.

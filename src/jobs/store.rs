@@ -22,7 +22,9 @@ pub enum StoreError {
     Fenced { owner: String, current: u64 },
     /// The disk under the store is full: nothing was written; what was
     /// stored before is kept.
-    #[error("the job store's disk is full ({0}); new jobs are refused until space is freed, stored jobs are kept")]
+    #[error(
+        "the job store's disk is full ({0}); new jobs are refused until space is freed, stored jobs are kept"
+    )]
     DiskFull(String),
     /// The store could not be read or written (disk, Redis): nothing was
     /// written.
@@ -110,6 +112,13 @@ pub trait JobStore: Send + Sync {
 
     /// Jobs and bytes stored now.
     fn usage(&self) -> StoreFuture<'_, (u64, u64)>;
+
+    /// Why the store refuses writes now, while it does (the embedded store:
+    /// a full disk, or an I/O error it has not yet recovered from). Redis's
+    /// health is the cluster's own (its metrics and fallback).
+    fn refusing(&self) -> Option<StoreError> {
+        None
+    }
 }
 
 /// What a heartbeat learned.

@@ -55,7 +55,9 @@ impl Jobs {
             return Err(JobError::ShuttingDown);
         }
         let Some(mut request) = r.request.clone() else {
-            return Err(DispatchError::InvalidArgument(vec![Violation::new("request", "is required")]).into());
+            return Err(
+                DispatchError::InvalidArgument(vec![Violation::new("request", "is required")]).into(),
+            );
         };
         let (tenant, tokens) = self.engine.check_job(&request, caller)?;
         let limits = self.engine.settings().limits;

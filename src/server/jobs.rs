@@ -59,12 +59,18 @@ fn job_status(e: &JobError) -> Status {
         JobError::MaybeStored { job_id, key, .. } => Status::with_error_details(
             Code::DeadlineExceeded,
             message,
-            error_info("JOB_MAY_BE_STORED", &[("job_id", job_id), ("idempotency_key", key)]),
+            error_info(
+                "JOB_MAY_BE_STORED",
+                &[("job_id", job_id), ("idempotency_key", key)],
+            ),
         ),
         JobError::KeyReused { key, job_id } => Status::with_error_details(
             Code::AlreadyExists,
             message,
-            error_info("IDEMPOTENCY_KEY_REUSED", &[("job_id", job_id), ("idempotency_key", key)]),
+            error_info(
+                "IDEMPOTENCY_KEY_REUSED",
+                &[("job_id", job_id), ("idempotency_key", key)],
+            ),
         ),
     }
 }

@@ -53,7 +53,11 @@ impl RedisServer {
             s.write_all(format!("DEBUG SLEEP {secs}\r\n").as_bytes()).unwrap();
             let mut buf = [0u8; 64];
             let n = s.read(&mut buf).unwrap();
-            assert!(buf[..n].starts_with(b"+OK"), "DEBUG SLEEP: {:?}", String::from_utf8_lossy(&buf[..n]));
+            assert!(
+                buf[..n].starts_with(b"+OK"),
+                "DEBUG SLEEP: {:?}",
+                String::from_utf8_lossy(&buf[..n])
+            );
         });
         let deadline = Instant::now() + Duration::from_secs(5);
         while self.ping() {
@@ -70,7 +74,11 @@ impl RedisServer {
         let child = Command::new(super::tools::redis_server())
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
-            .args(if self.debug { &["--enable-debug-command", "local"][..] } else { &[] })
+            .args(if self.debug {
+                &["--enable-debug-command", "local"][..]
+            } else {
+                &[]
+            })
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
