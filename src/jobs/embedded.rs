@@ -36,7 +36,7 @@ pub(super) const EXPIRY: TableDefinition<(u64, &str), ()> = TableDefinition::new
 pub(super) const META: TableDefinition<&str, (u64, u64)> = TableDefinition::new("meta");
 
 /// The store's file in `data_dir`.
-pub const FILE: &str = "jobs.redb";
+const FILE: &str = "jobs.redb";
 
 /// Jobs and bytes stored, kept by the writer.
 #[derive(Debug, Default, Clone, Copy)]
@@ -205,18 +205,19 @@ pub(super) fn state(j: &pb::StoredJob) -> pb::JobState {
 }
 
 /// The job `key` names for `tenant` (see `store`'s doc): the one stored
-/// with it, or the tenant's keyless job whose id it is.
+/// with it, or (`by_id`) the tenant's keyless job whose id it is.
 pub(super) fn named(
     keys: &impl ReadableTable<(&'static str, &'static str), &'static str>,
     jobs: &impl ReadableTable<&'static str, &'static [u8]>,
     tenant: &str,
     key: &str,
+    by_id: bool,
 ) -> Result<Option<pb::StoredJob>, redb::Error> {
     let id = keys.get((tenant, key))?.map(|v| v.value().to_string());
     if let Some(id) = id {
         return jobs.get(id.as_str())?.map(|v| decode_job(v.value())).transpose();
     }
-    if !record::valid_id(key) {
+    if !by_id || !record::valid_id(key) {
         return Ok(None);
     }
     let Some(v) = jobs.get(key)? else {
@@ -256,7 +257,7 @@ impl JobStore for EmbeddedStore {
     }
 
     fn by_key(&self, tenant: &str, key: &str) -> StoreFuture<'_, Option<pb::StoredJob>> {
-        let got = self.read(|r| named(&r.open_table(KEYS)?, &r.open_table(JOBS)?, tenant, key));
+        let got = self.read(|r| named(&r.open_table(KEYS)?, &r.open_table(JOBS)?, tenant, key, true));
         Box::pin(async move { got })
     }
 

@@ -254,8 +254,15 @@ impl Writer {
         let (db, usage) = match db {
             Ok(opened) => opened,
             Err(e) => {
-                tracing::warn!(error = %e, "the job store could not be reopened; tried again at the next write");
-                *self.shared.down.lock() = Some(e.clone());
+                let mut down = self.shared.down.lock();
+                // Said once per cause, not at every write it refuses.
+                match down.as_ref() == Some(&e) {
+                    true => tracing::debug!(error = %e, "the job store still cannot be reopened"),
+                    false => {
+                        tracing::warn!(error = %e, "the job store could not be reopened; tried again at the next write")
+                    }
+                }
+                *down = Some(e.clone());
                 return Err(e);
             }
         };
@@ -369,13 +376,9 @@ impl Writer {
         let job = record::job(&stored).clone();
         // The key names a job (or, without one, a resubmission took this
         // job's id as its key): that job, nothing stored.
-        let key = match job.idempotency_key.is_empty() {
-            false => job.idempotency_key.as_str(),
-            true => job.job_id.as_str(),
-        };
         let existing = match job.idempotency_key.is_empty() {
-            false => named(&t.keys, &t.jobs, &job.tenant, key)?,
-            true => named_by_key_only(t, &job.tenant, key)?,
+            false => named(&t.keys, &t.jobs, &job.tenant, &job.idempotency_key, true)?,
+            true => named(&t.keys, &t.jobs, &job.tenant, &job.job_id, false)?,
         };
         if let Some(existing) = existing {
             return Ok(Ok(Created::Existing(Box::new(existing))));
@@ -410,20 +413,6 @@ impl Writer {
         usage.jobs += 1;
         usage.bytes += bytes;
         Ok(Ok(Created::Stored))
-    }
-}
-
-/// The job stored with `key` as its idempotency key (not a job by that id).
-fn named_by_key_only(t: &Tables<'_>, tenant: &str, key: &str) -> Result<Option<pb::StoredJob>, redb::Error> {
-    use redb::ReadableTable;
-    let id = t.keys.get((tenant, key))?.map(|v| v.value().to_string());
-    match id {
-        Some(id) => t
-            .jobs
-            .get(id.as_str())?
-            .map(|v| super::embedded::decode_job(v.value()))
-            .transpose(),
-        None => Ok(None),
     }
 }
 
