@@ -151,6 +151,9 @@ async fn main() -> anyhow::Result<()> {
 
     let (reporter, health) = tonic_health::server::health_reporter();
     runtime.lock().await.health.watch_panic(reporter.clone());
+    if let Some(j) = &jobs {
+        j.report_health(reporter.clone());
+    }
     let grace = runtime.lock().await.config.server.shutdown_grace;
     let (begin_stop, stopping) = tokio::sync::oneshot::channel::<()>();
     let serve = server::serve(

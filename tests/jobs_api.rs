@@ -8,49 +8,13 @@ mod common;
 
 use std::time::Duration;
 
-use common::jobs::{kind, with_key};
-use common::{ConfigDir, Proc, SimRegion, dispatcher, eventually, region_status, sim_stats};
-use dispatcher::dispatch::hash_key;
+use common::jobs::{kind, setup, with_key};
+use common::{Proc, eventually, region_status, sim_stats};
 use dispatcher::pb;
 use dispatcher::pb::jobs_client::JobsClient;
 use tonic::Code;
 use tonic::transport::Channel;
-
-fn dispatcher_toml(jobs: &str) -> String {
-    format!(
-        r#"
-[[models]]
-name = "gpt-4o"
-max_request_tokens = 200000
-[[tenants]]
-name = "alpha"
-keys = ["{}"]
-[[tenants]]
-name = "beta"
-keys = ["{}"]
-[jobs]
-data_dir = "data"
-{jobs}
-"#,
-        hash_key("k-alpha"),
-        hash_key("k-beta"),
-    )
-}
-
-/// A dispatcher with one region whose output takes `ms_per_1k` per 1,000 tokens.
-fn setup(ms_per_1k: &str, jobs: &str) -> (ConfigDir, Proc, Proc) {
-    let cfg = ConfigDir::new(&dispatcher_toml(jobs));
-    let sim = cfg.start_region(SimRegion {
-        name: "r1",
-        tokens_per_minute: 600_000_000,
-        requests_per_minute: 6_000_000,
-        accounting: "usage",
-        sim_args: &["--ms-per-1k-tokens", ms_per_1k, "--completion-min-fraction", "1"],
-        ..Default::default()
-    });
-    let d = dispatcher(&cfg.config());
-    (cfg, sim, d)
-}
+use tonic_types::StatusExt;
 
 async fn jobs(d: &Proc) -> JobsClient<Channel> {
     JobsClient::connect(format!("http://{}", d.addr)).await.unwrap()
@@ -103,7 +67,7 @@ async fn watch(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_is_answered_at_once_runs_and_is_watched_got_and_listed() {
-    let (_cfg, _sim, d) = setup("2", "");
+    let (_cfg, _sim, d) = setup("2", "", "");
     let mut c = jobs(&d).await;
     let job = c
         .submit_job(with_key(submit(300, "key-1"), "k-alpha"))
@@ -193,7 +157,7 @@ async fn a_job_is_answered_at_once_runs_and_is_watched_got_and_listed() {
 async fn a_resumed_watch_delivers_every_event_once_and_in_order() {
     // 32 tokens a chunk at 200 ms per 1,000 tokens: a chunk every ~6 ms,
     // 3,000 tokens: about 95 output events over ~0.6 s.
-    let (_cfg, _sim, d) = setup("200", "");
+    let (_cfg, _sim, d) = setup("200", "", "");
     let mut c = jobs(&d).await;
     let job = c
         .submit_job(with_key(submit(3000, ""), "k-alpha"))
@@ -242,7 +206,7 @@ async fn a_resumed_watch_delivers_every_event_once_and_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_stops_the_region_settles_the_reservation_and_ends_cancelled() {
     // 20 s per 1,000 tokens: a 3,000-token job would run a minute.
-    let (_cfg, sim, d) = setup("20000", "");
+    let (_cfg, sim, d) = setup("20000", "", "");
     let mut c = jobs(&d).await;
     let job = c
         .submit_job(with_key(submit(3000, ""), "k-alpha"))
@@ -288,7 +252,7 @@ async fn cancel_stops_the_region_settles_the_reservation_and_ends_cancelled() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn finished_jobs_are_readable_until_their_ttl() {
-    let (_cfg, _sim, d) = setup("1", "ttl = \"1500ms\"");
+    let (_cfg, _sim, d) = setup("1", "ttl = \"1500ms\"", "");
     let mut c = jobs(&d).await;
     let job = c
         .submit_job(with_key(submit(50, ""), "k-alpha"))
@@ -324,7 +288,7 @@ async fn finished_jobs_are_readable_until_their_ttl() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_and_full_limits_get_clear_errors() {
-    let (_cfg, _sim, d) = setup("20000", "max_held_per_tenant = 2\nmax_jobs = 3");
+    let (_cfg, _sim, d) = setup("20000", "max_held_per_tenant = 2\nmax_jobs = 3", "");
     let mut c = jobs(&d).await;
     for (id, why) in [
         ("", "empty"),
@@ -340,6 +304,15 @@ async fn bad_input_and_full_limits_get_clear_errors() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
+    // A state that is not a JobState is refused, not read as "any".
+    for state in [99, -5] {
+        let r = pb::ListJobsRequest { state, limit: 0 };
+        let e = c.list_jobs(with_key(r, "k-alpha")).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "state {state}: {e:?}");
+        let bad = e.get_details_bad_request().expect("a BadRequest detail");
+        assert_eq!(bad.field_violations[0].field, "state", "{bad:?}");
+        assert!(e.message().contains(&state.to_string()), "{}", e.message());
+    }
     let e = c
         .submit_job(with_key(pb::SubmitJobRequest::default(), "k-alpha"))
         .await
@@ -372,23 +345,4 @@ async fn bad_input_and_full_limits_get_clear_errors() {
         .unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
     assert!(e.message().contains("jobs.max_jobs"), "{}", e.message());
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_second_dispatcher_on_the_same_data_dir_refuses_to_start_and_says_why() {
-    let (cfg, _sim, _d) = setup("1", "");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dispatcher"))
-        .args([
-            "--config",
-            cfg.config().to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .args(["--metrics-listen", "127.0.0.1:0"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success(), "it must not start on a store in use");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("jobs.data_dir"), "{err}");
-    assert!(err.contains("another dispatcher"), "{err}");
 }

@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 use common::jobs::{kind, with_key};
 use common::redis::RedisServer;
 use common::{ConfigDir, Proc, dispatcher, eventually, region_sim, region_status, sim_stats};
-use dispatcher::dispatch::hash_key;
 use dispatcher::pb;
 use dispatcher::pb::jobs_client::JobsClient;
 use pb::job_event::Event;
@@ -32,23 +31,9 @@ accounting = "usage"
 "#;
 
 fn dispatcher_toml(redis: &str, replica: &str, lease: &str) -> String {
-    format!(
-        r#"
-[[models]]
-name = "gpt-4o"
-max_request_tokens = 200000
-[[tenants]]
-name = "alpha"
-keys = ["{}"]
-[jobs]
-lease = "{lease}"
-max_running_per_tenant = 2
-[cluster]
-redis_url = "{redis}"
-replica_id = "{replica}"
-expected_replicas = 2
-"#,
-        hash_key("k-alpha"),
+    common::jobs::dispatcher_toml(
+        &format!("lease = \"{lease}\"\nmax_running_per_tenant = 2"),
+        &format!("[cluster]\nredis_url = \"{redis}\"\nreplica_id = \"{replica}\"\nexpected_replicas = 2"),
     )
 }
 

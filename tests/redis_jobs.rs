@@ -21,14 +21,26 @@ use redis::AsyncCommands;
 const LEASE_MS: u64 = 1_000;
 
 fn store(redis: &RedisServer, max_jobs: u64, max_bytes: u64) -> RedisJobStore {
+    store_timing_out(redis, Duration::from_secs(2), max_jobs, max_bytes)
+}
+
+fn store_timing_out(redis: &RedisServer, timeout: Duration, max_jobs: u64, max_bytes: u64) -> RedisJobStore {
     RedisJobStore::new(
         &redis.url(),
-        Duration::from_secs(2),
+        timeout,
         Duration::from_millis(LEASE_MS),
         max_jobs,
         max_bytes,
     )
     .unwrap()
+}
+
+/// The id of the job an idempotent `create` found.
+fn existing_id(created: Result<Created, StoreError>) -> String {
+    match created {
+        Ok(Created::Existing(s)) => record::job(&s).job_id.clone(),
+        other => panic!("expected an existing job: {other:?}"),
+    }
 }
 
 /// A new job of `tenant`, with its first event.
@@ -186,10 +198,10 @@ async fn the_store_is_bounded_expires_keeps_keys_and_fails_fast() {
     );
     // The same key from the same tenant is the same job.
     let (again, first) = new_job("job-00000000000000a2", "t", "k1", "r2");
-    match store.create(again, first, "r2").await.unwrap() {
-        Created::Existing(s) => assert_eq!(record::job(&s).job_id, "job-00000000000000a1"),
-        other => panic!("{other:?}"),
-    }
+    assert_eq!(
+        existing_id(store.create(again, first, "r2").await),
+        "job-00000000000000a1"
+    );
     let (b, first_b) = new_job("job-00000000000000b1", "u", "k1", "r1");
     assert_eq!(store.create(b, first_b, "r1").await, Ok(Created::Stored));
     // max_jobs = 2: full.
@@ -242,14 +254,7 @@ async fn the_store_is_bounded_expires_keeps_keys_and_fails_fast() {
     }
 
     // Redis paused, then dead: every call ends within the timeout.
-    let fast = RedisJobStore::new(
-        &redis.url(),
-        Duration::from_millis(300),
-        Duration::from_millis(LEASE_MS),
-        100,
-        1 << 30,
-    )
-    .unwrap();
+    let fast = store_timing_out(&redis, Duration::from_millis(300), 100, 1 << 30);
     assert_eq!(fast.usage().await.unwrap().0, 2, "connected before the pause");
     for stop in [true, false] {
         if stop {
@@ -273,4 +278,52 @@ async fn the_store_is_bounded_expires_keeps_keys_and_fails_fast() {
             started.elapsed()
         );
     }
+}
+
+#[tokio::test]
+async fn a_create_redis_did_not_answer_is_unknown_and_its_resubmission_finds_it_whichever_lands_first() {
+    let mut redis = RedisServer::start_with_debug();
+    let store = store_timing_out(&redis, Duration::from_millis(200), 100, 1 << 30);
+    let (warm, first) = new_job("job-00000000000000f0", "t", "", "r1");
+    assert_eq!(store.create(warm, first, "r1").await, Ok(Created::Stored));
+
+    // Sent, not answered: it may have been stored, and it is, once Redis wakes.
+    let sleeping = redis.debug_sleep(1.0);
+    let (late, first) = new_job("job-00000000000000f1", "t", "", "r1");
+    let got = store.create(late, first, "r1").await;
+    assert!(matches!(got, Err(StoreError::Unknown(_))), "{got:?}");
+    sleeping.join().unwrap();
+    let stored = store.get("job-00000000000000f1").await.unwrap();
+    assert!(stored.is_some(), "Redis ran the create when it woke");
+    // A keyless job is named by its id as a key, for its tenant only.
+    let named = store.by_key("t", "job-00000000000000f1").await.unwrap();
+    assert_eq!(
+        named.map(|s| record::job(&s).job_id.clone()).as_deref(),
+        Some("job-00000000000000f1")
+    );
+    assert_eq!(store.by_key("u", "job-00000000000000f1").await.unwrap(), None);
+    // Its resubmission (the same work, its id as the key) finds it.
+    let (again, first) = new_job("job-00000000000000f2", "t", "job-00000000000000f1", "r1");
+    assert_eq!(
+        existing_id(store.create(again, first, "r1").await),
+        "job-00000000000000f1"
+    );
+
+    // The other order: the resubmission lands first, the late create then
+    // finds it and stores nothing.
+    let (resubmitted, first) = new_job("job-00000000000000f4", "t", "job-00000000000000f3", "r1");
+    assert_eq!(store.create(resubmitted, first, "r1").await, Ok(Created::Stored));
+    let (late, first) = new_job("job-00000000000000f3", "t", "", "r1");
+    assert_eq!(
+        existing_id(store.create(late, first, "r1").await),
+        "job-00000000000000f4"
+    );
+    assert_eq!(store.get("job-00000000000000f3").await.unwrap(), None);
+
+    // Not sent at all (no server): Unavailable, nothing stored.
+    redis.kill();
+    let fresh = store_timing_out(&redis, Duration::from_millis(200), 100, 1 << 30);
+    let (never, first) = new_job("job-00000000000000f5", "t", "", "r1");
+    let got = fresh.create(never, first, "r1").await;
+    assert!(matches!(got, Err(StoreError::Unavailable(_))), "{got:?}");
 }

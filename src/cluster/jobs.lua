@@ -39,6 +39,27 @@ local function tenant_key(t) return P .. 'tenant:' .. t end
 local function idem_key(t, k) return P .. 'key:' .. string.len(t) .. ':' .. t .. ':' .. k end
 local function int(n) return string.format('%d', n) end
 
+-- The job a tenant's key names: the one stored with it or, when none was
+-- and the key is the id of the tenant's job stored without a key, that job
+-- (a submission whose answer was lost is resubmitted with its id as the key).
+-- -> {"existing", rec, owner, fence, cancel} | nil
+local function named(tenant, key, by_id)
+  local id = redis.call('GET', idem_key(tenant, key))
+  if not id and by_id then
+    local h = redis.call('HMGET', job_key(key), 'tenant', 'key')
+    if h[1] == tenant and (h[2] or '') == '' then id = key end
+  end
+  if not id then return nil end
+  local h = redis.call('HMGET', job_key(id), 'rec', 'owner', 'fence', 'cancel')
+  if not h[1] then return nil end
+  return {'existing', h[1], h[2] or '', h[3] or '0', h[4] or '0'}
+end
+
+-- by_key: tenant, key -> {"existing", ...} | {"none"}
+if op == 'by_key' then
+  return named(ARGV[4], ARGV[5], true) or {'none'}
+end
+
 -- create: id, tenant, idempotency key, created ms, owner, lease ms, record,
 -- first event, max jobs, max bytes.
 -- -> {"stored"} | {"existing", rec, owner, fence, cancel} | {"full_jobs"|"full_bytes", n}
@@ -47,15 +68,11 @@ if op == 'create' then
   local created, owner, lease = tonumber(ARGV[7]), ARGV[8], tonumber(ARGV[9])
   local rec, first = ARGV[10], ARGV[11]
   local max_jobs, max_bytes = tonumber(ARGV[12]), tonumber(ARGV[13])
-  if key ~= '' then
-    local existing = redis.call('GET', idem_key(tenant, key))
-    if existing then
-      local h = redis.call('HMGET', job_key(existing), 'rec', 'owner', 'fence', 'cancel')
-      if h[1] then
-        return {'existing', h[1], h[2] or '', h[3] or '0', h[4] or '0'}
-      end
-    end
-  end
+  -- Without a key: stored already under this job's id as a key (this
+  -- create arrives after its resubmission), nothing stored.
+  local existing
+  if key ~= '' then existing = named(tenant, key, true) else existing = named(tenant, id, false) end
+  if existing then return existing end
   local u = redis.call('HMGET', USAGE, 'jobs', 'bytes')
   local jobs, bytes = tonumber(u[1]) or 0, tonumber(u[2]) or 0
   local size = string.len(rec) + string.len(first)

@@ -96,6 +96,16 @@ fn decode(rec: &[u8], owner: &[u8], fence: u64, cancel: &[u8]) -> Result<pb::Sto
     Ok(s)
 }
 
+/// The job of an `{"existing", rec, owner, fence, cancel}` answer.
+fn existing(r: &[Vec<u8>]) -> Result<pb::StoredJob, StoreError> {
+    match r {
+        [tag, rec, owner, fence, cancel] if tag.as_slice() == b"existing" => {
+            decode(rec, owner, number(fence), cancel)
+        }
+        _ => Err(unavailable("an unexpected reply naming an existing job")),
+    }
+}
+
 impl RedisJobStore {
     /// Checks the URL; connects on first use (a replica starts without Redis).
     pub fn new(
@@ -171,6 +181,34 @@ impl RedisJobStore {
             .await
     }
 
+    /// `invoke` for a write whose effect must be known: an error before it
+    /// was sent (no connection) or Redis's own refusal is `Unavailable`
+    /// (nothing written); no answer in time, or a connection lost after it
+    /// was sent, is `Unknown` (Redis may run it still, once it answers
+    /// again: a stalled server runs what it was sent when it wakes).
+    async fn invoke_write<T: FromRedisValue>(&self, inv: ScriptInvocation<'_>) -> Result<T, StoreError> {
+        let started = tokio::time::Instant::now();
+        let timeout = self.timeout;
+        let late = || format!("Redis did not answer within {timeout:?} (cluster.redis_timeout)");
+        let mut con = tokio::time::timeout(timeout, self.connection())
+            .await
+            .map_err(|_| unavailable(late()))??;
+        let sent = inv.invoke_async(&mut con);
+        match tokio::time::timeout_at(started + timeout, sent).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e))
+                if matches!(
+                    e.kind(),
+                    redis::ErrorKind::Server(_) | redis::ErrorKind::Extension
+                ) =>
+            {
+                Err(unavailable(e))
+            }
+            Ok(Err(e)) => Err(StoreError::Unknown(format!("Redis: {e}"))),
+            Err(_) => Err(StoreError::Unknown(late())),
+        }
+    }
+
     /// `orphans`, at `now_ms` instead of Redis `TIME` when given.
     pub async fn orphans_at(
         &self,
@@ -235,15 +273,10 @@ impl JobStore for RedisJobStore {
                 .arg(first.encode_to_vec())
                 .arg(self.max_jobs)
                 .arg(self.max_bytes);
-            let r: Vec<Vec<u8>> = self.invoke(inv).await?;
+            let r: Vec<Vec<u8>> = self.invoke_write(inv).await?;
             match r.first().map(Vec::as_slice) {
                 Some(b"stored") => Ok(Created::Stored),
-                Some(b"existing") if r.len() == 5 => Ok(Created::Existing(Box::new(decode(
-                    &r[1],
-                    &r[2],
-                    number(&r[3]),
-                    &r[4],
-                )?))),
+                Some(b"existing") => Ok(Created::Existing(Box::new(existing(&r)?))),
                 Some(b"full_jobs") => Err(StoreError::Full(format!(
                     "{} jobs: jobs.max_jobs",
                     number(r.get(1).map_or(&[][..], |v| v))
@@ -299,6 +332,19 @@ impl JobStore for RedisJobStore {
             match h.first().cloned().flatten() {
                 None => Ok(None),
                 Some(rec) => Ok(Some(decode(&rec, &field(1), number(&field(2)), &field(3))?)),
+            }
+        })
+    }
+
+    fn by_key(&self, tenant: &str, key: &str) -> StoreFuture<'_, Option<pb::StoredJob>> {
+        let (tenant, key) = (tenant.to_string(), key.to_string());
+        Box::pin(async move {
+            let mut inv = self.op("by_key", None);
+            inv.arg(&tenant).arg(&key);
+            let r: Vec<Vec<u8>> = self.invoke(inv).await?;
+            match r.first().map(Vec::as_slice) {
+                Some(b"none") => Ok(None),
+                _ => existing(&r).map(Some),
             }
         })
     }

@@ -44,9 +44,10 @@ async fn the_size_each_commit_records_is_what_reading_every_record_finds() {
         }
     }
     assert_eq!(store.expire(u64::MAX).await, Ok(0), "none finished");
-    let in_memory = *store.usage.lock();
+    let in_memory = *store.shared.usage.lock();
     assert_eq!(in_memory.jobs, 20);
-    let w = store.db.begin_write().unwrap();
+    let db = store.shared.db.read().clone().unwrap();
+    let w = db.begin_write().unwrap();
     let recorded = w
         .open_table(META)
         .unwrap()

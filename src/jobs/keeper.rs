@@ -16,14 +16,29 @@ use crate::core::job::{Recovery, recovery};
 use crate::pb;
 use pb::job_event::Event;
 
+/// The health service name whose status says whether jobs are taken.
+pub const HEALTH_SERVICE: &str = "dispatch.v1.Jobs";
+
 /// What a job that may have run and is not repeatable ends with.
 pub const INTERRUPTED: &str = "the dispatcher stopped while this job ran, so it may have run; it was not submitted as repeatable, so it is not run again";
+/// The same, when its run stopped because the store could not record it.
+pub const INTERRUPTED_BY_STORE: &str = "the job store could not record this job while it ran (a full disk, Redis away), so it may have run; it was not submitted as repeatable, so it is not run again";
+
+/// Why a job is taken up without a run of this process holding it.
+#[derive(Clone, Copy, PartialEq)]
+enum Cause {
+    /// Found unfinished: at start, or (Redis) its owner's lease lapsed.
+    Orphan,
+    /// Its run here stopped because the store failed.
+    StoreFailed,
+}
 
 impl Jobs {
     pub(super) async fn keeper(self: Arc<Self>, cancel: CancellationToken) {
         // A third of the lease between heartbeats; expiry once a second.
         let beat = (self.config.lease / 3).clamp(Duration::from_millis(100), Duration::from_secs(1));
         let mut last_expiry = crate::clock::tokio_now();
+        let mut refusing = None;
         loop {
             // Renew first, and look for orphans only once renewed: after a
             // stall past the lease (a paused process, a Redis that did not
@@ -32,8 +47,10 @@ impl Jobs {
             let renewed = self.heartbeat().await;
             if renewed && !self.stopping.load(Ordering::SeqCst) {
                 self.take_orphans().await;
+                self.take_stranded().await;
             }
             self.record_gauges().await;
+            self.report_store(&mut refusing).await;
             if crate::clock::tokio_now() >= last_expiry + Duration::from_secs(1) {
                 last_expiry = crate::clock::tokio_now();
                 match self.store.expire(crate::clock::unix_ms()).await {
@@ -58,20 +75,49 @@ impl Jobs {
             }
         };
         for s in orphans {
-            let id = record::job(&s).job_id.clone();
-            if let Err(e) = self.adopt(s).await {
-                tracing::warn!(job_id = %id, error = %e, "could not take over a job");
+            self.adopt_or_strand(s, Cause::Orphan).await;
+        }
+    }
+
+    /// The jobs whose runs the store stopped, taken up again once it answers.
+    async fn take_stranded(&self) {
+        let ids = std::mem::take(&mut *self.stranded.lock());
+        for (i, id) in ids.iter().enumerate() {
+            match self.store.get(id).await {
+                Ok(Some(s)) if !record::is_terminal(record::job(&s).state()) => {
+                    self.adopt_or_strand(s, Cause::StoreFailed).await;
+                }
+                // Ended, or gone (its TTL).
+                Ok(_) => {}
+                Err(_) => {
+                    // Still failing: these wait for the next look.
+                    self.stranded.lock().extend(ids[i..].iter().cloned());
+                    return;
+                }
             }
         }
     }
 
+    async fn adopt_or_strand(&self, s: pb::StoredJob, cause: Cause) {
+        let id = record::job(&s).job_id.clone();
+        match self.adopt(s, cause).await {
+            Ok(()) => {}
+            Err(e) if e.is_transient() => {
+                tracing::warn!(job_id = %id, error = %e, "could not take a job up; tried again once the store answers");
+                self.stranded.lock().push(id);
+            }
+            Err(e) => tracing::warn!(job_id = %id, error = %e, "could not take over a job"),
+        }
+    }
+
     /// Runs an orphan again, queues it, or ends it INTERRUPTED.
-    async fn adopt(&self, mut s: pb::StoredJob) -> Result<(), super::StoreError> {
+    async fn adopt(&self, mut s: pb::StoredJob, cause: Cause) -> Result<(), super::StoreError> {
         let job = record::job(&s).clone();
         if self.table.lock().live.contains_key(&job.job_id) {
             return Ok(());
         }
         let taken_over = job.owner != self.owner;
+        let store_failed = cause == Cause::StoreFailed;
         if s.cancel_requested {
             let end = record::finish(
                 &mut s,
@@ -86,15 +132,23 @@ impl Jobs {
         let reason = match (recovery(phase, job.repeatable), taken_over) {
             (Recovery::Keep, _) => return Ok(()),
             (Recovery::Interrupt, _) => {
-                tracing::info!(job_id = %job.job_id, "interrupted: it was running when its owner stopped");
+                tracing::info!(job_id = %job.job_id, "interrupted: it was running when its owner (or the store) stopped");
                 let end = record::finish(
                     &mut s,
                     pb::JobState::Interrupted,
                     tonic::Code::Unavailable as i32,
-                    INTERRUPTED,
+                    if store_failed {
+                        INTERRUPTED_BY_STORE
+                    } else {
+                        INTERRUPTED
+                    },
                     self.ttl_ms(),
                 );
                 return self.store.write(s, vec![end]).await;
+            }
+            (Recovery::Requeue, _) if store_failed => "queued again after the job store failed",
+            (Recovery::RunAgain, _) if store_failed => {
+                "running again after the job store failed (repeatable)"
             }
             (Recovery::Requeue, false) => "queued again after a restart",
             (Recovery::Requeue, true) => "taken over from a replica that stopped",
@@ -128,6 +182,27 @@ impl Jobs {
         self.table.lock().backlog.adopt(&Arc::from(job.tenant.as_str()));
         self.enqueue(s, tokens, false);
         Ok(())
+    }
+
+    /// Says whether the store takes writes: health (`dispatch.v1.Jobs`),
+    /// a gauge, and the log (by the store) when it changes.
+    async fn report_store(&self, was_refusing: &mut Option<bool>) {
+        let refusing = self.store.refusing();
+        if crate::metrics::enabled() {
+            metrics::gauge!("dispatcher_job_store_writable").set(refusing.is_none() as u8 as f64);
+        }
+        let Some(reporter) = self.health.get() else {
+            return;
+        };
+        if *was_refusing == Some(refusing.is_some()) {
+            return;
+        }
+        *was_refusing = Some(refusing.is_some());
+        let status = match refusing {
+            None => tonic_health::ServingStatus::Serving,
+            Some(_) => tonic_health::ServingStatus::NotServing,
+        };
+        reporter.set_service_status(HEALTH_SERVICE, status).await;
     }
 
     async fn record_gauges(&self) {

@@ -41,14 +41,31 @@ fn ready<T: Send + 'static>(r: Result<T, StoreError>) -> StoreFuture<'static, T>
     Box::pin(async move { r })
 }
 
+impl State {
+    /// The job `key` names for `tenant` (see `store`'s doc).
+    fn named(&self, tenant: &str, key: &str) -> Option<&pb::StoredJob> {
+        if let Some(id) = self.keys.get(&(tenant.to_string(), key.to_string())) {
+            return self.jobs.get(id);
+        }
+        self.jobs.get(key).filter(|s| {
+            let j = record::job(s);
+            j.tenant == tenant && j.idempotency_key.is_empty()
+        })
+    }
+}
+
 impl JobStore for MemoryStore {
     fn create(&self, job: pb::StoredJob, first: pb::JobEvent, _owner: &str) -> StoreFuture<'_, Created> {
         let mut s = self.state.lock();
         let j = record::job(&job).clone();
-        if !j.idempotency_key.is_empty()
-            && let Some(id) = s.keys.get(&(j.tenant.clone(), j.idempotency_key.clone()))
-            && let Some(existing) = s.jobs.get(id)
-        {
+        let existing = match j.idempotency_key.is_empty() {
+            false => s.named(&j.tenant, &j.idempotency_key),
+            true => s
+                .keys
+                .get(&(j.tenant.clone(), j.job_id.clone()))
+                .and_then(|id| s.jobs.get(id)),
+        };
+        if let Some(existing) = existing {
             return ready(Ok(Created::Existing(Box::new(existing.clone()))));
         }
         if s.jobs.len() as u64 >= self.max_jobs {
@@ -90,6 +107,10 @@ impl JobStore for MemoryStore {
 
     fn get(&self, job_id: &str) -> StoreFuture<'_, Option<pb::StoredJob>> {
         ready(Ok(self.state.lock().jobs.get(job_id).cloned()))
+    }
+
+    fn by_key(&self, tenant: &str, key: &str) -> StoreFuture<'_, Option<pb::StoredJob>> {
+        ready(Ok(self.state.lock().named(tenant, key).cloned()))
     }
 
     fn events(&self, job_id: &str, from_seq: u64, max: usize) -> StoreFuture<'_, Vec<pb::JobEvent>> {

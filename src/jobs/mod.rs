@@ -13,11 +13,15 @@
 //! takeovers, expiry).
 
 mod embedded;
+mod embedded_open;
+mod embedded_tables;
+mod embedded_writer;
 mod keeper;
 mod memory;
 pub mod record;
 mod run;
 pub mod store;
+mod submit;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -28,15 +32,15 @@ use parking_lot::Mutex;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
-pub use embedded::EmbeddedStore;
+pub use embedded::{EmbeddedStore, Opener};
+pub use keeper::HEALTH_SERVICE;
 pub use memory::MemoryStore;
 pub use store::{Beat, Created, Held, JobStore, StoreError, StoreFuture};
 
 use crate::config::JobsConfig;
-use crate::core::{JobBacklog, JobRefusal, Weights};
+use crate::core::{JobBacklog, Weights};
 use crate::dispatch::{Caller, DispatchError, Engine};
 use crate::pb;
-use pb::job_event::Event;
 
 /// What a Jobs call can end in besides its answer.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -55,6 +59,20 @@ pub enum JobError {
     Disabled,
     #[error("the dispatcher is shutting down; submit the job again to another replica or later")]
     ShuttingDown,
+    /// The key names a job submitted with another request.
+    #[error(
+        "idempotency_key {key:?} already names job {job_id}, submitted with a different request; a key names one submission: use a new key for new work"
+    )]
+    KeyReused { key: String, job_id: String },
+    /// The store did not say whether it stored the job.
+    #[error(
+        "{why}: job {job_id} may have been stored and may run; submit again with idempotency_key {key:?} to get it without running the work twice (GetJob {job_id} may answer NOT_FOUND until the store has caught up)"
+    )]
+    MaybeStored {
+        job_id: String,
+        key: String,
+        why: String,
+    },
 }
 
 /// Where a job to cancel is.
@@ -117,6 +135,12 @@ pub struct Jobs {
     stopping: AtomicBool,
     /// The jobs `begin_shutdown` left for others, for `hand_over`.
     leaving: Mutex<Vec<Held>>,
+    /// Jobs whose run (or adoption) stopped because the store failed (a
+    /// full disk, Redis away): the keeper takes them up again once the
+    /// store answers, as it does the jobs left unfinished at a restart.
+    stranded: Mutex<Vec<String>>,
+    /// Where the keeper reports whether the store takes writes.
+    health: std::sync::OnceLock<tonic_health::server::HealthReporter>,
 }
 
 fn weights(config: &crate::config::Config) -> Arc<Weights> {
@@ -150,6 +174,8 @@ impl Jobs {
             wake: Notify::new(),
             stopping: AtomicBool::new(false),
             leaving: Mutex::new(Vec::new()),
+            stranded: Mutex::new(Vec::new()),
+            health: std::sync::OnceLock::new(),
         })
     }
 
@@ -158,6 +184,13 @@ impl Jobs {
     pub fn spawn(self: &Arc<Self>, cancel: CancellationToken) {
         tokio::spawn(self.clone().starter(cancel.clone()));
         tokio::spawn(self.clone().keeper(cancel));
+    }
+
+    /// Reports the Jobs service's health on `reporter` from now on:
+    /// NOT_SERVING while the store refuses writes (new jobs are refused
+    /// then; reads may still work), SERVING otherwise.
+    pub fn report_health(&self, reporter: tonic_health::server::HealthReporter) {
+        let _ = self.health.set(reporter);
     }
 
     /// New tenant weights after a reload.
@@ -218,90 +251,6 @@ impl Jobs {
     pub fn counts(&self) -> (usize, usize) {
         let t = self.table.lock();
         (t.backlog.queued(), t.backlog.running())
-    }
-
-    /// Stores a job and queues it; answers before any work.
-    pub async fn submit(&self, r: pb::SubmitJobRequest, caller: &Caller) -> Result<pb::Job, JobError> {
-        if self.stopping.load(Ordering::SeqCst) || self.engine.shutting_down() {
-            return Err(JobError::ShuttingDown);
-        }
-        let Some(mut request) = r.request else {
-            return Err(
-                DispatchError::InvalidArgument(vec![crate::dispatch::Violation::new(
-                    "request",
-                    "is required",
-                )])
-                .into(),
-            );
-        };
-        let (tenant, tokens) = self.engine.check_job(&request, caller)?;
-        let limits = self.engine.settings().limits;
-        if r.idempotency_key.len() > limits.max_request_id_bytes {
-            return Err(
-                DispatchError::InvalidArgument(vec![crate::dispatch::Violation::new(
-                    "idempotency_key",
-                    format!("is longer than {} bytes", limits.max_request_id_bytes),
-                )])
-                .into(),
-            );
-        }
-        let id = record::new_id();
-        request.tenant = tenant.to_string();
-        if request.request_id.is_empty() {
-            request.request_id = id.clone();
-        }
-        let (position, wait) = {
-            let mut t = self.table.lock();
-            if let Err(JobRefusal::TenantFull { held }) = t.backlog.admit(&tenant) {
-                return Err(JobError::TenantFull {
-                    tenant: tenant.to_string(),
-                    held,
-                });
-            }
-            let ahead = t.backlog.queued_for(&tenant);
-            let slots = self.config.limits.running_per_tenant;
-            (ahead, t.estimate(ahead, slots))
-        };
-        let mut stored = pb::StoredJob {
-            job: Some(pb::Job {
-                job_id: id.clone(),
-                tenant: tenant.to_string(),
-                model: request.model.clone(),
-                state: pb::JobState::Queued as i32,
-                repeatable: r.repeatable,
-                idempotency_key: r.idempotency_key.clone(),
-                created_unix_ms: crate::clock::unix_ms(),
-                owner: self.owner.clone(),
-                ..Default::default()
-            }),
-            request: Some(request),
-            fence: 1,
-            cancel_requested: false,
-        };
-        let first = record::next_event(
-            &mut stored,
-            Event::Queued(pb::JobQueued {
-                position: position as u32,
-                estimate: wait,
-                reason: "submitted".into(),
-            }),
-        );
-        let created = self.store.create(stored.clone(), first, &self.owner).await;
-        match created {
-            Ok(Created::Stored) => {
-                let job = record::job(&stored).clone();
-                self.enqueue(stored, tokens.total(), false);
-                Ok(job)
-            }
-            Ok(Created::Existing(existing)) => {
-                self.table.lock().backlog.release(&tenant);
-                Ok(record::job(&existing).clone())
-            }
-            Err(e) => {
-                self.table.lock().backlog.release(&tenant);
-                Err(e.into())
-            }
-        }
     }
 
     /// Puts an admitted (or adopted) job in the backlog and wakes the starter.
@@ -393,9 +342,19 @@ impl Jobs {
 
     pub async fn list(&self, r: pb::ListJobsRequest, caller: &Caller) -> Result<Vec<pb::Job>, JobError> {
         let tenant = self.engine.authenticate(caller)?;
-        let state = match r.state() {
-            pb::JobState::Unspecified => None,
-            s => Some(s),
+        let state = match pb::JobState::try_from(r.state) {
+            Ok(pb::JobState::Unspecified) => None,
+            Ok(s) => Some(s),
+            Err(_) => {
+                return Err(DispatchError::InvalidArgument(vec![crate::dispatch::Violation::new(
+                    "state",
+                    format!(
+                        "{} is not a JobState (0 or unset: every state; 1 to 6: QUEUED, RUNNING, DONE, FAILED, CANCELLED, INTERRUPTED)",
+                        r.state
+                    ),
+                )])
+                .into());
+            }
         };
         let limit = match r.limit {
             0 => 100,

@@ -38,6 +38,9 @@ struct Writer {
     sent: bool,
 }
 
+/// The longest wait between two tries of a write refused for a full disk.
+const FULL_DISK_PAUSE: Duration = Duration::from_secs(1);
+
 impl Writer {
     /// Stores the record with `events`, then tells local watchers.
     async fn write(&mut self, events: Vec<Event>) -> Result<(), StoreError> {
@@ -45,7 +48,27 @@ impl Writer {
             .into_iter()
             .map(|e| record::next_event(&mut self.stored, e))
             .collect();
-        self.store.write(self.stored.clone(), events).await?;
+        self.persist(events).await
+    }
+
+    /// Stores the record with `events`. A full disk (nothing written) is
+    /// waited out: the run pauses, its region's stream waiting, until the
+    /// store has room again, rather than losing the work it did.
+    async fn persist(&mut self, events: Vec<pb::JobEvent>) -> Result<(), StoreError> {
+        let mut pause = Duration::from_millis(50);
+        loop {
+            match self.store.write(self.stored.clone(), events.clone()).await {
+                Err(StoreError::DiskFull(why)) => {
+                    if pause == Duration::from_millis(50) {
+                        tracing::warn!(job_id = %record::job(&self.stored).job_id, %why, "a job's run waits for room on the job store's disk");
+                    }
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(FULL_DISK_PAUSE);
+                }
+                Err(e) => return Err(e),
+                Ok(()) => break,
+            }
+        }
         self.seq.send_replace(record::job(&self.stored).last_seq);
         Ok(())
     }
@@ -58,9 +81,7 @@ impl Writer {
         ttl_ms: u64,
     ) -> Result<(), StoreError> {
         let end = record::finish(&mut self.stored, state, code as i32, message, ttl_ms);
-        self.store.write(self.stored.clone(), vec![end]).await?;
-        self.seq.send_replace(record::job(&self.stored).last_seq);
-        Ok(())
+        self.persist(vec![end]).await
     }
 }
 
@@ -108,10 +129,12 @@ impl Jobs {
         span.record("tenant", &*tenant);
         let ended = self.run_once(stored, &signals).instrument(span).await;
         drop(running);
+        // The record stays as last stored: the keeper takes the job up again
+        // once the store answers (or, with Redis, another replica may).
+        let stranded = matches!(&ended, Err(JobError::Store(e)) if e.is_transient())
+            && !signals.lost.load(Ordering::SeqCst);
         if let Err(e) = &ended {
-            // The record stays as last stored: whoever takes the job next
-            // (this process after a restart, or another replica) ends it.
-            tracing::warn!(job_id = %id, error = %e, "a job's run stopped: its state could not be stored");
+            tracing::warn!(job_id = %id, error = %e, "a job's run stopped: its state could not be stored; it is taken up again once the store answers");
         }
         let again = {
             let mut t = self.table.lock();
@@ -130,6 +153,9 @@ impl Jobs {
                 }
             }
         };
+        if stranded {
+            self.stranded.lock().push(id.clone());
+        }
         self.wake.notify_one();
         if let Some(after) = again {
             tokio::select! {
@@ -137,7 +163,18 @@ impl Jobs {
                 _ = signals.cancel.cancelled() => {}
             }
             // Back at the head of its tenant's line, unless it was cancelled.
-            let stored = self.store.get(&id).await.ok().flatten();
+            let stored = match self.store.get(&id).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(job_id = %id, error = %e, "a job to queue again could not be read; it is taken up again once the store answers");
+                    let mut t = self.table.lock();
+                    t.backlog.release(&tenant);
+                    t.live.remove(&id);
+                    drop(t);
+                    self.stranded.lock().push(id);
+                    return;
+                }
+            };
             match stored {
                 Some(s) if !signals.cancel.is_cancelled() => self.enqueue(s, tokens, true),
                 Some(mut s) if !signals.lost.load(Ordering::SeqCst) => {

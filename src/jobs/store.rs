@@ -20,9 +20,31 @@ pub enum StoreError {
     /// Another owner took the job (a higher fence): this one must stop.
     #[error("the job was taken over by {owner} (fence {current}); this replica no longer runs it")]
     Fenced { owner: String, current: u64 },
-    /// The store could not be read or written (disk, Redis).
+    /// The disk under the store is full: nothing was written; what was
+    /// stored before is kept.
+    #[error(
+        "the job store's disk is full ({0}); new jobs are refused until space is freed, stored jobs are kept"
+    )]
+    DiskFull(String),
+    /// The store could not be read or written (disk, Redis): nothing was
+    /// written.
     #[error("the job store is unavailable: {0}")]
     Unavailable(String),
+    /// No answer in time to a write that was sent: it may have been stored,
+    /// and may still be (Redis runs it once it answers again).
+    #[error("the job store did not answer ({0}); the write may have been stored")]
+    Unknown(String),
+}
+
+impl StoreError {
+    /// The store failed for now (a run stopped by it is taken up again once
+    /// the store answers); not a refusal meant for this writer.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            StoreError::DiskFull(_) | StoreError::Unavailable(_) | StoreError::Unknown(_)
+        )
+    }
 }
 
 /// What `create` did.
@@ -43,7 +65,8 @@ pub struct Held {
 pub trait JobStore: Send + Sync {
     /// Stores a new job with its first event, durably, owned by `owner`
     /// (fence 1), unless the tenant's `idempotency_key` already names a
-    /// job still kept.
+    /// job still kept (or, without a key, a job was stored with the new
+    /// job's id as its key).
     fn create(&self, job: pb::StoredJob, first: pb::JobEvent, owner: &str) -> StoreFuture<'_, Created>;
 
     /// Replaces the job's record and appends `events` (numbered after the
@@ -51,6 +74,9 @@ pub trait JobStore: Send + Sync {
     fn write(&self, job: pb::StoredJob, events: Vec<pb::JobEvent>) -> StoreFuture<'_, ()>;
 
     fn get(&self, job_id: &str) -> StoreFuture<'_, Option<pb::StoredJob>>;
+
+    /// The job the tenant's idempotency key names (see the module's doc).
+    fn by_key(&self, tenant: &str, key: &str) -> StoreFuture<'_, Option<pb::StoredJob>>;
 
     /// Up to `max` events from `from_seq` on, in order.
     fn events(&self, job_id: &str, from_seq: u64, max: usize) -> StoreFuture<'_, Vec<pb::JobEvent>>;
@@ -86,6 +112,13 @@ pub trait JobStore: Send + Sync {
 
     /// Jobs and bytes stored now.
     fn usage(&self) -> StoreFuture<'_, (u64, u64)>;
+
+    /// Why the store refuses writes now, while it does (the embedded store:
+    /// a full disk, or an I/O error it has not yet recovered from). Redis's
+    /// health is the cluster's own (its metrics and fallback).
+    fn refusing(&self) -> Option<StoreError> {
+        None
+    }
 }
 
 /// What a heartbeat learned.

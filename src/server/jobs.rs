@@ -1,10 +1,12 @@
 //! `dispatch.v1.Jobs`: wire types in, jobs desk call, wire types out.
 
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 
 use tokio_stream::Stream;
 use tonic::{Code, Request, Response, Status};
+use tonic_types::{ErrorDetails, StatusExt};
 
 use super::dispatcher::caller;
 use super::status::to_status;
@@ -27,19 +29,49 @@ impl JobsService {
     }
 }
 
+/// Where the reasons of this service's `ErrorInfo` details are defined.
+const ERROR_DOMAIN: &str = "dispatcher.jobs";
+
+fn error_info(reason: &str, metadata: &[(&str, &str)]) -> ErrorDetails {
+    let metadata: HashMap<String, String> = metadata
+        .iter()
+        .map(|(k, v)| (k.to_string(), crate::excerpt::truncate(v, 256).into_owned()))
+        .collect();
+    ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata)
+}
+
 fn job_status(e: &JobError) -> Status {
     let message = crate::excerpt::truncate(&e.to_string(), 1024).into_owned();
     match e {
         JobError::Dispatch(d) => to_status(d),
         JobError::NotFound(_) => Status::not_found(message),
         JobError::BadId => Status::invalid_argument(message),
-        JobError::TenantFull { .. } | JobError::Store(StoreError::Full(_)) => {
-            Status::new(Code::ResourceExhausted, message)
-        }
+        JobError::TenantFull { .. }
+        | JobError::Store(StoreError::Full(_))
+        | JobError::Store(StoreError::DiskFull(_)) => Status::new(Code::ResourceExhausted, message),
         JobError::Store(StoreError::Fenced { .. }) => Status::aborted(message),
         JobError::Store(StoreError::Unavailable(_)) | JobError::Disabled | JobError::ShuttingDown => {
             Status::unavailable(message)
         }
+        // Not UNAVAILABLE, which clients retry as it is: the work may be
+        // stored, and a retry without the key would store it twice.
+        JobError::Store(StoreError::Unknown(_)) => Status::deadline_exceeded(message),
+        JobError::MaybeStored { job_id, key, .. } => Status::with_error_details(
+            Code::DeadlineExceeded,
+            message,
+            error_info(
+                "JOB_MAY_BE_STORED",
+                &[("job_id", job_id), ("idempotency_key", key)],
+            ),
+        ),
+        JobError::KeyReused { key, job_id } => Status::with_error_details(
+            Code::AlreadyExists,
+            message,
+            error_info(
+                "IDEMPOTENCY_KEY_REUSED",
+                &[("job_id", job_id), ("idempotency_key", key)],
+            ),
+        ),
     }
 }
 

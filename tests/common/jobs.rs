@@ -1,6 +1,51 @@
-//! Shared by the jobs tests: a call with a tenant's key, and an event's kind.
+//! Shared by the jobs tests: a dispatcher with tenants alpha and beta in
+//! front of one region-sim, a call with a tenant's key, and an event's kind.
 
+use dispatcher::dispatch::hash_key;
 use dispatcher::pb;
+
+use super::{ConfigDir, Proc, SimRegion, dispatcher};
+
+/// dispatcher.toml of the jobs tests: gpt-4o, tenants alpha (key `k-alpha`)
+/// and beta (`k-beta`), `[jobs]` with `data_dir = "data"` and `jobs`, then
+/// `tables` (`[cluster]`, ...).
+pub fn dispatcher_toml(jobs: &str, tables: &str) -> String {
+    format!(
+        r#"
+[[models]]
+name = "gpt-4o"
+max_request_tokens = 200000
+[[tenants]]
+name = "alpha"
+keys = ["{}"]
+[[tenants]]
+name = "beta"
+keys = ["{}"]
+[jobs]
+data_dir = "data"
+{jobs}
+{tables}
+"#,
+        hash_key("k-alpha"),
+        hash_key("k-beta"),
+    )
+}
+
+/// A dispatcher on `dispatcher_toml(jobs, tables)` with one region (r1) whose
+/// region-sim's output takes `ms_per_1k` per 1,000 tokens.
+pub fn setup(ms_per_1k: &str, jobs: &str, tables: &str) -> (ConfigDir, Proc, Proc) {
+    let cfg = ConfigDir::new(&dispatcher_toml(jobs, tables));
+    let sim = cfg.start_region(SimRegion {
+        name: "r1",
+        tokens_per_minute: 600_000_000,
+        requests_per_minute: 6_000_000,
+        accounting: "usage",
+        sim_args: &["--ms-per-1k-tokens", ms_per_1k, "--completion-min-fraction", "1"],
+        ..Default::default()
+    });
+    let d = dispatcher(&cfg.config());
+    (cfg, sim, d)
+}
 
 /// `message` with `authorization: Bearer <key>`.
 pub fn with_key<T>(message: T, key: &str) -> tonic::Request<T> {

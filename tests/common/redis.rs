@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 pub struct RedisServer {
     pub port: u16,
     child: Option<Child>,
+    /// `DEBUG` allowed from loopback (`debug_sleep`).
+    debug: bool,
 }
 
 fn free_port() -> u16 {
@@ -22,12 +24,46 @@ fn free_port() -> u16 {
 
 impl RedisServer {
     pub fn start() -> Self {
+        Self::started(false)
+    }
+
+    /// Like `start`, with `DEBUG` allowed from loopback (`debug_sleep`).
+    pub fn start_with_debug() -> Self {
+        Self::started(true)
+    }
+
+    fn started(debug: bool) -> Self {
         let mut r = Self {
             port: free_port(),
             child: None,
+            debug,
         };
         r.spawn();
         r
+    }
+
+    /// `DEBUG SLEEP secs`: the server answers nothing for that long, then
+    /// runs what it was sent meanwhile (a stall, not a failure). Returns
+    /// once the sleep has begun; the thread ends with it.
+    pub fn debug_sleep(&self, secs: f64) -> std::thread::JoinHandle<()> {
+        assert!(self.debug, "start_with_debug() allows DEBUG");
+        let port = self.port;
+        let sleeper = std::thread::spawn(move || {
+            let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            s.write_all(format!("DEBUG SLEEP {secs}\r\n").as_bytes()).unwrap();
+            let mut buf = [0u8; 64];
+            let n = s.read(&mut buf).unwrap();
+            assert!(
+                buf[..n].starts_with(b"+OK"),
+                "DEBUG SLEEP: {:?}",
+                String::from_utf8_lossy(&buf[..n])
+            );
+        });
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.ping() {
+            assert!(Instant::now() < deadline, "redis-server did not begin to sleep");
+        }
+        sleeper
     }
 
     pub fn url(&self) -> String {
@@ -38,6 +74,11 @@ impl RedisServer {
         let child = Command::new(super::tools::redis_server())
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .args(if self.debug {
+                &["--enable-debug-command", "local"][..]
+            } else {
+                &[]
+            })
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
