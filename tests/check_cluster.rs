@@ -65,7 +65,9 @@ impl Checked {
 fn verdicts(table: &str) -> BTreeMap<String, String> {
     let mut lines = table.lines();
     let header = lines.next().unwrap_or_default();
-    let at = header.find("RESULT").unwrap_or_else(|| panic!("no table header in:\n{table}"));
+    let at = header
+        .find("RESULT")
+        .unwrap_or_else(|| panic!("no table header in:\n{table}"));
     lines
         .take_while(|l| !l.contains(" checks: "))
         .map(|l| {
@@ -105,7 +107,15 @@ fn region_sim_passes_every_check() {
     assert!(c.out.contains("13 checks: 13 PASS, 0 WARN, 0 FAIL"), "{}", c.out);
     // Within the budget it was given.
     let summary = c.out.lines().last().unwrap();
-    let reserved: u64 = summary.split(" of --max-tokens").next().unwrap().rsplit(' ').next().unwrap().parse().unwrap();
+    let reserved: u64 = summary
+        .split(" of --max-tokens")
+        .next()
+        .unwrap()
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(reserved <= 4000, "{summary}");
 }
 
@@ -129,7 +139,12 @@ fn each_faulty_mode_fails_exactly_the_check_meant_to_catch_it() {
         // without load reports nothing can read in_flight.
         let warned = c.with("WARN");
         if mode == "no-load-report" {
-            assert_eq!(warned, vec!["cancel", "deadline", "load.concurrency"], "{}", c.out);
+            assert_eq!(
+                warned,
+                vec!["cancel", "deadline", "load.concurrency"],
+                "{}",
+                c.out
+            );
         } else {
             assert!(warned.is_empty(), "--faulty {mode}:\n{}", c.out);
         }
@@ -181,7 +196,12 @@ fn bad_arguments_are_refused_before_any_call() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("only http:// and https:// endpoints"), "{err}");
     let o = Command::new(env!("CARGO_BIN_EXE_dispatcher"))
-        .args(["check-cluster", "https://localhost:1", "--ca-file", "/nonexistent/ca.pem"])
+        .args([
+            "check-cluster",
+            "https://localhost:1",
+            "--ca-file",
+            "/nonexistent/ca.pem",
+        ])
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(2));
@@ -214,7 +234,10 @@ fn the_python_example_passes_while_echoing() {
 fn the_python_example_passes_calling_a_provider() {
     let dir = tempfile::tempdir().unwrap();
     tools::python_cluster();
-    let fake = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/python-cluster/fake_provider.py");
+    let fake = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/python-cluster/fake_provider.py"
+    );
     let provider = Proc::start(
         fake,
         &["--listen", "127.0.0.1:0", "--tokens-per-minute", "3000"],
@@ -240,7 +263,10 @@ fn readme_check_cluster_run_works_as_written() {
         .split("\n## ")
         .find(|s| s.starts_with("Checking a cluster"))
         .expect("README has a section \"Checking a cluster\"");
-    assert!(section.contains("docs/CLUSTERS.md"), "the section links the contract");
+    assert!(
+        section.contains("docs/CLUSTERS.md"),
+        "the section links the contract"
+    );
     let sh = section
         .split("```sh\n")
         .nth(1)
@@ -261,7 +287,10 @@ fn readme_check_cluster_run_works_as_written() {
     let dir = tempfile::tempdir().unwrap();
     let args: Vec<&str> = sim_args.iter().map(String::as_str).collect();
     let sim = Proc::start(env!("CARGO_BIN_EXE_region-sim"), &args, dir.path(), "region-sim");
-    let check_args = words(&commands[1], "cargo run --release --bin dispatcher -- check-cluster ");
+    let check_args = words(
+        &commands[1],
+        "cargo run --release --bin dispatcher -- check-cluster ",
+    );
     assert_eq!(check_args[0], format!("http://{shown_addr}"));
     let rest: Vec<&str> = check_args[1..].iter().map(String::as_str).collect();
     let c = check_cluster(&sim.endpoint(), &rest);

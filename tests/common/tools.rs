@@ -154,13 +154,19 @@ pub fn python_cluster() -> PathBuf {
                 .unwrap_or(false)
         };
         if !imports() {
-            let requirements = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/python-cluster/requirements.txt");
+            let requirements = concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/examples/python-cluster/requirements.txt"
+            );
             let status = Command::new("python3")
                 .args(["-m", "pip", "install", "--quiet", "-r", requirements])
                 .status()
                 .expect("running pip to install the Python example's packages");
             assert!(status.success(), "pip install -r {requirements} failed");
-            assert!(imports(), "the Python example's packages were installed but do not import");
+            assert!(
+                imports(),
+                "the Python example's packages were installed but do not import"
+            );
         }
         PathBuf::from("python3")
     })
