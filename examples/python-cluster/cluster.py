@@ -65,6 +65,20 @@ class Refused(Exception):
         self.code, self.message, self.retry_after = code, message, retry_after
 
 
+class Stopped(Exception):
+    """The call ended (cancelled, or its deadline passed) while its work ran."""
+
+
+def failed(call, e, code, what):
+    """What a failed provider call means: our own stop, the deadline (the
+    provider call's timeout is the time left), or `code`."""
+    if call.stop.is_set():
+        return Stopped()
+    if isinstance(e, TimeoutError):
+        return Refused(code_pb2.DEADLINE_EXCEEDED, f"the deadline passed waiting for the provider ({what})")
+    return Refused(code, f"{what}: {e}")
+
+
 def abort(context, refused):
     """Answers with the refusal; RetryInfo goes in the rich status details."""
     details = []
@@ -123,7 +137,8 @@ class Call:
     def __init__(self, context):
         self.stop = threading.Event()
         self.upstream = None
-        context.add_callback(self._stopped)
+        if not context.add_callback(self._stopped):
+            self.stop.set()   # the call has already ended
 
     def _stopped(self):
         self.stop.set()
@@ -215,7 +230,7 @@ class Provider:
             conn.request("POST", self.path, json.dumps(body), headers)
             response = conn.getresponse()
         except (OSError, http.client.HTTPException) as e:
-            raise Refused(code_pb2.UNAVAILABLE, f"provider: {e}")
+            raise failed(call, e, code_pb2.UNAVAILABLE, "provider")
         headers = {k.lower(): v for k, v in response.getheaders()}
         if response.status == 429:
             raise Refused(code_pb2.RESOURCE_EXHAUSTED, f"provider rate limit: {error_message(response)}",
@@ -272,9 +287,7 @@ class AgentCluster:
                 response, headers = self.provider.open(call, request, False, self._timeout(context))
                 body = json.loads(response.read())
             except (OSError, http.client.HTTPException, ValueError) as e:
-                if call.stop.is_set():
-                    return self.pb.ExecuteReply()
-                raise Refused(code_pb2.INTERNAL, f"provider answer: {e}")
+                raise failed(call, e, code_pb2.INTERNAL, "provider answer")
             u = body.get("usage") or {}
             text = (body.get("choices") or [{}])[0].get("message", {}).get("content") or ""
             return self.pb.ExecuteReply(
@@ -284,8 +297,18 @@ class AgentCluster:
                 provider_quota=provider_quota(self.pb, headers), load=self.load.report(self.pb))
         except Refused as r:
             abort(context, r)
+        except Stopped:
+            abort(context, self._stopped(context))
         finally:
             self.load.leave()
+
+    def _stopped(self, context):
+        """The answer for a call that ended while its work ran: grpcio has
+        usually answered already, and must not be told anything else."""
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            return Refused(code_pb2.DEADLINE_EXCEEDED, "the deadline passed")
+        return Refused(code_pb2.CANCELLED, "cancelled")
 
     def ExecuteStream(self, request, context):
         call = self._begin(request, context)
@@ -294,6 +317,8 @@ class AgentCluster:
             yield from chunks
         except Refused as r:
             abort(context, r)
+        except Stopped:
+            abort(context, self._stopped(context))
         finally:
             self.load.leave()
 
@@ -326,9 +351,7 @@ class AgentCluster:
                         yield self.pb.ExecuteChunk(output=text.encode(), usage=self.pb.Usage(
                             prompt_tokens=prompt, completion_tokens=produced))
         except (OSError, http.client.HTTPException, ValueError) as e:
-            if call.stop.is_set():
-                return
-            raise Refused(code_pb2.INTERNAL, f"provider stream: {e}")
+            raise failed(call, e, code_pb2.INTERNAL, "provider stream")
         if call.stop.is_set():
             return
         final = final or {}

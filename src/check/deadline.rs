@@ -23,19 +23,25 @@ pub fn deadline_for(pace: Pace, natural: Duration) -> Duration {
     (pace.first_chunk + natural.saturating_sub(pace.first_chunk) / 4).max(Duration::from_millis(100))
 }
 
-/// How late after its deadline an answer may come and still honour it.
+/// How late after its deadline an answer may come and still honour it
+/// (timers, a loaded machine; ignoring it shows as seconds, or OK).
 pub fn slack(deadline: Duration) -> Duration {
-    (deadline / 2).max(Duration::from_millis(250))
+    (deadline / 2).max(Duration::from_millis(500))
 }
 
-/// How a call given `deadline` ended: OK (`None`) or a status code (and
+/// How a call given `deadline` ended: OK (`None`) or a status (and
 /// `silent` when the checker's own bound ran out), `took` after it started.
-pub fn judge_answer(deadline: Duration, code: Option<Code>, silent: bool, took: Duration) -> Judged {
+pub fn judge_answer(
+    deadline: Duration,
+    status: Option<&tonic::Status>,
+    silent: bool,
+    took: Duration,
+) -> Judged {
     let (d, t) = (deadline.as_millis(), took.as_millis());
     if silent {
         return Judged::fail(format!("no answer within {t} ms for a {d} ms deadline"));
     }
-    match code {
+    match status.map(|s| s.code()) {
         None if took <= deadline => Judged::warn(format!(
             "finished OK in {t} ms, within its {d} ms deadline: too fast to tell"
         )),
@@ -48,14 +54,17 @@ pub fn judge_answer(deadline: Duration, code: Option<Code>, silent: bool, took: 
         Some(c @ (Code::DeadlineExceeded | Code::Cancelled)) => {
             Judged::fail(format!("{c:?} only at {t} ms, for a {d} ms deadline"))
         }
-        Some(c) => Judged::fail(format!("{c:?} at {t} ms, for a {d} ms deadline")),
+        Some(_) => Judged::fail(format!(
+            "{} at {t} ms, for a {d} ms deadline",
+            super::basics::status(status.expect("a code is a status's"))
+        )),
     }
 }
 
 fn unary_answer(deadline: Duration, u: &Unary) -> Judged {
     match &u.answer {
         Answer::Ok(_) => judge_answer(deadline, None, false, u.took),
-        Answer::Status(s) => judge_answer(deadline, Some(s.code()), false, u.took),
+        Answer::Status(s) => judge_answer(deadline, Some(s), false, u.took),
         Answer::Silent(_) => judge_answer(deadline, None, true, u.took),
     }
 }
@@ -63,7 +72,7 @@ fn unary_answer(deadline: Duration, u: &Unary) -> Judged {
 fn stream_answer(deadline: Duration, s: &Streamed) -> Judged {
     match &s.end {
         Answer::Ok(()) => judge_answer(deadline, None, false, s.took),
-        Answer::Status(st) => judge_answer(deadline, Some(st.code()), false, s.took),
+        Answer::Status(st) => judge_answer(deadline, Some(st), false, s.took),
         Answer::Silent(_) => judge_answer(deadline, None, true, s.took),
     }
 }
@@ -174,16 +183,28 @@ mod tests {
     fn answered_at_the_deadline_passes() {
         let d = ms(300);
         assert_eq!(
-            judge_answer(d, Some(Code::DeadlineExceeded), false, ms(301)).verdict,
+            judge_answer(
+                d,
+                Some(&tonic::Status::new(Code::DeadlineExceeded, "")),
+                false,
+                ms(301)
+            )
+            .verdict,
             Verdict::Pass
         );
         assert_eq!(
-            judge_answer(d, Some(Code::Cancelled), false, ms(520)).verdict,
+            judge_answer(d, Some(&tonic::Status::new(Code::Cancelled, "")), false, ms(800)).verdict,
             Verdict::Pass
         );
         // Deadline-aware scheduling may refuse at once.
         assert_eq!(
-            judge_answer(d, Some(Code::DeadlineExceeded), false, ms(2)).verdict,
+            judge_answer(
+                d,
+                Some(&tonic::Status::new(Code::DeadlineExceeded, "")),
+                false,
+                ms(2)
+            )
+            .verdict,
             Verdict::Pass
         );
     }
@@ -199,11 +220,17 @@ mod tests {
             late.seen
         );
         assert_eq!(
-            judge_answer(d, Some(Code::DeadlineExceeded), false, ms(900)).verdict,
+            judge_answer(
+                d,
+                Some(&tonic::Status::new(Code::DeadlineExceeded, "")),
+                false,
+                ms(801)
+            )
+            .verdict,
             Verdict::Fail
         );
         assert_eq!(
-            judge_answer(d, Some(Code::Internal), false, ms(300)).verdict,
+            judge_answer(d, Some(&tonic::Status::new(Code::Internal, "")), false, ms(300)).verdict,
             Verdict::Fail
         );
         assert_eq!(judge_answer(d, None, true, ms(5000)).verdict, Verdict::Fail);
