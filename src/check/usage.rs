@@ -75,9 +75,12 @@ pub fn judge_stream_usage(chunks: &[ChunkUsage]) -> Judged {
             "the done chunk has no usage: the dispatcher settles with what the earlier chunks said",
         );
     };
-    // Non-decreasing all the way, so the final figure is the highest.
+    // Non-decreasing all the way, so the final figure is the highest. The
+    // prompt stays put until the done chunk, which may bring the
+    // provider's own count.
     let mut previous: Option<(u64, u64)> = None;
-    for (i, (p, c)) in chunks.iter().filter_map(|c| c.usage).enumerate() {
+    for (i, chunk) in chunks.iter().enumerate() {
+        let Some((p, c)) = chunk.usage else { continue };
         if let Some((pp, pc)) = previous {
             if c < pc {
                 return Judged::fail(format!(
@@ -85,7 +88,7 @@ pub fn judge_stream_usage(chunks: &[ChunkUsage]) -> Judged {
                     i + 1
                 ));
             }
-            if p != pp {
+            if p != pp && !chunk.done {
                 return Judged::fail(format!(
                     "prompt went from {pp} to {p} at chunk {}: the prompt is counted once",
                     i + 1
@@ -192,8 +195,11 @@ mod tests {
         let deltas = [chunk(22, 32, false), chunk(22, 16, false), chunk(22, 16, true)];
         assert!(judge_stream_usage(&deltas).seen.contains("not cumulative"));
         assert_eq!(judge_stream_usage(&deltas).verdict, Verdict::Fail);
-        let prompt = [chunk(22, 32, false), chunk(0, 48, true)];
+        let prompt = [chunk(22, 32, false), chunk(0, 48, false), chunk(0, 48, true)];
         assert_eq!(judge_stream_usage(&prompt).verdict, Verdict::Fail);
+        // The provider's own prompt count comes with the final usage.
+        let counted = [chunk(22, 32, false), chunk(29, 48, true)];
+        assert_eq!(judge_stream_usage(&counted).verdict, Verdict::Pass);
         let bare = [
             chunk(22, 32, false),
             ChunkUsage {
