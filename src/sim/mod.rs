@@ -4,6 +4,7 @@
 //! `[simulate]` table and no endpoint, on its own loopback port, so the request
 //! path is the same as with a real cluster.
 
+mod calls;
 mod faults;
 mod provider;
 mod request_ids;

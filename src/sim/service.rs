@@ -19,6 +19,7 @@ use tonic_types::{ErrorDetails, StatusExt};
 use tracing::Instrument;
 
 use super::SimSpec;
+use super::calls::{Stop, echo_received, wait_for};
 use super::faults::{Fault, Faults};
 use super::provider::{Admission, Provider};
 use crate::config::SimulateConfig;
@@ -442,51 +443,6 @@ impl SimService {
         *response.metadata_mut() = metadata;
         Ok(response)
     }
-}
-
-/// Why a stream stopped before its end.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stop {
-    Cancelled,
-    Deadline,
-}
-
-/// Waits `d`, unless the stream's receiver goes away first (not watched
-/// with `ignore_cancel`) or the deadline passes.
-async fn wait_for<T>(
-    d: Duration,
-    tx: &mpsc::Sender<T>,
-    deadline: Option<tokio::time::Instant>,
-    ignore_cancel: bool,
-) -> Result<(), Stop> {
-    let deadline = async {
-        match deadline {
-            Some(at) => tokio::time::sleep_until(at).await,
-            None => std::future::pending().await,
-        }
-    };
-    let closed = async {
-        match ignore_cancel {
-            false => tx.closed().await,
-            true => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::time::sleep(d) => Ok(()),
-        _ = closed => Err(Stop::Cancelled),
-        _ = deadline => Err(Stop::Deadline),
-    }
-}
-
-/// Tells the caller what reached the cluster: the request id (when short
-/// enough to be a header) and how many labels came with it.
-fn echo_received(r: &pb::ExecuteRequest, metadata: &mut tonic::metadata::MetadataMap) {
-    if r.request_id.len() <= crate::grpc::ECHO_MAX_BYTES
-        && let Ok(id) = r.request_id.parse()
-    {
-        metadata.insert(crate::grpc::ECHO_REQUEST_ID, id);
-    }
-    metadata.insert(crate::grpc::ECHO_LABELS, r.labels.len().into());
 }
 
 /// Settles a unary call that was dropped mid-work.
