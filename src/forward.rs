@@ -294,6 +294,21 @@ impl ClusterPool {
     }
 }
 
+/// One cluster's clients outside any pool, over the same kind of
+/// connection forwarding uses (TCP, TLS for `https://` with `tls`), for
+/// `dispatcher check-cluster`: it judges the path work takes.
+pub fn connect_one(
+    endpoint: &str,
+    tls: Option<crate::tls::client::ClientTls>,
+) -> Result<(ClusterClient, HealthClient<Connection>), String> {
+    let uri: Uri = endpoint.parse().map_err(|e| format!("{e}"))?;
+    let connection = Connection::new(&uri, tcp(), tls)?;
+    Ok((
+        AgentClusterClient::with_origin(connection.clone(), uri.clone()),
+        HealthClient::with_origin(connection, uri),
+    ))
+}
+
 fn connect(endpoint: &str, tls: Option<RegionTls>, connector: &Arc<dyn Connector>) -> Result<Entry, String> {
     let uri: Uri = endpoint.parse().map_err(|e| format!("{e}"))?;
     let connection = Connection::new(&uri, connector.clone(), tls.as_ref().map(|t| t.client.clone()))?;

@@ -13,6 +13,15 @@ use crate::pb;
 /// The health service's full name.
 pub const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
 
+/// Response metadata a cluster sends back so that a caller can see what
+/// reached it (docs/CLUSTERS.md; `dispatcher check-cluster` reads them):
+/// the request's `request_id` as received (at most `ECHO_MAX_BYTES`)...
+pub const ECHO_REQUEST_ID: &str = "x-request-id";
+/// ...and how many `labels` it received.
+pub const ECHO_LABELS: &str = "x-labels-received";
+/// The longest request id a cluster echoes; a longer one is not echoed.
+pub const ECHO_MAX_BYTES: usize = 128;
+
 /// Adds server reflection, v1 and v1alpha (grpcurl 1.8.6 speaks only
 /// v1alpha), listing exactly `services` (full names) plus reflection itself;
 /// `dispatch.v1` and `grpc.health.v1` can be described.

@@ -3,6 +3,7 @@
 
 pub mod accept;
 pub mod app;
+pub mod check;
 pub mod clock;
 pub mod cluster;
 pub mod config;

@@ -39,6 +39,10 @@ enum Command {
     /// Prints the `sha256:...` form of an API key read from standard input,
     /// for a tenant's `keys` in dispatcher.toml (the key itself is never stored).
     HashKey,
+    /// Runs the AgentCluster contract against a live cluster and prints a
+    /// table of checks (docs/CLUSTERS.md); exits 1 if one fails. Spends
+    /// real quota, at most --max-tokens.
+    CheckCluster(dispatcher::check::CheckArgs),
 }
 
 #[tokio::main]
@@ -54,6 +58,18 @@ async fn main() -> anyhow::Result<()> {
             dispatcher::dispatch::hash_key(key.trim_end_matches(['\r', '\n']))
         );
         return Ok(());
+    }
+    if let Some(Command::CheckCluster(check)) = &args.command {
+        match dispatcher::check::run(check).await {
+            Ok(report) => {
+                println!("{report}");
+                std::process::exit(if report.failed() { 1 } else { 0 });
+            }
+            Err(e) => {
+                eprintln!("dispatcher check-cluster: {e}");
+                std::process::exit(2);
+            }
+        }
     }
     let config = match config::load(&args.config) {
         Ok(mut c) => {

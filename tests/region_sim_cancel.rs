@@ -1,7 +1,9 @@
 //! region-sim frees a cancelled stream's slot the moment the caller goes
 //! away, not when the stream's next chunk would have been due: under churn
-//! its slots would otherwise fill with streams nobody reads. On a paused
-//! clock, so "at once" means "before any time passes".
+//! its slots would otherwise fill with streams nobody reads. A stream whose
+//! `grpc-timeout` passes ends there too (tonic bounds the handler, not the
+//! stream it returns). On a paused clock, so "at once" means "before any
+//! time passes".
 
 use std::time::Duration;
 
@@ -97,4 +99,40 @@ async fn a_cancelled_stream_frees_its_slot_at_once() {
     // The freed slots take new work without waiting.
     let again = tokio::time::timeout(Duration::ZERO, sim.execute_stream(request())).await;
     assert!(matches!(again, Ok(Ok(_))), "a new stream is admitted at once");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_ends_at_its_grpc_timeout_and_frees_its_slot() {
+    let sim = sim();
+    let mut r = request();
+    r.set_timeout(Duration::from_millis(1500));
+    let started = tokio::time::Instant::now();
+    let mut stream = sim.execute_stream(r).await.unwrap().into_inner();
+    // 1 s to the first token, then a 32-token chunk every 320 ms.
+    let mut produced = 0;
+    let end = loop {
+        match stream
+            .next()
+            .await
+            .expect("the stream ended OK: it ran past its deadline")
+        {
+            Ok(chunk) => produced = chunk.usage.unwrap().completion_tokens,
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(end.code(), tonic::Code::DeadlineExceeded, "{end:?}");
+    assert_eq!(
+        started.elapsed(),
+        Duration::from_millis(1500),
+        "at the deadline, not at the next chunk"
+    );
+    assert_eq!(produced, 32, "one chunk (at 1.32 s) before the deadline");
+    settle_tasks().await;
+    let stats = sim.stats();
+    assert_eq!(stats.in_flight, 0, "its slot is free");
+    assert_eq!(
+        stats.models[0].completion_tokens, 32,
+        "the provider counts what it produced"
+    );
+    assert!(stream.next().await.is_none(), "nothing after the status");
 }

@@ -10,7 +10,7 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use dispatcher::config::{self, SimulateConfig};
 use dispatcher::core::{Accounting, ModelLimits};
-use dispatcher::sim::{self, SimSpec};
+use dispatcher::sim::{self, Fault, Faults, SimSpec};
 use dispatcher::telemetry;
 
 /// Simulates one region. Either take a region from a dispatcher config
@@ -59,6 +59,10 @@ struct Args {
     /// Require client certificates that chain to this PEM CA (mTLS).
     #[arg(long, requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
+    /// Breach the AgentCluster contract on purpose, to see that
+    /// `dispatcher check-cluster` catches it; repeatable.
+    #[arg(long, value_enum)]
+    faulty: Vec<Fault>,
     /// OTLP/gRPC collector for traces (default: $OTEL_EXPORTER_OTLP_ENDPOINT; none: no export).
     #[arg(long)]
     otlp_endpoint: Option<String>,
@@ -162,7 +166,10 @@ async fn main() -> anyhow::Result<()> {
         }
         _ => None,
     };
-    let handle = sim::spawn_with_tls(spec, args.listen, tls)
+    if !args.faulty.is_empty() {
+        tracing::warn!(faults = ?args.faulty, "breaching the AgentCluster contract on purpose (--faulty)");
+    }
+    let handle = sim::spawn_faulty(spec, args.listen, tls, Faults::new(&args.faulty))
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     println!("region-sim {region} listening on {}", handle.addr);

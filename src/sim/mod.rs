@@ -4,6 +4,8 @@
 //! `[simulate]` table and no endpoint, on its own loopback port, so the request
 //! path is the same as with a real cluster.
 
+mod calls;
+mod faults;
 mod provider;
 mod request_ids;
 mod service;
@@ -16,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{RegionConfig, SimulateConfig};
 use crate::core::ModelLimits;
 
+pub use faults::{Fault, Faults};
 pub use provider::{Admission, ModelCounters, Provider, Refusal};
 pub use service::SimService;
 
@@ -71,11 +74,23 @@ pub async fn spawn_with_tls(
     addr: SocketAddr,
     tls: Option<tokio_rustls::TlsAcceptor>,
 ) -> std::io::Result<SimHandle> {
+    spawn_faulty(spec, addr, tls, Faults::default()).await
+}
+
+/// Like `spawn_with_tls`, committing `faults` (region-sim's `--faulty`).
+pub async fn spawn_faulty(
+    spec: SimSpec,
+    addr: SocketAddr,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    faults: Faults,
+) -> std::io::Result<SimHandle> {
     use tokio_stream::StreamExt;
     let (incoming, local) = crate::grpc::bind(addr)?;
     let incoming = incoming.map(move |s| s.map(|s| crate::tls::accept::ServerIo::new(s, tls.as_ref())));
     let cancel = CancellationToken::new();
-    let routes = service::routes(spec).await.map_err(std::io::Error::other)?;
+    let routes = service::routes(spec, faults)
+        .await
+        .map_err(std::io::Error::other)?;
     let token = cancel.clone();
     let task = tokio::spawn(async move {
         let served = tonic::transport::Server::builder()

@@ -19,6 +19,8 @@ use tonic_types::{ErrorDetails, StatusExt};
 use tracing::Instrument;
 
 use super::SimSpec;
+use super::calls::{Stop, echo_received, wait_for};
+use super::faults::{Fault, Faults};
 use super::provider::{Admission, Provider};
 use crate::config::SimulateConfig;
 use crate::pb;
@@ -49,6 +51,8 @@ struct Inner {
     cancelled: AtomicU64,
     health: HealthReporter,
     request_ids: Mutex<super::request_ids::RequestIds>,
+    /// Contract breaches asked for (`--faulty`); none by default.
+    faults: Faults,
 }
 
 /// The simulated cluster; cheap to clone (shared state).
@@ -57,11 +61,14 @@ pub struct SimService {
     inner: Arc<Inner>,
 }
 
-/// Builds every service a simulated cluster serves.
-pub async fn routes(spec: SimSpec) -> Result<tonic::service::Routes, tonic_reflection::server::Error> {
+/// Builds every service a simulated cluster serves, committing `faults`.
+pub async fn routes(
+    spec: SimSpec,
+    faults: Faults,
+) -> Result<tonic::service::Routes, tonic_reflection::server::Error> {
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<AgentClusterServer<SimService>>().await;
-    let sim = SimService::new(spec, reporter);
+    let sim = SimService::with_faults(spec, reporter, faults);
     let mut routes = tonic::service::RoutesBuilder::default();
     routes
         .add_service(health)
@@ -104,6 +111,11 @@ struct Admitted {
 
 impl SimService {
     pub fn new(spec: SimSpec, health: HealthReporter) -> Self {
+        Self::with_faults(spec, health, Faults::default())
+    }
+
+    /// A simulated cluster that commits `faults` (`region-sim --faulty`).
+    pub fn with_faults(spec: SimSpec, health: HealthReporter, faults: Faults) -> Self {
         let now = crate::clock::now();
         let s = spec.settings;
         Self {
@@ -125,6 +137,7 @@ impl SimService {
                 request_ids: Mutex::default(),
                 settings: s,
                 health,
+                faults,
             }),
         }
     }
@@ -216,10 +229,9 @@ impl SimService {
             Err(refusal) => {
                 self.inner.slots.add_permits(1);
                 let retry = refusal.retry_after.min(Duration::from_secs(3600));
-                return Err(Status::with_error_details(
-                    Code::ResourceExhausted,
+                return Err(self.inner.faults.refusal(
                     format!("region {}: {}", self.inner.region, refusal.message),
-                    ErrorDetails::with_retry_info(Some(retry)),
+                    retry,
                 ));
             }
         };
@@ -260,6 +272,13 @@ impl AgentCluster for SimService {
     ) -> Result<Response<pb::ExecuteReply>, Status> {
         let span = self.span(&request, "Execute");
         let r = request.into_inner();
+        if self.inner.faults.has(Fault::IgnoreDeadline) {
+            // Out of reach of tonic's `grpc-timeout`: the caller is answered
+            // at its deadline, and the work runs on to its end.
+            let sim = self.clone();
+            let work = tokio::spawn(async move { sim.execute_traced(r).await }.instrument(span));
+            return work.await.map_err(|e| Status::internal(e.to_string()))?;
+        }
         self.execute_traced(r).instrument(span).await
     }
 
@@ -270,8 +289,14 @@ impl AgentCluster for SimService {
         request: Request<pb::ExecuteRequest>,
     ) -> Result<Response<Self::ExecuteStreamStream>, Status> {
         let span = self.span(&request, "ExecuteStream");
+        // tonic bounds a handler by `grpc-timeout`, not the stream it returns:
+        // the stream keeps to the deadline itself.
+        let deadline = match self.inner.faults.has(Fault::IgnoreDeadline) {
+            true => None,
+            false => crate::grpc::grpc_timeout(request.metadata()).map(|t| tokio::time::Instant::now() + t),
+        };
         let r = request.into_inner();
-        self.execute_stream_traced(r).instrument(span).await
+        self.execute_stream_traced(r, deadline).instrument(span).await
     }
 }
 
@@ -321,20 +346,20 @@ impl SimService {
             completion,
             r.payload.len()
         );
-        Ok(Response::new(pb::ExecuteReply {
+        let mut response = Response::new(pb::ExecuteReply {
             output: Bytes::from(output),
-            usage: Some(pb::Usage {
-                prompt_tokens: r.prompt_tokens,
-                completion_tokens: completion,
-            }),
+            usage: Some(self.inner.faults.usage(r.prompt_tokens, completion)),
             provider_quota: hint,
-            load: Some(self.load()),
-        }))
+            load: self.inner.faults.load(self.load()),
+        });
+        echo_received(&r, response.metadata_mut());
+        Ok(response)
     }
 
     async fn execute_stream_traced(
         &self,
         r: pb::ExecuteRequest,
+        deadline: Option<tokio::time::Instant>,
     ) -> Result<Response<<Self as AgentCluster>::ExecuteStreamStream>, Status> {
         let Admitted {
             admission,
@@ -344,73 +369,79 @@ impl SimService {
         } = self.admit(&r).await?;
         let (tx, rx) = mpsc::channel(4);
         let sim = self.clone();
+        let mut metadata = tonic::metadata::MetadataMap::new();
+        echo_received(&r, &mut metadata);
+        let ignore_cancel = self.inner.faults.has(Fault::IgnoreCancel);
         tokio::spawn(async move {
             let _in_flight = Gauge::enter(&sim.inner.in_flight);
-            let mut produced = 0;
+            let wait = |d| wait_for(d, &tx, deadline, ignore_cancel);
             // The caller going away ends the work at once, even mid-wait: a
             // cancelled stream must not hold its slot until its next chunk.
-            let cancelled = |produced| {
-                // The provider stops generating and counts only what it produced.
-                sim.inner.cancelled.fetch_add(1, Ordering::Relaxed);
-                sim.finish(admission, r.prompt_tokens, produced);
-            };
-            // Time to first token: the prompt.
-            let first = sim.latency(&knobs, r.prompt_tokens);
-            if !until_or_closed(first, &tx).await {
-                return cancelled(produced);
-            }
-            while produced < completion {
-                let n = CHUNK_TOKENS.min(completion - produced);
-                let next = sim.latency(
-                    &Knobs {
-                        extra_latency_ms: 0,
-                        ..knobs
-                    },
-                    n,
-                );
-                if !until_or_closed(next, &tx).await {
-                    return cancelled(produced);
+            // So does the deadline passing, which the caller is told.
+            let run = async {
+                let mut produced = 0;
+                // Time to first token: the prompt.
+                wait(sim.latency(&knobs, r.prompt_tokens))
+                    .await
+                    .map_err(|why| (produced, why))?;
+                while produced < completion {
+                    let n = CHUNK_TOKENS.min(completion - produced);
+                    let next = sim.latency(
+                        &Knobs {
+                            extra_latency_ms: 0,
+                            ..knobs
+                        },
+                        n,
+                    );
+                    wait(next).await.map_err(|why| (produced, why))?;
+                    let chunk = pb::ExecuteChunk {
+                        output: Bytes::from(format!(
+                            "[{}] tokens {}..{}\n",
+                            sim.inner.region,
+                            produced,
+                            produced + n
+                        )),
+                        usage: Some(sim.inner.faults.usage(r.prompt_tokens, produced + n)),
+                        ..Default::default()
+                    };
+                    if tx.send(Ok(chunk)).await.is_err() && !ignore_cancel {
+                        return Err((produced, Stop::Cancelled));
+                    }
+                    produced += n;
                 }
-                let chunk = pb::ExecuteChunk {
-                    output: Bytes::from(format!(
-                        "[{}] tokens {}..{}\n",
-                        sim.inner.region,
-                        produced,
-                        produced + n
-                    )),
-                    usage: Some(pb::Usage {
-                        prompt_tokens: r.prompt_tokens,
-                        completion_tokens: produced + n,
-                    }),
-                    ..Default::default()
-                };
-                if tx.send(Ok(chunk)).await.is_err() {
-                    return cancelled(produced);
-                }
-                produced += n;
-            }
-            sim.finish(admission, r.prompt_tokens, produced);
-            let last = pb::ExecuteChunk {
-                output: Bytes::new(),
-                usage: Some(pb::Usage {
-                    prompt_tokens: r.prompt_tokens,
-                    completion_tokens: produced,
-                }),
-                done: true,
-                provider_quota: hint,
-                load: Some(sim.load()),
+                Ok(produced)
             };
-            let _ = tx.send(Ok(last)).await;
+            match run.await {
+                Ok(produced) => {
+                    sim.finish(admission, r.prompt_tokens, produced);
+                    let last = pb::ExecuteChunk {
+                        output: Bytes::new(),
+                        usage: Some(sim.inner.faults.usage(r.prompt_tokens, produced)),
+                        done: true,
+                        provider_quota: hint,
+                        load: sim.inner.faults.load(sim.load()),
+                    };
+                    let _ = tx.send(Ok(last)).await;
+                }
+                Err((produced, why)) => {
+                    // The provider stops generating and counts only what it produced.
+                    sim.inner.cancelled.fetch_add(1, Ordering::Relaxed);
+                    sim.finish(admission, r.prompt_tokens, produced);
+                    if why == Stop::Deadline {
+                        let _ = tx
+                            .send(Err(Status::deadline_exceeded(format!(
+                                "region {}: the deadline passed after {produced} tokens",
+                                sim.inner.region
+                            ))))
+                            .await;
+                    }
+                }
+            }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
-    }
-}
-
-/// Waits `d`; false if the stream's receiver went away first.
-async fn until_or_closed<T>(d: Duration, tx: &mpsc::Sender<T>) -> bool {
-    tokio::select! {
-        _ = tokio::time::sleep(d) => true,
-        _ = tx.closed() => false,
+        let mut response: Response<<Self as AgentCluster>::ExecuteStreamStream> =
+            Response::new(Box::pin(ReceiverStream::new(rx)));
+        *response.metadata_mut() = metadata;
+        Ok(response)
     }
 }
 

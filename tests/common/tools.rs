@@ -139,3 +139,36 @@ pub fn redis_server() -> PathBuf {
     })
     .clone()
 }
+
+/// `python3` with the packages of the Python example cluster
+/// (examples/python-cluster/requirements.txt: grpcio and friends),
+/// installed with pip when they are missing.
+pub fn python_cluster() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let imports = || {
+            Command::new("python3")
+                .args(["-c", "import grpc, grpc_tools, grpc_status, grpc_health"])
+                .output()
+                .map(|o| o.status.success())
+                .unwrap_or(false)
+        };
+        if !imports() {
+            let requirements = concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/examples/python-cluster/requirements.txt"
+            );
+            let status = Command::new("python3")
+                .args(["-m", "pip", "install", "--quiet", "-r", requirements])
+                .status()
+                .expect("running pip to install the Python example's packages");
+            assert!(status.success(), "pip install -r {requirements} failed");
+            assert!(
+                imports(),
+                "the Python example's packages were installed but do not import"
+            );
+        }
+        PathBuf::from("python3")
+    })
+    .clone()
+}
