@@ -108,6 +108,10 @@ fn describe() {
     );
     describe_gauge!("dispatcher_job_store_jobs", "Jobs in the job store, all states");
     describe_gauge!(
+        "dispatcher_job_store_writable",
+        "1 while the job store takes writes, 0 while it refuses them (a full disk, a store being reopened)"
+    );
+    describe_gauge!(
         "dispatcher_job_store_bytes",
         "Bytes of the job store's records, events and outputs"
     );
