@@ -5,7 +5,7 @@
 use prost::Message;
 use redb::ReadableTable;
 
-use super::embedded::{Usage, decode_job, state, unavailable};
+use super::embedded_schema::{Usage, decode_job, state, unavailable};
 use super::record;
 use super::store::StoreError;
 use crate::pb;

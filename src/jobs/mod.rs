@@ -14,6 +14,7 @@
 
 mod embedded;
 mod embedded_open;
+mod embedded_schema;
 mod embedded_tables;
 mod embedded_writer;
 mod keeper;
