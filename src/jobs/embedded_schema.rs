@@ -102,4 +102,3 @@ pub(super) fn named(
     let j = record::job(&stored);
     Ok((j.tenant == tenant && j.idempotency_key.is_empty()).then_some(stored))
 }
-

@@ -24,8 +24,10 @@ use prost::Message;
 use redb::{Database, ReadableDatabase};
 use tokio::sync::{mpsc, oneshot};
 
-use super::embedded_schema::{BY_TENANT, EVENTS, EXPIRY, JOBS, KEYS, META, Shared, Usage, named, unavailable};
 use super::embedded_open::{explain, is_disk_full};
+use super::embedded_schema::{
+    BY_TENANT, EVENTS, EXPIRY, JOBS, KEYS, META, Shared, Usage, named, unavailable,
+};
 use super::embedded_tables::{Tables, Written};
 use super::record;
 use super::store::{Created, StoreError};
