@@ -12,7 +12,10 @@ request rate, and prints the per-request difference:
   calls inside the group are not counted twice; a group's figure includes
   what it calls in other groups, so these do not add up).
 
-usage: instr-layers.py OK_LOW PROFILE_LOW OK_HIGH PROFILE_HIGH
+usage: instr-layers.py OK_LOW PROFILE_LOW OK_HIGH PROFILE_HIGH \
+                       [RELAY_OK_LOW RELAY_LOW RELAY_OK_HIGH RELAY_HIGH]
+With the h2 relay's two profiles too, the self cost table has a column for
+the relay and one for what the dispatcher spends beyond it.
 """
 import collections
 import re
@@ -132,20 +135,32 @@ def read(path):
     return own, calls
 
 
-def main():
-    ok_lo, path_lo, ok_hi, path_hi = sys.argv[1:5]
+def self_by_layer(ok_lo, path_lo, ok_hi, path_hi):
+    """Per-request self cost by layer, and the raw profiles."""
     n = int(ok_hi) - int(ok_lo)
     (own_lo, calls_lo), (own_hi, calls_hi) = read(path_lo), read(path_hi)
-
     layers = collections.Counter()
     for fn in set(own_lo) | set(own_hi):
-        layers[layer_of(fn)] += own_hi[fn] - own_lo[fn]
+        layers[layer_of(fn)] += (own_hi[fn] - own_lo[fn]) / n
+    return n, layers, (own_lo, calls_lo, own_hi, calls_hi)
+
+
+def main():
+    n, layers, (own_lo, calls_lo, own_hi, calls_hi) = self_by_layer(*sys.argv[1:5])
+    relay = self_by_layer(*sys.argv[5:9])[1] if len(sys.argv) >= 9 else None
     total = sum(layers.values())
     print(f"   where the dispatcher's instructions go, per request (callgrind, {n} requests apart)")
     print("   self cost by layer (adds up to the whole):")
-    for name, cost in layers.most_common():
-        print(f"   {cost / n:10.0f}  {100 * cost / total:5.1f} %  {name}")
-    print(f"   {total / n:10.0f}  100.0 %  all")
+    if relay is None:
+        for name, cost in layers.most_common():
+            print(f"   {cost:10.0f}  {100 * cost / total:5.1f} %  {name}")
+        print(f"   {total:10.0f}  100.0 %  all")
+    else:
+        print(f"   {'dispatcher':>10} {'h2-relay':>9} {'beyond':>8}")
+        for name, cost in layers.most_common():
+            print(f"   {cost:10.0f} {relay[name]:9.0f} {cost - relay[name]:8.0f}  {name}")
+        rt = sum(relay.values())
+        print(f"   {total:10.0f} {rt:9.0f} {total - rt:8.0f}  all")
 
     entries = collections.Counter()
     for edge in set(calls_lo) | set(calls_hi):
