@@ -52,6 +52,8 @@ pub struct Snapshot {
     admin_token: Option<[u8; 32]>,
     rates: TenantRates,
     models: Vec<ModelSpec>,
+    /// The models' names, shared (labels, keys): no copy per request.
+    model_names: Vec<Arc<str>>,
     /// Configured region names, for `origin_region`.
     regions: Vec<String>,
     /// `[[fallbacks]]`: each model's chain.
@@ -67,9 +69,15 @@ impl Snapshot {
             admin_token: config.admin_token,
             rates: TenantRates::from_config(config),
             models: config.models.clone(),
+            model_names: config.models.iter().map(|m| Arc::from(m.name.as_str())).collect(),
             regions: config.regions.iter().map(|r| r.spec.name.clone()).collect(),
             fallbacks: config.policy.fallbacks.clone(),
         }
+    }
+
+    /// A configured model's name, shared.
+    pub fn model_name(&self, model: &str) -> Option<Arc<str>> {
+        self.model_names.iter().find(|m| &***m == model).cloned()
     }
 
     /// The models a request for `model` may be served by, in order.

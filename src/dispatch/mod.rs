@@ -22,6 +22,7 @@ mod forwarder;
 mod front_door;
 mod idempotency;
 mod lease;
+mod handles;
 mod observe;
 mod prepare;
 mod queue;

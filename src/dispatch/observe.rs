@@ -1,12 +1,15 @@
 //! What the request path tells metrics, in one place: request outcomes,
 //! attempts, tokens reserved / charged / refunded, hints, queue waits.
 //! Nothing is built (not even a label) unless metrics are served; labels
-//! share the names the router already holds instead of copying them.
+//! share the names the router already holds instead of copying them, and
+//! each label set's handles are registered once (`handles.rs`).
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-use metrics::{Label, SharedString, counter, histogram};
+use metrics::{Counter, Histogram, Label, SharedString, counter, histogram};
+
+use super::handles::HandleCache;
 
 use super::DispatchError;
 use crate::core::HintOutcome;
@@ -45,10 +48,6 @@ fn shared(s: &Arc<str>) -> SharedString {
     SharedString::from_shared(s.clone())
 }
 
-fn owned(s: &str) -> SharedString {
-    SharedString::from_owned(s.to_string())
-}
-
 /// The `outcome` label of a finished request.
 pub fn outcome(result: &Result<(), &DispatchError>) -> &'static str {
     match result {
@@ -82,8 +81,17 @@ pub fn outcome(result: &Result<(), &DispatchError>) -> &'static str {
 /// region).
 pub const NONE: &str = "none";
 
+type Name = Option<Arc<str>>;
+
+fn label(name: &'static str, value: &Name) -> Label {
+    Label::new(name, value.as_ref().map_or(SharedString::const_str(NONE), shared))
+}
+
+static REQUESTS: LazyLock<HandleCache<(Name, Name, Name, &'static str), (Counter, Histogram)>> =
+    LazyLock::new(HandleCache::new);
+
 pub fn request(
-    model: Option<&str>,
+    model: Option<&Arc<str>>,
     tenant: Option<&Arc<str>>,
     region: Option<&Arc<str>>,
     outcome: &'static str,
@@ -94,15 +102,24 @@ pub fn request(
     }
     // "none" where the request ended before that was known (refused at
     // the door, before routing): an empty label reads as a missing one.
-    let labels = [
-        Label::new("model", model.map_or(SharedString::const_str(NONE), owned)),
-        Label::new("tenant", tenant.map_or(SharedString::const_str(NONE), shared)),
-        Label::new("region", region.map_or(SharedString::const_str(NONE), shared)),
-        Label::new("outcome", outcome),
-    ];
-    counter!("dispatcher_requests_total", labels.iter()).increment(1);
-    histogram!("dispatcher_request_duration_seconds", labels.iter()).record(took.as_secs_f64());
+    let key = (model.cloned(), tenant.cloned(), region.cloned(), outcome);
+    let (requests, duration) = REQUESTS.get(key, |(model, tenant, region, outcome)| {
+        let labels = [
+            label("model", model),
+            label("tenant", tenant),
+            label("region", region),
+            Label::new("outcome", *outcome),
+        ];
+        (
+            counter!("dispatcher_requests_total", labels.iter()),
+            histogram!("dispatcher_request_duration_seconds", labels.iter()),
+        )
+    });
+    requests.increment(1);
+    duration.record(took.as_secs_f64());
 }
+
+static ATTEMPTS: LazyLock<HandleCache<(Arc<str>, &'static str), Counter>> = LazyLock::new(HandleCache::new);
 
 pub fn attempt(region: &Arc<str>, result: Option<FailureKind>, timed_out: bool) {
     if !on() {
@@ -116,41 +133,76 @@ pub fn attempt(region: &Arc<str>, result: Option<FailureKind>, timed_out: bool) 
         (Some(FailureKind::Rejected), _) => "rejected",
         (Some(FailureKind::MayHaveRun), _) => "may_have_run",
     };
-    counter!("dispatcher_attempts_total", "region" => shared(region), "result" => result).increment(1);
+    ATTEMPTS
+        .get((region.clone(), result), |(region, result)| {
+            counter!("dispatcher_attempts_total", "region" => shared(region), "result" => *result)
+        })
+        .increment(1);
+}
+
+/// The counters of one region and model.
+#[derive(Clone)]
+struct RegionModel {
+    reserved: Counter,
+    charged: Counter,
+    refunded: Counter,
+}
+
+static REGION_MODELS: LazyLock<HandleCache<(Arc<str>, Arc<str>), RegionModel>> = LazyLock::new(HandleCache::new);
+
+fn region_model(region: &Arc<str>, model: &Arc<str>) -> RegionModel {
+    REGION_MODELS.get((region.clone(), model.clone()), |(region, model)| {
+        let labels = [
+            Label::new("region", shared(region)),
+            Label::new("model", shared(model)),
+        ];
+        RegionModel {
+            reserved: counter!("dispatcher_tokens_reserved_total", labels.iter()),
+            charged: counter!("dispatcher_tokens_charged_total", labels.iter()),
+            refunded: counter!("dispatcher_tokens_refunded_total", labels.iter()),
+        }
+    })
 }
 
 pub fn reserved(region: &Arc<str>, model: &Arc<str>, tokens: u64) {
     if !on() {
         return;
     }
-    counter!("dispatcher_tokens_reserved_total", "region" => shared(region), "model" => shared(model))
-        .increment(tokens);
+    region_model(region, model).reserved.increment(tokens);
 }
+
+static HINTS: LazyLock<HandleCache<(Arc<str>, Arc<str>, &'static str), Counter>> = LazyLock::new(HandleCache::new);
 
 pub fn settled(region: &Arc<str>, model: &Arc<str>, reserved: u64, charged: u64, hint: Option<&HintOutcome>) {
     if !on() {
         return;
     }
-    let labels = [
-        Label::new("region", shared(region)),
-        Label::new("model", shared(model)),
-    ];
-    counter!("dispatcher_tokens_charged_total", labels.iter()).increment(charged);
-    counter!("dispatcher_tokens_refunded_total", labels.iter()).increment(reserved.saturating_sub(charged));
+    let counters = region_model(region, model);
+    counters.charged.increment(charged);
+    counters.refunded.increment(reserved.saturating_sub(charged));
     if let Some(h) = hint {
         let result = match h {
             HintOutcome::Applied { lowered: true } => "lowered",
             HintOutcome::Applied { lowered: false } => "applied",
             HintOutcome::Ignored { .. } => "ignored",
         };
-        counter!("dispatcher_provider_hints_total", "region" => shared(region), "model" => shared(model), "result" => result)
+        HINTS
+            .get((region.clone(), model.clone(), result), |(region, model, result)| {
+                counter!("dispatcher_provider_hints_total", "region" => shared(region), "model" => shared(model), "result" => *result)
+            })
             .increment(1);
     }
 }
+
+static QUEUE_WAITS: LazyLock<HandleCache<Arc<str>, Histogram>> = LazyLock::new(HandleCache::new);
 
 pub fn queue_wait(model: &Arc<str>, waited: Duration) {
     if !on() {
         return;
     }
-    histogram!("dispatcher_queue_wait_seconds", "model" => shared(model)).record(waited.as_secs_f64());
+    QUEUE_WAITS
+        .get(model.clone(), |model| {
+            histogram!("dispatcher_queue_wait_seconds", "model" => shared(model))
+        })
+        .record(waited.as_secs_f64());
 }

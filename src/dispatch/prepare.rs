@@ -16,7 +16,7 @@ use crate::pb;
 #[derive(Debug, Default)]
 pub(super) struct Labels {
     pub tenant: Option<Arc<str>>,
-    pub model: Option<String>,
+    pub model: Option<Arc<str>>,
     pub region: Option<Arc<str>>,
 }
 
@@ -29,7 +29,7 @@ impl Labels {
             tracing::Span::current().record("error", tracing::field::display(e));
         }
         super::observe::request(
-            self.model.as_deref(),
+            self.model.as_ref(),
             self.tenant.as_ref(),
             self.region.as_ref(),
             outcome,
@@ -111,7 +111,7 @@ impl Engine {
         let asked = (r.prompt_tokens, r.max_output_tokens);
         let (step, estimate, hold, tenant_max_queued) =
             self.admit_step(&config, &tenant, &mut r, &plan, 0, &mut path)?;
-        labels.model = Some(r.model.clone());
+        labels.model = config.model_name(&r.model);
         span.record("model", r.model.as_str());
         let lease = Lease::new(self.desk.clone(), hold);
         let retry_may_have_run = !r.request_id.is_empty();

@@ -161,7 +161,7 @@ impl Engine {
                 }
             }
         };
-        labels.model = Some(p.exec.model.clone());
+        labels.model = p.config.model_name(&p.exec.model);
         labels.region = Some(f.region.clone());
         labels.finish(Ok(()), start);
         let (tx, rx) = mpsc::channel(BUFFER);

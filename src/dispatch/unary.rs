@@ -155,7 +155,7 @@ impl Engine {
                 Err(e) => lease = self.fall_back(&mut p, lease, e, step_deadline)?,
             }
         };
-        labels.model = Some(p.exec.model.clone());
+        labels.model = p.config.model_name(&p.exec.model);
         labels.region = Some(f.region.clone());
         Span::current().record("region", &*f.region);
         let reply = f.value;
