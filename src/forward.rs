@@ -16,6 +16,7 @@
 //! takes and cannot disagree with it about certificates.
 
 mod connector;
+mod wire;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -32,12 +33,10 @@ use tonic::body::Body;
 use tonic::transport::Uri;
 
 use crate::config::RegionTls;
-use crate::pb::agent_cluster_client::AgentClusterClient;
 use tonic_health::pb::health_client::HealthClient;
 
 pub use connector::{Connecting, Connector, Io, Tcp, Transport, tcp};
-
-pub type ClusterClient = AgentClusterClient<Connection>;
+pub use wire::{ClusterClient, encode};
 
 /// How long a cluster may take to accept a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -218,7 +217,8 @@ impl tonic::codegen::Service<http::Request<Body>> for Connection {
 }
 
 pub struct ClusterPool {
-    clients: RwLock<HashMap<Arc<str>, Entry>>,
+    /// Looked up on every attempt; keyed by configured region names.
+    clients: RwLock<HashMap<Arc<str>, Entry, foldhash::fast::RandomState>>,
     connector: Arc<dyn Connector>,
 }
 
@@ -260,7 +260,7 @@ impl ClusterPool {
         endpoints: &[(String, String)],
         tls: impl Fn(&str) -> Option<RegionTls>,
     ) -> Result<(), String> {
-        let mut next = HashMap::with_capacity(endpoints.len());
+        let mut next = HashMap::with_capacity_and_hasher(endpoints.len(), Default::default());
         {
             let current = self.clients.read();
             for (region, endpoint) in endpoints {
@@ -315,8 +315,7 @@ fn connect(endpoint: &str, tls: Option<RegionTls>, connector: &Arc<dyn Connector
     Ok(Entry {
         endpoint: endpoint.to_string(),
         tls,
-        client: AgentClusterClient::with_origin(connection.clone(), uri.clone())
-            .max_decoding_message_size(usize::MAX),
+        client: ClusterClient::new(connection.clone(), uri.clone()),
         uri,
         connection,
     })

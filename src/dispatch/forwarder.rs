@@ -23,7 +23,6 @@ use super::prepare::{Forwarded, Prepared};
 use crate::config::Config;
 use crate::core::{Completion, Outcome, RetryBudget, Settlement, Submission};
 use crate::forward::{ClusterClient, ClusterPool, Connector, FailureKind, classify};
-use crate::pb;
 
 /// Each region's `[tls]` in `config`, by name.
 fn region_tls(config: &Config) -> impl Fn(&str) -> Option<crate::config::RegionTls> + '_ {
@@ -83,11 +82,18 @@ impl Forwarder {
         mut call: F,
     ) -> Result<Forwarded<T>, DispatchError>
     where
-        F: FnMut(ClusterClient, tonic::Request<pb::ExecuteRequest>) -> Fut,
+        F: FnMut(ClusterClient, tonic::Request<bytes::Bytes>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
         let settings = &p.config.settings;
-        let model: Arc<str> = Arc::from(p.exec.model.as_str());
+        // The configuration's own name: shared, and the same key every time
+        // for the metric handles.
+        let model: Arc<str> = p
+            .config
+            .model_name(&p.exec.model)
+            .unwrap_or_else(|| Arc::from(p.exec.model.as_str()));
+        // Encoded once: every attempt sends the same request.
+        let wire = crate::forward::encode(&p.exec);
         let mut tried: Vec<Arc<str>> = Vec::new();
         let mut failures = Failures::default();
         let mut queue_wait = Duration::ZERO;
@@ -197,7 +203,7 @@ impl Forwarder {
                 }
             }
             let remaining = p.deadline.saturating_duration_since(crate::clock::now());
-            let mut request = tonic::Request::new(p.exec.clone());
+            let mut request = tonic::Request::new(wire.clone());
             request.set_timeout(remaining);
             crate::telemetry::inject_trace(&span, request.metadata_mut());
             held.mark_sent();

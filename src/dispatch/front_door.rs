@@ -58,6 +58,8 @@ pub struct Snapshot {
     regions: Vec<String>,
     /// `[[fallbacks]]`: each model's chain.
     fallbacks: Vec<crate::core::FallbackSpec>,
+    /// Each configured model's plan with its chain, and alone.
+    plans: Vec<(String, Arc<crate::core::Plan>, Arc<crate::core::Plan>)>,
 }
 
 impl Snapshot {
@@ -72,6 +74,16 @@ impl Snapshot {
             model_names: config.models.iter().map(|m| Arc::from(m.name.as_str())).collect(),
             regions: config.regions.iter().map(|r| r.spec.name.clone()).collect(),
             fallbacks: config.policy.fallbacks.clone(),
+            plans: config
+                .models
+                .iter()
+                .map(|m| {
+                    let plan = |fallback| {
+                        Arc::new(crate::core::Plan::for_model(&config.policy.fallbacks, &m.name, fallback))
+                    };
+                    (m.name.clone(), plan(true), plan(false))
+                })
+                .collect(),
         }
     }
 
@@ -80,9 +92,13 @@ impl Snapshot {
         self.model_names.iter().find(|m| &***m == model).cloned()
     }
 
-    /// The models a request for `model` may be served by, in order.
-    pub fn plan(&self, model: &str, allow_fallback: bool) -> crate::core::Plan {
-        crate::core::Plan::for_model(&self.fallbacks, model, allow_fallback)
+    /// The models a request for `model` may be served by, in order. A
+    /// configured model's plans are made once per snapshot, not per request.
+    pub fn plan(&self, model: &str, allow_fallback: bool) -> Arc<crate::core::Plan> {
+        match self.plans.iter().find(|(m, _, _)| m == model) {
+            Some((_, chain, alone)) => if allow_fallback { chain } else { alone }.clone(),
+            None => Arc::new(crate::core::Plan::for_model(&self.fallbacks, model, allow_fallback)),
+        }
     }
 
     /// Whether `r` is too large for its model (its fields otherwise valid).

@@ -12,18 +12,21 @@
 use std::collections::HashMap;
 use std::hash::Hash;
 
+use foldhash::fast::RandomState;
 use parking_lot::RwLock;
 
 const MAX_ENTRIES: usize = 4096;
 
 pub(super) struct HandleCache<K, H> {
-    map: RwLock<HashMap<K, H>>,
+    /// Keys are names from the configuration, not a caller's bytes: a fast
+    /// hasher (SipHash was most of a lookup) is safe here.
+    map: RwLock<HashMap<K, H, RandomState>>,
 }
 
 impl<K: Eq + Hash, H: Clone> HandleCache<K, H> {
     pub fn new() -> Self {
         Self {
-            map: RwLock::new(HashMap::new()),
+            map: RwLock::new(HashMap::default()),
         }
     }
 

@@ -267,11 +267,11 @@ impl Engine {
     }
 
     fn new_id(&self) -> String {
-        format!(
-            "{}-{}",
-            self.id_prefix,
-            self.next_id.fetch_add(1, Ordering::Relaxed)
-        )
+        use std::fmt::Write;
+        // Sized once: `format!` grew the string twice on every request.
+        let mut id = String::with_capacity(self.id_prefix.len() + 21);
+        let _ = write!(id, "{}-{}", self.id_prefix, self.next_id.fetch_add(1, Ordering::Relaxed));
+        id
     }
 
     /// Validates a request and estimates its reservation.

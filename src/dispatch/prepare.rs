@@ -60,7 +60,7 @@ pub(super) struct Prepared {
     pub retry_may_have_run: bool,
     /// The models it may be served by (its fallback chain), the step it is
     /// at, and the caller's own token fields, to estimate the next step.
-    pub plan: crate::core::Plan,
+    pub plan: Arc<crate::core::Plan>,
     pub step: usize,
     pub asked: (u64, u64),
     pub path: super::ModelPath,

@@ -12,16 +12,19 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
 use crate::config::Config;
 
+/// Looked up on every request, keyed by configured names and rates.
+type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 pub struct TenantRates {
-    limiters: HashMap<u32, DefaultKeyedRateLimiter<Arc<str>>>,
-    rate_of: HashMap<Arc<str>, u32>,
+    limiters: Map<u32, DefaultKeyedRateLimiter<Arc<str>>>,
+    rate_of: Map<Arc<str>, u32>,
     clock: DefaultClock,
 }
 
 impl TenantRates {
     pub fn from_config(c: &Config) -> Self {
-        let mut limiters = HashMap::new();
-        let mut rate_of = HashMap::new();
+        let mut limiters = Map::default();
+        let mut rate_of = Map::default();
         for t in &c.tenants {
             let Some(rps) = t.spec.requests_per_second.and_then(NonZeroU32::new) else {
                 continue;

@@ -134,12 +134,14 @@ impl Engine {
         let (f, first) = loop {
             let step_deadline = Self::step_deadline(&p);
             let saved = p.step_in(step_deadline);
-            let forwarded = self
-                .forwarder
-                .forward(&self.desk, &p, &mut charge, |mut client, request| async move {
-                    client.execute_stream(request).await
-                })
-                .await;
+            // Boxed, as in `dispatch_inner`.
+            let forwarded = Box::pin(self.forwarder.forward(
+                &self.desk,
+                &p,
+                &mut charge,
+                |mut client, request| async move { client.execute_stream(request).await },
+            ))
+            .await;
             let committed = match forwarded {
                 Ok(f) => first_chunk(f, &p).await,
                 Err(e) => Err((e, None)),

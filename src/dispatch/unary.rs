@@ -31,14 +31,14 @@ impl Engine {
         let running = self.enter();
         // One configuration snapshot for the whole request.
         let config = self.front.snapshot();
-        if r.request_id.is_empty() || r.request_id.len() > config.settings.limits.max_request_id_bytes {
-            return self.dispatch_once(config, r, timeout, &caller).await;
-        }
         // A request_id is answered once per tenant: the first runs it (to
         // the end, even if its caller leaves), the others wait or replay.
-        let tenant = match config.authenticate(&caller) {
-            Ok(t) => t,
-            Err(_) => return self.dispatch_once(config, r, timeout, &caller).await,
+        // Without one (or one the checks will refuse, or no tenant), it
+        // just runs. One call site: each `.await` of the request's future
+        // would take room of its own in this one.
+        let keyed = !r.request_id.is_empty() && r.request_id.len() <= config.settings.limits.max_request_id_bytes;
+        let Some(tenant) = keyed.then(|| config.authenticate(&caller).ok()).flatten() else {
+            return self.dispatch_once(config, r, timeout, &caller).await;
         };
         let id = r.request_id.clone();
         match self.idempotency.begin(&tenant, &id, crate::clock::now()) {
@@ -143,12 +143,15 @@ impl Engine {
         let f = loop {
             let step_deadline = Self::step_deadline(&p);
             let saved = p.step_in(step_deadline);
-            let forwarded = self
-                .forwarder
-                .forward(&self.desk, &p, &mut lease, |mut client, request| async move {
-                    client.execute(request).await
-                })
-                .await;
+            // Boxed: awaited in place, the forward's state (several KiB)
+            // would be copied into every future that awaits this one.
+            let forwarded = Box::pin(
+                self.forwarder
+                    .forward(&self.desk, &p, &mut lease, |mut client, request| async move {
+                        client.execute(request).await
+                    }),
+            )
+            .await;
             p.restore(saved);
             match forwarded {
                 Ok(f) => break f,
