@@ -6,10 +6,17 @@
 //! the gap between it and nginx is the stack's, and the gap between it and
 //! the dispatcher is the dispatcher's own.
 //!
-//!     cargo run --release --example h2_relay -- 127.0.0.1:0 127.0.0.1:50061
+//! With `--keepalive`, both of its HTTP/2 connections keep alive as the
+//! dispatcher's do by default (PINGs every 30 s, answered within 10 s on
+//! the server side; every 30 s, idle or not, to the upstream): then the two
+//! run the same HTTP/2 stack configured alike, and the gap is only the
+//! dispatcher's own work (`benches/instr`).
+//!
+//!     cargo run --release --example h2_relay -- 127.0.0.1:0 127.0.0.1:50061 [--keepalive]
 #![forbid(unsafe_code)]
 
 use std::convert::Infallible;
+use std::time::Duration;
 
 use http::Uri;
 use hyper::body::Incoming;
@@ -21,14 +28,21 @@ use tokio::net::{TcpListener, TcpStream};
 async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let (Some(listen), Some(upstream)) = (args.next(), args.next()) else {
-        anyhow::bail!("usage: h2_relay LISTEN_ADDR UPSTREAM_ADDR");
+        anyhow::bail!("usage: h2_relay LISTEN_ADDR UPSTREAM_ADDR [--keepalive]");
+    };
+    let keepalive = match args.next().as_deref() {
+        None => None,
+        Some("--keepalive") => Some(Duration::from_secs(30)),
+        Some(other) => anyhow::bail!("unknown argument {other:?}: expected --keepalive"),
     };
     let stream = TcpStream::connect(&upstream).await?;
     stream.set_nodelay(true)?;
-    let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .handshake::<_, Incoming>(TokioIo::new(stream))
-        .await?;
+    let mut client = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
+    client.timer(TokioTimer::new());
+    if let Some(interval) = keepalive {
+        client.keep_alive_interval(interval).keep_alive_while_idle(true);
+    }
+    let (sender, connection) = client.handshake::<_, Incoming>(TokioIo::new(stream)).await?;
     tokio::spawn(connection);
     let listener = TcpListener::bind(&listen).await?;
     println!("h2-relay listening on {}", listener.local_addr()?);
@@ -40,9 +54,14 @@ async fn main() -> anyhow::Result<()> {
         tokio::spawn(async move {
             let service =
                 hyper::service::service_fn(move |request| relay(sender.clone(), upstream.clone(), request));
-            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(socket), service)
-                .await;
+            let mut server = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+            if let Some(interval) = keepalive {
+                server
+                    .timer(TokioTimer::new())
+                    .keep_alive_interval(Some(interval))
+                    .keep_alive_timeout(Duration::from_secs(10));
+            }
+            let _ = server.serve_connection(TokioIo::new(socket), service).await;
         });
     }
 }

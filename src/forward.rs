@@ -33,10 +33,11 @@ use tonic::body::Body;
 use tonic::transport::Uri;
 
 use crate::config::RegionTls;
+use crate::pb::agent_cluster_client::AgentClusterClient;
 use tonic_health::pb::health_client::HealthClient;
 
 pub use connector::{Connecting, Connector, Io, Tcp, Transport, tcp};
-pub use wire::{ClusterClient, encode};
+pub use wire::{Call, ClusterClient, encode};
 
 /// How long a cluster may take to accept a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -300,7 +301,7 @@ impl ClusterPool {
 pub fn connect_one(
     endpoint: &str,
     tls: Option<crate::tls::client::ClientTls>,
-) -> Result<(ClusterClient, HealthClient<Connection>), String> {
+) -> Result<(AgentClusterClient<Connection>, HealthClient<Connection>), String> {
     let uri: Uri = endpoint.parse().map_err(|e| format!("{e}"))?;
     let connection = Connection::new(&uri, tcp(), tls)?;
     Ok((
@@ -315,7 +316,7 @@ fn connect(endpoint: &str, tls: Option<RegionTls>, connector: &Arc<dyn Connector
     Ok(Entry {
         endpoint: endpoint.to_string(),
         tls,
-        client: ClusterClient::new(connection.clone(), uri.clone()),
+        client: ClusterClient::new(connection.clone(), uri.clone())?,
         uri,
         connection,
     })

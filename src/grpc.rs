@@ -70,7 +70,8 @@ pub fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration>
 
 /// `grpc-timeout` from a request's HTTP headers.
 pub fn grpc_timeout_header(headers: &http::HeaderMap) -> Option<Duration> {
-    parse_grpc_timeout(headers.get("grpc-timeout")?.to_str().ok()?)
+    const GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static("grpc-timeout");
+    parse_grpc_timeout(headers.get(GRPC_TIMEOUT)?.to_str().ok()?)
 }
 
 fn parse_grpc_timeout(value: &str) -> Option<Duration> {

@@ -12,6 +12,7 @@ pub mod dispatch;
 pub mod excerpt;
 pub mod forward;
 pub mod grpc;
+pub mod grpc_unary;
 pub mod health;
 pub mod jobs;
 pub mod metrics;

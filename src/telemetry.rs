@@ -10,7 +10,7 @@ use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
-use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
+use tonic::metadata::MetadataMap;
 use tracing::Span;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::layer::SubscriberExt;
@@ -117,31 +117,25 @@ impl Telemetry {
     }
 }
 
-struct MetadataReader<'a>(&'a MetadataMap);
+struct HeaderReader<'a>(&'a http::HeaderMap);
 
-impl Extractor for MetadataReader<'_> {
+impl Extractor for HeaderReader<'_> {
     fn get(&self, key: &str) -> Option<&str> {
         self.0.get(key).and_then(|v| v.to_str().ok())
     }
 
     fn keys(&self) -> Vec<&str> {
-        self.0
-            .keys()
-            .filter_map(|k| match k {
-                tonic::metadata::KeyRef::Ascii(k) => Some(k.as_str()),
-                tonic::metadata::KeyRef::Binary(_) => None,
-            })
-            .collect()
+        self.0.keys().map(http::HeaderName::as_str).collect()
     }
 }
 
-struct MetadataWriter<'a>(&'a mut MetadataMap);
+struct HeaderWriter<'a>(&'a mut http::HeaderMap);
 
-impl Injector for MetadataWriter<'_> {
+impl Injector for HeaderWriter<'_> {
     fn set(&mut self, key: &str, value: String) {
         if let (Ok(k), Ok(v)) = (
-            MetadataKey::from_bytes(key.as_bytes()),
-            MetadataValue::try_from(value.as_str()),
+            http::HeaderName::from_bytes(key.as_bytes()),
+            http::HeaderValue::try_from(value),
         ) {
             self.0.insert(k, v);
         }
@@ -150,14 +144,27 @@ impl Injector for MetadataWriter<'_> {
 
 /// Continues the caller's trace (W3C `traceparent` in the metadata) in `span`.
 pub fn continue_trace(span: &Span, metadata: &MetadataMap) {
-    let parent = TraceContextPropagator::new().extract(&MetadataReader(metadata));
+    continue_trace_headers(span, metadata.as_ref());
+}
+
+/// `continue_trace` from a request's HTTP headers.
+pub fn continue_trace_headers(span: &Span, headers: &http::HeaderMap) {
+    // A span nobody records (no exporter) has no parent to set: the
+    // headers are not even read.
+    if span.is_disabled() {
+        return;
+    }
+    let parent = TraceContextPropagator::new().extract(&HeaderReader(headers));
     // Fails only when tracing is off for the span: nothing to continue then.
     let _ = span.set_parent(parent);
 }
 
-/// Puts `span`'s trace context into outgoing metadata.
-pub fn inject_trace(span: &Span, metadata: &mut MetadataMap) {
-    TraceContextPropagator::new().inject_context(&span.context(), &mut MetadataWriter(metadata));
+/// Puts `span`'s trace context into an outgoing request's headers.
+pub fn inject_trace(span: &Span, headers: &mut http::HeaderMap) {
+    if span.is_disabled() {
+        return;
+    }
+    TraceContextPropagator::new().inject_context(&span.context(), &mut HeaderWriter(headers));
 }
 
 #[cfg(test)]
@@ -173,9 +180,9 @@ mod tests {
                 .parse()
                 .unwrap(),
         );
-        let cx = TraceContextPropagator::new().extract(&MetadataReader(&m));
-        let mut out = MetadataMap::new();
-        TraceContextPropagator::new().inject_context(&cx, &mut MetadataWriter(&mut out));
+        let cx = TraceContextPropagator::new().extract(&HeaderReader(m.as_ref()));
+        let mut out = http::HeaderMap::new();
+        TraceContextPropagator::new().inject_context(&cx, &mut HeaderWriter(&mut out));
         assert_eq!(
             out.get("traceparent").unwrap(),
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"

@@ -13,7 +13,11 @@ use tonic::Status;
 use super::CheckArgs;
 use super::load::Probe;
 use super::usage::Asked;
-use crate::forward::{ClusterClient, Connection};
+use crate::forward::Connection;
+use crate::pb::agent_cluster_client::AgentClusterClient;
+
+/// The generated client: the check speaks the contract as any client would.
+type ClusterClient = AgentClusterClient<Connection>;
 use crate::pb;
 use tonic_health::pb::health_client::HealthClient;
 

@@ -66,10 +66,7 @@ impl Engine {
                 Ok((estimate, hold, max_queued))
             });
             let e = match admitted {
-                Ok((estimate, hold, max_queued)) => {
-                    path.model.clone_from(&r.model);
-                    return Ok((step, estimate, hold, max_queued));
-                }
+                Ok((estimate, hold, max_queued)) => return Ok((step, estimate, hold, max_queued)),
                 Err(e) => e,
             };
             let skip = match &e {

@@ -22,7 +22,7 @@ use super::lease::Lease;
 use super::prepare::{Forwarded, Prepared};
 use crate::config::Config;
 use crate::core::{Completion, Outcome, RetryBudget, Settlement, Submission};
-use crate::forward::{ClusterClient, ClusterPool, Connector, FailureKind, classify};
+use crate::forward::{Call, ClusterClient, ClusterPool, Connector, FailureKind, classify};
 
 /// Each region's `[tls]` in `config`, by name.
 fn region_tls(config: &Config) -> impl Fn(&str) -> Option<crate::config::RegionTls> + '_ {
@@ -82,7 +82,7 @@ impl Forwarder {
         mut call: F,
     ) -> Result<Forwarded<T>, DispatchError>
     where
-        F: FnMut(ClusterClient, tonic::Request<bytes::Bytes>) -> Fut,
+        F: FnMut(ClusterClient, Call) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
         let settings = &p.config.settings;
@@ -167,7 +167,8 @@ impl Forwarder {
                 }
             };
             queue_wait += waited;
-            if crate::clock::now() >= p.deadline {
+            let mut now = crate::clock::now();
+            if now >= p.deadline {
                 // Granted too late: nothing was sent, everything goes back.
                 held.settle(Completion::abandoned());
                 return Err(DispatchError::DeadlineExceeded(format!(
@@ -201,14 +202,21 @@ impl Forwarder {
                     held.settle(Completion::abandoned());
                     return Err(DispatchError::Internal(why));
                 }
+                now = crate::clock::now();
             }
-            let remaining = p.deadline.saturating_duration_since(crate::clock::now());
-            let mut request = tonic::Request::new(wire.clone());
-            request.set_timeout(remaining);
-            crate::telemetry::inject_trace(&span, request.metadata_mut());
+            // Nothing that waits has happened since `now` was read (but a
+            // job's own hook, which reads it again).
+            let remaining = p.deadline.saturating_duration_since(now);
+            let mut headers = http::HeaderMap::new();
+            crate::telemetry::inject_trace(&span, &mut headers);
+            let request = Call {
+                message: wire.clone(),
+                timeout: remaining,
+                headers,
+            };
             held.mark_sent();
             lease.sending();
-            let sent = crate::clock::now();
+            let sent = now;
             let result = tokio::time::timeout_at(p.deadline.into(), call(client, request))
                 .instrument(span)
                 .await;

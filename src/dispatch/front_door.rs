@@ -79,7 +79,11 @@ impl Snapshot {
                 .iter()
                 .map(|m| {
                     let plan = |fallback| {
-                        Arc::new(crate::core::Plan::for_model(&config.policy.fallbacks, &m.name, fallback))
+                        Arc::new(crate::core::Plan::for_model(
+                            &config.policy.fallbacks,
+                            &m.name,
+                            fallback,
+                        ))
                     };
                     (m.name.clone(), plan(true), plan(false))
                 })
@@ -97,7 +101,11 @@ impl Snapshot {
     pub fn plan(&self, model: &str, allow_fallback: bool) -> Arc<crate::core::Plan> {
         match self.plans.iter().find(|(m, _, _)| m == model) {
             Some((_, chain, alone)) => if allow_fallback { chain } else { alone }.clone(),
-            None => Arc::new(crate::core::Plan::for_model(&self.fallbacks, model, allow_fallback)),
+            None => Arc::new(crate::core::Plan::for_model(
+                &self.fallbacks,
+                model,
+                allow_fallback,
+            )),
         }
     }
 

@@ -20,9 +20,9 @@ mod error;
 mod fallback;
 mod forwarder;
 mod front_door;
+mod handles;
 mod idempotency;
 mod lease;
-mod handles;
 mod observe;
 mod prepare;
 mod queue;
@@ -270,7 +270,12 @@ impl Engine {
         use std::fmt::Write;
         // Sized once: `format!` grew the string twice on every request.
         let mut id = String::with_capacity(self.id_prefix.len() + 21);
-        let _ = write!(id, "{}-{}", self.id_prefix, self.next_id.fetch_add(1, Ordering::Relaxed));
+        let _ = write!(
+            id,
+            "{}-{}",
+            self.id_prefix,
+            self.next_id.fetch_add(1, Ordering::Relaxed)
+        );
         id
     }
 

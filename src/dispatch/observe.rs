@@ -4,7 +4,7 @@
 //! share the names the router already holds instead of copying them, and
 //! each label set's handles are registered once (`handles.rs`).
 
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, OnceLock};
 use std::time::Duration;
 
 use metrics::{Counter, Histogram, Label, SharedString, counter, histogram};
@@ -87,8 +87,10 @@ fn label(name: &'static str, value: &Name) -> Label {
     Label::new(name, value.as_ref().map_or(SharedString::const_str(NONE), shared))
 }
 
-static REQUESTS: LazyLock<HandleCache<(Name, Name, Name, &'static str), (Counter, Histogram)>> =
-    LazyLock::new(HandleCache::new);
+/// Model, tenant, region, outcome.
+type RequestKey = (Name, Name, Name, &'static str);
+
+static REQUESTS: LazyLock<HandleCache<RequestKey, (Counter, Histogram)>> = LazyLock::new(HandleCache::new);
 
 pub fn request(
     model: Option<&Arc<str>>,
@@ -140,27 +142,44 @@ pub fn attempt(region: &Arc<str>, result: Option<FailureKind>, timed_out: bool) 
         .increment(1);
 }
 
-/// The counters of one region and model.
-#[derive(Clone)]
+/// The counters of one region and model; a hint's, by result, registered
+/// the first time one comes.
 struct RegionModel {
+    region: Arc<str>,
+    model: Arc<str>,
     reserved: Counter,
     charged: Counter,
     refunded: Counter,
+    hints: [OnceLock<Counter>; 3],
 }
 
-static REGION_MODELS: LazyLock<HandleCache<(Arc<str>, Arc<str>), RegionModel>> = LazyLock::new(HandleCache::new);
+impl RegionModel {
+    fn hint(&self, result: usize) -> &Counter {
+        const RESULTS: [&str; 3] = ["lowered", "applied", "ignored"];
+        self.hints[result].get_or_init(|| {
+            counter!("dispatcher_provider_hints_total", "region" => shared(&self.region), "model" => shared(&self.model), "result" => RESULTS[result])
+        })
+    }
+}
 
-fn region_model(region: &Arc<str>, model: &Arc<str>) -> RegionModel {
+type RegionModels = HandleCache<(Arc<str>, Arc<str>), Arc<RegionModel>>;
+
+static REGION_MODELS: LazyLock<RegionModels> = LazyLock::new(HandleCache::new);
+
+fn region_model(region: &Arc<str>, model: &Arc<str>) -> Arc<RegionModel> {
     REGION_MODELS.get((region.clone(), model.clone()), |(region, model)| {
         let labels = [
             Label::new("region", shared(region)),
             Label::new("model", shared(model)),
         ];
-        RegionModel {
+        Arc::new(RegionModel {
+            region: region.clone(),
+            model: model.clone(),
             reserved: counter!("dispatcher_tokens_reserved_total", labels.iter()),
             charged: counter!("dispatcher_tokens_charged_total", labels.iter()),
             refunded: counter!("dispatcher_tokens_refunded_total", labels.iter()),
-        }
+            hints: Default::default(),
+        })
     })
 }
 
@@ -171,8 +190,6 @@ pub fn reserved(region: &Arc<str>, model: &Arc<str>, tokens: u64) {
     region_model(region, model).reserved.increment(tokens);
 }
 
-static HINTS: LazyLock<HandleCache<(Arc<str>, Arc<str>, &'static str), Counter>> = LazyLock::new(HandleCache::new);
-
 pub fn settled(region: &Arc<str>, model: &Arc<str>, reserved: u64, charged: u64, hint: Option<&HintOutcome>) {
     if !on() {
         return;
@@ -182,15 +199,11 @@ pub fn settled(region: &Arc<str>, model: &Arc<str>, reserved: u64, charged: u64,
     counters.refunded.increment(reserved.saturating_sub(charged));
     if let Some(h) = hint {
         let result = match h {
-            HintOutcome::Applied { lowered: true } => "lowered",
-            HintOutcome::Applied { lowered: false } => "applied",
-            HintOutcome::Ignored { .. } => "ignored",
+            HintOutcome::Applied { lowered: true } => 0,
+            HintOutcome::Applied { lowered: false } => 1,
+            HintOutcome::Ignored { .. } => 2,
         };
-        HINTS
-            .get((region.clone(), model.clone(), result), |(region, model, result)| {
-                counter!("dispatcher_provider_hints_total", "region" => shared(region), "model" => shared(model), "result" => *result)
-            })
-            .increment(1);
+        counters.hint(result).increment(1);
     }
 }
 
@@ -201,8 +214,9 @@ pub fn queue_wait(model: &Arc<str>, waited: Duration) {
         return;
     }
     QUEUE_WAITS
-        .get(model.clone(), |model| {
-            histogram!("dispatcher_queue_wait_seconds", "model" => shared(model))
-        })
+        .get(
+            model.clone(),
+            |model| histogram!("dispatcher_queue_wait_seconds", "model" => shared(model)),
+        )
         .record(waited.as_secs_f64());
 }

@@ -42,7 +42,8 @@ impl Labels {
 pub(super) struct Prepared {
     /// The configuration it was decided with, kept to the end.
     pub config: Arc<Snapshot>,
-    pub request_id: String,
+    /// What goes to the region; its `request_id` and `model` are the
+    /// request's id and the model serving it.
     pub exec: pb::ExecuteRequest,
     pub estimate: TokenEstimate,
     pub origin: Option<Arc<str>>,
@@ -103,8 +104,10 @@ impl Engine {
         // A rollout alias names its target; then the target's chain.
         let alias = self.rollouts.resolve(&mut r);
         let plan = config.plan(&r.model, !r.no_fallback);
+        // `model` is filled in when the request is answered (`exec.model`
+        // is the model that served it): no copy per request.
         let mut path = super::ModelPath {
-            model: r.model.clone(),
+            model: String::new(),
             alias,
             tried: Vec::new(),
         };
@@ -126,7 +129,7 @@ impl Engine {
             config,
             origin: (!r.origin_region.is_empty()).then(|| Arc::from(r.origin_region.as_str())),
             exec: pb::ExecuteRequest {
-                request_id: request_id.clone(),
+                request_id,
                 tenant: tenant.to_string(),
                 model: r.model,
                 payload: r.payload,
@@ -136,7 +139,6 @@ impl Engine {
             },
             tenant,
             tenant_max_queued,
-            request_id,
             estimate,
             start,
             deadline,

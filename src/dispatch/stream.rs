@@ -176,7 +176,7 @@ impl Engine {
             tx,
             end,
             template: StreamChunk {
-                request_id: p.request_id,
+                request_id: std::mem::take(&mut p.exec.request_id),
                 region: f.region.to_string(),
                 output: bytes::Bytes::new(),
                 usage: pb::Usage {
@@ -186,7 +186,10 @@ impl Engine {
                 done: false,
                 attempts: f.attempts,
                 queue_wait: f.queue_wait,
-                path: p.path,
+                path: super::ModelPath {
+                    model: std::mem::take(&mut p.exec.model),
+                    ..p.path
+                },
             },
             first: Some(first),
             prompt: p.estimate.prompt,

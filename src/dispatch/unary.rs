@@ -36,7 +36,8 @@ impl Engine {
         // Without one (or one the checks will refuse, or no tenant), it
         // just runs. One call site: each `.await` of the request's future
         // would take room of its own in this one.
-        let keyed = !r.request_id.is_empty() && r.request_id.len() <= config.settings.limits.max_request_id_bytes;
+        let keyed =
+            !r.request_id.is_empty() && r.request_id.len() <= config.settings.limits.max_request_id_bytes;
         let Some(tenant) = keyed.then(|| config.authenticate(&caller).ok()).flatten() else {
             return self.dispatch_once(config, r, timeout, &caller).await;
         };
@@ -145,12 +146,12 @@ impl Engine {
             let saved = p.step_in(step_deadline);
             // Boxed: awaited in place, the forward's state (several KiB)
             // would be copied into every future that awaits this one.
-            let forwarded = Box::pin(
-                self.forwarder
-                    .forward(&self.desk, &p, &mut lease, |mut client, request| async move {
-                        client.execute(request).await
-                    }),
-            )
+            let forwarded = Box::pin(self.forwarder.forward(
+                &self.desk,
+                &p,
+                &mut lease,
+                |mut client, request| async move { client.execute(request).await },
+            ))
             .await;
             p.restore(saved);
             match forwarded {
@@ -192,14 +193,17 @@ impl Engine {
         span.record("completion_tokens", usage.completion_tokens);
         span.record("attempts", f.attempts);
         Ok(Dispatched {
-            request_id: p.request_id,
+            request_id: std::mem::take(&mut p.exec.request_id),
             region: f.region.to_string(),
             output: reply.output,
             usage,
             attempts: f.attempts,
             queue_wait: f.queue_wait,
             config_version: p.config.version,
-            path: p.path,
+            path: super::ModelPath {
+                model: std::mem::take(&mut p.exec.model),
+                ..p.path
+            },
         })
     }
 }

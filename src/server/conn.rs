@@ -4,9 +4,9 @@
 //! could hold a connection (and a file descriptor and a slot) for ever by
 //! saying nothing. Here a connection must complete its TLS handshake (when
 //! the listener has TLS) and send the 24-byte HTTP/2 preface within
-//! `handshake_timeout` of being accepted; the timer runs in this task,
-//! whatever hyper is waiting for and however short of descriptors the
-//! process is. Afterwards it is closed (GOAWAY) once no request has been in
+//! `handshake_timeout` of being accepted; the timer runs in this task (and,
+//! once hyper has the connection, in its watcher task), whatever hyper is
+//! waiting for and however short of descriptors the process is. Afterwards it is closed (GOAWAY) once no request has been in
 //! progress for `idle_timeout`, or when a request of an untrusted
 //! connection timed out on its body (`guard`). When its slot is given to a
 //! newer connection (`slots`) it is closed at once: it had authenticated
@@ -21,14 +21,12 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::server::TcpConnectInfo;
 
 use super::activity::Activity;
-use super::guard::{Authenticates, Guard};
+use super::conn_info::{Authenticates, ConnInfo};
+use super::guard::Guard;
 use crate::accept::Accepted;
-use crate::slots::Slot;
 use crate::tls::accept::ServerIo;
-use crate::tls::identity::PeerIdentity;
 
 /// The HTTP/2 client preface is this long; reading it ends the handshake.
 const PREFACE_BYTES: usize = 24;
@@ -51,20 +49,11 @@ pub struct Settings {
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub http2: hyper::server::conn::http2::Builder<hyper_util::rt::TokioExecutor>,
     pub routes: tonic::service::Routes,
+    /// `Dispatch` served without tonic's routes (the main listener only).
+    pub dispatch: Option<Arc<super::unary_dispatch::UnaryDispatch>>,
     pub authenticates: Authenticates,
     /// Names the listener in logs and metrics.
     pub what: &'static str,
-}
-
-/// What the requests of one connection know of it.
-pub struct ConnInfo {
-    pub tcp: TcpConnectInfo,
-    /// The client certificate's names (TLS with client certificates).
-    pub identity: Option<PeerIdentity>,
-    pub activity: Arc<Activity>,
-    pub slot: Arc<Slot>,
-    /// Cancelled to close the connection once its requests are done.
-    pub close: CancellationToken,
 }
 
 /// Serves one accepted connection until it closes (see the module).
@@ -99,45 +88,103 @@ pub async fn serve(accepted: Accepted, settings: Arc<Settings>, stop: Cancellati
         slot: slot.clone(),
         close: CancellationToken::new(),
     });
-    let service = Guard::new(settings.routes.clone(), info.clone(), &settings);
+    let service = Guard::new(
+        settings.routes.clone(),
+        settings.dispatch.clone(),
+        info.clone(),
+        settings.timeouts.body,
+        settings.authenticates.clone(),
+    );
     let conn = settings.http2.serve_connection(
         hyper_util::rt::TokioIo::new(io),
         hyper_util::service::TowerToHyperService::new(service),
     );
     tokio::pin!(conn);
-    let mut handshaken = false;
-    let mut closing = false;
+    // The timers and signals are watched by a task of their own: in this
+    // one, every wake-up (several per request) would poll them all again.
+    let (tell, mut told) = tokio::sync::mpsc::channel(2);
+    tokio::spawn(watch(
+        Watched {
+            info: info.clone(),
+            preface,
+            deadline,
+            idle: settings.timeouts.idle,
+            what,
+            stop,
+        },
+        tell,
+    ));
     loop {
         tokio::select! {
+            biased;
             done = conn.as_mut() => {
                 if let Err(e) = done {
                     tracing::debug!(listener = what, peer = ?info.tcp.remote_addr, error = %e, "connection ended with an error");
                 }
                 return;
             }
-            _ = tokio::time::sleep_until(deadline), if !handshaken => {
-                if !preface.load(Ordering::Relaxed) {
-                    tracing::debug!(listener = what, peer = ?info.tcp.remote_addr, "closing a connection that sent no HTTP/2 preface within server.handshake_timeout");
-                    return slot.closed("handshake_timeout");
+            told = told.recv() => match told {
+                Some(Close::Now) | None => return,
+                Some(Close::Gracefully) => conn.as_mut().graceful_shutdown(),
+            },
+        }
+    }
+}
+
+/// What the watcher tells the connection.
+enum Close {
+    /// Drop it: it never became a connection, or its slot went to another.
+    Now,
+    /// Finish the requests in progress, then close (GOAWAY).
+    Gracefully,
+}
+
+/// What the watcher of one connection watches.
+struct Watched {
+    info: Arc<ConnInfo>,
+    /// Set once the HTTP/2 preface has been read.
+    preface: Arc<AtomicBool>,
+    /// For the TLS handshake and the preface.
+    deadline: tokio::time::Instant,
+    idle: Duration,
+    what: &'static str,
+    /// The server is stopping.
+    stop: CancellationToken,
+}
+
+/// Watches one connection's handshake deadline, eviction, idleness and
+/// the server's stop, and tells the connection; ends with it.
+async fn watch(w: Watched, tell: tokio::sync::mpsc::Sender<Close>) {
+    let slot = &w.info.slot;
+    let peer = w.info.tcp.remote_addr;
+    let mut handshaken = false;
+    let mut closing = false;
+    loop {
+        let close = tokio::select! {
+            _ = tell.closed() => return,
+            _ = tokio::time::sleep_until(w.deadline), if !handshaken => {
+                if w.preface.load(Ordering::Relaxed) {
+                    handshaken = true;
+                    continue;
                 }
-                handshaken = true;
+                tracing::debug!(listener = w.what, ?peer, "closing a connection that sent no HTTP/2 preface within server.handshake_timeout");
+                slot.closed("handshake_timeout");
+                Close::Now
             }
             // Nothing it sent was authenticated: close it now.
-            _ = slot.evicted() => return,
-            _ = info.close.cancelled(), if !closing => {
-                closing = true;
-                conn.as_mut().graceful_shutdown();
-            }
-            _ = stop.cancelled(), if !closing => {
-                closing = true;
-                conn.as_mut().graceful_shutdown();
-            }
-            _ = info.activity.idle_for(settings.timeouts.idle), if handshaken && !closing => {
-                tracing::debug!(listener = what, peer = ?info.tcp.remote_addr, "closing an idle connection");
+            _ = slot.evicted() => Close::Now,
+            _ = w.info.close.cancelled(), if !closing => Close::Gracefully,
+            _ = w.stop.cancelled(), if !closing => Close::Gracefully,
+            _ = w.info.activity.idle_for(w.idle), if handshaken && !closing => {
+                tracing::debug!(listener = w.what, ?peer, "closing an idle connection");
                 slot.closed("idle");
-                closing = true;
-                conn.as_mut().graceful_shutdown();
+                Close::Gracefully
             }
+        };
+        let now = matches!(close, Close::Now);
+        closing = true;
+        if tell.send(close).await.is_err() || now {
+            return;
         }
     }
 }

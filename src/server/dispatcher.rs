@@ -25,24 +25,32 @@ impl DispatcherService {
 
 /// The span of one request. Never the key or the payload: only what an
 /// operator needs to follow it.
-fn request_span(rpc: &'static str) -> tracing::Span {
+pub(super) fn request_span(rpc: &'static str) -> tracing::Span {
     crate::dispatch::work_span!("dispatch", "server", rpc)
 }
 
 /// The caller's credentials: the `authorization` header, if any (its value
 /// is never logged), and the names of its verified client certificate.
 pub(super) fn caller<T>(request: &Request<T>) -> Caller {
+    caller_from(
+        request.metadata().as_ref(),
+        request.extensions().get::<crate::tls::identity::PeerIdentity>(),
+    )
+}
+
+/// `caller`, from a request's HTTP headers and its connection's client
+/// certificate.
+pub(super) fn caller_from(
+    headers: &http::HeaderMap,
+    identity: Option<&crate::tls::identity::PeerIdentity>,
+) -> Caller {
     Caller {
-        authorization: request.metadata().get("authorization").map(|v| {
+        authorization: headers.get(http::header::AUTHORIZATION).map(|v| {
             v.to_str()
                 .map(str::to_string)
                 .unwrap_or_else(|_| "invalid".into())
         }),
-        identity: request
-            .extensions()
-            .get::<crate::tls::identity::PeerIdentity>()
-            .cloned()
-            .unwrap_or_default(),
+        identity: identity.cloned().unwrap_or_default(),
         submitted_as: None,
     }
 }
@@ -51,7 +59,7 @@ fn duration(d: std::time::Duration) -> Option<prost_types::Duration> {
     prost_types::Duration::try_from(d).ok()
 }
 
-fn reply(d: Dispatched) -> pb::DispatchReply {
+pub(super) fn reply(d: Dispatched) -> pb::DispatchReply {
     pb::DispatchReply {
         request_id: d.request_id,
         region: d.region,

@@ -30,13 +30,10 @@ use tonic::Status;
 use tonic::body::Body;
 
 use super::activity::Busy;
-use super::conn::{ConnInfo, Settings};
+use super::conn_info::{Authenticates, ConnInfo};
+use super::unary_dispatch::{self, UnaryDispatch};
 use crate::dispatch::Caller;
 use crate::slots::Slot;
-
-/// Whether a caller's credential names a tenant (anonymous use counts when
-/// it is on); the engine's current configuration decides.
-pub type Authenticates = Arc<dyn Fn(&Caller) -> bool + Send + Sync>;
 
 /// Reflection is a stream the client keeps open while it works (grpcurl
 /// holds it for the whole call): its body never ends, by design.
@@ -48,18 +45,26 @@ type Response = http::Response<Body>;
 #[derive(Clone)]
 pub struct Guard {
     routes: tonic::service::Routes,
+    dispatch: Option<Arc<UnaryDispatch>>,
     conn: Arc<ConnInfo>,
     body_timeout: Duration,
     authenticates: Authenticates,
 }
 
 impl Guard {
-    pub fn new(routes: tonic::service::Routes, conn: Arc<ConnInfo>, settings: &Settings) -> Self {
+    pub fn new(
+        routes: tonic::service::Routes,
+        dispatch: Option<Arc<UnaryDispatch>>,
+        conn: Arc<ConnInfo>,
+        body_timeout: Duration,
+        authenticates: Authenticates,
+    ) -> Self {
         Self {
             routes,
+            dispatch,
             conn,
-            body_timeout: settings.timeouts.body,
-            authenticates: settings.authenticates.clone(),
+            body_timeout,
+            authenticates,
         }
     }
 
@@ -95,41 +100,69 @@ impl tower_service::Service<http::Request<hyper::body::Incoming>> for Guard {
             return Box::pin(std::future::ready(Ok(unsupported_media_type(content_type))));
         }
         let (mut parts, body) = request.into_parts();
+        let busy = self.conn.activity.begin();
+        let now = crate::clock::tokio_now();
+        let callers_deadline = crate::grpc::grpc_timeout_header(&parts.headers).map(|t| now + t);
+        let trust = self.may_trust(&parts.headers);
+        let timed = |inner, callers_deadline| TimedBody {
+            inner,
+            timer: None,
+            body_deadline: now + self.body_timeout,
+            callers_deadline,
+            limit: self.body_timeout,
+            trust,
+            conn: self.conn.clone(),
+            complete: false,
+            tell: None,
+            expired: false,
+        };
+        if let Some(dispatch) = self
+            .dispatch
+            .as_ref()
+            .filter(|_| parts.uri.path() == unary_dispatch::PATH)
+        {
+            // The engine keeps the caller's deadline from here on; until the
+            // body is in, the body's own timer does (one timer, not two).
+            let dispatch = dispatch.clone();
+            let body = timed(body, callers_deadline);
+            let identity = self.conn.identity.clone();
+            return Box::pin(async move { Ok(dispatch.serve(parts, body, identity, busy).await) });
+        }
         // So `Request::remote_addr()` works as with tonic's own server.
         parts.extensions.insert(self.conn.tcp.clone());
         // Who the client certificate says the caller is (for auth).
         if let Some(identity) = &self.conn.identity {
             parts.extensions.insert(identity.clone());
         }
-        let busy = self.conn.activity.begin();
-        let deadline =
-            crate::grpc::grpc_timeout_header(&parts.headers).map(|t| crate::clock::tokio_now() + t);
         let arrived = Arc::new(AtomicBool::new(false));
         let body = if parts.uri.path().starts_with(REFLECTION) {
             Body::new(body)
         } else {
-            Body::new(TimedBody {
-                inner: body,
-                timer: Box::pin(tokio::time::sleep(self.body_timeout)),
-                limit: self.body_timeout,
-                trust: self.may_trust(&parts.headers),
-                conn: self.conn.clone(),
-                arrived: arrived.clone(),
-                expired: false,
-            })
+            let mut timed = timed(body, None);
+            timed.tell = Some(arrived.clone());
+            Body::new(timed)
         };
         let call = tower_service::Service::call(&mut self.routes, http::Request::from_parts(parts, body));
-        Box::pin(async move {
-            let response = match deadline {
-                None => call.await?,
-                Some(at) => match tokio::time::timeout_at(at, call).await {
-                    Ok(response) => response?,
-                    Err(_) => deadline_passed(arrived.load(Ordering::Relaxed)).into_http(),
-                },
-            };
-            Ok(response.map(|body| Body::new(Tracked { body, _busy: busy })))
-        })
+        Box::pin(respond(call, callers_deadline, arrived, busy))
     }
+}
+
+/// The answer to `call`, or DEADLINE_EXCEEDED when the caller's deadline
+/// passes first; the request counts as in progress until its body ends.
+async fn respond(
+    call: impl Future<Output = Result<Response, Infallible>>,
+    deadline: Option<tokio::time::Instant>,
+    arrived: Arc<AtomicBool>,
+    busy: Busy,
+) -> Result<Response, Infallible> {
+    let response = match deadline {
+        None => call.await?,
+        Some(at) => match tokio::time::timeout_at(at, call).await {
+            Ok(response) => response?,
+            Err(_) => deadline_passed(arrived.load(Ordering::Relaxed)).into_http(),
+        },
+    };
+    Ok(response.map(|body| Body::new(Tracked { body, _busy: busy })))
 }
 
 /// gRPC over HTTP/2: `application/grpc`, optionally followed by `+format`
@@ -169,23 +202,41 @@ fn deadline_passed(body_arrived: bool) -> Status {
     })
 }
 
-/// A request body that must arrive in full within the body timeout.
-struct TimedBody {
+/// A request body that must arrive in full within the body timeout (and,
+/// when it carries it, the caller's deadline).
+pub struct TimedBody {
     inner: hyper::body::Incoming,
-    timer: Pin<Box<Sleep>>,
+    /// Made only if the body is not all there when first read.
+    timer: Option<Pin<Box<Sleep>>>,
+    body_deadline: tokio::time::Instant,
+    callers_deadline: Option<tokio::time::Instant>,
     limit: Duration,
     /// Trusted once the body has arrived (its credential authenticated).
     trust: Option<Arc<Slot>>,
     conn: Arc<ConnInfo>,
-    arrived: Arc<AtomicBool>,
+    complete: bool,
+    /// Told when the body has arrived (for the answer at the caller's
+    /// deadline, when the guard keeps it).
+    tell: Option<Arc<AtomicBool>>,
     expired: bool,
 }
 
 impl TimedBody {
     fn arrived(&mut self) {
-        self.arrived.store(true, Ordering::Relaxed);
+        self.complete = true;
+        if let Some(tell) = &self.tell {
+            tell.store(true, Ordering::Relaxed);
+        }
         if let Some(slot) = self.trust.take() {
             slot.trust();
+        }
+    }
+
+    /// The timer's end, and whether it is the caller's deadline.
+    fn ends(&self) -> (tokio::time::Instant, bool) {
+        match self.callers_deadline {
+            Some(at) if at < self.body_deadline => (at, true),
+            _ => (self.body_deadline, false),
         }
     }
 }
@@ -214,10 +265,17 @@ impl http_body::Body for TimedBody {
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Status::from_error(Box::new(e))))),
-            Poll::Pending if this.arrived.load(Ordering::Relaxed) => Poll::Pending,
+            Poll::Pending if this.complete => Poll::Pending,
             Poll::Pending => {
-                std::task::ready!(this.timer.as_mut().poll(cx));
+                let (at, callers) = this.ends();
+                let timer = this
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+                std::task::ready!(timer.as_mut().poll(cx));
                 this.expired = true;
+                if callers {
+                    return Poll::Ready(Some(Err(deadline_passed(false))));
+                }
                 if !this.conn.slot.is_trusted() {
                     // It authenticated nothing and stalls: free its slot.
                     this.conn.slot.closed("body_timeout");

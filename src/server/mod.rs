@@ -5,10 +5,12 @@ mod activity;
 mod admin;
 mod admin_policy;
 mod conn;
+mod conn_info;
 mod dispatcher;
 mod guard;
 mod jobs;
 mod status;
+mod unary_dispatch;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -107,11 +109,12 @@ pub async fn serve(
         }
     };
     crate::grpc::add_reflection(&mut routes, &names)?;
-    let authenticates: guard::Authenticates = {
+    let authenticates: conn_info::Authenticates = {
         let engine = engine.clone();
         Arc::new(move |caller| engine.authenticate(caller).is_ok())
     };
-    let listener = |what, routes| {
+    let unary_dispatch = Arc::new(unary_dispatch::UnaryDispatch::new(engine.clone(), max_message));
+    let listener = |what, routes, dispatch| {
         Arc::new(conn::Settings {
             timeouts: conn::Timeouts {
                 handshake: limits.handshake_timeout,
@@ -121,6 +124,7 @@ pub async fn serve(
             tls: listeners.tls.clone(),
             http2: http2(&limits),
             routes,
+            dispatch,
             authenticates: authenticates.clone(),
             what,
         })
@@ -129,7 +133,7 @@ pub async fn serve(
     let main = serve_on(
         listeners.main,
         limits,
-        listener("gRPC", routes.routes()),
+        listener("gRPC", routes.routes(), Some(unary_dispatch)),
         stop.clone().cancelled_owned(),
     );
     let admin = async {
@@ -139,7 +143,7 @@ pub async fn serve(
                 serve_on(
                     admin,
                     limits,
-                    listener("admin", routes),
+                    listener("admin", routes, None),
                     stop.clone().cancelled_owned(),
                 )
                 .await
