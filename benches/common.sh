@@ -102,7 +102,7 @@ CONF
 
 # examples/h2_relay.rs in front of SIM (its address in RELAY, pid RELAY_PID).
 start_relay() {
-    start "$OUT/h2-relay" target/release/examples/h2_relay 127.0.0.1:0 "$SIM"
+    start "$OUT/h2-relay" ${CARGO_TARGET_DIR:-target}/release/examples/h2_relay 127.0.0.1:0 "$SIM"
     RELAY_PID=$LAST_PID
     RELAY=$(address "$OUT/h2-relay")
 }
