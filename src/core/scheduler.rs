@@ -16,7 +16,7 @@ use thiserror::Error;
 use super::fair::FairQueue;
 use super::overload::{OverloadSettings, QueueState, StandingWait};
 use super::queue::{DisciplineFactory, WaitQueue, Waiter};
-use super::router::{Reservation, RouteError, RouteRequest, Router};
+use super::router::{Reservation, RouteError, RouteRequest, Router, SyncItem, WaitingByQuota};
 use super::tenant::Weights;
 
 /// How often queued waiters whose caller went away or whose wait ran out
@@ -521,6 +521,37 @@ impl<T> Scheduler<T> {
                 },
             }
         }
+    }
+
+    /// The next calls to the central buckets (quota shared with other
+    /// replicas), each sized with what the requests waiting for it need:
+    /// every waiter (the head and up to `BACKFILL` behind it) counts in the
+    /// region it would fit in first, and only there (a request waits in one
+    /// region; asking in every region it could go to would hold their
+    /// quota from the other replicas).
+    pub fn sync_calls(&mut self, now: Instant) -> Vec<SyncItem> {
+        let mut waiting = WaitingByQuota::new();
+        for model in self.queue.models() {
+            for id in self.queue.candidates(&model, BACKFILL) {
+                let Some(w) = self.queue.get(&model, id) else {
+                    continue;
+                };
+                let req = RouteRequest {
+                    model: &w.model,
+                    tokens: w.tokens,
+                    origin: w.origin.as_deref(),
+                };
+                if let Some((region, _)) = self.router.earliest_fit(&req, &w.tried, now) {
+                    let e = waiting.entry((region, model.clone())).or_default();
+                    if e.requests == 0 {
+                        e.first = w.tokens;
+                    }
+                    e.tokens += w.tokens;
+                    e.requests += 1;
+                }
+            }
+        }
+        self.router.sync_calls(&waiting, now)
     }
 
     /// When `release` should run next if nothing else happens: the earliest

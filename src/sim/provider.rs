@@ -86,6 +86,17 @@ impl Provider {
         Self { models }
     }
 
+    /// Empties every model's buckets, as for a key somebody just spent (or
+    /// a provider that grants no burst before its refill).
+    pub fn empty(&mut self, now: Instant) {
+        for m in &mut self.models {
+            for b in [&mut m.tokens, &mut m.requests] {
+                let level = b.available(now).max(0) as u64;
+                b.charge(level, now);
+            }
+        }
+    }
+
     fn find(&self, model: &str) -> Option<usize> {
         self.models.iter().position(|m| m.name == model)
     }
