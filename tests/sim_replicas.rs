@@ -565,8 +565,8 @@ mod heavy {
             accounting: Accounting::Admission,
             tenants: vec![("t", 1.0)],
             max_wait: Duration::from_secs(5),
-            ms_per_1k: 50.0,
-            replies: Replies::Proportional,
+            ms_per_1k: 1_000.0,
+            replies: Replies::ProportionalHintAtAdmission,
             foreign_share: 0.0,
         }
     }
@@ -710,5 +710,68 @@ fn heavy_tailed_three_regions_use_the_quota_one_process_uses() {
                 }
             }
         }
+    }
+}
+
+#[test]
+#[ignore]
+fn debug_heavy() {
+    let load: f64 = std::env::var("LOAD").ok().and_then(|v| v.parse().ok()).unwrap_or(2.0);
+    let seed: u64 = std::env::var("SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+    let reps: usize = std::env::var("REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    let arrivals = heavy::arrivals(load, seed);
+    for (name, run) in [("alone", heavy::run(arrivals.clone(), 1, false, seed)), ("cluster", heavy::run(arrivals.clone(), reps, true, seed))] {
+        let mut waits: Vec<f64> = run.arrivals.iter().zip(&run.fates).filter_map(|(a, f)| f.granted.map(|g| (g - a.at).as_secs_f64())).collect();
+        waits.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let n = waits.len();
+        let waited = waits.iter().filter(|w| **w > 0.001).count();
+        eprintln!("{name}: served {n}, waited {waited}, wait p50 {:.2} p75 {:.2} p90 {:.2}", waits[n/2], waits[n*3/4], waits[n*9/10]);
+        let b = |lo: f64, hi: f64| waits.iter().filter(|w| **w > lo && **w <= hi).count();
+        eprintln!("  waits: 0 {} | ≤0.15 {} | ≤0.5 {} | ≤1 {} | ≤2 {} | >2 {}", n - waited, b(0.001, 0.15), b(0.15, 0.5), b(0.5, 1.0), b(1.0, 2.0), b(2.0, 100.0));
+        // served by size bucket
+        for (lo, hi) in [(0u64, 300u64), (300, 1000), (1000, 3000), (3000, 20000)] {
+            let all = run.arrivals.iter().filter(|a| a.tokens() >= lo && a.tokens() < hi).count();
+            let ok = run.arrivals.iter().zip(&run.fates).filter(|(a, f)| a.tokens() >= lo && a.tokens() < hi && f.done.is_some()).count();
+            eprint!("  [{lo},{hi}) {ok}/{all}");
+        }
+        eprintln!();
+        // per 10 s: served
+        let mut per = [0; 8];
+        for f in &run.fates { if let Some(g) = f.granted { per[(g.as_secs() / 10).min(7) as usize] += 1; } }
+        eprintln!("  per 10 s: {per:?} refusals {:?}", run.refusals);
+        let mut adm = [0u64; 3];
+        for (i, a) in run.admitted.iter().enumerate() { adm[i] = a.iter().map(|x| x.1).sum(); }
+        eprintln!("  admitted per region {adm:?}; unused level {:?}", &run.unused_level[..run.unused_level.len().min(62)]);
+    }
+}
+
+#[test]
+#[ignore]
+fn debug_sweep() {
+    let reps: usize = std::env::var("REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    let seeds: u64 = std::env::var("SEEDS").ok().and_then(|v| v.parse().ok()).unwrap_or(8);
+    for load in [1.0, 2.0] {
+        let (mut a_s, mut c_s) = (0usize, 0usize);
+        let mut ratios = Vec::new();
+        let mut used = Vec::new();
+        let mut worst = 10.0f64;
+        for seed in 1..=seeds {
+            let arrivals = heavy::arrivals(load, seed);
+            let a = heavy::figures(&heavy::run(arrivals.clone(), 1, false, seed));
+            let c = heavy::figures(&heavy::run(arrivals, reps, true, seed));
+            a_s += a.successes;
+            c_s += c.successes;
+            worst = worst.min(c.successes as f64 / a.successes as f64);
+            ratios.push(c.p50.as_secs_f64() / a.p50.as_secs_f64());
+            used.push(c.used);
+        }
+        ratios.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        eprintln!(
+            "{load}x, {reps} replicas, {seeds} seeds: successes {:.1} % (worst {:.1} %), p50 ratios {:?}, used min {:.3}",
+            100.0 * c_s as f64 / a_s as f64,
+            100.0 * worst,
+            ratios.iter().map(|r| (r * 100.0).round() / 100.0).collect::<Vec<_>>(),
+            used.iter().cloned().fold(1.0, f64::min)
+        );
     }
 }

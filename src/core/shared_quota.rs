@@ -270,25 +270,36 @@ impl SharedQuota {
         (t, r)
     }
 
-    /// What this replica could have by its next grant: its balance and its
-    /// part of the central level as last seen.
-    pub fn reachable(&self, now: Instant) -> (u64, u64) {
+    /// What this replica could have by its next grant: its balance and
+    /// the central level as last seen, less what the other replicas'
+    /// waiting requests lack (they are served first when they waited
+    /// longer). Negative: how far they are behind.
+    fn reach(&self, now: Instant) -> (i64, i64) {
         let (t, r) = self.balance(now);
-        if self.mode == SharingMode::Fallback {
-            return (t, r);
+        let (t, r) = (t as i64, r as i64);
+        match self.central {
+            Some(g) if self.mode == SharingMode::Shared => (
+                t + g.level_tokens.max(0) - g.others_need as i64,
+                r + g.level_requests.max(0),
+            ),
+            _ => (t, r),
         }
-        let part = |level: i64| (level.max(0) as f64 * self.part()) as u64;
-        self.central.map_or((t, r), |g| {
-            (t + part(g.level_tokens), r + part(g.level_requests))
-        })
+    }
+
+    /// `reach`, at least zero: what the scheduler counts on for the
+    /// requests waiting here.
+    pub fn reachable(&self, now: Instant) -> (u64, u64) {
+        let (t, r) = self.reach(now);
+        (t.max(0) as u64, r.max(0) as u64)
     }
 
     /// Whether `tokens` and one request fit now; if so the headroom (the
     /// central level as last seen plus this replica's balance, less the
     /// request, as a fraction of the central capacity); if not, roughly
     /// when they may: the next grant when the level as last seen has them
-    /// (`Err((wait, true))`), else after the refill of this replica's part
-    /// (or the fallback bucket's).
+    /// (`Err((wait, true))`), else after the refill of what it lacks (or
+    /// the fallback bucket's). A request waiting here is served from the
+    /// whole refill once it is the oldest, as in one process.
     pub fn fit(&self, tokens: u64, now: Instant) -> Result<f64, (Duration, bool)> {
         if let Some(until) = self.blocked_until.filter(|u| *u > now) {
             return Err((until - now, false));
@@ -305,15 +316,13 @@ impl SharedQuota {
             let wr = fr.time_until(1, now).unwrap_or(Duration::MAX);
             return Err((wt.max(wr), false));
         }
-        // Short of the level as last seen too: its refill at this
-        // replica's part of the rate.
-        let (reach_t, reach_r) = self.reachable(now);
-        let refill = |short: u64, per_minute: u64| {
-            Duration::try_from_secs_f64(short as f64 * 60.0 / (per_minute.max(1) as f64 * self.part()))
+        let (reach_t, reach_r) = self.reach(now);
+        let refill = |short: i64, per_minute: u64| {
+            Duration::try_from_secs_f64(short.max(0) as f64 * 60.0 / per_minute.max(1) as f64)
                 .unwrap_or(Duration::MAX)
         };
-        let later = refill(tokens.saturating_sub(reach_t), self.limits.tokens_per_minute)
-            .max(refill(1u64.saturating_sub(reach_r), self.limits.requests_per_minute));
+        let later = refill(tokens as i64 - reach_t, self.limits.tokens_per_minute)
+            .max(refill(1 - reach_r, self.limits.requests_per_minute));
         Err((self.settings.tick.saturating_add(later), later.is_zero()))
     }
 
