@@ -354,10 +354,16 @@ impl World {
         let mut unused_level = Vec::new();
         let mut admitted: Vec<Vec<(Duration, u64)>> = vec![Vec::new(); self.regions.len()];
         let mut now = Duration::ZERO;
+        let mut end = Duration::ZERO;
         let model: Arc<str> = Arc::from("m");
 
         while let Some(Reverse((when, _, event))) = events.pop() {
             now = when;
+            if matches!(event, Event::Arrive(_) | Event::Complete(_) | Event::Wake(_)) {
+                // The run ends with the last request's fate, not the ticks
+                // and samples that go on a little longer.
+                end = now;
+            }
             let mut granted: Vec<(usize, usize, Reservation)> = Vec::new();
             match event {
                 Event::Arrive(i) => {
@@ -571,9 +577,9 @@ impl World {
             .map(|p| p.counters(at(now))[0].1.charged_tokens)
             .sum();
         let capacity = if d.providers_start_empty {
-            self.capacity(now) - self.regions.iter().map(|(_, tpm)| tpm).sum::<u64>()
+            self.capacity(end) - self.regions.iter().map(|(_, tpm)| tpm).sum::<u64>()
         } else {
-            self.capacity(now)
+            self.capacity(end)
         };
         let sharing = if d.sharing.is_some() {
             scheds
@@ -603,7 +609,7 @@ impl World {
             overrun_times,
             used,
             capacity,
-            end: now,
+            end,
             refusals,
             sharing,
             unused_level,
