@@ -775,3 +775,52 @@ fn debug_sweep() {
         );
     }
 }
+
+#[test]
+#[ignore]
+fn debug_queue() {
+    use common::vsim::Deployment;
+    use dispatcher::core::OverloadSettings;
+    let seeds: u64 = std::env::var("SEEDS").ok().and_then(|v| v.parse().ok()).unwrap_or(4);
+    for load in [1.0, 2.0] {
+        for seed in 1..=seeds {
+            let arrivals = heavy::arrivals(load, seed);
+            let d = |o| Deployment {
+                replicas: 1,
+                sharing: None,
+                overload: o,
+                requests_per_minute: Some(heavy::RPM.to_vec()),
+                providers_start_empty: true,
+                seed,
+            };
+            let mut o = OverloadSettings::default();
+            if let Some(h) = std::env::var("HOLD").ok().and_then(|v| v.parse().ok()) { o.hold_share = h; }
+            if let Some(h) = std::env::var("INTERVAL").ok().and_then(|v| v.parse().ok()) { o.interval = std::time::Duration::from_secs(h); }
+            let qr = heavy::world().run_deployed(arrivals.clone(), &d(Some(o)));
+            let q = heavy::figures(&qr);
+            let mut w0 = heavy::world();
+            w0.max_wait = std::time::Duration::ZERO;
+            let nr = w0.run_deployed(arrivals, &d(None));
+            let n = heavy::figures(&nr);
+            if std::env::var("LOST").is_ok() && load == 1.0 {
+                for (i, (a, (fq, fnq))) in qr.arrivals.iter().zip(qr.fates.iter().zip(&nr.fates)).enumerate() {
+                    if fq.done.is_none() && fnq.done.is_some() {
+                        eprintln!("   lost #{i} at {:.2} size {} why {:?}", a.at.as_secs_f64(), a.tokens(), fq.why_not);
+                    }
+                }
+            }
+            let per = |r: &common::vsim::Run| {
+                let mut v = [0; 6];
+                for f in &r.fates { if let (Some(g), Some(_)) = (f.granted, f.done) { v[(g.as_secs() / 10).min(5) as usize] += 1; } }
+                v
+            };
+            let large = |r: &common::vsim::Run, lo: u64, hi: u64| {
+                let all = r.arrivals.iter().filter(|a| a.tokens() >= lo && a.tokens() < hi).count();
+                let ok = r.arrivals.iter().zip(&r.fates).filter(|(a, f)| a.tokens() >= lo && a.tokens() < hi && f.done.is_some()).count();
+                format!("{ok}/{all}")
+            };
+            eprintln!("   queue per 10 s {:?} {:?} small {} large {}\n   none  per 10 s {:?} small {} large {}", per(&qr), qr.refusals, large(&qr, 0, 500), large(&qr, 2000, 100000), per(&nr), large(&nr, 0, 500), large(&nr, 2000, 100000));
+            eprintln!("{load}x seed {seed}: queue {} p50 {:.2} | no queue {} p50 {:.2} | {:.1} %", q.successes, q.p50.as_secs_f64(), n.successes, n.p50.as_secs_f64(), 100.0 * q.successes as f64 / n.successes as f64);
+        }
+    }
+}

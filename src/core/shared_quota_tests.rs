@@ -230,3 +230,82 @@ fn a_call_applied_but_unanswered_counts_once() {
         "level and holding: the lost answer changed nothing"
     );
 }
+
+/// Issue 24 item 7: three replicas under load through a 3 s Redis stall
+/// (`DEBUG SLEEP 3`). The calls they send meanwhile time out, but Redis
+/// runs them all when it wakes up, in order. They must count once: the
+/// level and what the replicas hold come out as if those calls had never
+/// reached Redis. (Before, every late call charged the fallback spending
+/// reported so far once more: the level read -8,700 to -9,600 after such a
+/// stall, and the replicas refused nearly everything for 10 s.)
+fn through_a_stall(late_calls_applied: bool) -> (i64, Vec<u64>) {
+    let t0 = crate::testing::epoch();
+    let names = ["a", "b", "c"];
+    let settings = SharingSettings {
+        replicas_floor: 3,
+        ..SharingSettings::default()
+    };
+    let limits = limits().central(&settings);
+    let mut qs: Vec<SharedQuota> = names.iter().map(|_| SharedQuota::new(limits, settings, t0)).collect();
+    let mut central = None;
+    let mut queued: Vec<(usize, SyncCall)> = Vec::new();
+    let stall = (10_000, 13_000);
+    let mut last = None;
+    for at in (0..14_000u64).step_by(10) {
+        let now = t0 + ms(at);
+        // Each replica calls every 100 ms at its own phase.
+        for (r, q) in qs.iter_mut().enumerate() {
+            if at % 100 != (r as u64 * 30) % 100 {
+                continue;
+            }
+            let c = q.sync_call(now);
+            if (stall.0..stall.1).contains(&at) {
+                queued.push((r, c.clone()));
+                q.on_failure(c, now);
+            } else {
+                if at >= stall.1 && !queued.is_empty() {
+                    // Redis wakes up and runs what waited, in order.
+                    for (r, c) in queued.drain(..) {
+                        if late_calls_applied {
+                            call_or_create(&mut central, names[r], &limits, &c, stall.1 * 1_000);
+                        }
+                    }
+                }
+                let g = call_or_create(&mut central, names[r], &limits, &c, at * 1_000);
+                q.on_reply(&c, g, now, now);
+                last = Some(g.level_tokens);
+            }
+        }
+        // Work to the last moment of the stall: every replica spends what
+        // it can (chunks, then its fallback bucket).
+        if at < stall.1 {
+            for q in qs.iter_mut() {
+                q.set_waiting(waiting(200));
+                while q.fit(100, now).is_ok() {
+                    q.take(100, now);
+                }
+            }
+        } else {
+            for q in qs.iter_mut() {
+                q.set_waiting(Waiting::default());
+            }
+        }
+    }
+    let now = t0 + ms(14_000);
+    (last.unwrap(), qs.iter().map(|q| q.view(now).balance_tokens).collect())
+}
+
+#[test]
+fn calls_applied_late_after_a_redis_stall_count_once() {
+    let (level_lost, held_lost) = through_a_stall(false);
+    let (level_late, held_late) = through_a_stall(true);
+    let total = |level: i64, held: &[u64]| level + held.iter().sum::<u64>() as i64;
+    println!("late calls dropped: level {level_lost}, held {held_lost:?}; applied: level {level_late}, held {held_late:?}");
+    assert!(level_late > -1_000, "the level after the stall: {level_late}");
+    assert!(
+        (total(level_late, &held_late) - total(level_lost, &held_lost)).abs() <= 3,
+        "late calls changed what there is: {} against {}",
+        total(level_late, &held_late),
+        total(level_lost, &held_lost)
+    );
+}
