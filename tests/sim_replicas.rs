@@ -690,17 +690,17 @@ fn heavy_tailed_three_regions_use_the_quota_one_process_uses() {
             for replicas in [1, 3] {
                 let run = heavy::run(arrivals.clone(), replicas, true, seed);
                 let f = heavy::figures(&run);
+                let share = f.successes as f64 / alone.successes as f64;
                 eprintln!(
-                    "  {replicas} with [cluster]: {} served ({:.1} % of one process), used {:.1} %, p50 {:.2} s ({:.2} x), provider unused p50 {}, refused {}, worst window excess {}, refusals {:?}",
+                    "  {replicas} with [cluster]: {} served ({:.1} % of one process), used {:.1} %, p50 {:.2} s ({:.2} x), provider unused p50 {}, refused {}, worst window excess {}",
                     f.successes,
-                    100.0 * f.successes as f64 / alone.successes as f64,
+                    100.0 * share,
                     100.0 * f.used,
                     f.p50.as_secs_f64(),
                     f.p50.as_secs_f64() / alone.p50.as_secs_f64(),
                     f.unused_p50,
                     f.refused,
                     f.worst_excess,
-                    run.refusals
                 );
                 for (r, t) in run.sharing.iter().enumerate() {
                     eprintln!(
@@ -708,119 +708,19 @@ fn heavy_tailed_three_regions_use_the_quota_one_process_uses() {
                         t.granted_tokens, t.spent_tokens, t.returned_tokens, t.expired_tokens
                     );
                 }
-            }
-        }
-    }
-}
-
-#[test]
-#[ignore]
-fn debug_heavy() {
-    let load: f64 = std::env::var("LOAD").ok().and_then(|v| v.parse().ok()).unwrap_or(2.0);
-    let seed: u64 = std::env::var("SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
-    let reps: usize = std::env::var("REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
-    let arrivals = heavy::arrivals(load, seed);
-    for (name, run) in [("alone", heavy::run(arrivals.clone(), 1, false, seed)), ("cluster", heavy::run(arrivals.clone(), reps, true, seed))] {
-        let mut waits: Vec<f64> = run.arrivals.iter().zip(&run.fates).filter_map(|(a, f)| f.granted.map(|g| (g - a.at).as_secs_f64())).collect();
-        waits.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        let n = waits.len();
-        let waited = waits.iter().filter(|w| **w > 0.001).count();
-        eprintln!("{name}: served {n}, waited {waited}, wait p50 {:.2} p75 {:.2} p90 {:.2}", waits[n/2], waits[n*3/4], waits[n*9/10]);
-        let b = |lo: f64, hi: f64| waits.iter().filter(|w| **w > lo && **w <= hi).count();
-        eprintln!("  waits: 0 {} | ≤0.15 {} | ≤0.5 {} | ≤1 {} | ≤2 {} | >2 {}", n - waited, b(0.001, 0.15), b(0.15, 0.5), b(0.5, 1.0), b(1.0, 2.0), b(2.0, 100.0));
-        // served by size bucket
-        for (lo, hi) in [(0u64, 300u64), (300, 1000), (1000, 3000), (3000, 20000)] {
-            let all = run.arrivals.iter().filter(|a| a.tokens() >= lo && a.tokens() < hi).count();
-            let ok = run.arrivals.iter().zip(&run.fates).filter(|(a, f)| a.tokens() >= lo && a.tokens() < hi && f.done.is_some()).count();
-            eprint!("  [{lo},{hi}) {ok}/{all}");
-        }
-        eprintln!();
-        // per 10 s: served
-        let mut per = [0; 8];
-        for f in &run.fates { if let Some(g) = f.granted { per[(g.as_secs() / 10).min(7) as usize] += 1; } }
-        eprintln!("  per 10 s: {per:?} refusals {:?}", run.refusals);
-        let mut adm = [0u64; 3];
-        for (i, a) in run.admitted.iter().enumerate() { adm[i] = a.iter().map(|x| x.1).sum(); }
-        eprintln!("  admitted per region {adm:?}; unused level {:?}", &run.unused_level[..run.unused_level.len().min(62)]);
-    }
-}
-
-#[test]
-#[ignore]
-fn debug_sweep() {
-    let reps: usize = std::env::var("REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
-    let seeds: u64 = std::env::var("SEEDS").ok().and_then(|v| v.parse().ok()).unwrap_or(8);
-    for load in [1.0, 2.0] {
-        let (mut a_s, mut c_s) = (0usize, 0usize);
-        let mut ratios = Vec::new();
-        let mut used = Vec::new();
-        let mut worst = 10.0f64;
-        for seed in 1..=seeds {
-            let arrivals = heavy::arrivals(load, seed);
-            let a = heavy::figures(&heavy::run(arrivals.clone(), 1, false, seed));
-            let c = heavy::figures(&heavy::run(arrivals, reps, true, seed));
-            a_s += a.successes;
-            c_s += c.successes;
-            worst = worst.min(c.successes as f64 / a.successes as f64);
-            ratios.push(c.p50.as_secs_f64() / a.p50.as_secs_f64());
-            used.push(c.used);
-        }
-        ratios.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        eprintln!(
-            "{load}x, {reps} replicas, {seeds} seeds: successes {:.1} % (worst {:.1} %), p50 ratios {:?}, used min {:.3}",
-            100.0 * c_s as f64 / a_s as f64,
-            100.0 * worst,
-            ratios.iter().map(|r| (r * 100.0).round() / 100.0).collect::<Vec<_>>(),
-            used.iter().cloned().fold(1.0, f64::min)
-        );
-    }
-}
-
-#[test]
-#[ignore]
-fn debug_queue() {
-    use common::vsim::Deployment;
-    use dispatcher::core::OverloadSettings;
-    let seeds: u64 = std::env::var("SEEDS").ok().and_then(|v| v.parse().ok()).unwrap_or(4);
-    for load in [1.0, 2.0] {
-        for seed in 1..=seeds {
-            let arrivals = heavy::arrivals(load, seed);
-            let d = |o| Deployment {
-                replicas: 1,
-                sharing: None,
-                overload: o,
-                requests_per_minute: Some(heavy::RPM.to_vec()),
-                providers_start_empty: true,
-                seed,
-            };
-            let mut o = OverloadSettings::default();
-            if let Some(h) = std::env::var("HOLD").ok().and_then(|v| v.parse().ok()) { o.hold_share = h; }
-            if let Some(h) = std::env::var("INTERVAL").ok().and_then(|v| v.parse().ok()) { o.interval = std::time::Duration::from_secs(h); }
-            let qr = heavy::world().run_deployed(arrivals.clone(), &d(Some(o)));
-            let q = heavy::figures(&qr);
-            let mut w0 = heavy::world();
-            w0.max_wait = std::time::Duration::ZERO;
-            let nr = w0.run_deployed(arrivals, &d(None));
-            let n = heavy::figures(&nr);
-            if std::env::var("LOST").is_ok() && load == 1.0 {
-                for (i, (a, (fq, fnq))) in qr.arrivals.iter().zip(qr.fates.iter().zip(&nr.fates)).enumerate() {
-                    if fq.done.is_none() && fnq.done.is_some() {
-                        eprintln!("   lost #{i} at {:.2} size {} why {:?}", a.at.as_secs_f64(), a.tokens(), fq.why_not);
-                    }
+                let case = format!("{load}x, seed {seed}, {replicas} replica(s)");
+                assert_eq!(f.refused, 0, "{case}: provider refusals");
+                assert!(f.worst_excess <= 0, "{case}: a window over burst + rate x window");
+                // Nothing lapses while Redis answers.
+                assert!(run.sharing.iter().all(|t| t.expired_tokens == 0), "{case}");
+                // One process's successes (one replica: within 3 %; three,
+                // whose quota is split tick by tick: within 5 %).
+                let floor = if replicas == 1 { 0.97 } else { 0.95 };
+                assert!(share >= floor, "{case}: {:.1} % of one process's successes", 100.0 * share);
+                if load >= 2.0 {
+                    assert!(f.used >= 0.95, "{case}: {:.1} % of the quota used", 100.0 * f.used);
                 }
             }
-            let per = |r: &common::vsim::Run| {
-                let mut v = [0; 6];
-                for f in &r.fates { if let (Some(g), Some(_)) = (f.granted, f.done) { v[(g.as_secs() / 10).min(5) as usize] += 1; } }
-                v
-            };
-            let large = |r: &common::vsim::Run, lo: u64, hi: u64| {
-                let all = r.arrivals.iter().filter(|a| a.tokens() >= lo && a.tokens() < hi).count();
-                let ok = r.arrivals.iter().zip(&r.fates).filter(|(a, f)| a.tokens() >= lo && a.tokens() < hi && f.done.is_some()).count();
-                format!("{ok}/{all}")
-            };
-            eprintln!("   queue per 10 s {:?} {:?} small {} large {}\n   none  per 10 s {:?} small {} large {}", per(&qr), qr.refusals, large(&qr, 0, 500), large(&qr, 2000, 100000), per(&nr), large(&nr, 0, 500), large(&nr, 2000, 100000));
-            eprintln!("{load}x seed {seed}: queue {} p50 {:.2} | no queue {} p50 {:.2} | {:.1} %", q.successes, q.p50.as_secs_f64(), n.successes, n.p50.as_secs_f64(), 100.0 * q.successes as f64 / n.successes as f64);
         }
     }
 }

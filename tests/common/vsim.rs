@@ -437,19 +437,6 @@ impl World {
                                 &item.call,
                                 now.as_micros() as u64,
                             );
-                            if r == 0 && std::env::var("VSIM_CALLS").is_ok() && now.as_secs() < 12 {
-                                eprintln!(
-                                    "{:.2} {} ask {} need {} held {} -> {} level {} others_need {}",
-                                    now.as_secs_f64(),
-                                    item.region,
-                                    item.call.ask_tokens,
-                                    item.call.need_tokens,
-                                    item.call.held_tokens,
-                                    grant.tokens,
-                                    grant.level_tokens,
-                                    grant.others_need
-                                );
-                            }
                             (item, Some(grant))
                         })
                         .collect();
@@ -466,35 +453,6 @@ impl World {
                         .map(|p| p.counters(at(now))[0].2.max(0))
                         .sum();
                     unused_level.push(level);
-                    if std::env::var("VSIM_TRACE").is_ok() {
-                        let mut line = format!("t {:>3}:", now.as_secs());
-                        for (i, r) in scheds[0].router().regions().iter().enumerate() {
-                            let q = r.quota(0).unwrap();
-                            let sh = q.shared().map(|s| s.view(at(now)));
-                            line += &format!(
-                                " | {} prov {:>5} local {:>5} held {:>5} central {:>5}",
-                                r.name(),
-                                providers[i].counters(at(now))[0].2,
-                                q.tokens().available(at(now)),
-                                sh.map_or(0, |v| v.balance_tokens),
-                                sh.and_then(|v| v.central_tokens).unwrap_or(0)
-                            );
-                        }
-                        let waiting: Vec<u64> = arrivals
-                            .iter()
-                            .zip(&fates)
-                            .filter(|(a, f)| f.replica == 0 && a.at <= now && f.granted.is_none() && f.why_not.is_none())
-                            .map(|(a, _)| a.tokens())
-                            .collect();
-                        let others: Vec<String> = scheds[0]
-                            .router()
-                            .regions()
-                            .iter()
-                            .map(|r| format!("{:?}", r.quota(0).unwrap().shared().map(|s| s.view(at(now)).blocked_for)))
-                            .collect();
-                        let _ = others;
-                        eprintln!("{line} | queued {} oldest {:.1} waiting {:?}", scheds[0].queued(), scheds[0].oldest_wait("m", at(now)).as_secs_f64(), waiting);
-                    }
                     if now < last {
                         push(&mut events, now + Duration::from_secs(1), Event::Sample);
                     }
