@@ -573,11 +573,18 @@ fn a_small_burst_with_cluster_shares_the_whole_burst() {
     )
     .unwrap();
     let region = REGION
-        .replace("tokens_per_minute = 1000", "tokens_per_minute = 240000\nburst_tokens = 2000")
+        .replace(
+            "tokens_per_minute = 1000",
+            "tokens_per_minute = 240000\nburst_tokens = 2000",
+        )
         .replace("requests_per_minute = 10", "requests_per_minute = 100000");
     c.regions = vec![config::parse_region(&region, Path::new("regions/r1.toml"), &c.models).unwrap()];
     let router = dispatcher::core::Router::try_new(c.router_spec(), std::time::Instant::now()).unwrap();
-    let shared = router.regions()[0].quota(0).unwrap().shared().expect("shared with [cluster]");
+    let shared = router.regions()[0]
+        .quota(0)
+        .unwrap()
+        .shared()
+        .expect("shared with [cluster]");
     assert_eq!(shared.limits().token_capacity, 2_000);
     assert_eq!(shared.limits().tokens_per_minute, 240_000);
 }

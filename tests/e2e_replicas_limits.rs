@@ -180,5 +180,9 @@ async fn after_a_redis_stall_the_replicas_serve_again_at_once() {
     );
     // 3 s of quota is 20 requests of 300 tokens.
     assert!(served >= 14, "{served} served in the 3 s after");
-    assert_eq!(tally.other.load(Ordering::Relaxed), 0, "no request hung or failed otherwise");
+    assert_eq!(
+        tally.other.load(Ordering::Relaxed),
+        0,
+        "no request hung or failed otherwise"
+    );
 }

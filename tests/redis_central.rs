@@ -42,10 +42,12 @@ struct Sent {
 fn random_call(rng: &mut SmallRng, sent: &mut Sent) -> SyncCall {
     match rng.random_range(0..100) {
         // A new run of the replica (a restart reusing its id).
-        0 => *sent = Sent {
-            incarnation: sent.incarnation + 1,
-            ..Sent::default()
-        },
+        0 => {
+            *sent = Sent {
+                incarnation: sent.incarnation + 1,
+                ..Sent::default()
+            }
+        }
         // A call arriving after a newer one: changes nothing.
         1..=3 => sent.seq = sent.seq.saturating_sub(2),
         _ => {}

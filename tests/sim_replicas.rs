@@ -456,7 +456,10 @@ fn hoard_then_burst(expire_chunks: bool) -> (u64, Provider) {
     });
     call(&mut a, "a", tick(200), &mut central);
     a.set_waiting(Waiting::default());
-    assert!(a.fit(6_000, t0 + tick(200)).is_ok(), "granted what the request lacked");
+    assert!(
+        a.fit(6_000, t0 + tick(200)).is_ok(),
+        "granted what the request lacked"
+    );
     // `a` cut off for 4 s; `b` calls on.
     for t in 201..=240 {
         let c = a.sync_call(t0 + tick(t));
@@ -556,7 +559,10 @@ mod heavy {
 
     /// loadgen's `--sizes heavy`.
     pub fn size(rng: &mut Lcg) -> (u64, u64) {
-        (rng.heavy_tail(100.0, 1.3, 8_000.0), rng.heavy_tail(50.0, 1.5, 2_000.0))
+        (
+            rng.heavy_tail(100.0, 1.3, 8_000.0),
+            rng.heavy_tail(50.0, 1.5, 2_000.0),
+        )
     }
 
     pub fn world() -> World {
@@ -716,9 +722,17 @@ fn heavy_tailed_three_regions_use_the_quota_one_process_uses() {
                 // One process's successes (one replica: within 3 %; three,
                 // whose quota is split tick by tick: within 5 %).
                 let floor = if replicas == 1 { 0.97 } else { 0.95 };
-                assert!(share >= floor, "{case}: {:.1} % of one process's successes", 100.0 * share);
+                assert!(
+                    share >= floor,
+                    "{case}: {:.1} % of one process's successes",
+                    100.0 * share
+                );
                 if load >= 2.0 {
-                    assert!(f.used >= 0.95, "{case}: {:.1} % of the quota used", 100.0 * f.used);
+                    assert!(
+                        f.used >= 0.95,
+                        "{case}: {:.1} % of the quota used",
+                        100.0 * f.used
+                    );
                 }
             }
         }
@@ -745,7 +759,8 @@ fn one_process_queue_against_no_queue() {
                 providers_start_empty: true,
                 seed,
             };
-            let queue = heavy::world().run_deployed(arrivals.clone(), &deployment(Some(OverloadSettings::default())));
+            let queue =
+                heavy::world().run_deployed(arrivals.clone(), &deployment(Some(OverloadSettings::default())));
             let mut no_queue = heavy::world();
             no_queue.max_wait = Duration::ZERO;
             let none = no_queue.run_deployed(arrivals, &deployment(None));

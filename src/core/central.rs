@@ -218,7 +218,14 @@ impl CentralBucket {
     /// One call, atomically (the script runs alone in Redis). `fresh`: the
     /// bucket was just created, so a fallback report is not charged (a level
     /// that starts empty already assumes the worst).
-    fn apply(&mut self, replica: &str, limits: &CentralLimits, c: &SyncCall, now_us: u64, fresh: bool) -> SyncGrant {
+    fn apply(
+        &mut self,
+        replica: &str,
+        limits: &CentralLimits,
+        c: &SyncCall,
+        now_us: u64,
+        fresh: bool,
+    ) -> SyncGrant {
         let now_us = now_us.max(self.updated_us);
         // Forget replicas gone too long (and whose holdings have lapsed):
         // their withheld share and what they held are released.
@@ -280,8 +287,12 @@ impl CentralBucket {
         let me = self.replicas.entry(replica.to_string()).or_default();
         let (credit_t, credit_r) = if same_run {
             (
-                me.out_tokens as f64 - c.held_tokens as f64 - (c.spent_tokens as f64 - me.spent_tokens as f64),
-                me.out_requests as f64 - c.held_requests as f64 - (c.spent_requests as f64 - me.spent_requests as f64),
+                me.out_tokens as f64
+                    - c.held_tokens as f64
+                    - (c.spent_tokens as f64 - me.spent_tokens as f64),
+                me.out_requests as f64
+                    - c.held_requests as f64
+                    - (c.spent_requests as f64 - me.spent_requests as f64),
             )
         } else {
             *me = Replica {
@@ -438,7 +449,15 @@ impl CentralBucket {
         (cap_t as f64 - out_t as f64, cap_r as f64 - out_r as f64)
     }
 
-    fn answer(&self, replica: &str, tokens: u64, requests: u64, now_us: u64, fresh: bool, stale: bool) -> SyncGrant {
+    fn answer(
+        &self,
+        replica: &str,
+        tokens: u64,
+        requests: u64,
+        now_us: u64,
+        fresh: bool,
+        stale: bool,
+    ) -> SyncGrant {
         let live = |r: &Replica| now_us.saturating_sub(r.seen_us) < us(STALE_AFTER);
         let mine = self.replicas.get(replica).map(|r| r.limits);
         SyncGrant {

@@ -146,12 +146,18 @@ impl std::fmt::Display for QuotaShortfall {
                 "request quota exhausted; next request fits in {}",
                 fmt_duration(*wait)
             ),
-            QuotaShortfall::Shared { wait, next_grant: true } => write!(
+            QuotaShortfall::Shared {
+                wait,
+                next_grant: true,
+            } => write!(
                 f,
                 "shared quota: the central level has it, this replica's holding does not; next grant in {}",
                 fmt_duration(*wait)
             ),
-            QuotaShortfall::Shared { wait, next_grant: false } => write!(
+            QuotaShortfall::Shared {
+                wait,
+                next_grant: false,
+            } => write!(
                 f,
                 "shared quota: neither this replica's holding nor its part of the central level holds it now; fits in about {}",
                 fmt_duration(*wait)

@@ -428,8 +428,16 @@ impl SharedQuota {
         let w = self.waiting;
         let target_t = (ahead(rate_t) + w.tokens + cushion).clamp(1, self.limits.token_capacity);
         let target_r = (ahead(rate_r) + w.requests + 1).min(self.limits.request_capacity);
-        let keep_t = if scarce { target_t } else { target_t.max(self.held_tokens) };
-        let keep_r = if scarce { target_r } else { target_r.max(self.held_requests) };
+        let keep_t = if scarce {
+            target_t
+        } else {
+            target_t.max(self.held_tokens)
+        };
+        let keep_r = if scarce {
+            target_r
+        } else {
+            target_r.max(self.held_requests)
+        };
         let (have_t, have_r) = self.holding(now);
         let give_t = have_t.saturating_sub(keep_t);
         let give_r = have_r.saturating_sub(keep_r);

@@ -106,7 +106,10 @@ fn without_answers_a_holding_lapses_and_comes_back_to_the_level_later() {
     sync(&mut q, "a", &mut central, t0, ms(6_300));
     let v = q.view(t0 + ms(6_300));
     let back = v.central_tokens.unwrap() + v.balance_tokens as i64 - before.level_tokens;
-    assert!((back - (held as i64 + 1_300)).abs() <= 2, "{back} != {held} + 1,300");
+    assert!(
+        (back - (held as i64 + 1_300)).abs() <= 2,
+        "{back} != {held} + 1,300"
+    );
 }
 
 #[test]
@@ -218,7 +221,10 @@ fn a_call_applied_but_unanswered_counts_once() {
     // `q`'s call reaches Redis and is applied, but its answer is lost; `r`'s
     // goes through. Both then call again: the buckets agree.
     let c = q.sync_call(t0 + ms(2_100));
-    assert_eq!(c.totals.settled_tokens, -100, "net: 300 more used, 200 given back");
+    assert_eq!(
+        c.totals.settled_tokens, -100,
+        "net: 300 more used, 200 given back"
+    );
     call_or_create(&mut once, "a", &limits, &c, 2_100_000);
     q.on_failure(c, t0 + ms(2_250));
     sync(&mut r, "a", &mut twice, t0, ms(2_100));
@@ -246,7 +252,10 @@ fn through_a_stall(late_calls_applied: bool) -> (i64, Vec<u64>) {
         ..SharingSettings::default()
     };
     let limits = limits().central(&settings);
-    let mut qs: Vec<SharedQuota> = names.iter().map(|_| SharedQuota::new(limits, settings, t0)).collect();
+    let mut qs: Vec<SharedQuota> = names
+        .iter()
+        .map(|_| SharedQuota::new(limits, settings, t0))
+        .collect();
     let mut central = None;
     let mut queued: Vec<(usize, SyncCall)> = Vec::new();
     let stall = (10_000, 13_000);
@@ -292,7 +301,10 @@ fn through_a_stall(late_calls_applied: bool) -> (i64, Vec<u64>) {
         }
     }
     let now = t0 + ms(14_000);
-    (last.unwrap(), qs.iter().map(|q| q.view(now).balance_tokens).collect())
+    (
+        last.unwrap(),
+        qs.iter().map(|q| q.view(now).balance_tokens).collect(),
+    )
 }
 
 #[test]
@@ -300,7 +312,9 @@ fn calls_applied_late_after_a_redis_stall_count_once() {
     let (level_lost, held_lost) = through_a_stall(false);
     let (level_late, held_late) = through_a_stall(true);
     let total = |level: i64, held: &[u64]| level + held.iter().sum::<u64>() as i64;
-    println!("late calls dropped: level {level_lost}, held {held_lost:?}; applied: level {level_late}, held {held_late:?}");
+    println!(
+        "late calls dropped: level {level_lost}, held {held_lost:?}; applied: level {level_late}, held {held_late:?}"
+    );
     assert!(level_late > -1_000, "the level after the stall: {level_late}");
     assert!(
         (total(level_late, &held_late) - total(level_lost, &held_lost)).abs() <= 3,

@@ -12,7 +12,6 @@ use tonic::Code;
 use super::redis::RedisServer;
 use super::{ConfigDir, Proc, SimRegion, client, dispatcher, eventually, region_status};
 
-
 pub fn config(redis: &str, replica: &str) -> String {
     format!(
         r#"
@@ -123,4 +122,3 @@ pub async fn all_in(replicas: &[SocketAddr], mode: &str, within: Duration) -> Du
     .await
     .unwrap_or_else(|| panic!("not every replica in {mode} mode within {within:?}"))
 }
-

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use dispatcher::core::central::{CentralBucket, call_or_create};
 use dispatcher::core::{
-    Accounting, Completion, ModelLimits, ModelSpec, OverloadSettings, Outcome, RegionSpec, Released,
+    Accounting, Completion, ModelLimits, ModelSpec, Outcome, OverloadSettings, RegionSpec, Released,
     Reservation, Router, RouterSpec, Scheduler, Settlement, SharingSettings, SharingTotals, StrategyKind,
     StrategyParams, Submission, SubmitError, Submitted, Weights,
 };
@@ -255,11 +255,7 @@ impl World {
         arrivals.sort_by_key(|a| a.at);
         let t0 = Instant::now();
         let at = |d: Duration| t0 + d;
-        let rpm = |i: usize| {
-            d.requests_per_minute
-                .as_ref()
-                .map_or(10_000_000, |r| r[i])
-        };
+        let rpm = |i: usize| d.requests_per_minute.as_ref().map_or(10_000_000, |r| r[i]);
         let spec = RouterSpec {
             models: vec![ModelSpec {
                 name: "m".into(),
@@ -291,7 +287,11 @@ impl World {
         let replicas = d.replicas.max(1);
         let mut scheds: Vec<Scheduler<usize>> = (0..replicas)
             .map(|_| {
-                let mut s = Scheduler::fair(Router::try_new(spec.clone(), t0).unwrap(), 10_000_000, weights.clone());
+                let mut s = Scheduler::fair(
+                    Router::try_new(spec.clone(), t0).unwrap(),
+                    10_000_000,
+                    weights.clone(),
+                );
                 s.set_overload(d.overload);
                 s
             })
@@ -444,7 +444,11 @@ impl World {
                     if let Some(tick) = tick
                         && now < last
                     {
-                        push(&mut events, now + tick.mul_f64(0.9 + 0.2 * pick.unit()), Event::Sync(r));
+                        push(
+                            &mut events,
+                            now + tick.mul_f64(0.9 + 0.2 * pick.unit()),
+                            Event::Sync(r),
+                        );
                     }
                 }
                 Event::Sample => {
@@ -545,7 +549,11 @@ impl World {
                 .map(|s| {
                     let mut sum = SharingTotals::default();
                     for region in s.router().regions() {
-                        if let Some(t) = region.quota(0).and_then(|q| q.shared()).map(|q| q.view(at(now)).totals) {
+                        if let Some(t) = region
+                            .quota(0)
+                            .and_then(|q| q.shared())
+                            .map(|q| q.view(at(now)).totals)
+                        {
                             sum.granted_tokens += t.granted_tokens;
                             sum.spent_tokens += t.spent_tokens;
                             sum.returned_tokens += t.returned_tokens;
