@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::redis::RedisServer;
-use common::replicas::{Tally, all_in, load, replicas};
+use common::replicas::{Tally, all_in, load, replicas, work_request};
 use common::{SimRegion, client, eventually, region_status, sim_stats};
 use dispatcher::pb;
 use tonic::Code;
@@ -216,13 +216,7 @@ async fn a_tenants_limit_holds_across_replicas() {
     // against a limit of 3,000 a minute (its burst).
     let (mut ok, mut limited) = (0, 0);
     for i in 0..20 {
-        let mut req = tonic::Request::new(pb::DispatchRequest {
-            model: "gpt-4o".into(),
-            payload: "work".into(),
-            prompt_tokens: 200,
-            max_output_tokens: 100,
-            ..Default::default()
-        });
+        let mut req = work_request();
         req.metadata_mut()
             .insert("authorization", "Bearer team-key".parse().unwrap());
         match clients[i % 2].clone().dispatch(req).await {

@@ -60,6 +60,18 @@ pub struct Tally {
     pub other: AtomicU64,
 }
 
+/// The work these tests send: 300 tokens (a 200-token prompt and 100 of
+/// output, all used with `--completion-min-fraction 1`).
+pub fn work_request() -> tonic::Request<pb::DispatchRequest> {
+    tonic::Request::new(pb::DispatchRequest {
+        model: "gpt-4o".into(),
+        payload: "work".into(),
+        prompt_tokens: 200,
+        max_output_tokens: 100,
+        ..Default::default()
+    })
+}
+
 /// Open-loop load on one replica until `stop`: 300-token requests, each
 /// with a 3 s deadline.
 pub fn load(
@@ -74,13 +86,7 @@ pub fn load(
         let mut calls = tokio::task::JoinSet::new();
         while !stop.load(Ordering::Relaxed) {
             tick.tick().await;
-            let mut req = tonic::Request::new(pb::DispatchRequest {
-                model: "gpt-4o".into(),
-                payload: "work".into(),
-                prompt_tokens: 200,
-                max_output_tokens: 100,
-                ..Default::default()
-            });
+            let mut req = work_request();
             req.set_timeout(Duration::from_secs(3));
             let mut grpc = grpc.clone();
             let tally = tally.clone();
