@@ -162,7 +162,7 @@ fn describe() {
     );
     describe_gauge!(
         "dispatcher_shared_balance_tokens",
-        "With [cluster]: tokens this replica holds in unexpired chunks (and its fallback bucket)"
+        "With [cluster]: tokens this replica holds (granted, not spent, given back or lapsed; and its fallback bucket)"
     );
     describe_gauge!(
         "dispatcher_shared_central_tokens",
@@ -174,11 +174,23 @@ fn describe() {
     );
     describe_counter!(
         "dispatcher_shared_granted_tokens_total",
-        "With [cluster]: tokens granted to this replica in chunks"
+        "With [cluster]: tokens granted to this replica"
+    );
+    describe_counter!(
+        "dispatcher_shared_spent_tokens_total",
+        "With [cluster]: tokens this replica spent from what it was granted"
+    );
+    describe_counter!(
+        "dispatcher_shared_returned_tokens_total",
+        "With [cluster]: granted tokens this replica gave back to the central level unspent (others needed them)"
     );
     describe_counter!(
         "dispatcher_shared_expired_tokens_total",
-        "With [cluster]: granted tokens dropped unspent when their chunk expired (wasted)"
+        "With [cluster]: granted tokens that lapsed unspent while Redis did not answer (Redis takes them back when it answers again)"
+    );
+    describe_gauge!(
+        "dispatcher_shared_disagreeing_replicas",
+        "With [cluster]: other replicas configured with different limits for this region and model (Redis applies the lowest); 0 when all agree"
     );
     describe_counter!(
         "dispatcher_shared_fallback_seconds_total",
@@ -345,8 +357,13 @@ async fn sample(view: impl Fn() -> EngineView, handle: PrometheusHandle, cancel:
                     gauge!("dispatcher_shared_replicas", &labels).set(sh.replicas as f64);
                     metrics::counter!("dispatcher_shared_granted_tokens_total", &labels)
                         .absolute(sh.totals.granted_tokens);
+                    metrics::counter!("dispatcher_shared_spent_tokens_total", &labels)
+                        .absolute(sh.totals.spent_tokens);
+                    metrics::counter!("dispatcher_shared_returned_tokens_total", &labels)
+                        .absolute(sh.totals.returned_tokens);
                     metrics::counter!("dispatcher_shared_expired_tokens_total", &labels)
                         .absolute(sh.totals.expired_tokens);
+                    gauge!("dispatcher_shared_disagreeing_replicas", &labels).set(sh.disagreeing as f64);
                     metrics::counter!("dispatcher_shared_fallback_seconds_total", &labels)
                         .absolute(sh.totals.fallback_time.as_secs());
                 }

@@ -559,3 +559,32 @@ fn jobs_settings_are_checked_and_named() {
     let e = dispatcher_err(&format!("{DISPATCHER}[jobs]\nmax_runing = 3\n"));
     assert!(e.to_string().contains("jobs.max_runing"), "{e}");
 }
+
+/// Issue 24 item 4: with `[cluster]`, 240,000 tokens a minute and a burst
+/// of 2,000 loads, and the quota shared between replicas holds what one
+/// process holds: the burst (it was the burst less a chunk lifetime of
+/// refill, 1 token here, so that every request was refused for ever).
+#[test]
+fn a_small_burst_with_cluster_shares_the_whole_burst() {
+    let mut c = config::parse_dispatcher(
+        &format!("{DISPATCHER}\n[cluster]\nredis_url = \"redis://127.0.0.1:6379\"\n"),
+        Path::new("dispatcher.toml"),
+        Some(HashMap::new()),
+    )
+    .unwrap();
+    let region = REGION
+        .replace(
+            "tokens_per_minute = 1000",
+            "tokens_per_minute = 240000\nburst_tokens = 2000",
+        )
+        .replace("requests_per_minute = 10", "requests_per_minute = 100000");
+    c.regions = vec![config::parse_region(&region, Path::new("regions/r1.toml"), &c.models).unwrap()];
+    let router = dispatcher::core::Router::try_new(c.router_spec(), std::time::Instant::now()).unwrap();
+    let shared = router.regions()[0]
+        .quota(0)
+        .unwrap()
+        .shared()
+        .expect("shared with [cluster]");
+    assert_eq!(shared.limits().token_capacity, 2_000);
+    assert_eq!(shared.limits().tokens_per_minute, 240_000);
+}

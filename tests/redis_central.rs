@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use common::redis::RedisServer;
 use dispatcher::cluster::RedisCentral;
-use dispatcher::core::central::{CentralLimits, SyncCall, call_or_create};
+use dispatcher::core::central::{CentralLimits, SyncCall, Totals, call_or_create};
 use dispatcher::core::{CentralBucket, SyncItem};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -24,11 +24,50 @@ fn limits() -> CentralLimits {
         requests_per_minute: 600,
         request_capacity: 590,
         replicas_floor: 2,
+        hold_for: Duration::from_secs(1),
     }
 }
 
-fn random_call(rng: &mut SmallRng) -> SyncCall {
+/// What one replica sent so far, so that random calls keep its running
+/// totals running (and now and then repeat a call, or start a new run).
+#[derive(Default)]
+struct Sent {
+    incarnation: u32,
+    seq: u64,
+    spent: (u64, u64),
+    totals: Totals,
+    acked: Totals,
+}
+
+fn random_call(rng: &mut SmallRng, sent: &mut Sent) -> SyncCall {
+    match rng.random_range(0..100) {
+        // A new run of the replica (a restart reusing its id).
+        0 => {
+            *sent = Sent {
+                incarnation: sent.incarnation + 1,
+                ..Sent::default()
+            }
+        }
+        // A call arriving after a newer one: changes nothing.
+        1..=3 => sent.seq = sent.seq.saturating_sub(2),
+        _ => {}
+    }
+    sent.seq += 1;
+    sent.spent.0 += rng.random_range(0..3_000);
+    sent.spent.1 += rng.random_range(0..3);
+    if rng.random_bool(0.7) {
+        sent.acked = sent.totals;
+    }
+    let t = &mut sent.totals;
+    t.settled_tokens += rng.random_range(-2_000..5_000);
+    t.settled_requests += rng.random_range(-1..3);
+    if rng.random_bool(0.1) {
+        t.fallback_tokens += rng.random_range(0..10_000);
+        t.fallback_requests += rng.random_range(0..10);
+    }
     SyncCall {
+        incarnation: sent.incarnation,
+        seq: sent.seq,
         ask_tokens: rng.random_range(0..20_000),
         ask_requests: rng.random_range(0..20),
         need_tokens: if rng.random_bool(0.3) {
@@ -36,8 +75,12 @@ fn random_call(rng: &mut SmallRng) -> SyncCall {
         } else {
             0
         },
-        settle_tokens: rng.random_range(-2_000..5_000),
-        settle_requests: rng.random_range(-1..3),
+        held_tokens: rng.random_range(0..10_000),
+        held_requests: rng.random_range(0..10),
+        spent_tokens: sent.spent.0,
+        spent_requests: sent.spent.1,
+        totals: sent.totals,
+        acked: sent.acked,
         hint: rng
             .random_bool(0.1)
             .then(|| (rng.random_range(0..90_000), rng.random_range(0..600))),
@@ -46,9 +89,6 @@ fn random_call(rng: &mut SmallRng) -> SyncCall {
         } else {
             Duration::ZERO
         },
-        fallback_spent: rng
-            .random_bool(0.1)
-            .then(|| (rng.random_range(0..10_000), rng.random_range(0..10))),
     }
 }
 
@@ -59,9 +99,10 @@ async fn the_script_grants_what_the_model_grants() {
     let mut model: Option<CentralBucket> = None;
     let mut rng = SmallRng::seed_from_u64(7);
     let replicas = ["a", "b", "c"];
+    let mut sent: Vec<Sent> = (0..3).map(|_| Sent::default()).collect();
     // Redis TIME-like microseconds; the script is given them instead.
     let mut now_us: u64 = 1_764_000_000_000_000;
-    let mut granted = 0u64;
+    let (mut granted, mut stale, mut disagreed) = (0u64, 0u64, 0u64);
     for step in 0..1_500 {
         // Mostly a tick apart; now and then a replica goes quiet for long
         // enough to be presumed in fallback, or gone.
@@ -74,13 +115,23 @@ async fn the_script_grants_what_the_model_grants() {
             redis.restart_empty();
             model = None;
         }
-        let replica = replicas[rng.random_range(0..replicas.len())];
-        let call = random_call(&mut rng);
-        let expected = call_or_create(&mut model, replica, &limits(), &call, now_us);
+        let r = rng.random_range(0..replicas.len());
+        let replica = replicas[r];
+        // Now and then limits another replica does not share.
+        let limits = if r == 2 && step % 300 < 50 {
+            CentralLimits {
+                tokens_per_minute: 60_000,
+                ..limits()
+            }
+        } else {
+            limits()
+        };
+        let call = random_call(&mut rng, &mut sent[r]);
+        let expected = call_or_create(&mut model, replica, &limits, &call, now_us);
         let item = SyncItem {
             region: "eu-west".into(),
             model: "gpt-4o".into(),
-            limits: limits(),
+            limits,
             call,
         };
         // The first call after the restart may find the connection broken.
@@ -95,8 +146,12 @@ async fn the_script_grants_what_the_model_grants() {
         let got = got.unwrap_or_else(|e| panic!("step {step}: {e}"));
         assert_eq!(got[0], expected, "step {step}: {item:?}");
         granted += expected.tokens;
+        stale += u64::from(expected.stale);
+        disagreed += u64::from(expected.disagreeing > 0);
     }
-    assert!(granted > 1_000_000, "the calls granted something ({granted})");
+    assert!(granted > 50_000, "the calls granted something ({granted})");
+    assert!(stale > 10, "some calls came late ({stale})");
+    assert!(disagreed > 10, "some calls carried other limits ({disagreed})");
 }
 
 /// Several (region, model) pairs in one pipelined round trip, each on its
@@ -106,24 +161,27 @@ async fn one_round_trip_carries_every_pair() {
     let redis = RedisServer::start();
     let mut central = RedisCentral::new(&redis.url(), Duration::from_secs(2)).unwrap();
     let t0: u64 = 1_764_000_000_000_000;
-    let item = |region: &str, ask: u64| SyncItem {
+    let item = |region: &str, ask: u64, seq: u64| SyncItem {
         region: region.into(),
         model: "m".into(),
         limits: limits(),
         call: SyncCall {
+            seq,
             ask_tokens: ask,
             ask_requests: 1,
             ..SyncCall::default()
         },
     };
-    let items = [item("a", 100), item("b", 200), item("c", 300)];
+    let items = [item("a", 100, 1), item("b", 200, 1), item("c", 300, 1)];
     let first = central.call("r1", &items, Some(t0)).await.unwrap();
     assert!(
         first.iter().all(|g| g.fresh && g.tokens == 0),
         "new buckets start empty: {first:?}"
     );
-    // One second later each has refilled 1,500 tokens and grants its ask.
-    let later = central.call("r1", &items, Some(t0 + 1_000_000)).await.unwrap();
+    // Two seconds later each has refilled 1,500 tokens a second from a
+    // chunk lifetime (1 s) below empty, and grants its ask.
+    let items = [item("a", 100, 2), item("b", 200, 2), item("c", 300, 2)];
+    let later = central.call("r1", &items, Some(t0 + 2_000_000)).await.unwrap();
     let tokens: Vec<u64> = later.iter().map(|g| g.tokens).collect();
     assert_eq!(tokens, [100, 200, 300]);
     assert!(later.iter().all(|g| !g.fresh && g.replicas == 1));

@@ -9,6 +9,8 @@
 //! the tokens the provider admitted (net of refunds) stay within its burst
 //! plus its rate over the window. Shown to fail when chunks do not expire.
 
+mod common;
+
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
@@ -16,7 +18,7 @@ use dispatcher::core::SharedQuota;
 use dispatcher::core::central::{CentralBucket, call_or_create};
 use dispatcher::core::{
     Accounting, Completion, ModelLimits, ModelSpec, Outcome, RegionSpec, Reservation, RouteRequest, Router,
-    RouterSpec, Settlement, SharingSettings, StrategyKind, StrategyParams,
+    RouterSpec, Settlement, SharingSettings, StrategyKind, StrategyParams, Waiting, WaitingByQuota,
 };
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -288,7 +290,17 @@ fn run(s: &Scenario) -> Result_ {
                     .partitions
                     .iter()
                     .any(|(p, a, b)| *p == r && (*a..*b).contains(&second));
-                let calls = router.sync_calls(now);
+                // What its queue waits for (all of it in the one region).
+                let waiting = queues[r]
+                    .iter()
+                    .filter(|w| at.saturating_sub(w.3) <= s.give_up)
+                    .fold(Waiting::default(), |acc, w| Waiting {
+                        first: if acc.requests == 0 { w.0 + w.1 } else { acc.first },
+                        tokens: acc.tokens + w.0 + w.1,
+                        requests: acc.requests + 1,
+                    });
+                let waiting: WaitingByQuota = [(("r".into(), "m".into()), waiting)].into();
+                let calls = router.sync_calls(&waiting, now);
                 let done = calls
                     .into_iter()
                     .map(|item| {
@@ -406,10 +418,11 @@ fn bursts_after_quiet_spells_stay_within_the_bound() {
     }
 }
 
-/// A replica granted chunks for a caller who then left keeps them; the
-/// central level refills while nobody asks; then that replica spends what
-/// it kept and another one takes the full level. `spent` is what the two
-/// spend within one second at the end.
+/// A replica granted 6,000 tokens for a request whose caller then left is
+/// cut off from Redis for 4 s, long enough to be forgotten (its holding no
+/// longer counted against the burst), and spends what it held when the
+/// load comes back, while the other replica takes the whole level. `spent`
+/// is what the two spend within one second at the end.
 fn hoard_then_burst(expire_chunks: bool) -> (u64, Provider) {
     let t0 = Instant::now();
     let sharing = SharingSettings {
@@ -418,9 +431,9 @@ fn hoard_then_burst(expire_chunks: bool) -> (u64, Provider) {
         ..SharingSettings::default()
     };
     let limits = limits();
-    let central_limits = dispatcher::core::shared_quota::central_limits(&limits, &sharing);
-    let mut a = SharedQuota::new(&limits, sharing, t0);
-    let mut b = SharedQuota::new(&limits, sharing, t0);
+    let central_limits = limits.central(&sharing);
+    let mut a = SharedQuota::new(central_limits, sharing, t0);
+    let mut b = SharedQuota::new(central_limits, sharing, t0);
     let mut central: Option<CentralBucket> = None;
     let mut provider = Provider::full();
     let call = |q: &mut SharedQuota, id: &str, at: Duration, central: &mut Option<CentralBucket>| {
@@ -428,32 +441,44 @@ fn hoard_then_burst(expire_chunks: bool) -> (u64, Provider) {
         let g = call_or_create(central, id, &central_limits, &c, at.as_micros() as u64);
         q.on_reply(&c, g, t0 + at, t0 + at);
     };
-    // Both replicas known to Redis; the level fills for 10 s.
-    call(&mut a, "a", Duration::ZERO, &mut central);
-    call(&mut b, "b", Duration::ZERO, &mut central);
-    // A 4,000-token request waits on `a`, which is granted what it lacks;
-    // its caller gives up before it is sent.
-    let t = Duration::from_secs(10);
-    assert!(a.fit(4_000, t0 + t).is_err());
-    call(&mut a, "a", t, &mut central);
-    assert!(a.fit(4_000, t0 + t).is_ok(), "granted what the request lacked");
-    // Quiet for 20 s (the replicas keep calling; nobody spends).
-    for tick in 1..=200 {
-        let at = t + Duration::from_millis(100 * tick);
-        call(&mut a, "a", at, &mut central);
-        call(&mut b, "b", at, &mut central);
+    let tick = |at: u64| Duration::from_millis(100 * at);
+    // Both replicas call every tick; the level fills for 20 s.
+    for t in 0..200 {
+        call(&mut a, "a", tick(t), &mut central);
+        call(&mut b, "b", tick(t), &mut central);
     }
-    // The burst: within one second each replica sends what fits.
+    // A 6,000-token request waits on `a`, which is granted it; its caller
+    // gives up before it is sent.
+    a.set_waiting(Waiting {
+        first: 6_000,
+        tokens: 6_000,
+        requests: 1,
+    });
+    call(&mut a, "a", tick(200), &mut central);
+    a.set_waiting(Waiting::default());
+    assert!(
+        a.fit(6_000, t0 + tick(200)).is_ok(),
+        "granted what the request lacked"
+    );
+    // `a` cut off for 4 s; `b` calls on.
+    for t in 201..=240 {
+        let c = a.sync_call(t0 + tick(t));
+        a.on_failure(c, t0 + tick(t));
+        call(&mut b, "b", tick(t), &mut central);
+    }
+    // The burst, `a` back: within one second each sends what fits.
     let mut spent = 0;
-    let start = Duration::from_secs(30);
     for ms in (0..1_000).step_by(10) {
-        let at = start + Duration::from_millis(ms);
+        let at = tick(240) + Duration::from_millis(ms);
         if ms % 100 == 0 {
-            for (q, id) in [(&mut b, "b"), (&mut a, "a")] {
-                // Each wants a whole bucket's worth.
-                let _ = q.fit(BURST, t0 + at);
-                call(q, id, at, &mut central);
-            }
+            // `b` has a whole bucket's worth of 500-token requests waiting.
+            b.set_waiting(Waiting {
+                first: 500,
+                tokens: BURST,
+                requests: BURST / 500,
+            });
+            call(&mut b, "b", at, &mut central);
+            call(&mut a, "a", at, &mut central);
         }
         for q in [&mut a, &mut b] {
             while q.fit(500, t0 + at).is_ok() {
@@ -510,6 +535,248 @@ fn replicas_with_equal_demand_get_equal_parts() {
         );
         if replicas <= 3 {
             assert!(hi as f64 <= lo as f64 * 1.15, "{replicas} replicas: {:?}", r.sent);
+        }
+    }
+}
+
+/// Issue 25's case: heavy-tailed sizes (loadgen's `heavy`: prompts Pareto
+/// from 100 tokens, outputs from 50, up to 10,000 together), Poisson
+/// arrivals, three regions of 60k / 30k / 15k tokens and 600 / 300 / 150
+/// requests a minute behind strict providers that start empty and charge
+/// at admission, the default queue (5 s, overload control). The same
+/// arrivals go to one process without `[cluster]` and to `replicas`
+/// sharing the quota.
+mod heavy {
+    use std::time::Duration;
+
+    use super::common::Lcg;
+    use super::common::vsim::{Arrival, Deployment, Replies, Run, World, percentile, poisson};
+    use dispatcher::core::{Accounting, OverloadSettings, SharingSettings};
+
+    pub const REGIONS: [(&str, u64); 3] = [("d0", 60_000), ("d1", 30_000), ("d2", 15_000)];
+    pub const RPM: [u64; 3] = [600, 300, 150];
+    pub const SECONDS: u64 = 60;
+
+    /// loadgen's `--sizes heavy`.
+    pub fn size(rng: &mut Lcg) -> (u64, u64) {
+        (
+            rng.heavy_tail(100.0, 1.3, 8_000.0),
+            rng.heavy_tail(50.0, 1.5, 2_000.0),
+        )
+    }
+
+    pub fn world() -> World {
+        World {
+            regions: REGIONS.to_vec(),
+            accounting: Accounting::Admission,
+            tenants: vec![("t", 1.0)],
+            max_wait: Duration::from_secs(5),
+            ms_per_1k: 1_000.0,
+            replies: Replies::ProportionalHintAtAdmission,
+            foreign_share: 0.0,
+        }
+    }
+
+    pub fn arrivals(load: f64, seed: u64) -> Vec<Arrival> {
+        let mean = {
+            let mut s = Lcg(7);
+            (0..50_000).map(|_| size(&mut s)).map(|(p, o)| p + o).sum::<u64>() as f64 / 50_000.0
+        };
+        let rate = load * world().supply_per_sec() / mean;
+        poisson(
+            &mut Lcg(seed),
+            0,
+            |_| rate,
+            Duration::ZERO,
+            Duration::from_secs(SECONDS),
+            size,
+        )
+    }
+
+    /// `replicas` processes, sharing the quota (`[cluster]`) or not.
+    pub fn run(arrivals: Vec<Arrival>, replicas: usize, shared: bool, seed: u64) -> Run {
+        world().run_deployed(
+            arrivals,
+            &Deployment {
+                replicas,
+                sharing: shared.then(|| SharingSettings {
+                    replicas_floor: replicas as u32,
+                    ..SharingSettings::default()
+                }),
+                overload: Some(OverloadSettings::default()),
+                requests_per_minute: Some(RPM.to_vec()),
+                providers_start_empty: true,
+                seed,
+            },
+        )
+    }
+
+    pub struct Figures {
+        pub successes: usize,
+        /// Tokens admitted after the first second over the refill since.
+        pub used: f64,
+        pub p50: Duration,
+        pub unused_p50: i64,
+        pub refused: u64,
+        /// The largest excess of any 1 s / 10 s window over what a provider
+        /// allows in it (burst + rate × window, a minute's worth of burst),
+        /// over the regions.
+        pub worst_excess: i64,
+    }
+
+    pub fn figures(r: &Run) -> Figures {
+        let successes = r.fates.iter().filter(|f| f.done.is_some()).count();
+        let mut latencies: Vec<Duration> = r
+            .arrivals
+            .iter()
+            .zip(&r.fates)
+            .filter_map(|(a, f)| f.done.map(|d| d - a.at))
+            .collect();
+        latencies.sort();
+        let end = Duration::from_secs(SECONDS);
+        let after_first: u64 = r
+            .admitted
+            .iter()
+            .flatten()
+            .filter(|(t, _)| *t >= Duration::from_secs(1) && *t < end)
+            .map(|(_, n)| n)
+            .sum();
+        let refill = world().supply_per_sec() * (SECONDS - 1) as f64;
+        let mut unused = r.unused_level.clone();
+        unused.truncate(SECONDS as usize);
+        unused.sort();
+        let mut worst_excess = i64::MIN;
+        for (i, admitted) in r.admitted.iter().enumerate() {
+            let tpm = REGIONS[i].1;
+            for w in [Duration::from_secs(1), Duration::from_secs(10)] {
+                let allowed = (tpm + tpm * w.as_millis() as u64 / 60_000) as i64;
+                let mut j = 0;
+                let mut sum = 0i64;
+                for k in 0..admitted.len() {
+                    while j < admitted.len() && admitted[j].0 < admitted[k].0 + w {
+                        sum += admitted[j].1 as i64;
+                        j += 1;
+                    }
+                    worst_excess = worst_excess.max(sum - allowed);
+                    sum -= admitted[k].1 as i64;
+                }
+            }
+        }
+        Figures {
+            successes,
+            used: after_first as f64 / refill,
+            p50: percentile(&latencies, 0.5),
+            unused_p50: unused.get(unused.len() / 2).copied().unwrap_or(0),
+            refused: r.overruns,
+            worst_excess,
+        }
+    }
+}
+
+/// Issue 25: replicas use the quota one process uses on realistic traffic.
+/// The same arrivals to one process without `[cluster]`, to one with it,
+/// and to three replicas, at 1x and 2x the quota, two seeds: no provider
+/// refusal with `[cluster]`, every window within `burst + rate × window`,
+/// and the successes and latency of one process.
+#[test]
+fn heavy_tailed_three_regions_use_the_quota_one_process_uses() {
+    for load in [1.0, 2.0] {
+        for seed in [1, 2] {
+            let arrivals = heavy::arrivals(load, seed);
+            let alone = heavy::figures(&heavy::run(arrivals.clone(), 1, false, seed));
+            eprintln!(
+                "{load}x seed {seed}, {} requests: one process without [cluster]: {} served, used {:.1} %, p50 {:.2} s, provider unused p50 {}, refused {}",
+                arrivals.len(),
+                alone.successes,
+                100.0 * alone.used,
+                alone.p50.as_secs_f64(),
+                alone.unused_p50,
+                alone.refused
+            );
+            for replicas in [1, 3] {
+                let run = heavy::run(arrivals.clone(), replicas, true, seed);
+                let f = heavy::figures(&run);
+                let share = f.successes as f64 / alone.successes as f64;
+                eprintln!(
+                    "  {replicas} with [cluster]: {} served ({:.1} % of one process), used {:.1} %, p50 {:.2} s ({:.2} x), provider unused p50 {}, refused {}, worst window excess {}",
+                    f.successes,
+                    100.0 * share,
+                    100.0 * f.used,
+                    f.p50.as_secs_f64(),
+                    f.p50.as_secs_f64() / alone.p50.as_secs_f64(),
+                    f.unused_p50,
+                    f.refused,
+                    f.worst_excess,
+                );
+                for (r, t) in run.sharing.iter().enumerate() {
+                    eprintln!(
+                        "    replica {r}: granted {} / spent {} / given back {} / expired {} tokens",
+                        t.granted_tokens, t.spent_tokens, t.returned_tokens, t.expired_tokens
+                    );
+                }
+                let case = format!("{load}x, seed {seed}, {replicas} replica(s)");
+                assert_eq!(f.refused, 0, "{case}: provider refusals");
+                assert!(f.worst_excess <= 0, "{case}: a window over burst + rate x window");
+                // Nothing lapses while Redis answers.
+                assert!(run.sharing.iter().all(|t| t.expired_tokens == 0), "{case}");
+                // One process's successes (one replica: within 3 %; three,
+                // whose quota is split tick by tick: within 5 %).
+                let floor = if replicas == 1 { 0.97 } else { 0.95 };
+                assert!(
+                    share >= floor,
+                    "{case}: {:.1} % of one process's successes",
+                    100.0 * share
+                );
+                if load >= 2.0 {
+                    assert!(
+                        f.used >= 0.95,
+                        "{case}: {:.1} % of the quota used",
+                        100.0 * f.used
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// One process without `[cluster]` on the same heavy-tailed arrivals: the
+/// default queue against `max_queue_wait = "0s"` (issue 25's one-process
+/// part; docs/OVERLOAD.md). Printed, not asserted: the default queue does
+/// not reach the no-queue successes at twice the quota (see the table).
+#[test]
+#[ignore = "prints the one-process table of docs/OVERLOAD.md"]
+fn one_process_queue_against_no_queue() {
+    use common::vsim::Deployment;
+    use dispatcher::core::OverloadSettings;
+    for load in [1.0, 2.0] {
+        for seed in [1, 2] {
+            let arrivals = heavy::arrivals(load, seed);
+            let deployment = |overload| Deployment {
+                replicas: 1,
+                sharing: None,
+                overload,
+                requests_per_minute: Some(heavy::RPM.to_vec()),
+                providers_start_empty: true,
+                seed,
+            };
+            let queue =
+                heavy::world().run_deployed(arrivals.clone(), &deployment(Some(OverloadSettings::default())));
+            let mut no_queue = heavy::world();
+            no_queue.max_wait = Duration::ZERO;
+            let none = no_queue.run_deployed(arrivals, &deployment(None));
+            let (q, n) = (heavy::figures(&queue), heavy::figures(&none));
+            let count = |r: &common::vsim::Run, why: &str| r.refusals.get(why).copied().unwrap_or(0);
+            println!(
+                "| {load}x, seed {seed} | {} / {} ({:.1} %) | {:.2} / {:.2} s | {} | {} | {} |",
+                q.successes,
+                n.successes,
+                100.0 * q.successes as f64 / n.successes as f64,
+                q.p50.as_secs_f64(),
+                n.p50.as_secs_f64(),
+                count(&queue, "refused at once: would wait in vain"),
+                count(&queue, "refused at once: shedding"),
+                count(&queue, "expired while waiting"),
+            );
         }
     }
 }

@@ -48,6 +48,9 @@ struct Args {
     /// Requests run at once; more wait in the cluster's queue.
     #[arg(long)]
     capacity: Option<u32>,
+    /// The provider's buckets start empty (a key somebody just used).
+    #[arg(long)]
+    start_empty: bool,
     #[arg(long)]
     seed: Option<u64>,
     /// Serve TLS with this PEM certificate (chain); needs --tls-key.
@@ -131,6 +134,7 @@ fn spec(args: &Args) -> anyhow::Result<SimSpec> {
         .foreign_tokens_per_minute
         .unwrap_or(s.foreign_tokens_per_minute);
     s.capacity = args.capacity.unwrap_or(s.capacity);
+    s.start_empty |= args.start_empty;
     s.seed = args.seed.unwrap_or(s.seed);
     if !(0.0..=1.0).contains(&s.failure_rate) || !(0.0..=1.0).contains(&s.completion_min_fraction) {
         bail!("--failure-rate and --completion-min-fraction must be within 0 and 1");

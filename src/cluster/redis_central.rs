@@ -112,7 +112,7 @@ impl RedisCentral {
         let replies: Vec<Vec<i64>> = tokio::time::timeout(timeout, work)
             .await
             .map_err(|_| CentralError::Timeout(timeout))??;
-        if replies.len() != items.len() || replies.iter().any(|r| r.len() != 7) {
+        if replies.len() != items.len() || replies.iter().any(|r| r.len() != REPLY_LEN) {
             return Err(CentralError::Short {
                 sent: items.len(),
                 got: replies.len(),
@@ -156,10 +156,6 @@ impl RedisCentral {
             let (bucket, replicas) = bucket_keys(&item.region, &item.model);
             let (l, c) = (&item.limits, &item.call);
             let opt = |v: Option<i64>| v.map_or(String::new(), |v| v.to_string());
-            let (fb_t, fb_r) = match c.fallback_spent {
-                Some((t, r)) => (t.to_string(), r.to_string()),
-                None => (String::new(), String::new()),
-            };
             pipe.cmd("EVALSHA")
                 .arg(self.script.get_hash())
                 .arg(2)
@@ -171,16 +167,25 @@ impl RedisCentral {
                 .arg(l.requests_per_minute)
                 .arg(l.request_capacity)
                 .arg(l.replicas_floor)
+                .arg(l.hold_for.as_micros() as u64)
+                .arg(c.incarnation)
+                .arg(c.seq)
                 .arg(c.ask_tokens)
                 .arg(c.ask_requests)
                 .arg(c.need_tokens)
-                .arg(c.settle_tokens)
-                .arg(c.settle_requests)
-                .arg(opt(c.hint.map(|h| h.0)))
+                .arg(c.held_tokens)
+                .arg(c.held_requests)
+                .arg(c.spent_tokens)
+                .arg(c.spent_requests);
+            for t in [&c.totals, &c.acked] {
+                pipe.arg(t.settled_tokens)
+                    .arg(t.settled_requests)
+                    .arg(t.fallback_tokens)
+                    .arg(t.fallback_requests);
+            }
+            pipe.arg(opt(c.hint.map(|h| h.0)))
                 .arg(opt(c.hint.map(|h| h.1)))
                 .arg(c.block.as_micros() as u64)
-                .arg(fb_t)
-                .arg(fb_r)
                 .arg(STALE_AFTER.as_micros() as u64)
                 .arg(FORGET_AFTER.as_micros() as u64)
                 .arg(ROUND.as_micros() as u64)
@@ -191,6 +196,9 @@ impl RedisCentral {
     }
 }
 
+/// Numbers in one answer of the script.
+const REPLY_LEN: usize = 10;
+
 fn grant(r: &[i64]) -> SyncGrant {
     SyncGrant {
         tokens: r[0].max(0) as u64,
@@ -200,5 +208,8 @@ fn grant(r: &[i64]) -> SyncGrant {
         blocked_for: Duration::from_micros(r[4].max(0) as u64),
         replicas: r[5].max(0) as u32,
         fresh: r[6] != 0,
+        others_need: r[7].max(0) as u64,
+        disagreeing: r[8].max(0) as u32,
+        stale: r[9] != 0,
     }
 }

@@ -3,6 +3,7 @@
 //! pipelined round trip bounded by `redis_timeout`, and hand the answers
 //! (or their absence) back to the desk. Nothing else talks to Redis.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,6 +13,7 @@ use tokio::task::JoinHandle;
 
 use super::redis_central::RedisCentral;
 use crate::config::ClusterConfig;
+use crate::core::{SyncGrant, SyncItem};
 use crate::dispatch::Engine;
 
 /// This replica's name in Redis: the configured one, or host, pid and a
@@ -43,11 +45,18 @@ pub fn spawn(engine: Arc<Engine>, config: &ClusterConfig, replica: String) -> Re
     let tick = config.sharing.tick;
     Ok(tokio::spawn(async move {
         let mut rng = SmallRng::from_os_rng();
+        // This process's run: Redis starts a new record for a replica id
+        // a new process reuses (what the old one held went with it).
+        let incarnation: u32 = rng.random();
         let mut reachable = None;
+        let mut disagreeing: HashMap<(Arc<str>, Arc<str>), u32> = HashMap::new();
         loop {
             tokio::time::sleep(jittered(tick, &mut rng)).await;
             let sent_at = crate::clock::now();
-            let items = engine.desk().sync_calls(sent_at);
+            let mut items = engine.desk().sync_calls(sent_at);
+            for i in &mut items {
+                i.call.incarnation = incarnation;
+            }
             let result = if items.is_empty() {
                 Ok(Vec::new())
             } else {
@@ -63,14 +72,16 @@ pub fn spawn(engine: Arc<Engine>, config: &ClusterConfig, replica: String) -> Re
                         // quota was split (RUST_LOG=dispatcher::quota_sync=trace).
                         tracing::trace!(target: "dispatcher::quota_sync", region = %i.region, model = %i.model,
                             ask_tokens = i.call.ask_tokens, need_tokens = i.call.need_tokens,
-                            settle_tokens = i.call.settle_tokens, granted_tokens = g.tokens,
-                            level_tokens = g.level_tokens, replicas = g.replicas, "quota sync");
+                            held_tokens = i.call.held_tokens, spent_tokens = i.call.spent_tokens,
+                            granted_tokens = g.tokens, level_tokens = g.level_tokens, replicas = g.replicas,
+                            "quota sync");
+                        warn_disagreeing(&mut disagreeing, i, g);
                     }
                     items.into_iter().zip(grants.into_iter().map(Some)).collect()
                 }
                 Err(e) => {
                     if reachable != Some(false) {
-                        tracing::warn!(error = %e, "Redis did not answer the quota sync; spending granted chunks, then the fallback share if it lasts");
+                        tracing::warn!(error = %e, "Redis did not answer the quota sync; spending what this replica holds, then the fallback share if it lasts");
                     }
                     items.into_iter().map(|i| (i, None)).collect()
                 }
@@ -95,6 +106,22 @@ pub fn spawn(engine: Arc<Engine>, config: &ClusterConfig, replica: String) -> Re
             }
         }
     }))
+}
+
+/// Says once, when it starts and when it ends, that other replicas carry
+/// different limits for a (region, model): Redis then applies the lowest
+/// of each, and this replica's configuration is not what is enforced.
+fn warn_disagreeing(seen: &mut HashMap<(Arc<str>, Arc<str>), u32>, item: &SyncItem, grant: &SyncGrant) {
+    let key = (item.region.clone(), item.model.clone());
+    let before = seen.insert(key, grant.disagreeing).unwrap_or(0);
+    if grant.disagreeing > 0 && before == 0 {
+        tracing::warn!(region = %item.region, model = %item.model, others = grant.disagreeing,
+            tokens_per_minute = item.limits.tokens_per_minute, burst_tokens = item.limits.token_capacity,
+            requests_per_minute = item.limits.requests_per_minute, burst_requests = item.limits.request_capacity,
+            "other replicas are configured with different limits for this region and model; Redis applies the lowest of each until they agree (Admin GetRegion: disagreeing_replicas)");
+    } else if grant.disagreeing == 0 && before > 0 {
+        tracing::info!(region = %item.region, model = %item.model, "replicas agree on limits again");
+    }
 }
 
 /// The wait before the next call: the tick, ±10 % at random. Replicas

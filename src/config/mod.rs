@@ -351,6 +351,9 @@ pub struct SimulateConfig {
     pub foreign_tokens_per_minute: u64,
     /// Requests the cluster runs at once; more wait in its queue.
     pub capacity: u32,
+    /// The provider's buckets start empty (a key somebody just used), not
+    /// full.
+    pub start_empty: bool,
 }
 
 impl Default for SimulateConfig {
@@ -363,6 +366,7 @@ impl Default for SimulateConfig {
             seed: 1,
             foreign_tokens_per_minute: 0,
             capacity: 1024,
+            start_empty: false,
         }
     }
 }

@@ -305,4 +305,5 @@ pub struct RawSimulate {
     pub seed: Option<u64>,
     pub foreign_tokens_per_minute: Option<u64>,
     pub capacity: Option<u32>,
+    pub start_empty: Option<bool>,
 }

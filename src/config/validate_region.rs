@@ -201,5 +201,6 @@ fn validate_simulate(c: &Ctx<'_>, s: RawSimulate) -> Result<SimulateConfig, Conf
         seed: s.seed.unwrap_or(d.seed),
         foreign_tokens_per_minute: s.foreign_tokens_per_minute.unwrap_or(0),
         capacity: c.at_least("simulate.capacity", s.capacity, d.capacity, 1)?,
+        start_empty: s.start_empty.unwrap_or(d.start_empty),
     })
 }

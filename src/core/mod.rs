@@ -56,9 +56,9 @@ pub use region::{Exclusion, RegionSpec, RegionState};
 pub use rollout::{RolloutError, RolloutPick, RolloutSpec, Rollouts};
 pub use router::{
     CandidateReport, Completion, Reservation, RouteError, RoutePreview, RouteRequest, Router, RouterSpec,
-    Settled, Supply, SyncItem,
+    Settled, Supply, SyncItem, WaitingByQuota,
 };
 pub use scheduler::{Released, Scheduler, Submission, SubmitError, Submitted};
-pub use shared_quota::{SharedQuota, SharingMode, SharingSettings, SharingTotals, SharingView};
+pub use shared_quota::{SharedQuota, SharingMode, SharingSettings, SharingTotals, SharingView, Waiting};
 pub use strategy::{StrategyKind, StrategyParams, WeightedLoadParams};
 pub use tenant::{Day, TenantHold, TenantRefusal, TenantReport, TenantSpec, TenantUsage, Tenants, Weights};

@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use super::central::CentralLimits;
 use super::in_flight::{Entry, InFlight};
 use super::quota::{QuotaBucket, QuotaError, Shortfall};
 use super::shared_quota::{SharedQuota, SharingSettings};
@@ -43,6 +44,23 @@ pub struct ModelLimits {
     pub burst_tokens: Option<u64>,
     pub burst_requests: Option<u64>,
     pub accounting: Accounting,
+}
+
+impl ModelLimits {
+    /// What the central bucket applies for this (region, model) when the
+    /// quota is shared (`[cluster]`): the provider's rates, and its bursts
+    /// as the capacities (the level and every replica's holding together
+    /// never exceed them, so one request fits as it does in one process).
+    pub fn central(&self, settings: &SharingSettings) -> CentralLimits {
+        CentralLimits {
+            tokens_per_minute: self.tokens_per_minute,
+            token_capacity: self.burst_tokens.unwrap_or(self.tokens_per_minute),
+            requests_per_minute: self.requests_per_minute,
+            request_capacity: self.burst_requests.unwrap_or(self.requests_per_minute),
+            replicas_floor: settings.replicas_floor,
+            hold_for: settings.chunk_ttl,
+        }
+    }
 }
 
 /// What the provider's rate-limit headers said, as the cluster relayed them.
@@ -88,11 +106,13 @@ pub enum QuotaShortfall {
     Requests {
         wait: Duration,
     },
-    /// Quota shared with other replicas: this replica's chunks do not hold
-    /// the request now (the next grant may), or the provider refused
-    /// someone's request and asked everyone to wait.
+    /// Quota shared with other replicas: what this replica holds does not
+    /// cover the request now, or the provider refused someone's request and
+    /// asked everyone to wait. `next_grant`: the central level, as last
+    /// seen, has what it lacks (one process would serve it now).
     Shared {
         wait: Duration,
+        next_grant: bool,
     },
     /// The request is larger than the token bucket can ever hold.
     TooLarge {
@@ -107,7 +127,7 @@ impl QuotaShortfall {
         match *self {
             QuotaShortfall::Tokens { wait, .. }
             | QuotaShortfall::Requests { wait }
-            | QuotaShortfall::Shared { wait } => Some(wait),
+            | QuotaShortfall::Shared { wait, .. } => Some(wait),
             QuotaShortfall::TooLarge { .. } => None,
         }
     }
@@ -126,9 +146,20 @@ impl std::fmt::Display for QuotaShortfall {
                 "request quota exhausted; next request fits in {}",
                 fmt_duration(*wait)
             ),
-            QuotaShortfall::Shared { wait } => write!(
+            QuotaShortfall::Shared {
+                wait,
+                next_grant: true,
+            } => write!(
                 f,
-                "shared quota: this replica's share does not hold it now; next grant in {}",
+                "shared quota: the central level has it, this replica's holding does not; next grant in {}",
+                fmt_duration(*wait)
+            ),
+            QuotaShortfall::Shared {
+                wait,
+                next_grant: false,
+            } => write!(
+                f,
+                "shared quota: neither this replica's holding nor its part of the central level holds it now; fits in about {}",
                 fmt_duration(*wait)
             ),
             QuotaShortfall::TooLarge { need, capacity } => {
@@ -221,7 +252,7 @@ impl ModelQuota {
     pub fn set_sharing(&mut self, sharing: Option<SharingSettings>, now: Instant) {
         self.shared = match (self.shared.take(), sharing) {
             (Some(s), Some(_)) => Some(s),
-            (None, Some(settings)) => Some(SharedQuota::new(&self.limits, settings, now)),
+            (None, Some(settings)) => Some(SharedQuota::new(self.limits.central(&settings), settings, now)),
             (_, None) => None,
         };
     }
@@ -330,18 +361,12 @@ impl ModelQuota {
         }
     }
 
-    /// The shared quota's headroom for `tokens`. A request larger than the
-    /// central bucket (the burst less a chunk lifetime of refill) can never
-    /// be granted.
+    /// The shared quota's headroom for `tokens`. (Its capacity is the
+    /// burst, as the token bucket's: a request too large for it was
+    /// refused before.)
     fn shared_room(&self, s: &SharedQuota, tokens: u64, now: Instant) -> Result<f64, QuotaShortfall> {
-        let capacity = s.limits().token_capacity;
-        if tokens > capacity {
-            return Err(QuotaShortfall::TooLarge {
-                need: tokens,
-                capacity,
-            });
-        }
-        s.fit(tokens, now).map_err(|wait| QuotaShortfall::Shared { wait })
+        s.fit(tokens, now)
+            .map_err(|(wait, next_grant)| QuotaShortfall::Shared { wait, next_grant })
     }
 
     /// Takes `tokens` and one request, both or neither.
@@ -569,7 +594,7 @@ impl ModelQuota {
         self.requests = actual.requests;
         self.expected = expected;
         if let Some(s) = &mut self.shared {
-            s.set_limits(&limits);
+            s.set_limits(limits.central(s.settings()));
         }
         self.limits = limits;
         Ok(())

@@ -574,4 +574,4 @@ pub use supply::Supply;
 
 #[path = "router_sync.rs"]
 mod sync;
-pub use sync::SyncItem;
+pub use sync::{SyncItem, WaitingByQuota};

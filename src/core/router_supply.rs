@@ -6,6 +6,8 @@ use std::time::{Duration, Instant};
 
 use super::{RouteRequest, Router};
 use crate::core::breaker::Circuit;
+use crate::core::model_quota::QuotaShortfall;
+use crate::core::region::Exclusion;
 
 /// The quota a model can draw on, summed over the regions serving it, and
 /// how soon one request of a given size could come out of its refill.
@@ -41,6 +43,24 @@ impl Router {
             .min_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(&b.0)))
     }
 
+    /// Whether `req` would fit now in one process: some region's quota is
+    /// shared with other replicas and only this replica's holding lacks
+    /// it; the central level, as last seen, has it for the next grant.
+    pub fn fits_next_grant(&self, req: &RouteRequest<'_>, tried: &[Arc<str>], now: Instant) -> bool {
+        let Some(model) = self.model_id(req.model) else {
+            return false;
+        };
+        self.regions
+            .iter()
+            .filter(|r| !tried.iter().any(|t| **t == *r.name))
+            .any(|r| {
+                matches!(
+                    r.admit(model, req.tokens, now),
+                    Err(Exclusion::Quota(QuotaShortfall::Shared { next_grant: true, .. }))
+                )
+            })
+    }
+
     /// How fast quota for `model` comes back, in tokens and requests a
     /// second, how much is there now, over the regions that could take work
     /// for it, and how soon one region could refill a request of `tokens`.
@@ -53,10 +73,10 @@ impl Router {
         for r in self.regions.iter().filter(|r| !r.drained && r.healthy) {
             if let Some(q) = r.quota(id) {
                 // Shared with other replicas: this one's part of the rate,
-                // and what it holds.
+                // and what it could have by its next grant.
                 let (part, have_tokens, have_requests) = match q.shared() {
                     Some(s) => {
-                        let (t, r) = s.balance(now);
+                        let (t, r) = s.reachable(now);
                         (s.part(), t as i64, r as i64)
                     }
                     None => (1.0, q.tokens().available(now), q.requests().available(now)),

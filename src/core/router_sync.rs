@@ -1,11 +1,17 @@
 //! Quota shared with other replicas, as the router hands it to the sync
 //! task: one call per shared (region, model), and the answers back.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
 use super::Router;
 use crate::core::central::{CentralLimits, SyncCall, SyncGrant};
+use crate::core::shared_quota::Waiting;
+
+/// What the requests waiting for each (region, model) need, by region and
+/// model name.
+pub type WaitingByQuota = HashMap<(Arc<str>, Arc<str>), Waiting>;
 
 /// One shared (region, model)'s call to its central bucket.
 #[derive(Debug, Clone, PartialEq)]
@@ -18,13 +24,16 @@ pub struct SyncItem {
 
 impl Router {
     /// The next call to the central bucket of every shared (region, model),
-    /// in region then model order. What the calls carry leaves the quotas:
-    /// hand each back with its answer to `sync_done`.
-    pub fn sync_calls(&mut self, now: Instant) -> Vec<SyncItem> {
+    /// in region then model order, sized with what the requests waiting for
+    /// each need (`waiting`; none where it has no entry). Hand each back
+    /// with its answer to `sync_done`.
+    pub fn sync_calls(&mut self, waiting: &WaitingByQuota, now: Instant) -> Vec<SyncItem> {
         let mut calls = Vec::new();
         for region in &mut self.regions {
             for (model, quota) in region.quotas.iter_mut().enumerate() {
                 if let Some(shared) = quota.as_mut().and_then(|q| q.shared_mut()) {
+                    let key = (region.name.clone(), self.model_names[model].clone());
+                    shared.set_waiting(waiting.get(&key).copied().unwrap_or_default());
                     calls.push(SyncItem {
                         region: region.name.clone(),
                         model: self.model_names[model].clone(),

@@ -16,7 +16,7 @@ use thiserror::Error;
 use super::fair::FairQueue;
 use super::overload::{OverloadSettings, QueueState, StandingWait};
 use super::queue::{DisciplineFactory, WaitQueue, Waiter};
-use super::router::{Reservation, RouteError, RouteRequest, Router};
+use super::router::{Reservation, RouteError, RouteRequest, Router, SyncItem, WaitingByQuota};
 use super::tenant::Weights;
 
 /// How often queued waiters whose caller went away or whose wait ran out
@@ -272,7 +272,14 @@ impl<T> Scheduler<T> {
         // is refused at once, while it can still go elsewhere.
         // Otherwise it is refused at once if its tenant is over its share,
         // unless it may hold the refill (within the hold share).
-        if shedding && self.queue.over_share(&s.model, &s.tenant) && !self.may_hold(&s, now) {
+        // Not when only the split of a shared quota between replicas keeps
+        // it from fitting now: one process would serve it, and it is served
+        // at the next grant (refusing it would also keep the queue shedding).
+        if shedding
+            && self.queue.over_share(&s.model, &s.tenant)
+            && !self.router.fits_next_grant(&req, &s.tried, now)
+            && !self.may_hold(&s, now)
+        {
             return Err(self.shed(&s, *retry_after, now));
         }
         if let Some(supply) = self.router.supply(&s.model, s.tokens, &s.tried, now) {
@@ -521,6 +528,49 @@ impl<T> Scheduler<T> {
                 },
             }
         }
+    }
+
+    /// The next calls to the central buckets (quota shared with other
+    /// replicas), each sized with what the requests waiting for it need.
+    /// Each waiter (the head and up to `BACKFILL` behind it) counts in one
+    /// region, as `backfill` serves them: the head in the region it would
+    /// fit in first, each next one in the region it would fit in first
+    /// among those nobody ahead of it waits for (once every region is
+    /// waited for, where it fits first). Asking in every region a request
+    /// could go to would hold their quota from the other replicas.
+    pub fn sync_calls(&mut self, now: Instant) -> Vec<SyncItem> {
+        let mut waiting = WaitingByQuota::new();
+        for model in self.queue.models() {
+            let mut held: Vec<Arc<str>> = Vec::new();
+            for id in self.queue.candidates(&model, BACKFILL) {
+                let Some(w) = self.queue.get(&model, id) else {
+                    continue;
+                };
+                let req = RouteRequest {
+                    model: &w.model,
+                    tokens: w.tokens,
+                    origin: w.origin.as_deref(),
+                };
+                let mut excluded = w.tried.clone();
+                excluded.extend(held.iter().cloned());
+                let region = match self.router.earliest_fit(&req, &excluded, now) {
+                    Some((region, _)) => {
+                        held.push(region.clone());
+                        Some(region)
+                    }
+                    None => self.router.earliest_fit(&req, &w.tried, now).map(|(r, _)| r),
+                };
+                if let Some(region) = region {
+                    let e = waiting.entry((region, model.clone())).or_default();
+                    if e.requests == 0 {
+                        e.first = w.tokens;
+                    }
+                    e.tokens += w.tokens;
+                    e.requests += 1;
+                }
+            }
+        }
+        self.router.sync_calls(&waiting, now)
     }
 
     /// When `release` should run next if nothing else happens: the earliest

@@ -1,37 +1,41 @@
 //! One replica's part of a (region, model) quota shared with other
 //! replicas through a central bucket (`central.rs`, Redis in production).
 //!
-//! Requests never wait on Redis: they spend *chunks* the sync task was
-//! granted on its last call, oldest first, and a chunk not spent within
-//! `chunk_ttl` of the call that asked for it is dropped (counted as
-//! wasted), never carried on: that is what keeps every replica together
-//! within the provider's limit. What finished requests give back or use
-//! beyond their reservation, what the provider says and its refusals are
-//! kept here and ride on the next call.
+//! Requests never wait on Redis: they spend what the sync task was granted
+//! (the replica's *holding*). Every call tells the central bucket what the
+//! replica holds and, in running totals, what it spent; the bucket counts
+//! the holding against the provider's burst and takes back what the
+//! replica gives back. So tokens granted are spent, given back (the part
+//! of the holding beyond what the replica needs, when others need it), or
+//! still held: none is lost while Redis answers. A holding stays
+//! spendable `chunk_ttl` after the call that last answered; without an
+//! answer for that long it lapses (counted as expired; Redis takes it back
+//! at the next answer if it still knows the replica).
+//!
+//! What finished requests give back or use beyond their reservation, what
+//! the provider says and its refusals are kept here and ride on the next
+//! call; the running totals make a call that is lost, repeated or applied
+//! late count once.
 //!
 //! When Redis has not answered for `unreachable_after`, the replica falls
-//! back: it spends its unexpired chunks, then a local bucket that starts
-//! empty and refills at the provider's rate divided by the replicas it last
-//! knew of (at least `replicas_floor`). The first successful call reports
-//! what the fallback bucket spent, so the central level counts it once, and
-//! ends the fallback.
+//! back: it spends its holding while it lasts, then a local bucket that
+//! starts empty and refills at the provider's rate divided by the replicas
+//! it last knew of (at least `replicas_floor`). What it spends there goes
+//! into a running total that Redis charges, once, when it answers again.
 //!
 //! This sits beside the replica's own model of the provider (`ModelQuota`'s
 //! buckets, which keep working as in one process): a request needs room in
 //! both.
 
-use std::cell::Cell;
-use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use super::central::{CentralLimits, SyncCall, SyncGrant};
-use super::model_quota::ModelLimits;
+use super::central::{CentralLimits, SyncCall, SyncGrant, Totals};
 use super::quota::QuotaBucket;
 
 /// How a replica shares quota (`[cluster]` in the config).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SharingSettings {
-    /// A granted chunk not spent within this long is dropped.
+    /// What a replica holds lapses this long after the last call answered.
     pub chunk_ttl: Duration,
     /// How often the sync task calls Redis.
     pub tick: Duration,
@@ -40,7 +44,7 @@ pub struct SharingSettings {
     /// The fewest replicas to assume when dividing the fallback rate.
     pub replicas_floor: u32,
     /// Always true in service; false only in tests, to show that the bound
-    /// depends on chunks expiring.
+    /// depends on holdings lapsing when Redis does not answer.
     pub expire_chunks: bool,
 }
 
@@ -59,9 +63,10 @@ impl Default for SharingSettings {
 /// Where the replica's quota comes from now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SharingMode {
-    /// Chunks granted by the central bucket.
+    /// Granted by the central bucket.
     Shared,
-    /// Redis unreachable: unexpired chunks, then the local fallback bucket.
+    /// Redis unreachable: the holding while it lasts, then the local
+    /// fallback bucket.
     Fallback,
 }
 
@@ -77,60 +82,13 @@ impl SharingMode {
 /// How far ahead a replica asks, in its recent spending, at least.
 const HORIZON_TICKS: u32 = 3;
 
-/// Granted amounts not yet spent, oldest first, each with its expiry.
-#[derive(Debug, Clone, Default)]
-struct Chunks {
-    chunks: VecDeque<(u64, Instant)>,
-}
-
-impl Chunks {
-    fn push(&mut self, amount: u64, expires: Instant) {
-        if amount > 0 {
-            self.chunks.push_back((amount, expires));
-        }
-    }
-
-    fn available(&self, now: Instant) -> u64 {
-        self.chunks.iter().filter(|(_, e)| *e > now).map(|(a, _)| a).sum()
-    }
-
-    /// Drops the expired chunks; returns what they still held.
-    fn expire(&mut self, now: Instant) -> u64 {
-        let before: u64 = self.chunks.iter().map(|(a, _)| a).sum();
-        self.chunks.retain(|(_, e)| *e > now);
-        before - self.chunks.iter().map(|(a, _)| a).sum::<u64>()
-    }
-
-    /// Takes up to `n` from the unexpired chunks, oldest first; returns
-    /// what it could not take.
-    fn take(&mut self, mut n: u64, now: Instant) -> u64 {
-        for (amount, expires) in self.chunks.iter_mut() {
-            if n == 0 {
-                break;
-            }
-            if *expires > now {
-                let t = n.min(*amount);
-                *amount -= t;
-                n -= t;
-            }
-        }
-        while self.chunks.front().is_some_and(|(a, _)| *a == 0) {
-            self.chunks.pop_front();
-        }
-        n
-    }
-
-    fn len(&self) -> usize {
-        self.chunks.len()
-    }
-}
-
-/// Spending over the last two whole seconds, for sizing asks.
+/// Spending over the last two whole seconds, for sizing asks: tokens and
+/// requests, and the largest request.
 #[derive(Debug, Clone, Copy, Default)]
 struct Demand {
     window_start: Option<Instant>,
-    current: (u64, u64),
-    previous: (u64, u64),
+    current: (u64, u64, u64),
+    previous: (u64, u64, u64),
 }
 
 impl Demand {
@@ -138,35 +96,55 @@ impl Demand {
         let start = *self.window_start.get_or_insert(now);
         let age = now.saturating_duration_since(start);
         if age >= Duration::from_secs(2) {
-            self.previous = (0, 0);
-            self.current = (0, 0);
+            self.previous = (0, 0, 0);
+            self.current = (0, 0, 0);
             self.window_start = Some(now);
         } else if age >= Duration::from_secs(1) {
             self.previous = self.current;
-            self.current = (0, 0);
+            self.current = (0, 0, 0);
             self.window_start = Some(start + Duration::from_secs(1));
         }
     }
 
-    fn add(&mut self, tokens: u64, requests: u64, now: Instant) {
+    fn add(&mut self, tokens: u64, now: Instant) {
         self.roll(now);
         self.current.0 += tokens;
-        self.current.1 += requests;
+        self.current.1 += 1;
+        self.current.2 = self.current.2.max(tokens);
     }
 
-    /// Tokens and requests a second, the larger of the two windows.
-    fn per_second(&self) -> (u64, u64) {
+    /// Tokens and requests a second (the larger of the two windows), and
+    /// the largest request of either.
+    fn recent(&self) -> (u64, u64, u64) {
         (
             self.current.0.max(self.previous.0),
             self.current.1.max(self.previous.1),
+            self.current.2.max(self.previous.2),
         )
     }
+}
+
+/// What the requests waiting for this (region, model) need, as the queue
+/// has them when the sync task calls.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Waiting {
+    /// The oldest one's tokens.
+    pub first: u64,
+    /// All of them together.
+    pub tokens: u64,
+    pub requests: u64,
 }
 
 /// Totals since start, for metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct SharingTotals {
     pub granted_tokens: u64,
+    /// Spent from what was granted (not from the fallback bucket).
+    pub spent_tokens: u64,
+    /// Given back to the level, not needed here.
+    pub returned_tokens: u64,
+    /// Lapsed while Redis did not answer (Redis takes them back when it
+    /// answers again, if it still knows this replica).
     pub expired_tokens: u64,
     pub calls: u64,
     pub failed_calls: u64,
@@ -177,14 +155,16 @@ pub struct SharingTotals {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SharingView {
     pub mode: SharingMode,
-    /// This replica's unexpired chunks, and the fallback bucket's level.
+    /// This replica's holding, and the fallback bucket's level.
     pub balance_tokens: u64,
     pub balance_requests: u64,
-    pub chunks: usize,
     /// The central levels at the last reply (`None` before one).
     pub central_tokens: Option<i64>,
     pub central_requests: Option<i64>,
     pub replicas: u32,
+    /// Replicas whose calls carry other limits than this one's (the central
+    /// bucket applies the lowest).
+    pub disagreeing: u32,
     pub blocked_for: Option<Duration>,
     pub totals: SharingTotals,
 }
@@ -193,81 +173,71 @@ pub struct SharingView {
 pub struct SharedQuota {
     settings: SharingSettings,
     limits: CentralLimits,
-    burst_tokens: u64,
-    burst_requests: u64,
     mode: SharingMode,
-    tokens: Chunks,
-    requests: Chunks,
+    /// Granted, not spent, given back or lapsed; spendable until `valid_until`.
+    held_tokens: u64,
+    held_requests: u64,
+    valid_until: Option<Instant>,
     /// The local bucket while in fallback (starts empty).
     fallback: Option<(QuotaBucket, QuotaBucket)>,
     fallback_since: Option<Instant>,
-    /// Spent from the fallback bucket, not yet reported to Redis.
-    fallback_spent: (u64, u64),
-    settle_tokens: i64,
-    settle_requests: i64,
+    /// Numbers the calls.
+    seq: u64,
+    /// Running totals since start, never reset (see `central::Totals`).
+    spent: (u64, u64),
+    running: Totals,
+    /// `running` as of the last call answered.
+    acked: Totals,
     hint: Option<(i64, i64)>,
     block: Duration,
     blocked_until: Option<Instant>,
     demand: Demand,
-    /// The largest request that did not fit since the last call: asked for
-    /// on top of the recent spending, so a large request is not starved by
-    /// chunks sized to small ones. (A cell: admission checks are reads.)
-    largest_miss: Cell<u64>,
+    /// What the requests waiting for this quota need (set before each call).
+    waiting: Waiting,
+    /// The last call asked for more than it was granted: the level is short.
+    short: bool,
     last_ok: Instant,
     central: Option<SyncGrant>,
     totals: SharingTotals,
 }
 
-/// The central bucket's capacity: the provider's burst less one chunk
-/// lifetime of refill (what may still be spent from chunks granted before).
-pub fn central_limits(limits: &ModelLimits, settings: &SharingSettings) -> CentralLimits {
-    let ttl_ms = settings.chunk_ttl.as_millis() as u64;
-    let burst_t = limits.burst_tokens.unwrap_or(limits.tokens_per_minute);
-    let burst_r = limits.burst_requests.unwrap_or(limits.requests_per_minute);
-    let less = |burst: u64, per_minute: u64| burst.saturating_sub(per_minute * ttl_ms / 60_000).max(1);
-    CentralLimits {
-        tokens_per_minute: limits.tokens_per_minute,
-        token_capacity: less(burst_t, limits.tokens_per_minute),
-        requests_per_minute: limits.requests_per_minute,
-        request_capacity: less(burst_r, limits.requests_per_minute),
-        replicas_floor: settings.replicas_floor,
-    }
-}
-
 impl SharedQuota {
-    pub fn new(limits: &ModelLimits, settings: SharingSettings, now: Instant) -> Self {
+    pub fn new(limits: CentralLimits, settings: SharingSettings, now: Instant) -> Self {
         Self {
-            limits: central_limits(limits, &settings),
-            burst_tokens: limits.burst_tokens.unwrap_or(limits.tokens_per_minute),
-            burst_requests: limits.burst_requests.unwrap_or(limits.requests_per_minute),
+            limits,
             settings,
             mode: SharingMode::Shared,
-            tokens: Chunks::default(),
-            requests: Chunks::default(),
+            held_tokens: 0,
+            held_requests: 0,
+            valid_until: None,
             fallback: None,
             fallback_since: None,
-            fallback_spent: (0, 0),
-            settle_tokens: 0,
-            settle_requests: 0,
+            seq: 0,
+            spent: (0, 0),
+            running: Totals::default(),
+            acked: Totals::default(),
             hint: None,
             block: Duration::ZERO,
             blocked_until: None,
             demand: Demand::default(),
-            largest_miss: Cell::new(0),
+            waiting: Waiting::default(),
+            short: false,
             last_ok: now,
             central: None,
             totals: SharingTotals::default(),
         }
     }
 
-    pub fn set_limits(&mut self, limits: &ModelLimits) {
-        self.limits = central_limits(limits, &self.settings);
-        self.burst_tokens = limits.burst_tokens.unwrap_or(limits.tokens_per_minute);
-        self.burst_requests = limits.burst_requests.unwrap_or(limits.requests_per_minute);
+    pub fn set_limits(&mut self, limits: CentralLimits) {
+        self.limits = limits;
     }
 
     pub fn limits(&self) -> &CentralLimits {
         &self.limits
+    }
+
+    pub fn settings(&self) -> &SharingSettings {
+        &self.settings
     }
 
     pub fn mode(&self) -> SharingMode {
@@ -282,9 +252,17 @@ impl SharedQuota {
         1.0 / n.max(1) as f64
     }
 
-    /// Tokens and requests this replica holds now (chunks and fallback).
+    fn holding(&self, now: Instant) -> (u64, u64) {
+        if self.valid_until.is_some_and(|v| v > now) {
+            (self.held_tokens, self.held_requests)
+        } else {
+            (0, 0)
+        }
+    }
+
+    /// Tokens and requests this replica holds now (and its fallback bucket).
     pub fn balance(&self, now: Instant) -> (u64, u64) {
-        let (mut t, mut r) = (self.tokens.available(now), self.requests.available(now));
+        let (mut t, mut r) = self.holding(now);
         if let Some((ft, fr)) = &self.fallback {
             t += ft.available(now).max(0) as u64;
             r += fr.available(now).max(0) as u64;
@@ -292,13 +270,39 @@ impl SharedQuota {
         (t, r)
     }
 
+    /// What this replica could have by its next grant: its balance and
+    /// the central level as last seen, less what the other replicas'
+    /// waiting requests lack (they are served first when they waited
+    /// longer). Negative: how far they are behind.
+    fn reach(&self, now: Instant) -> (i64, i64) {
+        let (t, r) = self.balance(now);
+        let (t, r) = (t as i64, r as i64);
+        match self.central {
+            Some(g) if self.mode == SharingMode::Shared => (
+                t + g.level_tokens.max(0) - g.others_need as i64,
+                r + g.level_requests.max(0),
+            ),
+            _ => (t, r),
+        }
+    }
+
+    /// `reach`, at least zero: what the scheduler counts on for the
+    /// requests waiting here.
+    pub fn reachable(&self, now: Instant) -> (u64, u64) {
+        let (t, r) = self.reach(now);
+        (t.max(0) as u64, r.max(0) as u64)
+    }
+
     /// Whether `tokens` and one request fit now; if so the headroom (the
     /// central level as last seen plus this replica's balance, less the
     /// request, as a fraction of the central capacity); if not, roughly
-    /// when they may (the next grant, or the fallback bucket's refill).
-    pub fn fit(&self, tokens: u64, now: Instant) -> Result<f64, Duration> {
+    /// when they may: the next grant when the level as last seen has them
+    /// (`Err((wait, true))`), else after the refill of what it lacks (or
+    /// the fallback bucket's). A request waiting here is served from the
+    /// whole refill once it is the oldest, as in one process.
+    pub fn fit(&self, tokens: u64, now: Instant) -> Result<f64, (Duration, bool)> {
         if let Some(until) = self.blocked_until.filter(|u| *u > now) {
-            return Err(until - now);
+            return Err((until - now, false));
         }
         let (t, r) = self.balance(now);
         if tokens <= t && r >= 1 {
@@ -306,33 +310,42 @@ impl SharedQuota {
             let room = (central + t - tokens) as f64 / self.limits.token_capacity.max(1) as f64;
             return Ok(room.min(1.0));
         }
-        self.largest_miss.set(self.largest_miss.get().max(tokens));
-        let wait = match &self.fallback {
-            Some((ft, fr)) => {
-                let need_t = tokens.saturating_sub(self.tokens.available(now));
-                let wt = ft.time_until(need_t, now).unwrap_or(Duration::MAX);
-                let wr = fr.time_until(1, now).unwrap_or(Duration::MAX);
-                wt.max(wr)
-            }
-            None => self.settings.tick,
+        if let Some((ft, fr)) = &self.fallback {
+            let need_t = tokens.saturating_sub(self.holding(now).0);
+            let wt = ft.time_until(need_t, now).unwrap_or(Duration::MAX);
+            let wr = fr.time_until(1, now).unwrap_or(Duration::MAX);
+            return Err((wt.max(wr), false));
+        }
+        let (reach_t, reach_r) = self.reach(now);
+        let refill = |short: i64, per_minute: u64| {
+            Duration::try_from_secs_f64(short.max(0) as f64 * 60.0 / per_minute.max(1) as f64)
+                .unwrap_or(Duration::MAX)
         };
-        Err(wait)
+        let later = refill(tokens as i64 - reach_t, self.limits.tokens_per_minute)
+            .max(refill(1 - reach_r, self.limits.requests_per_minute));
+        Err((self.settings.tick.saturating_add(later), later.is_zero()))
     }
 
     /// Takes `tokens` and one request (after `fit` said they fit).
     pub fn take(&mut self, tokens: u64, now: Instant) {
-        self.demand.add(tokens, 1, now);
-        let short_t = self.tokens.take(tokens, now);
-        let short_r = self.requests.take(1, now);
+        self.demand.add(tokens, now);
+        let (have_t, have_r) = self.holding(now);
+        let from_held = (tokens.min(have_t), 1.min(have_r));
+        self.held_tokens -= from_held.0;
+        self.held_requests -= from_held.1;
+        self.spent.0 += from_held.0;
+        self.spent.1 += from_held.1;
+        self.totals.spent_tokens += from_held.0;
+        let short = (tokens - from_held.0, 1 - from_held.1);
         if let Some((ft, fr)) = &mut self.fallback {
-            if short_t > 0 {
-                ft.charge(short_t, now);
+            if short.0 > 0 {
+                ft.charge(short.0, now);
             }
-            if short_r > 0 {
-                fr.charge(short_r, now);
+            if short.1 > 0 {
+                fr.charge(short.1, now);
             }
-            self.fallback_spent.0 += short_t;
-            self.fallback_spent.1 += short_r;
+            self.running.fallback_tokens += short.0 as i64;
+            self.running.fallback_requests += short.1 as i64;
         }
     }
 
@@ -342,12 +355,12 @@ impl SharedQuota {
             Some((ft, fr)) => {
                 ft.refund(tokens, now);
                 fr.refund(requests, now);
-                self.fallback_spent.0 = self.fallback_spent.0.saturating_sub(tokens);
-                self.fallback_spent.1 = self.fallback_spent.1.saturating_sub(requests);
+                self.running.fallback_tokens -= tokens as i64;
+                self.running.fallback_requests -= requests as i64;
             }
             None => {
-                self.settle_tokens += tokens as i64;
-                self.settle_requests += requests as i64;
+                self.running.settled_tokens += tokens as i64;
+                self.running.settled_requests += requests as i64;
             }
         }
     }
@@ -357,9 +370,9 @@ impl SharedQuota {
         match &mut self.fallback {
             Some((ft, _)) => {
                 ft.charge(tokens, now);
-                self.fallback_spent.0 += tokens;
+                self.running.fallback_tokens += tokens as i64;
             }
-            None => self.settle_tokens -= tokens as i64,
+            None => self.running.settled_tokens -= tokens as i64,
         }
     }
 
@@ -379,60 +392,76 @@ impl SharedQuota {
         self.blocked_until = Some(self.blocked_until.map_or(until, |u| u.max(until)));
     }
 
-    /// The next call to the central bucket. Moves what it carries out of
-    /// this quota: hand it back to `on_reply` or `on_failure`.
+    /// What the requests waiting for this quota need now (the queue's
+    /// view, set before each call).
+    pub fn set_waiting(&mut self, waiting: Waiting) {
+        self.waiting = waiting;
+    }
+
+    /// The next call to the central bucket. Hand it back to `on_reply` or
+    /// `on_failure`.
     pub fn sync_call(&mut self, now: Instant) -> SyncCall {
-        self.totals.expired_tokens += self.tokens.expire(now);
-        self.requests.expire(now);
+        if self.valid_until.is_some_and(|v| v <= now) && (self.held_tokens, self.held_requests) != (0, 0) {
+            // Lapsed without an answer: Redis takes it back when it answers.
+            self.totals.expired_tokens += self.held_tokens;
+            self.held_tokens = 0;
+            self.held_requests = 0;
+        }
         self.demand.roll(now);
-        let (rate_t, rate_r) = self.demand.per_second();
+        let (rate_t, rate_r, largest) = self.demand.recent();
         // Enough to last until the fallback would take over if Redis went
         // away now (`unreachable_after` and the next tick), so requests do
         // not wait in between; at least three ticks, and spent within a
-        // chunk's life.
+        // holding's life.
         let s = &self.settings;
         let horizon = (s.unreachable_after + 2 * s.tick)
             .max(s.tick * HORIZON_TICKS)
             .min(s.chunk_ttl.saturating_sub(s.tick));
-        let want = |rate: u64, miss: u64, cap: u64| -> u64 {
-            let ahead = (rate as u128 * horizon.as_millis() / 1000) as u64;
-            (ahead + miss).max(1).min(cap)
+        let ahead = |rate: u64| (rate as u128 * horizon.as_millis() / 1000) as u64;
+        let others_need = self.central.is_some_and(|g| g.others_need > 0);
+        // While the level is short or others wait, this replica keeps what
+        // its spending and its waiting requests need, and gives the rest
+        // back; otherwise it also keeps room for its largest recent request,
+        // so that one is not made to wait for a grant.
+        let scarce = self.short || others_need;
+        let cushion = if scarce { 0 } else { largest };
+        let w = self.waiting;
+        let target_t = (ahead(rate_t) + w.tokens + cushion).clamp(1, self.limits.token_capacity);
+        let target_r = (ahead(rate_r) + w.requests + 1).min(self.limits.request_capacity);
+        let keep_t = if scarce {
+            target_t
+        } else {
+            target_t.max(self.held_tokens)
         };
-        // Asked for once: a request still waiting is checked again after
-        // the reply (the desk's pump runs after every sync) and misses again.
-        // (One gone meanwhile, its caller having left, is not asked for.)
-        let miss = self.largest_miss.replace(0);
-        // What will still be there after the next grant: chunks expiring
-        // before then are asked for again now, so the balance does not run
-        // dry for a tick every time a large chunk expires.
-        let later = now + 2 * self.settings.tick;
-        let (have_t, have_r) = (self.tokens.available(later), self.requests.available(later));
-        let mut target_t = want(rate_t, miss, self.limits.token_capacity);
-        let mut target_r = want(rate_r, u64::from(miss > 0), self.limits.request_capacity);
-        if miss > 0 {
-            // Work is waiting: ask for at least an equal part of the whole
-            // level, tokens and requests, so that every replica short of
-            // quota asks alike and scarce quota is split evenly (asks sized
-            // by past spending alone would keep a replica that got less on
-            // less), and work arriving at once after a quiet spell does not
-            // wait while asks grow from what was spent (threefold a second:
-            // a chunk is three ticks of spending).
-            let n = self
-                .central
-                .map_or(self.settings.replicas_floor, |g| g.replicas)
-                .max(1) as u64;
-            target_t = target_t.max(self.limits.token_capacity / n);
-            target_r = target_r.max(self.limits.request_capacity / n);
-        }
+        let keep_r = if scarce {
+            target_r
+        } else {
+            target_r.max(self.held_requests)
+        };
+        let (have_t, have_r) = self.holding(now);
+        let give_t = have_t.saturating_sub(keep_t);
+        let give_r = have_r.saturating_sub(keep_r);
+        self.held_tokens = have_t - give_t;
+        self.held_requests = have_r - give_r;
+        self.totals.returned_tokens += give_t;
+        self.seq += 1;
         SyncCall {
-            ask_tokens: target_t.saturating_sub(have_t),
-            ask_requests: target_r.saturating_sub(have_r),
-            need_tokens: miss.min(self.limits.token_capacity).saturating_sub(have_t),
-            settle_tokens: std::mem::take(&mut self.settle_tokens),
-            settle_requests: std::mem::take(&mut self.settle_requests),
+            incarnation: 0,
+            seq: self.seq,
+            ask_tokens: target_t.saturating_sub(self.held_tokens),
+            ask_requests: target_r.saturating_sub(self.held_requests),
+            need_tokens: w
+                .first
+                .min(self.limits.token_capacity)
+                .saturating_sub(self.held_tokens),
+            held_tokens: self.held_tokens,
+            held_requests: self.held_requests,
+            spent_tokens: self.spent.0,
+            spent_requests: self.spent.1,
+            totals: self.running,
+            acked: self.acked,
             hint: self.hint.take(),
             block: std::mem::take(&mut self.block),
-            fallback_spent: (self.mode == SharingMode::Fallback).then_some(self.fallback_spent),
         }
     }
 
@@ -441,29 +470,24 @@ impl SharedQuota {
         self.totals.calls += 1;
         self.totals.granted_tokens += grant.tokens;
         self.last_ok = now;
-        let expires = if self.settings.expire_chunks {
+        self.acked = call.totals;
+        // Redis counts the holding as of the call: it stays spendable for a
+        // holding's life from then.
+        self.valid_until = Some(if self.settings.expire_chunks {
             sent_at + self.settings.chunk_ttl
         } else {
             sent_at + Duration::from_secs(100 * 365 * 86_400)
-        };
-        self.tokens.push(grant.tokens, expires);
-        self.requests.push(grant.requests, expires);
+        });
+        self.held_tokens += grant.tokens;
+        self.held_requests += grant.requests;
+        self.short = grant.tokens < call.ask_tokens;
         if !grant.blocked_for.is_zero() {
             let until = now + grant.blocked_for;
             self.blocked_until = Some(self.blocked_until.map_or(until, |u| u.max(until)));
         }
         if self.mode == SharingMode::Fallback {
-            // Reported: what was spent since the call left stays to report.
-            let (t, r) = call.fallback_spent.unwrap_or((0, 0));
-            let left = (
-                self.fallback_spent.0.saturating_sub(t),
-                self.fallback_spent.1.saturating_sub(r),
-            );
-            if left != (0, 0) {
-                self.settle_tokens -= left.0 as i64;
-                self.settle_requests -= left.1 as i64;
-            }
-            self.fallback_spent = (0, 0);
+            // What the fallback bucket spent is in the running totals: Redis
+            // charges it once, as they reach it.
             self.fallback = None;
             if let Some(since) = self.fallback_since.take() {
                 self.totals.fallback_time += now.saturating_duration_since(since);
@@ -473,15 +497,13 @@ impl SharedQuota {
         self.central = Some(grant);
     }
 
-    /// `call` got no answer (timeout, connection lost). A settlement that
-    /// charges more is kept for the next call (charging it twice errs on the
-    /// safe side); what it gave back may have been applied and is dropped.
-    /// Without an answer for `unreachable_after`, the replica falls back.
+    /// `call` got no answer (timeout, connection lost); it may or may not
+    /// have been applied: the running totals go again with the next call,
+    /// which counts them once either way. Without an answer for
+    /// `unreachable_after`, the replica falls back.
     pub fn on_failure(&mut self, call: SyncCall, now: Instant) {
         self.totals.calls += 1;
         self.totals.failed_calls += 1;
-        self.settle_tokens += call.settle_tokens.min(0);
-        self.settle_requests += call.settle_requests.min(0);
         self.block = self.block.max(call.block);
         if self.mode == SharingMode::Shared
             && now.saturating_duration_since(self.last_ok) >= self.settings.unreachable_after
@@ -504,11 +526,10 @@ impl SharedQuota {
             b
         };
         self.fallback = Some((
-            bucket(self.limits.tokens_per_minute, self.burst_tokens),
-            bucket(self.limits.requests_per_minute, self.burst_requests),
+            bucket(self.limits.tokens_per_minute, self.limits.token_capacity),
+            bucket(self.limits.requests_per_minute, self.limits.request_capacity),
         ));
         self.fallback_since = Some(now);
-        self.fallback_spent = (0, 0);
         self.mode = SharingMode::Fallback;
     }
 
@@ -522,10 +543,10 @@ impl SharedQuota {
             mode: self.mode,
             balance_tokens: t,
             balance_requests: r,
-            chunks: self.tokens.len(),
             central_tokens: self.central.map(|g| g.level_tokens),
             central_requests: self.central.map(|g| g.level_requests),
             replicas: self.central.map_or(0, |g| g.replicas),
+            disagreeing: self.central.map_or(0, |g| g.disagreeing),
             blocked_for: self.blocked_until.filter(|u| *u > now).map(|u| u - now),
             totals,
         }

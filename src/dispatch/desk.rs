@@ -187,7 +187,7 @@ impl QuotaDesk {
     /// The calls to the central buckets (quota shared with other replicas):
     /// taken under the lock, sent without it.
     pub fn sync_calls(&self, now: Instant) -> Vec<SyncItem> {
-        self.lock().scheduler.router_mut().sync_calls(now)
+        self.lock().scheduler.sync_calls(now)
     }
 
     /// The answers to `sync_calls` (`None`: no answer); wakes the pump, as

@@ -84,7 +84,6 @@ impl AdminService {
                     mode: s.mode.as_str().into(),
                     balance_tokens: s.balance_tokens,
                     balance_requests: s.balance_requests,
-                    chunks: s.chunks as u32,
                     central_tokens: s.central_tokens,
                     central_requests: s.central_requests,
                     replicas: s.replicas,
@@ -93,6 +92,9 @@ impl AdminService {
                     sync_calls: s.totals.calls,
                     failed_sync_calls: s.totals.failed_calls,
                     time_in_fallback: duration(s.totals.fallback_time),
+                    spent_tokens: s.totals.spent_tokens,
+                    returned_tokens: s.totals.returned_tokens,
+                    disagreeing_replicas: s.disagreeing,
                 }),
             })
             .collect();

@@ -28,6 +28,10 @@ pub struct ModelCounters {
     /// the provider started (the first `MAX_SECONDS`): what a window of
     /// the provider's own clock admitted, for benches.
     pub admitted_per_second: Vec<u64>,
+    /// Tokens left in the bucket at the end of each whole second since the
+    /// provider started (the first `MAX_SECONDS`): its unused level, for
+    /// benches.
+    pub remaining_per_second: Vec<i64>,
 }
 
 /// Seconds of `admitted_per_second` kept (an hour; later admissions are
@@ -86,6 +90,18 @@ impl Provider {
         Self { models }
     }
 
+    /// Empties every model's buckets, as for a key somebody just spent (or
+    /// a provider that grants no burst before its refill).
+    pub fn empty(&mut self, now: Instant) {
+        for m in &mut self.models {
+            m.record_levels(now);
+            for b in [&mut m.tokens, &mut m.requests] {
+                let level = b.available(now).max(0) as u64;
+                b.charge(level, now);
+            }
+        }
+    }
+
     fn find(&self, model: &str) -> Option<usize> {
         self.models.iter().position(|m| m.name == model)
     }
@@ -111,6 +127,7 @@ impl Provider {
             retry_after: Duration::MAX,
         })?;
         let m = &mut self.models[id];
+        m.record_levels(now);
         m.take_foreign(now);
         let need = prompt.saturating_add(max_output);
         let refusal = match (m.tokens.time_until(need, now), m.requests.time_until(1, now)) {
@@ -169,6 +186,7 @@ impl Provider {
     /// and, under usage accounting, gives back what it did not use.
     pub fn complete(&mut self, a: Admission, prompt: u64, completion: u64, now: Instant) {
         let m = &mut self.models[a.model];
+        m.record_levels(now);
         m.counters.prompt_tokens += prompt;
         m.counters.completion_tokens += completion;
         let used = prompt + completion;
@@ -189,6 +207,7 @@ impl Provider {
     pub fn hint(&mut self, model: &str, now: Instant) -> Option<ProviderHint> {
         let id = self.find(model)?;
         let m = &mut self.models[id];
+        m.record_levels(now);
         m.take_foreign(now);
         let hint = ProviderHint {
             remaining_tokens: m.tokens.available(now).max(0),
@@ -205,6 +224,7 @@ impl Provider {
         self.models
             .iter_mut()
             .map(|m| {
+                m.record_levels(now);
                 m.take_foreign(now);
                 (m.name.clone(), m.counters.clone(), m.tokens.available(now))
             })
@@ -213,6 +233,18 @@ impl Provider {
 }
 
 impl ModelLimit {
+    /// Records the bucket's level at every whole second since the last
+    /// record up to `now`. Call it before the bucket changes: between
+    /// changes it only refills, so each level is exact.
+    fn record_levels(&mut self, now: Instant) {
+        let seconds = (now.saturating_duration_since(self.started).as_secs() as usize).min(MAX_SECONDS);
+        let recorded = &mut self.counters.remaining_per_second;
+        while recorded.len() < seconds {
+            let at = self.started + Duration::from_secs(recorded.len() as u64 + 1);
+            recorded.push(self.tokens.available(at));
+        }
+    }
+
     /// The other consumer takes its tokens as they accrue, as far as the
     /// limit lets it (it gets refused too when the bucket is empty).
     fn take_foreign(&mut self, now: Instant) {

@@ -127,7 +127,13 @@ impl SimService {
                     healthy: true,
                     extra_latency_ms: 0,
                 }),
-                provider: Mutex::new(Provider::new(&spec.models, s.foreign_tokens_per_minute, now)),
+                provider: Mutex::new({
+                    let mut p = Provider::new(&spec.models, s.foreign_tokens_per_minute, now);
+                    if s.start_empty {
+                        p.empty(now);
+                    }
+                    p
+                }),
                 rng: Mutex::new(SmallRng::seed_from_u64(s.seed)),
                 slots: Semaphore::new(s.capacity as usize),
                 in_flight: AtomicU32::new(0),
@@ -539,6 +545,7 @@ impl SimService {
                 charged_tokens: c.charged_tokens,
                 remaining_tokens: remaining,
                 admitted_tokens_per_second: c.admitted_per_second,
+                remaining_tokens_per_second: c.remaining_per_second,
             })
             .collect();
         pb::SimStats {

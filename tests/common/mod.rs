@@ -8,6 +8,7 @@ pub mod certs;
 pub mod engine;
 pub mod jobs;
 pub mod redis;
+pub mod replicas;
 pub mod tools;
 pub mod vsim;
 

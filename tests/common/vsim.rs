@@ -11,10 +11,11 @@ use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use dispatcher::core::central::{CentralBucket, call_or_create};
 use dispatcher::core::{
-    Accounting, Completion, ModelLimits, ModelSpec, Outcome, RegionSpec, Released, Reservation, Router,
-    RouterSpec, Scheduler, Settlement, StrategyKind, StrategyParams, Submission, SubmitError, Submitted,
-    Weights,
+    Accounting, Completion, ModelLimits, ModelSpec, Outcome, OverloadSettings, RegionSpec, Released,
+    Reservation, Router, RouterSpec, Scheduler, Settlement, SharingSettings, SharingTotals, StrategyKind,
+    StrategyParams, Submission, SubmitError, Submitted, Weights,
 };
 use dispatcher::sim::{Admission, Provider};
 
@@ -43,6 +44,9 @@ pub struct World {
 pub enum Replies {
     #[default]
     Proportional,
+    /// After a latency proportional to the tokens, carrying the hint the
+    /// provider computed when it admitted the request, as region-sim does.
+    ProportionalHintAtAdmission,
     Delayed {
         min: Duration,
         max: Duration,
@@ -71,6 +75,8 @@ pub struct Fate {
     /// When its reply came back.
     pub done: Option<Duration>,
     pub why_not: Option<&'static str>,
+    /// The replica it arrived at.
+    pub replica: usize,
 }
 
 pub struct Run {
@@ -84,6 +90,13 @@ pub struct Run {
     pub capacity: u64,
     pub end: Duration,
     pub refusals: BTreeMap<&'static str, u64>,
+    /// Per replica, its sharing totals summed over the regions (`[cluster]`
+    /// only; empty for one process without it).
+    pub sharing: Vec<SharingTotals>,
+    /// Every second: the tokens the providers had left, all regions together.
+    pub unused_level: Vec<i64>,
+    /// Per region: (when, tokens) of every admission by its provider.
+    pub admitted: Vec<Vec<(Duration, u64)>>,
 }
 
 impl Run {
@@ -152,16 +165,59 @@ pub fn poisson(
     }
 }
 
+/// How the dispatcher is deployed in front of the providers, and how they
+/// start.
+#[derive(Debug, Clone)]
+pub struct Deployment {
+    /// Processes, each with its own scheduler; arrivals go to one at random.
+    pub replicas: usize,
+    /// `[cluster]`: each region's quota shared through a central bucket
+    /// (`core::central`, what Redis runs), every replica calling it once a
+    /// tick at its own phase, the tick jittered as `cluster::sync` does.
+    /// `None`: each process alone (one process is the quick start).
+    pub sharing: Option<SharingSettings>,
+    /// `routing.overload` (`None`: the plain queue).
+    pub overload: Option<OverloadSettings>,
+    /// Requests a minute of each region, in `World::regions` order (`None`:
+    /// no request limit that matters).
+    pub requests_per_minute: Option<Vec<u64>>,
+    /// The providers start with an empty bucket (a new key, or one somebody
+    /// just spent), not a full one.
+    pub providers_start_empty: bool,
+    /// Picks each arrival's replica and jitters the ticks.
+    pub seed: u64,
+}
+
+impl Deployment {
+    /// One process without `[cluster]`, providers full at the start.
+    pub fn one_process(overload: Option<OverloadSettings>) -> Self {
+        Self {
+            replicas: 1,
+            sharing: None,
+            overload,
+            requests_per_minute: None,
+            providers_start_empty: false,
+            seed: 1,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Event {
     Arrive(usize),
     Complete(usize),
-    Wake,
+    /// A replica's pump wakes.
+    Wake(usize),
+    /// A replica's sync task calls the central buckets.
+    Sync(usize),
+    /// The providers' unused level is sampled.
+    Sample,
 }
 
 struct Flight {
     reservation: Reservation,
     region: usize,
+    replica: usize,
     admission: Admission,
     completion: u64,
     /// The hint the provider gave at admission (`Replies::Delayed`).
@@ -169,10 +225,10 @@ struct Flight {
 }
 
 impl World {
-    fn limits(&self, tpm: u64) -> ModelLimits {
+    fn limits(&self, tpm: u64, rpm: u64) -> ModelLimits {
         ModelLimits {
             tokens_per_minute: tpm,
-            requests_per_minute: 10_000_000,
+            requests_per_minute: rpm,
             burst_tokens: None,
             burst_requests: None,
             accounting: self.accounting,
@@ -185,18 +241,21 @@ impl World {
 
     /// With the default overload control (`routing.overload`), as deployed.
     pub fn run(&self, arrivals: Vec<Arrival>) -> Run {
-        self.run_with(arrivals, Some(dispatcher::core::OverloadSettings::default()))
+        self.run_with(arrivals, Some(OverloadSettings::default()))
     }
 
     /// `run` with other overload settings (`None`: off, the plain queue).
-    pub fn run_with(
-        &self,
-        mut arrivals: Vec<Arrival>,
-        overload: Option<dispatcher::core::OverloadSettings>,
-    ) -> Run {
+    pub fn run_with(&self, arrivals: Vec<Arrival>, overload: Option<OverloadSettings>) -> Run {
+        self.run_deployed(arrivals, &Deployment::one_process(overload))
+    }
+
+    /// The arrivals through `d`: one process, or replicas (sharing the
+    /// quota or not).
+    pub fn run_deployed(&self, mut arrivals: Vec<Arrival>, d: &Deployment) -> Run {
         arrivals.sort_by_key(|a| a.at);
         let t0 = Instant::now();
         let at = |d: Duration| t0 + d;
+        let rpm = |i: usize| d.requests_per_minute.as_ref().map_or(10_000_000, |r| r[i]);
         let spec = RouterSpec {
             models: vec![ModelSpec {
                 name: "m".into(),
@@ -207,32 +266,49 @@ impl World {
             regions: self
                 .regions
                 .iter()
-                .map(|(name, tpm)| RegionSpec {
+                .enumerate()
+                .map(|(i, (name, tpm))| RegionSpec {
                     name: name.to_string(),
                     weight: 1.0,
                     max_concurrent: 100_000,
-                    models: vec![("m".into(), self.limits(*tpm))],
+                    models: vec![("m".into(), self.limits(*tpm, rpm(i)))],
                 })
                 .collect(),
             strategy: StrategyKind::WeightedLoad,
             params: StrategyParams::default(),
             seed: 1,
             breaker: dispatcher::core::BreakerConfig::default(),
-            sharing: None,
+            sharing: d.sharing,
         };
         let weights = Arc::new(Weights {
             by_tenant: self.tenants.iter().map(|(n, w)| (Arc::from(*n), *w)).collect(),
             default: 1.0,
         });
-        let mut sched: Scheduler<usize> =
-            Scheduler::fair(Router::try_new(spec, t0).unwrap(), 10_000_000, weights);
-        sched.set_overload(overload);
+        let replicas = d.replicas.max(1);
+        let mut scheds: Vec<Scheduler<usize>> = (0..replicas)
+            .map(|_| {
+                let mut s = Scheduler::fair(
+                    Router::try_new(spec.clone(), t0).unwrap(),
+                    10_000_000,
+                    weights.clone(),
+                );
+                s.set_overload(d.overload);
+                s
+            })
+            .collect();
+        let names: Vec<String> = (0..replicas).map(|r| format!("replica-{r}")).collect();
+        let mut central: Vec<Option<CentralBucket>> = vec![None; self.regions.len()];
         let mut providers: Vec<Provider> = self
             .regions
             .iter()
-            .map(|(_, tpm)| {
+            .enumerate()
+            .map(|(i, (_, tpm))| {
                 let foreign = (*tpm as f64 * self.foreign_share) as u64;
-                Provider::new(&[("m".to_string(), self.limits(*tpm))], foreign, t0)
+                let mut p = Provider::new(&[("m".to_string(), self.limits(*tpm, rpm(i)))], foreign, t0);
+                if d.providers_start_empty {
+                    p.empty(t0);
+                }
+                p
             })
             .collect();
         let region_index: HashMap<&str, usize> = self
@@ -249,25 +325,50 @@ impl World {
             seq += 1;
             events.push(Reverse((when, seq, e)));
         };
+        let mut pick = Lcg(d.seed.wrapping_mul(7919).wrapping_add(17));
+        let mut fates = vec![Fate::default(); arrivals.len()];
         for (i, a) in arrivals.iter().enumerate() {
+            fates[i].replica = if replicas > 1 {
+                (pick.next_u64() % replicas as u64) as usize
+            } else {
+                0
+            };
             push(&mut events, a.at, Event::Arrive(i));
         }
-        let mut fates = vec![Fate::default(); arrivals.len()];
+        // Ticks and samples stop once the last arrival could have been served.
+        let last = arrivals.last().map_or(Duration::ZERO, |a| a.at) + self.max_wait + Duration::from_secs(10);
+        let tick = d.sharing.map(|s| s.tick);
+        if let Some(tick) = tick {
+            for r in 0..replicas {
+                // Each sync task started at its own moment.
+                push(&mut events, tick.mul_f64(pick.unit()), Event::Sync(r));
+            }
+        }
+        push(&mut events, Duration::from_secs(1), Event::Sample);
         let mut flights: HashMap<usize, Flight> = HashMap::new();
         let mut overruns = 0;
         let mut overrun_times = Vec::new();
         let mut refusals: BTreeMap<&'static str, u64> = BTreeMap::new();
         let mut completions = Lcg(99);
-        let mut scheduled_wake: Option<Duration> = None;
+        let mut scheduled_wake: Vec<Option<Duration>> = vec![None; replicas];
+        let mut unused_level = Vec::new();
+        let mut admitted: Vec<Vec<(Duration, u64)>> = vec![Vec::new(); self.regions.len()];
         let mut now = Duration::ZERO;
+        let mut end = Duration::ZERO;
         let model: Arc<str> = Arc::from("m");
 
         while let Some(Reverse((when, _, event))) = events.pop() {
             now = when;
-            let mut granted: Vec<(usize, Reservation)> = Vec::new();
+            if matches!(event, Event::Arrive(_) | Event::Complete(_) | Event::Wake(_)) {
+                // The run ends with the last request's fate, not the ticks
+                // and samples that go on a little longer.
+                end = now;
+            }
+            let mut granted: Vec<(usize, usize, Reservation)> = Vec::new();
             match event {
                 Event::Arrive(i) => {
                     let a = &arrivals[i];
+                    let r = fates[i].replica;
                     let sub = Submission {
                         model: model.clone(),
                         tokens: a.tokens(),
@@ -277,8 +378,8 @@ impl World {
                         wait_until: at(now + self.max_wait),
                         tenant_max_queued: usize::MAX,
                     };
-                    match sched.submit(sub, at(now), || i) {
-                        Ok(Submitted::Reserved(res)) => granted.push((i, res)),
+                    match scheds[r].submit(sub, at(now), || i) {
+                        Ok(Submitted::Reserved(res)) => granted.push((r, i, res)),
                         Ok(Submitted::Queued { .. }) => {}
                         Err(e) => {
                             let why = match e {
@@ -302,9 +403,9 @@ impl World {
                     p.complete(f.admission, a.prompt, f.completion, at(now));
                     let hint = match self.replies {
                         Replies::Proportional => p.hint("m", at(now)),
-                        Replies::Delayed { .. } => f.hint,
+                        Replies::ProportionalHintAtAdmission | Replies::Delayed { .. } => f.hint,
                     };
-                    sched.router_mut().settle(
+                    scheds[f.replica].router_mut().settle(
                         &f.reservation,
                         Completion {
                             settlement: Settlement::Used {
@@ -321,27 +422,73 @@ impl World {
                     );
                 }
                 // Only the latest wake counts; older ones are stale but harmless.
-                Event::Wake if scheduled_wake == Some(now) => scheduled_wake = None,
-                Event::Wake => {}
+                Event::Wake(r) if scheduled_wake[r] == Some(now) => scheduled_wake[r] = None,
+                Event::Wake(_) => {}
+                Event::Sync(r) => {
+                    let calls = scheds[r].sync_calls(at(now));
+                    let done = calls
+                        .into_iter()
+                        .map(|item| {
+                            let region = region_index[&*item.region];
+                            let grant = call_or_create(
+                                &mut central[region],
+                                &names[r],
+                                &item.limits,
+                                &item.call,
+                                now.as_micros() as u64,
+                            );
+                            (item, Some(grant))
+                        })
+                        .collect();
+                    scheds[r].router_mut().sync_done(done, at(now), at(now));
+                    if let Some(tick) = tick
+                        && now < last
+                    {
+                        push(
+                            &mut events,
+                            now + tick.mul_f64(0.9 + 0.2 * pick.unit()),
+                            Event::Sync(r),
+                        );
+                    }
+                }
+                Event::Sample => {
+                    let level: i64 = providers
+                        .iter_mut()
+                        .map(|p| p.counters(at(now))[0].2.max(0))
+                        .sum();
+                    unused_level.push(level);
+                    if now < last {
+                        push(&mut events, now + Duration::from_secs(1), Event::Sample);
+                    }
+                    // A look changes nothing: no pump runs for it.
+                    continue;
+                }
             }
-            for released in sched.release(at(now), |_| false) {
-                match released {
-                    Released::Granted(w, res) => granted.push((w.ticket, res)),
-                    Released::Expired(w, _) | Released::Failed(w, _) | Released::Gone(w) => {
-                        fates[w.ticket].why_not = Some("expired while waiting");
-                        *refusals.entry("expired while waiting").or_default() += 1;
+            for (r, sched) in scheds.iter_mut().enumerate() {
+                for released in sched.release(at(now), |_| false) {
+                    match released {
+                        Released::Granted(w, res) => granted.push((r, w.ticket, res)),
+                        Released::Expired(w, _) | Released::Failed(w, _) | Released::Gone(w) => {
+                            fates[w.ticket].why_not = Some("expired while waiting");
+                            *refusals.entry("expired while waiting").or_default() += 1;
+                        }
                     }
                 }
             }
-            for (i, res) in granted {
+            for (r, i, res) in granted {
                 let region = region_index[&*res.region];
                 let a = &arrivals[i];
                 match providers[region].admit("m", a.prompt, a.max_output, at(now)) {
                     Ok(admission) => {
+                        admitted[region].push((now, a.tokens()));
                         let completion =
                             ((a.max_output as f64) * (0.2 + 0.8 * completions.unit())).ceil() as u64;
                         let (delay, hint) = match self.replies {
                             Replies::Proportional => (self.latency(a.prompt + completion), None),
+                            Replies::ProportionalHintAtAdmission => (
+                                self.latency(a.prompt + completion),
+                                providers[region].hint("m", at(now)),
+                            ),
                             Replies::Delayed { min, max } => (
                                 min + (max - min).mul_f64(completions.unit()),
                                 providers[region].hint("m", at(now)),
@@ -354,6 +501,7 @@ impl World {
                             Flight {
                                 reservation: res,
                                 region,
+                                replica: r,
                                 admission,
                                 completion,
                                 hint,
@@ -364,7 +512,7 @@ impl World {
                         overruns += 1;
                         overrun_times.push(now);
                         fates[i].why_not = Some("provider refused");
-                        sched.router_mut().settle(
+                        scheds[r].router_mut().settle(
                             &res,
                             Completion {
                                 provider_refused: Some(refusal.retry_after.min(Duration::from_secs(60))),
@@ -375,11 +523,13 @@ impl World {
                     }
                 }
             }
-            if let Some(wake) = sched.next_wake() {
-                let wake = wake.duration_since(t0).max(now);
-                if scheduled_wake.is_none_or(|s| wake < s) {
-                    scheduled_wake = Some(wake);
-                    push(&mut events, wake, Event::Wake);
+            for (r, sched) in scheds.iter().enumerate() {
+                if let Some(wake) = sched.next_wake() {
+                    let wake = wake.duration_since(t0).max(now);
+                    if scheduled_wake[r].is_none_or(|s| wake < s) {
+                        scheduled_wake[r] = Some(wake);
+                        push(&mut events, wake, Event::Wake(r));
+                    }
                 }
             }
         }
@@ -388,7 +538,36 @@ impl World {
             .iter_mut()
             .map(|p| p.counters(at(now))[0].1.charged_tokens)
             .sum();
-        let capacity = self.capacity(now);
+        let capacity = if d.providers_start_empty {
+            self.capacity(end) - self.regions.iter().map(|(_, tpm)| tpm).sum::<u64>()
+        } else {
+            self.capacity(end)
+        };
+        let sharing = if d.sharing.is_some() {
+            scheds
+                .iter()
+                .map(|s| {
+                    let mut sum = SharingTotals::default();
+                    for region in s.router().regions() {
+                        if let Some(t) = region
+                            .quota(0)
+                            .and_then(|q| q.shared())
+                            .map(|q| q.view(at(now)).totals)
+                        {
+                            sum.granted_tokens += t.granted_tokens;
+                            sum.spent_tokens += t.spent_tokens;
+                            sum.returned_tokens += t.returned_tokens;
+                            sum.expired_tokens += t.expired_tokens;
+                            sum.calls += t.calls;
+                            sum.failed_calls += t.failed_calls;
+                        }
+                    }
+                    sum
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         Run {
             arrivals,
             fates,
@@ -396,8 +575,11 @@ impl World {
             overrun_times,
             used,
             capacity,
-            end: now,
+            end,
             refusals,
+            sharing,
+            unused_level,
+            admitted,
         }
     }
 

@@ -424,6 +424,7 @@ mod tests {
             regions: Default::default(),
             tenants: Default::default(),
             rss_kib: Vec::new(),
+            latencies_ok_ms: None,
         };
         (report, samples)
     }

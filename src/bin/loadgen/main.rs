@@ -38,6 +38,14 @@ enum Mode {
     Cluster,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Arrivals {
+    /// Evenly spaced at the rate.
+    Uniform,
+    /// A Poisson process at the rate (exponential gaps, from `--seed`).
+    Poisson,
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Sizes {
     /// Simple, moderate and complex requests, weighted 10 : 5 : 2.
@@ -65,6 +73,9 @@ struct Args {
     /// Requests a second (open loop).
     #[arg(long, default_value_t = 100.0)]
     rate: f64,
+    /// How open-loop requests are spaced.
+    #[arg(long, value_enum, default_value = "uniform")]
+    arrivals: Arrivals,
     /// Closed loop with this many workers instead of a fixed rate.
     #[arg(long)]
     concurrency: Option<usize>,
@@ -101,6 +112,10 @@ struct Args {
     /// Write the report as JSON here ("-" for stdout).
     #[arg(long)]
     json: Option<String>,
+    /// Put every success's latency in the JSON report (to merge the reports
+    /// of several loadgens).
+    #[arg(long, requires = "json")]
+    json_latencies: bool,
     /// Also write the report as a self-contained HTML page here (latency
     /// over time, the split by region and by tenant).
     #[arg(long)]
@@ -394,10 +409,21 @@ async fn main() -> anyhow::Result<()> {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u64, Instant)>();
         let interval = Duration::from_secs_f64(1.0 / shared.args.rate);
         let start = shared.start;
+        // Its own stream, so the sizes drawn are the same either way.
+        let mut gaps = (shared.args.arrivals == Arrivals::Poisson)
+            .then(|| SmallRng::seed_from_u64(shared.args.seed ^ 0x9e37_79b9_7f4a_7c15));
         std::thread::spawn(move || {
             let mut n = 0u64;
+            let mut offset = Duration::ZERO;
             loop {
-                let due = start + interval.mul_f64(n as f64);
+                let due = match &mut gaps {
+                    Some(rng) => {
+                        let due = start + offset;
+                        offset += interval.mul_f64(-(1.0 - rng.random::<f64>()).ln());
+                        due
+                    }
+                    None => start + interval.mul_f64(n as f64),
+                };
                 if due >= end || n >= limit {
                     return;
                 }
@@ -465,6 +491,10 @@ async fn main() -> anyhow::Result<()> {
         regions: f.regions,
         tenants: f.tenants,
         rss_kib: std::mem::take(&mut *rss.lock()),
+        latencies_ok_ms: shared
+            .args
+            .json_latencies
+            .then(|| t.ok_us.iter().map(|us| *us as f64 / 1000.0).collect()),
     };
     // With the JSON on stdout, the report for people goes to stderr.
     if shared.args.json.as_deref() == Some("-") {

@@ -162,6 +162,10 @@ pub struct Report {
     pub regions: BTreeMap<String, Split>,
     pub tenants: BTreeMap<String, TenantSplit>,
     pub rss_kib: Vec<u64>,
+    /// Every success's latency in ms, sorted (`--json-latencies`): for
+    /// merging the reports of several loadgens.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latencies_ok_ms: Option<Vec<f64>>,
 }
 
 /// The tally's figures (the run's own fields come from the caller).
