@@ -16,6 +16,7 @@ pub mod grpc_unary;
 pub mod health;
 pub mod jobs;
 pub mod metrics;
+pub mod openai;
 pub mod server;
 pub mod sim;
 pub mod slots;

@@ -1,6 +1,7 @@
 //! `region-sim`: a regional agent cluster in front of a simulated LLM
-//! provider, served over gRPC (`dispatch.v1.AgentCluster`), for tests, demos
-//! and benchmarks.
+//! provider, served over gRPC (`dispatch.v1.AgentCluster`), or with
+//! `--openai` over OpenAI's HTTP API (`--dialect azure`: Azure OpenAI's),
+//! for tests, demos and benchmarks.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -10,6 +11,7 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use dispatcher::config::{self, SimulateConfig};
 use dispatcher::core::{Accounting, ModelLimits};
+use dispatcher::openai::Dialect;
 use dispatcher::sim::{self, Fault, Faults, SimSpec};
 use dispatcher::telemetry;
 
@@ -66,9 +68,42 @@ struct Args {
     /// `dispatcher check-cluster` catches it; repeatable.
     #[arg(long, value_enum)]
     faulty: Vec<Fault>,
+    /// Serve OpenAI's HTTP API (chat completions, models) instead of
+    /// AgentCluster; the control services stay on the same port.
+    #[arg(long)]
+    openai: bool,
+    /// The API's flavour: `openai` (/v1/chat/completions, Bearer key) or
+    /// `azure` (/openai/deployments/{model}/chat/completions, api-key).
+    #[arg(long, requires = "openai", value_parser = parse_dialect, default_value = "openai")]
+    dialect: Dialect,
+    /// The file holding the API key callers must present (default: any
+    /// caller; $REGION_SIM_API_KEY also sets it). Never printed.
+    #[arg(long, requires = "openai")]
+    api_key_file: Option<PathBuf>,
     /// OTLP/gRPC collector for traces (default: $OTEL_EXPORTER_OTLP_ENDPOINT; none: no export).
     #[arg(long)]
     otlp_endpoint: Option<String>,
+}
+
+fn parse_dialect(s: &str) -> Result<Dialect, String> {
+    Dialect::parse(s).ok_or_else(|| format!("{s:?}: expected openai or azure"))
+}
+
+/// The key `--api-key-file` or `$REGION_SIM_API_KEY` names, if any.
+fn api_key(args: &Args) -> anyhow::Result<Option<String>> {
+    let key = match &args.api_key_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading --api-key-file {}", path.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => std::env::var("REGION_SIM_API_KEY").ok(),
+    };
+    match key {
+        Some(k) if k.is_empty() => bail!("the API key is empty"),
+        k => Ok(k),
+    }
 }
 
 fn parse_model(s: &str) -> Result<(String, ModelLimits), String> {
@@ -173,10 +208,25 @@ async fn main() -> anyhow::Result<()> {
     if !args.faulty.is_empty() {
         tracing::warn!(faults = ?args.faulty, "breaching the AgentCluster contract on purpose (--faulty)");
     }
-    let handle = sim::spawn_faulty(spec, args.listen, tls, Faults::new(&args.faulty))
-        .await
-        .with_context(|| format!("binding {}", args.listen))?;
-    println!("region-sim {region} listening on {}", handle.addr);
+    let faults = Faults::new(&args.faulty);
+    let handle = if args.openai {
+        let settings = sim::OpenAiSettings {
+            dialect: args.dialect,
+            api_key: api_key(&args)?,
+        };
+        if settings.api_key.is_none() {
+            tracing::warn!("no API key set (--api-key-file, $REGION_SIM_API_KEY): any caller is served");
+        }
+        sim::spawn_openai(spec, args.listen, tls, faults, settings).await
+    } else {
+        sim::spawn_faulty(spec, args.listen, tls, faults).await
+    }
+    .with_context(|| format!("binding {}", args.listen))?;
+    let api = match args.openai {
+        true => format!(" (OpenAI API, {} dialect)", args.dialect.as_str()),
+        false => String::new(),
+    };
+    println!("region-sim {region}{api} listening on {}", handle.addr);
     std::io::stdout().flush()?;
     wait_for_signal().await;
     handle.stop().await;

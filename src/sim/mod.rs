@@ -6,6 +6,7 @@
 
 mod calls;
 mod faults;
+mod openai;
 mod provider;
 mod request_ids;
 mod service;
@@ -19,6 +20,7 @@ use crate::config::{RegionConfig, SimulateConfig};
 use crate::core::ModelLimits;
 
 pub use faults::{Fault, Faults};
+pub use openai::{DEFAULT_MAX_OUTPUT_TOKENS, OpenAiSettings};
 pub use provider::{Admission, ModelCounters, Provider, Refusal};
 pub use service::SimService;
 
@@ -84,16 +86,44 @@ pub async fn spawn_faulty(
     tls: Option<tokio_rustls::TlsAcceptor>,
     faults: Faults,
 ) -> std::io::Result<SimHandle> {
+    serve(spec, addr, tls, faults, None).await
+}
+
+/// Serves `spec` over OpenAI's HTTP API (`region-sim --openai`), with the
+/// gRPC control services (`RegionSimControl`, health) on the same port.
+pub async fn spawn_openai(
+    spec: SimSpec,
+    addr: SocketAddr,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    faults: Faults,
+    settings: OpenAiSettings,
+) -> std::io::Result<SimHandle> {
+    serve(spec, addr, tls, faults, Some(settings)).await
+}
+
+async fn serve(
+    spec: SimSpec,
+    addr: SocketAddr,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    faults: Faults,
+    openai: Option<OpenAiSettings>,
+) -> std::io::Result<SimHandle> {
     use tokio_stream::StreamExt;
     let (incoming, local) = crate::grpc::bind(addr)?;
     let incoming = incoming.map(move |s| s.map(|s| crate::tls::accept::ServerIo::new(s, tls.as_ref())));
     let cancel = CancellationToken::new();
-    let routes = service::routes(spec, faults)
+    let (mut routes, sim) = service::routes(spec, faults)
         .await
         .map_err(std::io::Error::other)?;
+    let http1 = openai.is_some();
+    if let Some(settings) = openai {
+        let grpc = routes.into_axum_router().fallback(openai::not_found);
+        routes = openai::router(sim, settings).merge(grpc).into();
+    }
     let token = cancel.clone();
     let task = tokio::spawn(async move {
         let served = tonic::transport::Server::builder()
+            .accept_http1(http1)
             .add_routes(routes)
             .serve_with_incoming_shutdown(incoming, token.cancelled())
             .await;

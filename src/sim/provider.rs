@@ -110,6 +110,12 @@ impl Provider {
         self.find(model).is_some()
     }
 
+    /// The limits of `model`: tokens and requests a minute.
+    pub fn limits(&self, model: &str) -> Option<(u64, u64)> {
+        let m = &self.models[self.find(model)?];
+        Some((m.tokens.per_minute(), m.requests.per_minute()))
+    }
+
     pub fn model_names(&self) -> Vec<String> {
         self.models.iter().map(|m| m.name.clone()).collect()
     }

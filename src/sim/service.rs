@@ -31,7 +31,7 @@ use crate::pb::region_sim_control_server::{RegionSimControl, RegionSimControlSer
 const CHUNK_TOKENS: u64 = 32;
 
 #[derive(Debug, Clone, Copy)]
-struct Knobs {
+pub(super) struct Knobs {
     ms_per_1k_tokens: f64,
     failure_rate: f64,
     healthy: bool,
@@ -61,11 +61,12 @@ pub struct SimService {
     inner: Arc<Inner>,
 }
 
-/// Builds every service a simulated cluster serves, committing `faults`.
+/// Builds every service a simulated cluster serves, committing `faults`;
+/// the cluster itself comes back too, for routes beside them.
 pub async fn routes(
     spec: SimSpec,
     faults: Faults,
-) -> Result<tonic::service::Routes, tonic_reflection::server::Error> {
+) -> Result<(tonic::service::Routes, SimService), tonic_reflection::server::Error> {
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<AgentClusterServer<SimService>>().await;
     let sim = SimService::with_faults(spec, reporter, faults);
@@ -73,7 +74,7 @@ pub async fn routes(
     routes
         .add_service(health)
         .add_service(AgentClusterServer::new(sim.clone()))
-        .add_service(RegionSimControlServer::new(sim));
+        .add_service(RegionSimControlServer::new(sim.clone()));
     crate::grpc::add_reflection(
         &mut routes,
         &[
@@ -82,14 +83,14 @@ pub async fn routes(
             "dispatch.v1.RegionSimControl",
         ],
     )?;
-    Ok(routes.routes())
+    Ok((routes.routes(), sim))
 }
 
 /// Counts one in a gauge until dropped, on every way out, cancellation included.
-struct Gauge<'a>(&'a AtomicU32);
+pub(super) struct Gauge<'a>(&'a AtomicU32);
 
 impl<'a> Gauge<'a> {
-    fn enter(gauge: &'a AtomicU32) -> Self {
+    pub(super) fn enter(gauge: &'a AtomicU32) -> Self {
         gauge.fetch_add(1, Ordering::Relaxed);
         Self(gauge)
     }
@@ -102,11 +103,25 @@ impl Drop for Gauge<'_> {
 }
 
 /// What `admit` hands the work.
-struct Admitted {
-    admission: Admission,
-    completion: u64,
-    knobs: Knobs,
-    hint: Option<pb::ProviderQuota>,
+pub(super) struct Admitted {
+    pub(super) admission: Admission,
+    pub(super) completion: u64,
+    pub(super) knobs: Knobs,
+    pub(super) hint: Option<pb::ProviderQuota>,
+}
+
+/// Why `admit` turned a request away.
+pub(super) enum NotAdmitted {
+    /// Anything but the provider's limit, as the gRPC status it is.
+    Status(Status),
+    /// The provider's limit: a "429" that would fit after `retry_after`.
+    Refused { message: String, retry_after: Duration },
+}
+
+impl From<Status> for NotAdmitted {
+    fn from(s: Status) -> Self {
+        NotAdmitted::Status(s)
+    }
 }
 
 impl SimService {
@@ -159,7 +174,7 @@ impl SimService {
         }
     }
 
-    fn hint(&self, model: &str) -> Option<pb::ProviderQuota> {
+    pub(super) fn hint(&self, model: &str) -> Option<pb::ProviderQuota> {
         let h = self.inner.provider.lock().hint(model, crate::clock::now())?;
         Some(pb::ProviderQuota {
             remaining_tokens: h.remaining_tokens,
@@ -175,6 +190,15 @@ impl SimService {
     /// the admission (a real provider's headers describe its limits when it
     /// admitted the request, however long the work then takes).
     async fn admit(&self, r: &pb::ExecuteRequest) -> Result<Admitted, Status> {
+        self.admit_or_refuse(r).await.map_err(|e| match e {
+            NotAdmitted::Status(s) => s,
+            NotAdmitted::Refused { message, retry_after } => self.inner.faults.refusal(message, retry_after),
+        })
+    }
+
+    /// `admit`, with the provider's refusal kept apart (an HTTP provider
+    /// answers it with 429 and headers, not a gRPC status).
+    pub(super) async fn admit_or_refuse(&self, r: &pb::ExecuteRequest) -> Result<Admitted, NotAdmitted> {
         let span = tracing::Span::current();
         span.record("model", r.model.as_str());
         span.record("prompt_tokens", r.prompt_tokens);
@@ -184,27 +208,26 @@ impl SimService {
         Ok(admitted)
     }
 
-    async fn admit_untraced(&self, r: &pb::ExecuteRequest) -> Result<Admitted, Status> {
+    async fn admit_untraced(&self, r: &pb::ExecuteRequest) -> Result<Admitted, NotAdmitted> {
         if r.model.is_empty() {
             return Err(Status::with_error_details(
                 Code::InvalidArgument,
                 "model is required",
                 ErrorDetails::with_bad_request_violation("model", "empty"),
-            ));
+            )
+            .into());
         }
         if !self.inner.provider.lock().serves(&r.model) {
             return Err(Status::with_error_details(
                 Code::InvalidArgument,
                 format!("region {} does not serve model {:?}", self.inner.region, r.model),
                 ErrorDetails::with_bad_request_violation("model", "not served here"),
-            ));
+            )
+            .into());
         }
         let knobs = *self.inner.knobs.lock();
         if !knobs.healthy {
-            return Err(Status::unavailable(format!(
-                "region {} is unhealthy",
-                self.inner.region
-            )));
+            return Err(Status::unavailable(format!("region {} is unhealthy", self.inner.region)).into());
         }
         let (fail, fraction) = {
             let mut rng = self.inner.rng.lock();
@@ -214,10 +237,9 @@ impl SimService {
         };
         if fail {
             self.inner.failed.fetch_add(1, Ordering::Relaxed);
-            return Err(Status::unavailable(format!(
-                "region {}: simulated failure",
-                self.inner.region
-            )));
+            return Err(
+                Status::unavailable(format!("region {}: simulated failure", self.inner.region)).into(),
+            );
         }
         let queued = Gauge::enter(&self.inner.queued);
         let permit = self.inner.slots.acquire().await;
@@ -234,11 +256,10 @@ impl SimService {
             Ok(a) => a,
             Err(refusal) => {
                 self.inner.slots.add_permits(1);
-                let retry = refusal.retry_after.min(Duration::from_secs(3600));
-                return Err(self.inner.faults.refusal(
-                    format!("region {}: {}", self.inner.region, refusal.message),
-                    retry,
-                ));
+                return Err(NotAdmitted::Refused {
+                    message: format!("region {}: {}", self.inner.region, refusal.message),
+                    retry_after: refusal.retry_after.min(Duration::from_secs(3600)),
+                });
             }
         };
         let completion = if r.max_output_tokens == 0 {
@@ -254,14 +275,14 @@ impl SimService {
         })
     }
 
-    fn latency(&self, knobs: &Knobs, tokens: u64) -> Duration {
+    pub(super) fn latency(&self, knobs: &Knobs, tokens: u64) -> Duration {
         let ms = self.inner.settings.base_latency_ms
             + knobs.ms_per_1k_tokens * tokens as f64 / 1000.0
             + knobs.extra_latency_ms as f64;
         Duration::from_secs_f64(ms.max(0.0) / 1000.0)
     }
 
-    fn finish(&self, admission: Admission, prompt: u64, completion: u64) {
+    pub(super) fn finish(&self, admission: Admission, prompt: u64, completion: u64) {
         self.inner.slots.add_permits(1);
         self.inner
             .provider
@@ -345,13 +366,7 @@ impl SimService {
         }
         guard.admission = None;
         self.finish(admission, r.prompt_tokens, completion);
-        let output = format!(
-            "[{}] {} completed {} tokens for a {}-byte payload",
-            self.inner.region,
-            r.model,
-            completion,
-            r.payload.len()
-        );
+        let output = self.output_text(&r.model, completion, r.payload.len());
         let mut response = Response::new(pb::ExecuteReply {
             output: Bytes::from(output),
             usage: Some(self.inner.faults.usage(r.prompt_tokens, completion)),
@@ -377,46 +392,15 @@ impl SimService {
         let sim = self.clone();
         let mut metadata = tonic::metadata::MetadataMap::new();
         echo_received(&r, &mut metadata);
-        let ignore_cancel = self.inner.faults.has(Fault::IgnoreCancel);
         tokio::spawn(async move {
             let _in_flight = Gauge::enter(&sim.inner.in_flight);
-            let wait = |d| wait_for(d, &tx, deadline, ignore_cancel);
-            // The caller going away ends the work at once, even mid-wait: a
-            // cancelled stream must not hold its slot until its next chunk.
-            // So does the deadline passing, which the caller is told.
-            let run = async {
-                let mut produced = 0;
-                // Time to first token: the prompt.
-                wait(sim.latency(&knobs, r.prompt_tokens))
-                    .await
-                    .map_err(|why| (produced, why))?;
-                while produced < completion {
-                    let n = CHUNK_TOKENS.min(completion - produced);
-                    let next = sim.latency(
-                        &Knobs {
-                            extra_latency_ms: 0,
-                            ..knobs
-                        },
-                        n,
-                    );
-                    wait(next).await.map_err(|why| (produced, why))?;
-                    let chunk = pb::ExecuteChunk {
-                        output: Bytes::from(format!(
-                            "[{}] tokens {}..{}\n",
-                            sim.inner.region,
-                            produced,
-                            produced + n
-                        )),
-                        usage: Some(sim.inner.faults.usage(r.prompt_tokens, produced + n)),
-                        ..Default::default()
-                    };
-                    if tx.send(Ok(chunk)).await.is_err() && !ignore_cancel {
-                        return Err((produced, Stop::Cancelled));
-                    }
-                    produced += n;
-                }
-                Ok(produced)
-            };
+            let run = sim.produce(&knobs, r.prompt_tokens, completion, &tx, deadline, |from, to| {
+                Ok(pb::ExecuteChunk {
+                    output: Bytes::from(sim.chunk_text(from, to)),
+                    usage: Some(sim.inner.faults.usage(r.prompt_tokens, to)),
+                    ..Default::default()
+                })
+            });
             match run.await {
                 Ok(produced) => {
                     sim.finish(admission, r.prompt_tokens, produced);
@@ -451,12 +435,92 @@ impl SimService {
     }
 }
 
+impl SimService {
+    /// Produces `completion` tokens in chunks sent on `tx` (`chunk(from, to)`
+    /// makes each), after the prompt's time to first token. The caller
+    /// going away ends the work at once, even mid-wait: a cancelled stream
+    /// must not hold its slot until its next chunk. So does the deadline
+    /// passing. Returns the tokens produced, or those and why it stopped.
+    pub(super) async fn produce<T>(
+        &self,
+        knobs: &Knobs,
+        prompt: u64,
+        completion: u64,
+        tx: &mpsc::Sender<T>,
+        deadline: Option<tokio::time::Instant>,
+        mut chunk: impl FnMut(u64, u64) -> T,
+    ) -> Result<u64, (u64, Stop)> {
+        let ignore_cancel = self.inner.faults.has(Fault::IgnoreCancel);
+        let wait = |d| wait_for(d, tx, deadline, ignore_cancel);
+        let mut produced = 0;
+        // Time to first token: the prompt.
+        wait(self.latency(knobs, prompt))
+            .await
+            .map_err(|why| (produced, why))?;
+        while produced < completion {
+            let n = CHUNK_TOKENS.min(completion - produced);
+            let next = self.latency(
+                &Knobs {
+                    extra_latency_ms: 0,
+                    ..*knobs
+                },
+                n,
+            );
+            wait(next).await.map_err(|why| (produced, why))?;
+            if tx.send(chunk(produced, produced + n)).await.is_err() && !ignore_cancel {
+                return Err((produced, Stop::Cancelled));
+            }
+            produced += n;
+        }
+        Ok(produced)
+    }
+
+    /// The text of the chunk holding tokens `from..to`.
+    pub(super) fn chunk_text(&self, from: u64, to: u64) -> String {
+        format!("[{}] tokens {from}..{to}\n", self.inner.region)
+    }
+
+    /// The text of a whole completion.
+    pub(super) fn output_text(&self, model: &str, completion: u64, payload_bytes: usize) -> String {
+        format!(
+            "[{}] {model} completed {completion} tokens for a {payload_bytes}-byte payload",
+            self.inner.region
+        )
+    }
+
+    pub(super) fn region(&self) -> &str {
+        &self.inner.region
+    }
+
+    /// The provider's limits of `model` (tokens, requests a minute).
+    pub(super) fn limits(&self, model: &str) -> Option<(u64, u64)> {
+        self.inner.provider.lock().limits(model)
+    }
+
+    pub(super) fn serves(&self, model: &str) -> bool {
+        self.inner.provider.lock().serves(model)
+    }
+
+    pub(super) fn model_names(&self) -> Vec<String> {
+        self.inner.provider.lock().model_names()
+    }
+
+    pub(super) fn in_flight(&self) -> Gauge<'_> {
+        Gauge::enter(&self.inner.in_flight)
+    }
+
+    /// Counts a call the caller (or its deadline) ended early.
+    pub(super) fn count_cancelled(&self) {
+        self.inner.cancelled.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// Settles a unary call that was dropped mid-work.
-struct Cancelled<'a> {
-    sim: &'a SimService,
-    admission: Option<Admission>,
-    prompt: u64,
-    produced: u64,
+pub(super) struct Cancelled<'a> {
+    pub(super) sim: &'a SimService,
+    pub(super) admission: Option<Admission>,
+    pub(super) prompt: u64,
+    pub(super) produced: u64,
 }
 
 impl Drop for Cancelled<'_> {

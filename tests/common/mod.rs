@@ -6,6 +6,7 @@
 pub mod attack;
 pub mod certs;
 pub mod engine;
+pub mod http_client;
 pub mod jobs;
 pub mod redis;
 pub mod replicas;

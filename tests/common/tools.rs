@@ -172,3 +172,33 @@ pub fn python_cluster() -> PathBuf {
     })
     .clone()
 }
+
+/// A Python with the official `openai` SDK: `python3` when it imports it,
+/// else after `pip install openai`.
+pub fn python_with_openai() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let python = if works("python3", "--version") {
+            "python3"
+        } else {
+            "python"
+        };
+        let imports = || {
+            Command::new(python)
+                .args(["-c", "import openai"])
+                .output()
+                .map(|o| o.status.success())
+                .unwrap_or(false)
+        };
+        if !imports() {
+            let status = Command::new(python)
+                .args(["-m", "pip", "install", "--quiet", "openai"])
+                .status()
+                .expect("running pip to install openai");
+            assert!(status.success(), "pip install openai failed");
+            assert!(imports(), "openai was installed but {python} cannot import it");
+        }
+        PathBuf::from(python)
+    })
+    .clone()
+}
