@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod server;
 pub mod sim;
 pub mod slots;
+pub mod spend_metric;
 pub mod state;
 pub mod telemetry;
 #[cfg(test)]
