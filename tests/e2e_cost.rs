@@ -54,7 +54,12 @@ keys = ["{}"]
     });
     let d = Proc::start(
         env!("CARGO_BIN_EXE_dispatcher"),
-        &["--config", cfg.config().to_str().unwrap(), "--listen", "127.0.0.1:0"],
+        &[
+            "--config",
+            cfg.config().to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ],
         cfg.path(),
         "dispatcher",
     );
@@ -72,9 +77,13 @@ keys = ["{}"]
     let mut total = 0u64;
     let mut regions = std::collections::BTreeSet::new();
     for _ in 0..6 {
-        let r = grpc.dispatch(with_key(small(), "k-a")).await.unwrap().into_inner();
+        let r = grpc
+            .dispatch(with_key(small(), "k-a"))
+            .await
+            .unwrap()
+            .into_inner();
         let usage = r.usage.unwrap();
-        let cost = r.cost.expect("a reply says what it cost");
+        let cost = r.cost.clone().expect("a reply says what it cost");
         assert_eq!(cost.micros, expected(&r.region, &usage), "{r:?}");
         assert_eq!(cost.currency, "EUR");
         assert!(cost.priced);
@@ -88,7 +97,9 @@ keys = ["{}"]
     // Admin: spend today and this month, and the budget.
     let mut admin = common::admin(d.addr).await;
     let t = admin
-        .get_tenant(pb::GetTenantRequest { name: "team-a".into() })
+        .get_tenant(pb::GetTenantRequest {
+            name: "team-a".into(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -96,16 +107,26 @@ keys = ["{}"]
     assert_eq!(t.spent_month.as_ref().unwrap().micros, total);
     assert_eq!(t.daily_cost_budget.as_ref().unwrap().micros, 200_000);
     assert_eq!(t.spent_today.unwrap().currency, "EUR");
-    let listed = admin.list_tenants(pb::ListTenantsRequest {}).await.unwrap().into_inner();
+    let listed = admin
+        .list_tenants(pb::ListTenantsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(listed.tenants[0].spent_today.as_ref().unwrap().micros, total);
     let unknown = admin
-        .get_tenant(pb::GetTenantRequest { name: "nobody".into() })
+        .get_tenant(pb::GetTenantRequest {
+            name: "nobody".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(unknown.code(), tonic::Code::NotFound);
 
     // Prices as Admin shows them.
-    let regions_status = admin.list_regions(pb::ListRegionsRequest {}).await.unwrap().into_inner();
+    let regions_status = admin
+        .list_regions(pb::ListRegionsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     for r in &regions_status.regions {
         let price = r.models[0].price.as_ref().unwrap();
         assert!(price.priced);
@@ -114,7 +135,11 @@ keys = ["{}"]
         } else {
             (2.5, "the model's")
         };
-        assert_eq!((price.input_per_million, price.source.as_str()), (input, source), "{r:?}");
+        assert_eq!(
+            (price.input_per_million, price.source.as_str()),
+            (input, source),
+            "{r:?}"
+        );
     }
 
     // /metrics: dispatcher_cost_total sums to the replies' costs.
@@ -140,18 +165,35 @@ keys = ["{}"]
     };
     let refused = grpc.dispatch(with_key(big, "k-a")).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused:?}");
-    assert!(refused.message().contains("daily_cost_budget 0.200000 reached"), "{}", refused.message());
+    assert!(
+        refused.message().contains("daily_cost_budget 0.200000 reached"),
+        "{}",
+        refused.message()
+    );
     let details = refused.get_error_details();
     let violation = &details.quota_failure().expect("QuotaFailure").violations[0];
-    assert!(violation.description.contains("daily_cost_budget"), "{violation:?}");
+    assert!(
+        violation.description.contains("daily_cost_budget"),
+        "{violation:?}"
+    );
     let retry = details.retry_info().expect("RetryInfo").retry_delay.unwrap();
     assert!(retry > std::time::Duration::ZERO && retry <= std::time::Duration::from_secs(86_400));
-    let passed = grpc.dispatch(with_key(small(), "k-a")).await.unwrap().into_inner();
-    total += passed.cost.unwrap().micros;
-    let t = admin
-        .get_tenant(pb::GetTenantRequest { name: "team-a".into() })
+    let passed = grpc
+        .dispatch(with_key(small(), "k-a"))
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(t.spent_today.unwrap().micros, total, "the refused request cost nothing");
+    total += passed.cost.unwrap().micros;
+    let t = admin
+        .get_tenant(pb::GetTenantRequest {
+            name: "team-a".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        t.spent_today.unwrap().micros,
+        total,
+        "the refused request cost nothing"
+    );
 }
