@@ -12,10 +12,13 @@ use std::sync::{Arc, LazyLock};
 
 use parking_lot::Mutex;
 
+/// (tenant, model, region).
+type Labels = (Arc<str>, Arc<str>, Arc<str>);
+
 #[derive(Default)]
 struct Ledger {
     currency: String,
-    totals: BTreeMap<(Arc<str>, Arc<str>, Arc<str>), u64>,
+    totals: BTreeMap<Labels, u64>,
 }
 
 static LEDGER: LazyLock<Mutex<Ledger>> = LazyLock::new(Default::default);

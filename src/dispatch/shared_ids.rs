@@ -92,6 +92,8 @@ pub fn decode(bytes: &[u8], config_version: u64) -> Option<Dispatched> {
 }
 
 /// How a replica should take a request id another replica may have.
+// Returned once per request, moved straight out: not worth a box.
+#[allow(clippy::large_enum_variant)]
 pub enum Shared {
     /// This replica claimed it (or Redis could not say): run it.
     Run { claimed: bool },
