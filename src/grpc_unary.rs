@@ -301,6 +301,7 @@ mod tests {
         let m = crate::pb::Usage {
             prompt_tokens: 7,
             completion_tokens: 300,
+            cached_prompt_tokens: 0,
         };
         let f = frame(&m);
         assert_eq!(f[0], 0);

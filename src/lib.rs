@@ -20,6 +20,7 @@ pub mod openai;
 pub mod server;
 pub mod sim;
 pub mod slots;
+pub mod spend_metric;
 pub mod state;
 pub mod telemetry;
 #[cfg(test)]

@@ -228,10 +228,30 @@ fn describe() {
         "dispatcher_tls_certificate_valid",
         "With [server.tls]: 1 while the served certificate is within its validity period, 0 when expired or not yet valid"
     );
+    describe_gauge!(
+        "dispatcher_tenant_cost_budget_used_ratio",
+        "A tenant's spend over its cost budget, by budget (daily, monthly; UTC)"
+    );
+    describe_gauge!(
+        "dispatcher_tenant_cost_budget_warn_ratio",
+        "The share of a tenant's cost budget past which it is reported as nearly spent (cost_budget_warn_at)"
+    );
     describe_histogram!(
         "dispatcher_redis_call_seconds",
         "With [cluster]: one sync round trip to Redis (all region-models pipelined), by result"
     );
+}
+
+/// An attempt's cost (micro-units of `currency`), into
+/// `dispatcher_cost_total` (`spend_metric.rs`).
+pub fn add_cost(
+    tenant: &std::sync::Arc<str>,
+    model: &std::sync::Arc<str>,
+    region: &std::sync::Arc<str>,
+    currency: &str,
+    micros: u64,
+) {
+    crate::spend_metric::add(tenant, model, region, currency, micros);
 }
 
 /// A gauge not set for this long is dropped (see the module's doc): ten
@@ -303,7 +323,9 @@ pub async fn serve(
 
 fn respond<B>(r: &Request<B>, handle: &PrometheusHandle) -> Response<Full<Bytes>> {
     let mut response = if r.uri().path() == "/metrics" {
-        Response::new(Full::new(Bytes::from(handle.render())))
+        let mut text = handle.render();
+        crate::spend_metric::render(&mut text);
+        Response::new(Full::new(Bytes::from(text)))
     } else {
         let mut not_found = Response::new(Full::new(Bytes::from_static(b"not found: try /metrics\n")));
         *not_found.status_mut() = StatusCode::NOT_FOUND;
@@ -385,6 +407,22 @@ async fn sample(view: impl Fn() -> EngineView, handle: PrometheusHandle, cancel:
                 .set(t.report.in_flight as f64);
             gauge!("dispatcher_tenant_tokens_last_minute", "tenant" => t.report.spec.name.clone())
                 .set(t.report.tokens_last_minute as f64);
+            let spec = &t.report.spec;
+            let budgets = [
+                ("daily", spec.daily_cost_budget, t.report.spent_today),
+                ("monthly", spec.monthly_cost_budget, t.report.spent_month),
+            ];
+            for (budget, limit, spent) in budgets {
+                let Some(limit) = limit else { continue };
+                let labels = [("tenant", spec.name.clone()), ("budget", budget.to_string())];
+                let used = if limit == 0 {
+                    1.0
+                } else {
+                    spent as f64 / limit as f64
+                };
+                gauge!("dispatcher_tenant_cost_budget_used_ratio", &labels).set(used);
+                gauge!("dispatcher_tenant_cost_budget_warn_ratio", &labels).set(spec.cost_budget_warn_at);
+            }
         }
         handle.run_upkeep();
     }

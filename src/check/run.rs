@@ -303,6 +303,7 @@ mod tests {
             usage: completion.map(|c| pb::Usage {
                 prompt_tokens: 21,
                 completion_tokens: c,
+                cached_prompt_tokens: 0,
             }),
             done,
             provider_quota: None,

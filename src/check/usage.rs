@@ -118,6 +118,7 @@ mod tests {
         pb::Usage {
             prompt_tokens: p,
             completion_tokens: c,
+            cached_prompt_tokens: 0,
         }
     }
 

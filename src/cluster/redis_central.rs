@@ -6,7 +6,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use crate::core::central::{FORGET_AFTER, ROUND, STALE_AFTER};
-use crate::core::{SyncGrant, SyncItem, TenantUsage};
+use crate::core::{SyncGrant, SyncItem, TenantTotals, TenantUsage};
 
 const SCRIPT: &str = include_str!("central.lua");
 
@@ -32,6 +32,17 @@ pub fn tenant_keys(tenant: &str, day: u64) -> (String, String) {
         format!("dispatcher:tenant:{{{tenant}}}:day:{day}"),
     )
 }
+
+/// A tenant's spend (micro-units) in one UTC day and one UTC month.
+pub fn tenant_cost_keys(tenant: &str, day: u64, month: u64) -> (String, String) {
+    (
+        format!("dispatcher:tenant:{{{tenant}}}:cost:day:{day}"),
+        format!("dispatcher:tenant:{{{tenant}}}:cost:month:{month}"),
+    )
+}
+
+/// Redis answers per tenant in `tenants`.
+const TENANT_REPLIES: usize = 4;
 
 /// A tenant's running total nobody added to for this long is removed (the
 /// next sync starts over from it).
@@ -122,8 +133,9 @@ impl RedisCentral {
     }
 
     /// Adds each tenant's charges to its running totals (all time, and its
-    /// day) and returns the totals after: one pipelined round trip.
-    pub async fn tenants(&mut self, usage: &[TenantUsage]) -> Result<Vec<(i64, i64)>, CentralError> {
+    /// day; its cost in its day and month) and returns the totals after: one
+    /// pipelined round trip.
+    pub async fn tenants(&mut self, usage: &[TenantUsage]) -> Result<Vec<TenantTotals>, CentralError> {
         let timeout = self.timeout;
         let work = async {
             let mut con = self.connection().await?;
@@ -134,6 +146,11 @@ impl RedisCentral {
                 pipe.cmd("EXPIRE").arg(&total).arg(TENANT_EXPIRY_SECS).ignore();
                 pipe.cmd("INCRBY").arg(&day).arg(u.delta);
                 pipe.cmd("EXPIRE").arg(&day).arg(2 * 86_400).ignore();
+                let (cost_day, cost_month) = tenant_cost_keys(&u.tenant, u.cost_day, u.cost_month);
+                pipe.cmd("INCRBY").arg(&cost_day).arg(u.cost_delta);
+                pipe.cmd("EXPIRE").arg(&cost_day).arg(2 * 86_400).ignore();
+                pipe.cmd("INCRBY").arg(&cost_month).arg(u.cost_delta);
+                pipe.cmd("EXPIRE").arg(&cost_month).arg(32 * 86_400).ignore();
             }
             let totals: Vec<i64> = pipe.query_async(&mut con).await?;
             Ok::<_, CentralError>(totals)
@@ -141,13 +158,21 @@ impl RedisCentral {
         let totals = tokio::time::timeout(timeout, work)
             .await
             .map_err(|_| CentralError::Timeout(timeout))??;
-        if totals.len() != 2 * usage.len() {
+        if totals.len() != TENANT_REPLIES * usage.len() {
             return Err(CentralError::Short {
                 sent: usage.len(),
-                got: totals.len() / 2,
+                got: totals.len() / TENANT_REPLIES,
             });
         }
-        Ok(totals.chunks(2).map(|c| (c[0], c[1])).collect())
+        Ok(totals
+            .chunks(TENANT_REPLIES)
+            .map(|c| TenantTotals {
+                tokens: c[0],
+                day: c[1],
+                cost_day: c[2],
+                cost_month: c[3],
+            })
+            .collect())
     }
 
     fn pipeline(&self, replica: &str, items: &[SyncItem], now_us: Option<u64>) -> redis::Pipeline {

@@ -68,6 +68,36 @@ impl Ctx<'_> {
         }
     }
 
+    /// `price = { input, output, cached_input }` (per million tokens; the
+    /// cached input costs as the input unless given).
+    pub(super) fn price(
+        &self,
+        key: &str,
+        raw: super::raw::RawPrice,
+    ) -> Result<crate::core::Price, ConfigError> {
+        const MAX_PER_MILLION: f64 = 1e6;
+        let amount = |k: &str, v: Option<f64>| -> Result<Option<u64>, ConfigError> {
+            v.map(|v| crate::core::cost::micros_from_amount(v, MAX_PER_MILLION))
+                .transpose()
+                .map_err(|e| self.err(format!("{key}.{k}"), e))
+        };
+        let input = amount("input", raw.input)?;
+        let output = amount("output", raw.output)?;
+        let cached_input = amount("cached_input", raw.cached_input)?;
+        if input.is_none() && output.is_none() {
+            return Err(self.err(
+                key,
+                "give input and output (per million tokens, in [pricing] currency), or leave the price out",
+            ));
+        }
+        let input = input.unwrap_or(0);
+        Ok(crate::core::Price {
+            input,
+            output: output.unwrap_or(0),
+            cached_input: cached_input.unwrap_or(input),
+        })
+    }
+
     pub(super) fn name(&self, key: &str, name: &str) -> Result<(), ConfigError> {
         let ok = !name.is_empty()
             && name.len() <= MAX_NAME_LEN

@@ -111,6 +111,16 @@ pub struct Config {
     pub regions: Vec<RegionConfig>,
     /// `[[rollouts]]` and `[[fallbacks]]`.
     pub policy: PolicyConfig,
+    /// `[pricing]` and each model's `price`.
+    pub pricing: Pricing,
+}
+
+/// The currency and each priced model's price (a region file may override
+/// a model's price: `RegionConfig::prices`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pricing {
+    pub currency: String,
+    pub models: Vec<(String, crate::core::Price)>,
 }
 
 /// Routing policy across models, checked.
@@ -316,6 +326,8 @@ pub struct RegionConfig {
     pub tls: Option<RegionTls>,
     /// `[[capacity]]`: rules on this region's pressure.
     pub capacity: Vec<crate::core::CapacityRuleSpec>,
+    /// This region's own prices of its models (`[[models]] price`).
+    pub prices: Vec<(String, crate::core::Price)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -394,6 +406,17 @@ impl Config {
 
     pub fn tenant_specs(&self) -> Vec<TenantSpec> {
         self.tenants.iter().map(|t| t.spec.clone()).collect()
+    }
+
+    /// Every price: the models', and the regions' own.
+    pub fn prices(&self) -> crate::core::Prices {
+        crate::core::Prices::new(
+            &self.pricing.currency,
+            self.pricing.models.iter().cloned(),
+            self.regions
+                .iter()
+                .flat_map(|r| r.prices.iter().map(|(m, p)| (r.spec.name.clone(), m.clone(), *p))),
+        )
     }
 
     pub fn region(&self, name: &str) -> Option<&RegionConfig> {

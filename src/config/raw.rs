@@ -30,6 +30,25 @@ pub struct RawDispatcher {
     pub rollouts: Vec<RawRollout>,
     #[serde(default)]
     pub fallbacks: Vec<RawFallback>,
+    #[serde(default)]
+    pub pricing: RawPricing,
+}
+
+/// `[pricing]`: the one currency every price and cost budget is in.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPricing {
+    pub currency: Option<String>,
+}
+
+/// `price = { input = 2.5, output = 10, cached_input = 1.25 }`: per million
+/// tokens, in the configured currency.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPrice {
+    pub input: Option<f64>,
+    pub output: Option<f64>,
+    pub cached_input: Option<f64>,
 }
 
 /// `[[rollouts]]`: a model alias split across target models by weight.
@@ -121,6 +140,9 @@ pub struct RawTenant {
     pub tokens_per_minute: Option<u64>,
     pub max_concurrent: Option<u32>,
     pub daily_token_budget: Option<u64>,
+    pub daily_cost_budget: Option<f64>,
+    pub monthly_cost_budget: Option<f64>,
+    pub cost_budget_warn_at: Option<f64>,
     pub models: Option<Vec<String>>,
     pub max_queued: Option<u32>,
     #[serde(default)]
@@ -241,6 +263,7 @@ pub struct RawModel {
     pub default_max_output_tokens: Option<u64>,
     pub chars_per_token: Option<f64>,
     pub max_request_tokens: Option<u64>,
+    pub price: Option<RawPrice>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -284,6 +307,8 @@ pub struct RawRegionModel {
     pub burst_tokens: Option<u64>,
     pub burst_requests: Option<u64>,
     pub accounting: Option<String>,
+    /// This region's price of the model, instead of dispatcher.toml's.
+    pub price: Option<RawPrice>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -169,7 +169,18 @@ pub fn validate_dispatcher(raw: RawDispatcher, file: &Path) -> Result<Config, Co
         return Err(c.err("models", "declare at least one model ([[models]] with a name)"));
     }
     let mut models: Vec<ModelSpec> = Vec::new();
-    for (i, m) in raw.models.into_iter().enumerate() {
+    let currency = raw.pricing.currency.unwrap_or_else(|| "USD".into());
+    c.name("pricing.currency", &currency)?;
+    let mut pricing = super::Pricing {
+        currency,
+        models: Vec::new(),
+    };
+    for (i, mut m) in raw.models.into_iter().enumerate() {
+        if let Some(price) = m.price.take() {
+            pricing
+                .models
+                .push((m.name.clone(), c.price(&format!("models[{i}].price"), price)?));
+        }
         let model = validate_model(&c, i, m)?;
         if models.iter().any(|x| x.name == model.name) {
             return Err(c.err(
@@ -250,6 +261,7 @@ pub fn validate_dispatcher(raw: RawDispatcher, file: &Path) -> Result<Config, Co
         jobs,
         regions: Vec::new(),
         policy,
+        pricing,
     })
 }
 
@@ -312,6 +324,12 @@ fn validate_tenants(
             key_hashes.push(hash);
         }
         let identities = super::tls::validate_identities(c, i, t.identities, &tenants)?;
+        const MAX_BUDGET: f64 = 1e12;
+        let budget = |k: &str, v: Option<f64>| -> Result<Option<u64>, ConfigError> {
+            v.map(|v| crate::core::cost::micros_from_amount(v, MAX_BUDGET))
+                .transpose()
+                .map_err(|e| c.err(key(k), e))
+        };
         tenants.push(TenantConfig {
             spec: TenantSpec {
                 weight,
@@ -321,6 +339,15 @@ fn validate_tenants(
                 max_concurrent: positive("max_concurrent", t.max_concurrent.map(u64::from))?
                     .map(|v| v as u32),
                 daily_token_budget: positive("daily_token_budget", t.daily_token_budget)?,
+                daily_cost_budget: budget("daily_cost_budget", t.daily_cost_budget)?,
+                monthly_cost_budget: budget("monthly_cost_budget", t.monthly_cost_budget)?,
+                cost_budget_warn_at: c.number(
+                    &key("cost_budget_warn_at"),
+                    t.cost_budget_warn_at,
+                    0.8,
+                    0.0,
+                    1.0,
+                )?,
                 models: t.models,
                 max_queued: t.max_queued.unwrap_or(DEFAULT_TENANT_MAX_QUEUED),
                 name: t.name,
@@ -338,6 +365,9 @@ fn validate_tenants(
                 tokens_per_minute: None,
                 max_concurrent: None,
                 daily_token_budget: None,
+                daily_cost_budget: None,
+                monthly_cost_budget: None,
+                cost_budget_warn_at: 0.8,
                 models: None,
                 max_queued: DEFAULT_TENANT_MAX_QUEUED,
             },

@@ -30,8 +30,13 @@ pub fn validate_region(
         return Err(c.err("models", "a region must serve at least one model ([[models]])"));
     }
     let mut limits: Vec<(String, ModelLimits)> = Vec::new();
-    for (i, m) in raw.models.into_iter().enumerate() {
+    let mut prices = Vec::new();
+    for (i, mut m) in raw.models.into_iter().enumerate() {
+        let price = m.price.take();
         let (model, l) = validate_region_model(&c, i, m, models)?;
+        if let Some(price) = price {
+            prices.push((model.clone(), c.price(&format!("models[{i}].price"), price)?));
+        }
         if limits.iter().any(|(n, _)| *n == model) {
             return Err(c.err(
                 format!("models[{i}].name"),
@@ -69,6 +74,7 @@ pub fn validate_region(
         simulate,
         tls,
         capacity,
+        prices,
     })
 }
 

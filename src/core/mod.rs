@@ -7,6 +7,7 @@ pub mod breaker;
 mod candidates;
 pub mod capacity;
 pub mod central;
+pub mod cost;
 pub mod fair;
 pub mod fallback;
 mod in_flight;
@@ -43,6 +44,7 @@ pub use capacity::{
     CapacitySignal, RegionPressure,
 };
 pub use central::{CentralBucket, CentralLimits, SyncCall, SyncGrant};
+pub use cost::{Price, Prices, Usage as CostUsage};
 pub use fair::FairQueue;
 pub use fallback::{FallbackSpec, Plan, Trigger};
 pub use job::{JobBacklog, JobLease, JobLimits, JobPhase, JobRefusal, LeaseRefusal, Recovery};
@@ -61,4 +63,7 @@ pub use router::{
 pub use scheduler::{Released, Scheduler, Submission, SubmitError, Submitted};
 pub use shared_quota::{SharedQuota, SharingMode, SharingSettings, SharingTotals, SharingView, Waiting};
 pub use strategy::{StrategyKind, StrategyParams, WeightedLoadParams};
-pub use tenant::{Day, TenantHold, TenantRefusal, TenantReport, TenantSpec, TenantUsage, Tenants, Weights};
+pub use tenant::{
+    BudgetPeriod, Day, TenantHold, TenantRefusal, TenantReport, TenantSpec, TenantTotals, TenantUsage,
+    Tenants, Weights,
+};

@@ -1,5 +1,6 @@
 //! Tenants' hard limits (tokens a minute, requests in flight, a daily token
-//! budget, allowed models) and what they used, for fair-share reports.
+//! budget, daily and monthly budgets in money, allowed models) and what they
+//! used, for fair-share reports and spend (`tenant_spend.rs`).
 //! Requests-per-second limits are the edge's (governor); the rest is here,
 //! pure, with the time and the day passed in.
 
@@ -45,6 +46,13 @@ pub struct TenantSpec {
     pub tokens_per_minute: Option<u64>,
     pub max_concurrent: Option<u32>,
     pub daily_token_budget: Option<u64>,
+    /// Budgets in micro-units of the configured currency, per UTC day and
+    /// UTC month: checked against each request's worst-case cost.
+    pub daily_cost_budget: Option<u64>,
+    pub monthly_cost_budget: Option<u64>,
+    /// The share of a cost budget past which it is reported as nearly spent
+    /// (a metric and an alert; requests still pass).
+    pub cost_budget_warn_at: f64,
     /// Models it may use; `None`: every model.
     pub models: Option<Vec<String>>,
     /// Its requests waiting for quota at most.
@@ -52,11 +60,13 @@ pub struct TenantSpec {
 }
 
 /// The day as the edge counts it (UTC days since the epoch), and when the
-/// next one starts.
+/// next one starts; likewise the UTC month (months since January 1970).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Day {
     pub number: u64,
     pub next_in: Duration,
+    pub month: u64,
+    pub month_next_in: Duration,
 }
 
 /// Which hard limit refused a request.
@@ -79,6 +89,15 @@ pub enum TenantRefusal {
         committed: u64,
         retry_after: Duration,
     },
+    /// A cost budget (micro-units): `daily_cost_budget` or
+    /// `monthly_cost_budget`, with the request's worst case.
+    CostBudget {
+        period: BudgetPeriod,
+        budget: u64,
+        committed: u64,
+        need: u64,
+        retry_after: Duration,
+    },
 }
 
 impl TenantRefusal {
@@ -90,6 +109,7 @@ impl TenantRefusal {
             TenantRefusal::TokensPerMinute { .. } => "tokens_per_minute",
             TenantRefusal::Concurrency { .. } => "max_concurrent",
             TenantRefusal::DailyBudget { .. } => "daily_token_budget",
+            TenantRefusal::CostBudget { period, .. } => period.key(),
         }
     }
 
@@ -97,7 +117,8 @@ impl TenantRefusal {
         match self {
             TenantRefusal::TokensPerMinute { retry_after, .. } => *retry_after,
             TenantRefusal::Concurrency { .. } => Some(Duration::from_millis(100)),
-            TenantRefusal::DailyBudget { retry_after, .. } => Some(*retry_after),
+            TenantRefusal::DailyBudget { retry_after, .. }
+            | TenantRefusal::CostBudget { retry_after, .. } => Some(*retry_after),
             _ => None,
         }
     }
@@ -129,6 +150,24 @@ impl fmt::Display for TenantRefusal {
                     "daily_token_budget {budget} reached ({committed} used or reserved today)"
                 )
             }
+            TenantRefusal::CostBudget {
+                period,
+                budget,
+                committed,
+                need,
+                ..
+            } => {
+                use super::cost::format_micros as m;
+                write!(
+                    f,
+                    "{} {} reached ({} spent or reserved {}; this request may cost up to {})",
+                    period.key(),
+                    m(*budget),
+                    m(*committed),
+                    period.this(),
+                    m(*need)
+                )
+            }
         }
     }
 }
@@ -138,7 +177,10 @@ impl fmt::Display for TenantRefusal {
 pub struct TenantHold {
     pub tenant: Arc<str>,
     pub tokens: u64,
+    /// The worst-case cost held against its cost budgets (micro-units).
+    pub cost: u64,
     day: u64,
+    month: u64,
 }
 
 const WINDOW_SECS: usize = 60;
@@ -189,6 +231,7 @@ struct TenantState {
     /// totals as last seen (`tenant_sync.rs`).
     unsynced: i64,
     seen: Option<(i64, i64)>,
+    spend: spend::Spend,
 }
 
 /// A tenant as operators see it.
@@ -207,6 +250,9 @@ pub struct TenantReport {
     pub in_flight: u32,
     pub tokens_available: Option<i64>,
     pub used_today: u64,
+    /// Spent (settled) in micro-units this UTC day and month.
+    pub spent_today: u64,
+    pub spent_month: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -253,6 +299,7 @@ impl Tenants {
                 usage: old.map_or_else(UsageWindow::new, |o| o.usage.clone()),
                 unsynced: old.map_or(0, |o| o.unsynced),
                 seen: old.and_then(|o| o.seen),
+                spend: old.map_or_else(Default::default, |o| o.spend.clone()),
             };
             next.insert(name, state);
         }
@@ -277,12 +324,26 @@ impl Tenants {
     }
 
     /// Holds `tokens` of `model` against the tenant's limits, or says which
-    /// limit refuses.
+    /// limit refuses (a request that costs nothing: see `admit_costed`).
     pub fn admit(
         &mut self,
         tenant: &str,
         model: &str,
         tokens: u64,
+        now: Instant,
+        day: Day,
+    ) -> Result<TenantHold, TenantRefusal> {
+        self.admit_costed(tenant, model, tokens, 0, now, day)
+    }
+
+    /// Holds `tokens` of `model`, and `cost` (its worst case, micro-units)
+    /// against the tenant's cost budgets, or says which limit refuses.
+    pub fn admit_costed(
+        &mut self,
+        tenant: &str,
+        model: &str,
+        tokens: u64,
+        cost: u64,
         now: Instant,
         day: Day,
     ) -> Result<TenantHold, TenantRefusal> {
@@ -313,6 +374,8 @@ impl Tenants {
                 });
             }
         }
+        s.spend.roll(day);
+        s.spend.check(&s.spec, cost, day)?;
         if let Some(bucket) = &mut s.tokens {
             bucket
                 .try_take(tokens, now)
@@ -328,19 +391,30 @@ impl Tenants {
         s.in_flight += 1;
         s.reserved += tokens;
         s.unsynced += tokens as i64;
+        s.spend.hold(cost);
         Ok(TenantHold {
             tenant: s.name.clone(),
             tokens,
+            cost,
             day: day.number,
+            month: day.month,
         })
     }
 
-    /// Settles a hold with the tokens finally charged for the request.
+    /// Settles a hold with the tokens finally charged for the request (a
+    /// request that cost nothing: see `settle_costed`).
     pub fn settle(&mut self, hold: TenantHold, charged: u64, now: Instant) {
+        self.settle_costed(hold, charged, 0, now);
+    }
+
+    /// Settles a hold with the tokens and the cost (micro-units) finally
+    /// charged for the request.
+    pub fn settle_costed(&mut self, hold: TenantHold, charged: u64, cost: u64, now: Instant) {
         let second = now.saturating_duration_since(self.epoch).as_secs();
         let Some(s) = self.states.get_mut(&hold.tenant) else {
             return;
         };
+        s.spend.settle(hold.cost, cost, hold.day, hold.month);
         s.in_flight = s.in_flight.saturating_sub(1);
         s.reserved = s.reserved.saturating_sub(hold.tokens);
         s.unsynced += charged as i64 - hold.tokens as i64;
@@ -402,15 +476,32 @@ impl Tenants {
                     in_flight: s.in_flight,
                     tokens_available: s.tokens.as_ref().map(|b| b.available(now)),
                     used_today: s.used_today,
+                    spent_today: s.spend.today(),
+                    spent_month: s.spend.this_month(),
                 }
             })
             .collect()
     }
+
+    /// Starts a new UTC day or month for every tenant whose counts are of
+    /// an earlier one (before a report: yesterday's spend is not today's).
+    pub fn roll(&mut self, day: Day) {
+        for s in self.states.values_mut() {
+            if s.day != day.number {
+                s.day = day.number;
+                s.used_today = 0;
+            }
+            s.spend.roll(day);
+        }
+    }
 }
 
+#[path = "tenant_spend.rs"]
+mod spend;
 #[path = "tenant_sync.rs"]
 mod sync;
-pub use sync::TenantUsage;
+pub use spend::BudgetPeriod;
+pub use sync::{TenantTotals, TenantUsage};
 
 #[cfg(test)]
 mod tests {
@@ -424,6 +515,9 @@ mod tests {
             tokens_per_minute: Some(600),
             max_concurrent: Some(2),
             daily_token_budget: Some(1000),
+            daily_cost_budget: None,
+            monthly_cost_budget: None,
+            cost_budget_warn_at: 0.8,
             models: Some(vec!["m".into()]),
             max_queued: 10,
         }
@@ -432,6 +526,8 @@ mod tests {
     const DAY: Day = Day {
         number: 1,
         next_in: Duration::from_secs(3600),
+        month: 0,
+        month_next_in: Duration::from_secs(86_400),
     };
 
     #[test]

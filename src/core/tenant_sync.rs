@@ -5,32 +5,62 @@
 //! buckets and daily counts with what the other replicas added meanwhile.
 //! A tenant's limits then hold across replicas to within one sync interval
 //! of the others' spending; without Redis each replica counts alone.
+//! Spend in money rides along: per tenant-day and tenant-month, the same way.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use super::Tenants;
 
-/// One tenant's charges since the last sync, and the day they count for.
+/// One tenant's charges since the last sync, and the day they count for;
+/// its cost (micro-units) and the day and month that counts for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TenantUsage {
     pub tenant: Arc<str>,
     pub day: u64,
     pub delta: i64,
+    pub cost_day: u64,
+    pub cost_month: u64,
+    pub cost_delta: i64,
+}
+
+/// Redis' running totals after a `TenantUsage` was added: tokens (all
+/// time, its day) and cost (its day, its month).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TenantTotals {
+    pub tokens: i64,
+    pub day: i64,
+    pub cost_day: i64,
+    pub cost_month: i64,
 }
 
 impl Tenants {
-    /// What each tenant with a tokens-per-minute limit or a daily budget was
-    /// charged since the last sync (taken out: hand it back to `synced` or
-    /// `unsynced`).
-    pub fn usage_to_sync(&mut self) -> Vec<TenantUsage> {
+    /// What each tenant with a tokens-per-minute limit, a budget, or any
+    /// spend was charged since the last sync (taken out: hand it back to
+    /// `synced` or `unsynced`), counted for `day` (a tenant that has been
+    /// idle since an earlier day starts today's counts first).
+    pub fn usage_to_sync(&mut self, day: super::Day) -> Vec<TenantUsage> {
+        self.roll(day);
         self.states
             .values_mut()
-            .filter(|s| s.spec.tokens_per_minute.is_some() || s.spec.daily_token_budget.is_some())
-            .map(|s| TenantUsage {
-                tenant: s.name.clone(),
-                day: s.day,
-                delta: std::mem::take(&mut s.unsynced),
+            .filter(|s| {
+                s.spec.tokens_per_minute.is_some()
+                    || s.spec.daily_token_budget.is_some()
+                    || s.spec.daily_cost_budget.is_some()
+                    || s.spec.monthly_cost_budget.is_some()
+                    || s.spend.unsynced != 0
+                    || s.spend.seen.is_some()
+            })
+            .map(|s| {
+                let (cost_day, cost_month) = s.spend.period();
+                TenantUsage {
+                    tenant: s.name.clone(),
+                    day: s.day,
+                    delta: std::mem::take(&mut s.unsynced),
+                    cost_day,
+                    cost_month,
+                    cost_delta: std::mem::take(&mut s.spend.unsynced),
+                }
             })
             .collect()
     }
@@ -38,10 +68,17 @@ impl Tenants {
     /// Redis added `u.delta` and answered the running totals after it: for
     /// the tenant's tokens, and for its day. What the other replicas added
     /// since this replica last looked is charged here too.
-    pub fn synced(&mut self, u: &TenantUsage, total: i64, day_total: i64, now: Instant) {
+    pub fn synced(&mut self, u: &TenantUsage, totals: TenantTotals, now: Instant) {
         let Some(s) = self.states.get_mut(&u.tenant) else {
             return;
         };
+        let (total, day_total) = (totals.tokens, totals.day);
+        s.spend.synced(
+            (u.cost_day, u.cost_month),
+            u.cost_delta,
+            totals.cost_day,
+            totals.cost_month,
+        );
         let elsewhere = |seen: i64, new: i64| new - seen - u.delta;
         if let Some((seen_total, seen_day)) = s.seen {
             // A total below what was seen: Redis lost it (restart); start over.
@@ -66,6 +103,7 @@ impl Tenants {
     pub fn unsynced(&mut self, u: &TenantUsage) {
         if let Some(s) = self.states.get_mut(&u.tenant) {
             s.unsynced += u.delta;
+            s.spend.unsynced += u.cost_delta;
         }
     }
 }
@@ -81,6 +119,8 @@ mod tests {
     const DAY: Day = Day {
         number: 7,
         next_in: Duration::from_secs(3600),
+        month: 0,
+        month_next_in: Duration::from_secs(86_400),
     };
 
     fn tenants(now: Instant) -> Tenants {
@@ -91,6 +131,9 @@ mod tests {
             tokens_per_minute: Some(600),
             max_concurrent: None,
             daily_token_budget: Some(1_000),
+            daily_cost_budget: Some(10_000),
+            monthly_cost_budget: None,
+            cost_budget_warn_at: 0.8,
             models: None,
             max_queued: 10,
         };
@@ -99,16 +142,19 @@ mod tests {
 
     /// Redis' INCRBY totals.
     fn sync(t: &mut Tenants, redis: &mut HashMap<String, i64>, now: Instant) {
-        for u in t.usage_to_sync() {
-            let total = *redis
-                .entry("total".into())
-                .and_modify(|v| *v += u.delta)
-                .or_insert(u.delta);
-            let day = *redis
-                .entry(format!("day{}", u.day))
-                .and_modify(|v| *v += u.delta)
-                .or_insert(u.delta);
-            t.synced(&u, total, day, now);
+        sync_on(t, redis, now, DAY);
+    }
+
+    fn sync_on(t: &mut Tenants, redis: &mut HashMap<String, i64>, now: Instant, day: Day) {
+        for u in t.usage_to_sync(day) {
+            let mut incr = |key: String, by: i64| *redis.entry(key).and_modify(|v| *v += by).or_insert(by);
+            let totals = TenantTotals {
+                tokens: incr("total".into(), u.delta),
+                day: incr(format!("day{}", u.day), u.delta),
+                cost_day: incr(format!("cost-day{}", u.cost_day), u.cost_delta),
+                cost_month: incr(format!("cost-month{}", u.cost_month), u.cost_delta),
+            };
+            t.synced(&u, totals, now);
         }
     }
 
@@ -158,15 +204,55 @@ mod tests {
         assert!(b.admit("t", "m", 500, later, DAY).is_err(), "still counted");
     }
 
+    /// What one replica spends in money counts against the other's daily
+    /// cost budget after one sync, a new day's key starts from what others
+    /// put in it, and a lost total is not credited back.
+    #[test]
+    fn spend_counts_on_every_replica() {
+        let t0 = crate::testing::epoch();
+        let (mut a, mut b) = (tenants(t0), tenants(t0));
+        let mut redis = HashMap::new();
+        sync(&mut a, &mut redis, t0);
+        sync(&mut b, &mut redis, t0);
+        let h = a.admit_costed("t", "m", 1, 8_000, t0, DAY).unwrap();
+        // Held, not settled: a worst case is not spend; the others see
+        // what it really cost once it settles.
+        sync(&mut a, &mut redis, t0);
+        sync(&mut b, &mut redis, t0);
+        assert_eq!(b.report(t0)[0].spent_today, 0);
+        a.settle_costed(h, 1, 6_000, t0);
+        sync(&mut a, &mut redis, t0);
+        sync(&mut b, &mut redis, t0);
+        assert_eq!(b.report(t0)[0].spent_today, 6_000, "b sees a's spend");
+        assert_eq!(a.report(t0)[0].spent_today, 6_000, "a counts it once");
+        assert_eq!(
+            b.admit_costed("t", "m", 1, 4_001, t0, DAY).unwrap_err().limit(),
+            "daily_cost_budget"
+        );
+        let h = b.admit_costed("t", "m", 1, 4_000, t0, DAY).unwrap();
+        b.settle_costed(h, 1, 0, t0);
+        // The next day: a spends first; b's first sync of that day counts it.
+        let next = Day { number: 8, ..DAY };
+        let h = a.admit_costed("t", "m", 1, 9_000, t0, next).unwrap();
+        a.settle_costed(h, 1, 9_000, t0);
+        sync_on(&mut a, &mut redis, t0, next);
+        sync_on(&mut b, &mut redis, t0, next);
+        assert_eq!(b.report(t0)[0].spent_today, 9_000);
+        assert!(b.admit_costed("t", "m", 1, 1_001, t0, next).is_err());
+        redis.clear();
+        sync_on(&mut b, &mut redis, t0, next);
+        assert_eq!(b.report(t0)[0].spent_today, 9_000, "kept, not credited back");
+    }
+
     #[test]
     fn charges_of_a_failed_sync_go_with_the_next() {
         let t0 = crate::testing::epoch();
         let mut a = tenants(t0);
         let h = a.admit("t", "m", 200, t0, DAY).unwrap();
         a.settle(h, 150, t0);
-        let usage = a.usage_to_sync();
+        let usage = a.usage_to_sync(DAY);
         assert_eq!(usage[0].delta, 150);
         a.unsynced(&usage[0]);
-        assert_eq!(a.usage_to_sync()[0].delta, 150);
+        assert_eq!(a.usage_to_sync(DAY)[0].delta, 150);
     }
 }

@@ -25,7 +25,7 @@ use super::{DispatchError, observe};
 use crate::config::Config;
 use crate::core::{
     Completion, Day, HintOutcome, Reservation, RoutePreview, RouteRequest, Router, Scheduler, Settled,
-    SyncGrant, SyncItem, TenantHold, TenantRefusal, TenantUsage, Tenants,
+    SyncGrant, SyncItem, TenantHold, TenantRefusal, TenantTotals, TenantUsage, Tenants,
 };
 use crate::state::{EngineView, QuotaView, RegionView, TenantView};
 
@@ -84,7 +84,7 @@ impl QuotaDesk {
                     let settled = desk.scheduler.router_mut().settle(&r, c, now);
                     record(&r, &settled);
                 }
-                Returned::Tenant(hold, charged) => desk.tenants.settle(hold, charged, now),
+                Returned::Tenant(hold, charged, cost) => desk.tenants.settle_costed(hold, charged, cost, now),
             }
         }
         desk
@@ -94,20 +94,22 @@ impl QuotaDesk {
         self.pump_wake.notify_one();
     }
 
-    /// Admits a request against its tenant's limits; returns the hold and
-    /// the tenant's `max_queued`, read under the same lock.
+    /// Admits a request against its tenant's limits (`cost`: its worst
+    /// case, micro-units); returns the hold and the tenant's `max_queued`,
+    /// read under the same lock.
     pub(super) fn admit_tenant(
         &self,
         tenant: &str,
         model: &str,
         tokens: u64,
+        cost: u64,
         day: Day,
     ) -> Result<(TenantHold, usize), DispatchError> {
         let now = crate::clock::now();
         let mut desk = self.lock();
         let hold = desk
             .tenants
-            .admit(tenant, model, tokens, now, day)
+            .admit_costed(tenant, model, tokens, cost, now, day)
             .map_err(|refusal| match refusal {
                 TenantRefusal::ModelNotAllowed { .. } => {
                     DispatchError::PermissionDenied(format!("tenant {tenant:?}: {refusal}"))
@@ -199,16 +201,16 @@ impl QuotaDesk {
 
     /// Each limited tenant's charges since the last sync (`[cluster]`).
     pub fn tenant_usage(&self) -> Vec<TenantUsage> {
-        self.lock().tenants.usage_to_sync()
+        self.lock().tenants.usage_to_sync(super::today())
     }
 
     /// Redis' running totals after adding `usage` (`None`: no answer; the
     /// charges go again next time).
-    pub fn tenants_synced(&self, usage: &[TenantUsage], totals: Option<&[(i64, i64)]>, now: Instant) {
+    pub fn tenants_synced(&self, usage: &[TenantUsage], totals: Option<&[TenantTotals]>, now: Instant) {
         let mut desk = self.lock();
         for (i, u) in usage.iter().enumerate() {
             match totals.and_then(|t| t.get(i)) {
-                Some(&(total, day)) => desk.tenants.synced(u, total, day, now),
+                Some(&totals) => desk.tenants.synced(u, totals, now),
                 None => desk.tenants.unsynced(u),
             }
         }
@@ -241,7 +243,11 @@ impl QuotaDesk {
     /// Everything operators see, in one pass under the lock; `endpoint`
     /// names each region's cluster.
     pub fn view(&self, now: Instant, endpoint: impl Fn(&str) -> String) -> EngineView {
-        let desk = self.lock();
+        let mut guard = self.lock();
+        // Spend is reported for today and this month, not the last day a
+        // tenant was admitted.
+        guard.tenants.roll(super::today());
+        let desk = &*guard;
         let sched = &desk.scheduler;
         let router = sched.router();
         let regions = router
@@ -351,8 +357,10 @@ impl Settle for QuotaDesk {
         settled.charged
     }
 
-    fn settle_tenant(&self, hold: TenantHold, charged: u64) {
-        self.lock().tenants.settle(hold, charged, crate::clock::now());
+    fn settle_tenant(&self, hold: TenantHold, charged: u64, cost: u64) {
+        self.lock()
+            .tenants
+            .settle_costed(hold, charged, cost, crate::clock::now());
     }
 
     fn give_back(&self, returned: Returned) {
@@ -424,11 +432,8 @@ mod tests {
     #[test]
     fn a_lease_dropped_under_the_desks_lock_settles_at_its_next_turn() {
         let desk = desk();
-        let day = crate::core::Day {
-            number: 0,
-            next_in: std::time::Duration::from_secs(1),
-        };
-        let (hold, _) = desk.admit_tenant("t", "m", 10, day).unwrap();
+        let day = crate::core::Day::at_unix(0);
+        let (hold, _) = desk.admit_tenant("t", "m", 10, 0, day).unwrap();
         let lease = Lease::new(desk.clone(), hold);
         assert_eq!(in_flight(&desk), 1);
         let guard = desk.lock();
@@ -436,7 +441,7 @@ mod tests {
         drop(guard);
         assert_eq!(in_flight(&desk), 0, "settled at the next turn");
         assert!(
-            desk.admit_tenant("t", "m", 10, day).is_ok(),
+            desk.admit_tenant("t", "m", 10, 0, day).is_ok(),
             "its max_concurrent slot is free again"
         );
     }

@@ -60,9 +60,12 @@ impl Engine {
         loop {
             r.model.clone_from(&plan.steps[step]);
             let admitted = config.check(r).and_then(|estimate| {
+                let worst_case = config
+                    .prices
+                    .worst_case(&r.model, estimate.prompt, estimate.max_output);
                 let (hold, max_queued) =
                     self.desk
-                        .admit_tenant(tenant, &r.model, estimate.total(), super::today())?;
+                        .admit_tenant(tenant, &r.model, estimate.total(), worst_case, super::today())?;
                 Ok((estimate, hold, max_queued))
             });
             let e = match admitted {

@@ -60,6 +60,9 @@ pub struct Snapshot {
     fallbacks: Vec<crate::core::FallbackSpec>,
     /// Each configured model's plan with its chain, and alone.
     plans: Vec<(String, Arc<crate::core::Plan>, Arc<crate::core::Plan>)>,
+    /// Prices per model and region-model, and their currency (shared).
+    pub prices: crate::core::Prices,
+    pub currency: Arc<str>,
 }
 
 impl Snapshot {
@@ -88,6 +91,8 @@ impl Snapshot {
                     (m.name.clone(), plan(true), plan(false))
                 })
                 .collect(),
+            prices: config.prices(),
+            currency: Arc::from(config.pricing.currency.as_str()),
         }
     }
 

@@ -15,6 +15,9 @@ use super::{DispatchError, Dispatched};
 pub type Answer = Result<Dispatched, DispatchError>;
 type Key = (Arc<str>, String);
 
+// Held once per request id; boxing the reply would cost an allocation
+// per answered request to save bytes in a map of at most the capacity.
+#[allow(clippy::large_enum_variant)]
 enum Slot {
     Running(watch::Sender<Option<Answer>>),
     Done(Dispatched),
@@ -33,6 +36,8 @@ pub struct Idempotency {
 }
 
 /// What to do with a submission.
+// Returned once per request, moved straight out: not worth a box.
+#[allow(clippy::large_enum_variant)]
 pub enum Begin {
     /// First of its id: run it and `finish` with the answer.
     Lead,
@@ -130,6 +135,7 @@ mod tests {
             queue_wait: Duration::ZERO,
             config_version: 1,
             path: Default::default(),
+            cost: Default::default(),
         }
     }
 

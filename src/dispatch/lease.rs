@@ -17,15 +17,16 @@ use crate::core::{Completion, Reservation, Settlement, TenantHold};
 /// A settlement given back by a dropped hold.
 pub(super) enum Returned {
     Region(Reservation, Completion),
-    Tenant(TenantHold, u64),
+    /// The hold, the tokens and the cost (micro-units) charged.
+    Tenant(TenantHold, u64, u64),
 }
 
 /// Where holds are settled: the quota desk, as far as a hold needs it.
 pub(super) trait Settle: Send + Sync {
     /// Settles a region reservation now; returns the tokens charged.
     fn settle_region(&self, r: &Reservation, c: Completion) -> u64;
-    /// Settles a tenant's charge now.
-    fn settle_tenant(&self, hold: TenantHold, charged: u64);
+    /// Settles a tenant's charge now: tokens, and cost in micro-units.
+    fn settle_tenant(&self, hold: TenantHold, charged: u64, cost: u64);
     /// Takes a dropped hold's settlement without taking any lock (it is
     /// called from `Drop`, possibly while the desk's lock is held).
     fn give_back(&self, returned: Returned);
@@ -91,14 +92,19 @@ impl std::fmt::Debug for RegionHold {
     }
 }
 
-/// The tokens a request holds against its tenant's limits, settled once
-/// with what the regions charged: refunded for work never sent, kept for
-/// work that may have run when the request is dropped mid-attempt.
+/// The tokens (and the worst-case cost) a request holds against its
+/// tenant's limits, settled once with what the regions charged: refunded for
+/// work never sent, kept for work that may have run when the request is
+/// dropped mid-attempt. Cost comes only from usage a region reported (a
+/// failed attempt costs nothing), or is the worst case for work that may
+/// have run without a report.
 pub struct Lease {
     desk: Arc<dyn Settle>,
     hold: Option<TenantHold>,
     charged: u64,
     at_risk: u64,
+    cost: u64,
+    cost_at_risk: u64,
 }
 
 impl Lease {
@@ -108,6 +114,8 @@ impl Lease {
             hold: Some(hold),
             charged: 0,
             at_risk: 0,
+            cost: 0,
+            cost_at_risk: 0,
         }
     }
 
@@ -115,21 +123,36 @@ impl Lease {
         self.hold.as_ref().map_or(0, |h| h.tokens)
     }
 
+    /// The worst-case cost this step holds (micro-units).
+    pub fn worst_case_cost(&self) -> u64 {
+        self.hold.as_ref().map_or(0, |h| h.cost)
+    }
+
     /// An attempt is about to be sent: if it is lost, count all of it.
     pub fn sending(&mut self) {
         self.at_risk = self.tokens();
+        self.cost_at_risk = self.worst_case_cost();
     }
 
-    /// An attempt was settled with `charged` tokens.
+    /// An attempt was settled with `charged` tokens and cost nothing (it
+    /// failed, or was not run).
     pub fn settled(&mut self, charged: u64) {
+        self.spent(charged, 0);
+    }
+
+    /// An attempt was settled with `charged` tokens and `cost` micro-units.
+    pub fn spent(&mut self, charged: u64, cost: u64) {
         self.charged += charged;
+        self.cost += cost;
         self.at_risk = 0;
+        self.cost_at_risk = 0;
     }
 
     /// Settles the tenant's charge now, with what the regions charged.
     pub fn finish(mut self) {
         if let Some(hold) = self.hold.take() {
-            self.desk.settle_tenant(hold, self.charged + self.at_risk);
+            self.desk
+                .settle_tenant(hold, self.charged + self.at_risk, self.cost + self.cost_at_risk);
         }
     }
 }
@@ -137,8 +160,11 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         if let Some(hold) = self.hold.take() {
-            self.desk
-                .give_back(Returned::Tenant(hold, self.charged + self.at_risk));
+            self.desk.give_back(Returned::Tenant(
+                hold,
+                self.charged + self.at_risk,
+                self.cost + self.cost_at_risk,
+            ));
         }
     }
 }

@@ -29,6 +29,7 @@ mod queue;
 mod rates;
 mod rollout;
 mod shared_ids;
+mod spend;
 mod stream;
 mod unary;
 mod validate;
@@ -49,6 +50,7 @@ pub use front_door::Settings;
 pub(crate) use observe::work_span;
 pub use rollout::RolloutDesk;
 pub use shared_ids::{Pending, SharedIds, Stored};
+pub use spend::{Cost, wire as wire_cost};
 pub use stream::{ChunkStream, StreamChunk};
 
 use crate::config::Config;
@@ -97,6 +99,8 @@ pub struct Dispatched {
     pub config_version: u64,
     /// Which model served it, after rollouts and fallbacks.
     pub path: ModelPath,
+    /// What the attempt that served it cost.
+    pub cost: Cost,
 }
 
 /// The models a request went through: the alias it named (if any), the
@@ -230,6 +234,11 @@ impl Engine {
     }
 
     /// The quota desk, for its named commands (drain, weight, health).
+    /// The prices in force (and their currency).
+    pub fn prices(&self) -> crate::core::Prices {
+        self.front.snapshot().prices.clone()
+    }
+
     pub fn desk(&self) -> &QuotaDesk {
         &self.desk
     }
@@ -335,12 +344,7 @@ impl Engine {
 
 /// Today as UTC days since the epoch, for daily budgets.
 fn today() -> Day {
-    const DAY: u64 = 86_400;
-    let secs = crate::clock::unix_secs();
-    Day {
-        number: secs / DAY,
-        next_in: Duration::from_secs(DAY - secs % DAY),
-    }
+    Day::at_unix(crate::clock::unix_secs())
 }
 
 pub fn hint_from_pb(q: pb::ProviderQuota) -> ProviderHint {

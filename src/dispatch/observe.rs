@@ -32,6 +32,7 @@ macro_rules! work_span {
             region = tracing::field::Empty,
             prompt_tokens = tracing::field::Empty,
             completion_tokens = tracing::field::Empty,
+            cost_micros = tracing::field::Empty,
             attempts = tracing::field::Empty,
             outcome = tracing::field::Empty,
             error = tracing::field::Empty,
@@ -204,6 +205,13 @@ pub fn settled(region: &Arc<str>, model: &Arc<str>, reserved: u64, charged: u64,
             HintOutcome::Ignored { .. } => 2,
         };
         counters.hint(result).increment(1);
+    }
+}
+
+/// An attempt's cost, in micro-units of `currency`.
+pub fn cost(tenant: &Arc<str>, model: &Arc<str>, region: &Arc<str>, currency: &Arc<str>, micros: u64) {
+    if on() {
+        crate::metrics::add_cost(tenant, model, region, currency, micros);
     }
 }
 

@@ -57,6 +57,7 @@ pub fn encode(d: &Dispatched) -> Vec<u8> {
         model: d.path.model.clone(),
         models_tried: d.path.tried.clone(),
         alias: d.path.alias.clone(),
+        cost: Some(d.cost.to_pb()),
     }
     .encode_to_vec()
 }
@@ -79,10 +80,20 @@ pub fn decode(bytes: &[u8], config_version: u64) -> Option<Dispatched> {
             alias: r.alias,
             tried: r.models_tried,
         },
+        cost: r
+            .cost
+            .map(|c| super::Cost {
+                micros: c.micros,
+                currency: c.currency.into(),
+                priced: c.priced,
+            })
+            .unwrap_or_default(),
     })
 }
 
 /// How a replica should take a request id another replica may have.
+// Returned once per request, moved straight out: not worth a box.
+#[allow(clippy::large_enum_variant)]
 pub enum Shared {
     /// This replica claimed it (or Redis could not say): run it.
     Run { claimed: bool },

@@ -33,6 +33,8 @@ pub struct StreamChunk {
     pub queue_wait: Duration,
     /// Which model serves it, after rollouts and fallbacks.
     pub path: super::ModelPath,
+    /// On the last chunk: what the request cost.
+    pub cost: Option<super::Cost>,
 }
 
 pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<StreamChunk, DispatchError>> + Send>>;
@@ -59,6 +61,10 @@ struct Relay {
     callers_deadline: bool,
     /// The first chunk, read before the stream committed.
     first: Option<pb::ExecuteChunk>,
+    /// The committed attempt's price, and the request's span (its cost is
+    /// recorded there when the stream settles).
+    price: super::spend::AttemptPrice,
+    span: tracing::Span,
 }
 
 /// The caller's side: the output as it was relayed, then the end.
@@ -168,7 +174,10 @@ impl Engine {
         labels.finish(Ok(()), start);
         let (tx, rx) = mpsc::channel(BUFFER);
         let (end, end_rx) = oneshot::channel();
+        let price = super::spend::AttemptPrice::new(&p.config, &p.tenant, &p.exec.model, &f.region);
         let relay = Relay {
+            price,
+            span: tracing::Span::current(),
             _running: running,
             held: f.held,
             charge,
@@ -182,8 +191,10 @@ impl Engine {
                 usage: pb::Usage {
                     prompt_tokens: p.estimate.prompt,
                     completion_tokens: 0,
+                    cached_prompt_tokens: 0,
                 },
                 done: false,
+                cost: None,
                 attempts: f.attempts,
                 queue_wait: f.queue_wait,
                 path: super::ModelPath {
@@ -226,11 +237,13 @@ impl Relay {
             end: end_tx,
             prompt,
             sent,
+            price,
+            span,
             ..
         } = self;
         drain(&mut upstream, &mut produced);
         drop(upstream);
-        charge.settled(held.settle(Completion {
+        let charged = held.settle(Completion {
             settlement: Settlement::Used {
                 prompt,
                 completion: produced,
@@ -238,7 +251,13 @@ impl Relay {
             outcome,
             latency: crate::clock::since(sent),
             ..Completion::abandoned()
-        }));
+        });
+        let usage = pb::Usage {
+            prompt_tokens: prompt,
+            completion_tokens: produced,
+            cached_prompt_tokens: 0,
+        };
+        price.charge(&mut charge, charged, &usage, &span);
         charge.finish();
         if let Some(end) = end {
             let _ = end_tx.send(end);
@@ -275,18 +294,21 @@ impl Relay {
                     let usage = c.usage.unwrap_or(pb::Usage {
                         prompt_tokens: self.prompt,
                         completion_tokens: produced,
+                        cached_prompt_tokens: 0,
                     });
                     produced = produced.max(usage.completion_tokens);
                     if c.done {
-                        let last = self.chunk(c.output, usage, true);
+                        let mut last = self.chunk(c.output, usage, true);
                         let Relay {
                             held,
                             mut charge,
                             end,
                             sent,
+                            price,
+                            span,
                             ..
                         } = self;
-                        charge.settled(held.settle(Completion {
+                        let charged = held.settle(Completion {
                             settlement: Settlement::Used {
                                 prompt: usage.prompt_tokens,
                                 completion: usage.completion_tokens,
@@ -296,7 +318,8 @@ impl Relay {
                             hint: c.provider_quota.map(hint_from_pb),
                             load: c.load.map(load_from_pb),
                             provider_refused: None,
-                        }));
+                        });
+                        last.cost = Some(price.charge(&mut charge, charged, &usage, &span));
                         charge.finish();
                         let _ = end.send(Ok(last));
                         return;
@@ -334,14 +357,17 @@ impl Relay {
                         mut charge,
                         end,
                         sent,
+                        price,
+                        span,
                         ..
                     } = self;
-                    charge.settled(held.settle(Completion {
+                    let charged = held.settle(Completion {
                         settlement: Settlement::Unknown,
                         outcome: Some(Outcome::Failure),
                         latency: crate::clock::since(sent),
                         ..Completion::abandoned()
-                    }));
+                    });
+                    price.charge_worst_case(&mut charge, charged, &span);
                     charge.finish();
                     let _ = end.send(Err(DispatchError::Upstream {
                         region,

@@ -186,9 +186,10 @@ impl Engine {
             Span::current().record("charged_tokens", charged);
             charged
         });
-        lease.settled(charged);
-        lease.finish();
         let span = Span::current();
+        let price = super::spend::AttemptPrice::new(&p.config, &p.tenant, &p.exec.model, &f.region);
+        let cost = price.charge(&mut lease, charged, &usage, &span);
+        lease.finish();
         span.record("prompt_tokens", usage.prompt_tokens);
         span.record("completion_tokens", usage.completion_tokens);
         span.record("attempts", f.attempts);
@@ -204,6 +205,7 @@ impl Engine {
                 model: std::mem::take(&mut p.exec.model),
                 ..p.path
             },
+            cost,
         })
     }
 }

@@ -331,6 +331,9 @@ impl Jobs {
                     job.region = chunk.region.clone();
                     job.attempts = chunk.attempts;
                     job.served_by = chunk.path.model.clone();
+                    if let Some(cost) = &chunk.cost {
+                        job.cost = Some(cost.to_pb());
+                    }
                     job.queue_wait = prost_types::Duration::try_from(chunk.queue_wait).ok();
                     if !chunk.output.is_empty() || chunk.done {
                         events.push(Event::Output(pb::JobOutput {

@@ -53,11 +53,12 @@ impl AdminService {
         Self { engine, reload }
     }
 
-    fn status(r: &RegionView) -> pb::RegionStatus {
+    fn status(r: &RegionView, prices: &crate::core::Prices) -> pb::RegionStatus {
         let models = r
             .models
             .iter()
             .map(|q| pb::ModelQuotaStatus {
+                price: Some(super::admin_cost::price(prices, &r.name, &q.model)),
                 model: q.model.clone(),
                 accounting: q.accounting.into(),
                 tokens_per_minute: q.tokens_per_minute,
@@ -136,7 +137,7 @@ impl AdminService {
         }
         let view = self.view();
         match view.regions.iter().find(|r| r.name == name) {
-            Some(r) => Ok(Self::status(r)),
+            Some(r) => Ok(Self::status(r, &self.engine.prices())),
             None => Err(unknown_region(&view, name)),
         }
     }
@@ -169,7 +170,13 @@ impl Admin for AdminService {
         &self,
         _: Request<pb::ListRegionsRequest>,
     ) -> Result<Response<pb::ListRegionsReply>, Status> {
-        let regions = self.view().regions.iter().map(Self::status).collect();
+        let prices = self.engine.prices();
+        let regions = self
+            .view()
+            .regions
+            .iter()
+            .map(|r| Self::status(r, &prices))
+            .collect();
         Ok(Response::new(pb::ListRegionsReply { regions }))
     }
 
@@ -206,35 +213,23 @@ impl Admin for AdminService {
         &self,
         _: Request<pb::ListTenantsRequest>,
     ) -> Result<Response<pb::ListTenantsReply>, Status> {
+        let prices = self.engine.prices();
         let tenants = self
             .view()
             .tenants
             .into_iter()
-            .map(|v| {
-                let queued = v.queued as u32;
-                let t = v.report;
-                pb::TenantStatus {
-                    name: t.spec.name.clone(),
-                    weight: t.spec.weight,
-                    requests_per_second: t.spec.requests_per_second.unwrap_or(0),
-                    tokens_per_minute: t.spec.tokens_per_minute.unwrap_or(0),
-                    max_concurrent: t.spec.max_concurrent.unwrap_or(0),
-                    daily_token_budget: t.spec.daily_token_budget.unwrap_or(0),
-                    models: t.spec.models.clone().unwrap_or_default(),
-                    max_queued: t.spec.max_queued,
-                    tokens_last_minute: t.tokens_last_minute,
-                    requests_last_minute: t.requests_last_minute,
-                    share: t.share,
-                    entitlement: t.entitlement,
-                    active: t.active,
-                    queued,
-                    in_flight: t.in_flight,
-                    tokens_available: t.tokens_available,
-                    used_today: t.used_today,
-                }
-            })
+            .map(|v| super::admin_cost::tenant_status(v, prices.currency()))
             .collect();
         Ok(Response::new(pb::ListTenantsReply { tenants }))
+    }
+
+    async fn get_tenant(
+        &self,
+        request: Request<pb::GetTenantRequest>,
+    ) -> Result<Response<pb::TenantStatus>, Status> {
+        let prices = self.engine.prices();
+        let name = request.into_inner().name;
+        super::admin_cost::get_tenant(self.view().tenants, &name, prices.currency()).map(Response::new)
     }
 
     async fn reload_config(

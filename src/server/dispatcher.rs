@@ -70,6 +70,7 @@ pub(super) fn reply(d: Dispatched) -> pb::DispatchReply {
         model: d.path.model,
         models_tried: d.path.tried,
         alias: d.path.alias,
+        cost: Some(d.cost.to_pb()),
     }
 }
 
@@ -85,6 +86,7 @@ fn chunk(c: StreamChunk) -> pb::DispatchChunk {
         model: c.path.model,
         models_tried: c.path.tried,
         alias: c.path.alias,
+        cost: c.cost.as_ref().map(crate::dispatch::Cost::to_pb),
     }
 }
 

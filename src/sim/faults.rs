@@ -50,11 +50,13 @@ impl Faults {
             pb::Usage {
                 prompt_tokens: 0,
                 completion_tokens: prompt + completion,
+                cached_prompt_tokens: 0,
             }
         } else {
             pb::Usage {
                 prompt_tokens: prompt,
                 completion_tokens: completion,
+                cached_prompt_tokens: 0,
             }
         }
     }
@@ -99,7 +101,8 @@ mod tests {
             f.usage(10, 5),
             pb::Usage {
                 prompt_tokens: 0,
-                completion_tokens: 15
+                completion_tokens: 15,
+                cached_prompt_tokens: 0,
             }
         );
         assert!(f.load(pb::LoadReport::default()).is_some());

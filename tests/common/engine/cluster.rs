@@ -137,6 +137,7 @@ impl Reply {
         pb::Usage {
             prompt_tokens,
             completion_tokens,
+            cached_prompt_tokens: 0,
         }
     }
 }
@@ -376,6 +377,7 @@ impl AgentCluster for FakeCluster {
                     usage: Some(pb::Usage {
                         prompt_tokens: usage.prompt_tokens,
                         completion_tokens: usage.completion_tokens * i / n,
+                        cached_prompt_tokens: 0,
                     }),
                     done: last,
                     provider_quota: if last { reply.quota } else { None },
