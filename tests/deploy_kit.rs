@@ -236,7 +236,8 @@ async fn every_metric_the_dashboard_and_the_rules_query_is_served() {
         format!(
             "[telemetry]\nmetrics_listen = \"127.0.0.1:0\"\n[routing]\nstrategy = \"round_robin\"\n\
              [server.tls]\ncert_file = {:?}\nkey_file = {:?}\n\
-             [[models]]\nname = \"gpt-4o\"\n[[tenants]]\nname = \"team-a\"\nkeys = [\"{}\"]\n\
+             [[models]]\nname = \"gpt-4o\"\nprice = {{ input = 2.50, output = 10.00 }}\n\
+             [[tenants]]\nname = \"team-a\"\nkeys = [\"{}\"]\ndaily_cost_budget = 100\n\
              [cluster]\nredis_url = \"{}\"\nreplica_id = \"kit\"\n",
             cert.cert,
             cert.key,
