@@ -60,6 +60,11 @@ pub struct Snapshot {
     fallbacks: Vec<crate::core::FallbackSpec>,
     /// Each configured model's plan with its chain, and alone.
     plans: Vec<(String, Arc<crate::core::Plan>, Arc<crate::core::Plan>)>,
+    /// `[cache]`.
+    pub cache: crate::config::CacheConfig,
+    /// Each configured model's routing version (`core::routing_version`),
+    /// part of its cache keys.
+    model_versions: Vec<(Arc<str>, u64)>,
 }
 
 impl Snapshot {
@@ -88,7 +93,25 @@ impl Snapshot {
                     (m.name.clone(), plan(true), plan(false))
                 })
                 .collect(),
+            cache: config.cache.clone(),
+            model_versions: config
+                .models
+                .iter()
+                .map(|m| {
+                    let v = crate::core::routing_version(m, &config.policy.fallbacks, &config.policy.rollouts);
+                    (Arc::from(m.name.as_str()), v)
+                })
+                .collect(),
         }
+    }
+
+    /// `model`'s routing version (0 for a model not configured, which no
+    /// request reaches the cache with).
+    pub fn model_version(&self, model: &str) -> u64 {
+        self.model_versions
+            .iter()
+            .find(|(m, _)| &**m == model)
+            .map_or(0, |(_, v)| *v)
     }
 
     /// A configured model's name, shared.

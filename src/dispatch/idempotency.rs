@@ -130,6 +130,7 @@ mod tests {
             queue_wait: Duration::ZERO,
             config_version: 1,
             path: Default::default(),
+            cached: None,
         }
     }
 

@@ -14,6 +14,7 @@
 //! Time is read through `crate::clock` and passed into the core.
 
 mod auth;
+mod cache;
 mod capacity;
 mod desk;
 mod error;
@@ -41,6 +42,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 pub use auth::{AuthError, Caller, hash_key};
+pub use cache::{CacheHit, CacheLayer, CachedEntry, ResponseCache, SharedCache, cached_reply, encode as cache_encode};
 pub use capacity::{CAPACITY_TICK, CapacityReport};
 pub use desk::{Grant, QuotaDesk, Ticket};
 pub use error::{DispatchError, Violation};
@@ -97,6 +99,8 @@ pub struct Dispatched {
     pub config_version: u64,
     /// Which model served it, after rollouts and fallbacks.
     pub path: ModelPath,
+    /// Set when it was served from the response cache.
+    pub cached: Option<CacheHit>,
 }
 
 /// The models a request went through: the alias it named (if any), the
@@ -120,6 +124,8 @@ pub struct Engine {
     id_prefix: String,
     /// With `[cluster]`: request ids claimed across replicas (set once at start).
     shared_ids: std::sync::OnceLock<Arc<dyn SharedIds>>,
+    /// Replies stored for requests that opt in (`cache.rs`).
+    cache: Arc<ResponseCache>,
 }
 
 /// What is running, for a graceful shutdown. Atomics only.
@@ -178,6 +184,7 @@ impl Engine {
             next_id: AtomicU64::new(1),
             id_prefix: format!("{:x}", crate::clock::unix_secs()),
             shared_ids: std::sync::OnceLock::new(),
+            cache: Arc::new(ResponseCache::new(config.cache.limits)),
         }))
     }
 
@@ -194,14 +201,17 @@ impl Engine {
         self.forwarder.apply(config, endpoints)?;
         self.desk.apply(config, crate::clock::now())?;
         self.rollouts.apply(config);
+        self.cache.set_limits(config.cache.limits);
         self.front.replace(config);
         Ok(())
     }
 
     /// Runs the quota desk's pump until `cancel` fires.
     pub fn spawn_pump(self: &Arc<Self>, cancel: CancellationToken) -> tokio::task::JoinHandle<()> {
-        // Capacity rules tick beside the pump, until the same cancellation.
+        // Capacity rules tick beside the pump, until the same cancellation;
+        // so does the cache's sweep of expired entries.
         self.desk.spawn_capacity(cancel.clone());
+        self.cache.spawn_sweeper(cancel.clone());
         let engine = Arc::downgrade(self);
         self.desk.spawn_pump(cancel, move || {
             if let Some(e) = engine.upgrade() {
@@ -222,6 +232,11 @@ impl Engine {
         region: &str,
     ) -> Option<tonic_health::pb::health_client::HealthClient<crate::forward::Connection>> {
         self.forwarder.health_client(region)
+    }
+
+    /// The response cache (Admin's purge; its shared layer, set at start).
+    pub fn cache(&self) -> &ResponseCache {
+        &self.cache
     }
 
     /// The rollouts, for Admin (list, change weights live).

@@ -57,12 +57,17 @@ pub fn encode(d: &Dispatched) -> Vec<u8> {
         model: d.path.model.clone(),
         models_tried: d.path.tried.clone(),
         alias: d.path.alias.clone(),
+        cached: d.cached.as_ref().map(super::cached_reply),
     }
     .encode_to_vec()
 }
 
 pub fn decode(bytes: &[u8], config_version: u64) -> Option<Dispatched> {
-    let r = pb::DispatchReply::decode(bytes).ok()?;
+    let mut r = pb::DispatchReply::decode(bytes).ok()?;
+    let cached = r
+        .cached
+        .take()
+        .and_then(|c| super::cache::hit_from_pb(c, r.output.clone()));
     Some(Dispatched {
         request_id: r.request_id,
         region: r.region,
@@ -79,6 +84,7 @@ pub fn decode(bytes: &[u8], config_version: u64) -> Option<Dispatched> {
             alias: r.alias,
             tried: r.models_tried,
         },
+        cached,
     })
 }
 

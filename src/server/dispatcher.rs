@@ -70,6 +70,7 @@ pub(super) fn reply(d: Dispatched) -> pb::DispatchReply {
         model: d.path.model,
         models_tried: d.path.tried,
         alias: d.path.alias,
+        cached: d.cached.as_ref().map(crate::dispatch::cached_reply),
     }
 }
 
@@ -85,6 +86,7 @@ fn chunk(c: StreamChunk) -> pb::DispatchChunk {
         model: c.path.model,
         models_tried: c.path.tried,
         alias: c.path.alias,
+        cached: c.cached.as_ref().map(crate::dispatch::cached_reply),
     }
 }
 
