@@ -29,8 +29,22 @@ fn rss_bytes() -> u64 {
 /// what a reply's text gives it (random bytes would not compress at all).
 fn output(seed: usize) -> Bytes {
     const WORDS: [&str; 16] = [
-        "the", "quarterly", "report", "shows", "revenue", "growth", "of", "in", "region", "with", "costs",
-        "steady", "and", "margin", "up", "percent",
+        "the",
+        "quarterly",
+        "report",
+        "shows",
+        "revenue",
+        "growth",
+        "of",
+        "in",
+        "region",
+        "with",
+        "costs",
+        "steady",
+        "and",
+        "margin",
+        "up",
+        "percent",
     ];
     let mut s = String::with_capacity(OUTPUT + 16);
     let mut x = seed as u64 * 2_654_435_761 + 1;
@@ -95,7 +109,15 @@ fn main() {
             let e = entry(round * ENTRIES + i);
             let bytes = e.output.len() as u64 + 128;
             store
-                .insert(&tenant, 0, key(round * ENTRIES + i), e, bytes, now, Duration::from_secs(600))
+                .insert(
+                    &tenant,
+                    0,
+                    key(round * ENTRIES + i),
+                    e,
+                    bytes,
+                    now,
+                    Duration::from_secs(600),
+                )
                 .expect("fits");
         }
         let after = rss_bytes();

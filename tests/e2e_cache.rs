@@ -48,7 +48,10 @@ fn request(payload: &str, scope: &str, key: &str) -> tonic::Request<pb::Dispatch
         payload: payload.to_string().into(),
         max_output_tokens: 20,
         cache: Some(pb::CacheOptions {
-            ttl: Some(prost_types::Duration { seconds: 60, nanos: 0 }),
+            ttl: Some(prost_types::Duration {
+                seconds: 60,
+                nanos: 0,
+            }),
             scope: scope.into(),
             ..Default::default()
         }),
@@ -56,6 +59,8 @@ fn request(payload: &str, scope: &str, key: &str) -> tonic::Request<pb::Dispatch
     });
     r.metadata_mut()
         .insert("authorization", format!("Bearer {key}").parse().unwrap());
+    // A hang is a failure, not a stuck test.
+    r.set_timeout(Duration::from_secs(10));
     r
 }
 
@@ -104,15 +109,30 @@ async fn one_dispatcher_serves_hits_per_tenant_and_scope_and_misses_after_a_rout
         .unwrap()
         .into_inner();
     let cached = second.cached.expect("the second is a hit");
-    assert_eq!((cached.layer.as_str(), cached.region.as_str(), cached.model.as_str()), ("local", "eu", "gpt-4o"));
+    assert_eq!(
+        (
+            cached.layer.as_str(),
+            cached.region.as_str(),
+            cached.model.as_str()
+        ),
+        ("local", "eu", "gpt-4o")
+    );
     assert_eq!(second.output, first.output);
     assert_eq!(second.usage.unwrap_or_default(), pb::Usage::default());
     assert_eq!(cached.usage, first.usage);
     assert!(cached.expires_at.unwrap().seconds - cached.stored_at.unwrap().seconds == 60);
     assert_eq!(accepted(&sim).await, 1, "region-sim saw one call");
 
-    assert_eq!(layer(d.addr, "hello", "reader", "key-b").await, "", "another tenant misses");
-    assert_eq!(layer(d.addr, "hello", "admin", "key-a").await, "", "another scope misses");
+    assert_eq!(
+        layer(d.addr, "hello", "reader", "key-b").await,
+        "",
+        "another tenant misses"
+    );
+    assert_eq!(
+        layer(d.addr, "hello", "admin", "key-a").await,
+        "",
+        "another scope misses"
+    );
     assert_eq!(accepted(&sim).await, 3);
     assert_eq!(layer(d.addr, "hello", "reader", "key-b").await, "local");
 
@@ -132,9 +152,19 @@ async fn one_dispatcher_serves_hits_per_tenant_and_scope_and_misses_after_a_rout
     // Metrics by tenant: a's two hits (unary and stream), b's one.
     let metrics = scrape_metrics(d.listener("metrics"));
     let lookups = "dispatcher_cache_lookups_total";
-    assert_eq!(counter(&metrics, lookups, &["tenant=\"a\"", "result=\"hit\""]), 2.0, "{metrics}");
-    assert_eq!(counter(&metrics, lookups, &["tenant=\"a\"", "result=\"miss\""]), 2.0);
-    assert_eq!(counter(&metrics, lookups, &["tenant=\"b\"", "result=\"hit\""]), 1.0);
+    assert_eq!(
+        counter(&metrics, lookups, &["tenant=\"a\"", "result=\"hit\""]),
+        2.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        counter(&metrics, lookups, &["tenant=\"a\"", "result=\"miss\""]),
+        2.0
+    );
+    assert_eq!(
+        counter(&metrics, lookups, &["tenant=\"b\"", "result=\"hit\""]),
+        1.0
+    );
     assert!(counter(&metrics, "dispatcher_cache_bytes", &["tenant=\"a\""]) > 0.0);
 
     // A reload that changes gpt-4o's settings changes its keys.
@@ -146,7 +176,11 @@ async fn one_dispatcher_serves_hits_per_tenant_and_scope_and_misses_after_a_rout
         .unwrap()
         .into_inner();
     assert!(reload.applied, "{reload:?}");
-    assert_eq!(layer(d.addr, "hello", "reader", "key-a").await, "", "routing changed: a miss");
+    assert_eq!(
+        layer(d.addr, "hello", "reader", "key-a").await,
+        "",
+        "routing changed: a miss"
+    );
     assert_eq!(accepted(&sim).await, 4);
     assert_eq!(layer(d.addr, "hello", "reader", "key-a").await, "local");
 
@@ -188,7 +222,10 @@ const REDIS_TIMEOUT_MS: u64 = 200;
 fn shared_entries(redis: &RedisServer) -> usize {
     let client = redis::Client::open(redis.url()).unwrap();
     let mut con = client.get_connection().unwrap();
-    let keys: Vec<String> = redis::cmd("KEYS").arg("dispatcher:cache:*:e:*").query(&mut con).unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("dispatcher:cache:*:e:*")
+        .query(&mut con)
+        .unwrap();
     keys.len()
 }
 
@@ -213,10 +250,22 @@ async fn replicas_share_entries_through_redis_and_redis_down_is_a_miss_not_an_er
     eventually(Duration::from_secs(5), || async { shared_entries(&redis) == 1 })
         .await
         .expect("the entry reached Redis");
-    assert_eq!(layer(r2.addr, "shared", "", "key-a").await, "shared", "r2 serves r1's entry");
-    assert_eq!(layer(r2.addr, "shared", "", "key-a").await, "local", "and keeps it");
+    assert_eq!(
+        layer(r2.addr, "shared", "", "key-a").await,
+        "shared",
+        "r2 serves r1's entry"
+    );
+    assert_eq!(
+        layer(r2.addr, "shared", "", "key-a").await,
+        "local",
+        "and keeps it"
+    );
     assert_eq!(accepted(&sim).await, 1, "region-sim saw one call");
-    assert_eq!(layer(r2.addr, "shared", "", "key-b").await, "", "never another tenant's");
+    assert_eq!(
+        layer(r2.addr, "shared", "", "key-b").await,
+        "",
+        "never another tenant's"
+    );
 
     // A purge on one replica reaches Redis.
     let purged = admin(r1.addr)
@@ -249,20 +298,30 @@ async fn replicas_share_entries_through_redis_and_redis_down_is_a_miss_not_an_er
     for i in 0..5 {
         let (layer, took) = timed(r2.addr, format!("paused {i}")).await;
         assert_eq!(layer, "", "a miss");
-        assert!(took < bound, "request {i} took {took:?} with Redis paused (bound {bound:?})");
+        assert!(
+            took < bound,
+            "request {i} took {took:?} with Redis paused (bound {bound:?})"
+        );
     }
     redis.resume();
     redis.kill();
     for i in 0..5 {
         let (layer, took) = timed(r1.addr, format!("killed {i}")).await;
         assert_eq!(layer, "");
-        assert!(took < bound, "request {i} took {took:?} with Redis killed (bound {bound:?})");
+        assert!(
+            took < bound,
+            "request {i} took {took:?} with Redis killed (bound {bound:?})"
+        );
     }
     // This process's layer still serves what it stored.
     assert_eq!(layer(r1.addr, "killed 0", "", "key-a").await, "local");
     let metrics = scrape_metrics(r1.listener("metrics"));
     assert!(
-        counter(&metrics, "dispatcher_cache_shared_errors_total", &["tenant=\"a\""]) >= 1.0,
+        counter(
+            &metrics,
+            "dispatcher_cache_shared_errors_total",
+            &["tenant=\"a\""]
+        ) >= 1.0,
         "{metrics}"
     );
 }

@@ -120,9 +120,15 @@ impl SharedCache for RedisCache {
                     return Err(format!("purge still scanning after {PURGE_FOR:?}"));
                 }
                 let mut scan = redis::cmd("SCAN");
-                scan.arg(cursor).arg("MATCH").arg(&pattern).arg("COUNT").arg(SCAN_COUNT);
+                scan.arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(SCAN_COUNT);
                 let (next, keys) = redis
-                    .run(scan, |v| redis::from_redis_value::<(u64, Vec<String>)>(v).map_err(|e| e.to_string()))
+                    .run(scan, |v| {
+                        redis::from_redis_value::<(u64, Vec<String>)>(v).map_err(|e| e.to_string())
+                    })
                     .await?;
                 if !keys.is_empty() {
                     // Entries are counted; the scope sets beside them go too.

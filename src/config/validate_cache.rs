@@ -18,18 +18,29 @@ pub(super) fn validate_cache(c: &Ctx<'_>, k: RawCache) -> Result<CacheConfig, Co
     };
     let per_tenant = Bounds {
         max_entries: c.at_least("cache.max_entries_per_tenant", k.max_entries_per_tenant, 2_000, 1)?,
-        max_bytes: c.at_least("cache.max_bytes_per_tenant", k.max_bytes_per_tenant, 16 << 20, 1024)?,
+        max_bytes: c.at_least(
+            "cache.max_bytes_per_tenant",
+            k.max_bytes_per_tenant,
+            16 << 20,
+            1024,
+        )?,
     };
     if per_tenant.max_entries > total.max_entries {
         return Err(c.err(
             "cache.max_entries_per_tenant",
-            format!("{} is more than cache.max_entries ({})", per_tenant.max_entries, total.max_entries),
+            format!(
+                "{} is more than cache.max_entries ({})",
+                per_tenant.max_entries, total.max_entries
+            ),
         ));
     }
     if per_tenant.max_bytes > total.max_bytes {
         return Err(c.err(
             "cache.max_bytes_per_tenant",
-            format!("{} is more than cache.max_bytes ({})", per_tenant.max_bytes, total.max_bytes),
+            format!(
+                "{} is more than cache.max_bytes ({})",
+                per_tenant.max_bytes, total.max_bytes
+            ),
         ));
     }
     let max_entry_bytes = c.at_least("cache.max_entry_bytes", k.max_entry_bytes, 1 << 20, 64)?;

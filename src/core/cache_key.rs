@@ -122,7 +122,10 @@ mod tests {
         let base = facts().key();
         assert_eq!(base, facts().key());
         let changed = [
-            KeyFacts { tenant: "b", ..facts() },
+            KeyFacts {
+                tenant: "b",
+                ..facts()
+            },
             KeyFacts {
                 model: "mini",
                 ..facts()

@@ -183,7 +183,10 @@ impl<V> CacheStore<V> {
         self.clock += 1;
         let used = self.clock;
         let slot = self.slots.get_mut(key).expect("present");
-        let shelf = self.shelves.get_mut(&slot.tenant).expect("a tenant's entry has its shelf");
+        let shelf = self
+            .shelves
+            .get_mut(&slot.tenant)
+            .expect("a tenant's entry has its shelf");
         shelf.by_use.remove(&slot.used);
         shelf.by_use.insert(used, *key);
         slot.used = used;
@@ -218,7 +221,9 @@ impl<V> CacheStore<V> {
         self.fit_tenant(tenant, 1, bytes, &mut removed);
         self.fit_total(1, bytes, &mut removed);
         self.clock += 1;
-        let expires_at = now.checked_add(ttl).unwrap_or(now + Duration::from_secs(365 * 86_400));
+        let expires_at = now
+            .checked_add(ttl)
+            .unwrap_or(now + Duration::from_secs(365 * 86_400));
         let shelf = self.shelves.entry(tenant.clone()).or_default();
         shelf.entries += 1;
         shelf.bytes += bytes;
@@ -337,7 +342,13 @@ impl<V> CacheStore<V> {
                 .iter()
                 .filter(|(_, s)| s.entries > 0)
                 .max_by(|(ta, a), (tb, b)| {
-                    let by = |s: &Shelf| if short_of_bytes { (s.bytes, s.entries as u64) } else { (s.entries as u64, s.bytes) };
+                    let by = |s: &Shelf| {
+                        if short_of_bytes {
+                            (s.bytes, s.entries as u64)
+                        } else {
+                            (s.entries as u64, s.bytes)
+                        }
+                    };
                     by(a).cmp(&by(b)).then_with(|| tb.cmp(ta))
                 })
                 .and_then(|(_, s)| s.by_use.first_key_value().map(|(_, k)| *k));

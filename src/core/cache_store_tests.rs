@@ -128,9 +128,18 @@ fn too_large_or_zero_ttl_is_not_stored_and_evicts_nothing() {
     let now = Instant::now();
     let mut s = CacheStore::new(limits((10, 10_000), (10, 500)));
     s.insert(&t("a"), 0, key(1), 1, 100, now, MIN).unwrap();
-    assert_eq!(s.insert(&t("a"), 0, key(2), 2, 1001, now, MIN), Err(NotStored::TooLarge));
-    assert_eq!(s.insert(&t("a"), 0, key(2), 2, 501, now, MIN), Err(NotStored::TooLarge));
-    assert_eq!(s.insert(&t("a"), 0, key(2), 2, 10, now, Duration::ZERO), Err(NotStored::NoRoom));
+    assert_eq!(
+        s.insert(&t("a"), 0, key(2), 2, 1001, now, MIN),
+        Err(NotStored::TooLarge)
+    );
+    assert_eq!(
+        s.insert(&t("a"), 0, key(2), 2, 501, now, MIN),
+        Err(NotStored::TooLarge)
+    );
+    assert_eq!(
+        s.insert(&t("a"), 0, key(2), 2, 10, now, Duration::ZERO),
+        Err(NotStored::NoRoom)
+    );
     assert_eq!(s.totals(), (1, 100));
 }
 
@@ -172,7 +181,11 @@ fn purges_by_tenant_by_scope_and_all() {
     let r = s.purge(Purge::TenantScope("a", reader));
     assert_eq!(r.len(), 1);
     assert_eq!(hit(&mut s, 2, now), Some(2));
-    assert_eq!(hit(&mut s, 3, now), Some(3), "another tenant's entry under that scope stays");
+    assert_eq!(
+        hit(&mut s, 3, now),
+        Some(3),
+        "another tenant's entry under that scope stays"
+    );
     assert_eq!(s.purge(Purge::Tenant("b")).len(), 1);
     assert_eq!(hit(&mut s, 4, now), Some(4));
     assert_eq!(s.purge(Purge::All).len(), 2);

@@ -21,8 +21,8 @@ use parking_lot::Mutex;
 use prost::Message;
 use tokio_util::sync::CancellationToken;
 
+use super::Pending;
 use super::front_door::Snapshot;
-use super::shared_ids::Pending;
 use super::{DispatchError, Violation};
 use crate::core::{CacheKey, CacheLimits, CacheStore, KeyFacts, Lookup, Purge, Removed, scope_tag};
 use crate::pb;
@@ -113,7 +113,10 @@ impl CachePlan {
         if ttl > settings.max_ttl {
             return Err(bad(
                 "cache.ttl",
-                format!("{ttl:?} is longer than the longest allowed, {:?}", settings.max_ttl),
+                format!(
+                    "{ttl:?} is longer than the longest allowed, {:?}",
+                    settings.max_ttl
+                ),
             ));
         }
         if options.scope.len() > settings.max_scope_bytes {
@@ -245,7 +248,12 @@ impl ResponseCache {
     fn hit(&self, plan: &CachePlan, entry: Arc<CachedEntry>, layer: CacheLayer) -> CacheHit {
         count("dispatcher_cache_lookups_total", &plan.tenant, "result", "hit");
         if layer == CacheLayer::Shared {
-            count("dispatcher_cache_shared_hits_total", &plan.tenant, "layer", "shared");
+            count(
+                "dispatcher_cache_shared_hits_total",
+                &plan.tenant,
+                "layer",
+                "shared",
+            );
         }
         tracing::debug!(layer = layer.as_str(), model = %entry.model, "served from the cache");
         CacheHit { entry, layer }
@@ -335,7 +343,11 @@ impl ResponseCache {
         };
         let removed = self.store.lock().purge(which);
         self.removed(&removed);
-        for t in removed.iter().map(|r| r.tenant.clone()).collect::<std::collections::BTreeSet<_>>() {
+        for t in removed
+            .iter()
+            .map(|r| r.tenant.clone())
+            .collect::<std::collections::BTreeSet<_>>()
+        {
             self.gauges(&t);
         }
         let shared = match self.shared.get() {
@@ -373,8 +385,10 @@ impl ResponseCache {
                 cache.removed(&removed);
                 if crate::metrics::enabled() {
                     for (t, entries, bytes) in tenants {
-                        metrics::gauge!("dispatcher_cache_entries", "tenant" => t.to_string()).set(entries as f64);
-                        metrics::gauge!("dispatcher_cache_bytes", "tenant" => t.to_string()).set(bytes as f64);
+                        metrics::gauge!("dispatcher_cache_entries", "tenant" => t.to_string())
+                            .set(entries as f64);
+                        metrics::gauge!("dispatcher_cache_bytes", "tenant" => t.to_string())
+                            .set(bytes as f64);
                     }
                 }
             }
@@ -394,7 +408,11 @@ impl ResponseCache {
             )
             .increment(1);
         }
-        for t in removed.iter().map(|r| &r.tenant).collect::<std::collections::BTreeSet<_>>() {
+        for t in removed
+            .iter()
+            .map(|r| &r.tenant)
+            .collect::<std::collections::BTreeSet<_>>()
+        {
             self.gauges(t);
         }
     }

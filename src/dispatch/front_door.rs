@@ -98,7 +98,8 @@ impl Snapshot {
                 .models
                 .iter()
                 .map(|m| {
-                    let v = crate::core::routing_version(m, &config.policy.fallbacks, &config.policy.rollouts);
+                    let v =
+                        crate::core::routing_version(m, &config.policy.fallbacks, &config.policy.rollouts);
                     (Arc::from(m.name.as_str()), v)
                 })
                 .collect(),

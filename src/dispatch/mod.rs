@@ -42,7 +42,9 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 pub use auth::{AuthError, Caller, hash_key};
-pub use cache::{CacheHit, CacheLayer, CachedEntry, ResponseCache, SharedCache, cached_reply, encode as cache_encode};
+pub use cache::{
+    CacheHit, CacheLayer, CachedEntry, ResponseCache, SharedCache, cached_reply, encode as cache_encode,
+};
 pub use capacity::{CAPACITY_TICK, CapacityReport};
 pub use desk::{Grant, QuotaDesk, Ticket};
 pub use error::{DispatchError, Violation};

@@ -223,8 +223,18 @@ impl Engine {
 
     /// The answer to a request served from the cache: nothing was
     /// forwarded, so no attempts, no wait and no usage of its own.
-    pub(super) fn from_cache(&self, request_id: String, hit: super::CacheHit, config_version: u64, alias: String) -> Dispatched {
-        let request_id = if request_id.is_empty() { self.new_id() } else { request_id };
+    pub(super) fn from_cache(
+        &self,
+        request_id: String,
+        hit: super::CacheHit,
+        config_version: u64,
+        alias: String,
+    ) -> Dispatched {
+        let request_id = if request_id.is_empty() {
+            self.new_id()
+        } else {
+            request_id
+        };
         Span::current().record("request_id", request_id.as_str());
         Dispatched {
             request_id,
