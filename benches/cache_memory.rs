@@ -107,7 +107,7 @@ fn main() {
         let mut store = CacheStore::new(limits);
         for i in 0..ENTRIES {
             let e = entry(round * ENTRIES + i);
-            let bytes = e.output.len() as u64 + 128;
+            let bytes = e.output.len() as u64 + dispatcher::dispatch::CACHE_ENTRY_OVERHEAD;
             store
                 .insert(
                     &tenant,

@@ -79,6 +79,18 @@ async fn layer(addr: SocketAddr, payload: &str, scope: &str, key: &str) -> Strin
     reply.cached.map(|c| c.layer).unwrap_or_default()
 }
 
+async fn purge_tenant(addr: SocketAddr, tenant: &str) -> pb::PurgeCacheReply {
+    admin(addr)
+        .await
+        .purge_cache(pb::PurgeCacheRequest {
+            tenant: tenant.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 fn counter(metrics: &str, name: &str, labels: &[&str]) -> f64 {
     metrics
         .lines()
@@ -186,15 +198,7 @@ async fn one_dispatcher_serves_hits_per_tenant_and_scope_and_misses_after_a_rout
 
     // Admin purges tenant a's entries; b's stay (b's key was made under
     // the old routing, so b stores anew and then hits).
-    let purged = admin(d.addr)
-        .await
-        .purge_cache(pb::PurgeCacheRequest {
-            tenant: "a".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let purged = purge_tenant(d.addr, "a").await;
     assert!(purged.entries >= 1, "{purged:?}");
     assert_eq!(purged.shared_entries, 0, "no shared layer without [cluster]");
     assert_eq!(layer(d.addr, "hello", "reader", "key-a").await, "");
@@ -268,15 +272,7 @@ async fn replicas_share_entries_through_redis_and_redis_down_is_a_miss_not_an_er
     );
 
     // A purge on one replica reaches Redis.
-    let purged = admin(r1.addr)
-        .await
-        .purge_cache(pb::PurgeCacheRequest {
-            tenant: "a".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let purged = purge_tenant(r1.addr, "a").await;
     assert_eq!(purged.shared_entries, 1, "{purged:?}");
 
     // Each request's time with Redis up, as the yardstick.

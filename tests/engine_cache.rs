@@ -91,6 +91,11 @@ fn cached(payload: &str, ttl: f64, scope: &str) -> pb::DispatchRequest {
     }
 }
 
+/// Dispatches `r` as the tenant of `key`; it must succeed.
+async fn send(w: &World, r: pb::DispatchRequest, key: Option<&'static str>) -> Dispatched {
+    w.engine.dispatch(r, None, key).await.unwrap()
+}
+
 fn layer(d: &Dispatched) -> Option<CacheLayer> {
     d.cached.as_ref().map(|h| h.layer)
 }
@@ -98,18 +103,10 @@ fn layer(d: &Dispatched) -> Option<CacheLayer> {
 #[tokio::test(start_paused = true)]
 async fn a_second_identical_request_is_a_hit_the_cluster_never_sees() {
     let w = world("", "", 6_000_000);
-    let first = w
-        .engine
-        .dispatch(cached("hello", 60.0, ""), None, KEY_A)
-        .await
-        .unwrap();
+    let first = send(&w, cached("hello", 60.0, ""), KEY_A).await;
     assert_eq!(layer(&first), None, "the first is a miss");
     assert_eq!(w.cluster("big").calls(), 1);
-    let second = w
-        .engine
-        .dispatch(cached("hello", 60.0, ""), None, KEY_A)
-        .await
-        .unwrap();
+    let second = send(&w, cached("hello", 60.0, ""), KEY_A).await;
     assert_eq!(layer(&second), Some(CacheLayer::Local));
     assert_eq!(w.cluster("big").calls(), 1, "a hit is not forwarded");
     assert_eq!(second.output, first.output);
@@ -128,10 +125,7 @@ async fn a_second_identical_request_is_a_hit_the_cluster_never_sees() {
 #[tokio::test(start_paused = true)]
 async fn another_tenant_scope_payload_or_output_limit_misses() {
     let w = world("", "", 6_000_000);
-    w.engine
-        .dispatch(cached("hello", 60.0, "role=reader"), None, KEY_A)
-        .await
-        .unwrap();
+    send(&w, cached("hello", 60.0, "role=reader"), KEY_A).await;
     let misses = [
         (cached("hello", 60.0, "role=reader"), KEY_B),
         (cached("hello", 60.0, "role=admin"), KEY_A),
@@ -151,17 +145,9 @@ async fn another_tenant_scope_payload_or_output_limit_misses() {
         assert_eq!(w.cluster("big").calls(), 2 + i as u64);
     }
     // Tenant b's own copy is now a hit for b, and a's still for a.
-    let d = w
-        .engine
-        .dispatch(cached("hello", 60.0, "role=reader"), None, KEY_B)
-        .await
-        .unwrap();
+    let d = send(&w, cached("hello", 60.0, "role=reader"), KEY_B).await;
     assert_eq!(layer(&d), Some(CacheLayer::Local));
-    let d = w
-        .engine
-        .dispatch(cached("hello", 60.0, "role=reader"), None, KEY_A)
-        .await
-        .unwrap();
+    let d = send(&w, cached("hello", 60.0, "role=reader"), KEY_A).await;
     assert_eq!(layer(&d), Some(CacheLayer::Local));
     // A request that did not opt in neither reads nor stores.
     let plain = pb::DispatchRequest {
@@ -169,7 +155,7 @@ async fn another_tenant_scope_payload_or_output_limit_misses() {
         ..cached("hello", 60.0, "role=reader")
     };
     let calls = w.cluster("big").calls();
-    let d = w.engine.dispatch(plain, None, KEY_A).await.unwrap();
+    let d = send(&w, plain, KEY_A).await;
     assert_eq!(layer(&d), None);
     assert_eq!(w.cluster("big").calls(), calls + 1);
 }
@@ -177,29 +163,18 @@ async fn another_tenant_scope_payload_or_output_limit_misses() {
 #[tokio::test(start_paused = true)]
 async fn entries_expire_at_their_ttl_on_the_callers_clock() {
     let w = world("", "", 6_000_000);
-    w.engine
-        .dispatch(cached("hello", 10.0, ""), None, KEY_A)
-        .await
-        .unwrap();
+    send(&w, cached("hello", 10.0, ""), KEY_A).await;
     tokio::time::advance(secs(9.9)).await;
-    let d = w
-        .engine
-        .dispatch(cached("hello", 10.0, ""), None, KEY_A)
-        .await
-        .unwrap();
+    let d = send(&w, cached("hello", 10.0, ""), KEY_A).await;
     assert_eq!(layer(&d), Some(CacheLayer::Local), "9.9 s into a 10 s TTL");
     tokio::time::advance(secs(0.1)).await;
-    let d = w
-        .engine
-        .dispatch(cached("hello", 10.0, ""), None, KEY_A)
-        .await
-        .unwrap();
+    let d = send(&w, cached("hello", 10.0, ""), KEY_A).await;
     assert_eq!(layer(&d), None, "at 10 s it has expired");
     assert_eq!(w.cluster("big").calls(), 2);
     // `refresh` skips the lookup and replaces the entry.
     let mut r = cached("hello", 10.0, "");
     r.cache.as_mut().unwrap().refresh = true;
-    let d = w.engine.dispatch(r, None, KEY_A).await.unwrap();
+    let d = send(&w, r, KEY_A).await;
     assert_eq!(layer(&d), None);
     assert_eq!(w.cluster("big").calls(), 3);
 }
@@ -209,10 +184,7 @@ async fn a_hit_charges_no_quota_and_no_tenant_tokens_but_counts_as_a_request() {
     // gpt-4o's bucket holds one request of 1 + 10 tokens and refills
     // 11 a minute; tenant a may send 1000 tokens a minute, 3 requests a second.
     let w = world("", "tokens_per_minute = 1000\nrequests_per_second = 3", 11);
-    w.engine
-        .dispatch(cached("hi", 60.0, ""), None, KEY_A)
-        .await
-        .unwrap();
+    send(&w, cached("hi", 60.0, ""), KEY_A).await;
     let region_level = |w: &World| w.region("big").models[0].tokens_available;
     let tenant_tokens = |w: &World| {
         let v = w.engine.view(dispatcher::clock::now());
@@ -221,11 +193,7 @@ async fn a_hit_charges_no_quota_and_no_tenant_tokens_but_counts_as_a_request() {
     };
     let (level, tokens) = (region_level(&w), tenant_tokens(&w));
     assert!(level <= 0, "the one request's worth is spent: {level}");
-    let d = w
-        .engine
-        .dispatch(cached("hi", 60.0, ""), None, KEY_A)
-        .await
-        .unwrap();
+    let d = send(&w, cached("hi", 60.0, ""), KEY_A).await;
     assert_eq!(layer(&d), Some(CacheLayer::Local));
     assert_eq!(region_level(&w), level, "no region quota taken");
     assert_eq!(tenant_tokens(&w), tokens, "no tenant tokens taken");
@@ -259,41 +227,23 @@ async fn a_hit_charges_no_quota_and_no_tenant_tokens_but_counts_as_a_request() {
 async fn the_tenants_bound_evicts_its_least_recently_used_entry() {
     let w = world("[cache]\nmax_entries_per_tenant = 2", "", 6_000_000);
     for p in ["one", "two"] {
-        w.engine.dispatch(cached(p, 60.0, ""), None, KEY_A).await.unwrap();
+        send(&w, cached(p, 60.0, ""), KEY_A).await;
     }
     // Reading "one" makes "two" the least recently used; "three" evicts it.
-    let d = w
-        .engine
-        .dispatch(cached("one", 60.0, ""), None, KEY_A)
-        .await
-        .unwrap();
+    let d = send(&w, cached("one", 60.0, ""), KEY_A).await;
     assert_eq!(layer(&d), Some(CacheLayer::Local));
-    w.engine
-        .dispatch(cached("three", 60.0, ""), None, KEY_A)
-        .await
-        .unwrap();
+    send(&w, cached("three", 60.0, ""), KEY_A).await;
     assert_eq!(w.cluster("big").calls(), 3);
-    let d = w
-        .engine
-        .dispatch(cached("one", 60.0, ""), None, KEY_A)
-        .await
-        .unwrap();
+    let d = send(&w, cached("one", 60.0, ""), KEY_A).await;
     assert_eq!(layer(&d), Some(CacheLayer::Local));
-    let d = w
-        .engine
-        .dispatch(cached("two", 60.0, ""), None, KEY_A)
-        .await
-        .unwrap();
+    let d = send(&w, cached("two", 60.0, ""), KEY_A).await;
     assert_eq!(layer(&d), None, "evicted");
     assert_eq!(w.cluster("big").calls(), 4);
     // Tenant b's entries are bounded apart: a's do not evict them.
-    w.engine
-        .dispatch(cached("one", 60.0, ""), None, KEY_B)
-        .await
-        .unwrap();
+    send(&w, cached("one", 60.0, ""), KEY_B).await;
     assert_eq!(
         w.engine.cache().usage("b").1,
-        (1, 4 + 128),
+        (1, 4 + 640),
         "\"done\" and its accounting"
     );
     assert_eq!(w.engine.cache().usage("a").1.0, 2);
@@ -302,29 +252,18 @@ async fn the_tenants_bound_evicts_its_least_recently_used_entry() {
 #[tokio::test(start_paused = true)]
 async fn a_reload_that_changes_the_models_routing_misses_and_one_that_does_not_hits() {
     let w = world("", "", 6_000_000);
-    w.engine
-        .dispatch(cached("hello", 60.0, ""), None, KEY_A)
-        .await
-        .unwrap();
+    send(&w, cached("hello", 60.0, ""), KEY_A).await;
     // Another tenant's settings changed: gpt-4o's routing did not.
     let unrelated = toml("", "").replace("name = \"b\"", "name = \"b\"\nweight = 2.0");
     let c = config(&unrelated, &regions(6_000_000));
     w.engine.apply(&c, &endpoints(&c)).unwrap();
-    let d = w
-        .engine
-        .dispatch(cached("hello", 60.0, ""), None, KEY_A)
-        .await
-        .unwrap();
+    let d = send(&w, cached("hello", 60.0, ""), KEY_A).await;
     assert_eq!(layer(&d), Some(CacheLayer::Local));
     // gpt-4o's fallback chain changed.
     let changed = toml("", "").replace(r#"on = ["unavailable"]"#, r#"on = ["unavailable", "no_quota"]"#);
     let c = config(&changed, &regions(6_000_000));
     w.engine.apply(&c, &endpoints(&c)).unwrap();
-    let d = w
-        .engine
-        .dispatch(cached("hello", 60.0, ""), None, KEY_A)
-        .await
-        .unwrap();
+    let d = send(&w, cached("hello", 60.0, ""), KEY_A).await;
     assert_eq!(layer(&d), None, "decided under the old routing: not served");
     assert_eq!(w.cluster("big").calls(), 2);
 }
@@ -333,20 +272,12 @@ async fn a_reload_that_changes_the_models_routing_misses_and_one_that_does_not_h
 async fn a_fallback_models_reply_is_stored_under_that_models_key() {
     let w = world("", "", 6_000_000);
     w.cluster("big").always(Reply::unavailable());
-    let d = w
-        .engine
-        .dispatch(cached("hello", 60.0, ""), None, KEY_A)
-        .await
-        .unwrap();
+    let d = send(&w, cached("hello", 60.0, ""), KEY_A).await;
     assert_eq!(d.path.model, "mini");
     assert_eq!(w.cluster("small").calls(), 1);
     // Asked for gpt-4o again: not mini's reply (gpt-4o is still down, so
     // mini serves it again).
-    let d = w
-        .engine
-        .dispatch(cached("hello", 60.0, ""), None, KEY_A)
-        .await
-        .unwrap();
+    let d = send(&w, cached("hello", 60.0, ""), KEY_A).await;
     assert_eq!(layer(&d), None);
     assert_eq!(w.cluster("small").calls(), 2);
     // Asked for mini: mini's own reply is there.
@@ -354,14 +285,14 @@ async fn a_fallback_models_reply_is_stored_under_that_models_key() {
         model: "mini".into(),
         ..cached("hello", 60.0, "")
     };
-    let d = w.engine.dispatch(mini, None, KEY_A).await.unwrap();
+    let d = send(&w, mini, KEY_A).await;
     assert_eq!(layer(&d), Some(CacheLayer::Local));
     assert_eq!(d.path.model, "mini");
     // With accept_fallback, gpt-4o's key holds it too.
     let mut r = cached("again", 60.0, "");
     r.cache.as_mut().unwrap().accept_fallback = true;
-    w.engine.dispatch(r.clone(), None, KEY_A).await.unwrap();
-    let d = w.engine.dispatch(r, None, KEY_A).await.unwrap();
+    send(&w, r.clone(), KEY_A).await;
+    let d = send(&w, r, KEY_A).await;
     assert_eq!(layer(&d), Some(CacheLayer::Local));
     assert_eq!(d.path.model, "mini", "the hit says which model produced it");
 }
@@ -384,10 +315,7 @@ async fn chunks(
 async fn streams_are_served_from_complete_replies_and_store_only_complete_ones() {
     let w = world("", "", 6_000_000);
     // A unary reply serves a stream: one chunk, done, marked.
-    w.engine
-        .dispatch(cached("u", 60.0, ""), None, KEY_A)
-        .await
-        .unwrap();
+    send(&w, cached("u", 60.0, ""), KEY_A).await;
     let (c, end) = chunks(w.engine.dispatch_stream(cached("u", 60.0, ""), None, KEY_A).await).await;
     assert!(end.is_none());
     assert_eq!(c.len(), 1);
@@ -399,11 +327,7 @@ async fn streams_are_served_from_complete_replies_and_store_only_complete_ones()
     let (c, end) = chunks(w.engine.dispatch_stream(cached("s", 60.0, ""), None, KEY_A).await).await;
     assert!(end.is_none());
     let streamed: Vec<u8> = c.iter().flat_map(|c| c.output.to_vec()).collect();
-    let d = w
-        .engine
-        .dispatch(cached("s", 60.0, ""), None, KEY_A)
-        .await
-        .unwrap();
+    let d = send(&w, cached("s", 60.0, ""), KEY_A).await;
     assert_eq!(layer(&d), Some(CacheLayer::Local));
     assert_eq!(d.output.to_vec(), streamed);
     assert_eq!(w.cluster("big").calls(), 2);
@@ -418,11 +342,7 @@ async fn streams_are_served_from_complete_replies_and_store_only_complete_ones()
     .await;
     assert!(end.is_some(), "the cut is the caller's error");
     w.cluster("big").always(Reply::ok());
-    let d = w
-        .engine
-        .dispatch(cached("cut", 60.0, ""), None, KEY_A)
-        .await
-        .unwrap();
+    let d = send(&w, cached("cut", 60.0, ""), KEY_A).await;
     assert_eq!(layer(&d), None, "nothing was stored");
 }
 
