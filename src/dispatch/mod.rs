@@ -101,8 +101,9 @@ pub struct Dispatched {
     pub config_version: u64,
     /// Which model served it, after rollouts and fallbacks.
     pub path: ModelPath,
-    /// Set when it was served from the response cache.
-    pub cached: Option<CacheHit>,
+    /// Set when it was served from the response cache (boxed behind an
+    /// `Arc`: most replies have none, and the reply stays small).
+    pub cached: Option<Arc<CacheHit>>,
 }
 
 /// The models a request went through: the alias it named (if any), the

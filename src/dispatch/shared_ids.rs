@@ -57,7 +57,7 @@ pub fn encode(d: &Dispatched) -> Vec<u8> {
         model: d.path.model.clone(),
         models_tried: d.path.tried.clone(),
         alias: d.path.alias.clone(),
-        cached: d.cached.as_ref().map(super::cached_reply),
+        cached: d.cached.as_deref().map(super::cached_reply),
     }
     .encode_to_vec()
 }
@@ -67,7 +67,8 @@ pub fn decode(bytes: &[u8], config_version: u64) -> Option<Dispatched> {
     let cached = r
         .cached
         .take()
-        .and_then(|c| super::cache::hit_from_pb(c, r.output.clone()));
+        .and_then(|c| super::cache::hit_from_pb(c, r.output.clone()))
+        .map(Arc::new);
     Some(Dispatched {
         request_id: r.request_id,
         region: r.region,
@@ -92,8 +93,9 @@ pub fn decode(bytes: &[u8], config_version: u64) -> Option<Dispatched> {
 pub enum Shared {
     /// This replica claimed it (or Redis could not say): run it.
     Run { claimed: bool },
-    /// Another replica answered it: its reply.
-    Replay(Dispatched),
+    /// Another replica answered it: its reply (boxed: the enum is moved
+    /// through the claim's future, and `Run` is one byte).
+    Replay(Box<Dispatched>),
 }
 
 /// Claims `key`, or waits until `deadline` for the replica that holds it to
@@ -121,7 +123,7 @@ pub async fn claim_or_wait(
             match ids.get(key.to_string()).await {
                 Ok(Stored::Answer(bytes)) => {
                     return match decode(&bytes, config_version) {
-                        Some(d) => Ok(Shared::Replay(d)),
+                        Some(d) => Ok(Shared::Replay(Box::new(d))),
                         None => Ok(Shared::Run { claimed: false }),
                     };
                 }

@@ -34,7 +34,7 @@ pub struct StreamChunk {
     /// Which model serves it, after rollouts and fallbacks.
     pub path: super::ModelPath,
     /// Set when the stream is a stored reply (one chunk, done).
-    pub cached: Option<super::CacheHit>,
+    pub cached: Option<Arc<super::CacheHit>>,
 }
 
 pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<StreamChunk, DispatchError>> + Send>>;
@@ -149,7 +149,7 @@ impl Engine {
         {
             labels.model = config.model_name(&r.model);
             labels.finish(Ok(()), start);
-            let d = self.from_cache(r.request_id, hit, config.version, front.alias);
+            let d = self.answer_from_cache(r.request_id, hit, config.version, front.alias);
             let chunk = StreamChunk {
                 request_id: d.request_id,
                 region: d.region,

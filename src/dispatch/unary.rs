@@ -84,7 +84,7 @@ impl Engine {
                                 None
                             }
                             Ok(Shared::Run { claimed: false }) => None,
-                            Ok(Shared::Replay(reply)) => Some(Ok(reply)),
+                            Ok(Shared::Replay(reply)) => Some(Ok(*reply)),
                             Err(why) => Some(Err(DispatchError::DeadlineExceeded(why))),
                         };
                         if let Some(answer) = answer {
@@ -144,7 +144,7 @@ impl Engine {
             && let Some(hit) = self.cache.lookup(plan).await
         {
             labels.model = config.model_name(&r.model);
-            return Ok(self.from_cache(r.request_id, hit, config.version, front.alias));
+            return Ok(self.answer_from_cache(r.request_id, hit, config.version, front.alias));
         }
         let (mut p, mut lease) = self.admit(config, r, timeout, front, labels)?;
         // Each step of the plan (the model, then its fallbacks) fails over
@@ -223,7 +223,7 @@ impl Engine {
 
     /// The answer to a request served from the cache: nothing was
     /// forwarded, so no attempts, no wait and no usage of its own.
-    pub(super) fn from_cache(
+    pub(super) fn answer_from_cache(
         &self,
         request_id: String,
         hit: super::CacheHit,
@@ -249,7 +249,7 @@ impl Engine {
                 alias,
                 tried: Vec::new(),
             },
-            cached: Some(hit),
+            cached: Some(Arc::new(hit)),
         }
     }
 }

@@ -70,7 +70,7 @@ pub(super) fn reply(d: Dispatched) -> pb::DispatchReply {
         model: d.path.model,
         models_tried: d.path.tried,
         alias: d.path.alias,
-        cached: d.cached.as_ref().map(crate::dispatch::cached_reply),
+        cached: d.cached.as_deref().map(crate::dispatch::cached_reply),
     }
 }
 
@@ -86,7 +86,7 @@ fn chunk(c: StreamChunk) -> pb::DispatchChunk {
         model: c.path.model,
         models_tried: c.path.tried,
         alias: c.path.alias,
-        cached: c.cached.as_ref().map(crate::dispatch::cached_reply),
+        cached: c.cached.as_deref().map(crate::dispatch::cached_reply),
     }
 }
 
