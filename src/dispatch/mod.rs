@@ -43,7 +43,8 @@ use tokio_util::sync::CancellationToken;
 
 pub use auth::{AuthError, Caller, hash_key};
 pub use cache::{
-    CacheHit, CacheLayer, CachedEntry, ResponseCache, SharedCache, cached_reply, encode as cache_encode,
+    CacheHit, CacheLayer, CachedEntry, ENTRY_OVERHEAD as CACHE_ENTRY_OVERHEAD, ResponseCache, SharedCache,
+    cached_reply, encode as cache_encode,
 };
 pub use capacity::{CAPACITY_TICK, CapacityReport};
 pub use desk::{Grant, QuotaDesk, Ticket};
