@@ -123,6 +123,11 @@ impl Runtime {
                 let ids = crate::cluster::RedisIds::new(&c.redis_url, c.redis_timeout)
                     .map_err(|e| format!("cluster.redis_url: {e}"))?;
                 engine.share_request_ids(std::sync::Arc::new(ids));
+                if config.cache.shared {
+                    let cache = crate::cluster::RedisCache::new(&c.redis_url, c.redis_timeout)
+                        .map_err(|e| format!("cluster.redis_url: {e}"))?;
+                    engine.cache().share(std::sync::Arc::new(cache));
+                }
                 tracing::info!(%replica, "sharing each provider's quota with the other replicas through Redis ([cluster])");
                 Some((replica, AbortOnDrop(task)))
             }

@@ -40,6 +40,35 @@ const SECONDS: [f64; 16] = [
 
 fn describe() {
     describe_counter!(
+        "dispatcher_cache_lookups_total",
+        "Response cache lookups of requests that opted in, by tenant and result (hit, miss)"
+    );
+    describe_counter!(
+        "dispatcher_cache_shared_hits_total",
+        "Response cache hits served from the shared layer (Redis), by tenant"
+    );
+    describe_counter!(
+        "dispatcher_cache_shared_errors_total",
+        "Shared cache calls that failed or timed out (each a miss, never an error), by tenant and op"
+    );
+    describe_counter!(
+        "dispatcher_cache_stores_total",
+        "Replies offered to the response cache, by tenant and result (stored, too_large, no_room)"
+    );
+    describe_counter!(
+        "dispatcher_cache_evictions_total",
+        "Entries that left this process's response cache, by tenant and reason (expired, tenant_bound, total_bound, replaced, purged)"
+    );
+    describe_gauge!(
+        "dispatcher_cache_entries",
+        "Entries in this process's response cache, by tenant"
+    );
+    describe_gauge!(
+        "dispatcher_cache_bytes",
+        metrics::Unit::Bytes,
+        "Bytes of replies in this process's response cache, by tenant"
+    );
+    describe_counter!(
         "dispatcher_requests_total",
         "Requests answered, by model, tenant, region (empty when none was reached) and outcome"
     );

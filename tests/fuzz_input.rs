@@ -79,7 +79,7 @@ prop_compose! {
         request_id in text(),
         labels in proptest::collection::hash_map(text(), text(), 0..40),
     ) -> pb::DispatchRequest {
-        pb::DispatchRequest { tenant, model, payload: payload.into(), prompt_tokens, max_output_tokens, origin_region, request_id, labels, no_fallback: false }
+        pb::DispatchRequest { tenant, model, payload: payload.into(), prompt_tokens, max_output_tokens, origin_region, request_id, labels, no_fallback: false, cache: None }
     }
 }
 

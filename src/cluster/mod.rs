@@ -3,7 +3,9 @@
 //! one task per replica that talks to it; and request ids answered once
 //! across replicas (`request_ids.rs`, on the request path, bounded); and
 //! jobs kept in Redis, so any replica serves any job (`jobs.rs`, its owner
-//! named there).
+//! named there); and the response cache's shared layer (`cache.rs`,
+//! best effort, bounded, never on the request path for longer than
+//! `redis_timeout`).
 //!
 //! Owner: the sync task owns its Redis connection and is its only user
 //! (request ids and jobs have their own). It
@@ -11,11 +13,14 @@
 //! to apply the answers), never across a Redis call; requests never wait
 //! on Redis.
 
+mod bounded;
+mod cache;
 pub mod jobs;
 mod redis_central;
 mod request_ids;
 mod sync;
 
+pub use cache::RedisCache;
 pub use jobs::RedisJobStore;
 pub use redis_central::RedisCentral;
 pub use request_ids::RedisIds;

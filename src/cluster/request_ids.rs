@@ -3,65 +3,31 @@
 //! connection (a clone of one manager), every call bounded by
 //! `redis_timeout`.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use tokio::sync::Mutex;
-
+use super::bounded::BoundedRedis;
 use crate::dispatch::{Pending, SharedIds, Stored};
 
 const RUNNING: &[u8] = b"R";
 const ANSWER: u8 = b'A';
 
 pub struct RedisIds {
-    client: redis::Client,
-    connection: Arc<Mutex<Option<ConnectionManager>>>,
-    timeout: Duration,
+    redis: BoundedRedis,
 }
 
 impl RedisIds {
     pub fn new(url: &str, timeout: Duration) -> Result<Self, redis::RedisError> {
         Ok(Self {
-            client: redis::Client::open(url)?,
-            connection: Arc::default(),
-            timeout,
+            redis: BoundedRedis::new(url, timeout)?,
         })
     }
 
-    /// Runs `f` on a connection (made on first use), within the timeout.
     fn run<T: Send + 'static>(
         &self,
         cmd: redis::Cmd,
         f: impl FnOnce(redis::Value) -> Result<T, String> + Send + 'static,
     ) -> Pending<T> {
-        let (client, slot, timeout) = (self.client.clone(), self.connection.clone(), self.timeout);
-        Box::pin(async move {
-            let work = async move {
-                let mut con = {
-                    let mut slot = slot.lock().await;
-                    match &*slot {
-                        Some(c) => c.clone(),
-                        None => {
-                            let config = ConnectionManagerConfig::new()
-                                .set_connection_timeout(Some(timeout))
-                                .set_response_timeout(Some(timeout))
-                                .set_number_of_retries(1);
-                            let c = ConnectionManager::new_with_config(client, config)
-                                .await
-                                .map_err(|e| e.to_string())?;
-                            *slot = Some(c.clone());
-                            c
-                        }
-                    }
-                };
-                let v: redis::Value = cmd.query_async(&mut con).await.map_err(|e| e.to_string())?;
-                f(v)
-            };
-            tokio::time::timeout(timeout, work)
-                .await
-                .map_err(|_| format!("no answer from Redis within {timeout:?}"))?
-        })
+        self.redis.run(cmd, f)
     }
 }
 

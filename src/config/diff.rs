@@ -224,6 +224,9 @@ pub fn changes(old: &Config, new: &Config) -> Vec<Change> {
     let mut d = Vec::new();
     field(&mut d, "telemetry", &old.telemetry, &new.telemetry);
     out.extend(changed("telemetry", d));
+    let mut d = Vec::new();
+    field(&mut d, "cache", &old.cache, &new.cache);
+    out.extend(changed("cache", d));
     for m in &new.models {
         match old.models.iter().find(|o| o.name == m.name) {
             None => out.push(Change {

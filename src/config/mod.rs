@@ -8,6 +8,7 @@ mod load;
 mod raw;
 mod tls;
 mod validate;
+mod validate_cache;
 mod validate_capacity;
 mod validate_cluster;
 mod validate_jobs;
@@ -108,6 +109,8 @@ pub struct Config {
     pub cluster: Option<ClusterConfig>,
     /// `[jobs]`: SubmitJob and its store.
     pub jobs: JobsConfig,
+    /// `[cache]`: the response cache.
+    pub cache: CacheConfig,
     pub regions: Vec<RegionConfig>,
     /// `[[rollouts]]` and `[[fallbacks]]`.
     pub policy: PolicyConfig,
@@ -128,6 +131,21 @@ pub struct Pricing {
 pub struct PolicyConfig {
     pub rollouts: Vec<crate::core::RolloutSpec>,
     pub fallbacks: Vec<crate::core::FallbackSpec>,
+}
+
+/// `[cache]`, checked (docs/CACHE.md).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CacheConfig {
+    /// false: requests asking for the cache are served as if they did not.
+    pub enabled: bool,
+    /// The longest TTL a request may ask for.
+    pub max_ttl: std::time::Duration,
+    pub limits: crate::core::CacheLimits,
+    /// The longest `cache.scope` accepted.
+    pub max_scope_bytes: usize,
+    /// With `[cluster]`: entries are shared with the other replicas
+    /// through Redis.
+    pub shared: bool,
 }
 
 /// `[jobs]`, checked.

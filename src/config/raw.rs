@@ -27,6 +27,8 @@ pub struct RawDispatcher {
     #[serde(default)]
     pub jobs: RawJobs,
     #[serde(default)]
+    pub cache: RawCache,
+    #[serde(default)]
     pub rollouts: Vec<RawRollout>,
     #[serde(default)]
     pub fallbacks: Vec<RawFallback>,
@@ -89,6 +91,21 @@ pub struct RawCluster {
     pub sync_interval: Option<String>,
     pub redis_timeout: Option<String>,
     pub unreachable_after: Option<String>,
+}
+
+/// `[cache]`: the response cache (docs/CACHE.md).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCache {
+    pub enabled: Option<bool>,
+    pub max_ttl: Option<String>,
+    pub max_entries: Option<usize>,
+    pub max_bytes: Option<u64>,
+    pub max_entries_per_tenant: Option<usize>,
+    pub max_bytes_per_tenant: Option<u64>,
+    pub max_entry_bytes: Option<u64>,
+    pub max_scope_bytes: Option<usize>,
+    pub shared: Option<bool>,
 }
 
 /// `[jobs]`.

@@ -241,6 +241,7 @@ pub fn validate_dispatcher(raw: RawDispatcher, file: &Path) -> Result<Config, Co
         .map(|k| super::validate_cluster::validate_cluster(&c, k))
         .transpose()?;
     let jobs = super::validate_jobs::validate_jobs(&c, file.parent().unwrap_or(Path::new(".")), raw.jobs)?;
+    let cache = super::validate_cache::validate_cache(&c, raw.cache)?;
     let policy = super::validate_policy::validate_policy(&c, raw.rollouts, raw.fallbacks, &models)?;
     Ok(Config {
         path: file.to_path_buf(),
@@ -259,6 +260,7 @@ pub fn validate_dispatcher(raw: RawDispatcher, file: &Path) -> Result<Config, Co
         },
         cluster,
         jobs,
+        cache,
         regions: Vec::new(),
         policy,
         pricing,

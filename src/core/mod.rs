@@ -4,6 +4,10 @@
 //! virtual clock.
 
 pub mod breaker;
+pub mod cache_key;
+pub mod cache_store;
+#[cfg(test)]
+mod cache_store_tests;
 mod candidates;
 pub mod capacity;
 pub mod central;
@@ -39,6 +43,8 @@ pub mod tenant;
 pub use breaker::{
     BreakerConfig, Circuit, CircuitBreaker, CircuitState, HealthTracker, RetryBudget, Transition,
 };
+pub use cache_key::{CacheKey, KeyFacts, routing_version, scope_tag};
+pub use cache_store::{Bounds, CacheLimits, CacheStore, Lookup, NotStored, Purge, Removal, Removed};
 pub use capacity::{
     CapacityAction, CapacityEvent, CapacityEventKind, CapacityRuleSpec, CapacityRuleView, CapacityRules,
     CapacitySignal, RegionPressure,

@@ -63,6 +63,11 @@ pub struct Snapshot {
     /// Prices per model and region-model, and their currency (shared).
     pub prices: crate::core::Prices,
     pub currency: Arc<str>,
+    /// `[cache]`.
+    pub cache: crate::config::CacheConfig,
+    /// Each configured model's routing version (`core::routing_version`),
+    /// part of its cache keys.
+    model_versions: Vec<(Arc<str>, u64)>,
 }
 
 impl Snapshot {
@@ -93,7 +98,26 @@ impl Snapshot {
                 .collect(),
             prices: config.prices(),
             currency: Arc::from(config.pricing.currency.as_str()),
+            cache: config.cache.clone(),
+            model_versions: config
+                .models
+                .iter()
+                .map(|m| {
+                    let v =
+                        crate::core::routing_version(m, &config.policy.fallbacks, &config.policy.rollouts);
+                    (Arc::from(m.name.as_str()), v)
+                })
+                .collect(),
         }
+    }
+
+    /// `model`'s routing version (0 for a model not configured, which no
+    /// request reaches the cache with).
+    pub fn model_version(&self, model: &str) -> u64 {
+        self.model_versions
+            .iter()
+            .find(|(m, _)| &**m == model)
+            .map_or(0, |(_, v)| *v)
     }
 
     /// A configured model's name, shared.

@@ -136,6 +136,7 @@ mod tests {
             config_version: 1,
             path: Default::default(),
             cost: Default::default(),
+            cached: None,
         }
     }
 

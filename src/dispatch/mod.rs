@@ -14,6 +14,7 @@
 //! Time is read through `crate::clock` and passed into the core.
 
 mod auth;
+mod cache;
 mod capacity;
 mod desk;
 mod error;
@@ -42,6 +43,10 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 pub use auth::{AuthError, Caller, hash_key};
+pub use cache::{
+    CacheHit, CacheLayer, CachedEntry, ENTRY_OVERHEAD as CACHE_ENTRY_OVERHEAD, ResponseCache, SharedCache,
+    cached_reply, encode as cache_encode,
+};
 pub use capacity::{CAPACITY_TICK, CapacityReport};
 pub use desk::{Grant, QuotaDesk, Ticket};
 pub use error::{DispatchError, Violation};
@@ -101,6 +106,9 @@ pub struct Dispatched {
     pub path: ModelPath,
     /// What the attempt that served it cost.
     pub cost: Cost,
+    /// Set when it was served from the response cache (boxed behind an
+    /// `Arc`: most replies have none, and the reply stays small).
+    pub cached: Option<Arc<CacheHit>>,
 }
 
 /// The models a request went through: the alias it named (if any), the
@@ -124,6 +132,8 @@ pub struct Engine {
     id_prefix: String,
     /// With `[cluster]`: request ids claimed across replicas (set once at start).
     shared_ids: std::sync::OnceLock<Arc<dyn SharedIds>>,
+    /// Replies stored for requests that opt in (`cache.rs`).
+    cache: Arc<ResponseCache>,
 }
 
 /// What is running, for a graceful shutdown. Atomics only.
@@ -182,6 +192,7 @@ impl Engine {
             next_id: AtomicU64::new(1),
             id_prefix: format!("{:x}", crate::clock::unix_secs()),
             shared_ids: std::sync::OnceLock::new(),
+            cache: Arc::new(ResponseCache::new(config.cache.limits)),
         }))
     }
 
@@ -198,14 +209,17 @@ impl Engine {
         self.forwarder.apply(config, endpoints)?;
         self.desk.apply(config, crate::clock::now())?;
         self.rollouts.apply(config);
+        self.cache.set_limits(config.cache.limits);
         self.front.replace(config);
         Ok(())
     }
 
     /// Runs the quota desk's pump until `cancel` fires.
     pub fn spawn_pump(self: &Arc<Self>, cancel: CancellationToken) -> tokio::task::JoinHandle<()> {
-        // Capacity rules tick beside the pump, until the same cancellation.
+        // Capacity rules tick beside the pump, until the same cancellation;
+        // so does the cache's sweep of expired entries.
         self.desk.spawn_capacity(cancel.clone());
+        self.cache.spawn_sweeper(cancel.clone());
         let engine = Arc::downgrade(self);
         self.desk.spawn_pump(cancel, move || {
             if let Some(e) = engine.upgrade() {
@@ -226,6 +240,11 @@ impl Engine {
         region: &str,
     ) -> Option<tonic_health::pb::health_client::HealthClient<crate::forward::Connection>> {
         self.forwarder.health_client(region)
+    }
+
+    /// The response cache (Admin's purge; its shared layer, set at start).
+    pub fn cache(&self) -> &ResponseCache {
+        &self.cache
     }
 
     /// The rollouts, for Admin (list, change weights live).

@@ -79,18 +79,25 @@ pub(super) struct Forwarded<T> {
     pub sent: Instant,
 }
 
+/// A request past the front door's own checks: who sent it, the rollout
+/// alias it named (its model now the target), when it arrived.
+pub(super) struct Front {
+    pub tenant: Arc<str>,
+    pub alias: String,
+    pub start: Instant,
+}
+
 impl Engine {
-    /// Authenticates the caller, applies its tenant's limits, validates `r`
-    /// and fixes its id, estimate and deadline. The tenant's hold comes back
-    /// with it, to be settled with what the regions charge.
-    pub(super) fn prepare(
+    /// The checks before the cache is consulted: who the caller is, its
+    /// tenant's request rate (a cache hit counts towards it), which model a
+    /// rollout alias names.
+    pub(super) fn front(
         &self,
-        config: Arc<Snapshot>,
-        mut r: pb::DispatchRequest,
-        timeout: Option<Duration>,
+        config: &Snapshot,
+        r: &mut pb::DispatchRequest,
         caller: &super::auth::Caller,
         labels: &mut Labels,
-    ) -> Result<(Prepared, Lease), DispatchError> {
+    ) -> Result<Front, DispatchError> {
         if self.drain.shutting_down() {
             return Err(DispatchError::ShuttingDown);
         }
@@ -102,7 +109,24 @@ impl Engine {
         config.check_tenant_field(&r.tenant, &tenant)?;
         config.check_rate(&tenant)?;
         // A rollout alias names its target; then the target's chain.
-        let alias = self.rollouts.resolve(&mut r);
+        let alias = self.rollouts.resolve(r);
+        Ok(Front { tenant, alias, start })
+    }
+
+    /// After `front` (and a cache miss): validates `r`, applies its
+    /// tenant's token limits and fixes its plan, id, estimate and deadline.
+    /// The tenant's hold comes back with it, to be settled with what the
+    /// regions charge.
+    pub(super) fn admit(
+        &self,
+        config: Arc<Snapshot>,
+        mut r: pb::DispatchRequest,
+        timeout: Option<Duration>,
+        front: Front,
+        labels: &mut Labels,
+    ) -> Result<(Prepared, Lease), DispatchError> {
+        let Front { tenant, alias, start } = front;
+        let span = tracing::Span::current();
         let plan = config.plan(&r.model, !r.no_fallback);
         // `model` is filled in when the request is answered (`exec.model`
         // is the model that served it): no copy per request.

@@ -58,12 +58,18 @@ pub fn encode(d: &Dispatched) -> Vec<u8> {
         models_tried: d.path.tried.clone(),
         alias: d.path.alias.clone(),
         cost: Some(d.cost.to_pb()),
+        cached: d.cached.as_deref().map(super::cached_reply),
     }
     .encode_to_vec()
 }
 
 pub fn decode(bytes: &[u8], config_version: u64) -> Option<Dispatched> {
-    let r = pb::DispatchReply::decode(bytes).ok()?;
+    let mut r = pb::DispatchReply::decode(bytes).ok()?;
+    let cached = r
+        .cached
+        .take()
+        .and_then(|c| super::cache::hit_from_pb(c, r.output.clone()))
+        .map(Arc::new);
     Some(Dispatched {
         request_id: r.request_id,
         region: r.region,
@@ -88,6 +94,7 @@ pub fn decode(bytes: &[u8], config_version: u64) -> Option<Dispatched> {
                 priced: c.priced,
             })
             .unwrap_or_default(),
+        cached,
     })
 }
 
@@ -97,8 +104,9 @@ pub fn decode(bytes: &[u8], config_version: u64) -> Option<Dispatched> {
 pub enum Shared {
     /// This replica claimed it (or Redis could not say): run it.
     Run { claimed: bool },
-    /// Another replica answered it: its reply.
-    Replay(Dispatched),
+    /// Another replica answered it: its reply (boxed: the enum is moved
+    /// through the claim's future, and `Run` is one byte).
+    Replay(Box<Dispatched>),
 }
 
 /// Claims `key`, or waits until `deadline` for the replica that holds it to
@@ -126,7 +134,7 @@ pub async fn claim_or_wait(
             match ids.get(key.to_string()).await {
                 Ok(Stored::Answer(bytes)) => {
                     return match decode(&bytes, config_version) {
-                        Some(d) => Ok(Shared::Replay(d)),
+                        Some(d) => Ok(Shared::Replay(Box::new(d))),
                         None => Ok(Shared::Run { claimed: false }),
                     };
                 }

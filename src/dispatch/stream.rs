@@ -35,6 +35,8 @@ pub struct StreamChunk {
     pub path: super::ModelPath,
     /// On the last chunk: what the request cost.
     pub cost: Option<super::Cost>,
+    /// Set when the stream is a stored reply (one chunk, done).
+    pub cached: Option<Arc<super::CacheHit>>,
 }
 
 pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<StreamChunk, DispatchError>> + Send>>;
@@ -65,6 +67,17 @@ struct Relay {
     /// recorded there when the stream settles).
     price: super::spend::AttemptPrice,
     span: tracing::Span,
+    /// The output so far, when the request asked for the cache: stored
+    /// once the stream ends complete (never when cut or failed).
+    collect: Option<Collect>,
+}
+
+struct Collect {
+    cache: Arc<super::ResponseCache>,
+    plan: super::cache::CachePlan,
+    output: bytes::BytesMut,
+    /// Past this the reply is too large to store: collection stops.
+    limit: usize,
 }
 
 /// The caller's side: the output as it was relayed, then the end.
@@ -120,7 +133,44 @@ impl Engine {
         let start = crate::clock::now();
         let running = self.enter();
         let mut labels = super::prepare::Labels::default();
-        let prepared = self.prepare(self.front.snapshot(), r, timeout, &caller, &mut labels);
+        let config = self.front.snapshot();
+        let mut r = r;
+        // A job's run never reads nor feeds the cache (not yet offered).
+        let cached = match self.front(&config, &mut r, &caller, &mut labels) {
+            Ok(front) => match job.is_none() {
+                true => super::cache::CachePlan::new(&config, &front.tenant, &r).map(|plan| (front, plan)),
+                false => Ok((front, None)),
+            },
+            Err(e) => Err(e),
+        };
+        let (front, cache) = match cached {
+            Ok(x) => x,
+            Err(e) => {
+                labels.finish(Err(&e), start);
+                return Err(e);
+            }
+        };
+        if let Some(plan) = cache.as_ref().filter(|p| !p.refresh)
+            && let Some(hit) = self.cache.lookup(plan).await
+        {
+            labels.model = config.model_name(&r.model);
+            labels.finish(Ok(()), start);
+            let d = self.answer_from_cache(r.request_id, hit, config.version, front.alias);
+            let chunk = StreamChunk {
+                request_id: d.request_id,
+                region: d.region,
+                output: d.output,
+                usage: d.usage,
+                done: true,
+                attempts: 0,
+                queue_wait: Duration::ZERO,
+                path: d.path,
+                cost: Some(d.cost),
+                cached: d.cached,
+            };
+            return Ok(Box::pin(tokio_stream::once(Ok(chunk))));
+        }
+        let prepared = self.admit(config, r, timeout, front, &mut labels);
         let (mut p, mut charge) = match prepared {
             Ok(mut x) => {
                 if let Some(job) = job {
@@ -201,7 +251,14 @@ impl Engine {
                     model: std::mem::take(&mut p.exec.model),
                     ..p.path
                 },
+                cached: None,
             },
+            collect: cache.map(|plan| Collect {
+                cache: self.cache.clone(),
+                plan,
+                output: bytes::BytesMut::new(),
+                limit: p.config.cache.limits.max_entry_bytes as usize,
+            }),
             first: Some(first),
             prompt: p.estimate.prompt,
             sent: f.sent,
@@ -217,6 +274,17 @@ impl Engine {
 }
 
 impl Relay {
+    /// Adds relayed output to what will be stored, while it may be.
+    fn collect(&mut self, output: &[u8]) {
+        if let Some(k) = &mut self.collect {
+            if k.output.len() + output.len() > k.limit {
+                self.collect = None;
+            } else {
+                k.output.extend_from_slice(output);
+            }
+        }
+    }
+
     fn chunk(&self, output: bytes::Bytes, usage: pb::Usage, done: bool) -> StreamChunk {
         StreamChunk {
             output,
@@ -297,7 +365,13 @@ impl Relay {
                         cached_prompt_tokens: 0,
                     });
                     produced = produced.max(usage.completion_tokens);
+                    self.collect(&c.output);
                     if c.done {
+                        if let Some(k) = self.collect.take() {
+                            let t = &self.template;
+                            k.cache
+                                .store(&k.plan, &t.path.model, &t.region, k.output.freeze(), usage);
+                        }
                         let mut last = self.chunk(c.output, usage, true);
                         let Relay {
                             held,

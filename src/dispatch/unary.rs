@@ -84,7 +84,7 @@ impl Engine {
                                 None
                             }
                             Ok(Shared::Run { claimed: false }) => None,
-                            Ok(Shared::Replay(reply)) => Some(Ok(reply)),
+                            Ok(Shared::Replay(reply)) => Some(Ok(*reply)),
                             Err(why) => Some(Err(DispatchError::DeadlineExceeded(why))),
                         };
                         if let Some(answer) = answer {
@@ -133,12 +133,20 @@ impl Engine {
     async fn dispatch_inner(
         self: &Arc<Self>,
         config: Arc<Snapshot>,
-        r: pb::DispatchRequest,
+        mut r: pb::DispatchRequest,
         timeout: Option<Duration>,
         caller: &Caller,
         labels: &mut Labels,
     ) -> Result<Dispatched, DispatchError> {
-        let (mut p, mut lease) = self.prepare(config, r, timeout, caller, labels)?;
+        let front = self.front(&config, &mut r, caller, labels)?;
+        let cache = super::cache::CachePlan::new(&config, &front.tenant, &r)?;
+        if let Some(plan) = cache.as_ref().filter(|p| !p.refresh)
+            && let Some(hit) = self.cache.lookup(plan).await
+        {
+            labels.model = config.model_name(&r.model);
+            return Ok(self.answer_from_cache(r.request_id, hit, config.version, front.alias));
+        }
+        let (mut p, mut lease) = self.admit(config, r, timeout, front, labels)?;
         // Each step of the plan (the model, then its fallbacks) fails over
         // across regions; a typed trigger moves it to the next model.
         let f = loop {
@@ -186,6 +194,11 @@ impl Engine {
             Span::current().record("charged_tokens", charged);
             charged
         });
+        if let Some(plan) = &cache {
+            // Complete and successful: the only replies ever stored.
+            self.cache
+                .store(plan, &p.exec.model, &f.region, reply.output.clone(), usage);
+        }
         let span = Span::current();
         let price = super::spend::AttemptPrice::new(&p.config, &p.tenant, &p.exec.model, &f.region);
         let cost = price.charge(&mut lease, charged, &usage, &span);
@@ -206,6 +219,40 @@ impl Engine {
                 ..p.path
             },
             cost,
+            cached: None,
         })
+    }
+
+    /// The answer to a request served from the cache: nothing was
+    /// forwarded, so no attempts, no wait and no usage of its own.
+    pub(super) fn answer_from_cache(
+        &self,
+        request_id: String,
+        hit: super::CacheHit,
+        config_version: u64,
+        alias: String,
+    ) -> Dispatched {
+        let request_id = if request_id.is_empty() {
+            self.new_id()
+        } else {
+            request_id
+        };
+        Span::current().record("request_id", request_id.as_str());
+        Dispatched {
+            request_id,
+            region: hit.entry.region.clone(),
+            output: hit.entry.output.clone(),
+            usage: pb::Usage::default(),
+            attempts: 0,
+            queue_wait: Duration::ZERO,
+            config_version,
+            path: super::ModelPath {
+                model: hit.entry.model.clone(),
+                alias,
+                tried: Vec::new(),
+            },
+            cost: Default::default(),
+            cached: Some(Arc::new(hit)),
+        }
     }
 }

@@ -338,6 +338,15 @@ impl Admin for AdminService {
         let r = request.into_inner();
         super::admin_policy::set_rollout_weights(&self.engine, r).map(Response::new)
     }
+
+    async fn purge_cache(
+        &self,
+        request: Request<pb::PurgeCacheRequest>,
+    ) -> Result<Response<pb::PurgeCacheReply>, Status> {
+        super::admin_cache::purge_cache(&self.engine, request.into_inner())
+            .await
+            .map(Response::new)
+    }
 }
 
 /// At most this many problems go into a refused reload's status (the

@@ -71,6 +71,7 @@ pub(super) fn reply(d: Dispatched) -> pb::DispatchReply {
         models_tried: d.path.tried,
         alias: d.path.alias,
         cost: Some(d.cost.to_pb()),
+        cached: d.cached.as_deref().map(crate::dispatch::cached_reply),
     }
 }
 
@@ -87,6 +88,7 @@ fn chunk(c: StreamChunk) -> pb::DispatchChunk {
         models_tried: c.path.tried,
         alias: c.path.alias,
         cost: c.cost.as_ref().map(crate::dispatch::Cost::to_pb),
+        cached: c.cached.as_deref().map(crate::dispatch::cached_reply),
     }
 }
 

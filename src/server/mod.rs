@@ -3,6 +3,7 @@
 
 mod activity;
 mod admin;
+mod admin_cache;
 mod admin_cost;
 mod admin_policy;
 mod conn;

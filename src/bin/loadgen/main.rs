@@ -125,6 +125,15 @@ struct Args {
     quiet: bool,
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Ask the dispatcher's response cache for every request, with this TTL
+    /// (docs/CACHE.md): the same payload each time, so all but the first
+    /// of each size are hits.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    cache_ttl: Option<Duration>,
+    /// With --cache-ttl: a payload of its own per request, so every
+    /// request is a miss (looked up, forwarded, stored).
+    #[arg(long, requires = "cache_ttl")]
+    cache_misses: bool,
 }
 
 /// A `--tenant`: its requests carry `authorization`, built once here.
@@ -215,9 +224,16 @@ impl Shared {
                 Client::Dispatcher(c) => {
                     let mut req = tonic::Request::new(pb::DispatchRequest {
                         model: self.args.model.clone(),
-                        payload: bytes::Bytes::from_static(b"loadgen"),
+                        payload: match self.args.cache_misses {
+                            true => format!("loadgen {n}").into(),
+                            false => bytes::Bytes::from_static(b"loadgen"),
+                        },
                         prompt_tokens: work.prompt,
                         max_output_tokens: work.max_output,
+                        cache: self.args.cache_ttl.map(|ttl| pb::CacheOptions {
+                            ttl: prost_types::Duration::try_from(ttl).ok(),
+                            ..Default::default()
+                        }),
                         ..Default::default()
                     });
                     req.set_timeout(timeout);
