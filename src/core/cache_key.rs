@@ -72,12 +72,19 @@ pub fn scope_tag(scope: &str) -> u64 {
 }
 
 /// The version of `model`'s routing configuration: its own settings, its
-/// fallback chain, and the rollout aliases that name it. Equal
+/// prices (`prices`: `core::Prices::describe`), its fallback chain, and the
+/// rollout aliases that name it. Equal
 /// configurations give equal versions in every process (no per-process
 /// seed), so replicas share keys.
-pub fn routing_version(model: &ModelSpec, fallbacks: &[FallbackSpec], rollouts: &[RolloutSpec]) -> u64 {
+pub fn routing_version(
+    model: &ModelSpec,
+    fallbacks: &[FallbackSpec],
+    rollouts: &[RolloutSpec],
+    prices: &str,
+) -> u64 {
     let mut h = Sha256::new();
     field(&mut h, format!("{model:?}").as_bytes());
+    field(&mut h, prices.as_bytes());
     for f in fallbacks.iter().filter(|f| f.model == model.name) {
         field(&mut h, format!("{f:?}").as_bytes());
     }
@@ -180,32 +187,36 @@ mod tests {
     #[test]
     fn the_version_follows_the_model_its_chain_and_its_aliases_only() {
         let m = model("gpt-4o", 100);
-        let base = routing_version(&m, &[], &[]);
-        assert_eq!(base, routing_version(&model("gpt-4o", 100), &[], &[]));
-        assert_ne!(base, routing_version(&model("gpt-4o", 200), &[], &[]));
+        let base = routing_version(&m, &[], &[], "");
+        assert_eq!(base, routing_version(&model("gpt-4o", 100), &[], &[], ""));
+        assert_ne!(base, routing_version(&model("gpt-4o", 200), &[], &[], ""));
         let chain = FallbackSpec {
             model: "gpt-4o".into(),
             then: vec!["mini".into()],
             on: vec![Trigger::NoQuota],
             first_byte_timeout: None,
         };
-        assert_ne!(base, routing_version(&m, std::slice::from_ref(&chain), &[]));
+        assert_ne!(base, routing_version(&m, std::slice::from_ref(&chain), &[], ""));
         // Another model's chain is not this model's routing.
         let other = FallbackSpec {
             model: "mini".into(),
             ..chain
         };
-        assert_eq!(base, routing_version(&m, &[other], &[]));
+        assert_eq!(base, routing_version(&m, &[other], &[], ""));
         let alias = RolloutSpec {
             alias: "smart".into(),
             session_label: None,
             targets: vec![("gpt-4o".into(), 90.0), ("mini".into(), 10.0)],
         };
-        assert_ne!(base, routing_version(&m, &[], std::slice::from_ref(&alias)));
+        assert_ne!(base, routing_version(&m, &[], std::slice::from_ref(&alias), ""));
         let elsewhere = RolloutSpec {
             targets: vec![("mini".into(), 1.0)],
             ..alias
         };
-        assert_eq!(base, routing_version(&m, &[], &[elsewhere]));
+        assert_eq!(base, routing_version(&m, &[], &[elsewhere], ""));
+        // A reload that changes its price.
+        let priced =
+            crate::core::Prices::new("USD", [("gpt-4o".to_string(), crate::core::Price::default())], []);
+        assert_ne!(base, routing_version(&m, &[], &[], &priced.describe("gpt-4o")));
     }
 }

@@ -135,6 +135,20 @@ impl Prices {
             .map_or(0, |p| p.worst_case(prompt, max_output))
     }
 
+    /// Every price of `model` (its own, then each region's by region) as
+    /// text, so a digest of it changes when a reload changes any of them
+    /// (the response cache's keys carry it).
+    pub fn describe(&self, model: &str) -> String {
+        let mut regions: Vec<String> = self
+            .region_models
+            .iter()
+            .filter(|((_, m), _)| &**m == model)
+            .map(|((r, _), p)| format!("{r}={p:?}"))
+            .collect();
+        regions.sort();
+        format!("{:?};{}", self.models.get(model), regions.join(","))
+    }
+
     /// Whether any price is configured (budgets in money mean nothing
     /// without one).
     pub fn is_empty(&self) -> bool {

@@ -72,6 +72,7 @@ pub struct Snapshot {
 
 impl Snapshot {
     fn new(config: &Config, version: u64) -> Self {
+        let prices = config.prices();
         Self {
             version,
             settings: Settings::from_config(config),
@@ -96,18 +97,22 @@ impl Snapshot {
                     (m.name.clone(), plan(true), plan(false))
                 })
                 .collect(),
-            prices: config.prices(),
-            currency: Arc::from(config.pricing.currency.as_str()),
-            cache: config.cache.clone(),
             model_versions: config
                 .models
                 .iter()
                 .map(|m| {
-                    let v =
-                        crate::core::routing_version(m, &config.policy.fallbacks, &config.policy.rollouts);
+                    let v = crate::core::routing_version(
+                        m,
+                        &config.policy.fallbacks,
+                        &config.policy.rollouts,
+                        &prices.describe(&m.name),
+                    );
                     (Arc::from(m.name.as_str()), v)
                 })
                 .collect(),
+            prices,
+            currency: Arc::from(config.pricing.currency.as_str()),
+            cache: config.cache.clone(),
         }
     }
 
