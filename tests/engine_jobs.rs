@@ -151,3 +151,38 @@ async fn a_job_cancelled_while_waiting_for_quota_is_never_sent_and_holds_nothing
     assert_eq!(served.queue_wait, Duration::ZERO);
     assert_eq!(w.cluster("r").calls(), 2, "the cancelled job was never sent");
 }
+
+/// A job whose request asks for the cache is answered from a reply stored
+/// by an earlier job (or request) with the same key: DONE with the stored
+/// output, nothing sent to the region; without the opt-in, it runs again.
+#[tokio::test(start_paused = true)]
+async fn a_job_that_opts_in_is_answered_from_the_cache_without_a_call() {
+    let (w, jobs) = world("");
+    let cached = |ttl: i64| pb::SubmitJobRequest {
+        request: Some(pb::DispatchRequest {
+            cache: Some(pb::CacheOptions {
+                ttl: Some(prost_types::Duration {
+                    seconds: ttl,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            }),
+            ..request(10, 10)
+        }),
+        ..Default::default()
+    };
+    let first = jobs.submit(cached(60), &caller()).await.unwrap().job_id;
+    let first = ended(&jobs, &first).await;
+    assert_eq!(first.state(), pb::JobState::Done);
+    assert_eq!(w.cluster("r").calls(), 1);
+    let second = jobs.submit(cached(60), &caller()).await.unwrap().job_id;
+    let second = ended(&jobs, &second).await;
+    assert_eq!(second.state(), pb::JobState::Done);
+    assert_eq!(second.output, first.output, "the stored output");
+    assert_eq!(w.cluster("r").calls(), 1, "a hit is not sent");
+    assert_eq!(second.attempts, 0);
+    // The same work without the opt-in runs.
+    let plain = jobs.submit(job(10, 10), &caller()).await.unwrap().job_id;
+    assert_eq!(ended(&jobs, &plain).await.state(), pb::JobState::Done);
+    assert_eq!(w.cluster("r").calls(), 2);
+}

@@ -135,14 +135,13 @@ impl Engine {
         let mut labels = super::prepare::Labels::default();
         let config = self.front.snapshot();
         let mut r = r;
-        // A job's run never reads nor feeds the cache (not yet offered).
-        let cached = match self.front(&config, &mut r, &caller, &mut labels) {
-            Ok(front) => match job.is_none() {
-                true => super::cache::CachePlan::new(&config, &front.tenant, &r).map(|plan| (front, plan)),
-                false => Ok((front, None)),
-            },
-            Err(e) => Err(e),
-        };
+        // A job's run reads and feeds the cache as a stream does, when its
+        // request asks for it: a hit ends the job DONE with nothing sent.
+        let cached = self
+            .front(&config, &mut r, &caller, &mut labels)
+            .and_then(|front| {
+                super::cache::CachePlan::new(&config, &front.tenant, &r).map(|plan| (front, plan))
+            });
         let (front, cache) = match cached {
             Ok(x) => x,
             Err(e) => {
