@@ -69,7 +69,9 @@ impl Price {
 pub struct Prices {
     currency: Arc<str>,
     models: HashMap<Arc<str>, Price>,
-    region_models: HashMap<(Arc<str>, Arc<str>), Price>,
+    /// Region, then model: looked up by `&str` with no key built (a
+    /// tuple of `Arc<str>` keys cost two allocations a lookup).
+    region_models: HashMap<Arc<str>, HashMap<Arc<str>, Price>>,
     /// Per model, the highest of its prices anywhere: admission's worst case
     /// (the region is not chosen yet).
     highest: HashMap<Arc<str>, Price>,
@@ -84,12 +86,13 @@ impl Prices {
         region_models: impl IntoIterator<Item = (String, String, Price)>,
     ) -> Self {
         let models: HashMap<Arc<str>, Price> = models.into_iter().map(|(m, p)| (Arc::from(m), p)).collect();
-        let region_models: HashMap<(Arc<str>, Arc<str>), Price> = region_models
-            .into_iter()
-            .map(|(r, m, p)| ((Arc::from(r), Arc::from(m)), p))
-            .collect();
+        let mut by_region: HashMap<Arc<str>, HashMap<Arc<str>, Price>> = HashMap::new();
+        for (r, m, p) in region_models {
+            by_region.entry(Arc::from(r)).or_default().insert(Arc::from(m), p);
+        }
+        let region_models = by_region;
         let mut highest = models.clone();
-        for ((_, model), price) in &region_models {
+        for (model, price) in region_models.values().flatten() {
             highest
                 .entry(model.clone())
                 .and_modify(|p| *p = p.max(*price))
@@ -110,17 +113,13 @@ impl Prices {
     /// The price of `model` in `region`: the region's own, else the model's;
     /// `None`: not priced (it costs nothing).
     pub fn of(&self, region: &str, model: &str) -> Option<Price> {
-        self.region_models
-            .get(&(Arc::from(region), Arc::from(model)))
-            .or_else(|| self.models.get(model))
-            .copied()
+        self.region_price(region, model)
+            .or_else(|| self.models.get(model).copied())
     }
 
     /// `region`'s own price of `model`, if its file gives one.
     pub fn region_price(&self, region: &str, model: &str) -> Option<Price> {
-        self.region_models
-            .get(&(Arc::from(region), Arc::from(model)))
-            .copied()
+        self.region_models.get(region)?.get(model).copied()
     }
 
     /// The cost of `usage` of `model` served in `region` (0 when unpriced).
@@ -142,8 +141,7 @@ impl Prices {
         let mut regions: Vec<String> = self
             .region_models
             .iter()
-            .filter(|((_, m), _)| &**m == model)
-            .map(|((r, _), p)| format!("{r}={p:?}"))
+            .filter_map(|(r, prices)| prices.get(model).map(|p| format!("{r}={p:?}")))
             .collect();
         regions.sort();
         format!("{:?};{}", self.models.get(model), regions.join(","))
