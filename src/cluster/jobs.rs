@@ -187,7 +187,7 @@ impl RedisJobStore {
     /// was sent, is `Unknown` (Redis may run it still, once it answers
     /// again: a stalled server runs what it was sent when it wakes).
     async fn invoke_write<T: FromRedisValue>(&self, inv: ScriptInvocation<'_>) -> Result<T, StoreError> {
-        let started = tokio::time::Instant::now();
+        let started = crate::clock::tokio_now();
         let timeout = self.timeout;
         let late = || format!("Redis did not answer within {timeout:?} (cluster.redis_timeout)");
         let mut con = tokio::time::timeout(timeout, self.connection())

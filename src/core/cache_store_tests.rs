@@ -39,7 +39,7 @@ fn hit(s: &mut CacheStore<u8>, k: u8, now: Instant) -> Option<u8> {
 
 #[test]
 fn an_entry_is_served_until_its_expiry_and_not_at_it() {
-    let now = Instant::now();
+    let now = crate::testing::epoch();
     let mut s = CacheStore::new(limits((10, 10_000), (10, 10_000)));
     s.insert(&t("a"), 0, key(1), 7, 100, now, MIN).unwrap();
     assert_eq!(hit(&mut s, 1, now + MIN - Duration::from_millis(1)), Some(7));
@@ -53,7 +53,7 @@ fn an_entry_is_served_until_its_expiry_and_not_at_it() {
 
 #[test]
 fn a_tenant_at_its_bound_evicts_its_own_least_recently_used() {
-    let now = Instant::now();
+    let now = crate::testing::epoch();
     let mut s = CacheStore::new(limits((100, 100_000), (2, 10_000)));
     s.insert(&t("b"), 0, key(9), 9, 100, now, MIN).unwrap();
     s.insert(&t("a"), 0, key(1), 1, 100, now, MIN).unwrap();
@@ -77,7 +77,7 @@ fn a_tenant_at_its_bound_evicts_its_own_least_recently_used() {
 
 #[test]
 fn the_tenant_bound_counts_bytes_too() {
-    let now = Instant::now();
+    let now = crate::testing::epoch();
     let mut s = CacheStore::new(limits((100, 100_000), (100, 250)));
     s.insert(&t("a"), 0, key(1), 1, 100, now, MIN).unwrap();
     s.insert(&t("a"), 0, key(2), 2, 100, now, MIN).unwrap();
@@ -89,7 +89,7 @@ fn the_tenant_bound_counts_bytes_too() {
 
 #[test]
 fn the_total_bound_evicts_from_the_tenant_holding_the_most() {
-    let now = Instant::now();
+    let now = crate::testing::epoch();
     let mut s = CacheStore::new(limits((4, 100_000), (10, 100_000)));
     s.insert(&t("small"), 0, key(1), 1, 100, now, MIN).unwrap();
     s.insert(&t("big"), 0, key(2), 2, 100, now, MIN).unwrap();
@@ -112,7 +112,7 @@ fn the_total_bound_evicts_from_the_tenant_holding_the_most() {
 
 #[test]
 fn the_total_byte_bound_evicts_by_bytes() {
-    let now = Instant::now();
+    let now = crate::testing::epoch();
     let mut s = CacheStore::new(limits((100, 1000), (100, 1000)));
     s.insert(&t("a"), 0, key(1), 1, 600, now, MIN).unwrap();
     s.insert(&t("b"), 0, key(2), 2, 100, now, MIN).unwrap();
@@ -125,7 +125,7 @@ fn the_total_byte_bound_evicts_by_bytes() {
 
 #[test]
 fn too_large_or_zero_ttl_is_not_stored_and_evicts_nothing() {
-    let now = Instant::now();
+    let now = crate::testing::epoch();
     let mut s = CacheStore::new(limits((10, 10_000), (10, 500)));
     s.insert(&t("a"), 0, key(1), 1, 100, now, MIN).unwrap();
     assert_eq!(
@@ -145,7 +145,7 @@ fn too_large_or_zero_ttl_is_not_stored_and_evicts_nothing() {
 
 #[test]
 fn storing_again_replaces_and_accounts_once() {
-    let now = Instant::now();
+    let now = crate::testing::epoch();
     let mut s = CacheStore::new(limits((10, 10_000), (10, 10_000)));
     s.insert(&t("a"), 0, key(1), 1, 100, now, MIN).unwrap();
     let removed = s.insert(&t("a"), 0, key(1), 2, 300, now, MIN * 2).unwrap();
@@ -156,7 +156,7 @@ fn storing_again_replaces_and_accounts_once() {
 
 #[test]
 fn sweep_removes_only_what_expired() {
-    let now = Instant::now();
+    let now = crate::testing::epoch();
     let mut s = CacheStore::new(limits((10, 10_000), (10, 10_000)));
     s.insert(&t("a"), 0, key(1), 1, 100, now, MIN).unwrap();
     s.insert(&t("a"), 0, key(2), 2, 100, now, MIN * 2).unwrap();
@@ -171,7 +171,7 @@ fn sweep_removes_only_what_expired() {
 
 #[test]
 fn purges_by_tenant_by_scope_and_all() {
-    let now = Instant::now();
+    let now = crate::testing::epoch();
     let mut s = CacheStore::new(limits((10, 10_000), (10, 10_000)));
     let (reader, admin) = (scope_tag("reader"), scope_tag("admin"));
     s.insert(&t("a"), reader, key(1), 1, 100, now, MIN).unwrap();
@@ -195,7 +195,7 @@ fn purges_by_tenant_by_scope_and_all() {
 
 #[test]
 fn lower_limits_evict_at_once() {
-    let now = Instant::now();
+    let now = crate::testing::epoch();
     let mut s = CacheStore::new(limits((10, 10_000), (10, 10_000)));
     for k in 1..=5 {
         s.insert(&t("a"), 0, key(k), k, 100, now, MIN).unwrap();

@@ -156,7 +156,7 @@ impl Writer {
     /// once) or a full disk within `RETRY_FULL` of the last attempt.
     fn ready(&mut self) -> Result<Arc<Database>, StoreError> {
         if let Some((e, retry_at)) = &self.failing
-            && Instant::now() < *retry_at
+            && crate::clock::now() < *retry_at
         {
             return Err(e.clone());
         }
@@ -185,8 +185,8 @@ impl Writer {
             tracing::debug!(error = %error, "the job store still cannot write");
         }
         let retry_at = match error {
-            StoreError::DiskFull(_) => Instant::now() + RETRY_FULL,
-            _ => Instant::now(),
+            StoreError::DiskFull(_) => crate::clock::now() + RETRY_FULL,
+            _ => crate::clock::now(),
         };
         self.failing = Some((error.clone(), retry_at));
         *self.shared.refusing.lock() = Some(error.clone());
@@ -218,14 +218,14 @@ impl Writer {
         let Some(mut db) = self.shared.db.write().take() else {
             return;
         };
-        let deadline = Instant::now() + READS_DRAIN;
+        let deadline = crate::clock::now() + READS_DRAIN;
         loop {
             match Arc::try_unwrap(db) {
                 Ok(db) => {
                     drop(db);
                     return;
                 }
-                Err(shared) if Instant::now() < deadline => {
+                Err(shared) if crate::clock::now() < deadline => {
                     db = shared;
                     std::thread::sleep(Duration::from_millis(1));
                 }
