@@ -5,6 +5,7 @@
 //! path is the same as with a real cluster.
 
 mod calls;
+mod control;
 mod faults;
 mod openai;
 mod provider;

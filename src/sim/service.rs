@@ -1,5 +1,5 @@
 //! The simulated cluster's gRPC services: `AgentCluster` (the work),
-//! `RegionSimControl` (stats and knobs for tests), health and reflection.
+//! `RegionSimControl` (`control.rs`), health and reflection.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -25,32 +25,32 @@ use super::provider::{Admission, Provider};
 use crate::config::SimulateConfig;
 use crate::pb;
 use crate::pb::agent_cluster_server::{AgentCluster, AgentClusterServer};
-use crate::pb::region_sim_control_server::{RegionSimControl, RegionSimControlServer};
+use crate::pb::region_sim_control_server::RegionSimControlServer;
 
 /// Tokens per streamed chunk.
 const CHUNK_TOKENS: u64 = 32;
 
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Knobs {
-    ms_per_1k_tokens: f64,
-    failure_rate: f64,
-    healthy: bool,
-    extra_latency_ms: u64,
+    pub(super) ms_per_1k_tokens: f64,
+    pub(super) failure_rate: f64,
+    pub(super) healthy: bool,
+    pub(super) extra_latency_ms: u64,
 }
 
-struct Inner {
-    region: String,
+pub(super) struct Inner {
+    pub(super) region: String,
     settings: SimulateConfig,
-    knobs: Mutex<Knobs>,
-    provider: Mutex<Provider>,
+    pub(super) knobs: Mutex<Knobs>,
+    pub(super) provider: Mutex<Provider>,
     rng: Mutex<SmallRng>,
     slots: Semaphore,
-    in_flight: AtomicU32,
+    pub(super) in_flight: AtomicU32,
     queued: AtomicU32,
-    failed: AtomicU64,
-    cancelled: AtomicU64,
-    health: HealthReporter,
-    request_ids: Mutex<super::request_ids::RequestIds>,
+    pub(super) failed: AtomicU64,
+    pub(super) cancelled: AtomicU64,
+    pub(super) health: HealthReporter,
+    pub(super) request_ids: Mutex<super::request_ids::RequestIds>,
     /// Contract breaches asked for (`--faulty`); none by default.
     faults: Faults,
 }
@@ -58,7 +58,7 @@ struct Inner {
 /// The simulated cluster; cheap to clone (shared state).
 #[derive(Clone)]
 pub struct SimService {
-    inner: Arc<Inner>,
+    pub(super) inner: Arc<Inner>,
 }
 
 /// Builds every service a simulated cluster serves, committing `faults`;
@@ -528,98 +528,6 @@ impl Drop for Cancelled<'_> {
         if let Some(a) = self.admission.take() {
             self.sim.inner.cancelled.fetch_add(1, Ordering::Relaxed);
             self.sim.finish(a, self.prompt, self.produced);
-        }
-    }
-}
-
-#[tonic::async_trait]
-impl RegionSimControl for SimService {
-    async fn get_stats(&self, _: Request<pb::GetStatsRequest>) -> Result<Response<pb::SimStats>, Status> {
-        Ok(Response::new(self.stats()))
-    }
-
-    async fn configure(&self, request: Request<pb::SimSettings>) -> Result<Response<pb::SimStats>, Status> {
-        let s = request.into_inner();
-        if let Some(f) = s.failure_rate
-            && !(0.0..=1.0).contains(&f)
-        {
-            return Err(Status::invalid_argument("failure_rate must be within 0 and 1"));
-        }
-        if let Some(ms) = s.ms_per_1k_tokens
-            && !(ms.is_finite() && ms >= 0.0)
-        {
-            return Err(Status::invalid_argument(
-                "ms_per_1k_tokens must be a non-negative number",
-            ));
-        }
-        let healthy = {
-            let mut k = self.inner.knobs.lock();
-            if let Some(v) = s.ms_per_1k_tokens {
-                k.ms_per_1k_tokens = v;
-            }
-            if let Some(v) = s.failure_rate {
-                k.failure_rate = v;
-            }
-            if let Some(v) = s.extra_latency_ms {
-                k.extra_latency_ms = v;
-            }
-            if let Some(v) = s.healthy {
-                k.healthy = v;
-            }
-            k.healthy
-        };
-        if healthy {
-            self.inner
-                .health
-                .set_serving::<AgentClusterServer<SimService>>()
-                .await;
-            self.inner
-                .health
-                .set_service_status("", tonic_health::ServingStatus::Serving)
-                .await;
-        } else {
-            self.inner
-                .health
-                .set_not_serving::<AgentClusterServer<SimService>>()
-                .await;
-            self.inner
-                .health
-                .set_service_status("", tonic_health::ServingStatus::NotServing)
-                .await;
-        }
-        Ok(Response::new(self.stats()))
-    }
-}
-
-impl SimService {
-    pub fn stats(&self) -> pb::SimStats {
-        let models = self
-            .inner
-            .provider
-            .lock()
-            .counters(crate::clock::now())
-            .into_iter()
-            .map(|(model, c, remaining)| pb::ModelStats {
-                model,
-                accepted: c.accepted,
-                rejected: c.rejected,
-                rejected_after_hint: c.rejected_after_hint,
-                prompt_tokens: c.prompt_tokens,
-                completion_tokens: c.completion_tokens,
-                charged_tokens: c.charged_tokens,
-                remaining_tokens: remaining,
-                admitted_tokens_per_second: c.admitted_per_second,
-                remaining_tokens_per_second: c.remaining_per_second,
-            })
-            .collect();
-        pb::SimStats {
-            region: self.inner.region.clone(),
-            models,
-            failed: self.inner.failed.load(Ordering::Relaxed),
-            in_flight: self.inner.in_flight.load(Ordering::Relaxed),
-            healthy: self.inner.knobs.lock().healthy,
-            cancelled: self.inner.cancelled.load(Ordering::Relaxed),
-            repeated_request_ids: self.inner.request_ids.lock().repeated(),
         }
     }
 }
