@@ -210,8 +210,13 @@ pub fn timeout_value(d: Duration) -> http::HeaderValue {
     .into_iter()
     .find(|(n, _)| *n < 100_000_000)
     .unwrap_or((99_999_999, 'H'));
-    let mut value =
-        http::HeaderValue::from_maybe_shared(Bytes::from(format!("{n}{unit}"))).expect("digits and a letter");
+    // At most eight digits and the unit, without `format!` (`core::digits`).
+    let mut digits = [0; 20];
+    let digits = crate::core::digits::decimal(&mut digits, n as u64);
+    let mut text = [0; 9];
+    text[..digits.len()].copy_from_slice(digits.as_bytes());
+    text[digits.len()] = unit as u8;
+    let mut value = http::HeaderValue::from_bytes(&text[..=digits.len()]).expect("digits and a letter");
     // Nearly every value is new (the time left, to the microsecond): kept out
     // of the connection's HPACK table, where each would be inserted, then
     // compared with every later one, and evict the values worth keeping.

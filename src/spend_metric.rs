@@ -12,27 +12,41 @@ use std::sync::{Arc, LazyLock};
 
 use parking_lot::Mutex;
 
-/// (tenant, model, region).
-type Labels = (Arc<str>, Arc<str>, Arc<str>);
+/// tenant → model → region → micro-units. Nested so that a request finds
+/// its total by the names it holds (`&str`), without building (and
+/// dropping) a key of three `Arc`s per request.
+type Totals = BTreeMap<Arc<str>, BTreeMap<Arc<str>, BTreeMap<Arc<str>, u64>>>;
 
 #[derive(Default)]
 struct Ledger {
     currency: String,
-    totals: BTreeMap<Labels, u64>,
+    totals: Totals,
 }
 
 static LEDGER: LazyLock<Mutex<Ledger>> = LazyLock::new(Default::default);
 
-/// Adds `micros` to (tenant, model, region)'s total.
+/// Adds `micros` to (tenant, model, region)'s total. Nothing is added for
+/// nothing: work at no price (a model without one) makes no series.
 pub fn add(tenant: &Arc<str>, model: &Arc<str>, region: &Arc<str>, currency: &str, micros: u64) {
+    if micros == 0 {
+        return;
+    }
     let mut ledger = LEDGER.lock();
     if ledger.currency != currency {
         ledger.currency = currency.to_string();
     }
-    let total = ledger
-        .totals
-        .entry((tenant.clone(), model.clone(), region.clone()))
-        .or_default();
+    let models = match ledger.totals.get_mut(&**tenant) {
+        Some(models) => models,
+        None => ledger.totals.entry(tenant.clone()).or_default(),
+    };
+    let regions = match models.get_mut(&**model) {
+        Some(regions) => regions,
+        None => models.entry(model.clone()).or_default(),
+    };
+    let total = match regions.get_mut(&**region) {
+        Some(total) => total,
+        None => regions.entry(region.clone()).or_default(),
+    };
     *total = total.saturating_add(micros);
 }
 
@@ -48,15 +62,19 @@ pub fn render(out: &mut String) {
         ledger.currency
     );
     let _ = writeln!(out, "# TYPE dispatcher_cost_total counter");
-    for ((tenant, model, region), micros) in &ledger.totals {
-        let _ = writeln!(
-            out,
-            "dispatcher_cost_total{{model=\"{}\",region=\"{}\",tenant=\"{}\"}} {}",
-            escape(model),
-            escape(region),
-            escape(tenant),
-            crate::core::cost::format_micros(*micros)
-        );
+    for (tenant, models) in &ledger.totals {
+        for (model, regions) in models {
+            for (region, micros) in regions {
+                let _ = writeln!(
+                    out,
+                    "dispatcher_cost_total{{model=\"{}\",region=\"{}\",tenant=\"{}\"}} {}",
+                    escape(model),
+                    escape(region),
+                    escape(tenant),
+                    crate::core::cost::format_micros(*micros)
+                );
+            }
+        }
     }
 }
 
@@ -82,5 +100,14 @@ mod tests {
             "{out}"
         );
         assert!(out.contains("(EUR)"), "{out}");
+    }
+
+    #[test]
+    fn nothing_is_added_for_nothing() {
+        let (t, m, r): (Arc<str>, Arc<str>, Arc<str>) = ("ledger-free".into(), "m".into(), "r".into());
+        add(&t, &m, &r, "EUR", 0);
+        let mut out = String::new();
+        render(&mut out);
+        assert!(!out.contains("ledger-free"), "{out}");
     }
 }

@@ -355,6 +355,9 @@ impl RetryBudget {
     }
 
     fn advance(&mut self, now: Instant) {
+        if now <= self.updated {
+            return;
+        }
         let dt = now.saturating_duration_since(self.updated).as_secs_f64();
         if dt > 0.0 {
             // Exponential decay bounds the credit: steady deposits converge to

@@ -155,8 +155,19 @@ impl Prices {
 }
 
 /// `micros` as a decimal amount of the currency: 1234567 → "1.234567".
+/// Every priced reply carries one: written into one allocation of the
+/// right size, without `format!` (`digits.rs`).
 pub fn format_micros(micros: u64) -> String {
-    format!("{}.{:06}", micros / MICROS_PER_UNIT, micros % MICROS_PER_UNIT)
+    let mut units = [0; 20];
+    let units = super::digits::decimal(&mut units, micros / MICROS_PER_UNIT);
+    let mut fraction = [0; 20];
+    // The fraction's six digits, zeros first: 1,000,000 + f has seven.
+    let fraction = super::digits::decimal(&mut fraction, MICROS_PER_UNIT + micros % MICROS_PER_UNIT);
+    let mut out = String::with_capacity(units.len() + 7);
+    out.push_str(units);
+    out.push('.');
+    out.push_str(&fraction[1..]);
+    out
 }
 
 /// A configured amount (a price, a budget) in micro-units: finite, not
@@ -336,5 +347,11 @@ mod tests {
         assert!(micros_from_amount(2e6, 1e6).unwrap_err().contains("maximum"));
         assert_eq!(format_micros(1_234_567), "1.234567");
         assert_eq!(format_micros(7), "0.000007");
+        assert_eq!(format_micros(0), "0.000000");
+        assert_eq!(format_micros(1_000_000), "1.000000");
+        assert_eq!(format_micros(u64::MAX), "18446744073709.551615");
+        for m in [1, 9, 10, 999_999, 1_000_001, 12_345_678_901] {
+            assert_eq!(format_micros(m), format!("{}.{:06}", m / 1_000_000, m % 1_000_000));
+        }
     }
 }

@@ -150,7 +150,7 @@ impl LoadState {
     /// yet applied: 1 while anything is in flight.
     #[inline]
     fn idle_factor(&self, now: Instant) -> f64 {
-        if self.in_flight > 0 || self.half_life.is_zero() {
+        if self.in_flight > 0 || self.half_life.is_zero() || now <= self.decayed_to {
             return 1.0;
         }
         let idle = now.saturating_duration_since(self.decayed_to);

@@ -12,6 +12,7 @@ mod candidates;
 pub mod capacity;
 pub mod central;
 pub mod cost;
+pub mod digits;
 pub mod fair;
 pub mod fallback;
 mod in_flight;

@@ -295,15 +295,12 @@ impl Engine {
     }
 
     fn new_id(&self) -> String {
-        use std::fmt::Write;
-        // Sized once: `format!` grew the string twice on every request.
+        // Sized once (`format!` grew the string twice on every request),
+        // and written without the formatting machinery (`core::digits`).
         let mut id = String::with_capacity(self.id_prefix.len() + 21);
-        let _ = write!(
-            id,
-            "{}-{}",
-            self.id_prefix,
-            self.next_id.fetch_add(1, Ordering::Relaxed)
-        );
+        id.push_str(&self.id_prefix);
+        id.push('-');
+        crate::core::digits::push_decimal(&mut id, self.next_id.fetch_add(1, Ordering::Relaxed));
         id
     }
 

@@ -29,8 +29,14 @@ impl Cost {
     }
 }
 
-/// An amount in micro-units as the wire carries it.
+/// An amount in micro-units as the wire carries it. Work at no price (a
+/// model without one, a cache hit) carries neither currency nor amount:
+/// `priced: false` says it cost nothing, without two strings built for
+/// every reply of a service that prices nothing.
 pub fn wire(micros: u64, currency: &str, priced: bool) -> pb::Cost {
+    if !priced && micros == 0 {
+        return pb::Cost::default();
+    }
     pb::Cost {
         micros,
         currency: currency.to_string(),
