@@ -351,7 +351,10 @@ mod tests {
         assert_eq!(format_micros(1_000_000), "1.000000");
         assert_eq!(format_micros(u64::MAX), "18446744073709.551615");
         for m in [1, 9, 10, 999_999, 1_000_001, 12_345_678_901] {
-            assert_eq!(format_micros(m), format!("{}.{:06}", m / 1_000_000, m % 1_000_000));
+            assert_eq!(
+                format_micros(m),
+                format!("{}.{:06}", m / 1_000_000, m % 1_000_000)
+            );
         }
     }
 }
