@@ -25,6 +25,7 @@ pub mod overload;
 mod overload_tests;
 pub mod queue;
 pub mod quota;
+pub mod quota_shortfall;
 #[cfg(test)]
 mod recovery_tests;
 pub mod region;
