@@ -100,10 +100,9 @@ async fn each_reply_costs_its_usage_at_its_price_to_the_micro_unit() {
     }
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_tenant_stopped_at_its_daily_budget_is_served_after_the_utc_reset() {
-    let w = world();
-    // big, 1,000 + 1,000 tokens: 0.04 each (the fake reports all of it).
+/// Two requests of tenant "b" on big, 1,000 + 1,000 tokens: 0.04 each
+/// (the fake reports all of it).
+async fn spend_two_big(w: &World) {
     for _ in 0..2 {
         let d = w
             .engine
@@ -112,6 +111,12 @@ async fn a_tenant_stopped_at_its_daily_budget_is_served_after_the_utc_reset() {
             .unwrap();
         assert_eq!(d.cost.micros, 40_000);
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_tenant_stopped_at_its_daily_budget_is_served_after_the_utc_reset() {
+    let w = world();
+    spend_two_big(&w).await;
     // 0.08 spent: another 0.04 would pass 0.1. Refused at once, nothing sent.
     let calls = w.calls();
     let t = w.elapsed();
@@ -148,14 +153,7 @@ async fn a_tenant_stopped_at_its_daily_budget_is_served_after_the_utc_reset() {
 
     // Past midnight UTC: a new day, a new budget.
     dispatcher::clock::shift_calendar(to_midnight + Duration::from_secs(1));
-    for _ in 0..2 {
-        let d = w
-            .engine
-            .dispatch(req("big", 1_000, 1_000), None, KEY_B)
-            .await
-            .unwrap();
-        assert_eq!(d.cost.micros, 40_000);
-    }
+    spend_two_big(&w).await;
     let e = w
         .engine
         .dispatch(req("big", 1_000, 1_000), None, KEY_B)

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use common::engine::*;
-use dispatcher::dispatch::hash_key;
+use dispatcher::dispatch::{Dispatched, hash_key};
 use dispatcher::pb;
 use tonic::Code;
 
@@ -82,6 +82,11 @@ fn ask(route: &str, prompt: u64, max_output: u64) -> pb::DispatchRequest {
     }
 }
 
+/// `r` served for tenant "a" (`timeout`: its deadline).
+async fn served(w: &World, r: pb::DispatchRequest, timeout: Option<Duration>) -> Dispatched {
+    w.engine.dispatch(r, timeout, KEY_A).await.unwrap()
+}
+
 fn labelled(mut r: pb::DispatchRequest, k: &str, v: &str) -> pb::DispatchRequest {
     r.labels = HashMap::from([(k.to_string(), v.to_string())]);
     r
@@ -90,24 +95,17 @@ fn labelled(mut r: pb::DispatchRequest, k: &str, v: &str) -> pb::DispatchRequest
 #[tokio::test(start_paused = true)]
 async fn a_classify_request_goes_to_the_small_model_by_its_label() {
     let w = world();
-    let d = w
-        .engine
-        .dispatch(ask("assistant", 100, 100), None, KEY_A)
-        .await
-        .unwrap();
+    let d = served(&w, ask("assistant", 100, 100), None).await;
     assert_eq!(
         (d.path.route.as_str(), d.path.model.as_str()),
         ("assistant", "large")
     );
-    let d = w
-        .engine
-        .dispatch(
-            labelled(ask("assistant", 100, 100), "class", "classify"),
-            None,
-            KEY_A,
-        )
-        .await
-        .unwrap();
+    let d = served(
+        &w,
+        labelled(ask("assistant", 100, 100), "class", "classify"),
+        None,
+    )
+    .await;
     assert_eq!(
         (d.path.route.as_str(), d.path.model.as_str()),
         ("assistant", "small")
@@ -119,15 +117,7 @@ async fn a_classify_request_goes_to_the_small_model_by_its_label() {
         "the cluster ran the small model"
     );
     // Another class matches no rule: the route's first candidate.
-    let d = w
-        .engine
-        .dispatch(
-            labelled(ask("assistant", 100, 100), "class", "reason"),
-            None,
-            KEY_A,
-        )
-        .await
-        .unwrap();
+    let d = served(&w, labelled(ask("assistant", 100, 100), "class", "reason"), None).await;
     assert_eq!(d.path.model, "large");
 }
 
@@ -139,9 +129,9 @@ async fn a_large_request_under_a_cost_ceiling_goes_to_the_cheaper_model() {
         max_cost: max_cost.into(),
         ..ask("assistant", 10_000, 10_000)
     };
-    let d = w.engine.dispatch(big(""), None, KEY_A).await.unwrap();
+    let d = served(&w, big(""), None).await;
     assert_eq!(d.path.model, "large", "no ceiling: the preferred candidate");
-    let d = w.engine.dispatch(big("0.05"), None, KEY_A).await.unwrap();
+    let d = served(&w, big("0.05"), None).await;
     assert_eq!(d.path.model, "small");
     assert!(d.cost.micros <= 7_500, "{:?}", d.cost);
 
@@ -179,10 +169,7 @@ async fn a_tight_deadline_goes_to_the_region_model_observed_faster() {
         .always(Reply::ok().after(Duration::from_millis(100)));
     // Warm up: each region answers once (1,000 + 1,000 tokens each).
     for model in ["large", "small"] {
-        w.engine
-            .dispatch(ask(model, 1_000, 1_000), None, KEY_A)
-            .await
-            .unwrap();
+        served(&w, ask(model, 1_000, 1_000), None).await;
     }
     // Without a budget, large (the preferred); with 3 s, large's observed
     // 4 s for this size does not fit: small.
@@ -207,30 +194,15 @@ async fn a_tight_deadline_goes_to_the_region_model_observed_faster() {
     assert_eq!(route.candidates[1].worst_case.as_ref().unwrap().micros, 750);
     assert_eq!(plan.steps[0].model, "small", "then the chosen model's plan");
 
-    let d = w
-        .engine
-        .dispatch(
-            ask("assistant", 1_000, 1_000),
-            Some(Duration::from_secs(3)),
-            KEY_A,
-        )
-        .await
-        .unwrap();
+    let d = served(&w, ask("assistant", 1_000, 1_000), Some(Duration::from_secs(3))).await;
     assert_eq!(d.path.model, "small");
     // The latency_budget field does the same without a deadline.
     let r = pb::DispatchRequest {
         latency_budget: Some(prost_types::Duration { seconds: 3, nanos: 0 }),
         ..ask("assistant", 1_000, 1_000)
     };
-    assert_eq!(
-        w.engine.dispatch(r, None, KEY_A).await.unwrap().path.model,
-        "small"
-    );
-    let d = w
-        .engine
-        .dispatch(ask("assistant", 1_000, 1_000), None, KEY_A)
-        .await
-        .unwrap();
+    assert_eq!(served(&w, r, None).await.path.model, "small");
+    let d = served(&w, ask("assistant", 1_000, 1_000), None).await;
     assert_eq!(d.path.model, "large", "no budget: the preferred candidate");
 }
 
@@ -238,11 +210,7 @@ async fn a_tight_deadline_goes_to_the_region_model_observed_faster() {
 async fn a_routes_choice_is_then_resolved_by_rollouts_and_falls_back_by_its_chain() {
     let w = world();
     // "tiered" prefers rollout alias "chat", whose only target is small.
-    let d = w
-        .engine
-        .dispatch(ask("tiered", 100, 100), None, KEY_A)
-        .await
-        .unwrap();
+    let d = served(&w, ask("tiered", 100, 100), None).await;
     assert_eq!(
         (
             d.path.route.as_str(),
@@ -253,11 +221,7 @@ async fn a_routes_choice_is_then_resolved_by_rollouts_and_falls_back_by_its_chai
     );
     // The route chose large; its region is down: large's chain to small.
     w.cluster("slow").always(Reply::unavailable());
-    let d = w
-        .engine
-        .dispatch(ask("assistant", 100, 100), None, KEY_A)
-        .await
-        .unwrap();
+    let d = served(&w, ask("assistant", 100, 100), None).await;
     assert_eq!(d.path.route, "assistant");
     assert_eq!(d.path.tried, ["large"]);
     assert_eq!(d.path.model, "small");
@@ -266,18 +230,10 @@ async fn a_routes_choice_is_then_resolved_by_rollouts_and_falls_back_by_its_chai
 #[tokio::test(start_paused = true)]
 async fn a_reload_changes_a_route_for_the_next_request() {
     let w = world();
-    let d = w
-        .engine
-        .dispatch(ask("assistant", 100, 100), None, KEY_A)
-        .await
-        .unwrap();
+    let d = served(&w, ask("assistant", 100, 100), None).await;
     assert_eq!(d.path.model, "large");
     let c = world_config("\"small\", \"large\"");
     w.engine.apply(&c, &endpoints(&c)).unwrap();
-    let d = w
-        .engine
-        .dispatch(ask("assistant", 100, 100), None, KEY_A)
-        .await
-        .unwrap();
+    let d = served(&w, ask("assistant", 100, 100), None).await;
     assert_eq!(d.path.model, "small", "the reloaded order");
 }
