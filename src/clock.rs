@@ -4,7 +4,11 @@
 //! cool-downs and the timers that wait for them alike; and the wall clock,
 //! for calendar days, ids and certificates' dates only.
 
-use std::time::{Instant, SystemTime};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+/// How far a test moved the calendar on (`shift_calendar`); 0 outside tests.
+static CALENDAR_SHIFT_SECS: AtomicU64 = AtomicU64::new(0);
 
 /// Now, as the `Instant` the core takes.
 pub fn now() -> Instant {
@@ -22,6 +26,18 @@ pub fn unix_secs() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+/// Seconds since the Unix epoch as the calendar (UTC days and months of
+/// budgets) counts them: the wall clock, plus what a test moved it on.
+pub fn calendar_secs() -> u64 {
+    unix_secs() + CALENDAR_SHIFT_SECS.load(Ordering::Relaxed)
+}
+
+/// Moves the calendar on by `by` for the whole process, so a test can
+/// cross midnight UTC without waiting for it. Only tests call it.
+pub fn shift_calendar(by: Duration) {
+    CALENDAR_SHIFT_SECS.fetch_add(by.as_secs(), Ordering::Relaxed);
 }
 
 /// Milliseconds since the Unix epoch: when a job was made or finished

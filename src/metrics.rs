@@ -246,6 +246,10 @@ fn describe() {
         "Requests naming a rollout alias, by alias and the target model picked"
     );
     describe_counter!(
+        "dispatcher_route_requests_total",
+        "Requests naming a [[routes]] alias, by route and the candidate chosen"
+    );
+    describe_counter!(
         "dispatcher_fallbacks_total",
         "Requests moved to the next model of their fallback chain, by from, to and trigger"
     );

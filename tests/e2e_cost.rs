@@ -5,7 +5,9 @@
 //! sum of the replies' costs, to the micro-unit; ListRegions shows each
 //! price and its source; past the daily cost budget a request whose worst
 //! case does not fit is refused at once (RESOURCE_EXHAUSTED, QuotaFailure
-//! naming the budget, RetryInfo to the UTC reset) while a smaller one passes.
+//! naming the budget, RetryInfo to the UTC reset) while a smaller one passes;
+//! a stream's final chunk and a job's record carry their cost, and a
+//! `[[routes]]` alias answers over real gRPC (Route, the reply, max_cost).
 
 mod common;
 
@@ -195,5 +197,166 @@ keys = ["{}"]
         t.spent_today.unwrap().micros,
         total,
         "the refused request cost nothing"
+    );
+}
+
+/// A stream's last chunk and a job's record carry the cost of what ran,
+/// and the tenant's spend counts both; a `[[routes]]` alias over real
+/// gRPC: `Route` shows the candidate's worst case, a reply names the
+/// route, and a ceiling below it is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_jobs_and_routes_carry_their_cost() {
+    let cfg = ConfigDir::new(&format!(
+        r#"
+[pricing]
+currency = "EUR"
+[[models]]
+name = "gpt-4o"
+price = {{ input = 2.50, output = 10.00 }}
+[[routes]]
+name = "assistant"
+candidates = ["gpt-4o"]
+[[tenants]]
+name = "team-a"
+keys = ["{}"]
+[jobs]
+data_dir = "data"
+"#,
+        hash_key("k-a")
+    ));
+    let _east = cfg.start_region(SimRegion {
+        name: "east",
+        sim_args: &["--ms-per-1k-tokens", "5", "--completion-min-fraction", "1"],
+        ..Default::default()
+    });
+    let d = common::dispatcher(&cfg.config());
+    let mut grpc = common::client(d.addr).await;
+    let req = |model: &str| pb::DispatchRequest {
+        model: model.into(),
+        payload: "price me".into(),
+        prompt_tokens: 1_000,
+        max_output_tokens: 500,
+        ..Default::default()
+    };
+
+    // A stream: the last chunk (done) has the cost; the others none.
+    let mut chunks = grpc
+        .dispatch_stream(with_key(req("gpt-4o"), "k-a"))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut last = None;
+    while let Some(c) = chunks.message().await.unwrap() {
+        if !c.done {
+            assert!(c.cost.is_none(), "{c:?}");
+        }
+        last = Some(c);
+    }
+    let last = last.unwrap();
+    assert!(last.done);
+    let stream_cost = last.cost.clone().expect("the final chunk's cost").micros;
+    assert_eq!(stream_cost, expected("east", last.usage.as_ref().unwrap()));
+    assert_eq!(stream_cost, 7_500, "1,000 in and 500 out at 2.50 / 10.00");
+
+    // A job: its record carries the cost once DONE.
+    let mut jobs = pb::jobs_client::JobsClient::connect(format!("http://{}", d.addr))
+        .await
+        .unwrap();
+    let job = jobs
+        .submit_job(with_key(
+            pb::SubmitJobRequest {
+                request: Some(req("gpt-4o")),
+                ..Default::default()
+            },
+            "k-a",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let done = common::eventually(std::time::Duration::from_secs(10), || {
+        let mut jobs = jobs.clone();
+        let id = job.job_id.clone();
+        async move {
+            let j = jobs
+                .get_job(with_key(pb::JobRef { job_id: id }, "k-a"))
+                .await
+                .unwrap()
+                .into_inner();
+            j.state() == pb::JobState::Done
+        }
+    })
+    .await;
+    assert!(done.is_some(), "the job finished");
+    let j = jobs
+        .get_job(with_key(pb::JobRef { job_id: job.job_id }, "k-a"))
+        .await
+        .unwrap()
+        .into_inner();
+    let job_cost = j.cost.clone().expect("a DONE job's cost");
+    assert_eq!(
+        job_cost.micros,
+        expected("east", j.usage.as_ref().unwrap()),
+        "{j:?}"
+    );
+    assert_eq!(
+        (job_cost.currency.as_str(), job_cost.amount.as_str()),
+        ("EUR", "0.007500")
+    );
+
+    // The route: Route shows the candidate and its worst case (1,000 +
+    // 500 at 2.50 / 10.00 = 0.0075), a reply names it.
+    let decision = grpc
+        .route(with_key(req("assistant"), "k-a"))
+        .await
+        .unwrap()
+        .into_inner();
+    let route = decision.route.expect("the route's decision");
+    assert_eq!(
+        (route.name.as_str(), route.chosen.as_str()),
+        ("assistant", "gpt-4o")
+    );
+    assert_eq!(route.candidates[0].worst_case.as_ref().unwrap().micros, 7_500);
+    assert_eq!(route.candidates[0].verdict, "chosen");
+    assert_eq!(decision.model, "gpt-4o");
+    let r = grpc
+        .dispatch(with_key(
+            pb::DispatchRequest {
+                max_cost: "0.0075".into(),
+                ..req("assistant")
+            },
+            "k-a",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((r.route.as_str(), r.model.as_str()), ("assistant", "gpt-4o"));
+    let route_cost = r.cost.unwrap().micros;
+    let refused = grpc
+        .dispatch(with_key(
+            pb::DispatchRequest {
+                max_cost: "0.007499".into(),
+                ..req("assistant")
+            },
+            "k-a",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    let details = refused.get_error_details();
+    let field = &details.bad_request().expect("BadRequest").field_violations[0];
+    assert_eq!(field.field, "max_cost", "{field:?}");
+
+    // The tenant's spend: the stream, the job and the routed request.
+    let t = common::admin(d.addr)
+        .await
+        .get_tenant(pb::GetTenantRequest {
+            name: "team-a".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        t.spent_today.unwrap().micros,
+        stream_cost + job_cost.micros + route_cost
     );
 }

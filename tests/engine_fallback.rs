@@ -251,7 +251,7 @@ async fn a_stream_cut_short_without_its_final_chunk_is_an_error_not_ok() {
 #[tokio::test(start_paused = true)]
 async fn route_shows_the_whole_plan() {
     let w = world(ALL, 300);
-    let steps = w.engine.route_plan(&gpt(40, 4000), KEY_B).unwrap();
+    let steps = w.engine.route_plan(&gpt(40, 4000), None, KEY_B).unwrap().steps;
     let models: Vec<_> = steps.iter().map(|s| s.model.as_str()).collect();
     assert_eq!(models, ["gpt-4o", "mini", "local"]);
     assert!(steps[0].error.as_deref().unwrap().contains("max_request_tokens"));

@@ -78,8 +78,9 @@ prop_compose! {
         origin_region in text(),
         request_id in text(),
         labels in proptest::collection::hash_map(text(), text(), 0..40),
+        max_cost in text(),
     ) -> pb::DispatchRequest {
-        pb::DispatchRequest { tenant, model, payload: payload.into(), prompt_tokens, max_output_tokens, origin_region, request_id, labels, no_fallback: false, cache: None }
+        pb::DispatchRequest { tenant, model, payload: payload.into(), prompt_tokens, max_output_tokens, origin_region, request_id, labels, no_fallback: false, max_cost, latency_budget: None, cache: None }
     }
 }
 

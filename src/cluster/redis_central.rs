@@ -41,8 +41,13 @@ pub fn tenant_cost_keys(tenant: &str, day: u64, month: u64) -> (String, String) 
     )
 }
 
+/// Where a tenant's refunds are counted, beside each of `tenant_keys`.
+fn refunded(key: &str) -> String {
+    format!("{key}:refunded")
+}
+
 /// Redis answers per tenant in `tenants`.
-const TENANT_REPLIES: usize = 4;
+const TENANT_REPLIES: usize = 6;
 
 /// A tenant's running total nobody added to for this long is removed (the
 /// next sync starts over from it).
@@ -146,6 +151,14 @@ impl RedisCentral {
                 pipe.cmd("EXPIRE").arg(&total).arg(TENANT_EXPIRY_SECS).ignore();
                 pipe.cmd("INCRBY").arg(&day).arg(u.delta);
                 pipe.cmd("EXPIRE").arg(&day).arg(2 * 86_400).ignore();
+                let (total_refunded, day_refunded) = (refunded(&total), refunded(&day));
+                pipe.cmd("INCRBY").arg(&total_refunded).arg(u.refund);
+                pipe.cmd("EXPIRE")
+                    .arg(&total_refunded)
+                    .arg(TENANT_EXPIRY_SECS)
+                    .ignore();
+                pipe.cmd("INCRBY").arg(&day_refunded).arg(u.refund);
+                pipe.cmd("EXPIRE").arg(&day_refunded).arg(2 * 86_400).ignore();
                 let (cost_day, cost_month) = tenant_cost_keys(&u.tenant, u.cost_day, u.cost_month);
                 pipe.cmd("INCRBY").arg(&cost_day).arg(u.cost_delta);
                 pipe.cmd("EXPIRE").arg(&cost_day).arg(2 * 86_400).ignore();
@@ -169,8 +182,10 @@ impl RedisCentral {
             .map(|c| TenantTotals {
                 tokens: c[0],
                 day: c[1],
-                cost_day: c[2],
-                cost_month: c[3],
+                refunded: c[2],
+                day_refunded: c[3],
+                cost_day: c[4],
+                cost_month: c[5],
             })
             .collect())
     }

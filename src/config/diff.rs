@@ -200,6 +200,7 @@ pub fn changes(old: &Config, new: &Config) -> Vec<Change> {
     let mut d = Vec::new();
     field(&mut d, "rollouts", &old.policy.rollouts, &new.policy.rollouts);
     field(&mut d, "fallbacks", &old.policy.fallbacks, &new.policy.fallbacks);
+    field(&mut d, "routes", &old.policy.routes, &new.policy.routes);
     out.extend(changed("policy", d));
     let mut d = Vec::new();
     field(&mut d, "limits", &old.limits, &new.limits);

@@ -14,6 +14,7 @@ mod validate_cluster;
 mod validate_jobs;
 mod validate_policy;
 mod validate_region;
+mod validate_routes;
 pub mod watch;
 
 use std::fmt;
@@ -131,6 +132,8 @@ pub struct Pricing {
 pub struct PolicyConfig {
     pub rollouts: Vec<crate::core::RolloutSpec>,
     pub fallbacks: Vec<crate::core::FallbackSpec>,
+    /// `[[routes]]` (`config/validate_routes.rs`).
+    pub routes: Vec<crate::core::RouteSpec>,
 }
 
 /// `[cache]`, checked (docs/CACHE.md).

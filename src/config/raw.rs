@@ -33,6 +33,8 @@ pub struct RawDispatcher {
     #[serde(default)]
     pub fallbacks: Vec<RawFallback>,
     #[serde(default)]
+    pub routes: Vec<RawRoute>,
+    #[serde(default)]
     pub pricing: RawPricing,
 }
 
@@ -68,6 +70,24 @@ pub struct RawRollout {
 pub struct RawRolloutTarget {
     pub model: String,
     pub weight: f64,
+}
+
+/// `[[routes]]`: an alias choosing its model per request among candidates.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    pub name: String,
+    pub candidates: Vec<String>,
+    #[serde(default)]
+    pub rules: Vec<RawRouteRule>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRouteRule {
+    pub labels: std::collections::BTreeMap<String, String>,
+    #[serde(rename = "use")]
+    pub use_: Vec<String>,
 }
 
 /// `[[fallbacks]]`: a model's fallback chain.

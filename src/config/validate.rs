@@ -242,7 +242,8 @@ pub fn validate_dispatcher(raw: RawDispatcher, file: &Path) -> Result<Config, Co
         .transpose()?;
     let jobs = super::validate_jobs::validate_jobs(&c, file.parent().unwrap_or(Path::new(".")), raw.jobs)?;
     let cache = super::validate_cache::validate_cache(&c, raw.cache)?;
-    let policy = super::validate_policy::validate_policy(&c, raw.rollouts, raw.fallbacks, &models)?;
+    let mut policy = super::validate_policy::validate_policy(&c, raw.rollouts, raw.fallbacks, &models)?;
+    policy.routes = super::validate_routes::validate_routes(&c, raw.routes, &models, &policy.rollouts)?;
     Ok(Config {
         path: file.to_path_buf(),
         server,

@@ -30,6 +30,7 @@ pub mod quota_shortfall;
 mod recovery_tests;
 pub mod region;
 pub mod rollout;
+pub mod route;
 pub mod router;
 #[cfg(test)]
 mod router_tests;
@@ -64,6 +65,7 @@ pub use queue::{Discipline, Fifo, WaitQueue, Waiter};
 pub use quota::{QuotaBucket, QuotaError, Shortfall};
 pub use region::{Exclusion, RegionSpec, RegionState};
 pub use rollout::{RolloutError, RolloutPick, RolloutSpec, Rollouts};
+pub use route::{CandidateFacts, RouteAsk, RouteChoice, RouteRule, RouteSpec, Verdict};
 pub use router::{
     CandidateReport, Completion, Reservation, RouteError, RoutePreview, RouteRequest, Router, RouterSpec,
     Settled, Supply, SyncItem, WaitingByQuota,

@@ -217,6 +217,11 @@ impl Router {
         self.region_id(name).map(|i| &self.regions[i])
     }
 
+    /// `name`'s index among the models (as `RegionState::quota` takes it).
+    pub fn model_index(&self, name: &str) -> Option<usize> {
+        self.model_id(name)
+    }
+
     fn model_id(&self, name: &str) -> Option<usize> {
         self.model_names.binary_search_by(|m| (**m).cmp(name)).ok()
     }

@@ -226,11 +226,13 @@ struct TenantState {
     used_today: u64,
     reserved: u64,
     usage: UsageWindow,
-    /// With `[cluster]`: tokens charged here (reserved, then adjusted at
-    /// settlement) not yet reported to the other replicas, and the shared
-    /// totals as last seen (`tenant_sync.rs`).
+    /// With `[cluster]`: tokens charged here (reserved, and any extra at
+    /// settlement) and refunded here (settled below the reservation) not
+    /// yet reported to the other replicas, and the shared totals as last
+    /// seen (`tenant_sync.rs`).
     unsynced: i64,
-    seen: Option<(i64, i64)>,
+    unsynced_refund: i64,
+    seen: Option<sync::Seen>,
     spend: spend::Spend,
 }
 
@@ -298,6 +300,7 @@ impl Tenants {
                 reserved: old.map_or(0, |o| o.reserved),
                 usage: old.map_or_else(UsageWindow::new, |o| o.usage.clone()),
                 unsynced: old.map_or(0, |o| o.unsynced),
+                unsynced_refund: old.map_or(0, |o| o.unsynced_refund),
                 seen: old.and_then(|o| o.seen),
                 spend: old.map_or_else(Default::default, |o| o.spend.clone()),
             };
@@ -417,7 +420,13 @@ impl Tenants {
         s.spend.settle(hold.cost, cost, hold.day, hold.month);
         s.in_flight = s.in_flight.saturating_sub(1);
         s.reserved = s.reserved.saturating_sub(hold.tokens);
-        s.unsynced += charged as i64 - hold.tokens as i64;
+        // Charges and refunds travel apart: each shared total only grows,
+        // so one that shrank means Redis lost it, not a refund.
+        if charged >= hold.tokens {
+            s.unsynced += (charged - hold.tokens) as i64;
+        } else {
+            s.unsynced_refund += (hold.tokens - charged) as i64;
+        }
         if s.day == hold.day {
             s.used_today += charged;
         }

@@ -1,8 +1,13 @@
 //! Tenant limits shared between replicas (`[cluster]`): each sync, every
-//! replica adds what its tenants were charged since the last one (net:
-//! reservations, then what settlement gave back or added) to a running
-//! total per tenant and per tenant-day in Redis, and charges its own
-//! buckets and daily counts with what the other replicas added meanwhile.
+//! replica adds what its tenants were charged since the last one
+//! (reservations, and what settlement added) and what was refunded
+//! (settlement below the reservation) to two running totals per tenant and
+//! per tenant-day in Redis, and charges its own buckets and daily counts
+//! with what the other replicas added meanwhile, net of their refunds. The
+//! two totals only grow, so one that shrank means Redis lost it (a restart):
+//! the replica starts over from it instead of taking the drop for a refund.
+//! (One net total could not tell the two apart, and a refund elsewhere was
+//! never seen: the others kept counting a reservation that settled lower.)
 //! A tenant's limits then hold across replicas to within one sync interval
 //! of the others' spending; without Redis each replica counts alone.
 //! Spend in money rides along: per tenant-day and tenant-month, the same way.
@@ -18,7 +23,9 @@ use super::Tenants;
 pub struct TenantUsage {
     pub tenant: Arc<str>,
     pub day: u64,
+    /// Tokens charged (at least 0) and refunded (at least 0) since the last sync.
     pub delta: i64,
+    pub refund: i64,
     pub cost_day: u64,
     pub cost_month: u64,
     pub cost_delta: i64,
@@ -30,8 +37,20 @@ pub struct TenantUsage {
 pub struct TenantTotals {
     pub tokens: i64,
     pub day: i64,
+    /// The refunds' totals: all time, its day.
+    pub refunded: i64,
+    pub day_refunded: i64,
     pub cost_day: i64,
     pub cost_month: i64,
+}
+
+/// The shared token totals as a replica last saw them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Seen {
+    tokens: i64,
+    refunded: i64,
+    day: i64,
+    day_refunded: i64,
 }
 
 impl Tenants {
@@ -48,6 +67,7 @@ impl Tenants {
                     || s.spec.daily_token_budget.is_some()
                     || s.spec.daily_cost_budget.is_some()
                     || s.spec.monthly_cost_budget.is_some()
+                    || s.unsynced_refund != 0
                     || s.spend.unsynced != 0
                     || s.spend.seen.is_some()
             })
@@ -57,6 +77,7 @@ impl Tenants {
                     tenant: s.name.clone(),
                     day: s.day,
                     delta: std::mem::take(&mut s.unsynced),
+                    refund: std::mem::take(&mut s.unsynced_refund),
                     cost_day,
                     cost_month,
                     cost_delta: std::mem::take(&mut s.spend.unsynced),
@@ -65,44 +86,58 @@ impl Tenants {
             .collect()
     }
 
-    /// Redis added `u.delta` and answered the running totals after it: for
-    /// the tenant's tokens, and for its day. What the other replicas added
-    /// since this replica last looked is charged here too.
+    /// Redis added `u.delta` and `u.refund` and answered the running totals
+    /// after them: for the tenant's tokens, and for its day. What the other
+    /// replicas added since this replica last looked (net of what they
+    /// refunded) is charged here too.
     pub fn synced(&mut self, u: &TenantUsage, totals: TenantTotals, now: Instant) {
         let Some(s) = self.states.get_mut(&u.tenant) else {
             return;
         };
-        let (total, day_total) = (totals.tokens, totals.day);
         s.spend.synced(
             (u.cost_day, u.cost_month),
             u.cost_delta,
             totals.cost_day,
             totals.cost_month,
         );
-        let elsewhere = |seen: i64, new: i64| new - seen - u.delta;
-        if let Some((seen_total, seen_day)) = s.seen {
-            // A total below what was seen: Redis lost it (restart); start over.
-            if total >= seen_total + u.delta {
-                let others = elsewhere(seen_total, total);
-                if let Some(bucket) = &mut s.tokens {
-                    if others > 0 {
-                        bucket.charge(others as u64, now);
-                    } else if others < 0 {
-                        bucket.refund(others.unsigned_abs(), now);
-                    }
+        // What the others added to a pair of totals (charges, refunds)
+        // since `seen`, net; `None`: one shrank, Redis lost them.
+        let elsewhere = |(seen, seen_refunded): (i64, i64), (now, now_refunded): (i64, i64)| {
+            let charged = now - seen - u.delta;
+            let refunded = now_refunded - seen_refunded - u.refund;
+            (charged >= 0 && refunded >= 0).then_some(charged - refunded)
+        };
+        let today = s.day == u.day;
+        if let Some(seen) = s.seen {
+            if let Some(others) = elsewhere((seen.tokens, seen.refunded), (totals.tokens, totals.refunded))
+                && let Some(bucket) = &mut s.tokens
+            {
+                if others > 0 {
+                    bucket.charge(others as u64, now);
+                } else if others < 0 {
+                    bucket.refund(others.unsigned_abs(), now);
                 }
             }
-            if s.day == u.day && day_total >= seen_day + u.delta {
-                s.used_today = s.used_today.saturating_add_signed(elsewhere(seen_day, day_total));
+            if today
+                && let Some(others) =
+                    elsewhere((seen.day, seen.day_refunded), (totals.day, totals.day_refunded))
+            {
+                s.used_today = s.used_today.saturating_add_signed(others);
             }
         }
-        s.seen = Some((total, if s.day == u.day { day_total } else { 0 }));
+        s.seen = Some(Seen {
+            tokens: totals.tokens,
+            refunded: totals.refunded,
+            day: if today { totals.day } else { 0 },
+            day_refunded: if today { totals.day_refunded } else { 0 },
+        });
     }
 
     /// The sync failed: the charges are reported next time.
     pub fn unsynced(&mut self, u: &TenantUsage) {
         if let Some(s) = self.states.get_mut(&u.tenant) {
             s.unsynced += u.delta;
+            s.unsynced_refund += u.refund;
             s.spend.unsynced += u.cost_delta;
         }
     }
@@ -151,6 +186,8 @@ mod tests {
             let totals = TenantTotals {
                 tokens: incr("total".into(), u.delta),
                 day: incr(format!("day{}", u.day), u.delta),
+                refunded: incr("refunded".into(), u.refund),
+                day_refunded: incr(format!("day-refunded{}", u.day), u.refund),
                 cost_day: incr(format!("cost-day{}", u.cost_day), u.cost_delta),
                 cost_month: incr(format!("cost-month{}", u.cost_month), u.cost_delta),
             };
@@ -244,6 +281,40 @@ mod tests {
         assert_eq!(b.report(t0)[0].spent_today, 9_000, "kept, not credited back");
     }
 
+    /// A request reserved on one replica and settled below its reservation
+    /// after a sync: the other replicas see the refund too (they counted
+    /// the whole reservation), for the daily budget and the minute's tokens.
+    #[test]
+    fn a_refund_on_one_replica_is_seen_by_the_others() {
+        let t0 = crate::testing::epoch();
+        let (mut a, mut b) = (tenants(t0), tenants(t0));
+        let mut redis = HashMap::new();
+        sync(&mut a, &mut redis, t0);
+        sync(&mut b, &mut redis, t0);
+        // `a` reserves 550 of the day's 1,000; both replicas count it.
+        let h = a.admit("t", "m", 550, t0, DAY).unwrap();
+        sync(&mut a, &mut redis, t0);
+        sync(&mut b, &mut redis, t0);
+        assert!(
+            b.admit("t", "m", 500, t0, DAY).is_err(),
+            "b counts a's reservation"
+        );
+        // It settles at 50: 500 back.
+        a.settle(h, 50, t0);
+        sync(&mut a, &mut redis, t0);
+        sync(&mut b, &mut redis, t0);
+        assert_eq!(b.report(t0)[0].used_today, 50, "b sees the refund");
+        let h = b
+            .admit("t", "m", 500, t0, DAY)
+            .expect("within the budget and the minute's tokens");
+        b.settle(h, 500, t0);
+        // A lost total still starts over rather than counting as a refund.
+        sync(&mut b, &mut redis, t0);
+        redis.clear();
+        sync(&mut b, &mut redis, t0);
+        assert_eq!(b.report(t0)[0].used_today, 550, "kept, not credited back");
+    }
+
     #[test]
     fn charges_of_a_failed_sync_go_with_the_next() {
         let t0 = crate::testing::epoch();
@@ -251,8 +322,9 @@ mod tests {
         let h = a.admit("t", "m", 200, t0, DAY).unwrap();
         a.settle(h, 150, t0);
         let usage = a.usage_to_sync(DAY);
-        assert_eq!(usage[0].delta, 150);
+        assert_eq!((usage[0].delta, usage[0].refund), (200, 50));
         a.unsynced(&usage[0]);
-        assert_eq!(a.usage_to_sync(DAY)[0].delta, 150);
+        let again = &a.usage_to_sync(DAY)[0];
+        assert_eq!((again.delta, again.refund), (200, 50));
     }
 }

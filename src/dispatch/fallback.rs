@@ -38,6 +38,22 @@ pub(super) fn trigger(e: &DispatchError, step_expired: bool) -> Option<Trigger> 
     }
 }
 
+/// The field an over-ceiling refusal names.
+const OVER_COST: &str = "max_cost";
+
+/// `model`'s worst case passes the caller's `max_cost`.
+fn over_cost(model: &str, worst_case: u64, max: u64) -> DispatchError {
+    use crate::core::cost::format_micros;
+    DispatchError::InvalidArgument(vec![super::Violation::new(
+        OVER_COST,
+        format!(
+            "{model} may cost up to {} for this request (prompt + max output at its dearest price), above max_cost {}",
+            format_micros(worst_case),
+            format_micros(max)
+        ),
+    )])
+}
+
 /// A step admitted: its index, estimate, tenant hold and the tenant's
 /// `max_queued`.
 pub(super) type Admitted = (usize, TokenEstimate, TenantHold, usize);
@@ -63,6 +79,11 @@ impl Engine {
                 let worst_case = config
                     .prices
                     .worst_case(&r.model, estimate.prompt, estimate.max_output);
+                if let Some(max) = super::route::max_cost(r)?
+                    && worst_case > max
+                {
+                    return Err(over_cost(&r.model, worst_case, max));
+                }
                 let (hold, max_queued) =
                     self.desk
                         .admit_tenant(tenant, &r.model, estimate.total(), worst_case, super::today())?;
@@ -78,6 +99,10 @@ impl Engine {
                 }
                 // A fallback the tenant may not use is passed over.
                 DispatchError::PermissionDenied(_) => step > from && step + 1 < plan.steps.len(),
+                // So is one that may cost more than the caller's ceiling.
+                DispatchError::InvalidArgument(v) if v.first().is_some_and(|v| v.field == OVER_COST) => {
+                    step > 0 && step + 1 < plan.steps.len()
+                }
                 _ => false,
             };
             if !skip {
@@ -115,6 +140,7 @@ impl Engine {
             prompt_tokens: p.asked.0,
             max_output_tokens: p.asked.1,
             labels: p.exec.labels.clone(),
+            max_cost: p.max_cost.clone(),
             ..Default::default()
         };
         let admitted = self.admit_step(&p.config, &p.tenant, &mut r, &p.plan, p.step + 1, &mut p.path);
@@ -160,20 +186,40 @@ impl Engine {
 
     /// `Route`'s whole plan: each step's model with where it would go now
     /// and why (or why it is left out). Consumes nothing.
+    /// A request naming a route shows the route's decision first (each
+    /// candidate's estimated cost and time, and why), then the plan of the
+    /// model it chose; `timeout` is the call's deadline (a latency budget).
     pub fn route_plan(
         &self,
         r: &pb::DispatchRequest,
+        timeout: Option<std::time::Duration>,
         caller: impl Into<super::Caller>,
-    ) -> Result<Vec<RouteStepView>, DispatchError> {
+    ) -> Result<super::RoutePlanView, DispatchError> {
         let config = self.front.snapshot();
         let tenant = config.authenticate(&caller.into())?;
         config.check_tenant_field(&r.tenant, &tenant)?;
         let mut r = r.clone();
+        let now = crate::clock::now();
+        let route = match config.route(&r.model) {
+            Some(spec) => Some(self.decide_route(&config, spec, &tenant, &mut r, timeout, now)?),
+            None => None,
+        };
+        if let Some(view) = &route {
+            match view.chosen() {
+                Some(chosen) => r.model = chosen.to_string(),
+                None => {
+                    return Ok(super::RoutePlanView {
+                        route: Some(view.to_pb(&config.currency)),
+                        steps: Vec::new(),
+                    });
+                }
+            }
+        }
+        let route = route.map(|v| v.to_pb(&config.currency));
         if let Some(pick) = self.rollouts.peek(&r) {
             r.model = pick.target;
         }
         let plan = config.plan(&r.model, !r.no_fallback);
-        let now = crate::clock::now();
         let mut steps = Vec::new();
         for (i, model) in plan.steps.iter().enumerate() {
             r.model.clone_from(model);
@@ -214,7 +260,7 @@ impl Engine {
             };
             steps.push(step);
         }
-        Ok(steps)
+        Ok(super::RoutePlanView { route, steps })
     }
 }
 

@@ -65,6 +65,8 @@ pub struct Snapshot {
     pub currency: Arc<str>,
     /// `[cache]`.
     pub cache: crate::config::CacheConfig,
+    /// `[[routes]]` by name (`route.rs`).
+    routes: std::collections::HashMap<String, Arc<crate::core::RouteSpec>>,
     /// Each configured model's routing version (`core::routing_version`),
     /// part of its cache keys.
     model_versions: Vec<(Arc<str>, u64)>,
@@ -113,6 +115,12 @@ impl Snapshot {
             prices,
             currency: Arc::from(config.pricing.currency.as_str()),
             cache: config.cache.clone(),
+            routes: config
+                .policy
+                .routes
+                .iter()
+                .map(|r| (r.name.clone(), Arc::new(r.clone())))
+                .collect(),
         }
     }
 
@@ -123,6 +131,16 @@ impl Snapshot {
             .iter()
             .find(|(m, _)| &**m == model)
             .map_or(0, |(_, v)| *v)
+    }
+
+    /// The route `name` names, if any: no hashing at all when no route is
+    /// configured, one probe otherwise.
+    #[inline]
+    pub fn route(&self, name: &str) -> Option<Arc<crate::core::RouteSpec>> {
+        if self.routes.is_empty() {
+            return None;
+        }
+        self.routes.get(name).cloned()
     }
 
     /// A configured model's name, shared.

@@ -29,6 +29,7 @@ mod prepare;
 mod queue;
 mod rates;
 mod rollout;
+mod route;
 mod shared_ids;
 mod spend;
 mod stream;
@@ -54,6 +55,7 @@ pub use fallback::RouteStepView;
 pub use front_door::Settings;
 pub(crate) use observe::work_span;
 pub use rollout::RolloutDesk;
+pub use route::RoutePlanView;
 pub use shared_ids::{Pending, SharedIds, Stored};
 pub use spend::{Cost, wire as wire_cost};
 pub use stream::{ChunkStream, StreamChunk};
@@ -116,8 +118,11 @@ pub struct Dispatched {
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct ModelPath {
     pub model: String,
-    /// The rollout alias the request named; empty when none.
+    /// The rollout alias the request named (or its route chose); empty
+    /// when none.
     pub alias: String,
+    /// The `[[routes]]` alias the request named; empty when none.
+    pub route: String,
     pub tried: Vec<String>,
 }
 
@@ -360,7 +365,7 @@ impl Engine {
 
 /// Today as UTC days since the epoch, for daily budgets.
 fn today() -> Day {
-    Day::at_unix(crate::clock::unix_secs())
+    Day::at_unix(crate::clock::calendar_secs())
 }
 
 pub fn hint_from_pb(q: pb::ProviderQuota) -> ProviderHint {

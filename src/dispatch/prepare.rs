@@ -64,6 +64,8 @@ pub(super) struct Prepared {
     pub plan: Arc<crate::core::Plan>,
     pub step: usize,
     pub asked: (u64, u64),
+    /// The caller's `max_cost` as it wrote it (empty: none), for each step.
+    pub max_cost: String,
     pub path: super::ModelPath,
     /// A job's: told before each send to a region, and may stop it.
     pub on_send: Option<super::OnSend>,
@@ -79,12 +81,21 @@ pub(super) struct Forwarded<T> {
     pub sent: Instant,
 }
 
-/// A request past the front door's own checks: who sent it, the rollout
-/// alias it named (its model now the target), when it arrived.
+/// A request past the front door's own checks: who sent it, the route
+/// and the rollout alias it named (its model now the one chosen), when it
+/// arrived.
 pub(super) struct Front {
     pub tenant: Arc<str>,
     pub alias: String,
+    pub route: String,
     pub start: Instant,
+}
+
+impl Front {
+    /// The rollout alias and the route, for a reply.
+    pub fn path(&self) -> (String, String) {
+        (self.alias.clone(), self.route.clone())
+    }
 }
 
 impl Engine {
@@ -95,6 +106,7 @@ impl Engine {
         &self,
         config: &Snapshot,
         r: &mut pb::DispatchRequest,
+        timeout: Option<Duration>,
         caller: &super::auth::Caller,
         labels: &mut Labels,
     ) -> Result<Front, DispatchError> {
@@ -108,9 +120,16 @@ impl Engine {
         labels.tenant = Some(tenant.clone());
         config.check_tenant_field(&r.tenant, &tenant)?;
         config.check_rate(&tenant)?;
-        // A rollout alias names its target; then the target's chain.
+        // A route chooses its candidate; a rollout alias (named, or the
+        // route's choice) its target; then the target's chain.
+        let route = self.resolve_route(config, &tenant, r, timeout)?;
         let alias = self.rollouts.resolve(r);
-        Ok(Front { tenant, alias, start })
+        Ok(Front {
+            tenant,
+            alias,
+            route,
+            start,
+        })
     }
 
     /// After `front` (and a cache miss): validates `r`, applies its
@@ -125,7 +144,12 @@ impl Engine {
         front: Front,
         labels: &mut Labels,
     ) -> Result<(Prepared, Lease), DispatchError> {
-        let Front { tenant, alias, start } = front;
+        let Front {
+            tenant,
+            alias,
+            route,
+            start,
+        } = front;
         let span = tracing::Span::current();
         let plan = config.plan(&r.model, !r.no_fallback);
         // `model` is filled in when the request is answered (`exec.model`
@@ -133,6 +157,7 @@ impl Engine {
         let mut path = super::ModelPath {
             model: String::new(),
             alias,
+            route,
             tried: Vec::new(),
         };
         let asked = (r.prompt_tokens, r.max_output_tokens);
@@ -171,6 +196,7 @@ impl Engine {
             plan,
             step,
             asked,
+            max_cost: r.max_cost,
             path,
             on_send: None,
         };

@@ -69,6 +69,22 @@ impl RolloutDesk {
         alias
     }
 
+    /// The models `name` may be served by: an alias's targets with a
+    /// weight above zero, or `name` itself.
+    pub fn targets(&self, name: &str) -> Vec<String> {
+        if self.any.load(Ordering::Relaxed)
+            && let Some(spec) = self.rollouts.lock().specs().iter().find(|s| s.alias == name)
+        {
+            return spec
+                .targets
+                .iter()
+                .filter(|(_, w)| *w > 0.0)
+                .map(|(m, _)| m.clone())
+                .collect();
+        }
+        vec![name.to_string()]
+    }
+
     /// Like `resolve`, consuming no draw (for `Route`).
     pub fn peek(&self, r: &pb::DispatchRequest) -> Option<RolloutPick> {
         self.rollouts

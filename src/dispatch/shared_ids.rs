@@ -57,6 +57,7 @@ pub fn encode(d: &Dispatched) -> Vec<u8> {
         model: d.path.model.clone(),
         models_tried: d.path.tried.clone(),
         alias: d.path.alias.clone(),
+        route: d.path.route.clone(),
         cost: Some(d.cost.to_pb()),
         cached: d.cached.as_deref().map(super::cached_reply),
     }
@@ -84,6 +85,7 @@ pub fn decode(bytes: &[u8], config_version: u64) -> Option<Dispatched> {
         path: super::ModelPath {
             model: r.model,
             alias: r.alias,
+            route: r.route,
             tried: r.models_tried,
         },
         cost: r

@@ -138,7 +138,7 @@ impl Engine {
         // A job's run reads and feeds the cache as a stream does, when its
         // request asks for it: a hit ends the job DONE with nothing sent.
         let cached = self
-            .front(&config, &mut r, &caller, &mut labels)
+            .front(&config, &mut r, timeout, &caller, &mut labels)
             .and_then(|front| {
                 super::cache::CachePlan::new(&config, &front.tenant, &r).map(|plan| (front, plan))
             });
@@ -154,7 +154,7 @@ impl Engine {
         {
             labels.model = config.model_name(&r.model);
             labels.finish(Ok(()), start);
-            let d = self.answer_from_cache(r.request_id, hit, config.version, front.alias);
+            let d = self.answer_from_cache(r.request_id, hit, config.version, front.path());
             let chunk = StreamChunk {
                 request_id: d.request_id,
                 region: d.region,

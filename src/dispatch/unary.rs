@@ -138,13 +138,13 @@ impl Engine {
         caller: &Caller,
         labels: &mut Labels,
     ) -> Result<Dispatched, DispatchError> {
-        let front = self.front(&config, &mut r, caller, labels)?;
+        let front = self.front(&config, &mut r, timeout, caller, labels)?;
         let cache = super::cache::CachePlan::new(&config, &front.tenant, &r)?;
         if let Some(plan) = cache.as_ref().filter(|p| !p.refresh)
             && let Some(hit) = self.cache.lookup(plan).await
         {
             labels.model = config.model_name(&r.model);
-            return Ok(self.answer_from_cache(r.request_id, hit, config.version, front.alias));
+            return Ok(self.answer_from_cache(r.request_id, hit, config.version, front.path()));
         }
         let (mut p, mut lease) = self.admit(config, r, timeout, front, labels)?;
         // Each step of the plan (the model, then its fallbacks) fails over
@@ -230,7 +230,7 @@ impl Engine {
         request_id: String,
         hit: super::CacheHit,
         config_version: u64,
-        alias: String,
+        (alias, route): (String, String),
     ) -> Dispatched {
         let request_id = if request_id.is_empty() {
             self.new_id()
@@ -249,6 +249,7 @@ impl Engine {
             path: super::ModelPath {
                 model: hit.entry.model.clone(),
                 alias,
+                route,
                 tried: Vec::new(),
             },
             cost: Default::default(),

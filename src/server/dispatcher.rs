@@ -9,7 +9,7 @@ use tracing::Instrument;
 
 use super::status::to_status;
 use crate::core::RoutePreview;
-use crate::dispatch::{Caller, Dispatched, Engine, RouteStepView, StreamChunk};
+use crate::dispatch::{Caller, Dispatched, Engine, RoutePlanView, StreamChunk};
 use crate::pb;
 use crate::pb::dispatcher_server::Dispatcher;
 
@@ -70,6 +70,7 @@ pub(super) fn reply(d: Dispatched) -> pb::DispatchReply {
         model: d.path.model,
         models_tried: d.path.tried,
         alias: d.path.alias,
+        route: d.path.route,
         cost: Some(d.cost.to_pb()),
         cached: d.cached.as_deref().map(crate::dispatch::cached_reply),
     }
@@ -87,6 +88,7 @@ fn chunk(c: StreamChunk) -> pb::DispatchChunk {
         model: c.path.model,
         models_tried: c.path.tried,
         alias: c.path.alias,
+        route: c.path.route,
         cost: c.cost.as_ref().map(crate::dispatch::Cost::to_pb),
         cached: c.cached.as_deref().map(crate::dispatch::cached_reply),
     }
@@ -128,10 +130,11 @@ fn retry_after(p: &RoutePreview) -> Option<prost_types::Duration> {
 }
 
 /// The first step's decision at the top (as before plans), then the plan.
-fn decision(steps: Vec<RouteStepView>) -> pb::RouteDecision {
+fn decision(RoutePlanView { route, steps }: RoutePlanView) -> pb::RouteDecision {
     let first = steps.first().and_then(|s| s.preview.as_ref());
     let mut d = pb::RouteDecision {
         model: steps.first().map(|s| s.model.clone()).unwrap_or_default(),
+        route,
         ..Default::default()
     };
     if let Some(p) = first {
@@ -204,9 +207,10 @@ impl Dispatcher for DispatcherService {
         request: Request<pb::DispatchRequest>,
     ) -> Result<Response<pb::RouteDecision>, Status> {
         let caller = caller(&request);
+        let timeout = crate::grpc::grpc_timeout(request.metadata());
         let r = request.into_inner();
         self.engine
-            .route_plan(&r, caller)
+            .route_plan(&r, timeout, caller)
             .map(|steps| Response::new(decision(steps)))
             .map_err(|e| to_status(&e))
     }
