@@ -68,6 +68,8 @@ fn repository_dispatcher(dir: &std::path::Path) -> Proc {
             "127.0.0.1:0",
             "--metrics-listen",
             "127.0.0.1:0",
+            "--openai-listen",
+            "127.0.0.1:0",
             "--data-dir",
             dir.join("data").to_str().unwrap(),
         ],

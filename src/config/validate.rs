@@ -243,6 +243,7 @@ pub fn validate_dispatcher(raw: RawDispatcher, file: &Path) -> Result<Config, Co
     let jobs = super::validate_jobs::validate_jobs(&c, file.parent().unwrap_or(Path::new(".")), raw.jobs)?;
     let cache = super::validate_cache::validate_cache(&c, raw.cache)?;
     let policy = super::validate_policy::validate_policy(&c, raw.rollouts, raw.fallbacks, &models)?;
+    let openai = super::validate_openai::validate_openai_door(&c, raw.openai)?;
     Ok(Config {
         path: file.to_path_buf(),
         server,
@@ -264,6 +265,7 @@ pub fn validate_dispatcher(raw: RawDispatcher, file: &Path) -> Result<Config, Co
         regions: Vec::new(),
         policy,
         pricing,
+        openai,
     })
 }
 
