@@ -99,7 +99,11 @@ mod tests {
         };
         let ids = |t: &str| c.for_tenant(t).into_iter().map(|e| e.id).collect::<Vec<_>>();
         assert_eq!(ids("anyone"), ["big", "small", "chat", "cheap"]);
-        assert_eq!(ids("limited"), ["small", "cheap"], "an alias with a target it may not use is left out");
+        assert_eq!(
+            ids("limited"),
+            ["small", "cheap"],
+            "an alias with a target it may not use is left out"
+        );
         assert!(c.knows("chat") && c.knows("big") && !c.knows("gpt-9"));
     }
 }

@@ -19,12 +19,8 @@ use super::{Conn, Door, request};
 use crate::dispatch::DispatchError;
 
 pub async fn completions(State(door): State<Arc<Door>>, r: Request) -> Response<Body> {
-    let span = crate::dispatch::work_span!(
-        "dispatch",
-        "server",
-        rpc = "ChatCompletions",
-        protocol = "openai"
-    );
+    let span =
+        crate::dispatch::work_span!("dispatch", "server", rpc = "ChatCompletions", protocol = "openai");
     crate::telemetry::continue_trace_headers(&span, r.headers());
     let answer = door.chat(r).instrument(span.clone()).await;
     let response = answer.unwrap_or_else(|e| span.in_scope(|| door.error(&e)));
@@ -96,7 +92,10 @@ impl Door {
         let mut response = Response::new(Body::empty());
         {
             let h = response.headers_mut();
-            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/event-stream"),
+            );
             h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
             Served::of_chunk(&first).headers(h);
         }

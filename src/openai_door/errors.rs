@@ -35,7 +35,12 @@ pub struct DoorError {
 }
 
 impl DoorError {
-    pub fn new(status: StatusCode, kind: &'static str, code: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(
+        status: StatusCode,
+        kind: &'static str,
+        code: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
         Self {
             status,
             kind,
@@ -53,11 +58,22 @@ impl DoorError {
     }
 
     pub fn bad_request(param: &str, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", "invalid_request", message).param(param)
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "invalid_request",
+            message,
+        )
+        .param(param)
     }
 
     pub fn not_found(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "invalid_request_error", "not_found", message)
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "not_found",
+            message,
+        )
     }
 
     /// `model` names no configured model or alias.
@@ -99,13 +115,18 @@ impl DoorError {
                 message,
             )
             .param("max_tokens"),
-            DispatchError::Unauthenticated(_) => {
-                Self::new(S::UNAUTHORIZED, "invalid_request_error", "invalid_api_key", message)
-            }
+            DispatchError::Unauthenticated(_) => Self::new(
+                S::UNAUTHORIZED,
+                "invalid_request_error",
+                "invalid_api_key",
+                message,
+            ),
             DispatchError::PermissionDenied(_) => {
                 Self::new(S::FORBIDDEN, "permission_error", "permission_denied", message)
             }
-            DispatchError::TenantLimit { limit, .. } if limit.contains("budget") => too_many("insufficient_quota"),
+            DispatchError::TenantLimit { limit, .. } if limit.contains("budget") => {
+                too_many("insufficient_quota")
+            }
             DispatchError::TenantLimit { .. }
             | DispatchError::Route(RouteError::NoCapacity { .. } | RouteError::Shed { .. })
             | DispatchError::QueueTimeout { .. }
@@ -113,21 +134,32 @@ impl DoorError {
             | DispatchError::QueueFull { .. }
             | DispatchError::ProvidersRefused { .. }
             | DispatchError::IdempotencyFull { .. } => too_many("rate_limit_exceeded"),
-            DispatchError::DeadlineExceeded(_) => Self::new(S::GATEWAY_TIMEOUT, "timeout", "timeout", message),
+            DispatchError::DeadlineExceeded(_) => {
+                Self::new(S::GATEWAY_TIMEOUT, "timeout", "timeout", message)
+            }
             DispatchError::Upstream { code, .. } => match code {
-                tonic::Code::InvalidArgument | tonic::Code::OutOfRange => {
-                    Self::new(S::BAD_REQUEST, "invalid_request_error", "invalid_request", message)
-                }
+                tonic::Code::InvalidArgument | tonic::Code::OutOfRange => Self::new(
+                    S::BAD_REQUEST,
+                    "invalid_request_error",
+                    "invalid_request",
+                    message,
+                ),
                 _ => Self::new(S::SERVICE_UNAVAILABLE, "server_error", "upstream_failed", message),
             },
             DispatchError::Route(RouteError::Unavailable { .. })
             | DispatchError::AttemptsExhausted { .. }
-            | DispatchError::ShuttingDown => {
-                Self::new(S::SERVICE_UNAVAILABLE, "server_error", "service_unavailable", message)
-            }
-            DispatchError::Internal(_) => {
-                Self::new(S::INTERNAL_SERVER_ERROR, "server_error", "internal_error", message)
-            }
+            | DispatchError::ShuttingDown => Self::new(
+                S::SERVICE_UNAVAILABLE,
+                "server_error",
+                "service_unavailable",
+                message,
+            ),
+            DispatchError::Internal(_) => Self::new(
+                S::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "internal_error",
+                message,
+            ),
         }
     }
 
@@ -234,8 +266,15 @@ mod tests {
             retry_after: None,
         };
         let door = DoorError::from_dispatch(&budget, "gpt-4o", true);
-        assert_eq!((door.status.as_u16(), door.code), (429, Some("insufficient_quota")));
-        assert_eq!(door.retry_after, Some(DEFAULT_RETRY), "a hint even when none is known");
+        assert_eq!(
+            (door.status.as_u16(), door.code),
+            (429, Some("insufficient_quota"))
+        );
+        assert_eq!(
+            door.retry_after,
+            Some(DEFAULT_RETRY),
+            "a hint even when none is known"
+        );
         assert_eq!(status(DispatchError::DeadlineExceeded("x".into())).0, 504);
         assert_eq!(status(DispatchError::ShuttingDown).0, 503);
         assert_eq!(
@@ -271,10 +310,16 @@ mod tests {
     fn an_unknown_model_is_404_and_a_bad_field_400_naming_it() {
         let e = DispatchError::InvalidArgument(vec![Violation::new("model", "unknown model \"gpt-9\"")]);
         let door = DoorError::from_dispatch(&e, "gpt-9", false);
-        assert_eq!((door.status.as_u16(), door.param.as_deref()), (404, Some("model")));
+        assert_eq!(
+            (door.status.as_u16(), door.param.as_deref()),
+            (404, Some("model"))
+        );
         let e = DispatchError::InvalidArgument(vec![Violation::new("max_output_tokens", "too many")]);
         let door = DoorError::from_dispatch(&e, "gpt-4o", true);
-        assert_eq!((door.status.as_u16(), door.param.as_deref()), (400, Some("max_tokens")));
+        assert_eq!(
+            (door.status.as_u16(), door.param.as_deref()),
+            (400, Some("max_tokens"))
+        );
         let e = DispatchError::InvalidArgument(vec![Violation::new("payload", "too large")]);
         assert_eq!(DoorError::from_dispatch(&e, "gpt-4o", true).param, None);
     }

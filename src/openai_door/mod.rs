@@ -89,27 +89,38 @@ fn observe(endpoint: &'static str, status: StatusCode) {
 }
 
 fn routes(door: Arc<Door>) -> Router {
-    let unknown = |door: Arc<Door>, what: &'static str| {
+    let answer = |door: &Arc<Door>, e: DoorError| {
+        let door = door.clone();
         move || {
-            let door = door.clone();
-            async move { door.error(&DoorError::not_found(what)) }
+            let (door, e) = (door.clone(), e.clone());
+            async move { door.error(&e) }
         }
     };
+    let unknown =
+        DoorError::not_found("no such path: POST /v1/chat/completions and GET /v1/models are served");
+    let method = DoorError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "invalid_request_error",
+        "method_not_allowed",
+        "method not allowed on this path",
+    );
     Router::new()
         .route("/v1/chat/completions", post(chat::completions))
         .route("/v1/models", get(models::list))
         .route("/v1/models/{id}", get(models::one))
-        .fallback(unknown(
-            door.clone(),
-            "no such path: POST /v1/chat/completions and GET /v1/models are served",
-        ))
-        .method_not_allowed_fallback(unknown(door.clone(), "method not allowed on this path"))
+        .fallback(answer(&door, unknown))
+        .method_not_allowed_fallback(answer(&door, method))
         .with_state(door)
 }
 
 /// Serves the door on `listener` until `stop`; then closes each
 /// connection once its request in progress has been answered.
-pub async fn serve(listener: TcpListener, engine: Arc<Engine>, limits: ConnectionLimits, stop: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    engine: Arc<Engine>,
+    limits: ConnectionLimits,
+    stop: CancellationToken,
+) {
     let door = Arc::new(Door {
         engine,
         body_timeout: limits.body_timeout,

@@ -46,7 +46,11 @@ pub async fn list(State(door): State<Arc<Door>>, headers: HeaderMap) -> Response
     response
 }
 
-pub async fn one(State(door): State<Arc<Door>>, Path(id): Path<String>, headers: HeaderMap) -> Response<Body> {
+pub async fn one(
+    State(door): State<Arc<Door>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response<Body> {
     let response = match door.catalog(&headers) {
         Ok(entries) => match entries.iter().find(|e| e.id == id) {
             Some(e) => ok(&model(e)),

@@ -207,7 +207,10 @@ impl Chunks {
         if !std::mem::replace(&mut self.role_sent, true) {
             delta["role"] = json!("assistant");
         }
-        vec![self.event(json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": null}]), None)]
+        vec![self.event(
+            json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": null}]),
+            None,
+        )]
     }
 
     /// The events that end a stream: what was left of the text, the

@@ -75,7 +75,9 @@ pub fn timeout(headers: &HeaderMap) -> Result<Option<Duration>, DoorError> {
         },
     };
     match value.parse::<f64>() {
-        Ok(s) if s.is_finite() && s > 0.0 => Ok(Some(Duration::from_secs_f64(s.min(MAX_TIMEOUT.as_secs_f64())))),
+        Ok(s) if s.is_finite() && s > 0.0 => {
+            Ok(Some(Duration::from_secs_f64(s.min(MAX_TIMEOUT.as_secs_f64()))))
+        }
         _ => Err(DoorError::bad_request(
             "",
             format!(
@@ -89,7 +91,12 @@ pub fn timeout(headers: &HeaderMap) -> Result<Option<Duration>, DoorError> {
 /// Reads the body: at most `limit` bytes (413 beyond, never buffered
 /// past it), in full within `within` (408 otherwise, as the gRPC side's
 /// `server.body_timeout`).
-pub async fn read_body<B>(body: B, headers: &HeaderMap, limit: usize, within: Duration) -> Result<Bytes, DoorError>
+pub async fn read_body<B>(
+    body: B,
+    headers: &HeaderMap,
+    limit: usize,
+    within: Duration,
+) -> Result<Bytes, DoorError>
 where
     B: http_body::Body<Data = Bytes>,
     B::Error: std::error::Error + Send + Sync + 'static,
@@ -171,7 +178,11 @@ pub fn chat_call(body: Bytes, headers: &HeaderMap) -> Result<ChatCall, DoorError
     // `chat` names the field by its path (`messages[2].content`), never
     // by the body's own text.
     let parsed = chat::parse(&body).map_err(|bad| {
-        let param = if bad.field == "body" { "" } else { bad.field.as_str() };
+        let param = if bad.field == "body" {
+            ""
+        } else {
+            bad.field.as_str()
+        };
         DoorError::bad_request(param, bad.to_string())
     })?;
     let Some(model) = parsed.model.clone() else {
@@ -213,7 +224,11 @@ mod tests {
         assert_eq!(call.request.model, "gpt-4o");
         assert_eq!(call.request.max_output_tokens, 50);
         assert_eq!(call.request.prompt_tokens, 3 + 4 + 8);
-        assert_eq!(call.request.payload, BODY.as_bytes(), "the body is the payload, unchanged");
+        assert_eq!(
+            call.request.payload,
+            BODY.as_bytes(),
+            "the body is the payload, unchanged"
+        );
         assert!(!call.stream && call.request.cache.is_none());
         let with = r#"{"model":"m","messages":[{"role":"user","content":"x"}],"user":"u-1","metadata":{"session":"s-9"}}"#;
         let call = chat_call(Bytes::from(with), &headers(&[(CACHE_TTL, "300s")])).unwrap();
@@ -269,16 +284,28 @@ mod tests {
     #[tokio::test]
     async fn a_body_over_the_limit_is_413_and_a_slow_one_408() {
         let body = http_body_util::Full::new(Bytes::from(vec![b'x'; 2000]));
-        let e = read_body(body, &HeaderMap::new(), 1000, Duration::from_secs(5)).await.unwrap_err();
-        assert_eq!(e.status, 413);
-        let declared = headers(&[("content-length", "5000")]);
-        let e = read_body(http_body_util::Empty::<Bytes>::new(), &declared, 1000, Duration::from_secs(5))
+        let e = read_body(body, &HeaderMap::new(), 1000, Duration::from_secs(5))
             .await
             .unwrap_err();
+        assert_eq!(e.status, 413);
+        let declared = headers(&[("content-length", "5000")]);
+        let e = read_body(
+            http_body_util::Empty::<Bytes>::new(),
+            &declared,
+            1000,
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap_err();
         assert_eq!(e.status, 413, "refused from its declared length, unread");
-        let ok = read_body(http_body_util::Full::new(Bytes::from("abc")), &HeaderMap::new(), 1000, Duration::from_secs(5))
-            .await
-            .unwrap();
+        let ok = read_body(
+            http_body_util::Full::new(Bytes::from("abc")),
+            &HeaderMap::new(),
+            1000,
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
         assert_eq!(ok, "abc");
     }
 
@@ -286,9 +313,14 @@ mod tests {
     async fn a_body_that_never_ends_is_408() {
         let (_tx, body) = {
             let (tx, rx) = tokio::sync::mpsc::channel::<Result<http_body::Frame<Bytes>, std::io::Error>>(1);
-            (tx, http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+            (
+                tx,
+                http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)),
+            )
         };
-        let e = read_body(body, &HeaderMap::new(), 1000, Duration::from_secs(5)).await.unwrap_err();
+        let e = read_body(body, &HeaderMap::new(), 1000, Duration::from_secs(5))
+            .await
+            .unwrap_err();
         assert_eq!(e.status, 408);
     }
 }

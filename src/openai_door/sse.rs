@@ -140,11 +140,18 @@ mod tests {
         }
     }
 
-    async fn events(first: StreamChunk, rest: Vec<Result<StreamChunk, DispatchError>>, shape: Shape) -> String {
+    async fn events(
+        first: StreamChunk,
+        rest: Vec<Result<StreamChunk, DispatchError>>,
+        shape: Shape,
+    ) -> String {
         let chunks = Chunks::new(&first, None, true);
         let sse = Sse::new(first, Box::pin(tokio_stream::iter(rest)), chunks, shape);
         let parts: Vec<_> = sse.map(|b| b.unwrap()).collect().await;
-        parts.iter().map(|b| String::from_utf8_lossy(b).into_owned()).collect()
+        parts
+            .iter()
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .collect()
     }
 
     #[tokio::test]
@@ -172,7 +179,12 @@ mod tests {
 
     #[tokio::test]
     async fn a_provider_stream_passes_through() {
-        let text = events(chunk(r#"{"a":1}"#, false), vec![Ok(chunk(r#"{"b":2}"#, true))], Shape::PassThrough).await;
+        let text = events(
+            chunk(r#"{"a":1}"#, false),
+            vec![Ok(chunk(r#"{"b":2}"#, true))],
+            Shape::PassThrough,
+        )
+        .await;
         assert_eq!(text, "data: {\"a\":1}\n\ndata: {\"b\":2}\n\ndata: [DONE]\n\n");
     }
 }
