@@ -157,7 +157,13 @@ pub async fn serve(
                 .serve_connection(hyper_util::rt::TokioIo::new(accepted.stream), service);
             tokio::pin!(served);
             tokio::select! {
-                _ = served.as_mut() => {}
+                served = served.as_mut() => {
+                    // Headers that did not arrive within the timeout (an
+                    // idle keep-alive connection ends the same way).
+                    if served.is_err_and(|e| e.is_timeout()) {
+                        slot.closed("handshake_timeout");
+                    }
+                }
                 _ = slot.evicted() => {}
                 _ = stop.cancelled() => {
                     served.as_mut().graceful_shutdown();

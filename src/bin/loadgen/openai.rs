@@ -59,7 +59,9 @@ impl OpenAiClient {
 
     async fn connection(&self) -> Result<SendRequest<Full<Bytes>>, Status> {
         loop {
-            let Some(mut c) = self.idle.lock().pop() else { break };
+            let Some(mut c) = self.idle.lock().pop() else {
+                break;
+            };
             if c.ready().await.is_ok() {
                 return Ok(c);
             }
@@ -92,7 +94,9 @@ impl OpenAiClient {
             if let Some(a) = authorization {
                 r = r.header("authorization", a);
             }
-            let r = r.body(Full::new(body)).map_err(|e| Status::internal(e.to_string()))?;
+            let r = r
+                .body(Full::new(body))
+                .map_err(|e| Status::internal(e.to_string()))?;
             let response = c
                 .send_request(r)
                 .await
@@ -129,7 +133,11 @@ mod tests {
     fn the_body_asks_for_about_the_prompt_drawn() {
         let b = super::body("gpt-4o", 50, 50);
         let parsed = dispatcher::openai::chat::parse(&b).unwrap();
-        assert!((48..=52).contains(&parsed.prompt_tokens), "{}", parsed.prompt_tokens);
+        assert!(
+            (48..=52).contains(&parsed.prompt_tokens),
+            "{}",
+            parsed.prompt_tokens
+        );
         assert_eq!(parsed.max_output_tokens, Some(50));
     }
 }
