@@ -45,13 +45,18 @@ keys = ["{}"]
 
 struct Setup {
     _dir: ConfigDir,
-    _sim: Proc,
+    sim: Proc,
     dispatcher: Proc,
 }
 
 impl Setup {
     fn start(sim_args: &[&str]) -> Self {
-        let dir = ConfigDir::new(&config(""));
+        Self::start_with(sim_args, "")
+    }
+
+    /// `extra`: more dispatcher.toml (a `[server]` table).
+    fn start_with(sim_args: &[&str], extra: &str) -> Self {
+        let dir = ConfigDir::new(&config(extra));
         let sim = dir.start_region(SimRegion {
             name: "east",
             sim_args,
@@ -60,7 +65,7 @@ impl Setup {
         let dispatcher = dispatcher(&dir.config());
         Self {
             _dir: dir,
-            _sim: sim,
+            sim,
             dispatcher,
         }
     }
@@ -256,4 +261,82 @@ async fn a_stream_is_server_sent_events_ending_in_done() {
     );
     let last = events.last().unwrap();
     assert!(last["choices"][0]["finish_reason"].is_string(), "{last}");
+}
+
+/// The raw bytes of a POST to the door, as a client would write them.
+fn raw_post(body: &str) -> String {
+    format!(
+        "POST {PATH} HTTP/1.1\r\nhost: door\r\nauthorization: Bearer k-alpha\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+#[tokio::test]
+async fn a_caller_cutting_a_stream_stops_the_work_and_pays_for_what_was_produced() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // 3,000 tokens at 1 ms a token: three seconds of output, if all ran.
+    let s = Setup::start(&["--base-latency-ms", "0", "--ms-per-1k-tokens", "1000"]);
+    let body =
+        r#"{"model":"gpt-4o","messages":[{"role":"user","content":"long"}],"max_tokens":3000,"stream":true}"#;
+    let mut tcp = tokio::net::TcpStream::connect(s.door()).await.unwrap();
+    tcp.write_all(raw_post(body).as_bytes()).await.unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("tokens 0..") {
+        let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf))
+            .await
+            .expect("the first event within 10 s")
+            .unwrap();
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    assert!(String::from_utf8_lossy(&seen).starts_with("HTTP/1.1 200"));
+    drop(tcp);
+    let stats = common::eventually(Duration::from_secs(5), || async {
+        common::sim_stats(s.sim.addr).await.cancelled >= 1
+    })
+    .await;
+    assert!(stats.is_some(), "the region's call was cancelled");
+    let m = &common::sim_stats(s.sim.addr).await.models[0];
+    assert!(
+        m.completion_tokens < 1500,
+        "charged for what was produced, not 3,000: {m:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_connection_that_sends_no_whole_request_is_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = Setup::start_with(&[], "[server]\nhandshake_timeout = \"1s\"\n");
+    for sent in ["", "POST /v1/chat/completions HTTP/1.1\r\nhost: door\r\n"] {
+        let mut tcp = tokio::net::TcpStream::connect(s.door()).await.unwrap();
+        tcp.write_all(sent.as_bytes()).await.unwrap();
+        let mut buf = [0u8; 1024];
+        let read = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf)).await;
+        match read {
+            Ok(Ok(_)) | Ok(Err(_)) => {} // closed (maybe with a 408 first)
+            Err(_) => panic!("{sent:?}: still open after 5 s with a 1 s header timeout"),
+        }
+    }
+    // A keep-alive connection is served, then closed once idle as long.
+    let mut tcp = tokio::net::TcpStream::connect(s.door()).await.unwrap();
+    tcp.write_all(raw_post(HELLO).as_bytes()).await.unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(
+        String::from_utf8_lossy(&seen).starts_with("HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&seen)
+    );
+    assert!(closed.is_ok(), "an idle keep-alive connection stays open");
 }
