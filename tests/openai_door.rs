@@ -83,17 +83,7 @@ const HELLO: &str = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"h
 fn the_openai_sdk_is_served_by_the_front_door() {
     let s = Setup::start(&["--base-latency-ms", "0", "--ms-per-1k-tokens", "0"]);
     let base = format!("http://{}", s.door());
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai_sdk/against_door.py");
-    let out = std::process::Command::new(common::tools::python_with_openai())
-        .args([script, &base])
-        .output()
-        .expect("running the SDK script");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains("all ok"),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::tools::run_openai_sdk_script("against_door.py", &[&base]);
     // The door's own counter says what it answered; the engine's counts
     // the same requests by outcome.
     let metrics = common::scrape_metrics(s.dispatcher.listener("metrics"));

@@ -75,10 +75,10 @@ fn attr(span: &Span, key: &str) -> Option<String> {
         })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_trace_from_client_through_dispatcher_to_region() {
+/// A real OTLP/gRPC receiver on a free loopback port, and its endpoint.
+fn collector() -> (Receiver, String) {
     let receiver = Receiver::default();
-    let (incoming, collector) = dispatcher::grpc::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let (incoming, addr) = dispatcher::grpc::bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let service = receiver.clone();
     tokio::spawn(async move {
         tonic::transport::Server::builder()
@@ -86,7 +86,27 @@ async fn one_trace_from_client_through_dispatcher_to_region() {
             .serve_with_incoming(incoming)
             .await
     });
-    let endpoint = format!("http://{collector}");
+    (receiver, format!("http://{addr}"))
+}
+
+/// No span attribute carries the key or the payload.
+fn assert_no_secrets(spans: &[(String, Span)]) {
+    for (_, s) in spans {
+        for kv in &s.attributes {
+            let v = format!("{:?}", kv.value);
+            assert!(
+                !v.contains(KEY) && !v.contains(PAYLOAD),
+                "{} carries a secret in {}",
+                s.name,
+                kv.key
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_trace_from_client_through_dispatcher_to_region() {
+    let (receiver, endpoint) = collector();
 
     let cfg = ConfigDir::new(&format!(
         "[telemetry]\notlp_endpoint = \"{endpoint}\"\n[[models]]\nname = \"gpt-4o\"\n[[tenants]]\nname = \"team-a\"\nkeys = [\"{}\"]\n",
@@ -280,17 +300,7 @@ async fn one_trace_from_client_through_dispatcher_to_region() {
         attr(&execute, "completion_tokens"),
         Some(usage.completion_tokens.to_string())
     );
-    for (_, s) in &spans {
-        for kv in &s.attributes {
-            let v = format!("{:?}", kv.value);
-            assert!(
-                !v.contains(KEY) && !v.contains(PAYLOAD),
-                "{} carries a secret in {}",
-                s.name,
-                kv.key
-            );
-        }
-    }
+    assert_no_secrets(&spans);
 }
 
 /// A call through the OpenAI front door: its `dispatch` span continues the
@@ -298,17 +308,9 @@ async fn one_trace_from_client_through_dispatcher_to_region() {
 /// neither the key nor the body.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_openai_call_continues_the_callers_trace() {
-    let receiver = Receiver::default();
-    let (incoming, collector) = dispatcher::grpc::bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let service = receiver.clone();
-    tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .add_service(TraceServiceServer::new(service))
-            .serve_with_incoming(incoming)
-            .await
-    });
+    let (receiver, endpoint) = collector();
     let cfg = ConfigDir::new(&format!(
-        "[telemetry]\notlp_endpoint = \"http://{collector}\"\n[openai]\nlisten = \"127.0.0.1:0\"\n\
+        "[telemetry]\notlp_endpoint = \"{endpoint}\"\n[openai]\nlisten = \"127.0.0.1:0\"\n\
          [[models]]\nname = \"gpt-4o\"\n[[tenants]]\nname = \"team-a\"\nkeys = [\"{}\"]\n",
         hash_key(KEY)
     ));
