@@ -231,6 +231,9 @@ impl Runtime {
             // The certificate files' contents reload by themselves.
             needs_restart.push("server.tls or server.admin_listen (listener settings)".into());
         }
+        if next.openai != self.config.openai {
+            needs_restart.push("openai.listen (the OpenAI front door's listener)".into());
+        }
         if self.data_dir_overridden {
             next.jobs.data_dir = self.config.jobs.data_dir.clone();
         }

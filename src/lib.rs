@@ -17,6 +17,7 @@ pub mod health;
 pub mod jobs;
 pub mod metrics;
 pub mod openai;
+pub mod openai_door;
 pub mod server;
 pub mod sim;
 pub mod slots;

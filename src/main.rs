@@ -27,6 +27,10 @@ struct Args {
     /// Overrides `telemetry.metrics_listen` (port 0 picks a free port).
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
+    /// Overrides `openai.listen`, the OpenAI-compatible front door (port 0
+    /// picks a free port).
+    #[arg(long)]
+    openai_listen: Option<SocketAddr>,
     /// Overrides `jobs.data_dir` (where the embedded job store is kept).
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -101,7 +105,16 @@ async fn main() -> anyhow::Result<()> {
     }
     let listen = args.listen.unwrap_or(config.server.listen);
     let admin_listen = config.server.admin_listen;
-    let exposed = config::exposure_problems(&config, listen, admin_listen);
+    let mut exposed = config::exposure_problems(&config, listen, admin_listen);
+    if let Some(door) = args.openai_listen.or(config.openai.listen) {
+        // Anonymous callers on the OpenAI front door: the same rule.
+        let both = config::exposure_problems(&config, door, Some(admin_listen.unwrap_or(listen)));
+        let more: Vec<String> = both
+            .into_iter()
+            .filter(|p| p.contains("anonymous") && !exposed.contains(p))
+            .collect();
+        exposed.extend(more);
+    }
     if !exposed.is_empty() {
         eprintln!("dispatcher: refusing to start:\n{}", exposed.join("\n"));
         std::process::exit(2);
@@ -143,6 +156,24 @@ async fn main() -> anyhow::Result<()> {
         tracing::info!(addr = %bound, "serving Prometheus metrics at /metrics");
         println!("metrics listening on {bound}");
     }
+    let openai_listen = args.openai_listen.or(runtime.lock().await.config.openai.listen);
+    let openai = match openai_listen {
+        None => None,
+        Some(a) => {
+            let l = tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("binding the OpenAI front door {a} (openai.listen)"))?;
+            let bound = l.local_addr()?;
+            tracing::info!(addr = %bound, "serving the OpenAI-compatible API (POST /v1/chat/completions, GET /v1/models)");
+            println!("openai listening on {bound}");
+            Some(tokio::spawn(dispatcher::openai_door::serve(
+                l,
+                engine.clone(),
+                limits,
+                stop.clone(),
+            )))
+        }
+    };
     let admin_listener = match admin_listen {
         None => None,
         Some(a) => {
@@ -219,6 +250,9 @@ async fn main() -> anyhow::Result<()> {
     };
     served.map_err(|e| anyhow::anyhow!(e))?;
     stop.cancel();
+    if let Some(door) = openai {
+        let _ = door.await;
+    }
     let _ = pump.await;
     let _ = watch.await;
     if let Some(task) = reload_certs {

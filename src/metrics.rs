@@ -72,6 +72,10 @@ fn describe() {
         "dispatcher_requests_total",
         "Requests answered, by model, tenant, region (empty when none was reached) and outcome"
     );
+    describe_counter!(
+        "dispatcher_openai_requests_total",
+        "Answers of the OpenAI-compatible front door, by endpoint (chat_completions, models) and HTTP status; its requests are in dispatcher_requests_total too"
+    );
     describe_histogram!(
         "dispatcher_request_duration_seconds",
         metrics::Unit::Seconds,

@@ -75,10 +75,10 @@ fn attr(span: &Span, key: &str) -> Option<String> {
         })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_trace_from_client_through_dispatcher_to_region() {
+/// A real OTLP/gRPC receiver on a free loopback port, and its endpoint.
+fn collector() -> (Receiver, String) {
     let receiver = Receiver::default();
-    let (incoming, collector) = dispatcher::grpc::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let (incoming, addr) = dispatcher::grpc::bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let service = receiver.clone();
     tokio::spawn(async move {
         tonic::transport::Server::builder()
@@ -86,7 +86,27 @@ async fn one_trace_from_client_through_dispatcher_to_region() {
             .serve_with_incoming(incoming)
             .await
     });
-    let endpoint = format!("http://{collector}");
+    (receiver, format!("http://{addr}"))
+}
+
+/// No span attribute carries the key or the payload.
+fn assert_no_secrets(spans: &[(String, Span)]) {
+    for (_, s) in spans {
+        for kv in &s.attributes {
+            let v = format!("{:?}", kv.value);
+            assert!(
+                !v.contains(KEY) && !v.contains(PAYLOAD),
+                "{} carries a secret in {}",
+                s.name,
+                kv.key
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_trace_from_client_through_dispatcher_to_region() {
+    let (receiver, endpoint) = collector();
 
     let cfg = ConfigDir::new(&format!(
         "[telemetry]\notlp_endpoint = \"{endpoint}\"\n[[models]]\nname = \"gpt-4o\"\n[[tenants]]\nname = \"team-a\"\nkeys = [\"{}\"]\n",
@@ -279,6 +299,90 @@ async fn one_trace_from_client_through_dispatcher_to_region() {
     assert_eq!(
         attr(&execute, "completion_tokens"),
         Some(usage.completion_tokens.to_string())
+    );
+    assert_no_secrets(&spans);
+}
+
+/// A call through the OpenAI front door: its `dispatch` span continues the
+/// caller's W3C `traceparent`, says `protocol = "openai"`, and carries
+/// neither the key nor the body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_openai_call_continues_the_callers_trace() {
+    let (receiver, endpoint) = collector();
+    let cfg = ConfigDir::new(&format!(
+        "[telemetry]\notlp_endpoint = \"{endpoint}\"\n[openai]\nlisten = \"127.0.0.1:0\"\n\
+         [[models]]\nname = \"gpt-4o\"\n[[tenants]]\nname = \"team-a\"\nkeys = [\"{}\"]\n",
+        hash_key(KEY)
+    ));
+    let sim = common::region_sim(cfg.path(), "east", &["--model", "gpt-4o:600000:1000"]);
+    cfg.write_region(
+        "east",
+        &region_toml(
+            "east",
+            &sim.endpoint(),
+            16,
+            &[("gpt-4o", 600_000, 1000, "admission")],
+        ),
+    );
+    let env = [("OTEL_BSP_SCHEDULE_DELAY", "100")];
+    let mut d = Proc::start_with_env(
+        env!("CARGO_BIN_EXE_dispatcher"),
+        &[
+            "--config",
+            cfg.config().to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        &env,
+        cfg.path(),
+        "dispatcher",
+    );
+    let body = format!(
+        r#"{{"model":"gpt-4o","messages":[{{"role":"user","content":"{PAYLOAD}"}}],"max_tokens":20}}"#
+    );
+    let auth = format!("Bearer {KEY}");
+    let parent = format!("00-{TRACE_ID}-{CALLER_SPAN}-01");
+    let a = common::http_client::call(
+        d.listener("openai"),
+        http::Method::POST,
+        "/v1/chat/completions",
+        &[("authorization", &auth), ("traceparent", &parent)],
+        &body,
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+    d.terminate();
+    assert!(d.wait(Duration::from_secs(10)).is_some_and(|s| s.success()));
+    let arrived = eventually(Duration::from_secs(10), || async {
+        receiver
+            .spans
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(_, s)| s.name == "dispatch" && hex(&s.trace_id) == TRACE_ID)
+    })
+    .await;
+    assert!(
+        arrived.is_some(),
+        "the door's dispatch span arrived in the caller's trace"
+    );
+    let spans = receiver.spans.lock().unwrap().clone();
+    let dispatch = spans
+        .iter()
+        .map(|(_, s)| s)
+        .find(|s| s.name == "dispatch" && hex(&s.trace_id) == TRACE_ID)
+        .unwrap();
+    assert_eq!(hex(&dispatch.parent_span_id), CALLER_SPAN);
+    assert_eq!(attr(dispatch, "protocol").as_deref(), Some("openai"));
+    assert_eq!(attr(dispatch, "rpc").as_deref(), Some("ChatCompletions"));
+    assert_eq!(attr(dispatch, "tenant").as_deref(), Some("team-a"));
+    assert_eq!(attr(dispatch, "region").as_deref(), Some("east"));
+    assert_eq!(attr(dispatch, "outcome").as_deref(), Some("ok"));
+    assert!(
+        spans
+            .iter()
+            .any(|(_, s)| s.name == "forward" && s.parent_span_id == dispatch.span_id),
+        "the engine's spans are the door span's children"
     );
     for (_, s) in &spans {
         for kv in &s.attributes {

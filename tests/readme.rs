@@ -68,6 +68,8 @@ fn repository_dispatcher(dir: &std::path::Path) -> Proc {
             "127.0.0.1:0",
             "--metrics-listen",
             "127.0.0.1:0",
+            "--openai-listen",
+            "127.0.0.1:0",
             "--data-dir",
             dir.join("data").to_str().unwrap(),
         ],
@@ -359,5 +361,35 @@ fn readme_loadgen_examples_are_served_then_limited() {
         (0.1..=0.6).contains(&share),
         "the second shows the limit biting, most served: {}",
         codes[1]
+    );
+}
+
+/// The README's OpenAI SDK example, run as written with the official SDK
+/// against the repository's config (the front door on a free port instead
+/// of 8080): a completion, then a stream ending with its usage.
+#[test]
+fn readme_openai_sdk_example_works_as_written() {
+    let section = section("OpenAI SDK callers");
+    let start = section.find("```python\n").expect("a python block") + "```python\n".len();
+    let script = &section[start..];
+    let script = &script[..script.find("```").unwrap()];
+    assert!(script.contains("http://127.0.0.1:8080/v1"), "{script}");
+    let logs = tempfile::tempdir().unwrap();
+    let d = repository_dispatcher(logs.path());
+    let script = script.replace("127.0.0.1:8080", &d.listener("openai").to_string());
+    let out = Command::new(tools::python_with_openai())
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(lines[0].contains("gpt-4o completed"), "{stdout}");
+    assert!(lines[0].contains("CompletionUsage("), "{stdout}");
+    assert!(stdout.contains("tokens 0.."), "the stream's text: {stdout}");
+    assert!(
+        lines.last().unwrap().starts_with("CompletionUsage("),
+        "the stream ends with its usage: {stdout}"
     );
 }

@@ -337,17 +337,7 @@ async fn sdk_against_sim(dialect: &str) {
             "0",
         ],
     );
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai_sdk/against_sim.py");
-    let out = std::process::Command::new(common::tools::python_with_openai())
-        .args([script, &sim.endpoint(), KEY, dialect])
-        .output()
-        .expect("running the SDK script");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains("all ok"),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::tools::run_openai_sdk_script("against_sim.py", &[&sim.endpoint(), KEY, dialect]);
     let stats = common::sim_stats(sim.addr).await;
     let tight = stats.models.iter().find(|m| m.model == "tight").unwrap();
     assert_eq!(tight.accepted, 2, "{tight:?}");

@@ -12,6 +12,7 @@ mod validate_cache;
 mod validate_capacity;
 mod validate_cluster;
 mod validate_jobs;
+mod validate_openai;
 mod validate_policy;
 mod validate_region;
 mod validate_routes;
@@ -117,6 +118,15 @@ pub struct Config {
     pub policy: PolicyConfig,
     /// `[pricing]` and each model's `price`.
     pub pricing: Pricing,
+    /// `[openai]`: the OpenAI-compatible front door.
+    pub openai: OpenAiDoorConfig,
+}
+
+/// `[openai]`, checked: where the OpenAI-compatible front door listens
+/// (plain HTTP/1.1; `None`: not served).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct OpenAiDoorConfig {
+    pub listen: Option<SocketAddr>,
 }
 
 /// The currency and each priced model's price (a region file may override

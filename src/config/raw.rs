@@ -36,6 +36,16 @@ pub struct RawDispatcher {
     pub routes: Vec<RawRoute>,
     #[serde(default)]
     pub pricing: RawPricing,
+    #[serde(default)]
+    pub openai: RawOpenAiDoor,
+}
+
+/// `[openai]`: the OpenAI-compatible front door (docs/OPENAI.md).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOpenAiDoor {
+    pub listen: Option<String>,
+    pub allow_plaintext_on_network: Option<bool>,
 }
 
 /// `[pricing]`: the one currency every price and cost budget is in.

@@ -70,6 +70,8 @@ pub struct Snapshot {
     /// Each configured model's routing version (`core::routing_version`),
     /// part of its cache keys.
     model_versions: Vec<(Arc<str>, u64)>,
+    /// The models and aliases each tenant may name (`catalog.rs`).
+    pub(super) catalog: super::catalog::Catalog,
 }
 
 impl Snapshot {
@@ -112,6 +114,7 @@ impl Snapshot {
                     (Arc::from(m.name.as_str()), v)
                 })
                 .collect(),
+            catalog: super::catalog::Catalog::from_config(config),
             prices,
             currency: Arc::from(config.pricing.currency.as_str()),
             cache: config.cache.clone(),

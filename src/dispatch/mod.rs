@@ -16,6 +16,7 @@
 mod auth;
 mod cache;
 mod capacity;
+mod catalog;
 mod desk;
 mod error;
 mod fallback;
@@ -49,6 +50,7 @@ pub use cache::{
     cached_reply, encode as cache_encode,
 };
 pub use capacity::{CAPACITY_TICK, CapacityReport};
+pub use catalog::CatalogEntry;
 pub use desk::{Grant, QuotaDesk, Ticket};
 pub use error::{DispatchError, Violation};
 pub use fallback::RouteStepView;

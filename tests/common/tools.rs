@@ -173,6 +173,24 @@ pub fn python_cluster() -> PathBuf {
     .clone()
 }
 
+/// Runs `tests/openai_sdk/<script>` with `args` under a Python with the
+/// openai SDK; it must exit 0 having printed `all ok`. Returns its output.
+pub fn run_openai_sdk_script(script: &str, args: &[&str]) -> String {
+    let path = format!("{}/tests/openai_sdk/{script}", env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new(python_with_openai())
+        .arg(&path)
+        .args(args)
+        .output()
+        .expect("running the SDK script");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && stdout.contains("all ok"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 /// A Python with the official `openai` SDK: `python3` when it imports it,
 /// else after `pip install openai`.
 pub fn python_with_openai() -> PathBuf {

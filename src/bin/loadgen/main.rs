@@ -26,6 +26,7 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
 
 mod html;
+mod openai;
 mod report;
 
 use report::{Finished, Report, Tally};
@@ -36,6 +37,8 @@ enum Mode {
     Dispatcher,
     /// dispatch.v1.AgentCluster/Execute (a region-sim, or a proxy in front of one).
     Cluster,
+    /// POST /v1/chat/completions (the dispatcher's OpenAI front door), over HTTP/1.1.
+    Openai,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -170,6 +173,7 @@ fn parse_tenant(s: &str) -> Result<Tenant, String> {
 enum Client {
     Dispatcher(DispatcherClient<Channel>),
     Cluster(AgentClusterClient<Channel>),
+    OpenAi(Arc<openai::OpenAiClient>),
 }
 
 struct Work {
@@ -247,6 +251,13 @@ impl Shared {
                         (r.region, u.prompt_tokens + u.completion_tokens)
                     })
                 }
+                Client::OpenAi(c) => {
+                    let authorization = work
+                        .tenant
+                        .and_then(|t| self.args.tenants[t].authorization.to_str().ok());
+                    let body = openai::body(&self.args.model, work.prompt, work.max_output);
+                    c.chat(body, authorization, timeout).await
+                }
                 Client::Cluster(c) => {
                     let mut req = tonic::Request::new(pb::ExecuteRequest {
                         model: self.args.model.clone(),
@@ -302,6 +313,11 @@ fn rss_kib(pid: u32) -> Option<u64> {
 async fn connect(args: &Args) -> anyhow::Result<Vec<Client>> {
     dispatcher::tls::install_provider();
     let mut clients = Vec::new();
+    if let Mode::Openai = args.mode {
+        // One pool: HTTP/1.1 opens connections as requests overlap.
+        clients.push(Client::OpenAi(Arc::new(openai::OpenAiClient::new(&args.target)?)));
+        return Ok(clients);
+    }
     for _ in 0..args.connections {
         // One endpoint per connection: each is its own HTTP/2 connection.
         let mut endpoint = Endpoint::from_shared(args.target.clone())?.tcp_nodelay(true);
@@ -320,6 +336,7 @@ async fn connect(args: &Args) -> anyhow::Result<Vec<Client>> {
         clients.push(match args.mode {
             Mode::Dispatcher => Client::Dispatcher(DispatcherClient::new(channel)),
             Mode::Cluster => Client::Cluster(AgentClusterClient::new(channel)),
+            Mode::Openai => unreachable!("served by the pool above"),
         });
     }
     Ok(clients)
