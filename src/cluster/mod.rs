@@ -22,6 +22,6 @@ mod sync;
 
 pub use cache::RedisCache;
 pub use jobs::RedisJobStore;
-pub use redis_central::RedisCentral;
+pub use redis_central::{RedisCentral, bucket_keys};
 pub use request_ids::RedisIds;
 pub use sync::{replica_id, spawn};

@@ -215,14 +215,16 @@ impl RedisCentral {
                 .arg(FORGET_AFTER.as_micros() as u64)
                 .arg(ROUND.as_micros() as u64)
                 .arg(IDLE_EXPIRY_SECS)
-                .arg(now_us.map_or(String::new(), |t| t.to_string()));
+                .arg(now_us.map_or(String::new(), |t| t.to_string()))
+                .arg(c.generation)
+                .arg("");
         }
         pipe
     }
 }
 
 /// Numbers in one answer of the script.
-const REPLY_LEN: usize = 10;
+const REPLY_LEN: usize = 11;
 
 fn grant(r: &[i64]) -> SyncGrant {
     SyncGrant {
@@ -236,5 +238,6 @@ fn grant(r: &[i64]) -> SyncGrant {
         others_need: r[7].max(0) as u64,
         disagreeing: r[8].max(0) as u32,
         stale: r[9] != 0,
+        generation: r[10].max(0) as u64,
     }
 }
