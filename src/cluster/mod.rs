@@ -19,6 +19,7 @@ pub mod jobs;
 mod redis_central;
 mod request_ids;
 mod sync;
+mod target;
 
 pub use cache::RedisCache;
 pub use jobs::RedisJobStore;

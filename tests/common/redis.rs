@@ -207,3 +207,76 @@ impl Drop for RedisServer {
         self.kill();
     }
 }
+
+/// A Redis Sentinel (`redis-server --sentinel`, the binary Debian's
+/// redis-sentinel package runs) on a loopback port, watching `primary`
+/// under `name` with a quorum of one: a primary not answering for 1 s is
+/// failed over to its replica.
+pub struct Sentinel {
+    pub port: u16,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Sentinel {
+    pub fn start(primary: &RedisServer, name: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let conf = dir.path().join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {}\n\
+                 sentinel monitor {name} 127.0.0.1 {} 1\n\
+                 sentinel down-after-milliseconds {name} 1000\n\
+                 sentinel failover-timeout {name} 10000\n",
+                dir.path().display(),
+                primary.port
+            ),
+        )
+        .unwrap();
+        let child = Command::new(super::tools::redis_server())
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting redis-server --sentinel");
+        let s = Self {
+            port,
+            child,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while s.primary(name).is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "the Sentinel did not name the primary within 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        s
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The primary's port, as the Sentinel names it now.
+    pub fn primary(&self, name: &str) -> Option<u16> {
+        let mut con = redis::Client::open(self.url()).ok()?.get_connection().ok()?;
+        let addr: Option<(String, String)> = redis::cmd("SENTINEL")
+            .arg("GET-MASTER-ADDR-BY-NAME")
+            .arg(name)
+            .query(&mut con)
+            .ok()?;
+        addr.and_then(|(_, port)| port.parse().ok())
+    }
+}
+
+impl Drop for Sentinel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
