@@ -120,11 +120,11 @@ impl Runtime {
             Some(c) => {
                 let replica = crate::cluster::replica_id(c);
                 let task = crate::cluster::spawn(engine.clone(), c, replica.clone())?;
-                let ids = crate::cluster::RedisIds::new(&c.redis_url, c.redis_timeout)
+                let ids = crate::cluster::RedisIds::new(c.redis.clone(), c.redis_timeout)
                     .map_err(|e| format!("cluster.redis_url: {e}"))?;
                 engine.share_request_ids(std::sync::Arc::new(ids));
                 if config.cache.shared {
-                    let cache = crate::cluster::RedisCache::new(&c.redis_url, c.redis_timeout)
+                    let cache = crate::cluster::RedisCache::new(c.redis.clone(), c.redis_timeout)
                         .map_err(|e| format!("cluster.redis_url: {e}"))?;
                     engine.cache().share(std::sync::Arc::new(cache));
                 }
@@ -140,7 +140,7 @@ impl Runtime {
                 let store: std::sync::Arc<dyn crate::jobs::JobStore> = match (&config.cluster, &cluster) {
                     (Some(c), Some((replica, _))) => {
                         let store = crate::cluster::RedisJobStore::new(
-                            &c.redis_url,
+                            c.redis.clone(),
                             c.redis_timeout,
                             j.lease,
                             j.max_jobs,

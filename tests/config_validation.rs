@@ -447,6 +447,54 @@ fn the_body_timeout_and_the_per_address_cap_are_checked_and_named() {
 }
 
 #[test]
+fn sentinel_settings_are_checked() {
+    let with = |body: &str| format!("{DISPATCHER}\n[cluster]\n{body}\n");
+    let url = "redis_url = \"redis://127.0.0.1:6379\"";
+    let e = dispatcher_err(&with(&format!(
+        "{url}\nredis_sentinels = [\"redis://127.0.0.1:26379\"]"
+    )));
+    assert_names(&e, "dispatcher.toml", "cluster.redis_sentinels", "both set");
+    let e = dispatcher_err(&with("redis_sentinels = [\"redis://127.0.0.1:26379\"]"));
+    assert_names(&e, "dispatcher.toml", "cluster.master_name", "is required");
+    let e = dispatcher_err(&with("redis_sentinels = []\nmaster_name = \"q\""));
+    assert_names(&e, "dispatcher.toml", "cluster.redis_sentinels", "1 to 16");
+    let e = dispatcher_err(&with(
+        "redis_sentinels = [\"redis://a:1\", \"http://:secret@b:2\"]\nmaster_name = \"q\"",
+    ));
+    assert_names(
+        &e,
+        "dispatcher.toml",
+        "cluster.redis_sentinels",
+        "entry 2 is not a Redis URL",
+    );
+    assert!(!e.to_string().contains("secret"), "{e}");
+    let e = dispatcher_err(&with(
+        "redis_sentinels = [\"redis://a:1\"]\nmaster_name = \"q w\"",
+    ));
+    assert_names(&e, "dispatcher.toml", "cluster.master_name", "not a valid name");
+    let e = dispatcher_err(&with(&format!("{url}\nmaster_name = \"q\"")));
+    assert_names(
+        &e,
+        "dispatcher.toml",
+        "cluster.master_name",
+        "only used with redis_sentinels",
+    );
+    let c = config::parse_dispatcher(
+        &with("redis_sentinels = [\"redis://127.0.0.1:26379\"]\nmaster_name = \"quota\""),
+        Path::new("dispatcher.toml"),
+        Some(HashMap::new()),
+    )
+    .unwrap();
+    assert_eq!(
+        c.cluster.unwrap().redis,
+        config::RedisTarget::Sentinel {
+            sentinels: vec!["redis://127.0.0.1:26379".into()],
+            master_name: "quota".into()
+        }
+    );
+}
+
+#[test]
 fn cluster_settings_are_checked_and_the_redis_url_is_not_echoed() {
     let with = |body: &str| format!("{DISPATCHER}\n[cluster]\n{body}\n");
     let e = dispatcher_err(&with("expected_replicas = 3"));

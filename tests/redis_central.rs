@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use common::redis::RedisServer;
 use dispatcher::cluster::RedisCentral;
-use dispatcher::core::central::{CentralLimits, SyncCall, Totals, call_or_create};
+use dispatcher::core::central::{CentralLimits, SyncCall, Totals, call_in_epoch};
 use dispatcher::core::{CentralBucket, SyncItem};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -37,6 +37,8 @@ struct Sent {
     spent: (u64, u64),
     totals: Totals,
     acked: Totals,
+    /// The highest generation it was answered.
+    generation: u64,
 }
 
 fn random_call(rng: &mut SmallRng, sent: &mut Sent) -> SyncCall {
@@ -89,6 +91,7 @@ fn random_call(rng: &mut SmallRng, sent: &mut Sent) -> SyncCall {
         } else {
             Duration::ZERO
         },
+        generation: sent.generation,
     }
 }
 
@@ -103,6 +106,8 @@ async fn the_script_grants_what_the_model_grants() {
     // Redis TIME-like microseconds; the script is given them instead.
     let mut now_us: u64 = 1_764_000_000_000_000;
     let (mut granted, mut stale, mut disagreed) = (0u64, 0u64, 0u64);
+    // The script keeps the server's run id as the bucket's epoch.
+    let mut epoch = redis.run_id();
     for step in 0..1_500 {
         // Mostly a tick apart; now and then a replica goes quiet for long
         // enough to be presumed in fallback, or gone.
@@ -114,6 +119,7 @@ async fn the_script_grants_what_the_model_grants() {
         if step == 700 {
             redis.restart_empty();
             model = None;
+            epoch = redis.run_id();
         }
         let r = rng.random_range(0..replicas.len());
         let replica = replicas[r];
@@ -127,7 +133,7 @@ async fn the_script_grants_what_the_model_grants() {
             limits()
         };
         let call = random_call(&mut rng, &mut sent[r]);
-        let expected = call_or_create(&mut model, replica, &limits, &call, now_us);
+        let expected = call_in_epoch(&mut model, &epoch, replica, &limits, &call, now_us);
         let item = SyncItem {
             region: "eu-west".into(),
             model: "gpt-4o".into(),
@@ -145,6 +151,7 @@ async fn the_script_grants_what_the_model_grants() {
         }
         let got = got.unwrap_or_else(|e| panic!("step {step}: {e}"));
         assert_eq!(got[0], expected, "step {step}: {item:?}");
+        sent[r].generation = sent[r].generation.max(expected.generation);
         granted += expected.tokens;
         stale += u64::from(expected.stale);
         disagreed += u64::from(expected.disagreeing > 0);

@@ -5,22 +5,24 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 use tokio::sync::Mutex;
 
+use crate::config::RedisTarget;
 use crate::dispatch::Pending;
 
 #[derive(Clone)]
 pub struct BoundedRedis {
-    client: redis::Client,
+    target: Arc<RedisTarget>,
     connection: Arc<Mutex<Option<ConnectionManager>>>,
     pub timeout: Duration,
 }
 
 impl BoundedRedis {
-    pub fn new(url: &str, timeout: Duration) -> Result<Self, redis::RedisError> {
+    pub fn new(target: RedisTarget, timeout: Duration) -> Result<Self, redis::RedisError> {
+        super::target::check(&target)?;
         Ok(Self {
-            client: redis::Client::open(url)?,
+            target: Arc::new(target),
             connection: Arc::default(),
             timeout,
         })
@@ -33,19 +35,16 @@ impl BoundedRedis {
         cmd: redis::Cmd,
         f: impl FnOnce(redis::Value) -> Result<T, String> + Send + 'static,
     ) -> Pending<T> {
-        let (client, slot, timeout) = (self.client.clone(), self.connection.clone(), self.timeout);
+        let (target, slot, timeout) = (self.target.clone(), self.connection.clone(), self.timeout);
         Box::pin(async move {
+            let failed = slot.clone();
             let work = async move {
                 let mut con = {
                     let mut slot = slot.lock().await;
                     match &*slot {
                         Some(c) => c.clone(),
                         None => {
-                            let config = ConnectionManagerConfig::new()
-                                .set_connection_timeout(Some(timeout))
-                                .set_response_timeout(Some(timeout))
-                                .set_number_of_retries(1);
-                            let c = ConnectionManager::new_with_config(client, config)
+                            let c = super::target::connect(&target, timeout)
                                 .await
                                 .map_err(|e| e.to_string())?;
                             *slot = Some(c.clone());
@@ -54,11 +53,17 @@ impl BoundedRedis {
                     }
                 };
                 let v: redis::Value = cmd.query_async(&mut con).await.map_err(|e| e.to_string())?;
-                f(v)
+                Ok(v)
             };
-            tokio::time::timeout(timeout, work)
+            let answer = tokio::time::timeout(timeout, work)
                 .await
-                .map_err(|_| format!("no answer from Redis within {timeout:?}"))?
+                .map_err(|_| format!("no answer from Redis within {timeout:?}"))
+                .flatten();
+            if answer.is_err() {
+                // The next call connects again (asking the Sentinels anew).
+                *failed.lock().await = None;
+            }
+            f(answer?)
         })
     }
 }

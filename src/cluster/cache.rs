@@ -41,9 +41,12 @@ fn tenant_prefix(tenant: &str) -> String {
 }
 
 impl RedisCache {
-    pub fn new(url: &str, timeout: Duration) -> Result<Self, redis::RedisError> {
+    pub fn new(
+        target: impl Into<crate::config::RedisTarget>,
+        timeout: Duration,
+    ) -> Result<Self, redis::RedisError> {
         Ok(Self {
-            redis: BoundedRedis::new(url, timeout)?,
+            redis: BoundedRedis::new(target.into(), timeout)?,
             down_until: Default::default(),
         })
     }

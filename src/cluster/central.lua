@@ -15,9 +15,18 @@
 -- spent requests, settled tokens, settled requests, fallback tokens,
 -- fallback requests, the same four as acknowledged, hint tokens, hint
 -- requests ("" = none), block us, stale us, forget us, round us, idle
--- expiry s, now us ("" = Redis TIME; tests only).
+-- expiry s, now us ("" = Redis TIME; tests only), the highest generation
+-- the caller has seen, the epoch ("" = this server process's run id;
+-- tests only).
 -- Returns {tokens, requests, level tokens, level requests, blocked us,
--- replicas, fresh, others' need, disagreeing, stale}.
+-- replicas, fresh, others' need, disagreeing, stale, generation}.
+--
+-- The fence: every applied call advances the bucket's generation ('g');
+-- the bucket keeps the epoch it was written in ('ep': the run id of the
+-- server process, another after a promotion or a restart). A bucket from another
+-- epoch, or behind the caller's generation (it lost calls the caller saw
+-- answered: a lagging replica promoted, a snapshot reloaded), restarts
+-- empty as a missing one does, its records dropped.
 
 local id = ARGV[1]
 local a = {}
@@ -39,14 +48,22 @@ if now == nil then
   now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
 
-local b = redis.call('HMGET', KEYS[1], 'lt', 'lr', 'up', 'bu', 'rs', 'rt', 'rr')
+local seen_gen = tonumber(ARGV[33])
+local epoch = ARGV[34]
+if epoch == '' then
+  epoch = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
+end
+local b = redis.call('HMGET', KEYS[1], 'lt', 'lr', 'up', 'bu', 'rs', 'rt', 'rr', 'g', 'ep')
 local fresh = 0
+local gen = tonumber(b[8]) or 0
 local lt, lr, up, bu, rs, rt, rr
-if b[1] == false then
+if b[1] == false or b[9] ~= epoch or gen < seen_gen then
   -- Empty, less one hold_for of refill: nothing is granted until what
   -- replicas held from before (Redis restarted) has lapsed.
   fresh = 1
   lt, lr, up, bu, rs, rt, rr = -(lim[1] / 60e6 * hold_us), -(lim[3] / 60e6 * hold_us), now, 0, now, 0, 0
+  if b[1] ~= false then redis.call('DEL', KEYS[2]) end
+  if gen > 0 or seen_gen > 0 then gen = math.max(gen, seen_gen) + 4294967296 end
 else
   lt, lr, up, bu = tonumber(b[1]), tonumber(b[2]), tonumber(b[3]), tonumber(b[4])
   rs, rt, rr = tonumber(b[5]), tonumber(b[6]), tonumber(b[7])
@@ -94,7 +111,7 @@ local function answer(gt, gr, stale)
       end
     end
   end
-  return {gt, gr, math.floor(lt), math.floor(lr), math.max(bu - now, 0), count(reps), fresh, others, disagree, stale}
+  return {gt, gr, math.floor(lt), math.floor(lr), math.max(bu - now, 0), count(reps), fresh, others, disagree, stale, gen}
 end
 
 local record = reps[id]
@@ -102,6 +119,7 @@ local same_run = record ~= nil and record.inc == inc
 if same_run and seq <= record.seq then
   return answer(0, 0, 1)
 end
+gen = gen + 1
 
 -- The limits applied: the lowest each of every replica known.
 local low = {lim[1], lim[2], lim[3], lim[4]}
@@ -240,7 +258,7 @@ rt, rr = rt + gt, rr + gr
 -- Written with every digit: Redis turns a bare Lua number into 14.
 local function exact(x) return string.format('%.17g', x) end
 redis.call('HSET', KEYS[1], 'lt', exact(lt), 'lr', exact(lr), 'up', exact(up), 'bu', exact(bu),
-  'rs', exact(rs), 'rt', exact(rt), 'rr', exact(rr))
+  'rs', exact(rs), 'rt', exact(rt), 'rr', exact(rr), 'g', exact(gen), 'ep', epoch)
 for rid, r in pairs(reps) do
   local parts = {}
   for k, f in ipairs(FIELDS) do parts[k] = exact(r[f]) end

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prost::Message;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 use redis::{FromRedisValue, ScriptInvocation};
 use tokio::sync::Mutex;
 
@@ -60,7 +60,7 @@ fn tenant_key(tenant: &str) -> String {
 }
 
 pub struct RedisJobStore {
-    client: redis::Client,
+    target: crate::config::RedisTarget,
     connection: Arc<Mutex<Option<ConnectionManager>>>,
     script: redis::Script,
     timeout: Duration,
@@ -109,14 +109,16 @@ fn existing(r: &[Vec<u8>]) -> Result<pb::StoredJob, StoreError> {
 impl RedisJobStore {
     /// Checks the URL; connects on first use (a replica starts without Redis).
     pub fn new(
-        url: &str,
+        target: impl Into<crate::config::RedisTarget>,
         timeout: Duration,
         lease: Duration,
         max_jobs: u64,
         max_bytes: u64,
     ) -> Result<Self, redis::RedisError> {
+        let target = target.into();
+        super::target::check(&target)?;
         Ok(Self {
-            client: redis::Client::open(url)?,
+            target,
             connection: Arc::default(),
             script: redis::Script::new(SCRIPT),
             timeout,
@@ -131,12 +133,7 @@ impl RedisJobStore {
         if let Some(c) = &*slot {
             return Ok(c.clone());
         }
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(self.timeout))
-            .set_response_timeout(Some(self.timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500));
-        let c = ConnectionManager::new_with_config(self.client.clone(), config)
+        let c = super::target::connect(&self.target, self.timeout)
             .await
             .map_err(unavailable)?;
         *slot = Some(c.clone());
@@ -152,12 +149,20 @@ impl RedisJobStore {
             let con = self.connection().await?;
             work(con).await
         };
-        tokio::time::timeout(self.timeout, all).await.map_err(|_| {
-            unavailable(format!(
-                "no answer within {:?} (cluster.redis_timeout)",
-                self.timeout
-            ))
-        })?
+        let answer = tokio::time::timeout(self.timeout, all)
+            .await
+            .map_err(|_| {
+                unavailable(format!(
+                    "no answer within {:?} (cluster.redis_timeout)",
+                    self.timeout
+                ))
+            })
+            .flatten();
+        if answer.is_err() {
+            // The next call connects again (asking the Sentinels anew).
+            *self.connection.lock().await = None;
+        }
+        answer
     }
 
     async fn query<T: FromRedisValue>(&self, cmd: redis::Cmd) -> Result<T, StoreError> {

@@ -19,9 +19,10 @@ pub mod jobs;
 mod redis_central;
 mod request_ids;
 mod sync;
+mod target;
 
 pub use cache::RedisCache;
 pub use jobs::RedisJobStore;
-pub use redis_central::RedisCentral;
+pub use redis_central::{RedisCentral, bucket_keys};
 pub use request_ids::RedisIds;
 pub use sync::{replica_id, spawn};

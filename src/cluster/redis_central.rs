@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
+
+use crate::config::RedisTarget;
 
 use crate::core::central::{FORGET_AFTER, ROUND, STALE_AFTER};
 use crate::core::{SyncGrant, SyncItem, TenantTotals, TenantUsage};
@@ -65,7 +67,7 @@ pub enum CentralError {
 }
 
 pub struct RedisCentral {
-    client: redis::Client,
+    target: RedisTarget,
     connection: Option<ConnectionManager>,
     script: redis::Script,
     timeout: Duration,
@@ -73,9 +75,11 @@ pub struct RedisCentral {
 
 impl RedisCentral {
     /// Checks the URL; connects lazily (a replica starts without Redis).
-    pub fn new(url: &str, timeout: Duration) -> Result<Self, redis::RedisError> {
+    pub fn new(target: impl Into<RedisTarget>, timeout: Duration) -> Result<Self, redis::RedisError> {
+        let target = target.into();
+        super::target::check(&target)?;
         Ok(Self {
-            client: redis::Client::open(url)?,
+            target,
             connection: None,
             script: redis::Script::new(SCRIPT),
             timeout,
@@ -86,12 +90,7 @@ impl RedisCentral {
         if let Some(c) = &self.connection {
             return Ok(c.clone());
         }
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(self.timeout))
-            .set_response_timeout(Some(self.timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500));
-        let connect = ConnectionManager::new_with_config(self.client.clone(), config);
+        let connect = super::target::connect(&self.target, self.timeout);
         let c = tokio::time::timeout(self.timeout, connect)
             .await
             .map_err(|_| CentralError::Timeout(self.timeout))??;
@@ -125,9 +124,14 @@ impl RedisCentral {
                 other => Ok(other?),
             }
         };
-        let replies: Vec<Vec<i64>> = tokio::time::timeout(timeout, work)
-            .await
-            .map_err(|_| CentralError::Timeout(timeout))??;
+        let replies: Vec<Vec<i64>> = match tokio::time::timeout(timeout, work).await {
+            Ok(Ok(replies)) => replies,
+            failed => {
+                // The next call connects again (asking the Sentinels anew).
+                self.connection = None;
+                return Err(failed.map_or(CentralError::Timeout(timeout), |e| e.unwrap_err()));
+            }
+        };
         if replies.len() != items.len() || replies.iter().any(|r| r.len() != REPLY_LEN) {
             return Err(CentralError::Short {
                 sent: items.len(),
@@ -230,14 +234,16 @@ impl RedisCentral {
                 .arg(FORGET_AFTER.as_micros() as u64)
                 .arg(ROUND.as_micros() as u64)
                 .arg(IDLE_EXPIRY_SECS)
-                .arg(now_us.map_or(String::new(), |t| t.to_string()));
+                .arg(now_us.map_or(String::new(), |t| t.to_string()))
+                .arg(c.generation)
+                .arg("");
         }
         pipe
     }
 }
 
 /// Numbers in one answer of the script.
-const REPLY_LEN: usize = 10;
+const REPLY_LEN: usize = 11;
 
 fn grant(r: &[i64]) -> SyncGrant {
     SyncGrant {
@@ -251,5 +257,6 @@ fn grant(r: &[i64]) -> SyncGrant {
         others_need: r[7].max(0) as u64,
         disagreeing: r[8].max(0) as u32,
         stale: r[9] != 0,
+        generation: r[10].max(0) as u64,
     }
 }

@@ -16,9 +16,12 @@ pub struct RedisIds {
 }
 
 impl RedisIds {
-    pub fn new(url: &str, timeout: Duration) -> Result<Self, redis::RedisError> {
+    pub fn new(
+        target: impl Into<crate::config::RedisTarget>,
+        timeout: Duration,
+    ) -> Result<Self, redis::RedisError> {
         Ok(Self {
-            redis: BoundedRedis::new(url, timeout)?,
+            redis: BoundedRedis::new(target.into(), timeout)?,
         })
     }
 

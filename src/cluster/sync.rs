@@ -40,7 +40,7 @@ pub fn replica_id(config: &ClusterConfig) -> String {
 /// Starts the sync task. Fails only on a malformed `redis_url`; an
 /// unreachable Redis is what the fallback is for.
 pub fn spawn(engine: Arc<Engine>, config: &ClusterConfig, replica: String) -> Result<JoinHandle<()>, String> {
-    let mut central = RedisCentral::new(&config.redis_url, config.redis_timeout)
+    let mut central = RedisCentral::new(config.redis.clone(), config.redis_timeout)
         .map_err(|e| format!("cluster.redis_url: {e}"))?;
     let tick = config.sharing.tick;
     Ok(tokio::spawn(async move {

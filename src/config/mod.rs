@@ -184,10 +184,37 @@ pub struct JobsConfig {
     pub max_output_bytes: u64,
 }
 
+/// Where a Redis is: one server, or the primary the Sentinels name.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RedisTarget {
+    Url(String),
+    /// `redis_sentinels` and `master_name`: the primary is asked of the
+    /// Sentinels at every new connection (after a failover, the promoted
+    /// one); it is reached with the first Sentinel URL's user and password.
+    Sentinel {
+        sentinels: Vec<String>,
+        master_name: String,
+    },
+}
+
+impl From<&str> for RedisTarget {
+    fn from(url: &str) -> Self {
+        Self::Url(url.to_string())
+    }
+}
+
+impl From<&String> for RedisTarget {
+    fn from(url: &String) -> Self {
+        Self::Url(url.clone())
+    }
+}
+
 /// `[cluster]`, checked.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClusterConfig {
+    /// The Redis URL, empty when Sentinels are given (`redis`).
     pub redis_url: String,
+    pub redis: RedisTarget,
     /// This replica's name in Redis; `None`: host, pid and a random suffix,
     /// chosen at start.
     pub replica_id: Option<String>,

@@ -115,6 +115,8 @@ pub struct RawFallback {
 #[serde(deny_unknown_fields)]
 pub struct RawCluster {
     pub redis_url: Option<String>,
+    pub redis_sentinels: Option<Vec<String>>,
+    pub master_name: Option<String>,
     pub replica_id: Option<String>,
     pub expected_replicas: Option<u32>,
     pub chunk_ttl: Option<String>,

@@ -5,32 +5,102 @@ use std::time::Duration;
 
 use super::ctx::Ctx;
 use super::raw::RawCluster;
-use super::{ClusterConfig, ConfigError};
+use super::{ClusterConfig, ConfigError, RedisTarget};
 use crate::core::SharingSettings;
 
 /// At most this many replicas may be expected (the fallback divides by it).
 const MAX_REPLICAS: u32 = 1000;
 
-pub(super) fn validate_cluster(c: &Ctx<'_>, k: RawCluster) -> Result<ClusterConfig, ConfigError> {
-    let redis_url = match k.redis_url {
-        Some(u) if !u.trim().is_empty() => u,
-        _ => {
-            return Err(c.err(
-                "cluster.redis_url",
-                "is required with [cluster] (like \"redis://127.0.0.1:6379\"); remove [cluster] to run one replica without Redis",
-            ));
+/// At most this many Sentinels.
+const MAX_SENTINELS: usize = 16;
+
+/// `redis_url`, or `redis_sentinels` with `master_name` (one of the two):
+/// where the Redis of `section` is. `None` when neither is given.
+pub(super) fn redis_target(
+    c: &Ctx<'_>,
+    section: &str,
+    url: Option<String>,
+    sentinels: Option<Vec<String>>,
+    master_name: Option<String>,
+) -> Result<Option<RedisTarget>, ConfigError> {
+    let key = |k: &str| format!("{section}.{k}");
+    let is_url =
+        |u: &str| u.starts_with("redis://") || u.starts_with("rediss://") || u.starts_with("unix://");
+    match (url, sentinels) {
+        (Some(_), Some(_)) => Err(c.err(
+            key("redis_sentinels"),
+            format!(
+                "and {} are both set; give one (a single Redis, or the Sentinels of a primary)",
+                key("redis_url")
+            ),
+        )),
+        (Some(u), None) => {
+            if u.trim().is_empty() {
+                return Err(c.err(key("redis_url"), "is empty; expected redis://host:port"));
+            }
+            if !is_url(&u) {
+                // Not echoed: a Redis URL may carry a password.
+                return Err(c.err(
+                    key("redis_url"),
+                    "is not a Redis URL; expected redis://host:port (or rediss://, unix://)",
+                ));
+            }
+            if master_name.is_some() {
+                return Err(c.err(key("master_name"), "is only used with redis_sentinels"));
+            }
+            Ok(Some(RedisTarget::Url(u)))
         }
-    };
-    if !(redis_url.starts_with("redis://")
-        || redis_url.starts_with("rediss://")
-        || redis_url.starts_with("unix://"))
-    {
-        // Not echoed: a Redis URL may carry a password.
+        (None, Some(list)) => {
+            if list.is_empty() || list.len() > MAX_SENTINELS {
+                return Err(c.err(
+                    key("redis_sentinels"),
+                    format!(
+                        "lists {} Sentinels; expected 1 to {MAX_SENTINELS} URLs",
+                        list.len()
+                    ),
+                ));
+            }
+            if let Some(i) = list
+                .iter()
+                .position(|u| !(u.starts_with("redis://") || u.starts_with("rediss://")))
+            {
+                return Err(c.err(
+                    key("redis_sentinels"),
+                    format!(
+                        "entry {} is not a Redis URL; expected redis://host:port of a Sentinel",
+                        i + 1
+                    ),
+                ));
+            }
+            let Some(name) = master_name else {
+                return Err(c.err(
+                    key("master_name"),
+                    "is required with redis_sentinels (the name the Sentinels monitor the primary under)",
+                ));
+            };
+            c.name(&key("master_name"), &name)?;
+            Ok(Some(RedisTarget::Sentinel {
+                sentinels: list,
+                master_name: name,
+            }))
+        }
+        (None, None) => {
+            if master_name.is_some() {
+                return Err(c.err(key("master_name"), "is only used with redis_sentinels"));
+            }
+            Ok(None)
+        }
+    }
+}
+
+pub(super) fn validate_cluster(c: &Ctx<'_>, k: RawCluster) -> Result<ClusterConfig, ConfigError> {
+    let redis_url = k.redis_url.clone().unwrap_or_default();
+    let Some(redis) = redis_target(c, "cluster", k.redis_url, k.redis_sentinels, k.master_name)? else {
         return Err(c.err(
             "cluster.redis_url",
-            "is not a Redis URL; expected redis://host:port (or rediss://, unix://)",
+            "is required with [cluster] (like \"redis://127.0.0.1:6379\"), or redis_sentinels and master_name; remove [cluster] to run one replica without Redis",
         ));
-    }
+    };
     if let Some(id) = &k.replica_id {
         c.name("cluster.replica_id", id)?;
     }
@@ -97,6 +167,7 @@ pub(super) fn validate_cluster(c: &Ctx<'_>, k: RawCluster) -> Result<ClusterConf
     )?;
     Ok(ClusterConfig {
         redis_url,
+        redis,
         replica_id: k.replica_id,
         sharing: SharingSettings {
             chunk_ttl,

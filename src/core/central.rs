@@ -31,6 +31,18 @@
 //!
 //! Each call carries the caller's limits; the bucket applies the lowest of
 //! the replicas it knows and says how many disagree with the caller.
+//!
+//! **The fence.** Redis replicates asynchronously: a replica promoted after
+//! a failover, or a snapshot reloaded, may hold a level from before grants
+//! it never saw, and would hand those tokens out again. Every applied call
+//! advances the bucket's `generation`, each replica sends back the highest
+//! it has seen, and a bucket behind a caller (it lost calls the caller saw
+//! answered) restarts empty, as a new one. The first caller after a
+//! failover may have seen nothing newer (the lost calls were others'), so
+//! the bucket also keeps the `epoch` it was written in (the run id of the
+//! Redis server process): a promoted replica, or a server restarted from a
+//! snapshot, has another, and the bucket restarts empty at its first call
+//! there. docs/SCALING.md has the cost.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -118,6 +130,9 @@ pub struct SyncCall {
     pub hint: Option<(i64, i64)>,
     /// The provider refused a request and said to wait this long.
     pub block: Duration,
+    /// The highest `SyncGrant::generation` this replica has seen for this
+    /// bucket: a bucket behind it lost calls and restarts empty.
+    pub generation: u64,
 }
 
 /// The answer to a `SyncCall`.
@@ -142,6 +157,9 @@ pub struct SyncGrant {
     pub disagreeing: u32,
     /// The call was older than one already applied: nothing changed.
     pub stale: bool,
+    /// The bucket's generation after this call (every applied call
+    /// advances it).
+    pub generation: u64,
 }
 
 /// What the bucket keeps of one replica.
@@ -183,7 +201,16 @@ pub struct CentralBucket {
     round_tokens: f64,
     round_requests: f64,
     replicas: BTreeMap<String, Replica>,
+    /// Advanced by every applied call.
+    generation: u64,
+    /// The run id of the Redis server process that created the bucket.
+    epoch: String,
 }
+
+/// How far a restarted bucket's generation jumps past the highest a caller
+/// has seen: past any call a lagging Redis can have lost, so that the other
+/// callers that saw those lost calls do not restart it again.
+pub const GENERATION_JUMP: u64 = 1 << 32;
 
 fn us(d: Duration) -> u64 {
     d.as_micros() as u64
@@ -204,6 +231,8 @@ impl CentralBucket {
     pub fn new(limits: &CentralLimits, now_us: u64) -> Self {
         let hold = limits.hold_for.as_micros() as f64;
         Self {
+            generation: 0,
+            epoch: String::new(),
             level_tokens: -(limits.tokens_per_minute as f64 / 60e6 * hold),
             level_requests: -(limits.requests_per_minute as f64 / 60e6 * hold),
             updated_us: now_us,
@@ -244,6 +273,7 @@ impl CentralBucket {
         if same_run && record.is_some_and(|m| c.seq <= m.seq) {
             return self.answer(replica, 0, 0, now_us, fresh, true);
         }
+        self.generation += 1;
 
         // The limits applied: the lowest each of every replica known.
         let figures = limits.figures();
@@ -480,14 +510,13 @@ impl CentralBucket {
                 .filter(|(id, r)| *id != replica && Some(r.limits) != mine)
                 .count() as u32,
             stale,
+            generation: self.generation,
         }
     }
 }
 
-/// A call on the bucket Redis may or may not have: a missing one (first
-/// call ever, or Redis restarted empty) is created (see `CentralBucket::new`),
-/// and a fallback report is then not charged (an empty level already
-/// assumes the worst).
+/// A call on the bucket Redis may or may not have, on one Redis server
+/// whose epoch is never seen to change (the simulations).
 pub fn call_or_create(
     slot: &mut Option<CentralBucket>,
     replica: &str,
@@ -495,99 +524,63 @@ pub fn call_or_create(
     c: &SyncCall,
     now_us: u64,
 ) -> SyncGrant {
+    call_in_epoch(slot, "", replica, limits, c, now_us)
+}
+
+/// Why a bucket restarts empty at a call, if it does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Restart {
+    /// There was none (first call ever, Redis restarted empty, or idle
+    /// long enough to expire).
+    Missing,
+    /// Written by another server process: this one was promoted since, or
+    /// restarted from a snapshot.
+    NewEpoch,
+    /// Behind what the caller saw: it lost calls (a lagging replica
+    /// promoted, or a snapshot reloaded).
+    Behind,
+}
+
+/// Whether the bucket in `slot` must restart empty before `c` is applied in
+/// `epoch`.
+pub fn restart(slot: &Option<CentralBucket>, epoch: &str, c: &SyncCall) -> Option<Restart> {
     match slot {
-        Some(bucket) => bucket.apply(replica, limits, c, now_us, false),
-        None => slot
-            .insert(CentralBucket::new(limits, now_us))
-            .apply(replica, limits, c, now_us, true),
+        None => Some(Restart::Missing),
+        Some(b) if b.epoch != epoch => Some(Restart::NewEpoch),
+        Some(b) if b.generation < c.generation => Some(Restart::Behind),
+        Some(_) => None,
     }
+}
+
+/// A call on the bucket Redis may or may not have, in the server's
+/// `epoch`: a missing bucket, one from another epoch, or one behind the
+/// caller's generation starts anew (see `CentralBucket::new`: empty, less
+/// one `hold_for`, every record dropped), past every generation seen, and a
+/// fallback report is then not charged (an empty level already assumes the
+/// worst).
+pub fn call_in_epoch(
+    slot: &mut Option<CentralBucket>,
+    epoch: &str,
+    replica: &str,
+    limits: &CentralLimits,
+    c: &SyncCall,
+    now_us: u64,
+) -> SyncGrant {
+    let fresh = restart(slot, epoch, c).is_some();
+    if fresh {
+        let before = slot.as_ref().map_or(0, |b| b.generation);
+        let mut bucket = CentralBucket::new(limits, now_us);
+        bucket.epoch = epoch.to_string();
+        if before > 0 || c.generation > 0 {
+            bucket.generation = before.max(c.generation) + GENERATION_JUMP;
+        }
+        *slot = Some(bucket);
+    }
+    slot.as_mut()
+        .expect("created above")
+        .apply(replica, limits, c, now_us, fresh)
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use rand::rngs::SmallRng;
-    use rand::{Rng, SeedableRng};
-
-    /// Three replicas with equal, endless demand for 100-token requests
-    /// against 200 tokens of refill a tick; `calls` are (µs, replica).
-    /// Requests served per replica.
-    fn serve(mut calls: Vec<(u64, usize)>) -> [u64; 3] {
-        let limits = CentralLimits {
-            tokens_per_minute: 120_000,
-            token_capacity: 8_000,
-            requests_per_minute: 1_000_000,
-            request_capacity: 100_000,
-            replicas_floor: 3,
-            hold_for: Duration::from_secs(1),
-        };
-        calls.sort();
-        let mut bucket = None;
-        let mut have = [0u64; 3];
-        let mut spent = [0u64; 3];
-        let mut served = [0u64; 3];
-        for (seq, (now_us, r)) in calls.into_iter().enumerate() {
-            let call = SyncCall {
-                seq: seq as u64 + 1,
-                ask_tokens: 2_666u64.saturating_sub(have[r]),
-                ask_requests: 100,
-                need_tokens: 100u64.saturating_sub(have[r]),
-                held_tokens: have[r],
-                spent_tokens: spent[r],
-                ..SyncCall::default()
-            };
-            let grant = call_or_create(&mut bucket, &format!("r{r}"), &limits, &call, now_us);
-            have[r] += grant.tokens;
-            // Every request waiting goes as soon as it fits.
-            served[r] += have[r] / 100;
-            spent[r] += have[r] / 100 * 100;
-            have[r] %= 100;
-        }
-        served
-    }
-
-    fn assert_even(served: [u64; 3], case: &str) {
-        let (lo, hi) = (*served.iter().min().unwrap(), *served.iter().max().unwrap());
-        assert!(lo > 300, "{case}: {served:?}");
-        assert!(hi as f64 <= lo as f64 * 1.05, "{case}: served {served:?}");
-    }
-
-    /// Calls at fixed phases of a 100 ms tick, as in one benches/replicas
-    /// run: each replica is served a third. Before a replica served queued
-    /// from its grant (not its next call) and behind every older need (not
-    /// only the oldest), [12, 38, 70] served 500, 300 and 399. Other fixed
-    /// phases still skew ([40, 10, 95]: 359, 360, 479): see the next test.
-    #[test]
-    fn equal_demand_is_served_equally_at_fixed_phases() {
-        for phases in [[12u64, 38, 70], [0, 33, 66]] {
-            let calls = (0..600u64)
-                .flat_map(|tick| (0..3).map(move |r| (tick * 100_000 + phases[r] * 1_000, r)))
-                .collect();
-            assert_even(serve(calls), &format!("phases {phases:?}"));
-        }
-    }
-
-    /// Replicas calling a few ms apart after a long gap: at fixed phases the
-    /// first after the gap is served up to twice as often (it sees the
-    /// refill first and fits behind one older need). The sync task's tick
-    /// is jittered (90-110 ms, `cluster::sync`), so phases move and every
-    /// replica gets its third.
-    #[test]
-    fn jittered_ticks_serve_every_phase_equally() {
-        for (seed, phases) in [[0u64, 5, 10], [40, 10, 95], [12, 38, 70]]
-            .into_iter()
-            .enumerate()
-        {
-            let mut rng = SmallRng::seed_from_u64(seed as u64);
-            let mut calls = Vec::new();
-            for (r, phase) in phases.iter().enumerate() {
-                let mut t = phase * 1_000;
-                while t < 300_000_000 {
-                    calls.push((t, r));
-                    t += rng.random_range(90_000..110_000);
-                }
-            }
-            assert_even(serve(calls), &format!("jittered from phases {phases:?}"));
-        }
-    }
-}
+#[path = "central_tests.rs"]
+mod tests;

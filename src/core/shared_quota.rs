@@ -462,6 +462,7 @@ impl SharedQuota {
             acked: self.acked,
             hint: self.hint.take(),
             block: std::mem::take(&mut self.block),
+            generation: self.central.map_or(0, |g| g.generation),
         }
     }
 

@@ -12,6 +12,8 @@ pub struct RedisServer {
     child: Option<Child>,
     /// `DEBUG` allowed from loopback (`debug_sleep`).
     debug: bool,
+    /// More arguments (`--replicaof`, persistence).
+    extra: Vec<String>,
 }
 
 fn free_port() -> u16 {
@@ -33,13 +35,68 @@ impl RedisServer {
     }
 
     fn started(debug: bool) -> Self {
+        Self::started_with(debug, Vec::new())
+    }
+
+    fn started_with(debug: bool, extra: Vec<String>) -> Self {
         let mut r = Self {
             port: free_port(),
             child: None,
             debug,
+            extra,
         };
         r.spawn();
         r
+    }
+
+    /// A replica of `primary` (asynchronous replication), once it has
+    /// copied what the primary holds.
+    pub fn start_replica_of(primary: &RedisServer) -> Self {
+        let r = Self::started_with(
+            false,
+            vec!["--replicaof".into(), "127.0.0.1".into(), primary.port.to_string()],
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !r.info("replication").contains("master_link_status:up") {
+            assert!(Instant::now() < deadline, "the replica did not sync within 10 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        r
+    }
+
+    /// With these arguments too (persistence settings, say), in `dir`.
+    pub fn start_with_args(dir: &std::path::Path, args: &[&str]) -> Self {
+        let mut extra: Vec<String> = vec!["--dir".into(), dir.display().to_string()];
+        extra.extend(args.iter().map(|a| a.to_string()));
+        Self::started_with(false, extra)
+    }
+
+    /// A synchronous connection, for setting the stage.
+    pub fn connection(&self) -> redis::Connection {
+        redis::Client::open(self.url()).unwrap().get_connection().unwrap()
+    }
+
+    /// `INFO section`, as text.
+    pub fn info(&self, section: &str) -> String {
+        redis::cmd("INFO")
+            .arg(section)
+            .query(&mut self.connection())
+            .unwrap()
+    }
+
+    /// This server process's run id (what `central.lua` keeps as the epoch).
+    pub fn run_id(&self) -> String {
+        let info = self.info("server");
+        let line = info
+            .lines()
+            .find_map(|l| l.strip_prefix("run_id:"))
+            .expect("run_id in INFO server");
+        line.trim().to_string()
+    }
+
+    /// The process id, for signals the test sends itself.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
     }
 
     /// `DEBUG SLEEP secs`: the server answers nothing for that long, then
@@ -79,6 +136,7 @@ impl RedisServer {
             } else {
                 &[]
             })
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -112,7 +170,8 @@ impl RedisServer {
         }
     }
 
-    /// Starts it again on the same port, empty.
+    /// Starts it again on the same port with the same arguments: empty,
+    /// unless they turned persistence on (then it reloads what it wrote).
     pub fn restart_empty(&mut self) {
         self.kill();
         self.spawn();
@@ -146,5 +205,78 @@ impl Drop for RedisServer {
             let _ = Command::new("kill").args(["-CONT", &c.id().to_string()]).status();
         }
         self.kill();
+    }
+}
+
+/// A Redis Sentinel (`redis-server --sentinel`, the binary Debian's
+/// redis-sentinel package runs) on a loopback port, watching `primary`
+/// under `name` with a quorum of one: a primary not answering for 1 s is
+/// failed over to its replica.
+pub struct Sentinel {
+    pub port: u16,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Sentinel {
+    pub fn start(primary: &RedisServer, name: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let conf = dir.path().join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {}\n\
+                 sentinel monitor {name} 127.0.0.1 {} 1\n\
+                 sentinel down-after-milliseconds {name} 1000\n\
+                 sentinel failover-timeout {name} 10000\n",
+                dir.path().display(),
+                primary.port
+            ),
+        )
+        .unwrap();
+        let child = Command::new(super::tools::redis_server())
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting redis-server --sentinel");
+        let s = Self {
+            port,
+            child,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while s.primary(name).is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "the Sentinel did not name the primary within 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        s
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The primary's port, as the Sentinel names it now.
+    pub fn primary(&self, name: &str) -> Option<u16> {
+        let mut con = redis::Client::open(self.url()).ok()?.get_connection().ok()?;
+        let addr: Option<(String, String)> = redis::cmd("SENTINEL")
+            .arg("GET-MASTER-ADDR-BY-NAME")
+            .arg(name)
+            .query(&mut con)
+            .ok()?;
+        addr.and_then(|(_, port)| port.parse().ok())
+    }
+}
+
+impl Drop for Sentinel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

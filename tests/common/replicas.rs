@@ -13,6 +13,12 @@ use super::redis::RedisServer;
 use super::{ConfigDir, Proc, SimRegion, client, dispatcher, eventually, region_status};
 
 pub fn config(redis: &str, replica: &str) -> String {
+    config_on(&format!("redis_url = \"{redis}\""), replica)
+}
+
+/// `config` with `redis` for the `[cluster]` lines naming Redis (a URL, or
+/// Sentinels).
+pub fn config_on(redis: &str, replica: &str) -> String {
     format!(
         r#"
 [auth]
@@ -23,7 +29,7 @@ max_queue_wait = "2s"
 name = "gpt-4o"
 max_request_tokens = 20000
 [cluster]
-redis_url = "{redis}"
+{redis}
 replica_id = "{replica}"
 expected_replicas = 3
 "#
@@ -40,8 +46,18 @@ pub fn replicas(
     extra_toml: &str,
     sim: SimRegion,
 ) -> (Vec<ConfigDir>, Proc, Vec<Proc>) {
+    replicas_on(&format!("redis_url = \"{}\"", redis.url()), n, extra_toml, sim)
+}
+
+/// `replicas`, with `redis` for the `[cluster]` lines naming Redis.
+pub fn replicas_on(
+    redis: &str,
+    n: usize,
+    extra_toml: &str,
+    sim: SimRegion,
+) -> (Vec<ConfigDir>, Proc, Vec<Proc>) {
     let dirs: Vec<ConfigDir> = (1..=n)
-        .map(|i| ConfigDir::new(&(config(&redis.url(), &format!("r{i}")) + extra_toml)))
+        .map(|i| ConfigDir::new(&(config_on(redis, &format!("r{i}")) + extra_toml)))
         .collect();
     let sim = dirs[0].start_region(SimRegion { name: "eu", ..sim });
     let region = std::fs::read_to_string(dirs[0].region_file("eu")).unwrap();
