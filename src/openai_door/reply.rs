@@ -250,6 +250,7 @@ mod tests {
             path: crate::dispatch::ModelPath {
                 model: "gpt-4o".into(),
                 alias: String::new(),
+                route: String::new(),
                 tried: Vec::new(),
             },
             cost: None,
