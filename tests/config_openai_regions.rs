@@ -50,7 +50,10 @@ fn an_azure_region_reads_its_key_from_a_file_and_fills_in_defaults() {
     assert_eq!(o.dialect, Dialect::Azure);
     assert_eq!(o.api_version, DEFAULT_AZURE_API_VERSION);
     assert_eq!(o.provider_model("gpt-4o"), Some("gpt4o-prod"));
-    assert_eq!(o.health_path, format!("/openai/models?api-version={DEFAULT_AZURE_API_VERSION}"));
+    assert_eq!(
+        o.health_path,
+        format!("/openai/models?api-version={DEFAULT_AZURE_API_VERSION}")
+    );
     assert!(r.tls.is_some(), "https: the system's roots");
     assert!(!format!("{r:?}").contains(KEY), "the key in Debug");
     // OpenAI's dialect: the model's own name, /v1/models.
@@ -68,14 +71,12 @@ fn the_key_comes_from_the_environment_when_named() {
     // The environment is not changed here (`set_var` is unsafe): PATH
     // stands in for a variable holding the key.
     let dir = tempfile::tempdir().unwrap();
-    let r = parse(
-        dir.path(),
-        "kind = \"openai\"\napi_key_env = \"PATH\"",
-        "",
-    )
-    .unwrap();
+    let r = parse(dir.path(), "kind = \"openai\"\napi_key_env = \"PATH\"", "").unwrap();
     assert!(r.openai.is_some());
-    let e = err("kind = \"openai\"\napi_key_env = \"DISPATCHER_TEST_NO_SUCH_VARIABLE_27\"", "");
+    let e = err(
+        "kind = \"openai\"\napi_key_env = \"DISPATCHER_TEST_NO_SUCH_VARIABLE_27\"",
+        "",
+    );
     assert_eq!(e.key, "api_key_env");
     assert!(e.problem.contains("is not set"), "{e}");
 }
@@ -92,14 +93,49 @@ fn each_bad_setting_is_named() {
             "api_key_file",
             "not both",
         ),
-        ("kind = \"openai\"\napi_key_file = \"missing.key\"", "", "api_key_file", "cannot read"),
-        ("kind = \"openai\"\ndialect = \"bedrock\"\nAPI", "", "dialect", "not a dialect"),
-        ("kind = \"openai\"\napi_version = \"2024-10-21\"\nAPI", "", "api_version", "only for dialect"),
-        ("kind = \"openai\"\ndialect = \"azure\"\napi_version = \"x y\"\nAPI", "", "api_version", "version"),
-        ("kind = \"openai\"\nhealth_path = \"models\"\nAPI", "", "health_path", "starting with /"),
-        ("kind = \"openai\"\nAPI", "provider_model = \"a b\"", "models[0].provider_model", "deployment name"),
+        (
+            "kind = \"openai\"\napi_key_file = \"missing.key\"",
+            "",
+            "api_key_file",
+            "cannot read",
+        ),
+        (
+            "kind = \"openai\"\ndialect = \"bedrock\"\nAPI",
+            "",
+            "dialect",
+            "not a dialect",
+        ),
+        (
+            "kind = \"openai\"\napi_version = \"2024-10-21\"\nAPI",
+            "",
+            "api_version",
+            "only for dialect",
+        ),
+        (
+            "kind = \"openai\"\ndialect = \"azure\"\napi_version = \"x y\"\nAPI",
+            "",
+            "api_version",
+            "version",
+        ),
+        (
+            "kind = \"openai\"\nhealth_path = \"models\"\nAPI",
+            "",
+            "health_path",
+            "starting with /",
+        ),
+        (
+            "kind = \"openai\"\nAPI",
+            "provider_model = \"a b\"",
+            "models[0].provider_model",
+            "deployment name",
+        ),
         ("dialect = \"azure\"", "", "dialect", "only for kind = \"openai\""),
-        ("", "provider_model = \"x\"", "models[0].provider_model", "only for kind"),
+        (
+            "",
+            "provider_model = \"x\"",
+            "models[0].provider_model",
+            "only for kind",
+        ),
     ];
     for (extra, model_extra, k, problem) in cases {
         let e = err(&extra.replace("API", key), model_extra);
@@ -119,4 +155,24 @@ fn each_bad_setting_is_named() {
     let e = config::parse_region(&text, &dir.path().join("east.toml"), &models()).unwrap_err();
     assert_eq!(e.key, "api_key_file", "{e}");
     assert!(e.problem.contains("empty"), "{e}");
+}
+
+#[test]
+fn the_shipped_azure_example_parses() {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/regions/azure-eastus.toml.example"
+    ))
+    .unwrap();
+    // Its key from a file here instead of the environment.
+    let text = text.replace(
+        "api_key_env = \"AZURE_OPENAI_KEY_EASTUS\"",
+        "api_key_file = \"east.key\"",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("east.key"), KEY).unwrap();
+    let r = config::parse_region(&text, &dir.path().join("azure-eastus.toml"), &models()).unwrap();
+    let o = r.openai.unwrap();
+    assert_eq!(o.dialect, Dialect::Azure);
+    assert_eq!(o.provider_model("gpt-4o"), Some("gpt-4o-eastus"));
 }

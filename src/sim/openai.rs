@@ -382,14 +382,15 @@ fn event(v: &Value) -> Result<Bytes, Infallible> {
     Ok(Bytes::from(line))
 }
 
-/// A chunk's text at four characters a token, the rule a client counting
-/// a stream's tokens as they arrive goes by (the dispatcher does).
-fn sized_text(mut text: String, tokens: u64) -> String {
+/// A chunk's text at four characters a token (spaces in front), the rule
+/// a client counting a stream's tokens as they arrive goes by (the
+/// dispatcher does).
+fn sized_text(text: String, tokens: u64) -> String {
     let want = usize::try_from(tokens.saturating_mul(4)).unwrap_or(usize::MAX);
-    while text.len() < want {
-        text.push(' ');
+    match want.checked_sub(text.len()) {
+        Some(pad) if pad > 0 => " ".repeat(pad) + &text,
+        _ => text,
     }
-    text
 }
 
 /// A streamed completion: a chunk per few tokens as they are produced, the
