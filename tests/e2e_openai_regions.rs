@@ -12,7 +12,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::http_client::call;
-use common::{ConfigDir, Proc, client, dispatcher, eventually, region_sim, region_status, sim_stats};
+use common::openai::region_head;
+use common::{ConfigDir, Proc, client, dispatcher, eventually, region_status, sim_stats};
 use dispatcher::pb;
 use http::Method;
 use tonic::Code;
@@ -41,17 +42,7 @@ fn openai_sim(
     let key_file = dir.join(format!("{name}.sim-key"));
     std::fs::write(&key_file, format!("{KEY}\n")).unwrap();
     let model = format!("{provider_model}:{limits}");
-    let mut args = vec![
-        "--openai",
-        "--dialect",
-        dialect,
-        "--api-key-file",
-        key_file.to_str().unwrap(),
-        "--model",
-        &model,
-    ];
-    args.extend_from_slice(extra);
-    region_sim(dir, name, &args)
+    common::openai::openai_sim(dir, name, dialect, &key_file, &model, extra)
 }
 
 /// A region file for an OpenAI-compatible region, its key (`key`) in a
@@ -67,19 +58,8 @@ fn region(
 ) {
     let key_file = cfg.path().join(format!("{name}.key"));
     std::fs::write(&key_file, format!("{key}\n")).unwrap();
-    let text = format!(
-        r#"name = "{name}"
-kind = "openai"
-endpoint = "{}"
-dialect = "{dialect}"
-api_key_file = "{}"
-{rest}
-"#,
-        sim.endpoint(),
-        key_file.display()
-    );
-    let text = text.replace("PROVIDER_MODEL", provider_model);
-    cfg.write_region(name, &text);
+    let text = region_head(name, &sim.endpoint(), dialect, &key_file) + rest;
+    cfg.write_region(name, &text.replace("PROVIDER_MODEL", provider_model));
 }
 
 fn model_toml(tpm: u64, rpm: u64, accounting: &str) -> String {
@@ -212,6 +192,11 @@ async fn both_dialects_serve_completions_and_streams_and_their_headers_move_the_
             1,
             "{logs}"
         );
+        // Admin shows the kind and what the provider said.
+        let status = region_status(d.addr, "east").await.unwrap();
+        assert_eq!(status.kind, "openai");
+        assert_eq!(status.models[0].provider_requests_per_minute, Some(600));
+        assert_eq!(status.models[0].provider_tokens_per_minute, Some(100_000));
     }
 }
 

@@ -13,13 +13,13 @@ mod common;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use common::openai::{openai_sim, region_head};
 use common::redis::RedisServer;
-use common::{ConfigDir, Proc, client, dispatcher, region_sim, sim_stats};
+use common::{ConfigDir, Proc, dispatcher, sim_stats};
 use dispatcher::pb;
-use tonic::Code;
 
 const KEY: &str = "sk-sim-openai-regions";
 /// (region, dialect, tokens a minute)
@@ -54,97 +54,38 @@ fn providers(dir: &std::path::Path) -> Vec<Proc> {
         .map(|(name, dialect, tpm)| {
             let model = format!("gpt-4o:{tpm}:100000:admission");
             let burst = (tpm / 12).to_string();
-            region_sim(
-                dir,
-                name,
-                &[
-                    "--openai",
-                    "--dialect",
-                    dialect,
-                    "--api-key-file",
-                    key_file.to_str().unwrap(),
-                    "--model",
-                    &model,
-                    "--burst-tokens",
-                    &burst,
-                    "--base-latency-ms",
-                    "50",
-                    "--ms-per-1k-tokens",
-                    "0",
-                ],
-            )
+            let quick = [
+                "--burst-tokens",
+                &burst,
+                "--base-latency-ms",
+                "50",
+                "--ms-per-1k-tokens",
+                "0",
+            ];
+            openai_sim(dir, name, dialect, &key_file, &model, &quick)
         })
         .collect()
 }
 
 fn write_regions(cfg: &ConfigDir, sims: &[Proc], key_file: &std::path::Path) {
     for ((name, dialect, tpm), sim) in REGIONS.iter().zip(sims) {
+        let models = format!(
+            "[[models]]\nname = \"gpt-4o\"\ntokens_per_minute = {tpm}\nrequests_per_minute = 100000\nburst_tokens = {}\naccounting = \"admission\"\n",
+            tpm / 12
+        );
         cfg.write_region(
             name,
-            &format!(
-                r#"name = "{name}"
-kind = "openai"
-endpoint = "{}"
-dialect = "{dialect}"
-api_key_file = "{}"
-[[models]]
-name = "gpt-4o"
-tokens_per_minute = {tpm}
-requests_per_minute = 100000
-burst_tokens = {}
-accounting = "admission"
-"#,
-                sim.endpoint(),
-                key_file.display(),
-                tpm / 12
-            ),
+            &(region_head(name, &sim.endpoint(), dialect, key_file) + &models),
         );
     }
 }
 
-#[derive(Default)]
-struct Tally {
-    ok: AtomicU64,
-    exhausted: AtomicU64,
-    other: AtomicU64,
-}
-
-/// Open-loop load on `addr`, one request every `every`, until `stop`.
-fn load(
-    addr: SocketAddr,
-    every: Duration,
-    stop: Arc<AtomicBool>,
-    tally: Arc<Tally>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let grpc = client(addr).await;
-        let mut tick = tokio::time::interval(every);
-        let mut calls = tokio::task::JoinSet::new();
-        while !stop.load(Ordering::Relaxed) {
-            tick.tick().await;
-            let mut req = tonic::Request::new(pb::DispatchRequest {
-                model: "gpt-4o".into(),
-                payload: payload(),
-                max_output_tokens: 100,
-                ..Default::default()
-            });
-            req.set_timeout(Duration::from_secs(3));
-            let mut grpc = grpc.clone();
-            let tally = tally.clone();
-            calls.spawn(async move {
-                match grpc.dispatch(req).await {
-                    Ok(_) => tally.ok.fetch_add(1, Ordering::Relaxed),
-                    Err(s) if matches!(s.code(), Code::ResourceExhausted | Code::DeadlineExceeded) => {
-                        tally.exhausted.fetch_add(1, Ordering::Relaxed)
-                    }
-                    Err(s) => {
-                        eprintln!("unexpected: {:?} {}", s.code(), s.message());
-                        tally.other.fetch_add(1, Ordering::Relaxed)
-                    }
-                };
-            });
-        }
-        while calls.join_next().await.is_some() {}
+fn chat_request() -> tonic::Request<pb::DispatchRequest> {
+    tonic::Request::new(pb::DispatchRequest {
+        model: "gpt-4o".into(),
+        payload: payload(),
+        max_output_tokens: 100,
+        ..Default::default()
     })
 }
 
@@ -163,11 +104,11 @@ async fn run(replicas: &[SocketAddr], sims: &[Proc]) {
     let rate = 2.0 * quota_per_sec as f64 / TOKENS as f64;
     let every = Duration::from_secs_f64(replicas.len() as f64 / rate);
     let stop = Arc::new(AtomicBool::new(false));
-    let tally = Arc::new(Tally::default());
+    let tally = Arc::new(common::replicas::Tally::default());
     let start = Instant::now();
     let loads: Vec<_> = replicas
         .iter()
-        .map(|a| load(*a, every, stop.clone(), tally.clone()))
+        .map(|a| common::replicas::load_with(*a, every, stop.clone(), tally.clone(), chat_request))
         .collect();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let early = refusals(sims).await;

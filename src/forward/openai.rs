@@ -27,7 +27,7 @@ use serde_json::{Map, Value};
 use tonic::{Code, Status};
 
 use super::http_connect::HttpConnect;
-use super::sse::SseChunks;
+use super::sse::{SseChunks, usage_of};
 use super::{Call, Connector};
 use crate::config::OpenAiRegion;
 use crate::openai::Dialect;
@@ -488,16 +488,6 @@ pub fn chat_body(
     serde_json::to_vec(&body)
         .map(Bytes::from)
         .map_err(|e| Status::internal(e.to_string()))
-}
-
-/// OpenAI's `usage` object.
-pub fn usage_of(u: &Value) -> pb::Usage {
-    let n = |p: &str| u.pointer(p).and_then(Value::as_u64).unwrap_or(0);
-    pb::Usage {
-        prompt_tokens: n("/prompt_tokens"),
-        completion_tokens: n("/completion_tokens"),
-        cached_prompt_tokens: n("/prompt_tokens_details/cached_tokens"),
-    }
 }
 
 fn quota(limits: &RateLimits) -> Option<pb::ProviderQuota> {

@@ -110,7 +110,7 @@ impl SseChunks {
         }
         if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
             self.ended = true;
-            let usage = super::openai::usage_of(u);
+            let usage = usage_of(u);
             return Ok(Some(pb::ExecuteChunk {
                 output: data,
                 usage: Some(usage),
@@ -135,6 +135,16 @@ impl SseChunks {
             completion_tokens: self.produced,
             cached_prompt_tokens: 0,
         }
+    }
+}
+
+/// OpenAI's `usage` object (a completion's, or a stream's last event's).
+pub fn usage_of(u: &Value) -> pb::Usage {
+    let n = |p: &str| u.pointer(p).and_then(Value::as_u64).unwrap_or(0);
+    pb::Usage {
+        prompt_tokens: n("/prompt_tokens"),
+        completion_tokens: n("/completion_tokens"),
+        cached_prompt_tokens: n("/prompt_tokens_details/cached_tokens"),
     }
 }
 
