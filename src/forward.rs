@@ -16,6 +16,10 @@
 //! takes and cannot disagree with it about certificates.
 
 mod connector;
+mod http_connect;
+mod kind;
+mod openai;
+mod sse;
 mod wire;
 
 use std::collections::HashMap;
@@ -32,15 +36,17 @@ use tonic::Code;
 use tonic::body::Body;
 use tonic::transport::Uri;
 
-use crate::config::RegionTls;
+use crate::config::{OpenAiRegion, RegionConfig, RegionTls};
 use crate::pb::agent_cluster_client::AgentClusterClient;
 use tonic_health::pb::health_client::HealthClient;
 
 pub use connector::{Connecting, Connector, Io, Tcp, Transport, tcp};
+pub use kind::{Chunks, Probe, RegionClient, RegionKind};
+pub use openai::{OpenAiClient, ProbeOutcome, ProviderLimits};
 pub use wire::{Call, ClusterClient, encode};
 
 /// How long a cluster may take to accept a connection.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// A region's HTTP/2 connection, shared by every request to it.
 #[derive(Clone)]
@@ -223,14 +229,25 @@ pub struct ClusterPool {
     connector: Arc<dyn Connector>,
 }
 
-/// One region's connection and what it was made from.
+/// One region's client and what it was made from.
 #[derive(Clone)]
 struct Entry {
     endpoint: String,
     tls: Option<RegionTls>,
-    uri: Uri,
-    connection: Connection,
-    client: ClusterClient,
+    link: EntryLink,
+}
+
+#[derive(Clone)]
+#[allow(clippy::large_enum_variant)]
+enum EntryLink {
+    /// An AgentCluster: its HTTP/2 connection.
+    Cluster {
+        uri: Uri,
+        connection: Connection,
+        client: ClusterClient,
+    },
+    /// An OpenAI-compatible provider: its pooled HTTP client.
+    OpenAi(OpenAiClient),
 }
 
 impl Default for ClusterPool {
@@ -254,21 +271,33 @@ impl ClusterPool {
     }
 
     /// Makes the pool serve exactly these `(region, endpoint)` pairs, each
-    /// with its region's TLS settings (`tls`). Connections whose endpoint and
-    /// TLS settings did not change are kept.
-    pub fn set(
+    /// as its region's configuration says (`config`: its kind, TLS
+    /// settings; none: an AgentCluster over plaintext). Clients whose
+    /// endpoint and settings did not change are kept.
+    pub fn set<'a>(
         &self,
         endpoints: &[(String, String)],
-        tls: impl Fn(&str) -> Option<RegionTls>,
+        config: impl Fn(&str) -> Option<&'a RegionConfig>,
     ) -> Result<(), String> {
         let mut next = HashMap::with_capacity_and_hasher(endpoints.len(), Default::default());
         {
             let current = self.clients.read();
             for (region, endpoint) in endpoints {
-                let tls = tls(region);
-                let entry = match current.get(region.as_str()) {
-                    Some(e) if e.endpoint == *endpoint && e.tls == tls => e.clone(),
-                    _ => connect(endpoint, tls, &self.connector)
+                let config = config(region);
+                let tls = config.and_then(|c| c.tls.clone());
+                let openai = config.and_then(openai_settings);
+                let kept = current.get(region.as_str()).filter(|e| {
+                    e.endpoint == *endpoint
+                        && e.tls == tls
+                        && match (&e.link, &openai) {
+                            (EntryLink::Cluster { .. }, None) => true,
+                            (EntryLink::OpenAi(c), Some((s, limits))) => c.same_settings(s, limits),
+                            _ => false,
+                        }
+                });
+                let entry = match kept {
+                    Some(e) => e.clone(),
+                    None => connect(region, endpoint, tls, openai, &self.connector)
                         .map_err(|e| format!("region {region}: endpoint {endpoint:?}: {e}"))?,
                 };
                 next.insert(Arc::from(region.as_str()), entry);
@@ -278,20 +307,43 @@ impl ClusterPool {
         Ok(())
     }
 
-    pub fn get(&self, region: &str) -> Option<ClusterClient> {
-        self.clients.read().get(region).map(|e| e.client.clone())
+    pub fn get(&self, region: &str) -> Option<RegionClient> {
+        self.clients.read().get(region).map(|e| match &e.link {
+            EntryLink::Cluster { client, .. } => RegionClient::Cluster(client.clone()),
+            EntryLink::OpenAi(c) => RegionClient::OpenAi(c.clone()),
+        })
+    }
+
+    /// The region's kind, if it is configured.
+    pub fn kind(&self, region: &str) -> Option<RegionKind> {
+        self.clients.read().get(region).map(|e| match &e.link {
+            EntryLink::Cluster { .. } => RegionKind::AgentCluster,
+            EntryLink::OpenAi(_) => RegionKind::OpenAi,
+        })
+    }
+
+    /// The OpenAI-compatible client of `region`, if it is one.
+    pub fn openai(&self, region: &str) -> Option<OpenAiClient> {
+        match &self.clients.read().get(region)?.link {
+            EntryLink::OpenAi(c) => Some(c.clone()),
+            EntryLink::Cluster { .. } => None,
+        }
     }
 
     pub fn endpoint(&self, region: &str) -> Option<String> {
         self.clients.read().get(region).map(|e| e.endpoint.clone())
     }
 
-    /// A `grpc.health.v1` client over the region's own connection.
-    pub fn health_client(&self, region: &str) -> Option<HealthClient<Connection>> {
-        self.clients
-            .read()
-            .get(region)
-            .map(|e| HealthClient::with_origin(e.connection.clone(), e.uri.clone()))
+    /// How to check the region's health over its own client: a
+    /// `grpc.health.v1` client over an AgentCluster's connection, or the
+    /// HTTP client of an OpenAI-compatible provider.
+    pub fn probe(&self, region: &str) -> Option<Probe> {
+        self.clients.read().get(region).map(|e| match &e.link {
+            EntryLink::Cluster { uri, connection, .. } => {
+                Probe::Grpc(HealthClient::with_origin(connection.clone(), uri.clone()))
+            }
+            EntryLink::OpenAi(c) => Probe::OpenAi(c.clone()),
+        })
     }
 }
 
@@ -310,15 +362,52 @@ pub fn connect_one(
     ))
 }
 
-fn connect(endpoint: &str, tls: Option<RegionTls>, connector: &Arc<dyn Connector>) -> Result<Entry, String> {
-    let uri: Uri = endpoint.parse().map_err(|e| format!("{e}"))?;
-    let connection = Connection::new(&uri, connector.clone(), tls.as_ref().map(|t| t.client.clone()))?;
+/// An OpenAI-compatible region's settings and its models' configured
+/// limits (tokens, requests a minute).
+type OpenAiSettings = (OpenAiRegion, Vec<(String, u64, u64)>);
+
+fn openai_settings(config: &RegionConfig) -> Option<OpenAiSettings> {
+    let settings = config.openai.clone()?;
+    let limits = config
+        .spec
+        .models
+        .iter()
+        .map(|(m, l)| (m.clone(), l.tokens_per_minute, l.requests_per_minute))
+        .collect();
+    Some((settings, limits))
+}
+
+fn connect(
+    region: &str,
+    endpoint: &str,
+    tls: Option<RegionTls>,
+    openai: Option<OpenAiSettings>,
+    connector: &Arc<dyn Connector>,
+) -> Result<Entry, String> {
+    let client_tls = tls.as_ref().map(|t| t.client.clone());
+    let link = match openai {
+        Some((settings, limits)) => EntryLink::OpenAi(OpenAiClient::new(
+            region,
+            endpoint,
+            settings,
+            limits,
+            connector.clone(),
+            client_tls,
+        )?),
+        None => {
+            let uri: Uri = endpoint.parse().map_err(|e| format!("{e}"))?;
+            let connection = Connection::new(&uri, connector.clone(), client_tls)?;
+            EntryLink::Cluster {
+                client: ClusterClient::new(connection.clone(), uri.clone())?,
+                uri,
+                connection,
+            }
+        }
+    };
     Ok(Entry {
         endpoint: endpoint.to_string(),
         tls,
-        client: ClusterClient::new(connection.clone(), uri.clone())?,
-        uri,
-        connection,
+        link,
     })
 }
 

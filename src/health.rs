@@ -1,5 +1,6 @@
 //! Active health checks: `grpc.health.v1.Health/Check` against each
-//! region's cluster at its configured interval; the core's `HealthTracker`
+//! region's cluster (an OpenAI-compatible region: a GET of its models, with
+//! its key) at its configured interval; the core's `HealthTracker`
 //! decides when a region turns unhealthy or healthy again. Also "panic
 //! mode": when most regions are unhealthy or have their circuit open, it is
 //! said loudly (log, health status, metric) instead of quietly piling all
@@ -18,6 +19,7 @@ use tonic_health::server::HealthReporter;
 use crate::config::{Config, HealthConfig};
 use crate::core::HealthTracker;
 use crate::dispatch::Engine;
+use crate::forward::{Probe, ProbeOutcome};
 
 /// The health service name that reports whether enough regions are up.
 pub const REGIONS_SERVICE: &str = "dispatcher.regions";
@@ -172,18 +174,38 @@ async fn check_loop(
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
-        // The region's forwarding connection (and so its TLS settings):
+        // The region's forwarding client (and so its TLS settings):
         // what the check judges is the path work takes.
-        let Some(mut client) = engine.health_client(&region) else {
+        let Some(probe) = engine.probe(&region) else {
             continue;
         };
-        let check = client.check(tonic_health::pb::HealthCheckRequest {
-            service: String::new(),
-        });
-        let answer = tokio::time::timeout(config.timeout, check)
-            .await
-            .map(|r| r.map(|r| r.into_inner().status));
-        let passed = match verdict(answer) {
+        let verdict = match probe {
+            Probe::Grpc(mut client) => {
+                let check = client.check(tonic_health::pb::HealthCheckRequest {
+                    service: String::new(),
+                });
+                let answer = tokio::time::timeout(config.timeout, check)
+                    .await
+                    .map(|r| r.map(|r| r.into_inner().status));
+                verdict(answer)
+            }
+            Probe::OpenAi(client) => match client.probe(config.timeout).await {
+                ProbeOutcome::Passed => Verdict::Passed,
+                ProbeOutcome::Failed(why) => Verdict::Failed(why),
+                ProbeOutcome::Misconfigured => Verdict::Misconfigured,
+            },
+        };
+        let passed = match verdict {
+            Verdict::Misconfigured => {
+                // Out of service at once, said once (by whoever saw it
+                // first: this check or a request); the checks go on, and
+                // bring it back once the region is fixed.
+                engine.report_misconfigured(&region);
+                engine.desk().set_health(&region, false);
+                tracker = HealthTracker::new(config.healthy_threshold, config.unhealthy_threshold)
+                    .starting_at(false);
+                continue;
+            }
             Verdict::Passed => true,
             Verdict::NoHealthService => {
                 if !told_no_health_service {
@@ -226,6 +248,8 @@ enum Verdict {
     /// take a working region out of service for good.
     NoHealthService,
     Failed(String),
+    /// An OpenAI-compatible region refused its key or lacks a model.
+    Misconfigured,
 }
 
 /// Reads a check's answer: a serving status, an error status, or no

@@ -40,6 +40,10 @@ fn field<T: PartialEq + fmt::Debug>(out: &mut Vec<String>, name: &str, old: &T, 
 fn region_details(old: &RegionConfig, new: &RegionConfig) -> Vec<String> {
     let mut d = Vec::new();
     field(&mut d, "endpoint", &old.endpoint, &new.endpoint);
+    // Its Debug shows no key: a changed key reads as the same text.
+    if old.openai != new.openai {
+        d.push("OpenAI settings (kind, dialect, key, provider models)".into());
+    }
     field(&mut d, "weight", &old.spec.weight, &new.spec.weight);
     field(
         &mut d,

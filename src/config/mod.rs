@@ -12,7 +12,8 @@ mod validate_cache;
 mod validate_capacity;
 mod validate_cluster;
 mod validate_jobs;
-mod validate_openai;
+mod validate_openai_door;
+mod validate_openai_region;
 mod validate_policy;
 mod validate_region;
 mod validate_routes;
@@ -32,6 +33,7 @@ pub use diff::{Change, ChangeKind, changes, region_changes};
 pub use load::{load, load_regions, parse_dispatcher, parse_region};
 pub use tls::{ClientAuth, RegionTls, ServerTlsConfig, exposure_problems};
 pub use validate::parse_key_hash as validate_key_hash;
+pub use validate_openai_region::{DEFAULT_AZURE_API_VERSION, OpenAiRegion};
 
 /// A configuration problem, with where it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -386,6 +388,9 @@ pub struct RegionConfig {
     pub capacity: Vec<crate::core::CapacityRuleSpec>,
     /// This region's own prices of its models (`[[models]] price`).
     pub prices: Vec<(String, crate::core::Price)>,
+    /// `kind = "openai"`: an OpenAI-compatible provider, not an
+    /// AgentCluster (`None`).
+    pub openai: Option<OpenAiRegion>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

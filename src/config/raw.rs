@@ -330,6 +330,14 @@ pub struct RawRegion {
     pub tls: Option<RawRegionTls>,
     #[serde(default)]
     pub capacity: Vec<RawCapacityRule>,
+    /// `agent_cluster` (default) or `openai`, and an OpenAI-compatible
+    /// region's settings (`validate_openai_region.rs`).
+    pub kind: Option<String>,
+    pub dialect: Option<String>,
+    pub api_version: Option<String>,
+    pub api_key_env: Option<String>,
+    pub api_key_file: Option<String>,
+    pub health_path: Option<String>,
 }
 
 /// `[[capacity]]` in a region file: a capacity rule (`core::capacity`).
@@ -358,6 +366,9 @@ pub struct RawRegionModel {
     pub accounting: Option<String>,
     /// This region's price of the model, instead of dispatcher.toml's.
     pub price: Option<RawPrice>,
+    /// An OpenAI-compatible region's name for the model (Azure: the
+    /// deployment); the model's own name when absent.
+    pub provider_model: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

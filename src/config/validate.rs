@@ -244,7 +244,7 @@ pub fn validate_dispatcher(raw: RawDispatcher, file: &Path) -> Result<Config, Co
     let cache = super::validate_cache::validate_cache(&c, raw.cache)?;
     let mut policy = super::validate_policy::validate_policy(&c, raw.rollouts, raw.fallbacks, &models)?;
     policy.routes = super::validate_routes::validate_routes(&c, raw.routes, &models, &policy.rollouts)?;
-    let openai = super::validate_openai::validate_openai_door(&c, raw.openai)?;
+    let openai = super::validate_openai_door::validate_openai_door(&c, raw.openai)?;
     Ok(Config {
         path: file.to_path_buf(),
         server,

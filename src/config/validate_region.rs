@@ -10,13 +10,13 @@ use super::{ConfigError, HealthConfig, RegionConfig, SimulateConfig};
 use crate::core::{Accounting, ModelLimits, ModelSpec, RegionSpec};
 
 pub fn validate_region(
-    raw: RawRegion,
+    mut raw: RawRegion,
     file: &Path,
     models: &[ModelSpec],
 ) -> Result<RegionConfig, ConfigError> {
     let c = Ctx { file };
     let stem = file.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
-    let name = raw.name.unwrap_or_else(|| stem.to_string());
+    let name = raw.name.take().unwrap_or_else(|| stem.to_string());
     c.name("name", &name)?;
     let weight = c.number("weight", raw.weight, 1.0, 0.0, 1e6)?;
     if weight <= 0.0 {
@@ -31,8 +31,10 @@ pub fn validate_region(
     }
     let mut limits: Vec<(String, ModelLimits)> = Vec::new();
     let mut prices = Vec::new();
-    for (i, mut m) in raw.models.into_iter().enumerate() {
+    let mut provider_models = Vec::new();
+    for (i, mut m) in std::mem::take(&mut raw.models).into_iter().enumerate() {
         let price = m.price.take();
+        let provider_model = m.provider_model.take();
         let (model, l) = validate_region_model(&c, i, m, models)?;
         if let Some(price) = price {
             prices.push((model.clone(), c.price(&format!("models[{i}].price"), price)?));
@@ -43,8 +45,10 @@ pub fn validate_region(
                 format!("model {model:?} is listed twice"),
             ));
         }
+        provider_models.push((i, model.clone(), provider_model));
         limits.push((model, l));
     }
+    let openai = super::validate_openai_region::validate_openai(&c, &mut raw, provider_models)?;
     let endpoint = match raw.endpoint {
         None => None,
         Some(e) => Some(validate_endpoint(&c, e)?),
@@ -75,6 +79,7 @@ pub fn validate_region(
         tls,
         capacity,
         prices,
+        openai,
     })
 }
 

@@ -22,11 +22,11 @@ use super::lease::Lease;
 use super::prepare::{Forwarded, Prepared};
 use crate::config::Config;
 use crate::core::{Completion, Outcome, RetryBudget, Settlement, Submission};
-use crate::forward::{Call, ClusterClient, ClusterPool, Connector, FailureKind, classify};
+use crate::forward::{Call, ClusterPool, Connector, FailureKind, RegionClient, classify};
 
-/// Each region's `[tls]` in `config`, by name.
-fn region_tls(config: &Config) -> impl Fn(&str) -> Option<crate::config::RegionTls> + '_ {
-    |region| config.region(region).and_then(|r| r.tls.clone())
+/// Each region's configuration in `config`, by name.
+fn region_config<'a>(config: &'a Config) -> impl Fn(&str) -> Option<&'a crate::config::RegionConfig> {
+    move |region| config.region(region)
 }
 
 pub struct Forwarder {
@@ -42,7 +42,7 @@ impl Forwarder {
         now: Instant,
     ) -> Result<Self, String> {
         let pool = ClusterPool::with_connector(connector);
-        pool.set(endpoints, region_tls(config))?;
+        pool.set(endpoints, region_config(config))?;
         let b = config.routing.retry_budget;
         Ok(Self {
             pool,
@@ -53,7 +53,7 @@ impl Forwarder {
     /// New endpoints and retry limits (after a reload). Fails without
     /// changing anything when an endpoint cannot be used.
     pub fn apply(&self, config: &Config, endpoints: &[(String, String)]) -> Result<(), String> {
-        self.pool.set(endpoints, region_tls(config))?;
+        self.pool.set(endpoints, region_config(config))?;
         let b = config.routing.retry_budget;
         self.retry_budget.lock().set_limits(b.ratio, b.min_per_second);
         Ok(())
@@ -63,12 +63,19 @@ impl Forwarder {
         self.pool.endpoint(region)
     }
 
-    /// A health client over the region's forwarding connection.
-    pub fn health_client(
-        &self,
-        region: &str,
-    ) -> Option<tonic_health::pb::health_client::HealthClient<crate::forward::Connection>> {
-        self.pool.health_client(region)
+    /// How to check the region's health, over its forwarding client.
+    pub fn probe(&self, region: &str) -> Option<crate::forward::Probe> {
+        self.pool.probe(region)
+    }
+
+    /// The region's kind, if it is configured.
+    pub fn kind(&self, region: &str) -> Option<crate::forward::RegionKind> {
+        self.pool.kind(region)
+    }
+
+    /// An OpenAI-compatible region's client, if `region` is one.
+    pub fn openai(&self, region: &str) -> Option<crate::forward::OpenAiClient> {
+        self.pool.openai(region)
     }
 
     /// Reserves, calls the cluster with `call`, fails over on retryable
@@ -82,7 +89,7 @@ impl Forwarder {
         mut call: F,
     ) -> Result<Forwarded<T>, DispatchError>
     where
-        F: FnMut(ClusterClient, Call) -> Fut,
+        F: FnMut(RegionClient, Call) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
         let settings = &p.config.settings;
@@ -248,6 +255,9 @@ impl Forwarder {
                 }
                 Ok(Err(status)) => {
                     let kind = classify(&status);
+                    if status.code() == Code::FailedPrecondition {
+                        self.report_misconfigured(desk, &region);
+                    }
                     super::observe::attempt(&region, Some(kind), false);
                     lease.settled(held.settle(failure_completion(kind, crate::clock::since(sent))));
                     let message = format!("region {region}: {} ({:?})", status.message(), status.code());
@@ -284,6 +294,20 @@ impl Forwarder {
             }
         }
         Err(failures.exhausted(settings.max_attempts, "", None))
+    }
+}
+
+impl Forwarder {
+    /// An OpenAI-compatible region found misconfigured (a refused key, an
+    /// unknown model) and not yet reported: out of service, and one error
+    /// log naming it (never the key).
+    pub(super) fn report_misconfigured(&self, desk: &QuotaDesk, region: &str) {
+        let Some(why) = self.pool.openai(region).and_then(|c| c.take_unreported()) else {
+            return;
+        };
+        desk.set_health(region, false);
+        metrics::gauge!("dispatcher_region_healthy", "region" => region.to_string()).set(0.0);
+        tracing::error!(%region, %why, "region misconfigured: out of service until its region file is fixed");
     }
 }
 

@@ -54,6 +54,9 @@ pub struct Snapshot {
     models: Vec<ModelSpec>,
     /// The models' names, shared (labels, keys): no copy per request.
     model_names: Vec<Arc<str>>,
+    /// Per model (as `models`): served by an OpenAI-compatible region, so
+    /// its payload must be a chat-completions body.
+    chat_bodies: Vec<bool>,
     /// Configured region names, for `origin_region`.
     regions: Vec<String>,
     /// `[[fallbacks]]`: each model's chain.
@@ -84,6 +87,16 @@ impl Snapshot {
             admin_token: config.admin_token,
             rates: TenantRates::from_config(config),
             models: config.models.clone(),
+            chat_bodies: config
+                .models
+                .iter()
+                .map(|m| {
+                    config
+                        .regions
+                        .iter()
+                        .any(|r| r.openai.is_some() && r.spec.models.iter().any(|(n, _)| *n == m.name))
+                })
+                .collect(),
             model_names: config.models.iter().map(|m| Arc::from(m.name.as_str())).collect(),
             regions: config.regions.iter().map(|r| r.spec.name.clone()).collect(),
             fallbacks: config.policy.fallbacks.clone(),
@@ -168,8 +181,41 @@ impl Snapshot {
     pub fn too_large(&self, r: &pb::DispatchRequest) -> bool {
         self.models
             .iter()
-            .find(|m| m.name == r.model)
-            .is_some_and(|m| validate::check_tokens(r, m).is_err())
+            .position(|m| m.name == r.model)
+            .is_some_and(|i| self.check_tokens(r, i).is_err())
+    }
+
+    /// The token checks and estimate of `r` for the model at `i`. A model
+    /// an OpenAI-compatible region serves takes a chat-completions payload:
+    /// one that is not is refused naming the field, and its messages and
+    /// output bound stand in for counts the request leaves at 0.
+    fn check_tokens(&self, r: &pb::DispatchRequest, i: usize) -> Result<TokenEstimate, DispatchError> {
+        let model = &self.models[i];
+        if !self.chat_bodies.get(i).copied().unwrap_or(false) {
+            return validate::check_tokens(r, model).map_err(DispatchError::InvalidArgument);
+        }
+        let chat = crate::openai::chat::parse(&r.payload).map_err(|e| {
+            DispatchError::InvalidArgument(vec![Violation::new(
+                "payload",
+                format!(
+                    "not an OpenAI chat-completions body (model {} is served by an OpenAI-compatible region): {}: {}",
+                    model.name,
+                    crate::excerpt::truncate(&e.field, 128),
+                    e.reason
+                ),
+            )])
+        })?;
+        let prompt = if r.prompt_tokens == 0 {
+            chat.prompt_tokens
+        } else {
+            r.prompt_tokens
+        };
+        let max_output = match r.max_output_tokens {
+            0 => chat.max_output_tokens.unwrap_or(0),
+            n => n,
+        };
+        validate::check_counts(r.payload.len(), prompt, max_output, model)
+            .map_err(DispatchError::InvalidArgument)
     }
 
     /// The tenant behind a caller's credentials (or none).
@@ -225,7 +271,7 @@ impl Snapshot {
         if !violations.is_empty() {
             return Err(DispatchError::InvalidArgument(violations));
         }
-        let Some(model) = self.models.iter().find(|m| m.name == r.model) else {
+        let Some(i) = self.models.iter().position(|m| m.name == r.model) else {
             let known: Vec<_> = self.models.iter().map(|m| m.name.as_str()).collect();
             return Err(DispatchError::InvalidArgument(vec![Violation::new(
                 "model",
@@ -247,7 +293,7 @@ impl Snapshot {
                 ),
             )]));
         }
-        validate::check_tokens(r, model).map_err(DispatchError::InvalidArgument)
+        self.check_tokens(r, i)
     }
 
     /// Reclaims rate-limiter state of idle tenants.

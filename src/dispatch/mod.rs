@@ -241,12 +241,33 @@ impl Engine {
             .view(now, |region| self.forwarder.endpoint(region).unwrap_or_default())
     }
 
-    /// A `grpc.health.v1` client over the connection work to `region` takes.
-    pub fn health_client(
-        &self,
-        region: &str,
-    ) -> Option<tonic_health::pb::health_client::HealthClient<crate::forward::Connection>> {
-        self.forwarder.health_client(region)
+    /// How to check `region`'s health over the client work to it takes.
+    pub fn probe(&self, region: &str) -> Option<crate::forward::Probe> {
+        self.forwarder.probe(region)
+    }
+
+    /// The kind of `region` (an AgentCluster or an OpenAI-compatible
+    /// provider): what protocol its replies' `output` speaks. The OpenAI
+    /// front door relays an `OpenAi` region's output (the provider's JSON)
+    /// as is.
+    pub fn region_kind(&self, region: &str) -> Option<crate::forward::RegionKind> {
+        self.forwarder.kind(region)
+    }
+
+    /// Reports an OpenAI-compatible region's misconfiguration, if one is
+    /// flagged and not yet reported (the health checks find them too).
+    pub fn report_misconfigured(&self, region: &str) {
+        self.forwarder.report_misconfigured(&self.desk, region);
+    }
+
+    /// Models of `region` whose provider rate limits (its
+    /// `x-ratelimit-limit-*` headers) disagree with the region file: the
+    /// model and the provider's tokens and requests a minute.
+    pub fn provider_limits(&self, region: &str) -> Vec<crate::forward::ProviderLimits> {
+        self.forwarder
+            .openai(region)
+            .map(|c| c.disagreements())
+            .unwrap_or_default()
     }
 
     /// The response cache (Admin's purge; its shared layer, set at start).

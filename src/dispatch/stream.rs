@@ -17,7 +17,7 @@ use super::lease::{Lease, RegionHold};
 use super::prepare::{Forwarded, Prepared};
 use super::{DispatchError, Engine, hint_from_pb, load_from_pb};
 use crate::core::{Completion, Outcome, Settlement};
-use crate::forward::{FailureKind, classify};
+use crate::forward::{Chunks, FailureKind, classify};
 use crate::pb;
 
 /// One piece of a streamed dispatch.
@@ -51,7 +51,7 @@ struct Relay {
     _running: super::Running,
     held: RegionHold,
     charge: Lease,
-    upstream: tonic::Streaming<pb::ExecuteChunk>,
+    upstream: Chunks,
     tx: mpsc::Sender<StreamChunk>,
     /// Takes the end without waiting for the caller to read: a caller that
     /// stops reading must not hold the call (its slot, its reservation).
@@ -457,7 +457,7 @@ impl Relay {
 /// Counts the output that has already arrived from the region but was not
 /// relayed (the caller was not reading), so a cut call is charged for what
 /// the region produced up to the cut, not only for what was passed on.
-fn drain(upstream: &mut tonic::Streaming<pb::ExecuteChunk>, produced: &mut u64) {
+fn drain(upstream: &mut Chunks, produced: &mut u64) {
     let mut cx = Context::from_waker(Waker::noop());
     loop {
         let next = std::pin::pin!(upstream.message());
@@ -477,9 +477,9 @@ fn drain(upstream: &mut tonic::Streaming<pb::ExecuteChunk>, produced: &mut u64) 
 /// an error a fallback trigger can read (with the tokens charged); the
 /// caller has seen nothing yet.
 async fn first_chunk(
-    mut f: Forwarded<tonic::Streaming<pb::ExecuteChunk>>,
+    mut f: Forwarded<Chunks>,
     p: &Prepared,
-) -> Result<(Forwarded<tonic::Streaming<pb::ExecuteChunk>>, pb::ExecuteChunk), (DispatchError, Option<u64>)> {
+) -> Result<(Forwarded<Chunks>, pb::ExecuteChunk), (DispatchError, Option<u64>)> {
     let message = tokio::time::timeout_at(p.deadline.into(), f.value.message()).await;
     let region = f.region.to_string();
     let (completion, error) = match message {

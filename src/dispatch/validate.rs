@@ -103,37 +103,47 @@ pub fn check_fields(r: &DispatchRequest, limits: &RequestLimits) -> Vec<Violatio
 
 /// Checks the token counts against the model and estimates the reservation.
 pub fn check_tokens(r: &DispatchRequest, model: &ModelSpec) -> Result<TokenEstimate, Vec<Violation>> {
+    check_counts(r.payload.len(), r.prompt_tokens, r.max_output_tokens, model)
+}
+
+/// `check_tokens` of a payload's size and token counts (0: estimated).
+pub fn check_counts(
+    payload_len: usize,
+    prompt_tokens: u64,
+    max_output_tokens: u64,
+    model: &ModelSpec,
+) -> Result<TokenEstimate, Vec<Violation>> {
     let max = model.max_request_tokens;
     let mut v = Vec::new();
-    if r.prompt_tokens > max {
+    if prompt_tokens > max {
         v.push(Violation::new(
             "prompt_tokens",
             format!(
-                "{} is above {}'s max_request_tokens ({max})",
-                r.prompt_tokens, model.name
+                "{prompt_tokens} is above {}'s max_request_tokens ({max})",
+                model.name
             ),
         ));
     }
-    if r.max_output_tokens > max {
+    if max_output_tokens > max {
         v.push(Violation::new(
             "max_output_tokens",
             format!(
-                "{} is above {}'s max_request_tokens ({max})",
-                r.max_output_tokens, model.name
+                "{max_output_tokens} is above {}'s max_request_tokens ({max})",
+                model.name
             ),
         ));
     }
     if !v.is_empty() {
         return Err(v);
     }
-    let estimate = model.estimate(r.payload.len(), r.prompt_tokens, r.max_output_tokens);
+    let estimate = model.estimate(payload_len, prompt_tokens, max_output_tokens);
     if estimate.total() > max {
         return Err(vec![Violation::new(
             "max_output_tokens",
             format!(
                 "prompt ({}{}) + max_output_tokens ({}) = {} is above {}'s max_request_tokens ({max})",
                 estimate.prompt,
-                if r.prompt_tokens == 0 {
+                if prompt_tokens == 0 {
                     ", estimated from the payload"
                 } else {
                     ""

@@ -7,6 +7,7 @@
 
 pub mod chat;
 pub mod error;
+pub mod key;
 pub mod rate_limit;
 
 /// Which flavour of the API a provider speaks: where the chat call goes and

@@ -27,16 +27,17 @@ pub enum Shape {
     Wrap,
     /// An OpenAI-compatible region's output is already the provider's
     /// `chat.completion` (a stream's chunk: one SSE `data:` payload).
-    /// Chosen by `shape` once such regions exist (issue 27's other half).
-    #[allow(dead_code)]
     PassThrough,
 }
 
-/// The one place that decides it. Every region is an AgentCluster until
-/// regions of `kind = "openai"` exist; then this becomes
-/// `if engine.region_speaks_openai(region) { PassThrough } else { Wrap }`.
-pub fn shape(_engine: &Engine, _region: &str) -> Shape {
-    Shape::Wrap
+/// The one place that decides it: the provider's own JSON from a region of
+/// `kind = "openai"` (`Engine::region_kind`), a wrapped AgentCluster output
+/// otherwise.
+pub fn shape(engine: &Engine, region: &str) -> Shape {
+    match engine.region_kind(region) {
+        Some(crate::forward::RegionKind::OpenAi) => Shape::PassThrough,
+        _ => Shape::Wrap,
+    }
 }
 
 /// What the engine said about the attempt that served a request.

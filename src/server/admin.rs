@@ -53,11 +53,20 @@ impl AdminService {
         Self { engine, reload }
     }
 
-    fn status(r: &RegionView, prices: &crate::core::Prices) -> pb::RegionStatus {
+    fn status(r: &RegionView, prices: &crate::core::Prices, engine: &Engine) -> pb::RegionStatus {
+        let provider_limits = engine.provider_limits(&r.name);
+        let provider = |model: &str| {
+            provider_limits
+                .iter()
+                .find(|(m, _, _)| m == model)
+                .map_or((None, None), |(_, t, r)| (*t, *r))
+        };
         let models = r
             .models
             .iter()
             .map(|q| pb::ModelQuotaStatus {
+                provider_tokens_per_minute: provider(&q.model).0,
+                provider_requests_per_minute: provider(&q.model).1,
                 price: Some(super::admin_cost::price(prices, &r.name, &q.model)),
                 model: q.model.clone(),
                 accounting: q.accounting.into(),
@@ -116,6 +125,7 @@ impl AdminService {
             failed: r.failed,
             models,
             circuit: r.circuit.name().to_string(),
+            kind: engine.region_kind(&r.name).map_or("", |k| k.as_str()).to_string(),
         }
     }
 
@@ -137,7 +147,7 @@ impl AdminService {
         }
         let view = self.view();
         match view.regions.iter().find(|r| r.name == name) {
-            Some(r) => Ok(Self::status(r, &self.engine.prices())),
+            Some(r) => Ok(Self::status(r, &self.engine.prices(), &self.engine)),
             None => Err(unknown_region(&view, name)),
         }
     }
@@ -175,7 +185,7 @@ impl Admin for AdminService {
             .view()
             .regions
             .iter()
-            .map(|r| Self::status(r, &prices))
+            .map(|r| Self::status(r, &prices, &self.engine))
             .collect();
         Ok(Response::new(pb::ListRegionsReply { regions }))
     }

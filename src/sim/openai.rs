@@ -382,6 +382,17 @@ fn event(v: &Value) -> Result<Bytes, Infallible> {
     Ok(Bytes::from(line))
 }
 
+/// A chunk's text at four characters a token (spaces in front), the rule
+/// a client counting a stream's tokens as they arrive goes by (the
+/// dispatcher does).
+fn sized_text(text: String, tokens: u64) -> String {
+    let want = usize::try_from(tokens.saturating_mul(4)).unwrap_or(usize::MAX);
+    match want.checked_sub(text.len()) {
+        Some(pad) if pad > 0 => " ".repeat(pad) + &text,
+        _ => text,
+    }
+}
+
 /// A streamed completion: a chunk per few tokens as they are produced, the
 /// finish reason, the usage when asked, then `[DONE]`.
 fn stream(api: &Arc<Api>, r: pb::ExecuteRequest, a: Admitted, include_usage: bool) -> Response<Body> {
@@ -404,7 +415,10 @@ fn stream(api: &Arc<Api>, r: pb::ExecuteRequest, a: Admitted, include_usage: boo
                 .send(event(&chunk(json!({"role": "assistant", "content": ""}), None)))
                 .await;
             let run = sim.produce(&a.knobs, r.prompt_tokens, a.completion, &tx, None, |from, to| {
-                event(&chunk(json!({"content": sim.chunk_text(from, to)}), None))
+                event(&chunk(
+                    json!({"content": sized_text(sim.chunk_text(from, to), to - from)}),
+                    None,
+                ))
             });
             match run.await {
                 Ok(produced) => {

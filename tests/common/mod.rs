@@ -8,6 +8,7 @@ pub mod certs;
 pub mod engine;
 pub mod http_client;
 pub mod jobs;
+pub mod openai;
 pub mod redis;
 pub mod replicas;
 pub mod tools;

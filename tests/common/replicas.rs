@@ -96,13 +96,24 @@ pub fn load(
     stop: Arc<AtomicBool>,
     tally: Arc<Tally>,
 ) -> tokio::task::JoinHandle<()> {
+    load_with(addr, every, stop, tally, work_request)
+}
+
+/// `load` sending what `request` makes (given a 3 s deadline).
+pub fn load_with(
+    addr: SocketAddr,
+    every: Duration,
+    stop: Arc<AtomicBool>,
+    tally: Arc<Tally>,
+    request: fn() -> tonic::Request<pb::DispatchRequest>,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let grpc = client(addr).await;
         let mut tick = tokio::time::interval(every);
         let mut calls = tokio::task::JoinSet::new();
         while !stop.load(Ordering::Relaxed) {
             tick.tick().await;
-            let mut req = work_request();
+            let mut req = request();
             req.set_timeout(Duration::from_secs(3));
             let mut grpc = grpc.clone();
             let tally = tally.clone();
