@@ -409,3 +409,77 @@ async fn a_wrong_key_or_deployment_takes_the_region_out_with_one_log_line() {
     .await;
     assert!(back.is_some(), "healthy again once the key is right");
 }
+
+/// Both of issue 27's ends at once: a request to the OpenAI front door
+/// served by an OpenAI-compatible region comes back as the provider's own
+/// JSON (its model name, its usage), not re-wrapped; a stream as the
+/// provider's own events, then `[DONE]`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_front_door_relays_an_openai_regions_own_answer() {
+    let provider_model = "gpt-4o-2024-08-06";
+    let cfg = ConfigDir::new(&format!("{DISPATCHER_TOML}[openai]\nlisten = \"127.0.0.1:0\"\n"));
+    let sim = openai_sim(
+        cfg.path(),
+        "east",
+        "openai",
+        provider_model,
+        "100000:600",
+        &["--base-latency-ms", "0", "--ms-per-1k-tokens", "0"],
+    );
+    region(
+        &cfg,
+        "east",
+        &sim,
+        "openai",
+        provider_model,
+        KEY,
+        &model_toml(100_000, 600, "admission"),
+    );
+    let d = dispatcher(&cfg.config());
+    let door = d.listener("openai");
+    let path = "/v1/chat/completions";
+
+    let body = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}],"max_tokens":20}"#;
+    let a = call(door, Method::POST, path, &[], body).await;
+    assert_eq!(
+        a.status,
+        http::StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&a.body)
+    );
+    assert_eq!(a.header("x-dispatcher-region"), "east");
+    let reply = json(&a.body);
+    assert_eq!(reply["object"], "chat.completion");
+    assert_eq!(
+        reply["model"], provider_model,
+        "the provider's JSON, not a wrapper: {reply}"
+    );
+    assert!(
+        reply["usage"]["completion_tokens"].as_u64().unwrap() <= 20,
+        "{reply}"
+    );
+
+    let body =
+        r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}],"max_tokens":80,"stream":true}"#;
+    let a = call(door, Method::POST, path, &[], body).await;
+    assert_eq!(
+        a.status,
+        http::StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&a.body)
+    );
+    let (events, done) = common::http_client::events(&a.body);
+    assert!(done, "{}", String::from_utf8_lossy(&a.body));
+    assert!(
+        events
+            .iter()
+            .all(|e| e["object"] == "chat.completion.chunk" && e["model"] == provider_model),
+        "the provider's events: {events:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e["choices"][0]["delta"]["content"].is_string()),
+        "{events:?}"
+    );
+}
