@@ -483,3 +483,62 @@ async fn the_front_door_relays_an_openai_regions_own_answer() {
         "{events:?}"
     );
 }
+
+/// A stream from an OpenAI-compatible region is the provider's events:
+/// replayed from the cache as one chunk it would be their concatenation,
+/// which no client reads. Such streams neither read nor feed the cache; a
+/// unary reply (one JSON body) is stored and served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_from_an_openai_region_are_never_replayed_from_the_cache() {
+    let cfg = ConfigDir::new(DISPATCHER_TOML);
+    let sim = openai_sim(
+        cfg.path(),
+        "east",
+        "openai",
+        "gpt-4o-2024-08-06",
+        "100000:600",
+        &["--base-latency-ms", "0", "--ms-per-1k-tokens", "0"],
+    );
+    region(
+        &cfg,
+        "east",
+        &sim,
+        "openai",
+        "gpt-4o-2024-08-06",
+        KEY,
+        &model_toml(100_000, 600, "admission"),
+    );
+    let d = dispatcher(&cfg.config());
+    let mut grpc = client(d.addr).await;
+    let cached = || pb::DispatchRequest {
+        cache: Some(pb::CacheOptions {
+            ttl: Some(prost_types::Duration {
+                seconds: 60,
+                nanos: 0,
+            }),
+            ..Default::default()
+        }),
+        ..request(60)
+    };
+    let stream = |round: &'static str, mut grpc: pb::dispatcher_client::DispatcherClient<_>| async move {
+        let mut s = grpc.dispatch_stream(cached()).await.unwrap().into_inner();
+        while let Some(c) = s.message().await.unwrap() {
+            assert!(c.cached.is_none(), "{round}: a stream replayed from the cache");
+            if !c.output.is_empty() {
+                assert_eq!(json(&c.output)["object"], "chat.completion.chunk", "{round}");
+            }
+        }
+    };
+    stream("first stream", grpc.clone()).await;
+    stream("second stream", grpc.clone()).await;
+    let first = grpc.dispatch(cached()).await.unwrap().into_inner();
+    assert!(first.cached.is_none());
+    let second = grpc.dispatch(cached()).await.unwrap().into_inner();
+    assert!(
+        second.cached.is_some(),
+        "a unary reply is stored and served again"
+    );
+    assert_eq!(json(&second.output)["object"], "chat.completion");
+    // Not even a unary reply's body comes back to a stream.
+    stream("a stream after a stored reply", grpc.clone()).await;
+}

@@ -177,6 +177,15 @@ impl Snapshot {
         }
     }
 
+    /// Whether an OpenAI-compatible region serves `model` (its payload is a
+    /// chat-completions body, its streams the provider's own events).
+    pub fn served_by_openai(&self, model: &str) -> bool {
+        self.models
+            .iter()
+            .position(|m| m.name == model)
+            .is_some_and(|i| self.chat_bodies.get(i).copied().unwrap_or(false))
+    }
+
     /// Whether `r` is too large for its model (its fields otherwise valid).
     pub fn too_large(&self, r: &pb::DispatchRequest) -> bool {
         self.models

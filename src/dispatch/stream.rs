@@ -149,6 +149,11 @@ impl Engine {
                 return Err(e);
             }
         };
+        // An OpenAI-compatible region streams the provider's own events: a
+        // stored reply, replayed as one chunk, would be their concatenation
+        // (or a unary reply's one body), which no client reads as a stream.
+        // Such streams neither read nor feed the cache; their unary replies do.
+        let cache = cache.filter(|_| !config.served_by_openai(&r.model));
         if let Some(plan) = cache.as_ref().filter(|p| !p.refresh)
             && let Some(hit) = self.cache.lookup(plan).await
         {
@@ -252,12 +257,15 @@ impl Engine {
                 },
                 cached: None,
             },
-            collect: cache.map(|plan| Collect {
-                cache: self.cache.clone(),
-                plan,
-                output: bytes::BytesMut::new(),
-                limit: p.config.cache.limits.max_entry_bytes as usize,
-            }),
+            // A fallback step may have reached an OpenAI-compatible region.
+            collect: cache
+                .filter(|_| self.region_kind(&f.region) != Some(crate::forward::RegionKind::OpenAi))
+                .map(|plan| Collect {
+                    cache: self.cache.clone(),
+                    plan,
+                    output: bytes::BytesMut::new(),
+                    limit: p.config.cache.limits.max_entry_bytes as usize,
+                }),
             first: Some(first),
             prompt: p.estimate.prompt,
             sent: f.sent,
