@@ -69,7 +69,7 @@ pub async fn watch_fall(
     let mut probes = Vec::new();
     tokio::time::sleep(Duration::from_millis(50)).await;
     for _ in 0..PROBES {
-        if Instant::now() + probe_took >= ends_at {
+        if crate::clock::now() + probe_took >= ends_at {
             break;
         }
         let Ok((probe, reply)) = c.probe(event).await else {
@@ -124,7 +124,7 @@ pub async fn run(c: &mut Cluster, pace: Pace, long: u64, idle: Option<u32>, prob
         .max()
         .expect("STREAMS > 0");
     let mut replies = Vec::new();
-    let during = match c.probe(Instant::now()).await {
+    let during = match c.probe(crate::clock::now()).await {
         Ok((probe, reply)) => {
             replies.push(reply);
             probe.in_flight
@@ -145,7 +145,7 @@ pub async fn run(c: &mut Cluster, pace: Pace, long: u64, idle: Option<u32>, prob
     let concurrency = load::judge_rise(idle, during, STREAMS);
     let threshold = fall_threshold(idle, during, STREAMS);
     drop(streams);
-    let cancelled_at = Instant::now();
+    let cancelled_at = crate::clock::now();
     let probes = watch_fall(c, cancelled_at, threshold, ends_at, probe_took, &mut replies).await;
     let natural_end = ends_at.saturating_duration_since(cancelled_at);
     let cancel = load::judge_fall("the cancel", threshold, &probes, natural_end);

@@ -103,7 +103,7 @@ pub async fn run(c: &mut Cluster, pace: Pace, long: u64, idle: Option<u32>, prob
         Ok(p) => p,
         Err(why) => return not_run(why),
     };
-    let started = Instant::now();
+    let started = crate::clock::now();
     let streamed = tokio::spawn(async move {
         match stream.stream().await {
             Ok(open) => open.finish(Vec::new()).await,

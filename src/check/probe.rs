@@ -282,7 +282,7 @@ impl Cluster {
 
 impl Prepared {
     pub async fn execute(mut self) -> Unary {
-        let started = Instant::now();
+        let started = crate::clock::now();
         let call = self.client.execute(self.request);
         let answer = match tokio::time::timeout(self.bound, call).await {
             Ok(Ok(r)) => {
@@ -301,7 +301,7 @@ impl Prepared {
 
     /// Opens the stream; an error answer comes back with what was sent.
     pub async fn stream(mut self) -> Result<Open, (Sent, Answer<()>)> {
-        let started = Instant::now();
+        let started = crate::clock::now();
         let call = self.client.execute_stream(self.request);
         match tokio::time::timeout(self.bound, call).await {
             Ok(Ok(r)) => Ok(Open {

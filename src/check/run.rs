@@ -222,7 +222,7 @@ fn row(check: &'static str, expected: &'static str, judged: Judged) -> Row {
 /// count against the next check.
 async fn quiet(at: Option<Instant>) {
     if let Some(at) = at {
-        let until = at.min(Instant::now() + MAX_QUIET_WAIT) + Duration::from_millis(100);
+        let until = at.min(crate::clock::now() + MAX_QUIET_WAIT) + Duration::from_millis(100);
         tokio::time::sleep_until(until.into()).await;
     }
 }

@@ -3,7 +3,6 @@
 //! the region that served it speaks OpenAI's API itself, the provider's
 //! JSON passed through unchanged. And the headers that say who served it.
 
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use http::{HeaderMap, HeaderValue};
 use serde_json::{Value, json};
@@ -98,9 +97,7 @@ impl<'a> Served<'a> {
 }
 
 fn created() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    crate::clock::unix_secs()
 }
 
 fn usage(u: &pb::Usage) -> Value {

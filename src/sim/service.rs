@@ -320,7 +320,7 @@ impl AgentCluster for SimService {
         // the stream keeps to the deadline itself.
         let deadline = match self.inner.faults.has(Fault::IgnoreDeadline) {
             true => None,
-            false => crate::grpc::grpc_timeout(request.metadata()).map(|t| tokio::time::Instant::now() + t),
+            false => crate::grpc::grpc_timeout(request.metadata()).map(|t| crate::clock::tokio_now() + t),
         };
         let r = request.into_inner();
         self.execute_stream_traced(r, deadline).instrument(span).await
