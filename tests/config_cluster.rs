@@ -99,7 +99,6 @@ fn cluster_settings_are_checked_and_the_redis_url_is_not_echoed() {
     assert!(cluster.replica_id.is_none());
 }
 
-
 /// Issue 24 item 4: with `[cluster]`, 240,000 tokens a minute and a burst
 /// of 2,000 loads, and the quota shared between replicas holds what one
 /// process holds: the burst (it was the burst less a chunk lifetime of

@@ -410,14 +410,9 @@ async fn a_wrong_key_or_deployment_takes_the_region_out_with_one_log_line() {
     assert!(back.is_some(), "healthy again once the key is right");
 }
 
-/// Both of issue 27's ends at once: a request to the OpenAI front door
-/// served by an OpenAI-compatible region comes back as the provider's own
-/// JSON (its model name, its usage), not re-wrapped; a stream as the
-/// provider's own events, then `[DONE]`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_front_door_relays_an_openai_regions_own_answer() {
-    let provider_model = "gpt-4o-2024-08-06";
-    let cfg = ConfigDir::new(&format!("{DISPATCHER_TOML}[openai]\nlisten = \"127.0.0.1:0\"\n"));
+/// One quick OpenAI-dialect region, `east`, serving `provider_model` with
+/// room to spare; its region file written into `cfg`.
+fn east(cfg: &ConfigDir, provider_model: &str) -> Proc {
     let sim = openai_sim(
         cfg.path(),
         "east",
@@ -427,7 +422,7 @@ async fn the_front_door_relays_an_openai_regions_own_answer() {
         &["--base-latency-ms", "0", "--ms-per-1k-tokens", "0"],
     );
     region(
-        &cfg,
+        cfg,
         "east",
         &sim,
         "openai",
@@ -435,6 +430,18 @@ async fn the_front_door_relays_an_openai_regions_own_answer() {
         KEY,
         &model_toml(100_000, 600, "admission"),
     );
+    sim
+}
+
+/// Both of issue 27's ends at once: a request to the OpenAI front door
+/// served by an OpenAI-compatible region comes back as the provider's own
+/// JSON (its model name, its usage), not re-wrapped; a stream as the
+/// provider's own events, then `[DONE]`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_front_door_relays_an_openai_regions_own_answer() {
+    let provider_model = "gpt-4o-2024-08-06";
+    let cfg = ConfigDir::new(&format!("{DISPATCHER_TOML}[openai]\nlisten = \"127.0.0.1:0\"\n"));
+    let _sim = east(&cfg, provider_model);
     let d = dispatcher(&cfg.config());
     let door = d.listener("openai");
     let path = "/v1/chat/completions";
@@ -491,23 +498,7 @@ async fn the_front_door_relays_an_openai_regions_own_answer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_from_an_openai_region_are_never_replayed_from_the_cache() {
     let cfg = ConfigDir::new(DISPATCHER_TOML);
-    let sim = openai_sim(
-        cfg.path(),
-        "east",
-        "openai",
-        "gpt-4o-2024-08-06",
-        "100000:600",
-        &["--base-latency-ms", "0", "--ms-per-1k-tokens", "0"],
-    );
-    region(
-        &cfg,
-        "east",
-        &sim,
-        "openai",
-        "gpt-4o-2024-08-06",
-        KEY,
-        &model_toml(100_000, 600, "admission"),
-    );
+    let _sim = east(&cfg, "gpt-4o-2024-08-06");
     let d = dispatcher(&cfg.config());
     let mut grpc = client(d.addr).await;
     let cached = || pb::DispatchRequest {

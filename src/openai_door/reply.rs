@@ -3,7 +3,6 @@
 //! the region that served it speaks OpenAI's API itself, the provider's
 //! JSON passed through unchanged. And the headers that say who served it.
 
-
 use http::{HeaderMap, HeaderValue};
 use serde_json::{Value, json};
 

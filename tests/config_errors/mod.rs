@@ -52,4 +52,3 @@ pub fn assert_names(e: &ConfigError, file: &str, key: &str, problem: &str) {
     assert!(e.problem.contains(problem), "{shown} should mention {problem:?}");
     assert!(shown.starts_with(&format!("{file}: {key}")), "{shown}");
 }
-
