@@ -7,6 +7,14 @@
 //! last, `done`, with the provider's usage and the response's quota
 //! figures. `[DONE]` is not passed on; a provider that sends no usage
 //! event ends with an empty `done` chunk counting what arrived.
+//!
+//! After the last chunk the rest of the body (`[DONE]`, the end of the
+//! chunked body) is still on the wire: dropped half-read, an HTTP/1.1
+//! connection can only be closed. So a stream dropped after its last chunk
+//! reads that rest in a task of its own, bounded in bytes and time, and
+//! the connection goes back to the region's pool; a stream dropped before
+//! it (the caller left) is closed at once, which is what stops the
+//! provider's generation.
 
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
@@ -18,9 +26,14 @@ use crate::pb;
 /// Longest event accepted: past it the stream is broken, not slow.
 const MAX_EVENT_BYTES: usize = 8 << 20;
 const CHARS_PER_TOKEN: u64 = 4;
+/// What is read after the last chunk to hand the connection back; a
+/// provider sending more is not waited for (the connection is closed).
+const MAX_TAIL_BYTES: usize = 64 << 10;
+const TAIL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 pub struct SseChunks {
-    body: hyper::body::Incoming,
+    /// `None` once read to its end.
+    body: Option<hyper::body::Incoming>,
     buf: BytesMut,
     prompt: u64,
     produced: u64,
@@ -33,7 +46,7 @@ pub struct SseChunks {
 impl SseChunks {
     pub fn new(body: hyper::body::Incoming, prompt: u64, hint: Option<pb::ProviderQuota>) -> Self {
         Self {
-            body,
+            body: Some(body),
             buf: BytesMut::new(),
             prompt,
             produced: 0,
@@ -59,8 +72,14 @@ impl SseChunks {
             if self.buf.len() > MAX_EVENT_BYTES {
                 return Err(Status::internal("the provider sent an event longer than 8 MiB"));
             }
-            match self.body.frame().await {
-                None => return Ok(None),
+            let Some(body) = self.body.as_mut() else {
+                return Ok(None);
+            };
+            match body.frame().await {
+                None => {
+                    self.body = None;
+                    return Ok(None);
+                }
                 Some(Err(e)) => {
                     return Err(Status::unavailable(format!("reading the provider's stream: {e}")));
                 }
@@ -136,6 +155,36 @@ impl SseChunks {
             cached_prompt_tokens: 0,
         }
     }
+}
+
+impl Drop for SseChunks {
+    fn drop(&mut self) {
+        let Some(body) = self.body.take() else {
+            return;
+        };
+        if !self.ended {
+            // Cut short: closing the connection is what stops the provider.
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(read_tail(body));
+        }
+    }
+}
+
+/// Reads what follows the last chunk to the body's end (the connection
+/// then goes back to the pool), or gives up past the bounds.
+async fn read_tail(mut body: hyper::body::Incoming) {
+    let tail = async {
+        let mut read = 0usize;
+        while let Some(Ok(frame)) = body.frame().await {
+            read += frame.data_ref().map_or(0, |d| d.len());
+            if read > MAX_TAIL_BYTES {
+                return;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(TAIL_TIMEOUT, tail).await;
 }
 
 /// OpenAI's `usage` object (a completion's, or a stream's last event's).
