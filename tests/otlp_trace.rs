@@ -262,6 +262,8 @@ async fn one_trace_from_client_through_dispatcher_to_region() {
         "region-sim continues the forward span"
     );
     assert_eq!(attr(&dispatch, "tenant").as_deref(), Some("team-a"));
+    assert_eq!(attr(&dispatch, "protocol").as_deref(), Some("grpc"));
+    assert_eq!(attr(&dispatch, "rpc").as_deref(), Some("Dispatch"));
     assert_eq!(attr(&dispatch, "model").as_deref(), Some("gpt-4o"));
     assert_eq!(attr(&dispatch, "region").as_deref(), Some("east"));
     assert_eq!(

@@ -26,7 +26,7 @@ impl DispatcherService {
 /// The span of one request. Never the key or the payload: only what an
 /// operator needs to follow it.
 pub(super) fn request_span(rpc: &'static str) -> tracing::Span {
-    crate::dispatch::work_span!("dispatch", "server", rpc)
+    crate::dispatch::work_span!("dispatch", "server", rpc, protocol = "grpc")
 }
 
 /// The caller's credentials: the `authorization` header, if any (its value
