@@ -29,8 +29,9 @@ pub const INTERRUPTED_BY_STORE: &str = "the job store could not record this job 
 enum Cause {
     /// Found unfinished: at start, or (Redis) its owner's lease lapsed.
     Orphan,
-    /// Its run here stopped because the store failed.
-    StoreFailed,
+    /// Its run here stopped because the store failed; `unsent`: before
+    /// anything was sent.
+    StoreFailed { unsent: bool },
 }
 
 impl Jobs {
@@ -81,17 +82,18 @@ impl Jobs {
 
     /// The jobs whose runs the store stopped, taken up again once it answers.
     async fn take_stranded(&self) {
-        let ids = std::mem::take(&mut *self.stranded.lock());
-        for (i, id) in ids.iter().enumerate() {
-            match self.store.get(id).await {
+        let jobs = std::mem::take(&mut *self.stranded.lock());
+        for (i, job) in jobs.iter().enumerate() {
+            match self.store.get(&job.id).await {
                 Ok(Some(s)) if !record::is_terminal(record::job(&s).state()) => {
-                    self.adopt_or_strand(s, Cause::StoreFailed).await;
+                    let cause = Cause::StoreFailed { unsent: job.unsent };
+                    self.adopt_or_strand(s, cause).await;
                 }
                 // Ended, or gone (its TTL).
                 Ok(_) => {}
                 Err(_) => {
                     // Still failing: these wait for the next look.
-                    self.stranded.lock().extend(ids[i..].iter().cloned());
+                    self.stranded.lock().extend(jobs[i..].iter().cloned());
                     return;
                 }
             }
@@ -104,7 +106,8 @@ impl Jobs {
             Ok(()) => {}
             Err(e) if e.is_transient() => {
                 tracing::warn!(job_id = %id, error = %e, "could not take a job up; tried again once the store answers");
-                self.stranded.lock().push(id);
+                let unsent = cause == Cause::StoreFailed { unsent: true };
+                self.stranded.lock().push(super::Stranded { id, unsent });
             }
             Err(e) => tracing::warn!(job_id = %id, error = %e, "could not take over a job"),
         }
@@ -117,7 +120,7 @@ impl Jobs {
             return Ok(());
         }
         let taken_over = job.owner != self.owner;
-        let store_failed = cause == Cause::StoreFailed;
+        let store_failed = matches!(cause, Cause::StoreFailed { .. });
         if s.cancel_requested {
             let end = record::finish(
                 &mut s,
@@ -128,7 +131,12 @@ impl Jobs {
             );
             return self.store.write(s, vec![end]).await;
         }
-        let phase = record::phase(job.state());
+        // Our own run that sent nothing: a RUNNING stored is its write
+        // before the send, which failed (and was stored late): still queued.
+        let phase = match cause {
+            Cause::StoreFailed { unsent: true } if !taken_over => record::phase(pb::JobState::Queued),
+            _ => record::phase(job.state()),
+        };
         let reason = match (recovery(phase, job.repeatable), taken_over) {
             (Recovery::Keep, _) => return Ok(()),
             (Recovery::Interrupt, _) => {

@@ -139,9 +139,18 @@ pub struct Jobs {
     /// Jobs whose run (or adoption) stopped because the store failed (a
     /// full disk, Redis away): the keeper takes them up again once the
     /// store answers, as it does the jobs left unfinished at a restart.
-    stranded: Mutex<Vec<String>>,
+    stranded: Mutex<Vec<Stranded>>,
     /// Where the keeper reports whether the store takes writes.
     health: std::sync::OnceLock<tonic_health::server::HealthReporter>,
+}
+
+/// A job whose run (or adoption) stopped because the store failed.
+#[derive(Debug, Clone)]
+pub(super) struct Stranded {
+    pub id: String,
+    /// Its run here sent nothing to a region: a RUNNING the store may hold
+    /// from it (a write that timed out and was stored late) is not true.
+    pub unsent: bool,
 }
 
 fn weights(config: &crate::config::Config) -> Arc<Weights> {

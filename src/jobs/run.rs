@@ -36,6 +36,8 @@ struct Writer {
     seq: watch::Sender<u64>,
     /// Sent to a region in this run.
     sent: bool,
+    /// Why the write before a send failed (nothing was sent then).
+    refused: Option<StoreError>,
 }
 
 /// The longest wait between two tries of a write refused for a full disk.
@@ -154,7 +156,11 @@ impl Jobs {
             }
         };
         if stranded {
-            self.stranded.lock().push(id.clone());
+            let unsent = !signals.sent.load(Ordering::SeqCst);
+            self.stranded.lock().push(super::Stranded {
+                id: id.clone(),
+                unsent,
+            });
         }
         self.wake.notify_one();
         if let Some(after) = again {
@@ -171,7 +177,7 @@ impl Jobs {
                     t.backlog.release(&tenant);
                     t.live.remove(&id);
                     drop(t);
-                    self.stranded.lock().push(id);
+                    self.stranded.lock().push(super::Stranded { id, unsent: true });
                     return;
                 }
             };
@@ -212,6 +218,7 @@ impl Jobs {
             store: self.store.clone(),
             seq: signals.seq.clone(),
             sent: false,
+            refused: None,
         }));
         let hook = writer.clone();
         let lost = signals.lost.clone();
@@ -238,12 +245,14 @@ impl Jobs {
                     model: n.model,
                 });
                 // Stored before it is sent: a restart then knows it may have run.
-                w.write(vec![routed]).await.map_err(|e| {
+                if let Err(e) = w.write(vec![routed]).await {
                     if matches!(e, StoreError::Fenced { .. }) {
                         lost.store(true, Ordering::SeqCst);
                     }
-                    e.to_string()
-                })?;
+                    let why = e.to_string();
+                    w.refused = Some(e);
+                    return Err(why);
+                }
                 w.sent = true;
                 sent.store(true, Ordering::SeqCst);
                 Ok(())
@@ -278,6 +287,12 @@ impl Jobs {
                 return Ok(Ended::Finished);
             }
             Some(Err(DispatchError::ShuttingDown)) if !w.sent => return Ok(Ended::Left),
+            // The write before the send failed: nothing was sent, and the
+            // job is not failed for the store's moment. A store that did not
+            // answer strands the run (taken up again once it answers).
+            Some(Err(_)) if !w.sent && w.refused.as_ref().is_some_and(StoreError::is_transient) => {
+                return Err(w.refused.take().expect("checked").into());
+            }
             Some(Err(e)) => {
                 if !w.sent
                     && let Some(after) = not_now(&e)
