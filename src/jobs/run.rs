@@ -330,17 +330,25 @@ impl Jobs {
                             region: chunk.region.clone(),
                         }));
                     }
+                    // An OpenAI-compatible region's chunks are its events
+                    // (JSON each): the output keeps them one per line.
+                    let separator: &[u8] = match is_provider_event(&chunk, &self.engine) {
+                        true => b"\n",
+                        false => b"",
+                    };
                     let job = record::job_mut(&mut w.stored);
-                    if job.output.len() + chunk.output.len() > max_output {
+                    let added = chunk.output.len() + separator.len();
+                    if job.output.len() + added > max_output {
                         drop(stream);
                         let why = format!("the output is over jobs.max_output_bytes ({max_output} bytes)");
                         w.finish(pb::JobState::Failed, tonic::Code::ResourceExhausted, &why, ttl)
                             .await?;
                         return Ok(Ended::Finished);
                     }
-                    let mut output = Vec::with_capacity(job.output.len() + chunk.output.len());
+                    let mut output = Vec::with_capacity(job.output.len() + added);
                     output.extend_from_slice(&job.output);
                     output.extend_from_slice(&chunk.output);
+                    output.extend_from_slice(separator);
                     job.output = output.into();
                     job.usage = Some(chunk.usage);
                     job.region = chunk.region.clone();
@@ -381,4 +389,10 @@ impl Jobs {
             }
         }
     }
+}
+
+/// Whether `chunk` is one event of an OpenAI-compatible region's stream
+/// (a JSON object, kept on a line of its own in the job's output).
+fn is_provider_event(chunk: &crate::dispatch::StreamChunk, engine: &crate::dispatch::Engine) -> bool {
+    !chunk.output.is_empty() && engine.region_kind(&chunk.region) == Some(crate::forward::RegionKind::OpenAi)
 }
