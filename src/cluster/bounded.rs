@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use super::target::RedisConnection;
 use tokio::sync::Mutex;
 
 use crate::config::RedisTarget;
@@ -14,7 +14,7 @@ use crate::dispatch::Pending;
 #[derive(Clone)]
 pub struct BoundedRedis {
     target: Arc<RedisTarget>,
-    connection: Arc<Mutex<Option<ConnectionManager>>>,
+    connection: Arc<Mutex<Option<RedisConnection>>>,
     pub timeout: Duration,
 }
 

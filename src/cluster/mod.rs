@@ -16,6 +16,7 @@
 mod bounded;
 mod cache;
 pub mod jobs;
+mod pipelines;
 mod redis_central;
 mod request_ids;
 mod sync;
