@@ -18,9 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::redis_cluster::RedisCluster;
-use common::replicas::{
-    Tally, a_request_id_runs_once, all_in_regions, load, modes_in, replicas_in_regions,
-};
+use common::replicas::{Tally, a_request_id_runs_once, all_in_regions, load, modes_in, replicas_in_regions};
 use common::{Proc, SimRegion, sim_stats};
 use dispatcher::cluster::bucket_keys;
 
@@ -32,7 +30,9 @@ const BURST: u64 = 3_000;
 /// Region names whose quota keys cover every node of `cluster` (taken in
 /// order from a fixed list until each node holds one, then one more).
 fn regions_on_every_shard(cluster: &RedisCluster) -> Vec<&'static str> {
-    let candidates = ["eu", "us", "ap", "sa", "af", "me", "oc", "ca", "in", "jp", "kr", "br"];
+    let candidates = [
+        "eu", "us", "ap", "sa", "af", "me", "oc", "ca", "in", "jp", "kr", "br",
+    ];
     let mut covered = vec![false; cluster.ports.len()];
     let mut out = Vec::new();
     for r in candidates {
@@ -77,7 +77,11 @@ async fn provider_accepted(sims: &[Proc]) -> Vec<u64> {
 }
 
 /// About twice the regions' quota over three replicas, skewed 2:1:1.
-fn load_all(replicas: &[SocketAddr], stop: &Arc<AtomicBool>, tally: &Arc<Tally>) -> Vec<tokio::task::JoinHandle<()>> {
+fn load_all(
+    replicas: &[SocketAddr],
+    stop: &Arc<AtomicBool>,
+    tally: &Arc<Tally>,
+) -> Vec<tokio::task::JoinHandle<()>> {
     replicas
         .iter()
         .zip([50, 100, 100].map(Duration::from_millis))
@@ -89,8 +93,12 @@ fn load_all(replicas: &[SocketAddr], stop: &Arc<AtomicBool>, tally: &Arc<Tally>)
 async fn replicas_share_quota_over_a_redis_cluster_and_fall_back_when_it_dies() {
     let mut cluster = RedisCluster::start(3);
     let regions = regions_on_every_shard(&cluster);
-    let (_dirs, sims, procs) =
-        replicas_in_regions(&cluster.toml(), 3, "", regions.iter().map(|r| strict(r)).collect());
+    let (_dirs, sims, procs) = replicas_in_regions(
+        &cluster.toml(),
+        3,
+        "",
+        regions.iter().map(|r| strict(r)).collect(),
+    );
     let replicas: Vec<SocketAddr> = procs.iter().map(|p| p.addr).collect();
     let started = Instant::now();
     all_in_regions(&replicas, &regions, "shared", Duration::from_secs(5)).await;
@@ -99,7 +107,11 @@ async fn replicas_share_quota_over_a_redis_cluster_and_fall_back_when_it_dies() 
     let tally = Arc::new(Tally::default());
     let loads = load_all(&replicas, &stop, &tally);
     tokio::time::sleep(Duration::from_secs(4)).await;
-    assert_eq!(provider_refusals(&sims).await, vec![0; sims.len()], "shared: provider refusals by region");
+    assert_eq!(
+        provider_refusals(&sims).await,
+        vec![0; sims.len()],
+        "shared: provider refusals by region"
+    );
     assert!(
         modes_in(&replicas, &regions).await.iter().all(|m| m == "shared"),
         "every replica shares every region-model"
@@ -112,12 +124,25 @@ async fn replicas_share_quota_over_a_redis_cluster_and_fall_back_when_it_dies() 
     for r in &regions {
         let (bucket, _) = bucket_keys(r, "gpt-4o");
         let node = cluster.node_of(&bucket);
-        let epoch: String = redis::cmd("HGET").arg(&bucket).arg("ep").query(&mut cluster.node(node)).unwrap();
-        let info: String = redis::cmd("INFO").arg("server").query(&mut cluster.node(node)).unwrap();
-        assert!(info.contains(&format!("run_id:{epoch}")), "{r}: epoch {epoch} is its shard's run id");
+        let epoch: String = redis::cmd("HGET")
+            .arg(&bucket)
+            .arg("ep")
+            .query(&mut cluster.node(node))
+            .unwrap();
+        let info: String = redis::cmd("INFO")
+            .arg("server")
+            .query(&mut cluster.node(node))
+            .unwrap();
+        assert!(
+            info.contains(&format!("run_id:{epoch}")),
+            "{r}: epoch {epoch} is its shard's run id"
+        );
     }
     let served = tally.ok.load(Ordering::Relaxed);
-    eprintln!("shared, 4 s: ok {served}, accepted by region {:?}", provider_accepted(&sims).await);
+    eprintln!(
+        "shared, 4 s: ok {served}, accepted by region {:?}",
+        provider_accepted(&sims).await
+    );
     // Each region's 1,000 tokens a second, less the second a new bucket
     // starts below empty: about 3 × 3,000 tokens, 30 requests of 300.
     assert!(served >= 20, "the shared quota was used ({served} served)");
@@ -142,7 +167,11 @@ async fn replicas_share_quota_over_a_redis_cluster_and_fall_back_when_it_dies() 
     );
     let accepted = provider_accepted(&sims).await;
     eprintln!("ok {ok}, resource exhausted {exhausted}, other {other}; accepted by region {accepted:?}");
-    assert_eq!(provider_refusals(&sims).await, vec![0; sims.len()], "provider refusals over the whole run");
+    assert_eq!(
+        provider_refusals(&sims).await,
+        vec![0; sims.len()],
+        "provider refusals over the whole run"
+    );
     assert_eq!(other, 0, "no request hung past its deadline or failed otherwise");
     // The bound, region by region: what a strict provider took never
     // exceeds its burst and its refill since the start.
@@ -156,8 +185,12 @@ async fn replicas_share_quota_over_a_redis_cluster_and_fall_back_when_it_dies() 
 async fn a_shard_down_takes_only_its_region_models_to_fallback() {
     let mut cluster = RedisCluster::start(3);
     let regions = regions_on_every_shard(&cluster);
-    let (_dirs, sims, procs) =
-        replicas_in_regions(&cluster.toml(), 3, "", regions.iter().map(|r| strict(r)).collect());
+    let (_dirs, sims, procs) = replicas_in_regions(
+        &cluster.toml(),
+        3,
+        "",
+        regions.iter().map(|r| strict(r)).collect(),
+    );
     let replicas: Vec<SocketAddr> = procs.iter().map(|p| p.addr).collect();
     all_in_regions(&replicas, &regions, "shared", Duration::from_secs(5)).await;
     let stop = Arc::new(AtomicBool::new(false));
@@ -176,7 +209,10 @@ async fn a_shard_down_takes_only_its_region_models_to_fallback() {
     // Past the cluster's node timeout (2 s): the other shards serve on.
     for _ in 0..6 {
         assert!(
-            modes_in(&replicas, &elsewhere).await.iter().all(|m| m == "shared"),
+            modes_in(&replicas, &elsewhere)
+                .await
+                .iter()
+                .all(|m| m == "shared"),
             "{elsewhere:?} stay shared while shard {down} is down"
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -189,7 +225,11 @@ async fn a_shard_down_takes_only_its_region_models_to_fallback() {
         l.await.unwrap();
     }
     let other = tally.other.load(Ordering::Relaxed);
-    assert_eq!(provider_refusals(&sims).await, vec![0; sims.len()], "provider refusals");
+    assert_eq!(
+        provider_refusals(&sims).await,
+        vec![0; sims.len()],
+        "provider refusals"
+    );
     assert_eq!(other, 0, "no request hung past its deadline or failed otherwise");
 }
 

@@ -12,8 +12,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use prost::Message;
 use super::target::RedisConnection;
+use prost::Message;
 use redis::{FromRedisValue, ScriptInvocation};
 use tokio::sync::Mutex;
 

@@ -92,7 +92,10 @@ impl SlotPipelines {
                 set.spawn(async move { (i, run(con, &pipe, script).await) });
             }
             by_part.resize_with(self.parts.len(), || {
-                Err(RedisError::from((ErrorKind::Client, "a pipeline's task ended without an answer")))
+                Err(RedisError::from((
+                    ErrorKind::Client,
+                    "a pipeline's task ended without an answer",
+                )))
             });
             while let Some(done) = set.join_next().await {
                 if let Ok((i, answer)) = done {
@@ -129,7 +132,11 @@ impl SlotPipelines {
     }
 }
 
-async fn run(mut con: RedisConnection, pipe: &Pipeline, script: Option<redis::Script>) -> Result<Vec<Value>, RedisError> {
+async fn run(
+    mut con: RedisConnection,
+    pipe: &Pipeline,
+    script: Option<redis::Script>,
+) -> Result<Vec<Value>, RedisError> {
     match pipe.query_async(&mut con).await {
         Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => match script {
             Some(script) => {

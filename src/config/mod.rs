@@ -199,7 +199,9 @@ pub enum RedisTarget {
     },
     /// `redis_cluster`: seed nodes of a Redis Cluster; the crate learns the
     /// slots from them and routes each key to its shard.
-    Cluster { nodes: Vec<String> },
+    Cluster {
+        nodes: Vec<String>,
+    },
 }
 
 impl From<&str> for RedisTarget {

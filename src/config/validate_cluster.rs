@@ -142,8 +142,13 @@ pub(super) fn validate_cluster(c: &Ctx<'_>, k: RawCluster) -> Result<ClusterConf
     let redis = match k.redis_cluster.clone() {
         Some(nodes) => redis_cluster_target(c, &k, nodes)?,
         None => {
-            let Some(redis) =
-                redis_target(c, "cluster", k.redis_url.clone(), k.redis_sentinels.clone(), k.master_name.clone())?
+            let Some(redis) = redis_target(
+                c,
+                "cluster",
+                k.redis_url.clone(),
+                k.redis_sentinels.clone(),
+                k.master_name.clone(),
+            )?
             else {
                 return Err(c.err(
                     "cluster.redis_url",

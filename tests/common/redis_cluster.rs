@@ -143,7 +143,10 @@ impl RedisCluster {
             .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
             .is_err()
         {
-            assert!(Instant::now() < deadline, "redis-server {port} did not answer PING within 10 s");
+            assert!(
+                Instant::now() < deadline,
+                "redis-server {port} did not answer PING within 10 s"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -56,7 +56,8 @@ pub fn replicas_on(
     extra_toml: &str,
     sim: SimRegion,
 ) -> (Vec<ConfigDir>, Proc, Vec<Proc>) {
-    let (dirs, mut sims, procs) = replicas_in_regions(redis, n, extra_toml, vec![SimRegion { name: "eu", ..sim }]);
+    let (dirs, mut sims, procs) =
+        replicas_in_regions(redis, n, extra_toml, vec![SimRegion { name: "eu", ..sim }]);
     (dirs, sims.remove(0), procs)
 }
 
@@ -178,7 +179,12 @@ pub async fn all_in(replicas: &[SocketAddr], mode: &str, within: Duration) -> Du
 
 /// Every replica in `mode` in every one of `regions` within `within`: how
 /// long it took.
-pub async fn all_in_regions(replicas: &[SocketAddr], regions: &[&str], mode: &str, within: Duration) -> Duration {
+pub async fn all_in_regions(
+    replicas: &[SocketAddr],
+    regions: &[&str],
+    mode: &str,
+    within: Duration,
+) -> Duration {
     eventually(within, || async {
         modes_in(replicas, regions).await.iter().all(|m| m == mode)
     })
