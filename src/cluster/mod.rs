@@ -19,6 +19,7 @@ pub mod jobs;
 mod pipelines;
 mod redis_central;
 mod request_ids;
+mod scan;
 mod sync;
 mod target;
 
