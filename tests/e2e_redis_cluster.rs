@@ -8,7 +8,8 @@
 //! killed, every replica falls back within `unreachable_after` and a tick,
 //! no request hangs, and they share again once it is back; one shard
 //! killed, only the region-models whose keys it holds fall back. A request
-//! id is answered once across replicas, as on one Redis.
+//! id is answered once across replicas, and a tenant's limit holds across
+//! them, as on one Redis.
 
 mod common;
 
@@ -18,7 +19,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::redis_cluster::RedisCluster;
-use common::replicas::{Tally, a_request_id_runs_once, all_in_regions, load, modes_in, replicas_in_regions};
+use common::replicas::{
+    Tally, a_request_id_runs_once, a_tenants_limit_holds, all_in_regions, load, modes_in, replicas_in_regions,
+};
 use common::{Proc, SimRegion, sim_stats};
 use dispatcher::cluster::bucket_keys;
 
@@ -237,4 +240,10 @@ async fn a_shard_down_takes_only_its_region_models_to_fallback() {
 async fn a_request_id_is_answered_once_across_replicas_on_a_redis_cluster() {
     let mut cluster = RedisCluster::start(3);
     a_request_id_runs_once(&cluster.toml(), || cluster.kill()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_limit_holds_across_replicas_on_a_redis_cluster() {
+    let cluster = RedisCluster::start(3);
+    a_tenants_limit_holds(&cluster.toml()).await;
 }
