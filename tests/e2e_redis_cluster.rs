@@ -22,7 +22,7 @@ use common::redis_cluster::RedisCluster;
 use common::replicas::{
     Tally, a_request_id_runs_once, a_tenants_limit_holds, all_in_regions, load, modes_in, replicas_in_regions,
 };
-use common::{Proc, SimRegion, sim_stats};
+use common::{ConfigDir, Proc, SimRegion, sim_stats};
 use dispatcher::cluster::bucket_keys;
 
 /// Each region's provider: 1,000 tokens a second, a burst of 3,000 (ten
@@ -92,16 +92,24 @@ fn load_all(
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replicas_share_quota_over_a_redis_cluster_and_fall_back_when_it_dies() {
-    let mut cluster = RedisCluster::start(3);
-    let regions = regions_on_every_shard(&cluster);
-    let (_dirs, sims, procs) = replicas_in_regions(
+/// Three replicas on `cluster` in front of one strict region-sim per region
+/// of `regions_on_every_shard`: the regions, config dirs, region-sims and
+/// replicas.
+fn three_replicas(cluster: &RedisCluster) -> (Vec<&'static str>, Vec<ConfigDir>, Vec<Proc>, Vec<Proc>) {
+    let regions = regions_on_every_shard(cluster);
+    let (dirs, sims, procs) = replicas_in_regions(
         &cluster.toml(),
         3,
         "",
         regions.iter().map(|r| strict(r)).collect(),
     );
+    (regions, dirs, sims, procs)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_quota_over_a_redis_cluster_and_fall_back_when_it_dies() {
+    let mut cluster = RedisCluster::start(3);
+    let (regions, _dirs, sims, procs) = three_replicas(&cluster);
     let replicas: Vec<SocketAddr> = procs.iter().map(|p| p.addr).collect();
     let started = Instant::now();
     all_in_regions(&replicas, &regions, "shared", Duration::from_secs(5)).await;
@@ -187,13 +195,7 @@ async fn replicas_share_quota_over_a_redis_cluster_and_fall_back_when_it_dies() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shard_down_takes_only_its_region_models_to_fallback() {
     let mut cluster = RedisCluster::start(3);
-    let regions = regions_on_every_shard(&cluster);
-    let (_dirs, sims, procs) = replicas_in_regions(
-        &cluster.toml(),
-        3,
-        "",
-        regions.iter().map(|r| strict(r)).collect(),
-    );
+    let (regions, _dirs, sims, procs) = three_replicas(&cluster);
     let replicas: Vec<SocketAddr> = procs.iter().map(|p| p.addr).collect();
     all_in_regions(&replicas, &regions, "shared", Duration::from_secs(5)).await;
     let stop = Arc::new(AtomicBool::new(false));
