@@ -32,3 +32,4 @@ pub use jobs::RedisJobStore;
 pub use redis_central::{RedisCentral, bucket_keys};
 pub use request_ids::RedisIds;
 pub use sync::{replica_id, spawn};
+pub use target::config_key;

@@ -37,11 +37,11 @@ pub fn replica_id(config: &ClusterConfig) -> String {
     format!("{host}-{}-{:04x}", std::process::id(), rand::random::<u16>())
 }
 
-/// Starts the sync task. Fails only on a malformed `redis_url`; an
+/// Starts the sync task. Fails only on a malformed Redis URL; an
 /// unreachable Redis is what the fallback is for.
 pub fn spawn(engine: Arc<Engine>, config: &ClusterConfig, replica: String) -> Result<JoinHandle<()>, String> {
     let mut central = RedisCentral::new(config.redis.clone(), config.redis_timeout)
-        .map_err(|e| format!("cluster.redis_url: {e}"))?;
+        .map_err(|e| format!("{}: {e}", super::target::config_key(&config.redis)))?;
     let tick = config.sharing.tick;
     Ok(tokio::spawn(async move {
         let mut rng = SmallRng::from_os_rng();

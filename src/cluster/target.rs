@@ -60,6 +60,15 @@ impl ConnectionLike for RedisConnection {
     }
 }
 
+/// The `[cluster]` key that names `target`, for errors.
+pub fn config_key(target: &RedisTarget) -> &'static str {
+    match target {
+        RedisTarget::Url(_) => "cluster.redis_url",
+        RedisTarget::Sentinel { .. } => "cluster.redis_sentinels",
+        RedisTarget::Cluster { .. } => "cluster.redis_cluster",
+    }
+}
+
 /// Checks the URLs (no connection is made: a replica starts without Redis).
 pub fn check(target: &RedisTarget) -> Result<(), redis::RedisError> {
     match target {
