@@ -121,11 +121,11 @@ impl Runtime {
                 let replica = crate::cluster::replica_id(c);
                 let task = crate::cluster::spawn(engine.clone(), c, replica.clone())?;
                 let ids = crate::cluster::RedisIds::new(c.redis.clone(), c.redis_timeout)
-                    .map_err(|e| format!("cluster.redis_url: {e}"))?;
+                    .map_err(|e| format!("{}: {e}", crate::cluster::config_key(&c.redis)))?;
                 engine.share_request_ids(std::sync::Arc::new(ids));
                 if config.cache.shared {
                     let cache = crate::cluster::RedisCache::new(c.redis.clone(), c.redis_timeout)
-                        .map_err(|e| format!("cluster.redis_url: {e}"))?;
+                        .map_err(|e| format!("{}: {e}", crate::cluster::config_key(&c.redis)))?;
                     engine.cache().share(std::sync::Arc::new(cache));
                 }
                 tracing::info!(%replica, "sharing each provider's quota with the other replicas through Redis ([cluster])");

@@ -1,4 +1,4 @@
-//! `[cluster]`'s settings (a single Redis or Sentinels) are refused with
+//! `[cluster]`'s settings (a single Redis, Sentinels or a Redis Cluster) are refused with
 //! a message naming the file and the key, never echoing a Redis URL; and
 //! the quota shared between replicas holds what one process holds.
 
@@ -126,4 +126,53 @@ fn a_small_burst_with_cluster_shares_the_whole_burst() {
         .expect("shared with [cluster]");
     assert_eq!(shared.limits().token_capacity, 2_000);
     assert_eq!(shared.limits().tokens_per_minute, 240_000);
+}
+
+#[test]
+fn redis_cluster_settings_are_checked_and_never_echoed() {
+    let with = |body: &str| format!("{DISPATCHER}\n[cluster]\n{body}\n");
+    let nodes = "redis_cluster = [\"redis://127.0.0.1:7001\", \"redis://127.0.0.1:7002\"]";
+    let e = dispatcher_err(&with(&format!("{nodes}\nredis_url = \"redis://127.0.0.1:6379\"")));
+    assert_names(
+        &e,
+        "dispatcher.toml",
+        "cluster.redis_cluster",
+        "cluster.redis_url are both set",
+    );
+    let e = dispatcher_err(&with(&format!(
+        "{nodes}\nredis_sentinels = [\"redis://127.0.0.1:26379\"]\nmaster_name = \"q\""
+    )));
+    assert_names(
+        &e,
+        "dispatcher.toml",
+        "cluster.redis_cluster",
+        "cluster.redis_sentinels are both set",
+    );
+    let e = dispatcher_err(&with(&format!("{nodes}\nmaster_name = \"q\"")));
+    assert_names(
+        &e,
+        "dispatcher.toml",
+        "cluster.master_name",
+        "only used with redis_sentinels",
+    );
+    let e = dispatcher_err(&with("redis_cluster = []"));
+    assert_names(&e, "dispatcher.toml", "cluster.redis_cluster", "1 to 64");
+    let e = dispatcher_err(&with(
+        "redis_cluster = [\"redis://127.0.0.1:7001\", \"tcp://:secret@10.0.0.2:7002\"]",
+    ));
+    assert_names(
+        &e,
+        "dispatcher.toml",
+        "cluster.redis_cluster",
+        "entry 2 is not a Redis URL",
+    );
+    assert!(!e.to_string().contains("secret"), "{e}");
+    let c =
+        config::parse_dispatcher(&with(nodes), Path::new("dispatcher.toml"), Some(HashMap::new())).unwrap();
+    assert_eq!(
+        c.cluster.unwrap().redis,
+        config::RedisTarget::Cluster {
+            nodes: vec!["redis://127.0.0.1:7001".into(), "redis://127.0.0.1:7002".into()]
+        }
+    );
 }

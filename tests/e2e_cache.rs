@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::redis::RedisServer;
+use common::redis_cluster::RedisCluster;
 use common::{ConfigDir, Proc, SimRegion, admin, client, dispatcher, eventually, scrape_metrics, sim_stats};
 use dispatcher::dispatch::hash_key;
 use dispatcher::pb;
@@ -212,9 +213,14 @@ async fn one_dispatcher_serves_hits_per_tenant_and_scope_and_misses_after_a_rout
 }
 
 fn cluster_toml(redis: &str, replica: &str) -> String {
+    cluster_toml_on(&format!("redis_url = \"{redis}\""), replica)
+}
+
+/// `cluster_toml` with `redis` for the `[cluster]` lines naming Redis.
+fn cluster_toml_on(redis: &str, replica: &str) -> String {
     toml(
         &format!(
-            "[cluster]\nredis_url = \"{redis}\"\nreplica_id = \"{replica}\"\nexpected_replicas = 2\nredis_timeout = \"{REDIS_TIMEOUT_MS}ms\"\n"
+            "[cluster]\n{redis}\nreplica_id = \"{replica}\"\nexpected_replicas = 2\nredis_timeout = \"{REDIS_TIMEOUT_MS}ms\"\n"
         ),
         100,
     )
@@ -224,7 +230,12 @@ const REDIS_TIMEOUT_MS: u64 = 200;
 
 /// Entries the shared layer holds now.
 fn shared_entries(redis: &RedisServer) -> usize {
-    let client = redis::Client::open(redis.url()).unwrap();
+    entries_at(&redis.url())
+}
+
+/// Entries the Redis server at `url` holds (one node of a cluster).
+fn entries_at(url: &str) -> usize {
+    let client = redis::Client::open(url).unwrap();
     let mut con = client.get_connection().unwrap();
     let keys: Vec<String> = redis::cmd("KEYS")
         .arg("dispatcher:cache:*:e:*")
@@ -320,4 +331,52 @@ async fn replicas_share_entries_through_redis_and_redis_down_is_a_miss_not_an_er
         ) >= 1.0,
         "{metrics}"
     );
+}
+
+/// On a 3-shard Redis Cluster: one replica serves what the other stored,
+/// and a tenant's purge finds its entries whichever shard holds them
+/// (SCAN sees one server: the purge scans every primary).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_and_purge_entries_on_a_redis_cluster() {
+    let cluster = RedisCluster::start(3);
+    let dirs: Vec<ConfigDir> = ["r1", "r2"]
+        .iter()
+        .map(|r| ConfigDir::new(&cluster_toml_on(&cluster.toml(), r)))
+        .collect();
+    let _sim = dirs[0].start_region(SimRegion {
+        name: "eu",
+        ..Default::default()
+    });
+    let region = std::fs::read_to_string(dirs[0].region_file("eu")).unwrap();
+    dirs[1].write_region("eu", &region);
+    let (r1, r2) = (dispatcher(&dirs[0].config()), dispatcher(&dirs[1].config()));
+    let entries = || {
+        cluster
+            .urls()
+            .iter()
+            .map(|u| entries_at(u))
+            .collect::<Vec<usize>>()
+    };
+
+    for key in ["key-a", "key-b"] {
+        assert_eq!(layer(r1.addr, "shared", "", key).await, "");
+    }
+    eventually(Duration::from_secs(5), || async {
+        entries().iter().sum::<usize>() == 2
+    })
+    .await
+    .expect("both entries reached the cluster");
+    eprintln!("entries by shard: {:?}", entries());
+    for key in ["key-a", "key-b"] {
+        assert_eq!(
+            layer(r2.addr, "shared", "", key).await,
+            "shared",
+            "r2 serves r1's entry for {key}"
+        );
+    }
+    for tenant in ["a", "b"] {
+        let purged = purge_tenant(r2.addr, tenant).await;
+        assert_eq!(purged.shared_entries, 1, "{tenant}: {purged:?}");
+    }
+    assert_eq!(entries(), vec![0; 3], "nothing left on any shard");
 }

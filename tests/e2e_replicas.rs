@@ -14,10 +14,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::redis::RedisServer;
-use common::replicas::{Tally, all_in, load, replicas, work_request};
-use common::{SimRegion, client, eventually, region_status, sim_stats};
-use dispatcher::pb;
-use tonic::Code;
+use common::replicas::{Tally, a_request_id_runs_once, a_tenants_limit_holds, all_in, load, replicas};
+use common::{SimRegion, eventually, region_status, sim_stats};
 
 const TPM: u64 = 120_000;
 
@@ -137,52 +135,7 @@ async fn replicas_share_the_quota_and_ride_out_redis_failures() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_id_is_answered_once_across_replicas() {
     let mut redis = RedisServer::start();
-    let (_dirs, sim, procs) = replicas(
-        &redis,
-        2,
-        "",
-        SimRegion {
-            sim_args: &["--base-latency-ms", "300", "--ms-per-1k-tokens", "0"],
-            ..Default::default()
-        },
-    );
-    let (a, b) = (procs[0].addr, procs[1].addr);
-    all_in(&[a, b], "shared", Duration::from_secs(3)).await;
-    let accepted = || async { sim_stats(sim.addr).await.models[0].accepted };
-
-    let request = |id: &str| pb::DispatchRequest {
-        model: "gpt-4o".into(),
-        payload: "work".into(),
-        prompt_tokens: 100,
-        max_output_tokens: 50,
-        request_id: id.into(),
-        ..Default::default()
-    };
-    let (mut ca, mut cb) = (client(a).await, client(b).await);
-    let (ra, rb) = tokio::join!(ca.dispatch(request("job-1")), async {
-        // A moment later, while the first replica's run is under way.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        cb.clone().dispatch(request("job-1")).await
-    });
-    let (ra, rb) = (ra.unwrap().into_inner(), rb.unwrap().into_inner());
-    assert_eq!(ra, rb, "the second replica gave back the first one's reply");
-    assert_eq!(accepted().await, 1, "job-1 ran once");
-    let again = cb.dispatch(request("job-1")).await.unwrap().into_inner();
-    assert_eq!(again, ra);
-    assert_eq!(accepted().await, 1, "and not again later");
-    ca.dispatch(request("job-2")).await.unwrap();
-    assert_eq!(accepted().await, 2, "another id runs");
-
-    // Redis gone: the id runs (nothing to ask), and does not hang.
-    redis.kill();
-    let started = std::time::Instant::now();
-    cb.dispatch(request("job-3")).await.unwrap();
-    assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "{:?}",
-        started.elapsed()
-    );
-    assert_eq!(accepted().await, 3);
+    a_request_id_runs_once(&format!("redis_url = \"{}\"", redis.url()), || redis.kill()).await;
 }
 
 /// A tenant's tokens-per-minute limit holds across replicas: spent on one,
@@ -191,44 +144,5 @@ async fn a_request_id_is_answered_once_across_replicas() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenants_limit_holds_across_replicas() {
     let redis = RedisServer::start();
-    let key_hash = dispatcher::dispatch::hash_key("team-key");
-    let tenant = format!("[[tenants]]\nname = \"team\"\nkeys = [\"{key_hash}\"]\ntokens_per_minute = 3000\n");
-    let (_dirs, _sim, procs) = replicas(
-        &redis,
-        2,
-        &tenant,
-        SimRegion {
-            sim_args: &[
-                "--base-latency-ms",
-                "10",
-                "--ms-per-1k-tokens",
-                "0",
-                "--completion-min-fraction",
-                "1",
-            ],
-            ..Default::default()
-        },
-    );
-    all_in(&[procs[0].addr, procs[1].addr], "shared", Duration::from_secs(3)).await;
-    let clients = [client(procs[0].addr).await, client(procs[1].addr).await];
-    // 20 requests of 300 tokens (200 + 100, all used), alternating between
-    // the replicas, a sync interval and a half apart: 6,000 tokens offered
-    // against a limit of 3,000 a minute (its burst).
-    let (mut ok, mut limited) = (0, 0);
-    for i in 0..20 {
-        let mut req = work_request();
-        req.metadata_mut()
-            .insert("authorization", "Bearer team-key".parse().unwrap());
-        match clients[i % 2].clone().dispatch(req).await {
-            Ok(_) => ok += 1,
-            Err(s) if s.code() == Code::ResourceExhausted => limited += 1,
-            Err(s) => panic!("{:?}: {}", s.code(), s.message()),
-        }
-        tokio::time::sleep(Duration::from_millis(150)).await;
-    }
-    eprintln!("tenant across two replicas: {ok} served, {limited} refused by its limit");
-    // 3,000 tokens and a minute's refill over the 4.5 s (225) are 10 or 11
-    // requests; one sync's lag may let one more through.
-    assert!((10..=12).contains(&ok), "{ok} served");
-    assert_eq!(ok + limited, 20);
+    a_tenants_limit_holds(&format!("redis_url = \"{}\"", redis.url())).await;
 }

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::jobs::{kind, with_key};
 use common::redis::RedisServer;
+use common::redis_cluster::RedisCluster;
 use common::{ConfigDir, Proc, dispatcher, eventually, region_sim, region_status, sim_stats};
 use dispatcher::pb;
 use dispatcher::pb::jobs_client::JobsClient;
@@ -30,10 +31,11 @@ requests_per_minute = 6000000
 accounting = "usage"
 "#;
 
+/// `redis`: the `[cluster]` lines naming Redis (a URL, or a cluster's nodes).
 fn dispatcher_toml(redis: &str, replica: &str, lease: &str) -> String {
     common::jobs::dispatcher_toml(
         &format!("lease = \"{lease}\"\nmax_running_per_tenant = 2"),
-        &format!("[cluster]\nredis_url = \"{redis}\"\nreplica_id = \"{replica}\"\nexpected_replicas = 2"),
+        &format!("[cluster]\n{redis}\nreplica_id = \"{replica}\"\nexpected_replicas = 2"),
     )
 }
 
@@ -41,7 +43,8 @@ fn dispatcher_toml(redis: &str, replica: &str, lease: &str) -> String {
 /// and `replicas` of r1 (A) and r2 (B) with `[jobs] lease = lease`, each
 /// in shared mode.
 struct Cluster {
-    redis: RedisServer,
+    /// A `RedisServer` or a `RedisCluster`: dropped, it is gone.
+    redis: Box<dyn std::any::Any>,
     _dirs: Vec<ConfigDir>,
     sim: Proc,
     a: Proc,
@@ -50,9 +53,21 @@ struct Cluster {
 
 async fn cluster_of(replicas: usize, ms_per_1k: &str, lease: &str) -> Cluster {
     let redis = RedisServer::start();
+    let toml = format!("redis_url = \"{}\"", redis.url());
+    cluster_on(Box::new(redis), &toml, replicas, ms_per_1k, lease).await
+}
+
+/// `cluster_of` on `redis`, which `redis_toml` names.
+async fn cluster_on(
+    redis: Box<dyn std::any::Any>,
+    redis_toml: &str,
+    replicas: usize,
+    ms_per_1k: &str,
+    lease: &str,
+) -> Cluster {
     let dirs: Vec<ConfigDir> = ["r1", "r2"][..replicas]
         .iter()
-        .map(|r| ConfigDir::new(&dispatcher_toml(&redis.url(), r, lease)))
+        .map(|r| ConfigDir::new(&dispatcher_toml(redis_toml, r, lease)))
         .collect();
     let sim = region_sim(
         dirs[0].path(),
@@ -184,7 +199,46 @@ fn assert_one_history(events: &[pb::JobEvent]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_on_one_replica_is_watched_got_listed_and_cancelled_on_the_other() {
-    let c = cluster("1000", "10s").await;
+    watched_got_listed_and_cancelled_on_the_other(cluster("1000", "10s").await, || ()).await;
+}
+
+/// The same on a 3-shard Redis Cluster: every job key carries the `{jobs}`
+/// hash tag, so they all live on one shard, and each step of `jobs.lua`
+/// (which names the keys it builds from its prefix) runs there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_on_one_replica_is_served_by_the_other_on_a_redis_cluster() {
+    let shards = RedisCluster::start(3);
+    let (toml, urls) = (shards.toml(), shards.urls());
+    let c = cluster_on(Box::new(shards), &toml, 2, "1000", "10s").await;
+    let (usage, job_keys) = (dispatcher::cluster::jobs::usage_key(), "dispatcher:{jobs}:*");
+    let keys_by_node = || {
+        urls.iter()
+            .map(|u| {
+                let mut con = redis::Client::open(u.as_str()).unwrap().get_connection().unwrap();
+                redis::cmd("KEYS")
+                    .arg(job_keys)
+                    .query::<Vec<String>>(&mut con)
+                    .unwrap()
+                    .len()
+            })
+            .collect::<Vec<usize>>()
+    };
+    watched_got_listed_and_cancelled_on_the_other(c, || {
+        let by_node = keys_by_node();
+        eprintln!("job keys by shard: {by_node:?}");
+        assert_eq!(
+            by_node.iter().filter(|n| **n > 0).count(),
+            1,
+            "{usage} and every job key on one shard: {by_node:?}"
+        );
+    })
+    .await;
+}
+
+/// A job submitted to A is watched, got, listed and cancelled on B;
+/// `check_store` looks at the store before it is killed, and then the
+/// Jobs calls answer UNAVAILABLE at once.
+async fn watched_got_listed_and_cancelled_on_the_other(c: Cluster, check_store: impl FnOnce()) {
     let (mut on_a, mut on_b) = (jobs(&c.a).await, jobs(c.b.as_ref().unwrap()).await);
 
     // 300 tokens at 1 s per 1,000: ~0.3 s of output, submitted to A.
@@ -240,6 +294,7 @@ async fn a_job_on_one_replica_is_watched_got_listed_and_cancelled_on_the_other()
     assert_one_history(&watch(&mut on_b, &long.job_id, None).await);
 
     // Redis gone: the Jobs calls answer UNAVAILABLE, at once.
+    check_store();
     drop(c.redis);
     let started = Instant::now();
     let r = pb::JobRef {

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use super::target::RedisConnection;
 use tokio::sync::Mutex;
 
 use crate::config::RedisTarget;
@@ -14,7 +14,7 @@ use crate::dispatch::Pending;
 #[derive(Clone)]
 pub struct BoundedRedis {
     target: Arc<RedisTarget>,
-    connection: Arc<Mutex<Option<ConnectionManager>>>,
+    connection: Arc<Mutex<Option<RedisConnection>>>,
     pub timeout: Duration,
 }
 
@@ -35,11 +35,25 @@ impl BoundedRedis {
         cmd: redis::Cmd,
         f: impl FnOnce(redis::Value) -> Result<T, String> + Send + 'static,
     ) -> Pending<T> {
+        self.with(move |mut con| async move { cmd.query_async(&mut con).await }, f)
+    }
+
+    /// Runs `work` on the connection, within the timeout, and reads its
+    /// answer with `f`. A failure drops the connection: the next call
+    /// connects again (asking the Sentinels, or the cluster, anew).
+    pub fn with<T: Send + 'static, V: Send, W>(
+        &self,
+        work: impl FnOnce(RedisConnection) -> W + Send + 'static,
+        f: impl FnOnce(V) -> Result<T, String> + Send + 'static,
+    ) -> Pending<T>
+    where
+        W: Future<Output = Result<V, redis::RedisError>> + Send,
+    {
         let (target, slot, timeout) = (self.target.clone(), self.connection.clone(), self.timeout);
         Box::pin(async move {
             let failed = slot.clone();
-            let work = async move {
-                let mut con = {
+            let call = async move {
+                let con = {
                     let mut slot = slot.lock().await;
                     match &*slot {
                         Some(c) => c.clone(),
@@ -52,15 +66,13 @@ impl BoundedRedis {
                         }
                     }
                 };
-                let v: redis::Value = cmd.query_async(&mut con).await.map_err(|e| e.to_string())?;
-                Ok(v)
+                work(con).await.map_err(|e| e.to_string())
             };
-            let answer = tokio::time::timeout(timeout, work)
+            let answer = tokio::time::timeout(timeout, call)
                 .await
                 .map_err(|_| format!("no answer from Redis within {timeout:?}"))
                 .flatten();
             if answer.is_err() {
-                // The next call connects again (asking the Sentinels anew).
                 *failed.lock().await = None;
             }
             f(answer?)

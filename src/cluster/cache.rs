@@ -1,8 +1,9 @@
 //! `dispatch::SharedCache` over Redis (`[cache]` with `[cluster]`): one key
 //! per entry, `SET PX` with the entry's TTL (Redis expires it), values
 //! compressed by the caller. Keys carry the tenant's and the scope's
-//! digests, so a purge finds them by pattern (SCAN + UNLINK), and the
-//! tenant's digest is the hash tag (one slot per tenant in cluster mode).
+//! digests, so a purge finds them by pattern (SCAN + UNLINK, on every
+//! primary of a Redis Cluster: `scan.rs`), and the tenant's digest is the
+//! hash tag (one slot per tenant in cluster mode).
 //!
 //! Best effort by construction: every call is bounded by `redis_timeout`;
 //! after a failure the layer is skipped for `BACK_OFF`, so a Redis that is
@@ -17,6 +18,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 
 use super::bounded::BoundedRedis;
+use super::scan;
 use crate::core::{CacheKey, cache_key::hex};
 use crate::dispatch::{Pending, SharedCache};
 
@@ -116,35 +118,44 @@ impl SharedCache for RedisCache {
         };
         Box::pin(async move {
             let deadline = crate::clock::now() + PURGE_FOR;
-            let mut cursor = 0u64;
+            // A single Redis, or each primary of a cluster in turn.
+            let nodes = redis
+                .with(|mut con| async move { scan::primaries(&mut con).await }, Ok)
+                .await?;
             let mut removed = 0u64;
-            loop {
-                if crate::clock::now() > deadline {
-                    return Err(format!("purge still scanning after {PURGE_FOR:?}"));
-                }
-                let mut scan = redis::cmd("SCAN");
-                scan.arg(cursor)
-                    .arg("MATCH")
-                    .arg(&pattern)
-                    .arg("COUNT")
-                    .arg(SCAN_COUNT);
-                let (next, keys) = redis
-                    .run(scan, |v| {
-                        redis::from_redis_value::<(u64, Vec<String>)>(v).map_err(|e| e.to_string())
-                    })
-                    .await?;
-                if !keys.is_empty() {
+            for node in nodes {
+                let mut cursor = 0u64;
+                loop {
+                    if crate::clock::now() > deadline {
+                        return Err(format!("purge still scanning after {PURGE_FOR:?}"));
+                    }
+                    let mut scan = redis::cmd("SCAN");
+                    scan.arg(cursor)
+                        .arg("MATCH")
+                        .arg(&pattern)
+                        .arg("COUNT")
+                        .arg(SCAN_COUNT);
+                    let on = node.clone();
+                    let (next, keys) = redis
+                        .with(
+                            move |mut con| async move { scan::query_on(&mut con, &on, &scan).await },
+                            |v| redis::from_redis_value::<(u64, Vec<String>)>(v).map_err(|e| e.to_string()),
+                        )
+                        .await?;
                     // Entries are counted; the scope sets beside them go too.
                     removed += keys.iter().filter(|k| k.contains("}:e:")).count() as u64;
-                    let mut unlink = redis::cmd("UNLINK");
-                    unlink.arg(&keys);
-                    redis.run(unlink, |v| count(&v)).await?;
+                    for group in scan::by_slot(keys) {
+                        let mut unlink = redis::cmd("UNLINK");
+                        unlink.arg(&group);
+                        redis.run(unlink, |v| count(&v)).await?;
+                    }
+                    if next == 0 {
+                        break;
+                    }
+                    cursor = next;
                 }
-                if next == 0 {
-                    return Ok(removed);
-                }
-                cursor = next;
             }
+            Ok(removed)
         })
     }
 }

@@ -12,8 +12,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::target::RedisConnection;
 use prost::Message;
-use redis::aio::ConnectionManager;
 use redis::{FromRedisValue, ScriptInvocation};
 use tokio::sync::Mutex;
 
@@ -61,7 +61,7 @@ fn tenant_key(tenant: &str) -> String {
 
 pub struct RedisJobStore {
     target: crate::config::RedisTarget,
-    connection: Arc<Mutex<Option<ConnectionManager>>>,
+    connection: Arc<Mutex<Option<RedisConnection>>>,
     script: redis::Script,
     timeout: Duration,
     lease_ms: u64,
@@ -128,7 +128,7 @@ impl RedisJobStore {
         })
     }
 
-    async fn connection(&self) -> Result<ConnectionManager, StoreError> {
+    async fn connection(&self) -> Result<RedisConnection, StoreError> {
         let mut slot = self.connection.lock().await;
         if let Some(c) = &*slot {
             return Ok(c.clone());
@@ -141,7 +141,7 @@ impl RedisJobStore {
     }
 
     /// Runs `work` on a connection within the timeout.
-    async fn bounded<T, F>(&self, work: impl FnOnce(ConnectionManager) -> F) -> Result<T, StoreError>
+    async fn bounded<T, F>(&self, work: impl FnOnce(RedisConnection) -> F) -> Result<T, StoreError>
     where
         F: Future<Output = Result<T, StoreError>>,
     {

@@ -7,6 +7,10 @@
 //! best effort, bounded, never on the request path for longer than
 //! `redis_timeout`).
 //!
+//! Redis is one server, the primary Sentinels name, or a Redis Cluster
+//! (`target.rs`); on a cluster the sync round is split by slot
+//! (`pipelines.rs`) and the cache's purges scan every primary (`scan.rs`).
+//!
 //! Owner: the sync task owns its Redis connection and is its only user
 //! (request ids and jobs have their own). It
 //! takes the desk's lock twice per tick, briefly (to collect the calls and
@@ -16,8 +20,10 @@
 mod bounded;
 mod cache;
 pub mod jobs;
+mod pipelines;
 mod redis_central;
 mod request_ids;
+mod scan;
 mod sync;
 mod target;
 
@@ -26,3 +32,4 @@ pub use jobs::RedisJobStore;
 pub use redis_central::{RedisCentral, bucket_keys};
 pub use request_ids::RedisIds;
 pub use sync::{replica_id, spawn};
+pub use target::config_key;

@@ -1,11 +1,13 @@
 //! The central buckets in Redis: one pipelined round trip of the
-//! `central.lua` script per sync tick, every call bounded by a timeout.
+//! `central.lua` script per sync tick (on a Redis Cluster, one pipeline per
+//! slot, sent at once: `pipelines.rs`), every call bounded by a timeout.
 
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
-
 use crate::config::RedisTarget;
+
+use super::pipelines::SlotPipelines;
+use super::target::RedisConnection;
 
 use crate::core::central::{FORGET_AFTER, ROUND, STALE_AFTER};
 use crate::core::{SyncGrant, SyncItem, TenantTotals, TenantUsage};
@@ -62,13 +64,15 @@ pub enum CentralError {
     Timeout(Duration),
     #[error("Redis: {0}")]
     Redis(#[from] redis::RedisError),
+    #[error("Redis answered something else: {0}")]
+    Parse(#[from] redis::ParsingError),
     #[error("Redis answered {got} replies to {sent} calls")]
     Short { sent: usize, got: usize },
 }
 
 pub struct RedisCentral {
     target: RedisTarget,
-    connection: Option<ConnectionManager>,
+    connection: Option<RedisConnection>,
     script: redis::Script,
     timeout: Duration,
 }
@@ -86,7 +90,7 @@ impl RedisCentral {
         })
     }
 
-    async fn connection(&mut self) -> Result<ConnectionManager, CentralError> {
+    async fn connection(&mut self) -> Result<RedisConnection, CentralError> {
         if let Some(c) = &self.connection {
             return Ok(c.clone());
         }
@@ -106,39 +110,56 @@ impl RedisCentral {
         items: &[SyncItem],
         now_us: Option<u64>,
     ) -> Result<Vec<SyncGrant>, CentralError> {
-        let timeout = self.timeout;
-        let work = async {
-            let mut con = self.connection().await?;
-            let first: Result<Vec<Vec<i64>>, redis::RedisError> =
-                self.pipeline(replica, items, now_us).query_async(&mut con).await;
-            match first {
-                Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-                    // Redis restarted (or flushed its scripts): load it once.
-                    self.script.prepare_invoke().load_async(&mut con).await?;
-                    let again: Vec<Vec<i64>> = self
-                        .pipeline(replica, items, now_us)
-                        .query_async(&mut con)
-                        .await?;
-                    Ok::<_, CentralError>(again)
-                }
-                other => Ok(other?),
-            }
-        };
-        let replies: Vec<Vec<i64>> = match tokio::time::timeout(timeout, work).await {
-            Ok(Ok(replies)) => replies,
-            failed => {
-                // The next call connects again (asking the Sentinels anew).
-                self.connection = None;
-                return Err(failed.map_or(CentralError::Timeout(timeout), |e| e.unwrap_err()));
-            }
-        };
-        if replies.len() != items.len() || replies.iter().any(|r| r.len() != REPLY_LEN) {
+        let grants = self.call_each(replica, items, now_us).await?;
+        let got = grants.iter().flatten().count();
+        if got != items.len() {
             return Err(CentralError::Short {
                 sent: items.len(),
-                got: replies.len(),
+                got,
             });
         }
-        Ok(replies.iter().map(|r| grant(r)).collect())
+        Ok(grants.into_iter().flatten().collect())
+    }
+
+    /// `call`, each item answered on its own: `None` for an item whose
+    /// shard did not answer (a Redis Cluster with a shard down: only its
+    /// region-models go without). An error when no item was answered.
+    pub async fn call_each(
+        &mut self,
+        replica: &str,
+        items: &[SyncItem],
+        now_us: Option<u64>,
+    ) -> Result<Vec<Option<SyncGrant>>, CentralError> {
+        let timeout = self.timeout;
+        let work = async {
+            let con = self.connection().await?;
+            let (replies, error) = self
+                .pipelines(&con, replica, items, now_us)
+                .query_each(&con, 1, Some(&self.script))
+                .await;
+            if let Some(e) = error
+                && replies.iter().all(Option::is_none)
+            {
+                return Err(CentralError::Redis(e));
+            }
+            let grants = replies
+                .into_iter()
+                .map(|r| {
+                    let r: Vec<i64> = redis::from_redis_value(r?.pop()?).ok()?;
+                    (r.len() == REPLY_LEN).then(|| grant(&r))
+                })
+                .collect();
+            Ok::<_, CentralError>(grants)
+        };
+        match tokio::time::timeout(timeout, work).await {
+            Ok(Ok(grants)) => Ok(grants),
+            failed => {
+                // The next call connects again (asking the Sentinels, or the
+                // cluster's nodes, anew).
+                self.connection = None;
+                Err(failed.map_or(CentralError::Timeout(timeout), |e| e.unwrap_err()))
+            }
+        }
     }
 
     /// Adds each tenant's charges to its running totals (all time, and its
@@ -147,10 +168,12 @@ impl RedisCentral {
     pub async fn tenants(&mut self, usage: &[TenantUsage]) -> Result<Vec<TenantTotals>, CentralError> {
         let timeout = self.timeout;
         let work = async {
-            let mut con = self.connection().await?;
-            let mut pipe = redis::pipe();
+            let con = self.connection().await?;
+            let mut pipes = SlotPipelines::for_connection(&con);
             for u in usage {
                 let (total, day) = tenant_keys(&u.tenant, u.day);
+                // Every key of a tenant carries its hash tag: one slot.
+                let pipe = pipes.item(&total);
                 pipe.cmd("INCRBY").arg(&total).arg(u.delta);
                 pipe.cmd("EXPIRE").arg(&total).arg(TENANT_EXPIRY_SECS).ignore();
                 pipe.cmd("INCRBY").arg(&day).arg(u.delta);
@@ -169,7 +192,12 @@ impl RedisCentral {
                 pipe.cmd("INCRBY").arg(&cost_month).arg(u.cost_delta);
                 pipe.cmd("EXPIRE").arg(&cost_month).arg(32 * 86_400).ignore();
             }
-            let totals: Vec<i64> = pipe.query_async(&mut con).await?;
+            let totals: Vec<i64> = pipes
+                .query(&con, TENANT_REPLIES, None)
+                .await?
+                .into_iter()
+                .map(redis::from_redis_value)
+                .collect::<Result<_, _>>()?;
             Ok::<_, CentralError>(totals)
         };
         let totals = tokio::time::timeout(timeout, work)
@@ -194,10 +222,17 @@ impl RedisCentral {
             .collect())
     }
 
-    fn pipeline(&self, replica: &str, items: &[SyncItem], now_us: Option<u64>) -> redis::Pipeline {
-        let mut pipe = redis::pipe();
+    fn pipelines(
+        &self,
+        con: &RedisConnection,
+        replica: &str,
+        items: &[SyncItem],
+        now_us: Option<u64>,
+    ) -> SlotPipelines {
+        let mut pipes = SlotPipelines::for_connection(con);
         for item in items {
             let (bucket, replicas) = bucket_keys(&item.region, &item.model);
+            let pipe = pipes.item(&bucket);
             let (l, c) = (&item.limits, &item.call);
             let opt = |v: Option<i64>| v.map_or(String::new(), |v| v.to_string());
             pipe.cmd("EVALSHA")
@@ -238,7 +273,7 @@ impl RedisCentral {
                 .arg(c.generation)
                 .arg("");
         }
-        pipe
+        pipes
     }
 }
 

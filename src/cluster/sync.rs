@@ -37,11 +37,11 @@ pub fn replica_id(config: &ClusterConfig) -> String {
     format!("{host}-{}-{:04x}", std::process::id(), rand::random::<u16>())
 }
 
-/// Starts the sync task. Fails only on a malformed `redis_url`; an
+/// Starts the sync task. Fails only on a malformed Redis URL; an
 /// unreachable Redis is what the fallback is for.
 pub fn spawn(engine: Arc<Engine>, config: &ClusterConfig, replica: String) -> Result<JoinHandle<()>, String> {
     let mut central = RedisCentral::new(config.redis.clone(), config.redis_timeout)
-        .map_err(|e| format!("cluster.redis_url: {e}"))?;
+        .map_err(|e| format!("{}: {e}", super::target::config_key(&config.redis)))?;
     let tick = config.sharing.tick;
     Ok(tokio::spawn(async move {
         let mut rng = SmallRng::from_os_rng();
@@ -60,7 +60,7 @@ pub fn spawn(engine: Arc<Engine>, config: &ClusterConfig, replica: String) -> Re
             let result = if items.is_empty() {
                 Ok(Vec::new())
             } else {
-                central.call(&replica, &items, None).await
+                central.call_each(&replica, &items, None).await
             };
             let now = crate::clock::now();
             observe(now.saturating_duration_since(sent_at), result.is_ok());
@@ -68,6 +68,13 @@ pub fn spawn(engine: Arc<Engine>, config: &ClusterConfig, replica: String) -> Re
             let done = match result {
                 Ok(grants) => {
                     for (i, g) in items.iter().zip(&grants) {
+                        let Some(g) = g else {
+                            // A Redis Cluster's shard that did not answer:
+                            // this (region, model) goes without, as in an
+                            // outage; the others are answered.
+                            tracing::debug!(region = %i.region, model = %i.model, "no answer from this region-model's Redis Cluster shard");
+                            continue;
+                        };
                         // Every call and grant, for tracing how a scarce
                         // quota was split (RUST_LOG=dispatcher::quota_sync=trace).
                         tracing::trace!(target: "dispatcher::quota_sync", region = %i.region, model = %i.model,
@@ -77,7 +84,7 @@ pub fn spawn(engine: Arc<Engine>, config: &ClusterConfig, replica: String) -> Re
                             "quota sync");
                         warn_disagreeing(&mut disagreeing, i, g);
                     }
-                    items.into_iter().zip(grants.into_iter().map(Some)).collect()
+                    items.into_iter().zip(grants).collect()
                 }
                 Err(e) => {
                     if reachable != Some(false) {

@@ -1,15 +1,73 @@
 //! Reaching Redis: one URL, or the primary the Sentinels name (`[cluster]
 //! redis_sentinels`, `master_name`), asked again at every new connection so
-//! that a failover is followed. Each user keeps its own connection and drops
-//! it when a call fails, so its next call asks the Sentinels again.
+//! that a failover is followed, or a Redis Cluster (`redis_cluster`, its
+//! seed nodes; the crate learns the slots and follows MOVED/ASK). Each user
+//! keeps its own connection and drops it when a call fails, so its next
+//! call asks the Sentinels (or the cluster's nodes) again.
 
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::{ClusterClient, ClusterClientBuilder};
+use redis::cluster_async::ClusterConnection;
 use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
-use redis::{Client, IntoConnectionInfo};
+use redis::{Client, IntoConnectionInfo, RedisFuture, Value};
 
 use crate::config::RedisTarget;
+
+/// A connection to a single Redis (a connection manager) or to a Redis
+/// Cluster (the crate's cluster connection: one multiplexed connection per
+/// node, each command sent to the shard of its keys). A command, or a
+/// pipeline whose commands all hash to one slot, runs on either; a pipeline
+/// spanning slots must be split (`pipelines.rs`).
+#[derive(Clone)]
+pub enum RedisConnection {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl RedisConnection {
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Self::Cluster(_))
+    }
+}
+
+impl ConnectionLike for RedisConnection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Single(c) => c.req_packed_command(cmd),
+            Self::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(c) => c.get_db(),
+            Self::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// The `[cluster]` key that names `target`, for errors.
+pub fn config_key(target: &RedisTarget) -> &'static str {
+    match target {
+        RedisTarget::Url(_) => "cluster.redis_url",
+        RedisTarget::Sentinel { .. } => "cluster.redis_sentinels",
+        RedisTarget::Cluster { .. } => "cluster.redis_cluster",
+    }
+}
 
 /// Checks the URLs (no connection is made: a replica starts without Redis).
 pub fn check(target: &RedisTarget) -> Result<(), redis::RedisError> {
@@ -19,6 +77,7 @@ pub fn check(target: &RedisTarget) -> Result<(), redis::RedisError> {
             sentinels,
             master_name,
         } => sentinel(sentinels, master_name).map(drop),
+        RedisTarget::Cluster { nodes } => cluster(nodes, Duration::from_secs(1)).map(drop),
     }
 }
 
@@ -39,22 +98,37 @@ fn sentinel(sentinels: &[String], master_name: &str) -> Result<SentinelClient, r
     )
 }
 
-/// A connection to the target's primary; the caller bounds it in time.
-pub async fn connect(
-    target: &RedisTarget,
-    timeout: Duration,
-) -> Result<ConnectionManager, redis::RedisError> {
+/// A cluster client on the seed nodes: every attempt on a node bounded by
+/// `timeout`, one retry (a MOVED or ASK is followed within it); the caller
+/// bounds the whole call as for a single Redis.
+fn cluster(nodes: &[String], timeout: Duration) -> Result<ClusterClient, redis::RedisError> {
+    ClusterClientBuilder::new(nodes.iter().map(String::as_str))
+        .connection_timeout(timeout)
+        .response_timeout(timeout)
+        .retries(1)
+        .build()
+}
+
+/// A connection to the target (its primary, or its cluster); the caller
+/// bounds it in time.
+pub async fn connect(target: &RedisTarget, timeout: Duration) -> Result<RedisConnection, redis::RedisError> {
     let client = match target {
         RedisTarget::Url(url) => Client::open(url.as_str())?,
         RedisTarget::Sentinel {
             sentinels,
             master_name,
         } => sentinel(sentinels, master_name)?.async_get_client().await?,
+        RedisTarget::Cluster { nodes } => {
+            let c = cluster(nodes, timeout)?.get_async_connection().await?;
+            return Ok(RedisConnection::Cluster(c));
+        }
     };
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(timeout))
         .set_response_timeout(Some(timeout))
         .set_number_of_retries(1)
         .set_max_delay(Duration::from_millis(500));
-    ConnectionManager::new_with_config(client, config).await
+    Ok(RedisConnection::Single(
+        ConnectionManager::new_with_config(client, config).await?,
+    ))
 }

@@ -197,6 +197,11 @@ pub enum RedisTarget {
         sentinels: Vec<String>,
         master_name: String,
     },
+    /// `redis_cluster`: seed nodes of a Redis Cluster; the crate learns the
+    /// slots from them and routes each key to its shard.
+    Cluster {
+        nodes: Vec<String>,
+    },
 }
 
 impl From<&str> for RedisTarget {

@@ -117,6 +117,7 @@ pub struct RawCluster {
     pub redis_url: Option<String>,
     pub redis_sentinels: Option<Vec<String>>,
     pub master_name: Option<String>,
+    pub redis_cluster: Option<Vec<String>>,
     pub replica_id: Option<String>,
     pub expected_replicas: Option<u32>,
     pub chunk_ttl: Option<String>,

@@ -14,6 +14,50 @@ const MAX_REPLICAS: u32 = 1000;
 /// At most this many Sentinels.
 const MAX_SENTINELS: usize = 16;
 
+/// At most this many seed nodes of a Redis Cluster.
+const MAX_CLUSTER_NODES: usize = 64;
+
+/// `[cluster] redis_cluster`: the seed nodes of a Redis Cluster, given
+/// instead of `redis_url` and `redis_sentinels` (URLs never echoed).
+fn redis_cluster_target(c: &Ctx<'_>, k: &RawCluster, nodes: Vec<String>) -> Result<RedisTarget, ConfigError> {
+    for (other, set) in [
+        ("redis_url", k.redis_url.is_some()),
+        ("redis_sentinels", k.redis_sentinels.is_some()),
+    ] {
+        if set {
+            return Err(c.err(
+                "cluster.redis_cluster",
+                format!("and cluster.{other} are both set; give one (a single Redis, the Sentinels of a primary, or a Redis Cluster's nodes)"),
+            ));
+        }
+    }
+    if k.master_name.is_some() {
+        return Err(c.err("cluster.master_name", "is only used with redis_sentinels"));
+    }
+    if nodes.is_empty() || nodes.len() > MAX_CLUSTER_NODES {
+        return Err(c.err(
+            "cluster.redis_cluster",
+            format!(
+                "lists {} nodes; expected 1 to {MAX_CLUSTER_NODES} URLs of the cluster's nodes",
+                nodes.len()
+            ),
+        ));
+    }
+    if let Some(i) = nodes
+        .iter()
+        .position(|u| !(u.starts_with("redis://") || u.starts_with("rediss://")))
+    {
+        return Err(c.err(
+            "cluster.redis_cluster",
+            format!(
+                "entry {} is not a Redis URL; expected redis://host:port of a cluster node",
+                i + 1
+            ),
+        ));
+    }
+    Ok(RedisTarget::Cluster { nodes })
+}
+
 /// `redis_url`, or `redis_sentinels` with `master_name` (one of the two):
 /// where the Redis of `section` is. `None` when neither is given.
 pub(super) fn redis_target(
@@ -95,11 +139,24 @@ pub(super) fn redis_target(
 
 pub(super) fn validate_cluster(c: &Ctx<'_>, k: RawCluster) -> Result<ClusterConfig, ConfigError> {
     let redis_url = k.redis_url.clone().unwrap_or_default();
-    let Some(redis) = redis_target(c, "cluster", k.redis_url, k.redis_sentinels, k.master_name)? else {
-        return Err(c.err(
-            "cluster.redis_url",
-            "is required with [cluster] (like \"redis://127.0.0.1:6379\"), or redis_sentinels and master_name; remove [cluster] to run one replica without Redis",
-        ));
+    let redis = match k.redis_cluster.clone() {
+        Some(nodes) => redis_cluster_target(c, &k, nodes)?,
+        None => {
+            let Some(redis) = redis_target(
+                c,
+                "cluster",
+                k.redis_url.clone(),
+                k.redis_sentinels.clone(),
+                k.master_name.clone(),
+            )?
+            else {
+                return Err(c.err(
+                    "cluster.redis_url",
+                    "is required with [cluster] (like \"redis://127.0.0.1:6379\"), or redis_sentinels and master_name, or redis_cluster; remove [cluster] to run one replica without Redis",
+                ));
+            };
+            redis
+        }
     };
     if let Some(id) = &k.replica_id {
         c.name("cluster.replica_id", id)?;

@@ -10,6 +10,7 @@ pub mod http_client;
 pub mod jobs;
 pub mod openai;
 pub mod redis;
+pub mod redis_cluster;
 pub mod replicas;
 pub mod tools;
 pub mod vsim;
