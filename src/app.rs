@@ -137,29 +137,42 @@ impl Runtime {
             false => None,
             true => {
                 let j = &config.jobs;
-                let store: std::sync::Arc<dyn crate::jobs::JobStore> = match (&config.cluster, &cluster) {
-                    (Some(c), Some((replica, _))) => {
-                        let store = crate::cluster::RedisJobStore::new(
-                            c.redis.clone(),
-                            c.redis_timeout,
-                            j.lease,
-                            j.max_jobs,
-                            j.max_store_bytes,
-                        )
-                        .map_err(|e| format!("cluster.redis_url: {e}"))?;
-                        tracing::info!(%replica, lease = ?j.lease, "jobs kept in Redis ([cluster]): any replica serves any job");
+                // The owner name in a shared store must be this process's
+                // alone: the replica id, or a fresh one without [cluster].
+                let owner = match (&cluster, &j.redis) {
+                    (Some((replica, _)), _) => replica.clone(),
+                    (None, Some(_)) => crate::cluster::fresh_replica_id(),
+                    (None, None) => "local".to_string(),
+                };
+                let in_redis = |target: &crate::config::RedisTarget, timeout, key: &str| {
+                    crate::cluster::RedisJobStore::new(
+                        target.clone(),
+                        timeout,
+                        j.lease,
+                        j.max_jobs,
+                        j.max_store_bytes,
+                    )
+                    .map_err(|e| format!("{key}: {e}"))
+                };
+                let store: std::sync::Arc<dyn crate::jobs::JobStore> = match (&j.redis, &config.cluster) {
+                    (Some(target), _) => {
+                        let store = in_redis(target, j.redis_timeout, "jobs.redis_url")?
+                            .timeout_named("jobs.redis_timeout");
+                        tracing::info!(%owner, lease = ?j.lease, "jobs kept in their own Redis ([jobs] redis_url or redis_sentinels)");
                         std::sync::Arc::new(store)
                     }
-                    _ => {
+                    (None, Some(c)) => {
+                        let store = in_redis(&c.redis, c.redis_timeout, "cluster.redis_url")?;
+                        tracing::info!(%owner, lease = ?j.lease, "jobs kept in Redis ([cluster]): any replica serves any job");
+                        std::sync::Arc::new(store)
+                    }
+                    (None, None) => {
                         let store =
                             crate::jobs::EmbeddedStore::open(&j.data_dir, j.max_jobs, j.max_store_bytes)?;
                         tracing::info!(dir = %j.data_dir.display(), "jobs kept in the embedded store");
                         std::sync::Arc::new(store)
                     }
                 };
-                let owner = cluster
-                    .as_ref()
-                    .map_or_else(|| "local".to_string(), |(r, _)| r.clone());
                 Some(crate::jobs::Jobs::new(engine.clone(), store, owner, &config))
             }
         };

@@ -6,8 +6,9 @@
 //! Owner: Redis holds the records; each call is one atomic script step (a
 //! fence check and its write together), so replicas need no lock of their
 //! own. One connection manager (multiplexed, made on first use) is shared
-//! by every call, and every call is bounded by `cluster.redis_timeout`: a
-//! Redis that does not answer is `StoreError::Unavailable`, never a hang.
+//! by every call, and every call is bounded by `cluster.redis_timeout`
+//! (`jobs.redis_timeout` in jobs' own Redis): a Redis that does not answer
+//! is `StoreError::Unavailable`, never a hang.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -64,6 +65,8 @@ pub struct RedisJobStore {
     connection: Arc<Mutex<Option<ConnectionManager>>>,
     script: redis::Script,
     timeout: Duration,
+    /// The setting `timeout` came from, named in errors.
+    timeout_key: &'static str,
     lease_ms: u64,
     max_jobs: u64,
     max_bytes: u64,
@@ -122,10 +125,18 @@ impl RedisJobStore {
             connection: Arc::default(),
             script: redis::Script::new(SCRIPT),
             timeout,
+            timeout_key: "cluster.redis_timeout",
             lease_ms: lease.as_millis() as u64,
             max_jobs,
             max_bytes,
         })
+    }
+
+    /// Names `key` as the timeout's setting in errors (`jobs.redis_timeout`
+    /// for jobs in their own Redis).
+    pub fn timeout_named(mut self, key: &'static str) -> Self {
+        self.timeout_key = key;
+        self
     }
 
     async fn connection(&self) -> Result<ConnectionManager, StoreError> {
@@ -153,8 +164,8 @@ impl RedisJobStore {
             .await
             .map_err(|_| {
                 unavailable(format!(
-                    "no answer within {:?} (cluster.redis_timeout)",
-                    self.timeout
+                    "no answer within {:?} ({})",
+                    self.timeout, self.timeout_key
                 ))
             })
             .flatten();
@@ -193,8 +204,8 @@ impl RedisJobStore {
     /// again: a stalled server runs what it was sent when it wakes).
     async fn invoke_write<T: FromRedisValue>(&self, inv: ScriptInvocation<'_>) -> Result<T, StoreError> {
         let started = crate::clock::tokio_now();
-        let timeout = self.timeout;
-        let late = || format!("Redis did not answer within {timeout:?} (cluster.redis_timeout)");
+        let (timeout, key) = (self.timeout, self.timeout_key);
+        let late = || format!("Redis did not answer within {timeout:?} ({key})");
         let mut con = tokio::time::timeout(timeout, self.connection())
             .await
             .map_err(|_| unavailable(late()))??;

@@ -168,15 +168,22 @@ pub struct CacheConfig {
 pub struct JobsConfig {
     /// false: the Jobs service answers UNAVAILABLE and nothing is stored.
     pub enabled: bool,
-    /// The embedded store's directory (without `[cluster]`); resolved
-    /// against dispatcher.toml's directory.
+    /// The embedded store's directory (jobs in no Redis); resolved against
+    /// dispatcher.toml's directory.
     pub data_dir: PathBuf,
+    /// `[jobs] redis_url` or `redis_sentinels`: jobs in their own Redis
+    /// (one with an AOF), whether or not `[cluster]` is set. `None`: in
+    /// `[cluster]`'s Redis with `[cluster]`, else in the embedded store.
+    pub redis: Option<RedisTarget>,
+    /// Every call to `redis` gives up after this long.
+    pub redis_timeout: std::time::Duration,
     /// How long a finished job (and its output) is kept.
     pub ttl: std::time::Duration,
     /// How long one run of a job may take, its wait for quota included.
     pub timeout: std::time::Duration,
-    /// With `[cluster]`: a replica's hold on its jobs, renewed by heartbeat;
-    /// another replica takes them over once it lapses.
+    /// Jobs in Redis: a replica's hold on its jobs, renewed by heartbeat;
+    /// another replica (or this one, restarted) takes them over once it
+    /// lapses.
     pub lease: std::time::Duration,
     pub limits: crate::core::JobLimits,
     /// Jobs stored at most (all states), and their bytes.

@@ -155,6 +155,10 @@ pub struct RawJobs {
     pub max_jobs: Option<u64>,
     pub max_store_bytes: Option<u64>,
     pub max_output_bytes: Option<u64>,
+    pub redis_url: Option<String>,
+    pub redis_sentinels: Option<Vec<String>>,
+    pub master_name: Option<String>,
+    pub redis_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
