@@ -92,3 +92,21 @@ fn jobs_go_to_their_own_redis_with_or_without_cluster() {
     ));
     assert_eq!(c.jobs.redis, None);
 }
+
+/// The shipped dispatcher.toml's commented jobs Redis, uncommented
+/// (`redis_url` and `redis_timeout`), validates.
+#[test]
+fn the_shipped_jobs_redis_example_validates() {
+    let shipped = include_str!("../dispatcher.toml");
+    let url = "# redis_url = \"redis://127.0.0.1:6380\"";
+    let timeout = "# redis_timeout = \"1s\"";
+    assert!(shipped.contains(url) && shipped.contains(timeout));
+    let text = shipped
+        .replace(url, &url[2..])
+        .replacen(timeout, &timeout[2..], 1);
+    let c = parse(&text);
+    assert_eq!(
+        c.jobs.redis,
+        Some(config::RedisTarget::Url("redis://127.0.0.1:6380".into()))
+    );
+}
