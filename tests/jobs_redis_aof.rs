@@ -7,6 +7,10 @@
 //! restart and ends DONE; a Submit during the outage is refused (UNAVAILABLE,
 //! and then nothing was stored) or, for the one in flight at the kill, told
 //! it may have been stored; the dispatcher takes jobs again by itself.
+//!
+//! And without `[cluster]`: two dispatcher processes on one jobs Redis each
+//! own their jobs under a name of their own (neither takes the other's
+//! live jobs), and a killed one's jobs are taken over by the other.
 
 mod common;
 
@@ -16,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use common::jobs::{setup, with_key};
 use common::redis::RedisServer;
-use common::{eventually, region_status};
+use common::{ConfigDir, Proc, dispatcher, eventually, region_sim, region_status, sim_stats};
 use dispatcher::pb;
 use dispatcher::pb::jobs_client::JobsClient;
 use tonic::Code;
@@ -304,4 +308,115 @@ async fn jobs_acknowledged_before_a_sigkill_of_their_aof_redis_are_kept() {
         reload.needs_restart.iter().any(|r| r.starts_with("jobs")),
         "{reload:?}"
     );
+}
+
+/// A job of `tokens` output tokens, repeatable, submitted to `p`.
+async fn submit_long(p: &Proc, tokens: u64, key: &str) -> pb::Job {
+    let request = pb::SubmitJobRequest {
+        request: Some(pb::DispatchRequest {
+            model: "gpt-4o".into(),
+            payload: "long agent work".into(),
+            prompt_tokens: 10,
+            max_output_tokens: tokens,
+            ..Default::default()
+        }),
+        idempotency_key: key.into(),
+        repeatable: true,
+    };
+    JobsClient::connect(p.endpoint())
+        .await
+        .unwrap()
+        .submit_job(with_key(request, "k-alpha"))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn get(p: &Proc, id: &str) -> pb::Job {
+    JobsClient::connect(p.endpoint())
+        .await
+        .unwrap()
+        .get_job(with_key(pb::JobRef { job_id: id.into() }, "k-alpha"))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_cluster_each_process_owns_its_jobs_in_the_shared_jobs_redis() {
+    let redis = RedisServer::start();
+    let toml = common::jobs::dispatcher_toml(&format!("lease = \"1s\"\nredis_url = \"{}\"", redis.url()), "");
+    let dirs = [ConfigDir::new(&toml), ConfigDir::new(&toml)];
+    // 1,000 output tokens take 1.5 s.
+    let sim = region_sim(
+        dirs[0].path(),
+        "r1",
+        &[
+            "--model",
+            "gpt-4o:600000000:6000000:usage",
+            "--ms-per-1k-tokens",
+            "1500",
+            "--completion-min-fraction",
+            "1",
+        ],
+    );
+    for d in &dirs {
+        d.write_region(
+            "r1",
+            &common::region_toml(
+                "r1",
+                &sim.endpoint(),
+                256,
+                &[("gpt-4o", 600_000_000, 6_000_000, "usage")],
+            ),
+        );
+    }
+    let mut a = dispatcher(&dirs[0].config());
+    let b = dispatcher(&dirs[1].config());
+    assert!(a.logs().contains("jobs kept in their own Redis"), "{}", a.logs());
+
+    // Jobs run by A while B watches the same Redis: each runs once, A's.
+    let mut jobs = Vec::new();
+    for i in 0..3 {
+        jobs.push(submit_long(&a, 1000, &format!("live-{i}")).await);
+    }
+    let owner = jobs[0].owner.clone();
+    assert!(
+        !owner.is_empty() && owner != "local",
+        "a name of this process: {owner:?}"
+    );
+    for j in &jobs {
+        assert!(
+            eventually(Duration::from_secs(30), || async {
+                get(&b, &j.job_id).await.state() == pb::JobState::Done
+            })
+            .await
+            .is_some(),
+            "{:?}",
+            get(&b, &j.job_id).await
+        );
+        let done = get(&b, &j.job_id).await;
+        assert_eq!((done.owner.as_str(), done.runs), (owner.as_str(), 1), "{done:?}");
+    }
+    let repeated = sim_stats(sim.addr).await.repeated_request_ids;
+    assert!(
+        repeated.is_empty(),
+        "B took A's live jobs and ran them again: {repeated:?}"
+    );
+
+    // A killed mid-run: B takes its job once the lease lapses, and ends it.
+    let job = submit_long(&a, 3000, "orphan").await;
+    eventually(Duration::from_secs(10), || async {
+        get(&b, &job.job_id).await.state() == pb::JobState::Running
+    })
+    .await
+    .expect("the job runs on A");
+    a.kill();
+    let done = eventually(Duration::from_secs(20), || async {
+        get(&b, &job.job_id).await.state() == pb::JobState::Done
+    })
+    .await;
+    let j = get(&b, &job.job_id).await;
+    assert!(done.is_some(), "A's job was not finished by B: {j:?}");
+    assert!(j.owner != owner && !j.owner.is_empty(), "{j:?}");
 }
