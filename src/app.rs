@@ -121,10 +121,12 @@ impl Runtime {
                 let replica = crate::cluster::replica_id(c);
                 let task = crate::cluster::spawn(engine.clone(), c, replica.clone())?;
                 let ids = crate::cluster::RedisIds::new(c.redis.clone(), c.redis_timeout)
+                    .and_then(|ids| ids.with_tls(c.redis_tls.clone()))
                     .map_err(|e| format!("cluster.redis_url: {e}"))?;
                 engine.share_request_ids(std::sync::Arc::new(ids));
                 if config.cache.shared {
                     let cache = crate::cluster::RedisCache::new(c.redis.clone(), c.redis_timeout)
+                        .and_then(|cache| cache.with_tls(c.redis_tls.clone()))
                         .map_err(|e| format!("cluster.redis_url: {e}"))?;
                     engine.cache().share(std::sync::Arc::new(cache));
                 }
@@ -144,7 +146,7 @@ impl Runtime {
                     (None, Some(_)) => crate::cluster::fresh_replica_id(),
                     (None, None) => "local".to_string(),
                 };
-                let in_redis = |target: &crate::config::RedisTarget, timeout, key: &str| {
+                let in_redis = |target: &crate::config::RedisTarget, tls: &Option<_>, timeout, key: &str| {
                     crate::cluster::RedisJobStore::new(
                         target.clone(),
                         timeout,
@@ -152,17 +154,18 @@ impl Runtime {
                         j.max_jobs,
                         j.max_store_bytes,
                     )
+                    .and_then(|store| store.with_tls(Option::clone(tls)))
                     .map_err(|e| format!("{key}: {e}"))
                 };
                 let store: std::sync::Arc<dyn crate::jobs::JobStore> = match (&j.redis, &config.cluster) {
                     (Some(target), _) => {
-                        let store = in_redis(target, j.redis_timeout, "jobs.redis_url")?
+                        let store = in_redis(target, &j.redis_tls, j.redis_timeout, "jobs.redis_url")?
                             .timeout_named("jobs.redis_timeout");
                         tracing::info!(%owner, lease = ?j.lease, "jobs kept in their own Redis ([jobs] redis_url or redis_sentinels)");
                         std::sync::Arc::new(store)
                     }
                     (None, Some(c)) => {
-                        let store = in_redis(&c.redis, c.redis_timeout, "cluster.redis_url")?;
+                        let store = in_redis(&c.redis, &c.redis_tls, c.redis_timeout, "cluster.redis_url")?;
                         tracing::info!(%owner, lease = ?j.lease, "jobs kept in Redis ([cluster]): any replica serves any job");
                         std::sync::Arc::new(store)
                     }

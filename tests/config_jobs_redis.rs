@@ -110,3 +110,67 @@ fn the_shipped_jobs_redis_example_validates() {
         Some(config::RedisTarget::Url("redis://127.0.0.1:6380".into()))
     );
 }
+
+/// `redis_ca_file` and the client certificate (`[cluster]` and `[jobs]`):
+/// only with a rediss:// URL, files read while validating, a certificate
+/// with its key.
+#[test]
+fn the_redis_tls_settings_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    let not_pem = dir.path().join("junk.pem");
+    std::fs::write(&not_pem, "not a certificate").unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    std::fs::write(&ca, cert.pem()).unwrap();
+    let key_file = dir.path().join("client.key");
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    let file = dir.path().join("dispatcher.toml");
+    let parse_in = |text: &str| config::parse_dispatcher(text, &file, Some(HashMap::new()));
+    let err = |text: &str| parse_in(text).unwrap_err();
+    let f = file.to_str().unwrap();
+    let cluster =
+        |url: &str, extra: &str| format!("{DISPATCHER}\n[cluster]\nredis_url = \"{url}\"\n{extra}\n");
+
+    let e = err(&cluster("redis://a:1", "redis_ca_file = \"ca.pem\""));
+    assert_names(&e, f, "cluster.redis_ca_file", "only used with a rediss://");
+    let e = err(&cluster("rediss://a:1", "redis_ca_file = \"missing.pem\""));
+    assert_names(&e, f, "cluster.redis_ca_file", "missing.pem");
+    let e = err(&cluster("rediss://a:1", "redis_ca_file = \"junk.pem\""));
+    assert_names(&e, f, "cluster.redis_ca_file", "junk.pem");
+    let e = err(&cluster("rediss://a:1", "redis_client_cert_file = \"ca.pem\""));
+    assert_names(&e, f, "cluster.redis_client_key_file", "missing");
+    let e = err(&cluster("rediss://a:1", "redis_client_key_file = \"client.key\""));
+    assert_names(&e, f, "cluster.redis_client_cert_file", "missing");
+    let e = err(&format!(
+        "{DISPATCHER}\n[cluster]\nredis_sentinels = [\"rediss://a:1\"]\nmaster_name = \"q\"\nredis_ca_file = \"ca.pem\"\n"
+    ));
+    assert_names(&e, f, "cluster.redis_ca_file", "only supported with redis_url");
+    let e = err(&format!("{DISPATCHER}\n[jobs]\nredis_ca_file = \"ca.pem\"\n"));
+    assert_names(
+        &e,
+        f,
+        "jobs.redis_ca_file",
+        "only used with a rediss:// jobs.redis_url",
+    );
+
+    // Accepted: relative to dispatcher.toml, contents kept, key not shown.
+    let c = parse_in(&cluster(
+        "rediss://a:1",
+        "redis_ca_file = \"ca.pem\"\nredis_client_cert_file = \"ca.pem\"\nredis_client_key_file = \"client.key\"",
+    ))
+    .unwrap();
+    let tls = c.cluster.unwrap().redis_tls.unwrap();
+    assert_eq!(tls.ca_file.as_deref(), Some(ca.as_path()));
+    assert_eq!(tls.ca.as_deref(), Some(cert.pem().as_bytes()));
+    assert!(tls.identity.is_some());
+    assert!(!format!("{tls:?}").contains("PRIVATE KEY"), "{tls:?}");
+    let c = parse_in(&format!(
+        "{DISPATCHER}\n[jobs]\nredis_url = \"rediss://b:2\"\nredis_ca_file = \"ca.pem\"\n"
+    ))
+    .unwrap();
+    assert!(c.jobs.redis_tls.unwrap().identity.is_none());
+}

@@ -62,6 +62,7 @@ fn tenant_key(tenant: &str) -> String {
 
 pub struct RedisJobStore {
     target: crate::config::RedisTarget,
+    tls: Option<crate::config::RedisTls>,
     connection: Arc<Mutex<Option<ConnectionManager>>>,
     script: redis::Script,
     timeout: Duration,
@@ -119,9 +120,10 @@ impl RedisJobStore {
         max_bytes: u64,
     ) -> Result<Self, redis::RedisError> {
         let target = target.into();
-        super::target::check(&target)?;
+        super::target::check(&target, None)?;
         Ok(Self {
             target,
+            tls: None,
             connection: Arc::default(),
             script: redis::Script::new(SCRIPT),
             timeout,
@@ -139,12 +141,19 @@ impl RedisJobStore {
         self
     }
 
+    /// TLS settings for a `rediss://` URL (checked here, used at connect).
+    pub fn with_tls(mut self, tls: Option<crate::config::RedisTls>) -> Result<Self, redis::RedisError> {
+        super::target::check(&self.target, tls.as_ref())?;
+        self.tls = tls;
+        Ok(self)
+    }
+
     async fn connection(&self) -> Result<ConnectionManager, StoreError> {
         let mut slot = self.connection.lock().await;
         if let Some(c) = &*slot {
             return Ok(c.clone());
         }
-        let c = super::target::connect(&self.target, self.timeout)
+        let c = super::target::connect(&self.target, self.tls.as_ref(), self.timeout)
             .await
             .map_err(unavailable)?;
         *slot = Some(c.clone());

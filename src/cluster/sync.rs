@@ -47,6 +47,7 @@ pub fn fresh_replica_id() -> String {
 /// unreachable Redis is what the fallback is for.
 pub fn spawn(engine: Arc<Engine>, config: &ClusterConfig, replica: String) -> Result<JoinHandle<()>, String> {
     let mut central = RedisCentral::new(config.redis.clone(), config.redis_timeout)
+        .and_then(|c| c.with_tls(config.redis_tls.clone()))
         .map_err(|e| format!("cluster.redis_url: {e}"))?;
     let tick = config.sharing.tick;
     Ok(tokio::spawn(async move {

@@ -6,6 +6,7 @@ mod ctx;
 mod diff;
 mod load;
 mod raw;
+mod redis_tls;
 mod tls;
 mod validate;
 mod validate_cache;
@@ -31,6 +32,7 @@ use crate::core::{
 pub use ctx::MAX_NAME_LEN;
 pub use diff::{Change, ChangeKind, changes, region_changes};
 pub use load::{load, load_regions, parse_dispatcher, parse_region};
+pub use redis_tls::RedisTls;
 pub use tls::{ClientAuth, RegionTls, ServerTlsConfig, exposure_problems};
 pub use validate::parse_key_hash as validate_key_hash;
 pub use validate_openai_region::{DEFAULT_AZURE_API_VERSION, OpenAiRegion};
@@ -177,6 +179,8 @@ pub struct JobsConfig {
     pub redis: Option<RedisTarget>,
     /// Every call to `redis` gives up after this long.
     pub redis_timeout: std::time::Duration,
+    /// `redis_ca_file` and the client certificate, for a `rediss://` URL.
+    pub redis_tls: Option<RedisTls>,
     /// How long a finished job (and its output) is kept.
     pub ttl: std::time::Duration,
     /// How long one run of a job may take, its wait for quota included.
@@ -230,6 +234,8 @@ pub struct ClusterConfig {
     pub sharing: crate::core::SharingSettings,
     /// Every Redis call gives up after this long.
     pub redis_timeout: std::time::Duration,
+    /// `redis_ca_file` and the client certificate, for a `rediss://` URL.
+    pub redis_tls: Option<RedisTls>,
 }
 
 /// Traces and metrics.

@@ -123,6 +123,9 @@ pub struct RawCluster {
     pub sync_interval: Option<String>,
     pub redis_timeout: Option<String>,
     pub unreachable_after: Option<String>,
+    pub redis_ca_file: Option<String>,
+    pub redis_client_cert_file: Option<String>,
+    pub redis_client_key_file: Option<String>,
 }
 
 /// `[cache]`: the response cache (docs/CACHE.md).
@@ -159,6 +162,9 @@ pub struct RawJobs {
     pub redis_sentinels: Option<Vec<String>>,
     pub master_name: Option<String>,
     pub redis_timeout: Option<String>,
+    pub redis_ca_file: Option<String>,
+    pub redis_client_cert_file: Option<String>,
+    pub redis_client_key_file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -101,6 +101,14 @@ pub(super) fn validate_cluster(c: &Ctx<'_>, k: RawCluster) -> Result<ClusterConf
             "is required with [cluster] (like \"redis://127.0.0.1:6379\"), or redis_sentinels and master_name; remove [cluster] to run one replica without Redis",
         ));
     };
+    let redis_tls = super::redis_tls::validate_redis_tls(
+        c,
+        "cluster",
+        Some(&redis),
+        k.redis_ca_file,
+        k.redis_client_cert_file,
+        k.redis_client_key_file,
+    )?;
     if let Some(id) = &k.replica_id {
         c.name("cluster.replica_id", id)?;
     }
@@ -177,5 +185,6 @@ pub(super) fn validate_cluster(c: &Ctx<'_>, k: RawCluster) -> Result<ClusterConf
             expire_chunks: true,
         },
         redis_timeout,
+        redis_tls,
     })
 }

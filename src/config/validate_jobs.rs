@@ -44,6 +44,14 @@ pub(super) fn validate_jobs(c: &Ctx<'_>, base: &Path, j: RawJobs) -> Result<Jobs
     }
     let redis =
         super::validate_cluster::redis_target(c, "jobs", j.redis_url, j.redis_sentinels, j.master_name)?;
+    let redis_tls = super::redis_tls::validate_redis_tls(
+        c,
+        "jobs",
+        redis.as_ref(),
+        j.redis_ca_file,
+        j.redis_client_cert_file,
+        j.redis_client_key_file,
+    )?;
     let redis_timeout = c.duration("jobs.redis_timeout", j.redis_timeout.as_deref(), REDIS_TIMEOUT)?;
     if redis.is_none() && j.redis_timeout.is_some() {
         return Err(c.err(
@@ -67,6 +75,7 @@ pub(super) fn validate_jobs(c: &Ctx<'_>, base: &Path, j: RawJobs) -> Result<Jobs
         data_dir,
         redis,
         redis_timeout,
+        redis_tls,
         ttl,
         timeout,
         lease,
