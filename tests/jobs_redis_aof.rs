@@ -18,9 +18,9 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::jobs::{setup, with_key};
+use common::jobs::{repeatable_job, setup, with_key};
 use common::redis::RedisServer;
-use common::{ConfigDir, Proc, dispatcher, eventually, region_sim, region_status, sim_stats};
+use common::{ConfigDir, Proc, dispatcher, eventually, region_status, sim_stats};
 use dispatcher::pb;
 use dispatcher::pb::jobs_client::JobsClient;
 use tonic::Code;
@@ -47,19 +47,9 @@ fn count(log: &Log, f: impl Fn(&Outcome) -> bool) -> usize {
 }
 
 async fn submit(c: &mut JobsClient<tonic::transport::Channel>, key: &str) -> Outcome {
-    let request = pb::SubmitJobRequest {
-        request: Some(pb::DispatchRequest {
-            model: "gpt-4o".into(),
-            payload: "agent work".into(),
-            prompt_tokens: 20,
-            max_output_tokens: 40,
-            ..Default::default()
-        }),
-        idempotency_key: key.into(),
-        // A job whose run the outage stopped is run again, so every stored
-        // job must end DONE.
-        repeatable: true,
-    };
+    // Repeatable: a job whose run the outage stopped is run again, so
+    // every stored job must end DONE.
+    let request = repeatable_job(40, key);
     match c.submit_job(with_key(request, "k-alpha")).await {
         Ok(j) => Outcome::Acked(j.into_inner().job_id),
         Err(s) => {
@@ -312,17 +302,7 @@ async fn jobs_acknowledged_before_a_sigkill_of_their_aof_redis_are_kept() {
 
 /// A job of `tokens` output tokens, repeatable, submitted to `p`.
 async fn submit_long(p: &Proc, tokens: u64, key: &str) -> pb::Job {
-    let request = pb::SubmitJobRequest {
-        request: Some(pb::DispatchRequest {
-            model: "gpt-4o".into(),
-            payload: "long agent work".into(),
-            prompt_tokens: 10,
-            max_output_tokens: tokens,
-            ..Default::default()
-        }),
-        idempotency_key: key.into(),
-        repeatable: true,
-    };
+    let request = repeatable_job(tokens, key);
     JobsClient::connect(p.endpoint())
         .await
         .unwrap()
@@ -348,29 +328,7 @@ async fn without_cluster_each_process_owns_its_jobs_in_the_shared_jobs_redis() {
     let toml = common::jobs::dispatcher_toml(&format!("lease = \"1s\"\nredis_url = \"{}\"", redis.url()), "");
     let dirs = [ConfigDir::new(&toml), ConfigDir::new(&toml)];
     // 1,000 output tokens take 1.5 s.
-    let sim = region_sim(
-        dirs[0].path(),
-        "r1",
-        &[
-            "--model",
-            "gpt-4o:600000000:6000000:usage",
-            "--ms-per-1k-tokens",
-            "1500",
-            "--completion-min-fraction",
-            "1",
-        ],
-    );
-    for d in &dirs {
-        d.write_region(
-            "r1",
-            &common::region_toml(
-                "r1",
-                &sim.endpoint(),
-                256,
-                &[("gpt-4o", 600_000_000, 6_000_000, "usage")],
-            ),
-        );
-    }
+    let sim = common::jobs::shared_region(&dirs, "1500");
     let mut a = dispatcher(&dirs[0].config());
     let b = dispatcher(&dirs[1].config());
     assert!(a.logs().contains("jobs kept in their own Redis"), "{}", a.logs());

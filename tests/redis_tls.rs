@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::certs::{Ca, Pair};
 use common::jobs::with_key;
-use common::{ConfigDir, Proc, dispatcher, eventually, region_sim, region_status};
+use common::{ConfigDir, Proc, dispatcher, eventually, region_status};
 use dispatcher::pb;
 use dispatcher::pb::jobs_client::JobsClient;
 
@@ -96,16 +96,6 @@ fn replica_toml(redis: &str, replica: &str, tls: &str, jobs: &str) -> String {
     )
 }
 
-const REGION: &str = r#"
-name = "r1"
-endpoint = "ENDPOINT"
-[[models]]
-name = "gpt-4o"
-tokens_per_minute = 600000000
-requests_per_minute = 6000000
-accounting = "usage"
-"#;
-
 async fn mode(p: &Proc) -> String {
     let s = region_status(p.addr, "r1").await.unwrap();
     s.models[0]
@@ -141,19 +131,7 @@ async fn replicas_share_the_quota_through_a_tls_redis_and_a_wrong_ca_falls_back(
         ConfigDir::new(&replica_toml(&redis.url(), "a", &tls, &jobs)),
         ConfigDir::new(&replica_toml(&redis.url(), "b", &tls, "")),
     ];
-    let sim = region_sim(
-        dirs[0].path(),
-        "r1",
-        &[
-            "--model",
-            "gpt-4o:600000000:6000000:usage",
-            "--ms-per-1k-tokens",
-            "1",
-        ],
-    );
-    for d in &dirs {
-        d.write_region("r1", &REGION.replace("ENDPOINT", &sim.endpoint()));
-    }
+    let _sim = common::jobs::shared_region(&dirs, "1");
     let replicas: Vec<Proc> = dirs.iter().map(|d| dispatcher(&d.config())).collect();
     // Each hears of both through the one Redis (its central level known).
     for p in &replicas {
@@ -176,17 +154,7 @@ async fn replicas_share_the_quota_through_a_tls_redis_and_a_wrong_ca_falls_back(
 
     // A's jobs go over TLS too.
     let mut jobs = JobsClient::connect(replicas[0].endpoint()).await.unwrap();
-    let request = pb::SubmitJobRequest {
-        request: Some(pb::DispatchRequest {
-            model: "gpt-4o".into(),
-            payload: "work".into(),
-            prompt_tokens: 10,
-            max_output_tokens: 20,
-            ..Default::default()
-        }),
-        idempotency_key: "tls-job".into(),
-        repeatable: true,
-    };
+    let request = common::jobs::repeatable_job(20, "tls-job");
     let job = jobs
         .submit_job(with_key(request, "k-alpha"))
         .await
@@ -215,7 +183,7 @@ async fn replicas_share_the_quota_through_a_tls_redis_and_a_wrong_ca_falls_back(
         &tls_keys(&other.cert, &client),
         "",
     ));
-    wrong.write_region("r1", &REGION.replace("ENDPOINT", &sim.endpoint()));
+    wrong.write_region("r1", &std::fs::read_to_string(dirs[0].region_file("r1")).unwrap());
     let c = dispatcher(&wrong.config());
     let fallback = eventually(Duration::from_secs(10), || async {
         c.logs().contains("quota sync") && mode(&c).await == "fallback"
