@@ -121,10 +121,12 @@ impl Runtime {
                 let replica = crate::cluster::replica_id(c);
                 let task = crate::cluster::spawn(engine.clone(), c, replica.clone())?;
                 let ids = crate::cluster::RedisIds::new(c.redis.clone(), c.redis_timeout)
+                    .and_then(|ids| ids.with_tls(c.redis_tls.clone()))
                     .map_err(|e| format!("{}: {e}", crate::cluster::config_key(&c.redis)))?;
                 engine.share_request_ids(std::sync::Arc::new(ids));
                 if config.cache.shared {
                     let cache = crate::cluster::RedisCache::new(c.redis.clone(), c.redis_timeout)
+                        .and_then(|cache| cache.with_tls(c.redis_tls.clone()))
                         .map_err(|e| format!("{}: {e}", crate::cluster::config_key(&c.redis)))?;
                     engine.cache().share(std::sync::Arc::new(cache));
                 }
@@ -137,29 +139,48 @@ impl Runtime {
             false => None,
             true => {
                 let j = &config.jobs;
-                let store: std::sync::Arc<dyn crate::jobs::JobStore> = match (&config.cluster, &cluster) {
-                    (Some(c), Some((replica, _))) => {
-                        let store = crate::cluster::RedisJobStore::new(
-                            c.redis.clone(),
-                            c.redis_timeout,
-                            j.lease,
-                            j.max_jobs,
-                            j.max_store_bytes,
-                        )
-                        .map_err(|e| format!("cluster.redis_url: {e}"))?;
-                        tracing::info!(%replica, lease = ?j.lease, "jobs kept in Redis ([cluster]): any replica serves any job");
+                // The owner name in a shared store must be this process's
+                // alone: the replica id, or a fresh one without [cluster].
+                let owner = match (&cluster, &j.redis) {
+                    (Some((replica, _)), _) => replica.clone(),
+                    (None, Some(_)) => crate::cluster::fresh_replica_id(),
+                    (None, None) => "local".to_string(),
+                };
+                let in_redis = |target: &crate::config::RedisTarget, tls: &Option<_>, timeout, key: &str| {
+                    crate::cluster::RedisJobStore::new(
+                        target.clone(),
+                        timeout,
+                        j.lease,
+                        j.max_jobs,
+                        j.max_store_bytes,
+                    )
+                    .and_then(|store| store.with_tls(Option::clone(tls)))
+                    .map_err(|e| format!("{key}: {e}"))
+                };
+                let store: std::sync::Arc<dyn crate::jobs::JobStore> = match (&j.redis, &config.cluster) {
+                    (Some(target), _) => {
+                        let store = in_redis(target, &j.redis_tls, j.redis_timeout, "jobs.redis_url")?
+                            .timeout_named("jobs.redis_timeout");
+                        tracing::info!(%owner, lease = ?j.lease, "jobs kept in their own Redis ([jobs] redis_url or redis_sentinels)");
                         std::sync::Arc::new(store)
                     }
-                    _ => {
+                    (None, Some(c)) => {
+                        let store = in_redis(
+                            &c.redis,
+                            &c.redis_tls,
+                            c.redis_timeout,
+                            crate::cluster::config_key(&c.redis),
+                        )?;
+                        tracing::info!(%owner, lease = ?j.lease, "jobs kept in Redis ([cluster]): any replica serves any job");
+                        std::sync::Arc::new(store)
+                    }
+                    (None, None) => {
                         let store =
                             crate::jobs::EmbeddedStore::open(&j.data_dir, j.max_jobs, j.max_store_bytes)?;
                         tracing::info!(dir = %j.data_dir.display(), "jobs kept in the embedded store");
                         std::sync::Arc::new(store)
                     }
                 };
-                let owner = cluster
-                    .as_ref()
-                    .map_or_else(|| "local".to_string(), |(r, _)| r.clone());
                 Some(crate::jobs::Jobs::new(engine.clone(), store, owner, &config))
             }
         };

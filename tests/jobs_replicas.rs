@@ -14,22 +14,12 @@ use std::time::{Duration, Instant};
 use common::jobs::{kind, with_key};
 use common::redis::RedisServer;
 use common::redis_cluster::RedisCluster;
-use common::{ConfigDir, Proc, dispatcher, eventually, region_sim, region_status, sim_stats};
+use common::{ConfigDir, Proc, dispatcher, eventually, region_status, sim_stats};
 use dispatcher::pb;
 use dispatcher::pb::jobs_client::JobsClient;
 use pb::job_event::Event;
 use tonic::Code;
 use tonic::transport::Channel;
-
-const REGION: &str = r#"
-name = "r1"
-endpoint = "ENDPOINT"
-[[models]]
-name = "gpt-4o"
-tokens_per_minute = 600000000
-requests_per_minute = 6000000
-accounting = "usage"
-"#;
 
 /// `redis`: the `[cluster]` lines naming Redis (a URL, or a cluster's nodes).
 fn dispatcher_toml(redis: &str, replica: &str, lease: &str) -> String {
@@ -69,21 +59,7 @@ async fn cluster_on(
         .iter()
         .map(|r| ConfigDir::new(&dispatcher_toml(redis_toml, r, lease)))
         .collect();
-    let sim = region_sim(
-        dirs[0].path(),
-        "r1",
-        &[
-            "--model",
-            "gpt-4o:600000000:6000000:usage",
-            "--ms-per-1k-tokens",
-            ms_per_1k,
-            "--completion-min-fraction",
-            "1",
-        ],
-    );
-    for d in &dirs {
-        d.write_region("r1", &REGION.replace("ENDPOINT", &sim.endpoint()));
-    }
+    let sim = common::jobs::shared_region(&dirs, ms_per_1k);
     let mut procs: Vec<Proc> = dirs.iter().map(|d| dispatcher(&d.config())).collect();
     for p in &procs {
         eventually(Duration::from_secs(5), || async {

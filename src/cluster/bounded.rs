@@ -8,24 +8,33 @@ use std::time::Duration;
 use super::target::RedisConnection;
 use tokio::sync::Mutex;
 
-use crate::config::RedisTarget;
+use crate::config::{RedisTarget, RedisTls};
 use crate::dispatch::Pending;
 
 #[derive(Clone)]
 pub struct BoundedRedis {
     target: Arc<RedisTarget>,
+    tls: Option<Arc<RedisTls>>,
     connection: Arc<Mutex<Option<RedisConnection>>>,
     pub timeout: Duration,
 }
 
 impl BoundedRedis {
     pub fn new(target: RedisTarget, timeout: Duration) -> Result<Self, redis::RedisError> {
-        super::target::check(&target)?;
+        super::target::check(&target, None)?;
         Ok(Self {
             target: Arc::new(target),
+            tls: None,
             connection: Arc::default(),
             timeout,
         })
+    }
+
+    /// TLS settings for a `rediss://` URL (checked here, used at connect).
+    pub fn with_tls(mut self, tls: Option<RedisTls>) -> Result<Self, redis::RedisError> {
+        super::target::check(&self.target, tls.as_ref())?;
+        self.tls = tls.map(Arc::new);
+        Ok(self)
     }
 
     /// Runs `cmd` on the connection, within the timeout, and reads its
@@ -50,6 +59,7 @@ impl BoundedRedis {
         W: Future<Output = Result<V, redis::RedisError>> + Send,
     {
         let (target, slot, timeout) = (self.target.clone(), self.connection.clone(), self.timeout);
+        let tls = self.tls.clone();
         Box::pin(async move {
             let failed = slot.clone();
             let call = async move {
@@ -58,7 +68,7 @@ impl BoundedRedis {
                     match &*slot {
                         Some(c) => c.clone(),
                         None => {
-                            let c = super::target::connect(&target, timeout)
+                            let c = super::target::connect(&target, tls.as_deref(), timeout)
                                 .await
                                 .map_err(|e| e.to_string())?;
                             *slot = Some(c.clone());

@@ -53,6 +53,12 @@ impl RedisCache {
         })
     }
 
+    /// TLS settings for a `rediss://` URL.
+    pub fn with_tls(mut self, tls: Option<crate::config::RedisTls>) -> Result<Self, redis::RedisError> {
+        self.redis = self.redis.with_tls(tls)?;
+        Ok(self)
+    }
+
     /// Runs `cmd` unless Redis failed within `BACK_OFF`; a failure starts
     /// the back-off.
     fn run<T: Send + 'static>(

@@ -6,8 +6,9 @@
 //! Owner: Redis holds the records; each call is one atomic script step (a
 //! fence check and its write together), so replicas need no lock of their
 //! own. One connection manager (multiplexed, made on first use) is shared
-//! by every call, and every call is bounded by `cluster.redis_timeout`: a
-//! Redis that does not answer is `StoreError::Unavailable`, never a hang.
+//! by every call, and every call is bounded by `cluster.redis_timeout`
+//! (`jobs.redis_timeout` in jobs' own Redis): a Redis that does not answer
+//! is `StoreError::Unavailable`, never a hang.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -61,9 +62,12 @@ fn tenant_key(tenant: &str) -> String {
 
 pub struct RedisJobStore {
     target: crate::config::RedisTarget,
+    tls: Option<crate::config::RedisTls>,
     connection: Arc<Mutex<Option<RedisConnection>>>,
     script: redis::Script,
     timeout: Duration,
+    /// The setting `timeout` came from, named in errors.
+    timeout_key: &'static str,
     lease_ms: u64,
     max_jobs: u64,
     max_bytes: u64,
@@ -116,16 +120,32 @@ impl RedisJobStore {
         max_bytes: u64,
     ) -> Result<Self, redis::RedisError> {
         let target = target.into();
-        super::target::check(&target)?;
+        super::target::check(&target, None)?;
         Ok(Self {
             target,
+            tls: None,
             connection: Arc::default(),
             script: redis::Script::new(SCRIPT),
             timeout,
+            timeout_key: "cluster.redis_timeout",
             lease_ms: lease.as_millis() as u64,
             max_jobs,
             max_bytes,
         })
+    }
+
+    /// Names `key` as the timeout's setting in errors (`jobs.redis_timeout`
+    /// for jobs in their own Redis).
+    pub fn timeout_named(mut self, key: &'static str) -> Self {
+        self.timeout_key = key;
+        self
+    }
+
+    /// TLS settings for a `rediss://` URL (checked here, used at connect).
+    pub fn with_tls(mut self, tls: Option<crate::config::RedisTls>) -> Result<Self, redis::RedisError> {
+        super::target::check(&self.target, tls.as_ref())?;
+        self.tls = tls;
+        Ok(self)
     }
 
     async fn connection(&self) -> Result<RedisConnection, StoreError> {
@@ -133,7 +153,7 @@ impl RedisJobStore {
         if let Some(c) = &*slot {
             return Ok(c.clone());
         }
-        let c = super::target::connect(&self.target, self.timeout)
+        let c = super::target::connect(&self.target, self.tls.as_ref(), self.timeout)
             .await
             .map_err(unavailable)?;
         *slot = Some(c.clone());
@@ -153,8 +173,8 @@ impl RedisJobStore {
             .await
             .map_err(|_| {
                 unavailable(format!(
-                    "no answer within {:?} (cluster.redis_timeout)",
-                    self.timeout
+                    "no answer within {:?} ({})",
+                    self.timeout, self.timeout_key
                 ))
             })
             .flatten();
@@ -193,8 +213,8 @@ impl RedisJobStore {
     /// again: a stalled server runs what it was sent when it wakes).
     async fn invoke_write<T: FromRedisValue>(&self, inv: ScriptInvocation<'_>) -> Result<T, StoreError> {
         let started = crate::clock::tokio_now();
-        let timeout = self.timeout;
-        let late = || format!("Redis did not answer within {timeout:?} (cluster.redis_timeout)");
+        let (timeout, key) = (self.timeout, self.timeout_key);
+        let late = || format!("Redis did not answer within {timeout:?} ({key})");
         let mut con = tokio::time::timeout(timeout, self.connection())
             .await
             .map_err(|_| unavailable(late()))??;

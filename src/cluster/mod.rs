@@ -31,5 +31,5 @@ pub use cache::RedisCache;
 pub use jobs::RedisJobStore;
 pub use redis_central::{RedisCentral, bucket_keys};
 pub use request_ids::RedisIds;
-pub use sync::{replica_id, spawn};
+pub use sync::{fresh_replica_id, replica_id, spawn};
 pub use target::config_key;

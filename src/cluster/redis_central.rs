@@ -72,6 +72,7 @@ pub enum CentralError {
 
 pub struct RedisCentral {
     target: RedisTarget,
+    tls: Option<crate::config::RedisTls>,
     connection: Option<RedisConnection>,
     script: redis::Script,
     timeout: Duration,
@@ -81,20 +82,28 @@ impl RedisCentral {
     /// Checks the URL; connects lazily (a replica starts without Redis).
     pub fn new(target: impl Into<RedisTarget>, timeout: Duration) -> Result<Self, redis::RedisError> {
         let target = target.into();
-        super::target::check(&target)?;
+        super::target::check(&target, None)?;
         Ok(Self {
             target,
+            tls: None,
             connection: None,
             script: redis::Script::new(SCRIPT),
             timeout,
         })
     }
 
+    /// TLS settings for a `rediss://` URL (checked here, used at connect).
+    pub fn with_tls(mut self, tls: Option<crate::config::RedisTls>) -> Result<Self, redis::RedisError> {
+        super::target::check(&self.target, tls.as_ref())?;
+        self.tls = tls;
+        Ok(self)
+    }
+
     async fn connection(&mut self) -> Result<RedisConnection, CentralError> {
         if let Some(c) = &self.connection {
             return Ok(c.clone());
         }
-        let connect = super::target::connect(&self.target, self.timeout);
+        let connect = super::target::connect(&self.target, self.tls.as_ref(), self.timeout);
         let c = tokio::time::timeout(self.timeout, connect)
             .await
             .map_err(|_| CentralError::Timeout(self.timeout))??;

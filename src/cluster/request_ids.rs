@@ -25,6 +25,12 @@ impl RedisIds {
         })
     }
 
+    /// TLS settings for a `rediss://` URL.
+    pub fn with_tls(mut self, tls: Option<crate::config::RedisTls>) -> Result<Self, redis::RedisError> {
+        self.redis = self.redis.with_tls(tls)?;
+        Ok(self)
+    }
+
     fn run<T: Send + 'static>(
         &self,
         cmd: redis::Cmd,

@@ -20,9 +20,15 @@ use crate::dispatch::Engine;
 /// random suffix (two replicas on one host, or a restarted one, never share
 /// a record).
 pub fn replica_id(config: &ClusterConfig) -> String {
-    if let Some(id) = &config.replica_id {
-        return id.clone();
+    match &config.replica_id {
+        Some(id) => id.clone(),
+        None => fresh_replica_id(),
     }
+}
+
+/// Host, pid and a random suffix: a name no other process (nor this one
+/// restarted) holds; also the jobs' owner in a Redis without `[cluster]`.
+pub fn fresh_replica_id() -> String {
     let host = std::fs::read_to_string("/etc/hostname")
         .ok()
         .map(|h| h.trim().to_string())
@@ -41,6 +47,7 @@ pub fn replica_id(config: &ClusterConfig) -> String {
 /// unreachable Redis is what the fallback is for.
 pub fn spawn(engine: Arc<Engine>, config: &ClusterConfig, replica: String) -> Result<JoinHandle<()>, String> {
     let mut central = RedisCentral::new(config.redis.clone(), config.redis_timeout)
+        .and_then(|c| c.with_tls(config.redis_tls.clone()))
         .map_err(|e| format!("{}: {e}", super::target::config_key(&config.redis)))?;
     let tick = config.sharing.tick;
     Ok(tokio::spawn(async move {

@@ -4,6 +4,9 @@
 //! seed nodes; the crate learns the slots and follows MOVED/ASK). Each user
 //! keeps its own connection and drops it when a call fails, so its next
 //! call asks the Sentinels (or the cluster's nodes) again.
+//! A `rediss://` URL is reached over rustls, trusting `redis_ca_file` (and
+//! presenting the client certificate) when the config gives them
+//! (`config::RedisTls`), the system's roots otherwise.
 
 use std::time::Duration;
 
@@ -11,9 +14,24 @@ use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
 use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
-use redis::{Client, IntoConnectionInfo, RedisFuture, Value};
+use redis::{Client, ClientTlsConfig, IntoConnectionInfo, RedisFuture, TlsCertificates, Value};
 
-use crate::config::RedisTarget;
+use crate::config::{RedisTarget, RedisTls};
+
+/// A client for one URL, with `tls`'s CA and identity if given.
+fn client(url: &str, tls: Option<&RedisTls>) -> Result<Client, redis::RedisError> {
+    let Some(tls) = tls else {
+        return Client::open(url);
+    };
+    let certificates = TlsCertificates {
+        client_tls: tls.identity.as_ref().map(|(cert, key)| ClientTlsConfig {
+            client_cert: cert.clone(),
+            client_key: key.clone(),
+        }),
+        root_cert: tls.ca.clone(),
+    };
+    Client::build_with_tls(url, certificates)
+}
 
 /// A connection to a single Redis (a connection manager) or to a Redis
 /// Cluster (the crate's cluster connection: one multiplexed connection per
@@ -70,9 +88,9 @@ pub fn config_key(target: &RedisTarget) -> &'static str {
 }
 
 /// Checks the URLs (no connection is made: a replica starts without Redis).
-pub fn check(target: &RedisTarget) -> Result<(), redis::RedisError> {
+pub fn check(target: &RedisTarget, tls: Option<&RedisTls>) -> Result<(), redis::RedisError> {
     match target {
-        RedisTarget::Url(url) => Client::open(url.as_str()).map(drop),
+        RedisTarget::Url(url) => client(url, tls).map(drop),
         RedisTarget::Sentinel {
             sentinels,
             master_name,
@@ -90,12 +108,7 @@ fn sentinel(sentinels: &[String], master_name: &str) -> Result<SentinelClient, r
     let node = first.map(|info| {
         SentinelNodeConnectionInfo::default().set_redis_connection_info(info.redis_settings().clone())
     });
-    SentinelClient::build(
-        sentinels.to_vec(),
-        master_name.to_string(),
-        node,
-        SentinelServerType::Master,
-    )
+    SentinelClient::build(sentinels.to_vec(), master_name, node, SentinelServerType::Master)
 }
 
 /// A cluster client on the seed nodes: every attempt on a node bounded by
@@ -111,9 +124,13 @@ fn cluster(nodes: &[String], timeout: Duration) -> Result<ClusterClient, redis::
 
 /// A connection to the target (its primary, or its cluster); the caller
 /// bounds it in time.
-pub async fn connect(target: &RedisTarget, timeout: Duration) -> Result<RedisConnection, redis::RedisError> {
+pub async fn connect(
+    target: &RedisTarget,
+    tls: Option<&RedisTls>,
+    timeout: Duration,
+) -> Result<RedisConnection, redis::RedisError> {
     let client = match target {
-        RedisTarget::Url(url) => Client::open(url.as_str())?,
+        RedisTarget::Url(url) => client(url, tls)?,
         RedisTarget::Sentinel {
             sentinels,
             master_name,
@@ -127,6 +144,10 @@ pub async fn connect(target: &RedisTarget, timeout: Duration) -> Result<RedisCon
         .set_connection_timeout(Some(timeout))
         .set_response_timeout(Some(timeout))
         .set_number_of_retries(1)
+        // The retry within the caller's bound, so a failure that repeats
+        // (a refused TLS handshake) is answered with its reason rather
+        // than as a timeout.
+        .set_min_delay(timeout / 4)
         .set_max_delay(Duration::from_millis(500));
     Ok(RedisConnection::Single(
         ConnectionManager::new_with_config(client, config).await?,

@@ -6,6 +6,7 @@ mod ctx;
 mod diff;
 mod load;
 mod raw;
+mod redis_tls;
 mod tls;
 mod validate;
 mod validate_cache;
@@ -31,6 +32,7 @@ use crate::core::{
 pub use ctx::MAX_NAME_LEN;
 pub use diff::{Change, ChangeKind, changes, region_changes};
 pub use load::{load, load_regions, parse_dispatcher, parse_region};
+pub use redis_tls::RedisTls;
 pub use tls::{ClientAuth, RegionTls, ServerTlsConfig, exposure_problems};
 pub use validate::parse_key_hash as validate_key_hash;
 pub use validate_openai_region::{DEFAULT_AZURE_API_VERSION, OpenAiRegion};
@@ -168,15 +170,24 @@ pub struct CacheConfig {
 pub struct JobsConfig {
     /// false: the Jobs service answers UNAVAILABLE and nothing is stored.
     pub enabled: bool,
-    /// The embedded store's directory (without `[cluster]`); resolved
-    /// against dispatcher.toml's directory.
+    /// The embedded store's directory (jobs in no Redis); resolved against
+    /// dispatcher.toml's directory.
     pub data_dir: PathBuf,
+    /// `[jobs] redis_url` or `redis_sentinels`: jobs in their own Redis
+    /// (one with an AOF), whether or not `[cluster]` is set. `None`: in
+    /// `[cluster]`'s Redis with `[cluster]`, else in the embedded store.
+    pub redis: Option<RedisTarget>,
+    /// Every call to `redis` gives up after this long.
+    pub redis_timeout: std::time::Duration,
+    /// `redis_ca_file` and the client certificate, for a `rediss://` URL.
+    pub redis_tls: Option<RedisTls>,
     /// How long a finished job (and its output) is kept.
     pub ttl: std::time::Duration,
     /// How long one run of a job may take, its wait for quota included.
     pub timeout: std::time::Duration,
-    /// With `[cluster]`: a replica's hold on its jobs, renewed by heartbeat;
-    /// another replica takes them over once it lapses.
+    /// Jobs in Redis: a replica's hold on its jobs, renewed by heartbeat;
+    /// another replica (or this one, restarted) takes them over once it
+    /// lapses.
     pub lease: std::time::Duration,
     pub limits: crate::core::JobLimits,
     /// Jobs stored at most (all states), and their bytes.
@@ -228,6 +239,8 @@ pub struct ClusterConfig {
     pub sharing: crate::core::SharingSettings,
     /// Every Redis call gives up after this long.
     pub redis_timeout: std::time::Duration,
+    /// `redis_ca_file` and the client certificate, for a `rediss://` URL.
+    pub redis_tls: Option<RedisTls>,
 }
 
 /// Traces and metrics.

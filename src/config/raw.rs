@@ -124,6 +124,9 @@ pub struct RawCluster {
     pub sync_interval: Option<String>,
     pub redis_timeout: Option<String>,
     pub unreachable_after: Option<String>,
+    pub redis_ca_file: Option<String>,
+    pub redis_client_cert_file: Option<String>,
+    pub redis_client_key_file: Option<String>,
 }
 
 /// `[cache]`: the response cache (docs/CACHE.md).
@@ -156,6 +159,13 @@ pub struct RawJobs {
     pub max_jobs: Option<u64>,
     pub max_store_bytes: Option<u64>,
     pub max_output_bytes: Option<u64>,
+    pub redis_url: Option<String>,
+    pub redis_sentinels: Option<Vec<String>>,
+    pub master_name: Option<String>,
+    pub redis_timeout: Option<String>,
+    pub redis_ca_file: Option<String>,
+    pub redis_client_cert_file: Option<String>,
+    pub redis_client_key_file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -158,6 +158,14 @@ pub(super) fn validate_cluster(c: &Ctx<'_>, k: RawCluster) -> Result<ClusterConf
             redis
         }
     };
+    let redis_tls = super::redis_tls::validate_redis_tls(
+        c,
+        "cluster",
+        Some(&redis),
+        k.redis_ca_file,
+        k.redis_client_cert_file,
+        k.redis_client_key_file,
+    )?;
     if let Some(id) = &k.replica_id {
         c.name("cluster.replica_id", id)?;
     }
@@ -234,5 +242,6 @@ pub(super) fn validate_cluster(c: &Ctx<'_>, k: RawCluster) -> Result<ClusterConf
             expire_chunks: true,
         },
         redis_timeout,
+        redis_tls,
     })
 }

@@ -1,4 +1,10 @@
 //! `[jobs]`: where jobs are kept and how many (DESIGN §11, README "Jobs").
+//!
+//! Where: `redis_url` (or `redis_sentinels` with `master_name`) puts them
+//! in a Redis of their own, one that keeps an AOF, with or without
+//! `[cluster]` (docs/SCALING.md, "Which Redis for what"); without it they
+//! go to `[cluster]`'s Redis if there is one, else to the embedded store
+//! in `data_dir`.
 
 use std::path::Path;
 use std::time::Duration;
@@ -7,6 +13,11 @@ use super::ctx::Ctx;
 use super::raw::RawJobs;
 use super::{ConfigError, JobsConfig};
 use crate::core::JobLimits;
+
+/// `[jobs] redis_timeout` unless given: a Submit waits for its write, and a
+/// Redis writing an AOF may take longer than the quota's (a slow fsync);
+/// one that is down refuses the connection at once anyway.
+const REDIS_TIMEOUT: Duration = Duration::from_secs(1);
 
 pub(super) fn validate_jobs(c: &Ctx<'_>, base: &Path, j: RawJobs) -> Result<JobsConfig, ConfigError> {
     let data_dir = match j.data_dir.as_deref() {
@@ -31,6 +42,26 @@ pub(super) fn validate_jobs(c: &Ctx<'_>, base: &Path, j: RawJobs) -> Result<Jobs
     if !(Duration::from_millis(300)..=Duration::from_secs(600)).contains(&lease) {
         return Err(c.err("jobs.lease", "is out of range; expected 300ms to 10m"));
     }
+    let redis =
+        super::validate_cluster::redis_target(c, "jobs", j.redis_url, j.redis_sentinels, j.master_name)?;
+    let redis_tls = super::redis_tls::validate_redis_tls(
+        c,
+        "jobs",
+        redis.as_ref(),
+        j.redis_ca_file,
+        j.redis_client_cert_file,
+        j.redis_client_key_file,
+    )?;
+    let redis_timeout = c.duration("jobs.redis_timeout", j.redis_timeout.as_deref(), REDIS_TIMEOUT)?;
+    if redis.is_none() && j.redis_timeout.is_some() {
+        return Err(c.err(
+            "jobs.redis_timeout",
+            "is only used with jobs.redis_url or jobs.redis_sentinels (jobs in [cluster]'s Redis use cluster.redis_timeout)",
+        ));
+    }
+    if !(Duration::from_millis(10)..=Duration::from_secs(10)).contains(&redis_timeout) {
+        return Err(c.err("jobs.redis_timeout", "is out of range; expected 10ms to 10s"));
+    }
     let running = c.at_least("jobs.max_running", j.max_running, 256, 1)?;
     let limits = JobLimits {
         held_per_tenant: c.at_least("jobs.max_held_per_tenant", j.max_held_per_tenant, 10_000, 1)?,
@@ -42,6 +73,9 @@ pub(super) fn validate_jobs(c: &Ctx<'_>, base: &Path, j: RawJobs) -> Result<Jobs
     Ok(JobsConfig {
         enabled: j.enabled.unwrap_or(true),
         data_dir,
+        redis,
+        redis_timeout,
+        redis_tls,
         ttl,
         timeout,
         lease,

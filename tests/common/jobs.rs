@@ -47,6 +47,52 @@ pub fn setup(ms_per_1k: &str, jobs: &str, tables: &str) -> (ConfigDir, Proc, Pro
     (cfg, sim, d)
 }
 
+/// A repeatable job of gpt-4o with `tokens` output tokens, under the
+/// idempotency key `key`.
+#[allow(dead_code)]
+pub fn repeatable_job(tokens: u64, key: &str) -> pb::SubmitJobRequest {
+    pb::SubmitJobRequest {
+        request: Some(pb::DispatchRequest {
+            model: "gpt-4o".into(),
+            payload: "agent work".into(),
+            prompt_tokens: 10,
+            max_output_tokens: tokens,
+            ..Default::default()
+        }),
+        idempotency_key: key.into(),
+        repeatable: true,
+    }
+}
+
+/// One region-sim for r1 (gpt-4o, limits far above what a test sends,
+/// output at `ms_per_1k` per 1,000 tokens, all of max_output_tokens), and
+/// r1's region file pointing at it in each of `dirs` (replicas sharing it).
+#[allow(dead_code)]
+pub fn shared_region(dirs: &[ConfigDir], ms_per_1k: &str) -> Proc {
+    let sim = super::region_sim(
+        dirs[0].path(),
+        "r1",
+        &[
+            "--model",
+            "gpt-4o:600000000:6000000:usage",
+            "--ms-per-1k-tokens",
+            ms_per_1k,
+            "--completion-min-fraction",
+            "1",
+        ],
+    );
+    let region = super::region_toml(
+        "r1",
+        &sim.endpoint(),
+        256,
+        &[("gpt-4o", 600_000_000, 6_000_000, "usage")],
+    );
+    for d in dirs {
+        d.write_region("r1", &region);
+    }
+    sim
+}
+
 /// `message` with `authorization: Bearer <key>`.
 pub fn with_key<T>(message: T, key: &str) -> tonic::Request<T> {
     let mut r = tonic::Request::new(message);
