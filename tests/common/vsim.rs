@@ -59,6 +59,9 @@ pub struct Arrival {
     pub tenant: usize,
     pub prompt: u64,
     pub max_output: u64,
+    /// With `Deployment::model_per_region`: the region whose own model it
+    /// asks for (index into `World::regions`). Otherwise unused (0).
+    pub region_model: usize,
 }
 
 impl Arrival {
@@ -97,6 +100,14 @@ pub struct Run {
     pub unused_level: Vec<i64>,
     /// Per region: (when, tokens) of every admission by its provider.
     pub admitted: Vec<Vec<(Duration, u64)>>,
+    /// `[cluster]`: the central calls the replicas made (one per shared
+    /// (region, model) per replica tick), and the bytes they would send and
+    /// receive through `RedisCentral` (`central_wire`), before `redis_until`.
+    pub redis_calls: u64,
+    pub redis_bytes_sent: u64,
+    pub redis_bytes_received: u64,
+    /// The end of the span the Redis figures count (the last arrival).
+    pub redis_until: Duration,
 }
 
 impl Run {
@@ -161,8 +172,18 @@ pub fn poisson(
             tenant,
             prompt,
             max_output,
+            region_model: 0,
         });
     }
+}
+
+/// loadgen's `--sizes heavy`: prompts Pareto-distributed from 100 tokens,
+/// outputs from 50, up to 10,000 together.
+pub fn heavy_size(rng: &mut Lcg) -> (u64, u64) {
+    (
+        rng.heavy_tail(100.0, 1.3, 8_000.0),
+        rng.heavy_tail(50.0, 1.5, 2_000.0),
+    )
 }
 
 /// How the dispatcher is deployed in front of the providers, and how they
@@ -186,6 +207,14 @@ pub struct Deployment {
     pub providers_start_empty: bool,
     /// Picks each arrival's replica and jitters the ticks.
     pub seed: u64,
+    /// Each region serves a model of its own (named after it), and each
+    /// arrival asks for its `region_model`'s: one quota per (region, model)
+    /// that requests target, as many region-models as regions. `false`: one
+    /// model `m` that every region serves.
+    pub model_per_region: bool,
+    /// Each provider's burst, as this much of its refill (`None`: a
+    /// minute's, the default).
+    pub burst: Option<Duration>,
 }
 
 impl Deployment {
@@ -198,6 +227,8 @@ impl Deployment {
             requests_per_minute: None,
             providers_start_empty: false,
             seed: 1,
+            model_per_region: false,
+            burst: None,
         }
     }
 }
@@ -225,12 +256,13 @@ struct Flight {
 }
 
 impl World {
-    fn limits(&self, tpm: u64, rpm: u64) -> ModelLimits {
+    fn limits(&self, tpm: u64, rpm: u64, burst: Option<Duration>) -> ModelLimits {
+        let of = |per_minute: u64| burst.map(|b| (per_minute as f64 * b.as_secs_f64() / 60.0).ceil() as u64);
         ModelLimits {
             tokens_per_minute: tpm,
             requests_per_minute: rpm,
-            burst_tokens: None,
-            burst_requests: None,
+            burst_tokens: of(tpm),
+            burst_requests: of(rpm),
             accounting: self.accounting,
         }
     }
@@ -256,13 +288,25 @@ impl World {
         let t0 = Instant::now();
         let at = |d: Duration| t0 + d;
         let rpm = |i: usize| d.requests_per_minute.as_ref().map_or(10_000_000, |r| r[i]);
+        // Each region's model: its own (named after it), or the one `m`.
+        let model_of: Vec<Arc<str>> = self
+            .regions
+            .iter()
+            .map(|(name, _)| Arc::from(if d.model_per_region { name } else { "m" }))
+            .collect();
+        let mut model_names: Vec<Arc<str>> = model_of.clone();
+        model_names.sort();
+        model_names.dedup();
         let spec = RouterSpec {
-            models: vec![ModelSpec {
-                name: "m".into(),
-                default_max_output_tokens: 256,
-                chars_per_token: 4.0,
-                max_request_tokens: 1_000_000,
-            }],
+            models: model_names
+                .iter()
+                .map(|name| ModelSpec {
+                    name: name.to_string(),
+                    default_max_output_tokens: 256,
+                    chars_per_token: 4.0,
+                    max_request_tokens: 1_000_000,
+                })
+                .collect(),
             regions: self
                 .regions
                 .iter()
@@ -271,7 +315,7 @@ impl World {
                     name: name.to_string(),
                     weight: 1.0,
                     max_concurrent: 100_000,
-                    models: vec![("m".into(), self.limits(*tpm, rpm(i)))],
+                    models: vec![(model_of[i].to_string(), self.limits(*tpm, rpm(i), d.burst))],
                 })
                 .collect(),
             strategy: StrategyKind::WeightedLoad,
@@ -304,7 +348,8 @@ impl World {
             .enumerate()
             .map(|(i, (_, tpm))| {
                 let foreign = (*tpm as f64 * self.foreign_share) as u64;
-                let mut p = Provider::new(&[("m".to_string(), self.limits(*tpm, rpm(i)))], foreign, t0);
+                let limits = self.limits(*tpm, rpm(i), d.burst);
+                let mut p = Provider::new(&[(model_of[i].to_string(), limits)], foreign, t0);
                 if d.providers_start_empty {
                     p.empty(t0);
                 }
@@ -355,7 +400,16 @@ impl World {
         let mut admitted: Vec<Vec<(Duration, u64)>> = vec![Vec::new(); self.regions.len()];
         let mut now = Duration::ZERO;
         let mut end = Duration::ZERO;
-        let model: Arc<str> = Arc::from("m");
+        let mut redis_calls = 0;
+        let mut redis_bytes_sent = 0;
+        let mut redis_bytes_received = 0;
+        let redis_until = arrivals.last().map_or(Duration::ZERO, |a| a.at);
+        // What the replicas are called in Redis and draw as their process's
+        // run, as the sync task does (`cluster::sync`): for the bytes only,
+        // the simulated buckets know them as `names`.
+        let wire_names: Vec<String> = (0..replicas).map(super::central_wire::replica_id).collect();
+        let mut draw = Lcg(d.seed.wrapping_add(4_242));
+        let incarnations: Vec<u32> = (0..replicas).map(|_| (draw.next_u64() >> 32) as u32).collect();
 
         while let Some(Reverse((when, _, event))) = events.pop() {
             now = when;
@@ -365,12 +419,14 @@ impl World {
                 end = now;
             }
             let mut granted: Vec<(usize, usize, Reservation)> = Vec::new();
-            match event {
+            // The replica the event concerns: only its scheduler changed, so
+            // only it is pumped (the others' wakes are scheduled).
+            let pumped = match event {
                 Event::Arrive(i) => {
                     let a = &arrivals[i];
                     let r = fates[i].replica;
                     let sub = Submission {
-                        model: model.clone(),
+                        model: model_of[if d.model_per_region { a.region_model } else { 0 }].clone(),
                         tokens: a.tokens(),
                         origin: None,
                         tenant: tenant_names[a.tenant].clone(),
@@ -394,6 +450,7 @@ impl World {
                             *refusals.entry(why).or_default() += 1;
                         }
                     }
+                    r
                 }
                 Event::Complete(i) => {
                     let f = flights.remove(&i).unwrap();
@@ -402,7 +459,7 @@ impl World {
                     let p = &mut providers[f.region];
                     p.complete(f.admission, a.prompt, f.completion, at(now));
                     let hint = match self.replies {
-                        Replies::Proportional => p.hint("m", at(now)),
+                        Replies::Proportional => p.hint(&model_of[f.region], at(now)),
                         Replies::ProportionalHintAtAdmission | Replies::Delayed { .. } => f.hint,
                     };
                     scheds[f.replica].router_mut().settle(
@@ -420,15 +477,22 @@ impl World {
                         },
                         at(now),
                     );
+                    f.replica
                 }
                 // Only the latest wake counts; older ones are stale but harmless.
-                Event::Wake(r) if scheduled_wake[r] == Some(now) => scheduled_wake[r] = None,
-                Event::Wake(_) => {}
+                Event::Wake(r) => {
+                    if scheduled_wake[r] == Some(now) {
+                        scheduled_wake[r] = None;
+                    }
+                    r
+                }
                 Event::Sync(r) => {
                     let calls = scheds[r].sync_calls(at(now));
+                    let counted = now < redis_until;
                     let done = calls
                         .into_iter()
-                        .map(|item| {
+                        .map(|mut item| {
+                            item.call.incarnation = incarnations[r];
                             let region = region_index[&*item.region];
                             let grant = call_or_create(
                                 &mut central[region],
@@ -437,6 +501,11 @@ impl World {
                                 &item.call,
                                 now.as_micros() as u64,
                             );
+                            if counted {
+                                redis_calls += 1;
+                                redis_bytes_sent += super::central_wire::call_bytes(&wire_names[r], &item);
+                                redis_bytes_received += super::central_wire::answer_bytes(&grant);
+                            }
                             (item, Some(grant))
                         })
                         .collect();
@@ -450,6 +519,7 @@ impl World {
                             Event::Sync(r),
                         );
                     }
+                    r
                 }
                 Event::Sample => {
                     let level: i64 = providers
@@ -463,22 +533,20 @@ impl World {
                     // A look changes nothing: no pump runs for it.
                     continue;
                 }
-            }
-            for (r, sched) in scheds.iter_mut().enumerate() {
-                for released in sched.release(at(now), |_| false) {
-                    match released {
-                        Released::Granted(w, res) => granted.push((r, w.ticket, res)),
-                        Released::Expired(w, _) | Released::Failed(w, _) | Released::Gone(w) => {
-                            fates[w.ticket].why_not = Some("expired while waiting");
-                            *refusals.entry("expired while waiting").or_default() += 1;
-                        }
+            };
+            for released in scheds[pumped].release(at(now), |_| false) {
+                match released {
+                    Released::Granted(w, res) => granted.push((pumped, w.ticket, res)),
+                    Released::Expired(w, _) | Released::Failed(w, _) | Released::Gone(w) => {
+                        fates[w.ticket].why_not = Some("expired while waiting");
+                        *refusals.entry("expired while waiting").or_default() += 1;
                     }
                 }
             }
             for (r, i, res) in granted {
                 let region = region_index[&*res.region];
                 let a = &arrivals[i];
-                match providers[region].admit("m", a.prompt, a.max_output, at(now)) {
+                match providers[region].admit(&model_of[region], a.prompt, a.max_output, at(now)) {
                     Ok(admission) => {
                         admitted[region].push((now, a.tokens()));
                         let completion =
@@ -487,11 +555,11 @@ impl World {
                             Replies::Proportional => (self.latency(a.prompt + completion), None),
                             Replies::ProportionalHintAtAdmission => (
                                 self.latency(a.prompt + completion),
-                                providers[region].hint("m", at(now)),
+                                providers[region].hint(&model_of[region], at(now)),
                             ),
                             Replies::Delayed { min, max } => (
                                 min + (max - min).mul_f64(completions.unit()),
-                                providers[region].hint("m", at(now)),
+                                providers[region].hint(&model_of[region], at(now)),
                             ),
                         };
                         push(&mut events, now + delay, Event::Complete(i));
@@ -523,13 +591,11 @@ impl World {
                     }
                 }
             }
-            for (r, sched) in scheds.iter().enumerate() {
-                if let Some(wake) = sched.next_wake() {
-                    let wake = wake.duration_since(t0).max(now);
-                    if scheduled_wake[r].is_none_or(|s| wake < s) {
-                        scheduled_wake[r] = Some(wake);
-                        push(&mut events, wake, Event::Wake(r));
-                    }
+            if let Some(wake) = scheds[pumped].next_wake() {
+                let wake = wake.duration_since(t0).max(now);
+                if scheduled_wake[pumped].is_none_or(|s| wake < s) {
+                    scheduled_wake[pumped] = Some(wake);
+                    push(&mut events, wake, Event::Wake(pumped));
                 }
             }
         }
@@ -580,6 +646,10 @@ impl World {
             sharing,
             unused_level,
             admitted,
+            redis_calls,
+            redis_bytes_sent,
+            redis_bytes_received,
+            redis_until,
         }
     }
 
