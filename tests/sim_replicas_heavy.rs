@@ -72,7 +72,8 @@ mod heavy {
                 requests_per_minute: Some(RPM.to_vec()),
                 providers_start_empty: true,
                 seed,
-                model_per_region: false,
+                models_per_region: None,
+                pump_every: None,
                 burst: None,
             },
         )
@@ -284,7 +285,8 @@ fn one_process_queue_against_no_queue() {
                 requests_per_minute: Some(heavy::RPM.to_vec()),
                 providers_start_empty: true,
                 seed,
-                model_per_region: false,
+                models_per_region: None,
+                pump_every: None,
                 burst: None,
             };
             let queue = heavy::world().run_deployed(arrivals.clone(), &deployment(Some(settings)));

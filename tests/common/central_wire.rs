@@ -34,9 +34,10 @@ fn number(v: i128) -> u64 {
     bulk(digits(v.unsigned_abs()) + u64::from(v < 0))
 }
 
-/// The request bytes of `item`'s call from `replica`, as the sync task
-/// sends it (Redis `TIME`, the server's own run id as the epoch).
-pub fn call_bytes(replica: &str, item: &SyncItem) -> u64 {
+/// The request bytes of `item`'s call from `replica`, as `RedisCentral`
+/// sends it with `now_us` (the sync task: `None`, "" for Redis `TIME`) and
+/// "" for the epoch (the server's own run id).
+pub fn call_bytes(replica: &str, item: &SyncItem, now_us: Option<u64>) -> u64 {
     let (bucket, replicas) = bucket_keys(&item.region, &item.model);
     let (l, c) = (&item.limits, &item.call);
     let strings = [
@@ -79,7 +80,7 @@ pub fn call_bytes(replica: &str, item: &SyncItem) -> u64 {
         3_600, // the idle expiry, s (private to redis_central.rs)
         c.generation as i128,
     ];
-    // The two hint figures, and "" for the time and the epoch.
+    // The two hint figures, the time, and "" for the epoch.
     let args = strings.len() + numbers.len() + 4;
     1 + digits(args as u128)
         + 2
@@ -87,7 +88,8 @@ pub fn call_bytes(replica: &str, item: &SyncItem) -> u64 {
         + numbers.iter().map(|&n| number(n)).sum::<u64>()
         + hint(c.hint.map(|h| h.0))
         + hint(c.hint.map(|h| h.1))
-        + 2 * bulk(0)
+        + now_us.map_or(bulk(0), |t| number(t as i128))
+        + bulk(0)
 }
 
 /// The answer's bytes: `*11\r\n` and eleven `:n\r\n`.

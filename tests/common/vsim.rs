@@ -59,8 +59,8 @@ pub struct Arrival {
     pub tenant: usize,
     pub prompt: u64,
     pub max_output: u64,
-    /// With `Deployment::model_per_region`: the region whose own model it
-    /// asks for (index into `World::regions`). Otherwise unused (0).
+    /// With `Deployment::models_per_region`: the region-model it asks for
+    /// (index into `World::regions`). Otherwise unused (0).
     pub region_model: usize,
 }
 
@@ -207,14 +207,22 @@ pub struct Deployment {
     pub providers_start_empty: bool,
     /// Picks each arrival's replica and jitters the ticks.
     pub seed: u64,
-    /// Each region serves a model of its own (named after it), and each
-    /// arrival asks for its `region_model`'s: one quota per (region, model)
-    /// that requests target, as many region-models as regions. `false`: one
-    /// model `m` that every region serves.
-    pub model_per_region: bool,
+    /// `Some(n)`: each entry of `World::regions` is a region-model of its
+    /// own, a model named as the entry that only it serves, `n` of them to
+    /// a region (so a request, which asks for one of them, is routed among
+    /// the regions, not among every region-model), and each arrival asks
+    /// for its `region_model`'s. `None`: each entry is a region, and every
+    /// region serves the one model `m`.
+    pub models_per_region: Option<usize>,
     /// Each provider's burst, as this much of its refill (`None`: a
     /// minute's, the default).
     pub burst: Option<Duration>,
+    /// `Some(p)`: a replica's queue is pumped (released, its next wake
+    /// computed) at most once per `p`, as the edge's pump, busy with one
+    /// release, takes the notifications that came meanwhile in its next;
+    /// an arrival's own reservation is still made at once. `None`: after
+    /// every event.
+    pub pump_every: Option<Duration>,
 }
 
 impl Deployment {
@@ -227,8 +235,9 @@ impl Deployment {
             requests_per_minute: None,
             providers_start_empty: false,
             seed: 1,
-            model_per_region: false,
+            models_per_region: None,
             burst: None,
+            pump_every: None,
         }
     }
 }
@@ -288,15 +297,32 @@ impl World {
         let t0 = Instant::now();
         let at = |d: Duration| t0 + d;
         let rpm = |i: usize| d.requests_per_minute.as_ref().map_or(10_000_000, |r| r[i]);
-        // Each region's model: its own (named after it), or the one `m`.
-        let model_of: Vec<Arc<str>> = self
+        // Where each entry of `self.regions` runs: (region, model).
+        let placed: Vec<(Arc<str>, Arc<str>)> = self
             .regions
             .iter()
-            .map(|(name, _)| Arc::from(if d.model_per_region { name } else { "m" }))
+            .enumerate()
+            .map(|(i, (name, _))| match d.models_per_region {
+                Some(n) => (Arc::from(format!("region-{:02}", i / n.max(1))), Arc::from(*name)),
+                None => (Arc::from(*name), Arc::from("m")),
+            })
             .collect();
-        let mut model_names: Vec<Arc<str>> = model_of.clone();
+        let mut model_names: Vec<Arc<str>> = placed.iter().map(|(_, m)| m.clone()).collect();
         model_names.sort();
         model_names.dedup();
+        let mut region_specs: Vec<RegionSpec> = Vec::new();
+        for (i, (region, model)) in placed.iter().enumerate() {
+            let limits = self.limits(self.regions[i].1, rpm(i), d.burst);
+            match region_specs.last_mut() {
+                Some(last) if *last.name == **region => last.models.push((model.to_string(), limits)),
+                _ => region_specs.push(RegionSpec {
+                    name: region.to_string(),
+                    weight: 1.0,
+                    max_concurrent: 100_000,
+                    models: vec![(model.to_string(), limits)],
+                }),
+            }
+        }
         let spec = RouterSpec {
             models: model_names
                 .iter()
@@ -307,17 +333,7 @@ impl World {
                     max_request_tokens: 1_000_000,
                 })
                 .collect(),
-            regions: self
-                .regions
-                .iter()
-                .enumerate()
-                .map(|(i, (name, tpm))| RegionSpec {
-                    name: name.to_string(),
-                    weight: 1.0,
-                    max_concurrent: 100_000,
-                    models: vec![(model_of[i].to_string(), self.limits(*tpm, rpm(i), d.burst))],
-                })
-                .collect(),
+            regions: region_specs,
             strategy: StrategyKind::WeightedLoad,
             params: StrategyParams::default(),
             seed: 1,
@@ -349,18 +365,17 @@ impl World {
             .map(|(i, (_, tpm))| {
                 let foreign = (*tpm as f64 * self.foreign_share) as u64;
                 let limits = self.limits(*tpm, rpm(i), d.burst);
-                let mut p = Provider::new(&[(model_of[i].to_string(), limits)], foreign, t0);
+                let mut p = Provider::new(&[(placed[i].1.to_string(), limits)], foreign, t0);
                 if d.providers_start_empty {
                     p.empty(t0);
                 }
                 p
             })
             .collect();
-        let region_index: HashMap<&str, usize> = self
-            .regions
+        let region_index: HashMap<(&str, &str), usize> = placed
             .iter()
             .enumerate()
-            .map(|(i, (n, _))| (*n, i))
+            .map(|(i, (region, model))| ((&**region, &**model), i))
             .collect();
         let tenant_names: Vec<Arc<str>> = self.tenants.iter().map(|(n, _)| Arc::from(*n)).collect();
 
@@ -426,7 +441,13 @@ impl World {
                     let a = &arrivals[i];
                     let r = fates[i].replica;
                     let sub = Submission {
-                        model: model_of[if d.model_per_region { a.region_model } else { 0 }].clone(),
+                        model: placed[if d.models_per_region.is_some() {
+                            a.region_model
+                        } else {
+                            0
+                        }]
+                        .1
+                        .clone(),
                         tokens: a.tokens(),
                         origin: None,
                         tenant: tenant_names[a.tenant].clone(),
@@ -459,7 +480,7 @@ impl World {
                     let p = &mut providers[f.region];
                     p.complete(f.admission, a.prompt, f.completion, at(now));
                     let hint = match self.replies {
-                        Replies::Proportional => p.hint(&model_of[f.region], at(now)),
+                        Replies::Proportional => p.hint(&placed[f.region].1, at(now)),
                         Replies::ProportionalHintAtAdmission | Replies::Delayed { .. } => f.hint,
                     };
                     scheds[f.replica].router_mut().settle(
@@ -493,7 +514,7 @@ impl World {
                         .into_iter()
                         .map(|mut item| {
                             item.call.incarnation = incarnations[r];
-                            let region = region_index[&*item.region];
+                            let region = region_index[&(&*item.region, &*item.model)];
                             let grant = call_or_create(
                                 &mut central[region],
                                 &names[r],
@@ -503,7 +524,8 @@ impl World {
                             );
                             if counted {
                                 redis_calls += 1;
-                                redis_bytes_sent += super::central_wire::call_bytes(&wire_names[r], &item);
+                                redis_bytes_sent +=
+                                    super::central_wire::call_bytes(&wire_names[r], &item, None);
                                 redis_bytes_received += super::central_wire::answer_bytes(&grant);
                             }
                             (item, Some(grant))
@@ -534,7 +556,21 @@ impl World {
                     continue;
                 }
             };
-            for released in scheds[pumped].release(at(now), |_| false) {
+            // With `pump_every`, only a wake pumps; other events schedule one.
+            let deferred = d.pump_every.filter(|_| !matches!(event, Event::Wake(_)));
+            if let Some(every) = deferred {
+                let when = now + every;
+                if scheduled_wake[pumped].is_none_or(|s| when < s) {
+                    scheduled_wake[pumped] = Some(when);
+                    push(&mut events, when, Event::Wake(pumped));
+                }
+            }
+            let released = if deferred.is_none() {
+                scheds[pumped].release(at(now), |_| false)
+            } else {
+                Vec::new()
+            };
+            for released in released {
                 match released {
                     Released::Granted(w, res) => granted.push((pumped, w.ticket, res)),
                     Released::Expired(w, _) | Released::Failed(w, _) | Released::Gone(w) => {
@@ -544,9 +580,9 @@ impl World {
                 }
             }
             for (r, i, res) in granted {
-                let region = region_index[&*res.region];
+                let region = region_index[&(&*res.region, &*res.model)];
                 let a = &arrivals[i];
-                match providers[region].admit(&model_of[region], a.prompt, a.max_output, at(now)) {
+                match providers[region].admit(&placed[region].1, a.prompt, a.max_output, at(now)) {
                     Ok(admission) => {
                         admitted[region].push((now, a.tokens()));
                         let completion =
@@ -555,11 +591,11 @@ impl World {
                             Replies::Proportional => (self.latency(a.prompt + completion), None),
                             Replies::ProportionalHintAtAdmission => (
                                 self.latency(a.prompt + completion),
-                                providers[region].hint(&model_of[region], at(now)),
+                                providers[region].hint(&placed[region].1, at(now)),
                             ),
                             Replies::Delayed { min, max } => (
                                 min + (max - min).mul_f64(completions.unit()),
-                                providers[region].hint(&model_of[region], at(now)),
+                                providers[region].hint(&placed[region].1, at(now)),
                             ),
                         };
                         push(&mut events, now + delay, Event::Complete(i));
@@ -591,7 +627,7 @@ impl World {
                     }
                 }
             }
-            if let Some(wake) = scheds[pumped].next_wake() {
+            if let Some(wake) = scheds[pumped].next_wake().filter(|_| deferred.is_none()) {
                 let wake = wake.duration_since(t0).max(now);
                 if scheduled_wake[pumped].is_none_or(|s| wake < s) {
                     scheduled_wake[pumped] = Some(wake);
