@@ -429,7 +429,11 @@ async fn central_lua_cost() {
                                         seq: s.seq,
                                         ask_tokens: 2_000 + (k as u64 * 37) % 1_000,
                                         ask_requests: 5,
-                                        need_tokens: if (s.seq + k as u64) % 7 == 0 { 800 } else { 0 },
+                                        need_tokens: if (s.seq + k as u64).is_multiple_of(7) {
+                                            800
+                                        } else {
+                                            0
+                                        },
                                         spent_tokens: s.spent,
                                         spent_requests: s.seq * 2,
                                         totals: Totals {
