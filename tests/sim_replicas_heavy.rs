@@ -21,25 +21,15 @@ mod heavy {
     use std::time::Duration;
 
     use crate::common::Lcg;
-    use crate::common::vsim::{
-        Arrival, Deployment, Replies, Run, World, heavy_size as size, percentile, poisson,
-    };
-    use dispatcher::core::{Accounting, OverloadSettings, SharingSettings};
+    use crate::common::vsim::{Arrival, Deployment, Run, World, heavy_size as size, percentile, poisson};
+    use dispatcher::core::{OverloadSettings, SharingSettings};
 
     pub const REGIONS: [(&str, u64); 3] = [("d0", 60_000), ("d1", 30_000), ("d2", 15_000)];
     pub const RPM: [u64; 3] = [600, 300, 150];
     pub const SECONDS: u64 = 60;
 
     pub fn world() -> World {
-        World {
-            regions: REGIONS.to_vec(),
-            accounting: Accounting::Admission,
-            tenants: vec![("t", 1.0)],
-            max_wait: Duration::from_secs(5),
-            ms_per_1k: 1_000.0,
-            replies: Replies::ProportionalHintAtAdmission,
-            foreign_share: 0.0,
-        }
+        World::charged_at_admission(REGIONS.to_vec())
     }
 
     pub fn arrivals(load: f64, seed: u64) -> Vec<Arrival> {

@@ -26,8 +26,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::Lcg;
-use common::vsim::{Arrival, Deployment, Replies, Run, World, heavy_size, poisson};
-use dispatcher::core::{Accounting, OverloadSettings, SharingSettings};
+use common::vsim::{Arrival, Deployment, Run, World, heavy_size, poisson};
+use dispatcher::core::{OverloadSettings, SharingSettings};
 
 /// Requests a second offered, all region-models together.
 const TOTAL_RATE: f64 = 100_000.0;
@@ -82,18 +82,7 @@ fn world(region_models: usize) -> (World, Vec<u64>) {
         regions.push((name, (requests_a_minute * mean) as u64));
         rpm.push((1.5 * requests_a_minute) as u64);
     }
-    (
-        World {
-            regions,
-            accounting: Accounting::Admission,
-            tenants: vec![("t", 1.0)],
-            max_wait: Duration::from_secs(5),
-            ms_per_1k: 1_000.0,
-            replies: Replies::ProportionalHintAtAdmission,
-            foreign_share: 0.0,
-        },
-        rpm,
-    )
+    (World::charged_at_admission(regions), rpm)
 }
 
 fn arrivals(region_models: usize, seconds: u64, seed: u64) -> Vec<Arrival> {

@@ -265,6 +265,21 @@ struct Flight {
 }
 
 impl World {
+    /// Issue 25's world over `regions`: strict providers that charge at
+    /// admission, one tenant, the default 5 s queue, replies after a second
+    /// per 1,000 tokens carrying the hint of their admission (as region-sim).
+    pub fn charged_at_admission(regions: Vec<(&'static str, u64)>) -> Self {
+        Self {
+            regions,
+            accounting: Accounting::Admission,
+            tenants: vec![("t", 1.0)],
+            max_wait: Duration::from_secs(5),
+            ms_per_1k: 1_000.0,
+            replies: Replies::ProportionalHintAtAdmission,
+            foreign_share: 0.0,
+        }
+    }
+
     fn limits(&self, tpm: u64, rpm: u64, burst: Option<Duration>) -> ModelLimits {
         let of = |per_minute: u64| burst.map(|b| (per_minute as f64 * b.as_secs_f64() / 60.0).ceil() as u64);
         ModelLimits {
