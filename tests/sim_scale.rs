@@ -12,14 +12,16 @@
 //! a Zipf law (exponent 1: the busiest takes 14.7 % of 500, the least
 //! 0.03 %), each request asking for one region-model's model, with loadgen's
 //! heavy sizes (prompts Pareto from 100 tokens, outputs from 50, up to
-//! 10,000 together; 446 tokens on average). Each region-model is a strict
+//! 10,000 together; 476 tokens on average). Each region-model is a strict
 //! provider of its own (charges prompt + max_tokens at admission, refuses
 //! what its bucket lacks) whose tokens-per-minute is its share of the
 //! offered tokens over `LOAD` (twice the quota offered), its
 //! requests-per-minute 1.5 times the requests that quota holds at the mean
 //! size, its burst `BURST` of refill; providers start empty. Default
 //! `[cluster]` settings otherwise (chunk_ttl 1 s, the queue's 5 s wait,
-//! overload control on).
+//! overload control on). One second of arrivals a point by default
+//! (`SIM_SCALE_SECONDS`): 50 × 500 takes about 150 s of run time for it, nearly
+//! all of it the core's queue (docs/SCALING.md).
 
 mod common;
 
