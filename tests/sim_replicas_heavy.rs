@@ -21,31 +21,15 @@ mod heavy {
     use std::time::Duration;
 
     use crate::common::Lcg;
-    use crate::common::vsim::{Arrival, Deployment, Replies, Run, World, percentile, poisson};
-    use dispatcher::core::{Accounting, OverloadSettings, SharingSettings};
+    use crate::common::vsim::{Arrival, Deployment, Run, World, heavy_size as size, percentile, poisson};
+    use dispatcher::core::{OverloadSettings, SharingSettings};
 
     pub const REGIONS: [(&str, u64); 3] = [("d0", 60_000), ("d1", 30_000), ("d2", 15_000)];
     pub const RPM: [u64; 3] = [600, 300, 150];
     pub const SECONDS: u64 = 60;
 
-    /// loadgen's `--sizes heavy`.
-    pub fn size(rng: &mut Lcg) -> (u64, u64) {
-        (
-            rng.heavy_tail(100.0, 1.3, 8_000.0),
-            rng.heavy_tail(50.0, 1.5, 2_000.0),
-        )
-    }
-
     pub fn world() -> World {
-        World {
-            regions: REGIONS.to_vec(),
-            accounting: Accounting::Admission,
-            tenants: vec![("t", 1.0)],
-            max_wait: Duration::from_secs(5),
-            ms_per_1k: 1_000.0,
-            replies: Replies::ProportionalHintAtAdmission,
-            foreign_share: 0.0,
-        }
+        World::charged_at_admission(REGIONS.to_vec())
     }
 
     pub fn arrivals(load: f64, seed: u64) -> Vec<Arrival> {
@@ -78,6 +62,9 @@ mod heavy {
                 requests_per_minute: Some(RPM.to_vec()),
                 providers_start_empty: true,
                 seed,
+                models_per_region: None,
+                pump_every: None,
+                burst: None,
             },
         )
     }
@@ -288,6 +275,9 @@ fn one_process_queue_against_no_queue() {
                 requests_per_minute: Some(heavy::RPM.to_vec()),
                 providers_start_empty: true,
                 seed,
+                models_per_region: None,
+                pump_every: None,
+                burst: None,
             };
             let queue = heavy::world().run_deployed(arrivals.clone(), &deployment(Some(settings)));
             let mut no_queue = heavy::world();

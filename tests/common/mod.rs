@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod attack;
+pub mod central_wire;
 pub mod certs;
 pub mod engine;
 pub mod http_client;

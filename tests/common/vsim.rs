@@ -59,6 +59,9 @@ pub struct Arrival {
     pub tenant: usize,
     pub prompt: u64,
     pub max_output: u64,
+    /// With `Deployment::models_per_region`: the region-model it asks for
+    /// (index into `World::regions`). Otherwise unused (0).
+    pub region_model: usize,
 }
 
 impl Arrival {
@@ -97,6 +100,14 @@ pub struct Run {
     pub unused_level: Vec<i64>,
     /// Per region: (when, tokens) of every admission by its provider.
     pub admitted: Vec<Vec<(Duration, u64)>>,
+    /// `[cluster]`: the central calls the replicas made (one per shared
+    /// (region, model) per replica tick), and the bytes they would send and
+    /// receive through `RedisCentral` (`central_wire`), before `redis_until`.
+    pub redis_calls: u64,
+    pub redis_bytes_sent: u64,
+    pub redis_bytes_received: u64,
+    /// The end of the span the Redis figures count (the last arrival).
+    pub redis_until: Duration,
 }
 
 impl Run {
@@ -161,8 +172,18 @@ pub fn poisson(
             tenant,
             prompt,
             max_output,
+            region_model: 0,
         });
     }
+}
+
+/// loadgen's `--sizes heavy`: prompts Pareto-distributed from 100 tokens,
+/// outputs from 50, up to 10,000 together.
+pub fn heavy_size(rng: &mut Lcg) -> (u64, u64) {
+    (
+        rng.heavy_tail(100.0, 1.3, 8_000.0),
+        rng.heavy_tail(50.0, 1.5, 2_000.0),
+    )
 }
 
 /// How the dispatcher is deployed in front of the providers, and how they
@@ -186,6 +207,22 @@ pub struct Deployment {
     pub providers_start_empty: bool,
     /// Picks each arrival's replica and jitters the ticks.
     pub seed: u64,
+    /// `Some(n)`: each entry of `World::regions` is a region-model of its
+    /// own, a model named as the entry that only it serves, `n` of them to
+    /// a region (so a request, which asks for one of them, is routed among
+    /// the regions, not among every region-model), and each arrival asks
+    /// for its `region_model`'s. `None`: each entry is a region, and every
+    /// region serves the one model `m`.
+    pub models_per_region: Option<usize>,
+    /// Each provider's burst, as this much of its refill (`None`: a
+    /// minute's, the default).
+    pub burst: Option<Duration>,
+    /// `Some(p)`: a replica's queue is pumped (released, its next wake
+    /// computed) at most once per `p`, as the edge's pump, busy with one
+    /// release, takes the notifications that came meanwhile in its next;
+    /// an arrival's own reservation is still made at once. `None`: after
+    /// every event.
+    pub pump_every: Option<Duration>,
 }
 
 impl Deployment {
@@ -198,6 +235,9 @@ impl Deployment {
             requests_per_minute: None,
             providers_start_empty: false,
             seed: 1,
+            models_per_region: None,
+            burst: None,
+            pump_every: None,
         }
     }
 }
@@ -225,12 +265,28 @@ struct Flight {
 }
 
 impl World {
-    fn limits(&self, tpm: u64, rpm: u64) -> ModelLimits {
+    /// Issue 25's world over `regions`: strict providers that charge at
+    /// admission, one tenant, the default 5 s queue, replies after a second
+    /// per 1,000 tokens carrying the hint of their admission (as region-sim).
+    pub fn charged_at_admission(regions: Vec<(&'static str, u64)>) -> Self {
+        Self {
+            regions,
+            accounting: Accounting::Admission,
+            tenants: vec![("t", 1.0)],
+            max_wait: Duration::from_secs(5),
+            ms_per_1k: 1_000.0,
+            replies: Replies::ProportionalHintAtAdmission,
+            foreign_share: 0.0,
+        }
+    }
+
+    fn limits(&self, tpm: u64, rpm: u64, burst: Option<Duration>) -> ModelLimits {
+        let of = |per_minute: u64| burst.map(|b| (per_minute as f64 * b.as_secs_f64() / 60.0).ceil() as u64);
         ModelLimits {
             tokens_per_minute: tpm,
             requests_per_minute: rpm,
-            burst_tokens: None,
-            burst_requests: None,
+            burst_tokens: of(tpm),
+            burst_requests: of(rpm),
             accounting: self.accounting,
         }
     }
@@ -256,24 +312,43 @@ impl World {
         let t0 = Instant::now();
         let at = |d: Duration| t0 + d;
         let rpm = |i: usize| d.requests_per_minute.as_ref().map_or(10_000_000, |r| r[i]);
-        let spec = RouterSpec {
-            models: vec![ModelSpec {
-                name: "m".into(),
-                default_max_output_tokens: 256,
-                chars_per_token: 4.0,
-                max_request_tokens: 1_000_000,
-            }],
-            regions: self
-                .regions
-                .iter()
-                .enumerate()
-                .map(|(i, (name, tpm))| RegionSpec {
-                    name: name.to_string(),
+        // Where each entry of `self.regions` runs: (region, model).
+        let placed: Vec<(Arc<str>, Arc<str>)> = self
+            .regions
+            .iter()
+            .enumerate()
+            .map(|(i, (name, _))| match d.models_per_region {
+                Some(n) => (Arc::from(format!("region-{:02}", i / n.max(1))), Arc::from(*name)),
+                None => (Arc::from(*name), Arc::from("m")),
+            })
+            .collect();
+        let mut model_names: Vec<Arc<str>> = placed.iter().map(|(_, m)| m.clone()).collect();
+        model_names.sort();
+        model_names.dedup();
+        let mut region_specs: Vec<RegionSpec> = Vec::new();
+        for (i, (region, model)) in placed.iter().enumerate() {
+            let limits = self.limits(self.regions[i].1, rpm(i), d.burst);
+            match region_specs.last_mut() {
+                Some(last) if *last.name == **region => last.models.push((model.to_string(), limits)),
+                _ => region_specs.push(RegionSpec {
+                    name: region.to_string(),
                     weight: 1.0,
                     max_concurrent: 100_000,
-                    models: vec![("m".into(), self.limits(*tpm, rpm(i)))],
+                    models: vec![(model.to_string(), limits)],
+                }),
+            }
+        }
+        let spec = RouterSpec {
+            models: model_names
+                .iter()
+                .map(|name| ModelSpec {
+                    name: name.to_string(),
+                    default_max_output_tokens: 256,
+                    chars_per_token: 4.0,
+                    max_request_tokens: 1_000_000,
                 })
                 .collect(),
+            regions: region_specs,
             strategy: StrategyKind::WeightedLoad,
             params: StrategyParams::default(),
             seed: 1,
@@ -304,18 +379,18 @@ impl World {
             .enumerate()
             .map(|(i, (_, tpm))| {
                 let foreign = (*tpm as f64 * self.foreign_share) as u64;
-                let mut p = Provider::new(&[("m".to_string(), self.limits(*tpm, rpm(i)))], foreign, t0);
+                let limits = self.limits(*tpm, rpm(i), d.burst);
+                let mut p = Provider::new(&[(placed[i].1.to_string(), limits)], foreign, t0);
                 if d.providers_start_empty {
                     p.empty(t0);
                 }
                 p
             })
             .collect();
-        let region_index: HashMap<&str, usize> = self
-            .regions
+        let region_index: HashMap<(&str, &str), usize> = placed
             .iter()
             .enumerate()
-            .map(|(i, (n, _))| (*n, i))
+            .map(|(i, (region, model))| ((&**region, &**model), i))
             .collect();
         let tenant_names: Vec<Arc<str>> = self.tenants.iter().map(|(n, _)| Arc::from(*n)).collect();
 
@@ -355,7 +430,16 @@ impl World {
         let mut admitted: Vec<Vec<(Duration, u64)>> = vec![Vec::new(); self.regions.len()];
         let mut now = Duration::ZERO;
         let mut end = Duration::ZERO;
-        let model: Arc<str> = Arc::from("m");
+        let mut redis_calls = 0;
+        let mut redis_bytes_sent = 0;
+        let mut redis_bytes_received = 0;
+        let redis_until = arrivals.last().map_or(Duration::ZERO, |a| a.at);
+        // What the replicas are called in Redis and draw as their process's
+        // run, as the sync task does (`cluster::sync`): for the bytes only,
+        // the simulated buckets know them as `names`.
+        let wire_names: Vec<String> = (0..replicas).map(super::central_wire::replica_id).collect();
+        let mut draw = Lcg(d.seed.wrapping_add(4_242));
+        let incarnations: Vec<u32> = (0..replicas).map(|_| (draw.next_u64() >> 32) as u32).collect();
 
         while let Some(Reverse((when, _, event))) = events.pop() {
             now = when;
@@ -365,12 +449,20 @@ impl World {
                 end = now;
             }
             let mut granted: Vec<(usize, usize, Reservation)> = Vec::new();
-            match event {
+            // The replica the event concerns: only its scheduler changed, so
+            // only it is pumped (the others' wakes are scheduled).
+            let pumped = match event {
                 Event::Arrive(i) => {
                     let a = &arrivals[i];
                     let r = fates[i].replica;
                     let sub = Submission {
-                        model: model.clone(),
+                        model: placed[if d.models_per_region.is_some() {
+                            a.region_model
+                        } else {
+                            0
+                        }]
+                        .1
+                        .clone(),
                         tokens: a.tokens(),
                         origin: None,
                         tenant: tenant_names[a.tenant].clone(),
@@ -394,6 +486,7 @@ impl World {
                             *refusals.entry(why).or_default() += 1;
                         }
                     }
+                    r
                 }
                 Event::Complete(i) => {
                     let f = flights.remove(&i).unwrap();
@@ -402,7 +495,7 @@ impl World {
                     let p = &mut providers[f.region];
                     p.complete(f.admission, a.prompt, f.completion, at(now));
                     let hint = match self.replies {
-                        Replies::Proportional => p.hint("m", at(now)),
+                        Replies::Proportional => p.hint(&placed[f.region].1, at(now)),
                         Replies::ProportionalHintAtAdmission | Replies::Delayed { .. } => f.hint,
                     };
                     scheds[f.replica].router_mut().settle(
@@ -420,16 +513,23 @@ impl World {
                         },
                         at(now),
                     );
+                    f.replica
                 }
                 // Only the latest wake counts; older ones are stale but harmless.
-                Event::Wake(r) if scheduled_wake[r] == Some(now) => scheduled_wake[r] = None,
-                Event::Wake(_) => {}
+                Event::Wake(r) => {
+                    if scheduled_wake[r] == Some(now) {
+                        scheduled_wake[r] = None;
+                    }
+                    r
+                }
                 Event::Sync(r) => {
                     let calls = scheds[r].sync_calls(at(now));
+                    let counted = now < redis_until;
                     let done = calls
                         .into_iter()
-                        .map(|item| {
-                            let region = region_index[&*item.region];
+                        .map(|mut item| {
+                            item.call.incarnation = incarnations[r];
+                            let region = region_index[&(&*item.region, &*item.model)];
                             let grant = call_or_create(
                                 &mut central[region],
                                 &names[r],
@@ -437,6 +537,12 @@ impl World {
                                 &item.call,
                                 now.as_micros() as u64,
                             );
+                            if counted {
+                                redis_calls += 1;
+                                redis_bytes_sent +=
+                                    super::central_wire::call_bytes(&wire_names[r], &item, None);
+                                redis_bytes_received += super::central_wire::answer_bytes(&grant);
+                            }
                             (item, Some(grant))
                         })
                         .collect();
@@ -450,6 +556,7 @@ impl World {
                             Event::Sync(r),
                         );
                     }
+                    r
                 }
                 Event::Sample => {
                     let level: i64 = providers
@@ -463,22 +570,34 @@ impl World {
                     // A look changes nothing: no pump runs for it.
                     continue;
                 }
+            };
+            // With `pump_every`, only a wake pumps; other events schedule one.
+            let deferred = d.pump_every.filter(|_| !matches!(event, Event::Wake(_)));
+            if let Some(every) = deferred {
+                let when = now + every;
+                if scheduled_wake[pumped].is_none_or(|s| when < s) {
+                    scheduled_wake[pumped] = Some(when);
+                    push(&mut events, when, Event::Wake(pumped));
+                }
             }
-            for (r, sched) in scheds.iter_mut().enumerate() {
-                for released in sched.release(at(now), |_| false) {
-                    match released {
-                        Released::Granted(w, res) => granted.push((r, w.ticket, res)),
-                        Released::Expired(w, _) | Released::Failed(w, _) | Released::Gone(w) => {
-                            fates[w.ticket].why_not = Some("expired while waiting");
-                            *refusals.entry("expired while waiting").or_default() += 1;
-                        }
+            let released = if deferred.is_none() {
+                scheds[pumped].release(at(now), |_| false)
+            } else {
+                Vec::new()
+            };
+            for released in released {
+                match released {
+                    Released::Granted(w, res) => granted.push((pumped, w.ticket, res)),
+                    Released::Expired(w, _) | Released::Failed(w, _) | Released::Gone(w) => {
+                        fates[w.ticket].why_not = Some("expired while waiting");
+                        *refusals.entry("expired while waiting").or_default() += 1;
                     }
                 }
             }
             for (r, i, res) in granted {
-                let region = region_index[&*res.region];
+                let region = region_index[&(&*res.region, &*res.model)];
                 let a = &arrivals[i];
-                match providers[region].admit("m", a.prompt, a.max_output, at(now)) {
+                match providers[region].admit(&placed[region].1, a.prompt, a.max_output, at(now)) {
                     Ok(admission) => {
                         admitted[region].push((now, a.tokens()));
                         let completion =
@@ -487,11 +606,11 @@ impl World {
                             Replies::Proportional => (self.latency(a.prompt + completion), None),
                             Replies::ProportionalHintAtAdmission => (
                                 self.latency(a.prompt + completion),
-                                providers[region].hint("m", at(now)),
+                                providers[region].hint(&placed[region].1, at(now)),
                             ),
                             Replies::Delayed { min, max } => (
                                 min + (max - min).mul_f64(completions.unit()),
-                                providers[region].hint("m", at(now)),
+                                providers[region].hint(&placed[region].1, at(now)),
                             ),
                         };
                         push(&mut events, now + delay, Event::Complete(i));
@@ -523,13 +642,11 @@ impl World {
                     }
                 }
             }
-            for (r, sched) in scheds.iter().enumerate() {
-                if let Some(wake) = sched.next_wake() {
-                    let wake = wake.duration_since(t0).max(now);
-                    if scheduled_wake[r].is_none_or(|s| wake < s) {
-                        scheduled_wake[r] = Some(wake);
-                        push(&mut events, wake, Event::Wake(r));
-                    }
+            if let Some(wake) = scheds[pumped].next_wake().filter(|_| deferred.is_none()) {
+                let wake = wake.duration_since(t0).max(now);
+                if scheduled_wake[pumped].is_none_or(|s| wake < s) {
+                    scheduled_wake[pumped] = Some(wake);
+                    push(&mut events, wake, Event::Wake(pumped));
                 }
             }
         }
@@ -580,6 +697,10 @@ impl World {
             sharing,
             unused_level,
             admitted,
+            redis_calls,
+            redis_bytes_sent,
+            redis_bytes_received,
+            redis_until,
         }
     }
 
