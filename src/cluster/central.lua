@@ -148,11 +148,15 @@ end
 local dt = now - up
 local per_us_t, per_us_r = tpm / 60e6, rpm / 60e6
 local stale = 0
+-- The records this call changes besides the caller's: only these are
+-- written back (the others would be rewritten digit for digit).
+local changed = {}
 for rid, r in pairs(reps) do
   if rid ~= id and now - r.seen >= stale_us then
     stale = stale + 1
     r.wh_t = r.wh_t + per_us_t * dt / n
     r.wh_r = r.wh_r + per_us_r * dt / n
+    changed[rid] = true
   end
 end
 local kept = 1 - stale / n
@@ -259,8 +263,9 @@ rt, rr = rt + gt, rr + gr
 local function exact(x) return string.format('%.17g', x) end
 redis.call('HSET', KEYS[1], 'lt', exact(lt), 'lr', exact(lr), 'up', exact(up), 'bu', exact(bu),
   'rs', exact(rs), 'rt', exact(rt), 'rr', exact(rr), 'g', exact(gen), 'ep', epoch)
-for rid, r in pairs(reps) do
-  local parts = {}
+changed[id] = true
+for rid in pairs(changed) do
+  local r, parts = reps[rid], {}
   for k, f in ipairs(FIELDS) do parts[k] = exact(r[f]) end
   redis.call('HSET', KEYS[2], rid, table.concat(parts, ' '))
 end
