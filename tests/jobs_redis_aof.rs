@@ -24,6 +24,33 @@ use common::{ConfigDir, Proc, dispatcher, eventually, region_status, sim_stats};
 use dispatcher::pb;
 use dispatcher::pb::jobs_client::JobsClient;
 use tonic::Code;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+/// Whether `dispatch.v1.Jobs` becomes `want` on `p` within 5 s.
+async fn jobs_health_becomes(p: &Proc, want: ServingStatus) -> bool {
+    let channel = tonic::transport::Endpoint::from_shared(p.endpoint())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let health = HealthClient::new(channel);
+    eventually(Duration::from_secs(5), || {
+        let mut health = health.clone();
+        async move {
+            let r = HealthCheckRequest {
+                service: "dispatch.v1.Jobs".into(),
+            };
+            health
+                .check(r)
+                .await
+                .is_ok_and(|s| s.into_inner().status() == want)
+        }
+    })
+    .await
+    .is_some()
+}
 
 /// Submissions at most (ListJobs answers 1,000 at most: all of them fit).
 const MAX_SUBMITS: usize = 600;
@@ -162,6 +189,10 @@ async fn jobs_acknowledged_before_a_sigkill_of_their_aof_redis_are_kept() {
         .await
         .expect("Submits during the outage are refused");
     let in_outage = log.lock().unwrap().len();
+    assert!(
+        jobs_health_becomes(&d, ServingStatus::NotServing).await,
+        "the Jobs health says the store is away while its Redis is dead"
+    );
 
     // Back on the same port and directory: it replays its AOF.
     jobs_redis.restart_empty();
@@ -171,6 +202,10 @@ async fn jobs_acknowledged_before_a_sigkill_of_their_aof_redis_are_kept() {
     })
     .await
     .expect("the dispatcher takes jobs again once its Redis is back, by itself");
+    assert!(
+        jobs_health_becomes(&d, ServingStatus::Serving).await,
+        "the Jobs health is SERVING again once its Redis answers"
+    );
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     submitter.await.unwrap();
     let log = log.lock().unwrap().clone();

@@ -71,6 +71,11 @@ pub struct RedisJobStore {
     lease_ms: u64,
     max_jobs: u64,
     max_bytes: u64,
+    /// Why the last call got no answer from Redis, until one gets one:
+    /// the keeper's heartbeat calls at least once a second, so the Jobs
+    /// health follows Redis within a beat. Owner: this store (a plain lock,
+    /// held for a copy).
+    away: std::sync::Mutex<Option<StoreError>>,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -129,6 +134,7 @@ impl RedisJobStore {
             timeout,
             timeout_key: "cluster.redis_timeout",
             lease_ms: lease.as_millis() as u64,
+            away: std::sync::Mutex::new(None),
             max_jobs,
             max_bytes,
         })
@@ -182,7 +188,18 @@ impl RedisJobStore {
             // The next call connects again (asking the Sentinels anew).
             *self.connection.lock().await = None;
         }
+        self.note(&answer);
         answer
+    }
+
+    /// Keeps whether Redis answered `result` (a refusal of its own, such
+    /// as a fence or a full store, is an answer).
+    fn note<T>(&self, result: &Result<T, StoreError>) {
+        let away = match result {
+            Err(e) if e.is_transient() => Some(e.clone()),
+            _ => None,
+        };
+        *self.away.lock().unwrap_or_else(|p| p.into_inner()) = away;
     }
 
     async fn query<T: FromRedisValue>(&self, cmd: redis::Cmd) -> Result<T, StoreError> {
@@ -215,11 +232,19 @@ impl RedisJobStore {
         let started = crate::clock::tokio_now();
         let (timeout, key) = (self.timeout, self.timeout_key);
         let late = || format!("Redis did not answer within {timeout:?} ({key})");
-        let mut con = tokio::time::timeout(timeout, self.connection())
+        let connected = tokio::time::timeout(timeout, self.connection())
             .await
-            .map_err(|_| unavailable(late()))??;
+            .map_err(|_| unavailable(late()))
+            .flatten();
+        let mut con = match connected {
+            Ok(c) => c,
+            Err(e) => {
+                self.note::<()>(&Err(e.clone()));
+                return Err(e);
+            }
+        };
         let sent = inv.invoke_async(&mut con);
-        match tokio::time::timeout_at(started + timeout, sent).await {
+        let answer = match tokio::time::timeout_at(started + timeout, sent).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e))
                 if matches!(
@@ -231,7 +256,9 @@ impl RedisJobStore {
             }
             Ok(Err(e)) => Err(StoreError::Unknown(format!("Redis: {e}"))),
             Err(_) => Err(StoreError::Unknown(late())),
-        }
+        };
+        self.note(&answer);
+        answer
     }
 
     /// `orphans`, at `now_ms` instead of Redis `TIME` when given.
@@ -491,6 +518,10 @@ impl JobStore for RedisJobStore {
             }
             Ok(removed)
         })
+    }
+
+    fn refusing(&self) -> Option<StoreError> {
+        self.away.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     fn usage(&self) -> StoreFuture<'_, (u64, u64)> {

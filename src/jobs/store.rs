@@ -114,8 +114,8 @@ pub trait JobStore: Send + Sync {
     fn usage(&self) -> StoreFuture<'_, (u64, u64)>;
 
     /// Why the store refuses writes now, while it does (the embedded store:
-    /// a full disk, or an I/O error it has not yet recovered from). Redis's
-    /// health is the cluster's own (its metrics and fallback).
+    /// a full disk, or an I/O error it has not yet recovered from; Redis:
+    /// the last call got no answer).
     fn refusing(&self) -> Option<StoreError> {
         None
     }
