@@ -148,7 +148,21 @@ fn the_redis_tls_settings_are_checked() {
     let e = err(&format!(
         "{DISPATCHER}\n[cluster]\nredis_sentinels = [\"rediss://a:1\"]\nmaster_name = \"q\"\nredis_ca_file = \"ca.pem\"\n"
     ));
-    assert_names(&e, f, "cluster.redis_ca_file", "only supported with redis_url");
+    assert_names(&e, f, "cluster.redis_ca_file", "not with Sentinels yet");
+    // A Redis Cluster: every node over TLS, or the keys are refused.
+    let redis_cluster = |nodes: &str| {
+        format!("{DISPATCHER}\n[cluster]\nredis_cluster = [{nodes}]\nredis_ca_file = \"ca.pem\"\n")
+    };
+    let e = err(&redis_cluster("\"rediss://a:1\", \"redis://b:1\""));
+    assert_names(
+        &e,
+        f,
+        "cluster.redis_ca_file",
+        "every cluster.redis_cluster node is rediss://",
+    );
+    let c = parse_in(&redis_cluster("\"rediss://a:1\", \"rediss://b:1\"")).unwrap();
+    let tls = c.cluster.unwrap().redis_tls.unwrap();
+    assert_eq!(tls.ca.as_deref(), Some(cert.pem().as_bytes()));
     let e = err(&format!("{DISPATCHER}\n[jobs]\nredis_ca_file = \"ca.pem\"\n"));
     assert_names(
         &e,

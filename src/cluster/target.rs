@@ -18,19 +18,23 @@ use redis::{Client, ClientTlsConfig, IntoConnectionInfo, RedisFuture, TlsCertifi
 
 use crate::config::{RedisTarget, RedisTls};
 
-/// A client for one URL, with `tls`'s CA and identity if given.
-fn client(url: &str, tls: Option<&RedisTls>) -> Result<Client, redis::RedisError> {
-    let Some(tls) = tls else {
-        return Client::open(url);
-    };
-    let certificates = TlsCertificates {
+/// `tls`'s CA and identity, as the crate takes them.
+fn certificates(tls: &RedisTls) -> TlsCertificates {
+    TlsCertificates {
         client_tls: tls.identity.as_ref().map(|(cert, key)| ClientTlsConfig {
             client_cert: cert.clone(),
             client_key: key.clone(),
         }),
         root_cert: tls.ca.clone(),
-    };
-    Client::build_with_tls(url, certificates)
+    }
+}
+
+/// A client for one URL, with `tls`'s CA and identity if given.
+fn client(url: &str, tls: Option<&RedisTls>) -> Result<Client, redis::RedisError> {
+    match tls {
+        Some(tls) => Client::build_with_tls(url, certificates(tls)),
+        None => Client::open(url),
+    }
 }
 
 /// A connection to a single Redis (a connection manager) or to a Redis
@@ -95,7 +99,7 @@ pub fn check(target: &RedisTarget, tls: Option<&RedisTls>) -> Result<(), redis::
             sentinels,
             master_name,
         } => sentinel(sentinels, master_name).map(drop),
-        RedisTarget::Cluster { nodes } => cluster(nodes, Duration::from_secs(1)).map(drop),
+        RedisTarget::Cluster { nodes } => cluster(nodes, tls, Duration::from_secs(1)).map(drop),
     }
 }
 
@@ -113,13 +117,23 @@ fn sentinel(sentinels: &[String], master_name: &str) -> Result<SentinelClient, r
 
 /// A cluster client on the seed nodes: every attempt on a node bounded by
 /// `timeout`, one retry (a MOVED or ASK is followed within it); the caller
-/// bounds the whole call as for a single Redis.
-fn cluster(nodes: &[String], timeout: Duration) -> Result<ClusterClient, redis::RedisError> {
-    ClusterClientBuilder::new(nodes.iter().map(String::as_str))
+/// bounds the whole call as for a single Redis. With `tls` (every node
+/// `rediss://`), each node, found by the seeds or by MOVED, is reached with
+/// its CA and identity.
+fn cluster(
+    nodes: &[String],
+    tls: Option<&RedisTls>,
+    timeout: Duration,
+) -> Result<ClusterClient, redis::RedisError> {
+    let builder = ClusterClientBuilder::new(nodes.iter().map(String::as_str))
         .connection_timeout(timeout)
         .response_timeout(timeout)
-        .retries(1)
-        .build()
+        .retries(1);
+    match tls {
+        Some(tls) => builder.certs(certificates(tls)),
+        None => builder,
+    }
+    .build()
 }
 
 /// A connection to the target (its primary, or its cluster); the caller
@@ -136,7 +150,7 @@ pub async fn connect(
             master_name,
         } => sentinel(sentinels, master_name)?.async_get_client().await?,
         RedisTarget::Cluster { nodes } => {
-            let c = cluster(nodes, timeout)?.get_async_connection().await?;
+            let c = cluster(nodes, tls, timeout)?.get_async_connection().await?;
             return Ok(RedisConnection::Cluster(c));
         }
     };

@@ -1,4 +1,5 @@
-//! TLS to a `rediss://` Redis (`[cluster]` or `[jobs]`): `redis_ca_file`
+//! TLS to a `rediss://` Redis (`[cluster]` or `[jobs]`; in `[cluster]`, a
+//! `redis_url` or a `redis_cluster` whose nodes are all `rediss://`): `redis_ca_file`
 //! (the CA its certificate chains to; without it, the system's roots) and,
 //! for mutual TLS, `redis_client_cert_file` with `redis_client_key_file`.
 //! The files are read while validating, so a missing or bad one is a config
@@ -65,10 +66,22 @@ pub(super) fn validate_redis_tls(
                 ),
             ));
         }
-        Some(_) => {
+        Some(RedisTarget::Cluster { nodes }) => {
+            if let Some(i) = nodes.iter().position(|u| !u.starts_with("rediss://")) {
+                return Err(c.err(
+                    key(first),
+                    format!(
+                        "is only used when every {} node is rediss:// (TLS to Redis); node {} is not",
+                        key("redis_cluster"),
+                        i + 1
+                    ),
+                ));
+            }
+        }
+        Some(RedisTarget::Sentinel { .. }) => {
             return Err(c.err(
                 key(first),
-                "is only supported with redis_url (rediss://), not with Sentinels or a Redis Cluster yet",
+                "is only supported with redis_url or redis_cluster (rediss://), not with Sentinels yet",
             ));
         }
     }
