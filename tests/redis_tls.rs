@@ -31,12 +31,35 @@ struct TlsRedis {
 
 impl TlsRedis {
     fn start(dir: &Path, ca: &Ca, server: &Pair) -> Self {
+        Self::spawn(dir, ca, server, Command::new(common::tools::redis_server()))
+    }
+
+    /// A Sentinel (`redis-server --sentinel`) with TLS only, watching
+    /// `primary` (TLS only) as `name`, to which it presents `client`.
+    fn sentinel(dir: &Path, ca: &Ca, server: &Pair, client: &Pair, primary: &TlsRedis, name: &str) -> Self {
+        let conf = dir.join(format!("sentinel-{}.conf", primary.port));
+        std::fs::write(
+            &conf,
+            format!("sentinel monitor {name} 127.0.0.1 {} 1\n", primary.port),
+        )
+        .unwrap();
+        let mut cmd = Command::new(common::tools::redis_server());
+        cmd.arg(&conf)
+            .arg("--sentinel")
+            .args(["--tls-replication", "yes", "--tls-client-cert-file"])
+            .arg(&client.cert)
+            .arg("--tls-client-key-file")
+            .arg(&client.key);
+        Self::spawn(dir, ca, server, cmd)
+    }
+
+    fn spawn(dir: &Path, ca: &Ca, server: &Pair, mut cmd: Command) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
-        let child = Command::new(common::tools::redis_server())
+        let child = cmd
             .args([
                 "--port",
                 "0",
@@ -233,4 +256,26 @@ async fn replicas_share_the_quota_through_a_redis_cluster_over_tls() {
     all_share(&replicas).await;
     // The quota's keys are in the cluster, reached over TLS.
     assert!(cluster.dbsizes().iter().sum::<u64>() > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_the_quota_through_sentinels_over_tls() {
+    let certs = tempfile::tempdir().unwrap();
+    let ca = Ca::new(certs.path(), "redis-ca");
+    let server = ca.server(certs.path(), "redis");
+    let client = ca.client(certs.path(), "replica", &["replica"]);
+    let primary = TlsRedis::start(certs.path(), &ca, &server);
+    let sentinel = TlsRedis::sentinel(certs.path(), &ca, &server, &client, &primary, "quota");
+    let target = format!(
+        "redis_sentinels = [\"{}\"]\nmaster_name = \"quota\"",
+        sentinel.url()
+    );
+    let tls = tls_keys(&ca.cert, &client);
+    let dirs = [
+        ConfigDir::new(&replica_toml(&target, "a", &tls, "")),
+        ConfigDir::new(&replica_toml(&target, "b", &tls, "")),
+    ];
+    let _sim = common::jobs::shared_region(&dirs, "1");
+    let replicas: Vec<Proc> = dirs.iter().map(|d| dispatcher(&d.config())).collect();
+    all_share(&replicas).await;
 }
