@@ -145,10 +145,37 @@ fn the_redis_tls_settings_are_checked() {
     assert_names(&e, f, "cluster.redis_client_key_file", "missing");
     let e = err(&cluster("rediss://a:1", "redis_client_key_file = \"client.key\""));
     assert_names(&e, f, "cluster.redis_client_cert_file", "missing");
-    let e = err(&format!(
-        "{DISPATCHER}\n[cluster]\nredis_sentinels = [\"rediss://a:1\"]\nmaster_name = \"q\"\nredis_ca_file = \"ca.pem\"\n"
-    ));
-    assert_names(&e, f, "cluster.redis_ca_file", "only supported with redis_url");
+    // Sentinels: every one over TLS, or the keys are refused.
+    let sentinels = |urls: &str| {
+        format!(
+            "{DISPATCHER}\n[cluster]\nredis_sentinels = [{urls}]\nmaster_name = \"q\"\nredis_ca_file = \"ca.pem\"\n"
+        )
+    };
+    let e = err(&sentinels("\"rediss://a:1\", \"redis://b:1\""));
+    assert_names(
+        &e,
+        f,
+        "cluster.redis_ca_file",
+        "every cluster.redis_sentinels URL is rediss:// (TLS to Redis); number 2 is not",
+    );
+    let c = parse_in(&sentinels("\"rediss://a:1\"")).unwrap();
+    assert!(c.cluster.unwrap().redis_tls.is_some());
+    // A Redis Cluster: every node over TLS, or the keys are refused.
+    let redis_cluster = |nodes: &str| {
+        format!("{DISPATCHER}\n[cluster]\nredis_cluster = [{nodes}]\nredis_ca_file = \"ca.pem\"\n")
+    };
+    let e = err(&redis_cluster("\"rediss://a:1\", \"redis://b:1\""));
+    assert_names(
+        &e,
+        f,
+        "cluster.redis_ca_file",
+        "every cluster.redis_cluster node is rediss://",
+    );
+    let e = err(&redis_cluster("\"rediss://a:1\", \"redis://b:1\""));
+    assert_names(&e, f, "cluster.redis_ca_file", "number 2 is not");
+    let c = parse_in(&redis_cluster("\"rediss://a:1\", \"rediss://b:1\"")).unwrap();
+    let tls = c.cluster.unwrap().redis_tls.unwrap();
+    assert_eq!(tls.ca.as_deref(), Some(cert.pem().as_bytes()));
     let e = err(&format!("{DISPATCHER}\n[jobs]\nredis_ca_file = \"ca.pem\"\n"));
     assert_names(
         &e,

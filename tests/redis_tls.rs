@@ -4,7 +4,10 @@
 //! region-sim's quota through it with `redis_ca_file` and a client
 //! certificate, one of them keeping its jobs there too (`[jobs]`'s own
 //! TLS settings). And a replica given the wrong CA: it starts, serves in
-//! fallback, and says why in its log; it neither hangs nor dies.
+//! fallback, and says why in its log; it neither hangs nor dies. And a
+//! Redis Cluster over TLS (`redis_cluster`, every node `rediss://`, the
+//! nodes TLS only between themselves too): two replicas share through it
+//! with the same keys.
 
 mod common;
 
@@ -14,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use common::certs::{Ca, Pair};
 use common::jobs::with_key;
+use common::redis_cluster::{ClusterTls, RedisCluster};
 use common::{ConfigDir, Proc, dispatcher, eventually, region_status};
 use dispatcher::pb;
 use dispatcher::pb::jobs_client::JobsClient;
@@ -27,12 +31,35 @@ struct TlsRedis {
 
 impl TlsRedis {
     fn start(dir: &Path, ca: &Ca, server: &Pair) -> Self {
+        Self::spawn(dir, ca, server, Command::new(common::tools::redis_server()))
+    }
+
+    /// A Sentinel (`redis-server --sentinel`) with TLS only, watching
+    /// `primary` (TLS only) as `name`, to which it presents `client`.
+    fn sentinel(dir: &Path, ca: &Ca, server: &Pair, client: &Pair, primary: &TlsRedis, name: &str) -> Self {
+        let conf = dir.join(format!("sentinel-{}.conf", primary.port));
+        std::fs::write(
+            &conf,
+            format!("sentinel monitor {name} 127.0.0.1 {} 1\n", primary.port),
+        )
+        .unwrap();
+        let mut cmd = Command::new(common::tools::redis_server());
+        cmd.arg(&conf)
+            .arg("--sentinel")
+            .args(["--tls-replication", "yes", "--tls-client-cert-file"])
+            .arg(&client.cert)
+            .arg("--tls-client-key-file")
+            .arg(&client.key);
+        Self::spawn(dir, ca, server, cmd)
+    }
+
+    fn spawn(dir: &Path, ca: &Ca, server: &Pair, mut cmd: Command) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
-        let child = Command::new(common::tools::redis_server())
+        let child = cmd
             .args([
                 "--port",
                 "0",
@@ -87,13 +114,34 @@ fn tls_keys(ca: &Path, client: &Pair) -> String {
     )
 }
 
-fn replica_toml(redis: &str, replica: &str, tls: &str, jobs: &str) -> String {
+/// `target`: the `[cluster]` line naming Redis.
+fn replica_toml(target: &str, replica: &str, tls: &str, jobs: &str) -> String {
     common::jobs::dispatcher_toml(
         jobs,
-        &format!(
-            "[cluster]\nredis_url = \"{redis}\"\nreplica_id = \"{replica}\"\nexpected_replicas = 2\n{tls}"
-        ),
+        &format!("[cluster]\n{target}\nreplica_id = \"{replica}\"\nexpected_replicas = 2\n{tls}"),
     )
+}
+
+/// Both sharing (each hears of both, its central level known), and each
+/// serves a request.
+async fn all_share(replicas: &[Proc]) {
+    for p in replicas {
+        let heard = eventually(Duration::from_secs(10), || async {
+            let s = region_status(p.addr, "r1").await.unwrap();
+            s.models[0]
+                .shared
+                .as_ref()
+                .is_some_and(|s| s.mode == "shared" && s.replicas >= 2 && s.central_tokens.is_some())
+        })
+        .await;
+        assert!(
+            heard.is_some(),
+            "{} is not sharing over TLS: {}",
+            p.name,
+            p.logs()
+        );
+        dispatch_ok(p).await;
+    }
 }
 
 async fn mode(p: &Proc) -> String {
@@ -126,31 +174,15 @@ async fn replicas_share_the_quota_through_a_tls_redis_and_a_wrong_ca_falls_back(
     let client = ca.client(certs.path(), "replica", &["replica"]);
     let redis = TlsRedis::start(certs.path(), &ca, &server);
     let tls = tls_keys(&ca.cert, &client);
-    let jobs = format!("redis_url = \"{}\"\n{tls}", redis.url());
+    let target = format!("redis_url = \"{}\"", redis.url());
+    let jobs = format!("{target}\n{tls}");
     let dirs = [
-        ConfigDir::new(&replica_toml(&redis.url(), "a", &tls, &jobs)),
-        ConfigDir::new(&replica_toml(&redis.url(), "b", &tls, "")),
+        ConfigDir::new(&replica_toml(&target, "a", &tls, &jobs)),
+        ConfigDir::new(&replica_toml(&target, "b", &tls, "")),
     ];
     let _sim = common::jobs::shared_region(&dirs, "1");
     let replicas: Vec<Proc> = dirs.iter().map(|d| dispatcher(&d.config())).collect();
-    // Each hears of both through the one Redis (its central level known).
-    for p in &replicas {
-        let heard = eventually(Duration::from_secs(10), || async {
-            let s = region_status(p.addr, "r1").await.unwrap();
-            s.models[0]
-                .shared
-                .as_ref()
-                .is_some_and(|s| s.mode == "shared" && s.replicas >= 2 && s.central_tokens.is_some())
-        })
-        .await;
-        assert!(
-            heard.is_some(),
-            "{} is not sharing over TLS: {}",
-            p.name,
-            p.logs()
-        );
-        dispatch_ok(p).await;
-    }
+    all_share(&replicas).await;
 
     // A's jobs go over TLS too.
     let mut jobs = JobsClient::connect(replicas[0].endpoint()).await.unwrap();
@@ -177,12 +209,7 @@ async fn replicas_share_the_quota_through_a_tls_redis_and_a_wrong_ca_falls_back(
 
     // The wrong CA: the replica starts, serves in fallback, and logs why.
     let other = Ca::new(certs.path(), "other-ca");
-    let wrong = ConfigDir::new(&replica_toml(
-        &redis.url(),
-        "c",
-        &tls_keys(&other.cert, &client),
-        "",
-    ));
+    let wrong = ConfigDir::new(&replica_toml(&target, "c", &tls_keys(&other.cert, &client), ""));
     wrong.write_region("r1", &std::fs::read_to_string(dirs[0].region_file("r1")).unwrap());
     let c = dispatcher(&wrong.config());
     let fallback = eventually(Duration::from_secs(10), || async {
@@ -203,4 +230,52 @@ async fn replicas_share_the_quota_through_a_tls_redis_and_a_wrong_ca_falls_back(
         "a request waited on Redis"
     );
     assert!(!c.logs().contains(&redis.url()), "the log echoes the Redis URL");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_the_quota_through_a_redis_cluster_over_tls() {
+    let certs = tempfile::tempdir().unwrap();
+    let ca = Ca::new(certs.path(), "redis-ca");
+    let client = ca.client(certs.path(), "replica", &["replica"]);
+    let cluster = RedisCluster::start_tls(
+        3,
+        ClusterTls {
+            ca: ca.cert.clone(),
+            server: ca.server(certs.path(), "redis"),
+            client: client.clone(),
+        },
+    );
+    assert!(cluster.urls().iter().all(|u| u.starts_with("rediss://")));
+    let tls = tls_keys(&ca.cert, &client);
+    let dirs = [
+        ConfigDir::new(&replica_toml(&cluster.toml(), "a", &tls, "")),
+        ConfigDir::new(&replica_toml(&cluster.toml(), "b", &tls, "")),
+    ];
+    let _sim = common::jobs::shared_region(&dirs, "1");
+    let replicas: Vec<Proc> = dirs.iter().map(|d| dispatcher(&d.config())).collect();
+    all_share(&replicas).await;
+    // The quota's keys are in the cluster, reached over TLS.
+    assert!(cluster.dbsizes().iter().sum::<u64>() > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_the_quota_through_sentinels_over_tls() {
+    let certs = tempfile::tempdir().unwrap();
+    let ca = Ca::new(certs.path(), "redis-ca");
+    let server = ca.server(certs.path(), "redis");
+    let client = ca.client(certs.path(), "replica", &["replica"]);
+    let primary = TlsRedis::start(certs.path(), &ca, &server);
+    let sentinel = TlsRedis::sentinel(certs.path(), &ca, &server, &client, &primary, "quota");
+    let target = format!(
+        "redis_sentinels = [\"{}\"]\nmaster_name = \"quota\"",
+        sentinel.url()
+    );
+    let tls = tls_keys(&ca.cert, &client);
+    let dirs = [
+        ConfigDir::new(&replica_toml(&target, "a", &tls, "")),
+        ConfigDir::new(&replica_toml(&target, "b", &tls, "")),
+    ];
+    let _sim = common::jobs::shared_region(&dirs, "1");
+    let replicas: Vec<Proc> = dirs.iter().map(|d| dispatcher(&d.config())).collect();
+    all_share(&replicas).await;
 }

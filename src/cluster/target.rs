@@ -13,24 +13,30 @@ use std::time::Duration;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
-use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
-use redis::{Client, ClientTlsConfig, IntoConnectionInfo, RedisFuture, TlsCertificates, Value};
+use redis::sentinel::{
+    SentinelClient, SentinelClientBuilder, SentinelNodeConnectionInfo, SentinelServerType,
+};
+use redis::{Client, ClientTlsConfig, IntoConnectionInfo, RedisFuture, TlsCertificates, TlsMode, Value};
 
 use crate::config::{RedisTarget, RedisTls};
 
-/// A client for one URL, with `tls`'s CA and identity if given.
-fn client(url: &str, tls: Option<&RedisTls>) -> Result<Client, redis::RedisError> {
-    let Some(tls) = tls else {
-        return Client::open(url);
-    };
-    let certificates = TlsCertificates {
+/// `tls`'s CA and identity, as the crate takes them.
+fn certificates(tls: &RedisTls) -> TlsCertificates {
+    TlsCertificates {
         client_tls: tls.identity.as_ref().map(|(cert, key)| ClientTlsConfig {
             client_cert: cert.clone(),
             client_key: key.clone(),
         }),
         root_cert: tls.ca.clone(),
-    };
-    Client::build_with_tls(url, certificates)
+    }
+}
+
+/// A client for one URL, with `tls`'s CA and identity if given.
+fn client(url: &str, tls: Option<&RedisTls>) -> Result<Client, redis::RedisError> {
+    match tls {
+        Some(tls) => Client::build_with_tls(url, certificates(tls)),
+        None => Client::open(url),
+    }
 }
 
 /// A connection to a single Redis (a connection manager) or to a Redis
@@ -94,32 +100,72 @@ pub fn check(target: &RedisTarget, tls: Option<&RedisTls>) -> Result<(), redis::
         RedisTarget::Sentinel {
             sentinels,
             master_name,
-        } => sentinel(sentinels, master_name).map(drop),
-        RedisTarget::Cluster { nodes } => cluster(nodes, Duration::from_secs(1)).map(drop),
+        } => sentinel(sentinels, master_name, tls).map(drop),
+        RedisTarget::Cluster { nodes } => cluster(nodes, tls, Duration::from_secs(1)).map(drop),
     }
 }
 
-fn sentinel(sentinels: &[String], master_name: &str) -> Result<SentinelClient, redis::RedisError> {
-    // The primary is reached with the first Sentinel URL's user and password.
+/// The Sentinels' client. The primary is reached with the first Sentinel
+/// URL's user and password. With `tls` (every Sentinel `rediss://`), the
+/// Sentinels and the primary they name are reached over TLS with its CA and
+/// identity, and every Sentinel with the first URL's user and password too
+/// (the crate's builder takes one set for all).
+fn sentinel(
+    sentinels: &[String],
+    master_name: &str,
+    tls: Option<&RedisTls>,
+) -> Result<SentinelClient, redis::RedisError> {
     let first = sentinels
         .first()
         .map(|u| u.as_str().into_connection_info())
         .transpose()?;
-    let node = first.map(|info| {
-        SentinelNodeConnectionInfo::default().set_redis_connection_info(info.redis_settings().clone())
-    });
-    SentinelClient::build(sentinels.to_vec(), master_name, node, SentinelServerType::Master)
+    let Some(tls) = tls else {
+        let node = first.map(|info| {
+            SentinelNodeConnectionInfo::default().set_redis_connection_info(info.redis_settings().clone())
+        });
+        return SentinelClient::build(sentinels.to_vec(), master_name, node, SentinelServerType::Master);
+    };
+    let addrs = sentinels
+        .iter()
+        .map(|u| Ok(u.as_str().into_connection_info()?.addr().clone()))
+        .collect::<Result<Vec<_>, redis::RedisError>>()?;
+    let mut builder = SentinelClientBuilder::new(addrs, master_name, SentinelServerType::Master)?
+        .set_client_to_sentinel_certificates(certificates(tls))
+        .set_client_to_redis_tls_mode(TlsMode::Secure)
+        .set_client_to_redis_certificates(certificates(tls));
+    let settings = first.as_ref().map(|i| i.redis_settings());
+    if let Some(user) = settings.and_then(|s| s.username()) {
+        builder = builder
+            .set_client_to_sentinel_username(user)
+            .set_client_to_redis_username(user);
+    }
+    if let Some(password) = settings.and_then(|s| s.password()) {
+        builder = builder
+            .set_client_to_sentinel_password(password)
+            .set_client_to_redis_password(password);
+    }
+    builder.build()
 }
 
 /// A cluster client on the seed nodes: every attempt on a node bounded by
 /// `timeout`, one retry (a MOVED or ASK is followed within it); the caller
-/// bounds the whole call as for a single Redis.
-fn cluster(nodes: &[String], timeout: Duration) -> Result<ClusterClient, redis::RedisError> {
-    ClusterClientBuilder::new(nodes.iter().map(String::as_str))
+/// bounds the whole call as for a single Redis. With `tls` (every node
+/// `rediss://`), each node, found by the seeds or by MOVED, is reached with
+/// its CA and identity.
+fn cluster(
+    nodes: &[String],
+    tls: Option<&RedisTls>,
+    timeout: Duration,
+) -> Result<ClusterClient, redis::RedisError> {
+    let builder = ClusterClientBuilder::new(nodes.iter().map(String::as_str))
         .connection_timeout(timeout)
         .response_timeout(timeout)
-        .retries(1)
-        .build()
+        .retries(1);
+    match tls {
+        Some(tls) => builder.certs(certificates(tls)),
+        None => builder,
+    }
+    .build()
 }
 
 /// A connection to the target (its primary, or its cluster); the caller
@@ -134,9 +180,9 @@ pub async fn connect(
         RedisTarget::Sentinel {
             sentinels,
             master_name,
-        } => sentinel(sentinels, master_name)?.async_get_client().await?,
+        } => sentinel(sentinels, master_name, tls)?.async_get_client().await?,
         RedisTarget::Cluster { nodes } => {
-            let c = cluster(nodes, timeout)?.get_async_connection().await?;
+            let c = cluster(nodes, tls, timeout)?.get_async_connection().await?;
             return Ok(RedisConnection::Cluster(c));
         }
     };

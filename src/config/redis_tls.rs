@@ -1,4 +1,7 @@
-//! TLS to a `rediss://` Redis (`[cluster]` or `[jobs]`): `redis_ca_file`
+//! TLS to a `rediss://` Redis (`[cluster]` or `[jobs]`; in `[cluster]`, a
+//! `redis_url`, or `redis_cluster` nodes or `redis_sentinels` all
+//! `rediss://`; the primary the Sentinels name is then reached over TLS
+//! too): `redis_ca_file`
 //! (the CA its certificate chains to; without it, the system's roots) and,
 //! for mutual TLS, `redis_client_cert_file` with `redis_client_key_file`.
 //! The files are read while validating, so a missing or bad one is a config
@@ -65,11 +68,21 @@ pub(super) fn validate_redis_tls(
                 ),
             ));
         }
-        Some(_) => {
-            return Err(c.err(
-                key(first),
-                "is only supported with redis_url (rediss://), not with Sentinels or a Redis Cluster yet",
-            ));
+        Some(RedisTarget::Cluster { nodes: urls }) | Some(RedisTarget::Sentinel { sentinels: urls, .. }) => {
+            let list = match target {
+                Some(RedisTarget::Cluster { .. }) => "redis_cluster node",
+                _ => "redis_sentinels URL",
+            };
+            if let Some(i) = urls.iter().position(|u| !u.starts_with("rediss://")) {
+                return Err(c.err(
+                    key(first),
+                    format!(
+                        "is only used when every {} is rediss:// (TLS to Redis); number {} is not",
+                        key(list),
+                        i + 1
+                    ),
+                ));
+            }
         }
     }
     let base = c.file.parent().unwrap_or(Path::new("."));

@@ -5,33 +5,80 @@
 //! started again on demand, all or one (`--cluster-require-full-coverage
 //! no`: the other shards serve on); each node keeps its `nodes-<port>.conf` (slots
 //! and peers) in the test's directory, so restarted nodes form the same
-//! cluster again, empty.
+//! cluster again, empty. `start_tls`: the nodes listen with TLS only,
+//! between themselves too (`--tls-cluster yes`), and require a client
+//! certificate of the same CA.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::certs::Pair;
 use super::redis::free_port;
+
+/// The files of a cluster over TLS: the CA, each node's server
+/// certificate, and the client certificate the nodes present to each other
+/// (and `redis-cli` and the harness to them).
+#[derive(Clone)]
+pub struct ClusterTls {
+    pub ca: std::path::PathBuf,
+    pub server: Pair,
+    pub client: Pair,
+}
+
+impl ClusterTls {
+    fn certificates(&self) -> redis::TlsCertificates {
+        let read = |p: &std::path::Path| std::fs::read(p).unwrap();
+        redis::TlsCertificates {
+            client_tls: Some(redis::ClientTlsConfig {
+                client_cert: read(&self.client.cert),
+                client_key: read(&self.client.key),
+            }),
+            root_cert: Some(read(&self.ca)),
+        }
+    }
+}
 
 pub struct RedisCluster {
     pub ports: Vec<u16>,
     children: Vec<Option<Child>>,
     dir: tempfile::TempDir,
+    tls: Option<ClusterTls>,
 }
 
 impl RedisCluster {
     /// `shards` primaries covering the 16,384 slots, once `CLUSTER INFO`
     /// says `cluster_state:ok` on every node.
     pub fn start(shards: usize) -> Self {
+        Self::start_with(shards, None)
+    }
+
+    /// As `start`, every node TLS only (see the module's doc).
+    pub fn start_tls(shards: usize, tls: ClusterTls) -> Self {
+        Self::start_with(shards, Some(tls))
+    }
+
+    fn start_with(shards: usize, tls: Option<ClusterTls>) -> Self {
         let mut c = Self {
             ports: (0..shards).map(|_| free_port()).collect(),
             children: (0..shards).map(|_| None).collect(),
             dir: tempfile::tempdir().unwrap(),
+            tls,
         };
         for i in 0..shards {
             c.spawn(i);
         }
         let nodes: Vec<String> = c.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-        let out = Command::new(redis_cli())
+        let mut cli = Command::new(redis_cli());
+        if let Some(tls) = &c.tls {
+            cli.arg("--tls")
+                .arg("--cacert")
+                .arg(&tls.ca)
+                .arg("--cert")
+                .arg(&tls.client.cert)
+                .arg("--key")
+                .arg(&tls.client.key);
+        }
+        let out = cli
             .args(["--cluster", "create"])
             .args(&nodes)
             .args(["--cluster-replicas", "0", "--cluster-yes"])
@@ -56,16 +103,24 @@ impl RedisCluster {
     pub fn urls(&self) -> Vec<String> {
         self.ports
             .iter()
-            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .map(|p| match self.tls {
+                Some(_) => format!("rediss://127.0.0.1:{p}"),
+                None => format!("redis://127.0.0.1:{p}"),
+            })
             .collect()
     }
 
     /// A synchronous connection to node `i` alone (not cluster-aware).
     pub fn node(&self, i: usize) -> redis::Connection {
-        redis::Client::open(self.urls()[i].as_str())
-            .unwrap()
-            .get_connection()
-            .unwrap()
+        self.client(i).unwrap().get_connection().unwrap()
+    }
+
+    fn client(&self, i: usize) -> redis::RedisResult<redis::Client> {
+        let url = &self.urls()[i];
+        match &self.tls {
+            Some(tls) => redis::Client::build_with_tls(url.as_str(), tls.certificates()),
+            None => redis::Client::open(url.as_str()),
+        }
     }
 
     /// Keys held by each node.
@@ -120,8 +175,28 @@ impl RedisCluster {
     fn spawn(&mut self, i: usize) {
         let port = self.ports[i].to_string();
         let conf = self.dir.path().join(format!("nodes-{port}.conf"));
-        let child = Command::new(super::tools::redis_server())
-            .args(["--port", &port, "--bind", "127.0.0.1", "--protected-mode", "no"])
+        let mut server = Command::new(super::tools::redis_server());
+        match &self.tls {
+            Some(tls) => {
+                server
+                    .args(["--port", "0", "--tls-port", &port, "--tls-cluster", "yes"])
+                    .args(["--tls-auth-clients", "yes", "--tls-ca-cert-file"])
+                    .arg(&tls.ca)
+                    .arg("--tls-cert-file")
+                    .arg(&tls.server.cert)
+                    .arg("--tls-key-file")
+                    .arg(&tls.server.key)
+                    .arg("--tls-client-cert-file")
+                    .arg(&tls.client.cert)
+                    .arg("--tls-client-key-file")
+                    .arg(&tls.client.key);
+            }
+            None => {
+                server.args(["--port", &port]);
+            }
+        }
+        let child = server
+            .args(["--bind", "127.0.0.1", "--protected-mode", "no"])
             .args(["--cluster-enabled", "yes"])
             .arg("--cluster-config-file")
             .arg(&conf)
@@ -138,7 +213,8 @@ impl RedisCluster {
             .expect("starting redis-server --cluster-enabled yes");
         self.children[i] = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while redis::Client::open(self.urls()[i].as_str())
+        while self
+            .client(i)
             .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(200)))
             .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
             .is_err()
