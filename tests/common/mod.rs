@@ -15,6 +15,7 @@ pub mod redis_cluster;
 pub mod replicas;
 pub mod tools;
 pub mod vsim;
+pub mod vsim_traffic;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
