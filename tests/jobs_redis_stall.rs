@@ -15,7 +15,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::jobs::{kind, with_key};
+use common::jobs::{kind, watch, with_key};
 use common::redis::RedisServer;
 use common::{ConfigDir, SimRegion, dispatcher, eventually};
 use dispatcher::pb;
@@ -37,19 +37,6 @@ async fn submit(c: &mut JobsClient<Channel>, tokens: u64, repeatable: bool) -> S
     };
     let job = c.submit_job(with_key(request, "k-alpha")).await.unwrap();
     job.into_inner().job_id
-}
-
-async fn events(c: &mut JobsClient<Channel>, id: &str) -> Vec<pb::JobEvent> {
-    let r = pb::WatchJobRequest {
-        job_id: id.into(),
-        from_seq: 0,
-    };
-    let mut stream = c.watch_job(with_key(r, "k-alpha")).await.unwrap().into_inner();
-    let mut out = Vec::new();
-    while let Some(e) = stream.message().await.unwrap() {
-        out.push(e);
-    }
-    out
 }
 
 async fn state(c: &mut JobsClient<Channel>, id: &str) -> pb::Job {
@@ -127,7 +114,7 @@ async fn a_job_whose_running_write_stalls_is_queued_again_not_failed() {
     .await;
     assert!(terminal.is_some(), "the job ends");
     let ended = state(&mut c, &job).await;
-    let history = events(&mut c, &job).await;
+    let history = watch(&mut c, &job, None).await;
     let described: Vec<String> = history
         .iter()
         .map(|e| match &e.event {

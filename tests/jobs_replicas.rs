@@ -11,7 +11,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::jobs::{kind, with_key};
+use common::jobs::{kind, watch, with_key};
 use common::redis::RedisServer;
 use common::redis_cluster::RedisCluster;
 use common::{ConfigDir, Proc, dispatcher, eventually, region_status, sim_stats};
@@ -118,23 +118,6 @@ async fn submit(c: &mut JobsClient<Channel>, tokens: u64, repeatable: bool, key:
 async fn get(c: &mut JobsClient<Channel>, id: &str) -> pb::Job {
     let r = pb::JobRef { job_id: id.into() };
     c.get_job(with_key(r, "k-alpha")).await.unwrap().into_inner()
-}
-
-/// The job's events from `from_seq`, until its end or `stop_after` of them.
-async fn watch(c: &mut JobsClient<Channel>, id: &str, stop_after: Option<usize>) -> Vec<pb::JobEvent> {
-    let r = pb::WatchJobRequest {
-        job_id: id.into(),
-        from_seq: 0,
-    };
-    let mut stream = c.watch_job(with_key(r, "k-alpha")).await.unwrap().into_inner();
-    let mut out = Vec::new();
-    while let Some(e) = stream.message().await.unwrap() {
-        out.push(e);
-        if stop_after.is_some_and(|n| out.len() >= n) {
-            break;
-        }
-    }
-    out
 }
 
 /// Where the last run starts: its (re)queued event.

@@ -13,7 +13,7 @@ mod common;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use common::openai::{openai_sim, region_head};
+use common::openai::{east_region, quick_east};
 use common::{ConfigDir, client, dispatcher};
 use dispatcher::pb;
 use tokio::net::{TcpListener, TcpStream};
@@ -45,20 +45,9 @@ async fn finished_streams_hand_their_connection_back_to_the_pool() {
     let cfg = ConfigDir::new(
         "[auth]\nallow_anonymous = true\n[[models]]\nname = \"gpt-4o\"\nmax_request_tokens = 20000\n",
     );
-    let key_file = cfg.path().join("east.key");
-    std::fs::write(&key_file, format!("{KEY}\n")).unwrap();
-    let sim = openai_sim(
-        cfg.path(),
-        "east",
-        "openai",
-        &key_file,
-        "gpt-4o-2024-08-06:1000000:6000",
-        &["--base-latency-ms", "0", "--ms-per-1k-tokens", "0"],
-    );
+    let (sim, key_file) = quick_east(&cfg, KEY);
     let (proxy, accepted) = counting_proxy(sim.addr).await;
-    let region = region_head("east", &format!("http://{proxy}"), "openai", &key_file)
-        + "[[models]]\nname = \"gpt-4o\"\nprovider_model = \"gpt-4o-2024-08-06\"\ntokens_per_minute = 1000000\nrequests_per_minute = 6000\n";
-    cfg.write_region("east", &region);
+    east_region(&cfg, &format!("http://{proxy}"), &key_file);
     let d = dispatcher(&cfg.config());
     let mut grpc = client(d.addr).await;
 

@@ -10,7 +10,7 @@ mod common;
 use std::time::Duration;
 
 use common::jobs::{kind, with_key};
-use common::openai::{openai_sim, region_head};
+use common::openai::{east_region, quick_east};
 use common::{ConfigDir, dispatcher, eventually};
 use dispatcher::pb;
 use dispatcher::pb::jobs_client::JobsClient;
@@ -21,19 +21,8 @@ const KEY: &str = "sk-e2e-openai-jobs-0123456789";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_jobs_output_from_an_openai_region_is_its_events_one_per_line() {
     let cfg = ConfigDir::new(&common::jobs::dispatcher_toml("", ""));
-    let key_file = cfg.path().join("east.key");
-    std::fs::write(&key_file, format!("{KEY}\n")).unwrap();
-    let sim = openai_sim(
-        cfg.path(),
-        "east",
-        "openai",
-        &key_file,
-        "gpt-4o-2024-08-06:1000000:6000",
-        &["--base-latency-ms", "0", "--ms-per-1k-tokens", "0"],
-    );
-    let region = region_head("east", &sim.endpoint(), "openai", &key_file)
-        + "[[models]]\nname = \"gpt-4o\"\nprovider_model = \"gpt-4o-2024-08-06\"\ntokens_per_minute = 1000000\nrequests_per_minute = 6000\n";
-    cfg.write_region("east", &region);
+    let (sim, key_file) = quick_east(&cfg, KEY);
+    east_region(&cfg, &sim.endpoint(), &key_file);
     let d = dispatcher(&cfg.config());
     let mut c = JobsClient::connect(d.endpoint()).await.unwrap();
 

@@ -113,3 +113,24 @@ pub fn kind(e: &pb::JobEvent) -> &'static str {
         None => "none",
     }
 }
+
+/// The job's events (tenant alpha's) from the first, until its end or `stop_after` of them.
+pub async fn watch(
+    c: &mut dispatcher::pb::jobs_client::JobsClient<tonic::transport::Channel>,
+    id: &str,
+    stop_after: Option<usize>,
+) -> Vec<pb::JobEvent> {
+    let r = pb::WatchJobRequest {
+        job_id: id.into(),
+        from_seq: 0,
+    };
+    let mut stream = c.watch_job(with_key(r, "k-alpha")).await.unwrap().into_inner();
+    let mut out = Vec::new();
+    while let Some(e) = stream.message().await.unwrap() {
+        out.push(e);
+        if stop_after.is_some_and(|n| out.len() >= n) {
+            break;
+        }
+    }
+    out
+}
